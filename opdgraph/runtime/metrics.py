@@ -1,0 +1,91 @@
+"""Run outputs a person watches: `metrics.jsonl`, TensorBoard events (when installed), samples, a progress line.
+
+`metrics.jsonl` gets one JSON object per training step (and one per eval), appended and flushed at once, so a killed
+run keeps every line it finished. On resume the file is cut back to the steps the checkpoint covers, so a resumed
+run's file equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only records with step <= last_step (used on resume; lines of later, lost steps are dropped)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if line.strip() and json.loads(line).get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLog:
+    """Appends step records to metrics.jsonl and mirrors scalars to TensorBoard if it is importable."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._writer is not None:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
+            self._writer.flush()
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        with open(self.samples_path, "a") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, **sample}, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class ProgressLine:
+    """A one-line progress bar on stderr with live metrics; plain lines when stderr is not a terminal."""
+
+    def __init__(self, total: int, *, enabled: bool, stream: TextIO = sys.stderr):
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.interactive = stream.isatty()
+
+    def update(self, done: int, fields: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {elapsed:.0f}s (eta {eta:.0f}s)  {shown}"
+        if self.interactive:
+            self.stream.write("\r" + line[:200])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
