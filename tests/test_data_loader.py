@@ -86,6 +86,24 @@ def test_messages_system_prompt_and_token_ids(tmp_path):
         (str(path), 1, f"{path}:1"), (str(path), 2, f"{path}:2")]
 
 
+def test_explicit_messages_field_and_system_prompt_conflicts(tmp_path):
+    """An explicit field may hold a messages list; a row with its own system message while system_prompt is set,
+    or a conversation ending on a system turn, must be a bad row rather than one message being ignored."""
+    own_system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"chat": own_system}, {"chat": [{"role": "system", "content": "s"}]}])
+    with pytest.raises(PromptDataError) as error:
+        load(path, prompt_field="chat")
+    assert str(error.value).splitlines()[1:] == [
+        f"  {path}:2: last message of 'chat' has role 'system'; a prompt must end with a user message "
+        "(remove the trailing turn from the data, the student writes the reply)"]
+    prompt_set = load(path, prompt_field="chat", on_bad_row="skip")
+    assert prompt_set[0].messages == tuple(own_system)
+    with pytest.raises(PromptDataError) as error:
+        load(path, prompt_field="chat", system_prompt="Be kind.")
+    assert (f"{path}:1: field 'chat' has its own system message but system_prompt is set; remove one of the two"
+            in str(error.value))
+
+
 def test_answer_field_kept_as_written(tmp_path):
     """Reference answers must be kept with their JSON type (number or string) and be None when absent or when
     answer_field is None, so eval scoring never sees an invented answer."""
