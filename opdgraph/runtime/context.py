@@ -1,0 +1,108 @@
+"""Everything a run holds while it executes the plan, built once from the typed config and the plan's facts.
+
+`build_context` loads the models (an `init_from` student is built from its source model with `keep_layers`), checks
+that student and teacher share a tokenizer, loads the prompt sets, creates the rollout engine with the KV pool size
+the plan derived, and the optimizer with fp32 master weights. Stage `execute` functions receive this context plus
+their own Config; they never see the whole pipeline config.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdgraph.runtime.buffers import BufferTable
+from opdgraph.runtime.metrics import MetricsLog
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    device: torch.device
+    seed: int
+    num_steps: int
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    engine: Any
+    optimizer: Any
+    sampler: Any
+    eval_prompts: Any
+    plan: Any
+    buffers: BufferTable
+    metrics: MetricsLog
+    step: int = 0  # training steps completed
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    step_record: dict[str, Any] = field(default_factory=dict)  # metrics gathered during the current step
+    eval_engines: dict[str, Any] = field(default_factory=dict)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("pipeline.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_source(model_cfg, base_dir: Path) -> str | dict:
+    """What `load_model` takes: an inline config dict, or a resolved path (pkg: paths name a file in a package)."""
+    if model_cfg.config is not None:
+        return dict(model_cfg.config)
+    from opdgraph.model_shapes import resolve_model_path
+
+    return str(resolve_model_path(model_cfg.path, base_dir))
+
+
+def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[str, tuple[Any, Any]]:
+    """Load every model of the pipeline; `init_from` models start from a copy of another, pruned to keep_layers."""
+    from opdgraph.models import load_model, prune_layers
+
+    loaded: dict[str, tuple[Any, Any]] = {}
+    pending = dict(models_cfg)
+    while pending:
+        progressed = False
+        for name, model_cfg in list(pending.items()):
+            dtype = TORCH_DTYPES[model_cfg.dtype]
+            if model_cfg.init_from is None:
+                loaded[name] = load_model(model_source(model_cfg, base_dir), dtype=dtype, device=device,
+                                          init_seed=model_cfg.init_seed)
+            elif model_cfg.init_from in loaded:
+                source_model, tokenizer = loaded[model_cfg.init_from]
+                layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))
+                loaded[name] = (prune_layers(source_model, layers).to(dtype=dtype), tokenizer)
+            else:
+                continue
+            del pending[name]
+            progressed = True
+        if not progressed:  # the config checks reject cycles and unknown names; this guards the loop
+            raise RuntimeError(f"models {sorted(pending)} name an init_from that cannot be loaded")
+    return loaded
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+    """Distillation over the vocabulary needs one token <-> id mapping for both models."""
+    probe = "Hello, world! 12345 The quick brown fox; def f(x): return x**2\n"
+    same = (student_tokenizer is teacher_tokenizer
+            or student_tokenizer.encode(probe) == teacher_tokenizer.encode(probe))
+    if not same:
+        raise RuntimeError(
+            f"student and teacher tokenizers differ ({student_tokenizer.name!r} vs {teacher_tokenizer.name!r}): "
+            "full-vocabulary distillation needs the same tokenizer; pick a teacher of the student's family"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,100 @@
+"""Executes a compiled plan, training step after training step.
+
+The plan is an ordered list of steps; consecutive steps that share a micro-batch loop form one loop body that runs
+once per micro-batch (chunk loops run inside the loss stage itself, whose chunk size the plan used). Each step is
+dispatched to its stage module's `execute(step, config, ctx, loop)`; after it, the executor applies exactly the
+releases the plan lists for it (free, or offload to host) and reloads offloaded buffers before the step that needs
+them. Nothing is freed anywhere else, so memory follows the plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opdgraph.runtime.context import RunContext
+
+
+@dataclass
+class LoopState:
+    """What the steps of one micro-batch loop iteration share."""
+
+    index: int = 0
+    count: int = 1
+    micro_batch: Any = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _stage_module(kind: str):
+    return importlib.import_module(f"opdgraph.stages.{kind}")
+
+
+def _segments(steps) -> list[tuple[str | None, list]]:
+    """Group the plan's steps into (loop name or None, steps) segments, in order."""
+    segments: list[tuple[str | None, list]] = []
+    for step in steps:
+        loop = step.loops[0] if step.loops else None
+        if segments and loop is not None and segments[-1][0] == loop:
+            segments[-1][1].append(step)
+        else:
+            segments.append((loop, [step]))
+    return segments
+
+
+class PlanExecutor:
+    """Runs the plan's steps with the stage configs of the pipeline, applying the plan's releases."""
+
+    def __init__(self, plan, stage_configs: dict[str, Any], ctx: RunContext, *, release_hooks: dict[str, Any]):
+        self.plan = plan
+        self.stage_configs = stage_configs
+        self.ctx = ctx
+        self.release_hooks = release_hooks  # buffer name -> callable that drops what holds it (e.g. the KV pool)
+        self.segments = _segments(plan.steps)
+
+    def run_training_step(self) -> None:
+        for loop, steps in self.segments:
+            if loop is None:
+                for step in steps:
+                    self._run(step, LoopState())
+            else:
+                self._run_loop(steps)
+
+    def _run_loop(self, steps) -> None:
+        batches = self.ctx.buffers.get("micro_batches")
+        for index, micro_batch in enumerate(batches):
+            state = LoopState(index=index, count=len(batches), micro_batch=micro_batch)
+            for step in steps:
+                self._run(step, state)
+
+    def _run(self, step, loop: LoopState) -> None:
+        for name in step.reloads:
+            self._reload(name)
+        started = time.perf_counter()
+        config = self.stage_configs.get(step.stage)
+        _stage_module(step.kind).execute(step, config, self.ctx, loop)
+        self.ctx.add_seconds(step.name, time.perf_counter() - started)
+        last_iteration = loop.index == loop.count - 1
+        for release in step.releases:
+            # A release inside a loop frees per iteration; one hoisted out of it happens after the last iteration.
+            if release.action == "free":
+                self._free(release.buffer)
+            elif last_iteration or not step.loops:
+                self._offload(release.buffer)
+
+    def _free(self, name: str) -> None:
+        hook = self.release_hooks.get(name)
+        if hook is not None:
+            hook()
+        self.ctx.buffers.release(name)
+
+    def _offload(self, name: str) -> None:
+        target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
+        if hasattr(target, "to"):
+            target.to("cpu")
+
+    def _reload(self, name: str) -> None:
+        target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
+        if hasattr(target, "to"):
+            target.to(self.ctx.device)
