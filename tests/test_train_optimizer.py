@@ -123,7 +123,10 @@ def test_load_state_dict_rejects_other_model():
 
 def test_state_bytes_and_zero_grad():
     """bf16 params cost 12 bytes/element (master + 2 moments), fp32 params 8 (no copy); zero_grad sets None."""
-    params = {"a": torch.nn.Parameter(torch.zeros(10, 3, dtype=torch.bfloat16)), "b": torch.nn.Parameter(torch.zeros(7))}
+    params = {
+        "a": torch.nn.Parameter(torch.zeros(10, 3, dtype=torch.bfloat16)),
+        "b": torch.nn.Parameter(torch.zeros(7)),
+    }
     optimizer = MasterAdamW(params.items(), lr=1.0)
     assert optimizer.state_bytes() == 30 * 12 + 7 * 8
     set_grads(params, 0)
