@@ -1,0 +1,148 @@
+"""`opdgraph run`: build the run context, then execute the compiled plan for `pipeline.num_steps` steps.
+
+Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the resolved config with provenance),
+`plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`, `samples.jsonl`, `checkpoints/`,
+`tensorboard/` (when installed). A run directory that already holds results is never overwritten: pass `--resume`
+to continue it or choose another output_dir.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdgraph.runtime import checkpoint as ckpt
+from opdgraph.runtime.buffers import BufferTable
+from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, check_same_tokenizer, load_models, pick_device,
+                                      seed_everything)
+from opdgraph.runtime.executor import PlanExecutor
+from opdgraph.runtime.metrics import MetricsLog, ProgressLine, truncate_metrics
+
+
+def run_directory(cfg) -> Path:
+    return Path(cfg.pipeline.output_dir or f"runs/{cfg.pipeline.name}")
+
+
+def _refuse_to_overwrite(run_dir: Path) -> None:
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run (metrics.jsonl or checkpoints/); pass --resume {run_dir} to continue "
+            "it, or set pipeline.output_dir (e.g. --set pipeline.output_dir=runs/other) for a new run"
+        )
+
+
+def _write_plan_files(cfg, plan, run_dir: Path) -> None:
+    from opdgraph.config import render_resolved
+    from opdgraph.render import render_json, render_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(render_resolved(cfg))
+    (run_dir / "plan.txt").write_text(render_text(plan))
+    (run_dir / "plan.json").write_text(render_json(plan))
+
+
+def _load_prompts(cfg, files: list[str], tokenizer):
+    from opdgraph.data import load_prompt_set
+
+    data = cfg.data
+    return load_prompt_set([str(Path(cfg.base_dir) / f) for f in files], tokenizer=tokenizer,
+                           prompt_field=data.prompt_field, answer_field=data.answer_field,
+                           system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
+                           on_bad_row=data.on_bad_row)
+
+
+def build_context(cfg, plan, run_dir: Path) -> RunContext:
+    from opdgraph.data import PromptSampler
+    from opdgraph.rollout import RolloutEngine
+    from opdgraph.train.optimizer import MasterAdamW
+
+    device = pick_device(cfg.pipeline.device)
+    seed_everything(cfg.pipeline.seed)
+    models = load_models(cfg.models, Path(cfg.base_dir), device)
+    student, tokenizer = models[cfg.model_with_role("student")]
+    teacher, teacher_tokenizer = models[cfg.model_with_role("teacher")]
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    teacher.requires_grad_(False)
+    train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
+    print(f"train prompts: {train_prompts.summary.describe()}")
+    eval_stage = cfg.stage("eval")
+    eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
+    eval_prompts = _load_prompts(cfg, eval_files, tokenizer) if eval_files else None
+    rollout = cfg.stage("rollout").config
+    step = cfg.stage("step").config
+    engine = RolloutEngine(student, page_size=rollout.page_size, num_pages=int(plan.facts["rollout.num_pages"]),
+                           max_num_seqs=rollout.max_num_seqs, prefill_token_budget=rollout.prefill_token_budget,
+                           device=device, kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    optimizer = MasterAdamW(list(student.named_parameters()), lr=step.lr, betas=tuple(step.betas), eps=step.eps,
+                            weight_decay=step.weight_decay)
+    sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
+                            shuffle=cfg.data.shuffle)
+    log = cfg.stage("log")
+    metrics = MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard))
+    return RunContext(run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
+                      student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
+                      sampler=sampler, eval_prompts=eval_prompts, plan=plan,
+                      buffers=BufferTable(debug=cfg.pipeline.debug_memory), metrics=metrics)
+
+
+def trainer_state(ctx: RunContext) -> dict[str, Any]:
+    return {"step": ctx.step, "optimizer": ctx.optimizer.state_dict(), "sampler": ctx.sampler.state_dict(),
+            "rng": ckpt.rng_state()}
+
+
+def restore(ctx: RunContext, checkpoint: Path) -> None:
+    """Continue from a checkpoint: weights, optimizer (fp32 masters and moments), data cursor, RNG states."""
+    from safetensors.torch import load_file
+
+    state = ckpt.load_trainer_state(checkpoint)
+    weights = {}
+    for shard in sorted((checkpoint / "student").glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    missing = ctx.student.load_hf_state_dict(weights)
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint} lacks student tensors: {missing[:8]}")
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.sampler.load_state_dict(state["sampler"])
+    ckpt.set_rng_state(state["rng"])
+    ctx.step = int(state["step"])
+    truncate_metrics(ctx.metrics.path, ctx.step)
+
+
+def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
+    run_dir = run_directory(cfg)
+    if resume is None:
+        _refuse_to_overwrite(run_dir)
+    _write_plan_files(cfg, plan, run_dir)
+    ctx = build_context(cfg, plan, run_dir)
+    if resume is not None:
+        restore(ctx, ckpt.latest_checkpoint(Path(resume)))
+        print(f"resumed at step {ctx.step} from {resume}")
+    stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
+    hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
+    executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks)
+    from opdgraph.stages import eval as eval_stage
+
+    log = cfg.stage("log")
+    progress = ProgressLine(cfg.pipeline.num_steps, enabled=bool(log is None or log.config.progress))
+    for entry in cfg.stages_of_kind("eval"):
+        if ctx.step == 0:
+            eval_stage.run_eval(entry.config, ctx, label="before")
+    while ctx.step < cfg.pipeline.num_steps:
+        started = time.perf_counter()
+        ctx.stage_seconds, ctx.step_record = {}, {}
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        executor.run_training_step()
+        record = {"kind": "train", "step": ctx.step, **ctx.step_record,
+                  "seconds": time.perf_counter() - started,
+                  **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}
+        if ctx.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+        ctx.metrics.write(record)
+        progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr") if k in record})
+    progress.close()
+    ctx.metrics.close()
+    return ctx
