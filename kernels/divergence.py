@@ -73,7 +73,7 @@ def _launch(student_logits: Tensor, teacher_logits: Tensor, grad_out: Tensor, we
     sampled = (sampled_ids if sampled_ids is not None else weights).contiguous()
     block = block_v or min(_DEFAULT_BLOCK_V, triton.next_power_of_2(vocab))
     code = {"forward_kl": body.FORWARD_KL, "reverse_kl": body.REVERSE_KL, "jsd": body.JSD,
-            "sampled_token": body.SAMPLED_TOKEN}[divergence]
+            "sampled_token": body.SAMPLED_TOKEN}[divergence].value
     log_beta = math.log(beta) if 0.0 < beta else 0.0
     log_one_minus_beta = math.log1p(-beta) if beta < 1.0 else 0.0
     body.divergence_rows_kernel[(num_rows,)](

@@ -17,11 +17,12 @@ underflows), M = beta p_T + (1 - beta) p_S (the JSD mixture).
 import triton
 import triton.language as tl
 
-# Values of the DIVERGENCE constexpr; kernels/divergence.py maps the config names onto these.
-FORWARD_KL = 0
-REVERSE_KL = 1
-JSD = 2
-SAMPLED_TOKEN = 3
+# Values of the DIVERGENCE constexpr; kernels/divergence.py maps the config names onto these. (Compiled Triton
+# only lets a kernel read globals declared constexpr.)
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SAMPLED_TOKEN = tl.constexpr(3)
 
 
 @triton.jit
