@@ -15,7 +15,8 @@ returned hidden-state gradient into the decoder's backward.
 
 Divergences (p_S, p_T = softmax of logits / tau over the student vocab; w = per-position weight, 0 = masked):
   forward_kl KL(T||S), reverse_kl KL(S||T), jsd beta KL(T||M) + (1-beta) KL(S||M) with M = beta p_T + (1-beta) p_S,
-  sampled_token a * log p_S(y) with a = stopgrad(log p_S(y) - log p_T(y)) for the sampled id y.
+  sampled_token a * log p_S(y) with a = stopgrad(log p_S(y) - log p_T(y)) for the sampled id y (the loss term;
+  the per-token value reported is a itself, as in opdgraph.train.losses).
 Shapes: C positions in a chunk, N in a batch, Hs/Ht hidden sizes, V student vocab, Vt >= V teacher vocab.
 """
 
@@ -43,7 +44,8 @@ def _check_divergence_args(divergence: str, beta: float, temperature: float, sam
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence {divergence!r} is not one of {', '.join(DIVERGENCES)}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd needs beta strictly between 0 and 1 (got {beta}); use forward_kl/reverse_kl for the ends")
+        raise ValueError(f"jsd needs beta strictly between 0 and 1 (got {beta}); "
+                         "use forward_kl/reverse_kl for the ends")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     if (divergence == "sampled_token") != (sampled_ids is not None):
@@ -52,7 +54,7 @@ def _check_divergence_args(divergence: str, beta: float, temperature: float, sam
 
 def _launch(student_logits: Tensor, teacher_logits: Tensor, grad_out: Tensor, weights: Tensor, *, divergence: str,
             beta: float, temperature: float, sampled_ids: Tensor | None, block_v: int | None) -> tuple[Tensor, Tensor]:
-    """Runs the row kernel; grad_out may be student_logits itself. Returns (sum_i w_i D_i, D [C]) in fp32."""
+    """Runs the row kernel; grad_out may be student_logits itself. Returns (sum_i w_i L_i, per-token [C]) in fp32."""
     import triton
 
     from opdgraph.kernels import divergence_triton as body
@@ -66,8 +68,9 @@ def _launch(student_logits: Tensor, teacher_logits: Tensor, grad_out: Tensor, we
     if weights.shape != (num_rows,):
         raise ValueError(f"weights must be [{num_rows}], got {tuple(weights.shape)}")
     per_token = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
+    loss_terms = torch.empty_like(per_token)
     if num_rows == 0:
-        return per_token.sum(), per_token
+        return loss_terms.sum(), per_token
     weights = weights.to(torch.float32).contiguous()
     # A dummy pointer keeps one kernel signature; the kernel only reads it for sampled_token.
     sampled = (sampled_ids if sampled_ids is not None else weights).contiguous()
@@ -78,19 +81,22 @@ def _launch(student_logits: Tensor, teacher_logits: Tensor, grad_out: Tensor, we
     log_one_minus_beta = math.log1p(-beta) if beta < 1.0 else 0.0
     body.divergence_rows_kernel[(num_rows,)](
         student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
-        grad_out, grad_out.stride(0), weights, sampled, per_token,
+        grad_out, grad_out.stride(0), weights, sampled, per_token, loss_terms,
         vocab, 1.0 / temperature, beta, log_beta, log_one_minus_beta,
         DIVERGENCE=code, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
     )
-    return (weights * per_token).sum(), per_token
+    return (weights * loss_terms).sum(), per_token
 
 
 def divergence_logit_grad_(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, *, divergence: str,
                            beta: float = 0.5, temperature: float = 1.0, sampled_ids: Tensor | None = None,
                            block_v: int | None = None) -> tuple[Tensor, Tensor]:
     """The Triton part alone. student_logits [C, V] fp32 is overwritten with w_i dD_i/dz (z = unscaled logits);
-    teacher_logits [C, V] (fp32 or bf16) over the student vocab. Returns (sum_i w_i D_i fp32 0-dim, D [C] fp32);
-    D is 0 where w is 0. sampled_ids [C] must lie in [0, V) wherever w != 0."""
+    teacher_logits [C, V] (fp32 or bf16) over the student vocab. Returns (sum_i w_i L_i fp32 0-dim, per-token [C]
+    fp32), where L_i = D_i and per-token = D_i, except for sampled_token: L_i = a_i log p_S(y_i) (the surrogate)
+    and per-token = a_i (the one-sample reverse-KL estimate). Both are 0 where w is 0. sampled_ids [C] must lie in
+    [0, V) wherever w != 0 (masked rows may hold any id, e.g. -100). Same contract as
+    opdgraph.train.losses.divergence_chunk_grad."""
     _check_divergence_args(divergence, beta, temperature, sampled_ids)
     if student_logits.dtype != torch.float32:
         raise ValueError(f"student_logits must be float32 (it receives the gradient), got {student_logits.dtype}")
@@ -125,14 +131,15 @@ def fused_divergence_chunk(student_hidden: Tensor, student_lm_head: Tensor, teac
                            lm_head_grad: Tensor | None = None, block_v: int | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and gradients of one chunk: student_hidden [C, Hs], student_lm_head [V, Hs], teacher_hidden [C, Ht],
-    teacher_lm_head [Vt >= V, Ht] (its first V rows are used), weights [C]. Returns (sum_i w_i D_i fp32 0-dim,
-    dL/d(student_hidden) [C, Hs] in the hidden dtype, D [C] fp32); adds dL/d(student_lm_head) into lm_head_grad
-    ([V, Hs] fp32) when given."""
+    teacher_lm_head [Vt >= V, Ht] (its first V rows are used), weights [C]. Returns (sum_i w_i L_i fp32 0-dim,
+    dL/d(student_hidden) [C, Hs] in the hidden dtype, per-token [C] fp32) as in divergence_logit_grad_; adds
+    dL/d(student_lm_head) into lm_head_grad ([V, Hs] fp32) when given."""
     _check_divergence_args(divergence, beta, temperature, sampled_ids)
     num_rows, vocab = student_hidden.shape[0], student_lm_head.shape[0]
     if student_hidden.shape[1] != student_lm_head.shape[1] or teacher_hidden.shape[1] != teacher_lm_head.shape[1]:
-        raise ValueError(f"hidden sizes disagree: student {tuple(student_hidden.shape)} x {tuple(student_lm_head.shape)}"
-                         f", teacher {tuple(teacher_hidden.shape)} x {tuple(teacher_lm_head.shape)}")
+        raise ValueError(f"hidden sizes disagree: student {tuple(student_hidden.shape)} x "
+                         f"{tuple(student_lm_head.shape)}, teacher {tuple(teacher_hidden.shape)} x "
+                         f"{tuple(teacher_lm_head.shape)}")
     if teacher_hidden.shape[0] != num_rows:
         raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} positions, student_hidden {num_rows}")
     if teacher_lm_head.shape[0] < vocab:
@@ -166,7 +173,7 @@ def chunked_fused_divergence(student_hidden: Tensor, student_lm_head: Tensor, te
                              lm_head_grad: Tensor | None = None, block_v: int | None = None
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """fused_divergence_chunk over N positions in chunks of chunk_tokens, so extra memory is O(chunk_tokens x V).
-    Returns (sum_i w_i D_i fp32 0-dim, dL/d(student_hidden) [N, Hs], D [N] fp32)."""
+    Returns (sum_i w_i L_i fp32 0-dim, dL/d(student_hidden) [N, Hs], per-token [N] fp32)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
     num_positions = student_hidden.shape[0]

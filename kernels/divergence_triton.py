@@ -7,7 +7,8 @@ Given one row of unscaled student logits z_s and teacher logits z_t over the stu
   sweep 2 (JSD only): streams again to get KL(T||M) and KL(S||M), which need both normalisers first;
   last sweep: streams again and writes w * dD/dz_s into the gradient buffer (which may alias the student row:
            every element is loaded and then stored by the same thread, so the in-place write is race free).
-Rows with weight 0 skip the math and get a zero gradient and D = 0.
+Per row it stores D (for sampled_token: a, the one-sample reverse-KL estimate) and the loss term L (D, or the
+surrogate a log p_S(y) for sampled_token). Rows with weight 0 skip the math and get zero gradient, D and L.
 
 Legend: V = student vocabulary size, s/t = logits divided by the temperature tau, p = probabilities,
 logp = log-probabilities (we never take log of a probability: p * logp is exp(logp) * logp, which is 0 when p
@@ -40,7 +41,7 @@ def divergence_rows_kernel(
     student_ptr, student_row_stride,
     teacher_ptr, teacher_row_stride,
     grad_ptr, grad_row_stride,
-    weights_ptr, sampled_ptr, per_token_ptr,
+    weights_ptr, sampled_ptr, per_token_ptr, loss_term_ptr,
     V, inv_tau, beta, log_beta, log_one_minus_beta,
     DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -59,6 +60,7 @@ def divergence_rows_kernel(
             offsets = start + block
             tl.store(grad_row + offsets, zeros.to(grad_ptr.dtype.element_ty), mask=offsets < V)
         tl.store(per_token_ptr + row, 0.0)
+        tl.store(loss_term_ptr + row, 0.0)
     else:
         # Sweep 1: online normalisers of both rows; the reverse/forward KL sum rides along, rescaled like the sum.
         max_s = tl.full([], float("-inf"), tl.float32)
@@ -111,7 +113,7 @@ def divergence_rows_kernel(
             logp_s_sampled = tl.load(student_row + sampled_id).to(tl.float32) * inv_tau - lse_s
             logp_t_sampled = tl.load(teacher_row + sampled_id).to(tl.float32) * inv_tau - lse_t
             sampled_advantage = logp_s_sampled - logp_t_sampled  # a stop-gradient coefficient
-            divergence = sampled_advantage * logp_s_sampled
+            divergence = sampled_advantage  # reported per token: the one-sample reverse-KL estimate a
         else:
             # Sweep 2 (JSD): KL(T||M) and KL(S||M) need log M, which needs both normalisers first.
             kl_teacher_mixture = tl.zeros([], tl.float32)
@@ -126,6 +128,10 @@ def divergence_rows_kernel(
             divergence = beta * kl_teacher_mixture + (1.0 - beta) * kl_student_mixture
             grad_scale = grad_scale * (1.0 - beta)
         tl.store(per_token_ptr + row, divergence)
+        if DIVERGENCE == SAMPLED_TOKEN:
+            tl.store(loss_term_ptr + row, sampled_advantage * logp_s_sampled)  # the surrogate a log p_S(y)
+        else:
+            tl.store(loss_term_ptr + row, divergence)
 
         # Last sweep: w * dD/dz_s, written over the gradient buffer (possibly the student row itself).
         for start in range(0, V, BLOCK_V):

@@ -35,19 +35,24 @@ ALL_DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "sampled_token"]
 
 
 def reference_divergence(student_logits, teacher_logits, divergence, beta, temperature, sampled_ids):
-    """Per-position D [C] in float64 straight from the definitions, differentiable w.r.t. the student logits."""
+    """Float64 straight from the definitions: (loss term L [C], differentiable w.r.t. the student logits; the
+    reported per-token value [C]). Both are D except for sampled_token: L = a log p_S(y), reported a."""
     logp_s = torch.log_softmax(student_logits.double() / temperature, dim=-1)
     logp_t = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
     if divergence == "forward_kl":
-        return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    if divergence == "reverse_kl":
-        return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-    if divergence == "jsd":
+        divergence_value = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    elif divergence == "reverse_kl":
+        divergence_value = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    elif divergence == "jsd":
         log_m = torch.logsumexp(torch.stack([logp_t + math.log(beta), logp_s + math.log1p(-beta)]), dim=0)
-        return beta * (logp_t.exp() * (logp_t - log_m)).sum(-1) + (1 - beta) * (logp_s.exp() * (logp_s - log_m)).sum(-1)
-    ids = sampled_ids.clamp(min=0)[:, None]  # masked rows may carry an ignore id such as -100
-    logp_s_sampled = logp_s.gather(1, ids)[:, 0]
-    return (logp_s_sampled - logp_t.gather(1, ids)[:, 0]).detach() * logp_s_sampled
+        divergence_value = (beta * (logp_t.exp() * (logp_t - log_m)).sum(-1)
+                            + (1 - beta) * (logp_s.exp() * (logp_s - log_m)).sum(-1))
+    else:
+        ids = sampled_ids.clamp(min=0)[:, None]  # masked rows may carry an ignore id such as -100
+        logp_s_sampled = logp_s.gather(1, ids)[:, 0]
+        advantage = (logp_s_sampled - logp_t.gather(1, ids)[:, 0]).detach()
+        return advantage * logp_s_sampled, advantage
+    return divergence_value, divergence_value.detach()
 
 
 def relative_error(actual, expected):
@@ -81,15 +86,16 @@ def test_logit_gradient_matches_float64_autograd(divergence, vocab, temperature,
     sampled_ids = make_sampled_ids(weights, vocab, generator) if divergence == "sampled_token" else None
 
     reference_logits = student.double().requires_grad_()
-    per_token_ref = reference_divergence(reference_logits, teacher, divergence, beta, temperature, sampled_ids)
-    loss_ref = (weights.double() * per_token_ref).sum()
+    loss_terms_ref, per_token_ref = reference_divergence(reference_logits, teacher, divergence, beta, temperature,
+                                                         sampled_ids)
+    loss_ref = (weights.double() * loss_terms_ref).sum()
     loss_ref.backward()
 
     logits = student.to(DEVICE)
     loss, per_token = divergence_logit_grad_(
         logits, teacher.to(DEVICE), weights.to(DEVICE), divergence=divergence, beta=beta, temperature=temperature,
         sampled_ids=None if sampled_ids is None else sampled_ids.to(DEVICE), block_v=32)
-    masked_ref = torch.where(weights > 0, per_token_ref.detach(), 0.0)
+    masked_ref = torch.where(weights > 0, per_token_ref, 0.0)
     torch.testing.assert_close(per_token.cpu().double(), masked_ref, rtol=1e-5, atol=1e-5)
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * (1 + abs(loss_ref.item()))
     assert relative_error(logits.cpu(), reference_logits.grad) < 1e-5
@@ -99,9 +105,9 @@ def test_logit_gradient_matches_float64_autograd(divergence, vocab, temperature,
 @needs_triton
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_extreme_and_identical_logits(divergence):
-    """Sharp rows (logits ~15 apart, some entries 100 lower so their probabilities underflow to 0) stay finite and exact, and a
-    student equal to its teacher has D = 0 and zero gradient. Fails on a log of zero, a missing online rescale,
-    or cancellation in the one-sweep KL sum."""
+    """Sharp rows (logits ~15 apart, some entries 100 lower so their probabilities underflow to 0) stay finite
+    and exact, and a student equal to its teacher has D = 0 and zero gradient. Fails on a log of zero, a missing
+    online rescale, or cancellation in the one-sweep KL sum."""
     generator = torch.Generator().manual_seed(1)
     vocab = 150
     sharp = 15 * torch.randn(4, vocab, generator=generator)
@@ -113,14 +119,14 @@ def test_extreme_and_identical_logits(divergence):
     weights = torch.ones(6)
 
     reference_logits = student.double().requires_grad_()
-    per_token_ref = reference_divergence(reference_logits, teacher, divergence, 0.5, 1.0, None)
-    per_token_ref.sum().backward()
+    loss_terms_ref, per_token_ref = reference_divergence(reference_logits, teacher, divergence, 0.5, 1.0, None)
+    loss_terms_ref.sum().backward()
 
     logits = student.to(DEVICE)
     _, per_token = divergence_logit_grad_(logits, teacher.to(DEVICE), weights.to(DEVICE), divergence=divergence,
                                           block_v=64)
     assert torch.isfinite(logits).all() and torch.isfinite(per_token).all()
-    torch.testing.assert_close(per_token.cpu().double(), per_token_ref.detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(per_token.cpu().double(), per_token_ref, rtol=1e-5, atol=2e-5)
     # In sharp rows gradient entries are differences of terms as large as the logits (~50, e.g. log p_T - D):
     # fp32 resolves them to its ulp there (~4e-6), so the check is absolute, not relative to a tiny gradient.
     torch.testing.assert_close(logits.cpu()[:4].double(), reference_logits.grad[:4], rtol=1e-5, atol=1e-5)
@@ -129,16 +135,16 @@ def test_extreme_and_identical_logits(divergence):
 
 def run_reference_chunk(hidden, lm_head, teacher_hidden, teacher_lm_head, weights, divergence, beta, temperature,
                         sampled_ids):
-    """Float64 dense autograd: (loss, d hidden, d lm_head, D) of the whole pipeline from the given inputs."""
+    """Float64 dense autograd: (loss, d hidden, d lm_head, per-token) of the whole pipeline from the inputs."""
     hidden64 = hidden.double().requires_grad_()
     lm_head64 = lm_head.double().requires_grad_()
     vocab = lm_head.shape[0]
     teacher_logits = teacher_hidden.double() @ teacher_lm_head[:vocab].double().t()
-    per_token = reference_divergence(hidden64 @ lm_head64.t(), teacher_logits, divergence, beta, temperature,
-                                     sampled_ids)
-    loss = (weights.double() * per_token).sum()
+    loss_terms, per_token = reference_divergence(hidden64 @ lm_head64.t(), teacher_logits, divergence, beta,
+                                                 temperature, sampled_ids)
+    loss = (weights.double() * loss_terms).sum()
     loss.backward()
-    return loss.detach(), hidden64.grad, lm_head64.grad, per_token.detach()
+    return loss.detach(), hidden64.grad, lm_head64.grad, per_token
 
 
 @needs_triton
@@ -206,6 +212,32 @@ def test_chunked_equals_whole_batch(chunk_tokens):
     assert relative_error(lm_head_grad.cpu(), lm_head_grad_ref) < 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+def test_same_contract_as_plain_torch_chunk_grad(divergence):
+    """The kernel is a drop-in for opdgraph.train.losses.divergence_chunk_grad (skipped where that module is
+    absent): same loss, per-token values and dlogits on unmasked rows. Fails if the two disagree on a convention
+    (temperature factor, weights, what sampled_token reports)."""
+    losses = pytest.importorskip("opdgraph.train.losses")
+    generator = torch.Generator().manual_seed(11)
+    num_rows, vocab = 5, 120
+    student = 2 * torch.randn(num_rows, vocab, generator=generator)
+    teacher = 2 * torch.randn(num_rows, vocab, generator=generator)
+    weights = make_weights(num_rows, generator)
+    sampled_ids = torch.randint(0, vocab, (num_rows,), generator=generator) if divergence == "sampled_token" else None
+    options = {"divergence": divergence, "beta": 0.3, "temperature": 1.5, "sampled_ids": sampled_ids}
+    expected = losses.divergence_chunk_grad(student.clone(), teacher.clone(), weights, **options)
+
+    logits = student.clone().to(DEVICE)
+    loss, per_token = divergence_logit_grad_(
+        logits, teacher.to(DEVICE), weights.to(DEVICE), block_v=32,
+        **{**options, "sampled_ids": None if sampled_ids is None else sampled_ids.to(DEVICE)})
+    unmasked = weights > 0
+    torch.testing.assert_close(loss.cpu(), expected.loss_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_token.cpu()[unmasked], expected.per_token[unmasked], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.cpu(), expected.dlogits, rtol=1e-4, atol=1e-7)
+
+
 # Compiles the kernel for an H100 (sm_90) without a GPU, in a fresh interpreter-free process. Exit code 3 means
 # this triton has no offline compile API of the expected shape (or no NVIDIA backend), which skips the test.
 _COMPILE_FOR_H100 = textwrap.dedent("""
@@ -218,8 +250,8 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
         signature = {
             "student_ptr": "*fp32", "student_row_stride": "i64", "teacher_ptr": "*fp32", "teacher_row_stride": "i64",
             "grad_ptr": "*bf16", "grad_row_stride": "i64", "weights_ptr": "*fp32", "sampled_ptr": "*i64",
-            "per_token_ptr": "*fp32", "V": "i32", "inv_tau": "fp32", "beta": "fp32", "log_beta": "fp32",
-            "log_one_minus_beta": "fp32", "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
+            "per_token_ptr": "*fp32", "loss_term_ptr": "*fp32", "V": "i32", "inv_tau": "fp32", "beta": "fp32",
+            "log_beta": "fp32", "log_one_minus_beta": "fp32", "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
         sources = [ASTSource(fn=body.divergence_rows_kernel, signature=signature,
                              constexprs={"DIVERGENCE": code, "BLOCK_V": 4096}) for code in range(4)]
     except (ImportError, TypeError) as error:
