@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from opdgraph.kernels.divergence import chunked_fused_divergence, divergence_logit_grad_, fused_divergence_chunk
+from opdgraph.kernels.divergence import _launch as launch_divergence_kernel  # the kernel without the matmuls
+from opdgraph.kernels.divergence import chunked_fused_divergence, fused_divergence_chunk
 
 GIB = 1024 ** 3
 
@@ -177,7 +178,7 @@ def parse_args(argv):
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--teacher-vocab", type=int, default=152_064)
     parser.add_argument("--chunks", default="1024,2048,4096", help="comma-separated chunk sizes for (a)")
-    parser.add_argument("--block-v", type=int, default=None, help="kernel vocabulary block (default: 4096)")
+    parser.add_argument("--block-v", type=int, default=None, help="kernel vocabulary block for (a) (default 4096)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script runs")
@@ -200,29 +201,36 @@ def main(argv=None):
     num_positions, vocab = args.positions, args.vocab
     flops = 2 * num_positions * vocab * (3 * args.student_hidden + args.teacher_hidden)
     rows = []  # (name, milliseconds, extra bytes, note)
+    rate = bf16_matmul_rate(device) if device.type == "cuda" else None
+
+    def rate_note(milliseconds):
+        return f"{flops / (milliseconds * 1e-3) / 1e12:.0f} TFLOP/s" + (
+            f" = {flops / (milliseconds * 1e-3) / 1e12 / rate:.0%} of bf16 mm" if rate else "")
 
     for chunk in chunk_sizes:
         def fused(chunk=chunk):
             return chunked_fused_divergence(hidden, lm_head, teacher_hidden, teacher_lm_head, weights,
                                             divergence=divergence, chunk_tokens=chunk, temperature=temperature,
                                             lm_head_grad=lm_head_grad, block_v=args.block_v)
-        rows.append((f"(a) fused, chunk {chunk}", *measure(fused, device, args.repeats), ""))
-        # The Triton kernel alone on one chunk: reads both fp32 rows twice, writes the bf16 gradient once.
+        fused_ms, fused_extra = measure(fused, device, args.repeats)
+        rows.append((f"(a) fused, chunk {chunk}", fused_ms, fused_extra, rate_note(fused_ms)))
+        # The Triton kernel alone on one chunk, as the fused path runs it: reads both fp32 rows twice and writes
+        # the bf16 gradient once (18 bytes per logit); a vocabulary-block sweep for tuning on the first chunk size.
         chunk_rows = min(chunk, num_positions)
         student_logits = matmul_fp32_out(hidden[:chunk_rows], lm_head.t())
         teacher_logits = matmul_fp32_out(teacher_hidden[:chunk_rows], teacher_lm_head[:vocab].t())
-        scratch = student_logits.clone()
-
-        def kernel_only():
-            scratch.copy_(student_logits)  # the kernel overwrites its input; timed too, subtracted below
-            divergence_logit_grad_(scratch, teacher_logits, weights[:chunk_rows], divergence=divergence,
-                                   temperature=temperature, block_v=args.block_v)
-        copy_ms, _ = measure(lambda: scratch.copy_(student_logits), device, args.repeats)
-        kernel_ms = measure(kernel_only, device, args.repeats)[0] - copy_ms
-        moved = chunk_rows * vocab * (4 * 4 + 4)  # fp32 in-place variant: 2 sweeps x 2 rows read + 1 write
-        rows.append((f"    kernel alone, {chunk_rows} rows", kernel_ms, None,
-                     f"{moved / (kernel_ms * 1e-3) / 1e9:.0f} GB/s"))
-        del student_logits, teacher_logits, scratch
+        logit_grad = torch.empty(chunk_rows, vocab, dtype=hidden.dtype, device=device)
+        block_sizes = [args.block_v] if chunk != chunk_sizes[0] or args.smoke else [2048, 4096, 8192]
+        for block in block_sizes:
+            def kernel_only(block=block):
+                launch_divergence_kernel(student_logits, teacher_logits, logit_grad, weights[:chunk_rows],
+                                         divergence=divergence, beta=0.5, temperature=temperature,
+                                         sampled_ids=None, block_v=block)
+            kernel_ms, _ = measure(kernel_only, device, args.repeats)
+            moved = chunk_rows * vocab * (4 * 4 + logit_grad.element_size())
+            rows.append((f"    kernel alone, {chunk_rows} rows, block {block or 'default'}", kernel_ms, None,
+                         f"{moved / (kernel_ms * 1e-3) / 1e9:.0f} GB/s"))
+        del student_logits, teacher_logits, logit_grad
 
     for chunk in sorted({min(chunk_sizes), 1024}):
         rows.append((f"(b) plain torch, chunk {chunk}",
@@ -239,10 +247,9 @@ def main(argv=None):
     floor = {}
     for chunk in chunk_sizes:
         floor[chunk] = measure(matmul_floor(inputs, chunk), device, args.repeats)
-        rows.append((f"(d) matmul floor, chunk {chunk}", *floor[chunk], ""))
+        rows.append((f"(d) matmul floor, chunk {chunk}", *floor[chunk], rate_note(floor[chunk][0])))
     best_floor_ms = min(milliseconds for milliseconds, _ in floor.values())
 
-    rate = bf16_matmul_rate(device) if device.type == "cuda" else None
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "triton": _triton_version(), "divergence": divergence,
                "shape": {"positions": num_positions, "student_hidden": args.student_hidden,
@@ -251,11 +258,11 @@ def main(argv=None):
     print(f"device {results['device']}, {num_positions} positions, V {vocab}, Hs {args.student_hidden}, "
           f"Ht {args.teacher_hidden}, {divergence}, head {flops / 1e12:.1f} TFLOP"
           + (f", measured bf16 matmul {rate:.0f} TFLOP/s" if rate else ""))
-    print(f"{'variant':36s} {'ms':>9s} {'extra GiB':>10s}  note")
+    print(f"{'variant':44s} {'ms':>9s} {'extra GiB':>10s}  note")
     for name, milliseconds, extra, note in rows:
         ms_text = f"{milliseconds:9.2f}" if milliseconds is not None else f"{'-':>9s}"
         extra_text = f"{extra / GIB:10.2f}" if extra is not None else f"{'-':>10s}"
-        print(f"{name:36s} {ms_text} {extra_text}  {note}")
+        print(f"{name:44s} {ms_text} {extra_text}  {note}")
         results["rows"].append({"name": name.strip(), "ms": milliseconds, "extra_bytes": extra, "note": note})
     for chunk in chunk_sizes:
         fused_ms, fused_extra = next((ms, extra) for name, ms, extra, _ in rows if name == f"(a) fused, chunk {chunk}")
