@@ -3,7 +3,7 @@
 The graph comes from what stages declare they read and write (see `opdgraph.stages`), never from table order; the
 `[data]` section is the source node that writes `prompts`. `stage_order` is a deterministic topological order
 (ties broken by the canonical kind order, then by name). `graph_problems` reports reads without a producer, values
-with two producers, and cycles, each naming both ends.
+with two producers that some stage reads, and cycles, each naming both ends.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def graph_problems(graph: nx.DiGraph, writers_by_kind: dict[str, tuple[str, ...]
                 kinds = [kind for kind, writes in writers_by_kind.items() if value in writes]
                 hint = f"; add a [{kinds[0]}] table (kind {kinds[0]!r} writes it)" if kinds else ""
                 problems.append((name, f"[{name}] reads {value!r} but no stage writes it{hint}"))
+    readers = {value for name in graph.nodes for value in graph.nodes[name]["node"].reads}
     for value, names in sorted(producers.items()):
-        if len(names) > 1:
+        if len(names) > 1 and value in readers:
             listed = " and ".join(f"[{name}]" for name in names)
             problems.append((names[1], f"{value!r} is written by both {listed}; each value needs one producer"))
     for cycle in sorted(nx.simple_cycles(graph)):

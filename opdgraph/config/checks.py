@@ -118,3 +118,13 @@ def _check_shapes(models, shapes, data, stages, problem, problems):
                                     f"data.max_prompt_tokens + {name}.max_new_tokens = {needed} exceeds "
                                     f"[models.{stage.config.model}] max_position_embeddings ({limit})"))
 
+    rollout = next((stage for stage in stages.values() if stage.kind == "rollout"), None)
+    for name, stage in stages.items():
+        if stage.kind != "teacher_score" or rollout is None:
+            continue
+        needed = data.max_prompt_tokens + rollout.config.max_new_tokens
+        if stage.config.micro_batch_tokens < needed:
+            problems.append(problem(f"{name}.micro_batch_tokens",
+                                    f"a micro-batch of {stage.config.micro_batch_tokens} tokens cannot hold one whole "
+                                    f"sequence of data.max_prompt_tokens + {rollout.name}.max_new_tokens = {needed} "
+                                    f"tokens; raise micro_batch_tokens to at least {needed}"))
