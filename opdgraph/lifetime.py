@@ -76,12 +76,12 @@ def analyze(steps: list[ScheduleStep], buffers: list[ScheduleBuffer]) -> Lifetim
     intervals = {}
     for buffer in buffers:
         indices = touched.get(buffer.name)
-        if buffer.held and (not buffer.offload_when_idle or not indices):
+        if buffer.held and not buffer.offload_when_idle:
             intervals[buffer.name] = (0, count - 1)
             delta[0] += buffer.bytes
             delta[count] -= buffer.bytes
             continue
-        if not indices:
+        if not indices:  # never touched: never on the device (an idle offloaded buffer stays on the host)
             continue
         home = _common_prefix(steps[index].loops for index in indices)
         first = _widen(steps, indices[0], home, -1)

@@ -89,3 +89,14 @@ class Plan:
 
     def step(self, name: str) -> Step:
         return next(step for step in self.steps if step.name == name)
+
+    def live_buffers(self) -> list[tuple[str, ...]]:
+        """Device-resident buffers at each step, replayed from the allocate / reload / release actions."""
+        live = {name for name, buffer in self.buffers.items()
+                if buffer.lifetime == "held" and not buffer.offload_when_idle}
+        per_step = []
+        for step in self.steps:
+            live |= {*step.allocates, *step.reloads}
+            per_step.append(tuple(sorted(live)))
+            live -= {release.buffer for release in step.releases}
+        return per_step
