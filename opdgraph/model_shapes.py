@@ -188,11 +188,12 @@ def shape_from_path(path: str, base_dir: str) -> ModelShape:
     real = resolve_path(path, base_dir)
     if path.endswith(".gguf"):
         if not os.path.isfile(real):
-            raise ShapeError(f"GGUF file not found: {real}")
+            raise ShapeError(f"GGUF file not found: {path!r} (looked at {real})")
         return shape_from_gguf(real)
     config_file = os.path.join(real, "config.json") if os.path.isdir(real) else real
     if not os.path.isfile(config_file):
-        raise ShapeError(f"no config.json at {real} (the planner needs a local model directory or config .json; "
+        raise ShapeError(f"no config.json at {path!r} (relative paths start at the pipeline file's directory; "
+                         f"the planner needs a local model directory or config .json; "
                          f"download hub models first, e.g. `huggingface-cli download <id> --local-dir <dir>`)")
     with open(config_file, encoding="utf-8") as handle:
         try:

@@ -63,17 +63,18 @@ def _check_stage_models(models, stages, problem, problems):
 
 
 def _check_graph(stages, problem, problems):
-    kinds_present = {stage.kind for stage in stages.values()}
-    for kind in REQUIRED_KINDS:
-        if kind not in kinds_present:
-            problems.append(problem(kind, f"missing stage table [{kind}] (every pipeline needs "
-                                          f"{', '.join(REQUIRED_KINDS)})"))
     nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
              for name, stage in stages.items()]
     writers = {kind: stage_kind(kind).writes for kind in KIND_NAMES}
     for name, message in graph_problems(build_stage_graph(nodes), writers):
-        if not (message.startswith(f"[{name}] reads") and any(kind not in kinds_present for kind in REQUIRED_KINDS)):
-            problems.append(problem(name, message))
+        problems.append(problem(name, message))
+    # A missing required stage whose output some stage reads is already reported above, naming the reader.
+    kinds_present = {stage.kind for stage in stages.values()}
+    values_read = {value for node in nodes for value in node.reads}
+    for kind in REQUIRED_KINDS:
+        if kind not in kinds_present and not values_read & set(writers[kind]):
+            problems.append(problem(kind, f"missing stage table [{kind}] (every pipeline needs "
+                                          f"{', '.join(REQUIRED_KINDS)})"))
 
 
 def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape]:

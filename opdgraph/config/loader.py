@@ -8,6 +8,7 @@ its `file:line` (or `--set ...`) location, and all are raised together in one Co
 from __future__ import annotations
 
 import os
+import re
 
 try:
     import tomllib
@@ -69,7 +70,9 @@ def load_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError([Problem(file_name, "<file>", f"TOML syntax error: {error}")]) from None
+        line = re.search(r"at line (\d+)", str(error))
+        location = f"{file_name}:{line.group(1)}" if line else file_name
+        raise ConfigError([Problem(location, "<file>", f"TOML syntax error: {error}")]) from None
 
     locator = Locator(file_name, key_lines(text), {})
     problems: list[Problem] = []

@@ -81,7 +81,7 @@ def _chart(plan: Plan) -> list[str]:
 
 
 def render_text(plan: Plan) -> str:
-    mode = "fused training loop" if plan.fused else "unfused (stage by stage)"
+    mode = "fused training loop" if plan.fused else "unfused: stage by stage"
     facts = plan.facts
     out = [f"opdgraph plan: {plan.name}  ({mode}; memory budget {gib(plan.budget_bytes)} GiB)",
            f"  rollout: {facts['rollout.sequences']} sequences, {facts['rollout.concurrent_seqs']} at a time, "
