@@ -19,7 +19,8 @@ import os
 import attrs
 
 FAMILY_OF_MODEL_TYPE = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "gemma3": "gemma3",
+    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "gemma3_text": "gemma3", "gemma3": "gemma3",
 }
 FAMILY_OF_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 

@@ -104,8 +104,9 @@ def load_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
     shapes = checks.cross_check(pipeline, models, data, stages, base_dir, locator.problem, problems)
     if problems:
         raise ConfigError(problems)
-    return PipelineConfig(pipeline=pipeline, models=models, data=data, stages=stages, source_file=os.path.abspath(path),
-                          base_dir=base_dir, shapes=shapes, provenance=_provenance(locator, pipeline, models, data, stages))
+    return PipelineConfig(pipeline=pipeline, models=models, data=data, stages=stages,
+                          source_file=os.path.abspath(path), base_dir=base_dir, shapes=shapes,
+                          provenance=_provenance(locator, pipeline, models, data, stages))
 
 
 def _type_section(table, cls, path, locator, problems):
@@ -138,7 +139,8 @@ def _type_sections(raw: dict, locator: Locator, problems: list[Problem]):
         kind = table.pop("kind", name)
         if not isinstance(kind, str) or kind not in KIND_NAMES:
             where = f"{name}.kind" if "kind" in raw[name] else name
-            what = f"unknown stage kind {kind!r}" if isinstance(kind, str) else f"kind must be a string, got {describe(kind)}"
+            what = (f"unknown stage kind {kind!r}" if isinstance(kind, str)
+                    else f"kind must be a string, got {describe(kind)}")
             hint = did_you_mean(kind, KIND_NAMES) if isinstance(kind, str) else ""
             problems.append(locator.problem(where, f"{what}{hint} (a stage table's kind defaults to its name; "
                                                    f"kinds: {', '.join(KIND_NAMES)})"))

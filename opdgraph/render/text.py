@@ -86,7 +86,8 @@ def render_text(plan: Plan) -> str:
     out = [f"opdgraph plan: {plan.name}  ({mode}; memory budget {gib(plan.budget_bytes)} GiB)",
            f"  rollout: {facts['rollout.sequences']} sequences, {facts['rollout.concurrent_seqs']} at a time, "
            f"KV pool {facts['rollout.num_pages']} pages x {facts['rollout.page_size']} tokens",
-           f"  training: {facts['train.tokens_per_step']} tokens/step in {facts['train.num_micro_batches']} micro-batches "
+           f"  training: {facts['train.tokens_per_step']} tokens/step in "
+           f"{facts['train.num_micro_batches']} micro-batches "
            f"of {facts['train.micro_batch_tokens']} tokens, {facts['loss.chunks_per_micro_batch']} loss chunks of "
            f"{facts['loss.chunk_tokens']} tokens each", "",
            "Steps (in execution order; runs = per training step):", *_step_table(plan), "",
