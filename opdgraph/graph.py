@@ -63,7 +63,9 @@ def graph_problems(graph: nx.DiGraph, writers_by_kind: dict[str, tuple[str, ...]
         if len(names) > 1 and value in readers:
             listed = " and ".join(f"[{name}]" for name in names)
             problems.append((names[1], f"{value!r} is written by both {listed}; each value needs one producer"))
-    for cycle in sorted(nx.simple_cycles(graph)):
+    # simple_cycles may start a cycle anywhere; rotate each to its smallest name so messages are deterministic
+    cycles = [cycle[cycle.index(min(cycle)):] + cycle[:cycle.index(min(cycle))] for cycle in nx.simple_cycles(graph)]
+    for cycle in sorted(cycles):
         path = " -> ".join(f"[{name}]" for name in [*cycle, cycle[0]])
         problems.append((cycle[0], f"stages form a cycle: {path}"))
     return problems
