@@ -131,6 +131,7 @@ def test_error_messages_golden(tmp_path):
     ("pipeline.num_steps", "true", False), ("pipeline.num_steps", '"3"', False), ("pipeline.num_steps", "3", True),
     ("pipeline.memory_budget_gib", "3", True), ("pipeline.memory_budget_gib", "true", False),
     ("pipeline.name", "5", False), ("data.train_files", '"a.jsonl"', False), ("data.train_files", "[1]", False),
+    ("pipeline.hardware", "3", False), ("models.student.config", '"x"', False),
 ])
 def test_coercion_guards(tmp_path, field, literal, accepted):
     """If this fails, a value of the wrong TOML type is silently coerced (or a valid one rejected)."""

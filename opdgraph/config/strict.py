@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
+from cattrs.gen import make_dict_structure_fn
 from cattrs.errors import (
     AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError, IterableValidationError,
     IterableValidationNote,
@@ -92,6 +93,17 @@ def _make_converter() -> cattrs.Converter:
             raise IterableValidationError(f"While structuring {sequence_type}", errors, sequence_type)
         return tuple(items) if is_tuple else items
     converter.register_structure_hook_func(_is_sequence, sequence)
+
+    def attrs_class(config_class):
+        structure_fields = make_dict_structure_fn(config_class, converter, _cattrs_forbid_extra_keys=True,
+                                                  _cattrs_detailed_validation=True)
+
+        def hook(value, _type):
+            if not isinstance(value, dict):
+                raise TypeError(f"expected a table, got {describe(value)}")
+            return structure_fields(value, config_class)
+        return hook
+    converter.register_structure_hook_factory(attrs.has, attrs_class)
     return converter
 
 
