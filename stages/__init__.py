@@ -1,0 +1,34 @@
+"""Stage kinds: each `opdgraph.stages.<kind>` module owns its typed Config and declares what it reads and writes.
+
+The registry is lazy: `stage_kind("loss")` imports `opdgraph.stages.loss` only when asked. Stage modules import
+no torch at import time (their runtime glue imports it inside functions), so the compiler stays torch-free.
+A stage module defines `Config` (attrs frozen, kw_only, help on every field), `READS` and `WRITES` (value names the
+stage graph is built from) and `MODEL_FIELDS` (Config fields that name a `[models.<name>]` entry).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import attrs
+
+KIND_NAMES = ("rollout", "teacher_score", "loss", "backward", "step", "eval", "checkpoint", "log")
+REQUIRED_KINDS = ("rollout", "teacher_score", "loss", "backward", "step")
+
+
+@attrs.frozen
+class StageKind:
+    name: str
+    config_class: type
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    model_fields: tuple[str, ...]
+
+
+def stage_kind(name: str) -> StageKind:
+    """The registered stage kind `name` (KeyError when there is none)."""
+    if name not in KIND_NAMES:
+        raise KeyError(name)
+    module = importlib.import_module(f"opdgraph.stages.{name}")
+    return StageKind(name, module.Config, tuple(module.READS), tuple(module.WRITES),
+                     tuple(getattr(module, "MODEL_FIELDS", ())))

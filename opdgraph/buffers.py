@@ -1,0 +1,99 @@
+"""Every buffer of a training step, sized with opdgraph.sizing and tagged with the config keys that size it.
+
+Fusion changes three sizes: fused, the teacher hidden states, the student's saved activations and its hidden-state
+gradient exist for one micro-batch at a time; unfused, for the whole batch (they cross from one stage's loop to
+the next). Everything else is the same in both plans.
+"""
+
+from __future__ import annotations
+
+from opdgraph import sizing
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.counts import StepCounts
+from opdgraph.plan import Buffer
+
+
+def model_keys(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
+    """The config keys that decide a model's shape and dtype."""
+    model = cfg.models[name]
+    keys = [f"models.{name}.{key}" for key in ("path", "config", "init_from", "keep_layers")
+            if getattr(model, key) is not None]
+    if model.init_from is not None:
+        keys += [key for key in model_keys(cfg, model.init_from) if not key.endswith(".dtype")]
+    return (*keys, f"models.{name}.dtype")
+
+
+def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[str, Buffer]:
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    student_shape, teacher_shape = cfg.shapes[student], cfg.shapes[teacher]
+    student_dtype, teacher_dtype = cfg.models[student].dtype_bytes, cfg.models[teacher].dtype_bytes
+    rollout, scorer = cfg.stage("rollout"), cfg.stage("teacher_score")
+    loss, backward = cfg.stage("loss"), cfg.stage("backward")
+    student_keys, teacher_keys = model_keys(cfg, student), model_keys(cfg, teacher)
+    batch_keys = ("data.prompts_per_step", "data.samples_per_prompt", "data.max_prompt_tokens",
+                  f"{rollout.name}.max_new_tokens")
+    micro_keys = (f"{scorer.name}.micro_batch_tokens", "data.max_prompt_tokens", f"{rollout.name}.max_new_tokens")
+    pool_keys = (f"{rollout.name}.max_num_seqs", "data.max_prompt_tokens", f"{rollout.name}.max_new_tokens",
+                 f"{rollout.name}.page_size", f"{rollout.name}.kv_pool_tokens")
+    batch_tokens = counts.train_tokens
+    micro_tokens = counts.micro_batch_tokens
+    checkpointing = backward.config.activation_checkpointing
+    buffers = []
+
+    def add(name, category, size, sized_by, lifetime="transient", formula="", offload=False):
+        buffers.append(Buffer(name=name, category=category, bytes=int(size), sized_by=tuple(sized_by),
+                              lifetime=lifetime, offload_when_idle=offload, formula=formula))
+
+    add(f"{student}.weights", "weights", sizing.parameter_bytes(student_shape, student_dtype), student_keys, "held",
+        "P x d", cfg.models[student].offload_when_idle)
+    if cfg.models[student].dtype != "float32":
+        add(f"{student}.master_weights", "master_weights", sizing.master_weight_bytes(student_shape), student_keys,
+            "held", "P x 4")
+    add(f"{student}.optimizer_state", "optimizer_state", sizing.adamw_state_bytes(student_shape), student_keys,
+        "held", "P x 2 x 4")
+    add(f"{teacher}.weights", "weights", sizing.parameter_bytes(teacher_shape, teacher_dtype), teacher_keys, "held",
+        "P x d", cfg.models[teacher].offload_when_idle)
+    add("prompts", "io", sizing.token_bytes(counts.sequences, counts.prompt_tokens), batch_keys[:3],
+        formula="sequences x max_prompt_tokens x 4")
+    add(f"{rollout.name}.kv_cache", "kv_cache",
+        sizing.kv_cache_bytes(student_shape, counts.num_pages, counts.page_size, student_dtype),
+        (*pool_keys, *student_keys), formula="num_pages x page_size x L x 2 x kv x d")
+    add(f"{rollout.name}.workspace", "workspace",
+        sizing.forward_workspace_bytes(student_shape, rollout.config.prefill_token_budget, student_dtype)
+        + sizing.decode_logits_bytes(counts.concurrent_seqs, student_shape.vocab),
+        (f"{rollout.name}.prefill_token_budget", f"{rollout.name}.max_num_seqs", *student_keys),
+        formula="prefill forward workspace + running seqs x V x 4")
+    add("responses", "io", sizing.token_bytes(counts.sequences, counts.sequence_tokens, 2 * sizing.TOKEN_ID_BYTES),
+        batch_keys, formula="sequences x (prompt + new tokens) x (4 id + 4 logprob)")
+    hidden_tokens, hidden_keys = (micro_tokens, micro_keys) if fused else (batch_tokens, batch_keys)
+    add("teacher_hidden", "teacher_hidden", sizing.hidden_state_bytes(teacher_shape, hidden_tokens, teacher_dtype),
+        (*hidden_keys, *teacher_keys), formula="tokens x h_teacher x d")
+    add(f"{scorer.name}.workspace", "workspace",
+        sizing.forward_workspace_bytes(teacher_shape, micro_tokens, teacher_dtype), (*micro_keys, *teacher_keys),
+        formula="micro-batch tokens x (h + q + 2 kv + 2 i) x d")
+    add("student_hidden", "activations", sizing.hidden_state_bytes(student_shape, micro_tokens, student_dtype),
+        (*micro_keys, *student_keys), formula="micro-batch tokens x h x d")
+    add("student_activations", "activations",
+        sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing),
+        (*hidden_keys, f"{backward.name}.activation_checkpointing", *student_keys),
+        formula="tokens x L x h x d + tokens x a" if checkpointing else "tokens x L x a")
+    add("hidden_grad", "activations", sizing.hidden_state_bytes(student_shape, hidden_tokens, student_dtype),
+        (*hidden_keys, *student_keys), formula="tokens x h x d")
+    add("logit_chunk", "logit_chunk",
+        sizing.logit_chunk_bytes(counts.chunk_tokens, student_shape.vocab, teacher_shape.vocab),
+        (f"{loss.name}.chunk_tokens", *student_keys, *teacher_keys), formula="chunk x (2 V_student + V_teacher) x 4")
+    add(f"{backward.name}.workspace", "workspace",
+        micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype),
+        (*micro_keys, *student_keys), formula="micro-batch tokens x a (one layer's activation grads)")
+    add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype), student_keys,
+        formula="P x d")
+    for stage in cfg.stages_of_kind("eval"):
+        eval_seqs = min(stage.config.num_prompts, rollout.config.max_num_seqs)
+        pages = sizing.kv_pool_pages(concurrent_seqs=eval_seqs, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                     max_new_tokens=stage.config.max_new_tokens, page_size=counts.page_size,
+                                     kv_pool_tokens=0)
+        add(f"{stage.name}.kv_cache", "kv_cache",
+            sizing.kv_cache_bytes(student_shape, pages, counts.page_size, student_dtype),
+            (f"{stage.name}.num_prompts", f"{stage.name}.max_new_tokens", *student_keys),
+            formula="eval pages x page_size x L x 2 x kv x d")
+    return {buffer.name: buffer for buffer in buffers}

@@ -1,0 +1,175 @@
+"""`compile_plan(cfg)`: typed config -> Plan. Orders the stage graph, expands each stage into plan steps, sizes the
+buffers, runs lifetime analysis and attaches each step's roofline work.
+
+Fusion (pipeline.fuse_training, default on): teacher_score -> loss -> backward become one micro-batch loop, with
+the loss in a chunk loop inside it, so teacher hidden states live for one micro-batch and logits for one chunk.
+Unfused: each stage runs over the whole batch before the next: teacher_score over every micro-batch (its hidden
+states held for the whole batch), then every student forward + chunked loss (the autograd activations and the
+hidden-state gradient held for the whole batch), then every backward. Same FLOPs, far more memory.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from opdgraph import work as W
+from opdgraph.buffers import build_buffers
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.counts import StepCounts, step_counts
+from opdgraph.graph import StageNode, build_stage_graph, stage_order
+from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
+from opdgraph.plan import Peak, Plan, Release, Step, StepWork
+from opdgraph.stages import KIND_NAMES, stage_kind
+
+PERIODIC_KINDS = ("eval", "checkpoint", "log")  # run every n steps; not part of one training step's time
+FUSED_LOOP = "train_micro_batch"
+GIB = 1024**3
+
+
+@attrs.frozen
+class Draft:
+    """A step before lifetime analysis."""
+
+    name: str
+    stage: str
+    kind: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    loops: tuple[str, ...]
+    repeats: int
+    work: W.Work
+
+
+def compile_plan(cfg: PipelineConfig) -> Plan:
+    fused = cfg.pipeline.fuse_training
+    counts = step_counts(cfg)
+    hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
+    buffers = build_buffers(cfg, counts, fused)
+    drafts = _drafts(cfg, counts, hardware, fused)
+    lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
+                        [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle)
+                         for b in buffers.values()])
+    steps = []
+    for index, draft in enumerate(drafts):
+        moved = [name for name in lifetimes.allocates[index] if buffers[name].lifetime == "held"]
+        releases = tuple(Release(buffer=name, action=action) for name, action in lifetimes.releases[index])
+        offloaded = [release.buffer for release in releases if release.action == "offload"]
+        transfer = sum(buffers[name].bytes for name in (*moved, *offloaded))
+        total = draft.work + W.transfer_work(transfer, hardware)
+        steps.append(Step(
+            name=draft.name, stage=draft.stage, kind=draft.kind, reads=draft.reads, writes=draft.writes,
+            loops=draft.loops, scope=_scope(draft.loops), repeats=draft.repeats,
+            fused_group=FUSED_LOOP if FUSED_LOOP in draft.loops else None,
+            work=StepWork(flops=total.flops, device_bytes=total.device_bytes, pcie_bytes=total.pcie_bytes,
+                          seconds=total.seconds),
+            allocates=tuple(name for name in lifetimes.allocates[index] if name not in moved),
+            reloads=tuple(moved), releases=releases, live_bytes=lifetimes.live_bytes[index]))
+    peak_step = steps[lifetimes.peak_index]
+    live_there = [name for name, (first, last) in lifetimes.intervals.items()
+                  if first <= lifetimes.peak_index <= last]
+    contributors = sorted(((name, buffers[name].bytes) for name in live_there), key=lambda item: (-item[1], item[0]))
+    facts = {**counts.facts(), **_model_facts(cfg)}
+    return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
+                peak=Peak(bytes=peak_step.live_bytes, step=peak_step.name, contributors=tuple(contributors)),
+                budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),
+                step_seconds=sum(step.work.seconds for step in steps if step.kind not in PERIODIC_KINDS),
+                facts=facts)
+
+
+def _scope(loops: tuple[str, ...]) -> str:
+    if not loops:
+        return "step"
+    return "chunk" if loops[-1].endswith("chunk") else "micro_batch"
+
+
+def _model_facts(cfg: PipelineConfig) -> dict[str, object]:
+    facts = {}
+    for name, shape in cfg.shapes.items():
+        for key, value in shape.facts().items():
+            facts[f"models.{name}.{key}"] = value
+        facts[f"models.{name}.dtype"] = cfg.models[name].dtype
+    return facts
+
+
+def _ordered_stages(cfg: PipelineConfig) -> list[str]:
+    nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
+             for name, stage in cfg.stages.items()]
+    return stage_order(build_stage_graph(nodes), {kind: rank for rank, kind in enumerate(KIND_NAMES)})
+
+
+def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused: bool) -> list[Draft]:
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    s_shape, t_shape = cfg.shapes[student], cfg.shapes[teacher]
+    s_dtype, t_dtype = cfg.models[student].dtype_bytes, cfg.models[teacher].dtype_bytes
+    s_weights, t_weights = s_shape.parameter_count() * s_dtype, t_shape.parameter_count() * t_dtype
+    optimizer_reads = tuple(name for name in (f"{student}.master_weights", f"{student}.optimizer_state")
+                            if cfg.models[student].dtype != "float32" or not name.endswith("master_weights"))
+    micro, chunks, seq = counts.num_micro_batches, counts.num_micro_batches * counts.chunks_per_micro_batch, \
+        counts.sequence_tokens
+    micro_tokens, chunk_tokens = counts.micro_batch_tokens, counts.chunk_tokens
+    s_kv = s_shape.kv_bytes_per_token(s_dtype)
+    drafts = [Draft("data.load", "data", "data", (), ("prompts",), (), 1, W.Work())]
+
+    def loop(name):
+        return (FUSED_LOOP,) if fused else (f"{name}.micro_batch",)
+
+    for stage_name in _ordered_stages(cfg):
+        stage = cfg.stages[stage_name]
+        kind, config = stage.kind, stage.config
+        if kind == "rollout":
+            kv, workspace = f"{stage_name}.kv_cache", f"{stage_name}.workspace"
+            drafts.append(Draft(f"{stage_name}.prefill", stage_name, kind, (f"{student}.weights", "prompts"),
+                                (kv, workspace), (), 1, W.prefill_work(
+                                    s_shape, sequences=counts.sequences, prompt_tokens=counts.prompt_tokens,
+                                    token_budget=config.prefill_token_budget, weight_bytes=s_weights,
+                                    kv_bytes_per_token=s_kv, hardware=hardware)))
+            drafts.append(Draft(f"{stage_name}.decode", stage_name, kind, (f"{student}.weights", kv, workspace),
+                                ("responses",), (), counts.decode_rounds, W.decode_work(
+                                    s_shape, sequences=counts.sequences, concurrent_seqs=counts.concurrent_seqs,
+                                    prompt_tokens=counts.prompt_tokens, new_tokens=counts.new_tokens,
+                                    weight_bytes=s_weights, kv_bytes_per_token=s_kv, hardware=hardware)))
+        elif kind == "teacher_score":
+            flops = W.forward_flops(t_shape, micro_tokens, seq)
+            moved = t_weights + micro_tokens * t_shape.hidden * t_dtype
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{teacher}.weights", "responses"),
+                                ("teacher_hidden", f"{stage_name}.workspace"), loop(stage_name), micro,
+                                W.roofline(flops, moved, 0, hardware, micro)))
+        elif kind == "loss":
+            forward_bytes = s_weights + (micro_tokens * s_shape.hidden * s_dtype)
+            drafts.append(Draft(f"{stage_name}.student_forward", stage_name, kind, (f"{student}.weights", "responses"),
+                                ("student_hidden", "student_activations"), loop(stage_name), micro, W.roofline(
+                                    W.forward_flops(s_shape, micro_tokens, seq), forward_bytes, 0, hardware, micro)))
+            flops = 3 * W.lm_head_flops(s_shape, chunk_tokens) + W.lm_head_flops(t_shape, chunk_tokens)
+            moved = (s_shape.vocab * s_shape.hidden * s_dtype + t_shape.vocab * t_shape.hidden * t_dtype
+                     + 2 * chunk_tokens * (2 * s_shape.vocab + t_shape.vocab) * 4)
+            drafts.append(Draft(stage_name, stage_name, kind,
+                                (f"{student}.weights", f"{teacher}.weights", "student_hidden", "teacher_hidden",
+                                 "responses"), ("logit_chunk", "hidden_grad", f"{student}.grads"),
+                                (*loop(stage_name), f"{stage_name}.chunk"), chunks,
+                                W.roofline(flops, moved, 0, hardware, chunks)))
+        elif kind == "backward":
+            checkpointing = config.activation_checkpointing
+            flops = W.forward_flops(s_shape, micro_tokens, seq) * (3 if checkpointing else 2)
+            moved = s_weights + 2 * s_weights  # read weights; read+write gradient accumulators
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", "hidden_grad",
+                                                               "student_activations"),
+                                (f"{student}.grads", f"{stage_name}.workspace"), loop(stage_name), micro,
+                                W.roofline(flops, moved, 0, hardware, micro)))
+        elif kind == "step":
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.grads", *optimizer_reads),
+                                (f"{student}.weights",), (), 1,
+                                W.optimizer_work(s_shape.parameter_count(), s_dtype, hardware)))
+        elif kind == "eval":
+            eval_seqs = min(config.num_prompts, cfg.stage("rollout").config.max_num_seqs)
+            eval_work = W.decode_work(s_shape, sequences=config.num_prompts, concurrent_seqs=eval_seqs,
+                                      prompt_tokens=counts.prompt_tokens, new_tokens=config.max_new_tokens,
+                                      weight_bytes=s_weights, kv_bytes_per_token=s_kv, hardware=hardware)
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights",), (f"{stage_name}.kv_cache",),
+                                (), 1, eval_work))
+        elif kind == "checkpoint":
+            saved = s_weights + (s_shape.parameter_count() * 12)
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", f"{student}.optimizer_state"),
+                                (), (), 1, W.transfer_work(saved, hardware)))
+        elif kind == "log":
+            drafts.append(Draft(stage_name, stage_name, kind, (), (), (), 1, W.Work()))
+    return drafts

@@ -1,0 +1,131 @@
+"""Checks that need more than one field: model roles and references, the stage graph, shapes and vocabularies.
+
+They run after every section is typed, so they see well-typed values. Each problem names both ends (the stage and
+the model it references, the reader and the missing producer, the student and the teacher vocabularies).
+"""
+
+from __future__ import annotations
+
+from opdgraph.config.errors import did_you_mean
+from opdgraph.config.fields import field_problems
+from opdgraph.graph import StageNode, build_stage_graph, graph_problems
+from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
+from opdgraph.stages import KIND_NAMES, REQUIRED_KINDS, stage_kind
+
+value_problems = field_problems
+
+
+def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> dict[str, ModelShape]:
+    """Append every cross-section problem (via `problem(path, message)`) and return the resolved model shapes."""
+    _check_roles(models, problem, problems)
+    _check_stage_models(models, stages, problem, problems)
+    _check_graph(stages, problem, problems)
+    shapes = _resolve_shapes(models, base_dir, problem, problems)
+    _check_shapes(models, shapes, data, stages, problem, problems)
+    return shapes
+
+
+def _check_roles(models, problem, problems):
+    for role in ("student", "teacher"):
+        holders = [name for name, model in models.items() if model.role == role]
+        if len(holders) != 1:
+            where = f"models.{holders[1]}.role" if len(holders) > 1 else "models"
+            found = ", ".join(holders) if holders else "none"
+            problems.append(problem(where, f"need exactly one model with role = \"{role}\" (found: {found})"))
+    for name, model in models.items():
+        if model.init_from is None:
+            continue
+        source = models.get(model.init_from)
+        if source is None or model.init_from == name:
+            hint = did_you_mean(model.init_from, [other for other in models if other != name])
+            problems.append(problem(f"models.{name}.init_from",
+                                    f"[models.{name}] starts from {model.init_from!r}, which is not another "
+                                    f"[models.<name>] entry{hint}"))
+        elif source.init_from is not None:
+            problems.append(problem(f"models.{name}.init_from",
+                                    f"[models.{name}] starts from [models.{model.init_from}], which itself uses "
+                                    f"init_from; start from a model with a path or config"))
+
+
+def _check_stage_models(models, stages, problem, problems):
+    expected_role = {"rollout": "student", "teacher_score": "teacher"}
+    for name, stage in stages.items():
+        for field in stage_kind(stage.kind).model_fields:
+            model_name = getattr(stage.config, field)
+            model = models.get(model_name)
+            if model is None:
+                problems.append(problem(f"{name}.{field}", f"[{name}] uses model {model_name!r} but there is no "
+                                                           f"[models.{model_name}]{did_you_mean(model_name, models)}"))
+            elif stage.kind in expected_role and model.role != expected_role[stage.kind]:
+                problems.append(problem(f"{name}.{field}",
+                                        f"[{name}] needs the {expected_role[stage.kind]} but [models.{model_name}] "
+                                        f"has role = \"{model.role}\""))
+
+
+def _check_graph(stages, problem, problems):
+    nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
+             for name, stage in stages.items()]
+    writers = {kind: stage_kind(kind).writes for kind in KIND_NAMES}
+    for name, message in graph_problems(build_stage_graph(nodes), writers):
+        problems.append(problem(name, message))
+    # A missing required stage whose output some stage reads is already reported above, naming the reader.
+    kinds_present = {stage.kind for stage in stages.values()}
+    values_read = {value for node in nodes for value in node.reads}
+    for kind in REQUIRED_KINDS:
+        if kind not in kinds_present and not values_read & set(writers[kind]):
+            problems.append(problem(kind, f"missing stage table [{kind}] (every pipeline needs "
+                                          f"{', '.join(REQUIRED_KINDS)})"))
+
+
+def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape]:
+    shapes = {}
+    for name, model in models.items():
+        try:
+            if model.config is not None:
+                shapes[name] = shape_from_hf_config(model.config, f"[models.{name}].config")
+            elif model.path is not None:
+                shapes[name] = shape_from_path(model.path, base_dir)
+        except ShapeError as error:
+            problems.append(problem(f"models.{name}.{'config' if model.config is not None else 'path'}", str(error)))
+    for name, model in models.items():
+        source = shapes.get(model.init_from) if model.init_from else None
+        if source is None:
+            continue
+        keep = model.keep_layers if model.keep_layers is not None else list(range(source.layers))
+        bad = [index for index in keep if not 0 <= index < source.layers]
+        if bad or len(set(keep)) != len(keep):
+            what = f"indices {bad} are out of range" if bad else "indices repeat"
+            problems.append(problem(f"models.{name}.keep_layers",
+                                    f"{what}; [models.{model.init_from}] has layers 0..{source.layers - 1}"))
+        shapes[name] = source.with_layers(len(keep))
+    return shapes
+
+
+def _check_shapes(models, shapes, data, stages, problem, problems):
+    student = next((name for name, model in models.items() if model.role == "student"), None)
+    teacher = next((name for name, model in models.items() if model.role == "teacher"), None)
+    if student in shapes and teacher in shapes and shapes[teacher].vocab < shapes[student].vocab:
+        problems.append(problem(f"models.{teacher}",
+                                f"the teacher's vocabulary ({shapes[teacher].vocab}) must cover the student's "
+                                f"({shapes[student].vocab}, [models.{student}]); extra teacher columns are "
+                                f"dropped, missing ones cannot be made up"))
+    for name, stage in stages.items():
+        if stage.kind != "rollout" or stage.config.model not in shapes:
+            continue
+        limit = shapes[stage.config.model].max_positions
+        needed = data.max_prompt_tokens + stage.config.max_new_tokens
+        if limit and needed > limit:
+            problems.append(problem(f"{name}.max_new_tokens",
+                                    f"data.max_prompt_tokens + {name}.max_new_tokens = {needed} exceeds "
+                                    f"[models.{stage.config.model}] max_position_embeddings ({limit})"))
+
+    rollout = next((stage for stage in stages.values() if stage.kind == "rollout"), None)
+    for name, stage in stages.items():
+        if stage.kind != "teacher_score" or rollout is None:
+            continue
+        needed = data.max_prompt_tokens + rollout.config.max_new_tokens
+        if stage.config.micro_batch_tokens < needed:
+            problems.append(problem(f"{name}.micro_batch_tokens",
+                                    f"a micro-batch of {stage.config.micro_batch_tokens} tokens cannot hold one whole "
+                                    f"sequence of data.max_prompt_tokens + {rollout.name}.max_new_tokens = {needed} "
+                                    f"tokens; raise micro_batch_tokens to at least {needed}"))

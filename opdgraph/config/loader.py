@@ -1,0 +1,185 @@
+"""`load_pipeline(path, overrides)`: TOML file + `--set` overrides -> typed, cross-checked PipelineConfig.
+
+Steps: parse the TOML, apply overrides, type each section strictly (opdgraph.config.strict), resolve derived
+defaults, then run the cross-section checks (opdgraph.config.checks). Every problem found on the way is kept, with
+its `file:line` (or `--set ...`) location, and all are raised together in one ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+import attrs
+
+from opdgraph.config import checks
+from opdgraph.config.errors import ConfigError, Problem, did_you_mean
+from opdgraph.config.lines import key_lines
+from opdgraph.config.overrides import Override, apply_override, parse_override
+from opdgraph.config.schema import DataConfig, ModelConfig, PipelineConfig, PipelineSection, StageEntry
+from opdgraph.config.strict import describe, structure
+from opdgraph.stages import KIND_NAMES, stage_kind
+
+SECTIONS = ("pipeline", "models", "data")
+
+
+@attrs.define
+class Locator:
+    """Where each dotted path came from: a file line or a --set override."""
+
+    file_name: str
+    lines: dict[str, int]
+    overrides: dict[str, Override]
+
+    def _find(self, path: str):
+        parts = path.replace("[", ".[").split(".")
+        for end in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:end]).replace(".[", "[")
+            if prefix in self.overrides:
+                return self.overrides[prefix].location, 0
+            if prefix in self.lines:
+                return f"{self.file_name}:{self.lines[prefix]}", self.lines[prefix]
+        return self.file_name, 0
+
+    def problem(self, path: str, message: str) -> Problem:
+        location, line = self._find(path)
+        return Problem(location, path, message, line)
+
+    def provenance(self, path: str) -> str:
+        """'--set', 'file.toml:LINE' or 'default' for a leaf path (only exact matches count)."""
+        if path in self.overrides:
+            return "--set"
+        if path in self.lines:
+            return f"{self.file_name}:{self.lines[path]}"
+        return "default"
+
+
+def load_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load and check a pipeline; raises ConfigError listing every problem."""
+    file_name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError([Problem(file_name, "<file>", f"cannot read pipeline file: {error.strerror}")]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        line = re.search(r"at line (\d+)", str(error))
+        location = f"{file_name}:{line.group(1)}" if line else file_name
+        raise ConfigError([Problem(location, "<file>", f"TOML syntax error: {error}")]) from None
+
+    locator = Locator(file_name, key_lines(text), {})
+    problems: list[Problem] = []
+    for override_text in overrides:
+        try:
+            override = parse_override(override_text)
+        except ValueError as error:
+            problems.append(Problem(f"--set {override_text}", override_text, str(error)))
+            continue
+        if override.parts[0] == "models" and len(override.parts) > 2 and override.parts[1] not in raw.get("models", {}):
+            name = override.parts[1]
+            problems.append(Problem(override.location, override.path,
+                                    f"no model named {name!r}{did_you_mean(name, raw.get('models', {}))}"))
+            continue
+        message = apply_override(raw, override)
+        if message:
+            problems.append(Problem(override.location, override.path, message))
+        else:
+            locator.overrides[override.path] = override
+
+    typed = _type_sections(raw, locator, problems)
+    if problems:
+        raise ConfigError(problems)
+    pipeline, models, data, stages = typed
+    stages = _resolve_stage_defaults(stages, data)
+    if pipeline.output_dir is None:
+        pipeline = attrs.evolve(pipeline, output_dir=f"runs/{pipeline.name}")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    shapes = checks.cross_check(pipeline, models, data, stages, base_dir, locator.problem, problems)
+    if problems:
+        raise ConfigError(problems)
+    return PipelineConfig(pipeline=pipeline, models=models, data=data, stages=stages,
+                          source_file=os.path.abspath(path), base_dir=base_dir, shapes=shapes,
+                          provenance=_provenance(locator, pipeline, models, data, stages))
+
+
+def _type_section(table, cls, path, locator, problems):
+    value, found = structure(table, cls, path)
+    problems += [locator.problem(where, message) for where, message in found]
+    if value is not None:
+        problems += [locator.problem(f"{path}.{field}", message) for field, message in checks.value_problems(value)]
+    return value
+
+
+def _type_sections(raw: dict, locator: Locator, problems: list[Problem]):
+    pipeline = _type_section(raw.get("pipeline", {}), PipelineSection, "pipeline", locator, problems)
+    data = _type_section(raw.get("data", {}), DataConfig, "data", locator, problems)
+    models = {}
+    raw_models = raw.get("models", {})
+    if not isinstance(raw_models, dict):
+        problems.append(locator.problem("models", f"expected tables [models.<name>], got {describe(raw_models)}"))
+        raw_models = {}
+    for name, table in raw_models.items():
+        models[name] = _type_section(table, ModelConfig, f"models.{name}", locator, problems)
+    stages = {}
+    for name, table in raw.items():
+        if name in SECTIONS:
+            continue
+        if not isinstance(table, dict):
+            hint = did_you_mean(name, [*SECTIONS, *KIND_NAMES])
+            problems.append(locator.problem(name, f"unknown top-level key{hint} (top-level keys are tables)"))
+            continue
+        table = dict(table)
+        kind = table.pop("kind", name)
+        if not isinstance(kind, str) or kind not in KIND_NAMES:
+            where = f"{name}.kind" if "kind" in raw[name] else name
+            what = (f"unknown stage kind {kind!r}" if isinstance(kind, str)
+                    else f"kind must be a string, got {describe(kind)}")
+            hint = did_you_mean(kind, KIND_NAMES) if isinstance(kind, str) else ""
+            problems.append(locator.problem(where, f"{what}{hint} (a stage table's kind defaults to its name; "
+                                                   f"kinds: {', '.join(KIND_NAMES)})"))
+            continue
+        config = _type_section(table, stage_kind(kind).config_class, name, locator, problems)
+        stages[name] = StageEntry(name=name, kind=kind, config=config)
+    return pipeline, models, data, stages
+
+
+def _resolve_stage_defaults(stages: dict[str, StageEntry], data: DataConfig) -> dict[str, StageEntry]:
+    """Fill defaults that come from other sections: eval.files <- data.eval_files, eval.max_new_tokens <- rollout."""
+    rollout = next((stage.config for stage in stages.values() if stage.kind == "rollout"), None)
+    resolved = {}
+    for name, stage in stages.items():
+        if stage.kind == "eval" and stage.config.max_new_tokens is None and rollout is not None:
+            stage = attrs.evolve(stage, config=attrs.evolve(stage.config, max_new_tokens=rollout.max_new_tokens))
+        if stage.kind == "eval" and stage.config.files is None:
+            stage = attrs.evolve(stage, config=attrs.evolve(stage.config, files=list(data.eval_files)))
+        resolved[name] = stage
+    return resolved
+
+
+def _provenance(locator, pipeline, models, data, stages) -> dict[str, str]:
+    """Leaf path -> where its value came from ('default', 'file.toml:LINE', '--set')."""
+    sections = {"pipeline": pipeline, "data": data, **{f"models.{name}": model for name, model in models.items()},
+                **{name: stage.config for name, stage in stages.items()}}
+    provenance = {}
+    for prefix, config in sections.items():
+        for path in _leaf_paths(config, prefix):
+            provenance[path] = locator.provenance(path)
+    for name in stages:
+        provenance[f"{name}.kind"] = locator.provenance(f"{name}.kind")
+    return provenance
+
+
+def _leaf_paths(config, prefix: str):
+    for field in attrs.fields(type(config)):
+        value = getattr(config, field.name)
+        if attrs.has(type(value)):
+            yield from _leaf_paths(value, f"{prefix}.{field.name}")
+        else:
+            yield f"{prefix}.{field.name}"

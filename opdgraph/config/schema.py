@@ -1,0 +1,121 @@
+"""The typed pipeline config: `[pipeline]`, `[models.<name>]`, `[data]`, plus one typed Config per stage table.
+
+Stage Configs live with their stage (`stages/<kind>.py`); this module holds the sections every pipeline shares and
+`PipelineConfig`, the whole typed, cross-checked result of `load_pipeline`. The model shapes are resolved once at load
+time (they are needed for the vocabulary check) and kept here for the compiler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.model_shapes import ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@attrs.frozen(kw_only=True)
+class HardwareConfig:
+    matmul_tflops: float = setting(989.0, help="dense matmul throughput in TFLOP/s (H100 SXM bf16 dense: 989)",
+                                   check=positive)
+    memory_bandwidth_gbps: float = setting(3350.0, help="device memory bandwidth in GB/s (H100 SXM: 3350)",
+                                           check=positive)
+    pcie_gbps: float = setting(50.0, help="host<->device bandwidth in GB/s, for offload and reload", check=positive)
+
+
+@attrs.frozen(kw_only=True)
+class PipelineSection:
+    name: str = setting(help="pipeline name; also names the default output directory")
+    num_steps: int = setting(help="number of training steps", check=positive)
+    seed: int = setting(0, help="random seed for data order, sampling and initialisation")
+    output_dir: str | None = setting(None, help="where checkpoints and logs go (default: runs/<name>)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where to run: auto picks cuda when available")
+    memory_budget_gib: float = setting(80.0, help="device memory budget; `plan` fails when the peak exceeds it",
+                                       check=positive)
+    fuse_training: bool = setting(True, help="fuse teacher_score -> loss -> backward into one micro-batch loop")
+    debug_memory: bool = setting(False, help="at runtime, check at each release that the buffer is really freed")
+    hardware: HardwareConfig = setting(HardwareConfig(), help="the card used for roofline time estimates")
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    dtype: Literal["float32", "bfloat16"] = setting(help="dtype the model's weights are held in on the device")
+    role: Literal["student", "teacher"] = setting(help="student (trained, samples rollouts) or teacher (scores)")
+    path: str | None = setting(None, help="HF model directory or hub id, config .json, .gguf file, or pkg:<pkg>/<file>")
+    config: dict[str, Any] | None = setting(None, help="inline HF-style config dict: a randomly initialised model")
+    init_from: str | None = setting(None, help="name of another model to start from (e.g. the teacher)")
+    keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
+    tokenizer: str | None = setting(None, help="tokenizer path (default: the model's own)")
+    init_seed: int = setting(0, help="seed for random initialisation of inline-config models")
+    offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
+                                                  "memory, costs PCIe transfers)")
+
+    def cross_problems(self):
+        sources = [name for name in ("path", "config", "init_from") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            found = ", ".join(sources) if sources else "none"
+            yield "path", f"give exactly one of path, config, init_from (found: {found})"
+        if self.keep_layers is not None and self.init_from is None:
+            yield "keep_layers", "keep_layers needs init_from (the model whose layers are kept)"
+        if self.keep_layers is not None and not self.keep_layers:
+            yield "keep_layers", "keep_layers is empty; keep at least one layer"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    train_files: list[str] = setting(help="prompt files (.jsonl), relative to the pipeline file")
+    prompts_per_step: int = setting(help="prompts drawn per training step", check=positive)
+    eval_files: list[str] = setting([], help="held-out prompt files for [eval]")
+    prompt_field: str = setting("auto", help="row field holding the prompt; auto: first of prompt/question/problem, "
+                                             "or messages")
+    answer_field: str = setting("answer", help="row field holding a reference answer (eval display only)")
+    system_prompt: str = setting("", help="system message prepended to every prompt ('' = none)")
+    samples_per_prompt: int = setting(1, help="responses sampled per prompt", check=positive)
+    max_prompt_tokens: int = setting(512, help="prompts longer than this are an error (or skipped, see on_bad_row)",
+                                     check=positive)
+    on_bad_row: Literal["error", "skip"] = setting("error", help="what to do with a malformed or too-long row")
+    shuffle: bool = setting(True, help="shuffle prompts each epoch (seeded by pipeline.seed)")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@attrs.frozen(kw_only=True)
+class StageEntry:
+    """One stage table: its name (the table name), its kind, and its typed Config."""
+
+    name: str
+    kind: str
+    config: Any
+
+
+@attrs.frozen(kw_only=True)
+class PipelineConfig:
+    """A loaded, typed and cross-checked pipeline."""
+
+    pipeline: PipelineSection
+    models: dict[str, ModelConfig]
+    data: DataConfig
+    stages: dict[str, StageEntry]
+    source_file: str
+    base_dir: str
+    shapes: dict[str, ModelShape]
+    provenance: dict[str, str] = attrs.field(eq=False)
+
+    def stages_of_kind(self, kind: str) -> list[StageEntry]:
+        return [stage for stage in self.stages.values() if stage.kind == kind]
+
+    def stage(self, kind: str) -> StageEntry | None:
+        found = self.stages_of_kind(kind)
+        return found[0] if found else None
+
+    def model_with_role(self, role: str) -> str:
+        return next(name for name, model in self.models.items() if model.role == role)

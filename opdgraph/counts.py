@@ -1,0 +1,78 @@
+"""Derived counts of one training step: sequences, KV pages, micro-batches, chunks. Config in, plain numbers out.
+
+Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens): the plan must
+hold for the worst step. Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens
+(a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.sizing import kv_pool_pages
+
+
+@attrs.frozen(kw_only=True)
+class StepCounts:
+    sequences: int  # prompts_per_step x samples_per_prompt
+    prompt_tokens: int  # data.max_prompt_tokens
+    new_tokens: int  # rollout.max_new_tokens
+    concurrent_seqs: int  # min(rollout.max_num_seqs, sequences)
+    page_size: int
+    num_pages: int
+    sequences_per_micro_batch: int
+    num_micro_batches: int
+    chunk_tokens: int
+    chunks_per_micro_batch: int
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+    @property
+    def train_tokens(self) -> int:
+        return self.sequences * self.sequence_tokens
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        return self.sequences_per_micro_batch * self.sequence_tokens
+
+    @property
+    def decode_rounds(self) -> int:
+        return math.ceil(self.sequences / self.concurrent_seqs) * self.new_tokens
+
+    def facts(self) -> dict[str, int]:
+        return {
+            "rollout.sequences": self.sequences, "rollout.concurrent_seqs": self.concurrent_seqs,
+            "rollout.num_pages": self.num_pages, "rollout.page_size": self.page_size,
+            "rollout.kv_pool_tokens": self.num_pages * self.page_size, "rollout.decode_rounds": self.decode_rounds,
+            "train.tokens_per_step": self.train_tokens, "train.sequence_tokens": self.sequence_tokens,
+            "train.micro_batch_tokens": self.micro_batch_tokens,
+            "train.sequences_per_micro_batch": self.sequences_per_micro_batch,
+            "train.num_micro_batches": self.num_micro_batches, "loss.chunk_tokens": self.chunk_tokens,
+            "loss.chunks_per_micro_batch": self.chunks_per_micro_batch,
+        }
+
+
+def step_counts(cfg: PipelineConfig) -> StepCounts:
+    rollout = cfg.stage("rollout").config
+    micro_batch_tokens = cfg.stage("teacher_score").config.micro_batch_tokens
+    sequences = cfg.data.sequences_per_step
+    sequence_tokens = cfg.data.max_prompt_tokens + rollout.max_new_tokens
+    concurrent = min(rollout.max_num_seqs, sequences)
+    per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)
+    chunk_tokens = min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens)
+    return StepCounts(
+        sequences=sequences, prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=rollout.max_new_tokens,
+        concurrent_seqs=concurrent, page_size=rollout.page_size,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                max_new_tokens=rollout.max_new_tokens, page_size=rollout.page_size,
+                                kv_pool_tokens=rollout.kv_pool_tokens),
+        sequences_per_micro_batch=per_micro_batch,
+        num_micro_batches=math.ceil(sequences / per_micro_batch),
+        chunk_tokens=chunk_tokens,
+        chunks_per_micro_batch=math.ceil(per_micro_batch * sequence_tokens / chunk_tokens),
+    )

@@ -1,0 +1,36 @@
+"""Rollout stage: the student samples `samples_per_prompt` responses per prompt with the paged-KV engine.
+
+Reads `prompts`, writes `responses`. The KV-cache pool it needs is sized by max_num_seqs, page_size and the token
+limits (see opdgraph.sizing); the pool is freed when rollout ends, before any training buffer exists.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from opdgraph.config.fields import non_negative, positive, setting, unit_interval
+
+READS = ("prompts",)
+WRITES = ("responses",)
+MODEL_FIELDS = ("model",)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    max_new_tokens: int = setting(help="most tokens generated per response", check=positive)
+    model: str = setting("student", help="the [models.<name>] entry that samples")
+    temperature: float = setting(1.0, help="sampling temperature (> 0; use greedy for argmax)", check=positive)
+    top_p: float = setting(1.0, help="nucleus sampling mass (1.0 = off)", check=unit_interval)
+    top_k: int = setting(0, help="keep the k most likely tokens (0 = off)", check=non_negative)
+    min_p: float = setting(0.0, help="drop tokens below min_p x the top probability (0.0 = off)",
+                           check=unit_interval)
+    greedy: bool = setting(False, help="take the argmax instead of sampling")
+    stop_token_ids: list[int] = setting([], help="extra token ids that end a response (EOS always does)")
+    page_size: int = setting(16, help="tokens per KV-cache page", check=positive)
+    max_num_seqs: int = setting(64, help="most sequences decoded concurrently; sizes the KV pool", check=positive)
+    prefill_token_budget: int = setting(2048, help="most prompt tokens prefilled in one forward", check=positive)
+    backend: Literal["auto", "torch", "flashinfer"] = setting("auto", help="attention backend for paged attention")
+    kv_pool_tokens: int = setting(0, help="KV pool capacity in tokens (0 = max_num_seqs x (max_prompt_tokens + "
+                                          "max_new_tokens), rounded up to pages)", check=non_negative)

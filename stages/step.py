@@ -1,0 +1,31 @@
+"""Optimizer step: AdamW on fp32 master weights, with gradient clipping and a learning-rate schedule.
+
+Reads `grads`, writes `student_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from opdgraph.config.fields import non_negative, positive, setting, unit_interval
+
+READS = ("grads",)
+WRITES = ("student_weights",)
+
+
+def _betas(value) -> str | None:
+    return None if all(0 <= beta < 1 for beta in value) else f"each beta must be in [0, 1), got {list(value)}"
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    lr: float = setting(help="peak learning rate", check=positive)
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW beta1, beta2", check=_betas)
+    eps: float = setting(1e-8, help="AdamW epsilon", check=positive)
+    weight_decay: float = setting(0.0, help="decoupled weight decay", check=non_negative)
+    max_grad_norm: float = setting(1.0, help="clip the global gradient norm (0 = off)", check=non_negative)
+    schedule: Literal["constant", "cosine", "linear"] = setting("constant", help="learning-rate schedule after warmup")
+    warmup_steps: int = setting(0, help="linear warmup steps from 0 to lr", check=non_negative)
+    min_lr_ratio: float = setting(0.0, help="cosine/linear decay floor as a fraction of lr", check=unit_interval)

