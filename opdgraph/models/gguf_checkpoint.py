@@ -140,5 +140,5 @@ def read_gguf_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
             values = undo_rope_permutation(values, config["num_attention_heads"])
         elif ".attn_k." in name:
             values = undo_rope_permutation(values, config["num_key_value_heads"])
-        tensors[_hf_tensor_name(name)] = torch.from_numpy(np.ascontiguousarray(values))
+        tensors[_hf_tensor_name(name)] = torch.from_numpy(np.array(values, dtype=np.float32))  # owned, writable
     return config, tensors
