@@ -208,3 +208,18 @@ def test_gguf_unknown_tensor_is_named(tiny_llama_hf, tmp_path):
     write_tiny_gguf(path, tiny_llama_hf, extra_tensor="blk.0.attn_q_norm.weight")
     with pytest.raises(ValueError, match=r"unexpected GGUF tensors.*blk\.0\.attn_q_norm\.weight"):
         load_decoder(path, dtype=torch.float32)
+
+
+def test_hf_tokenizer_saves_with_model_and_reloads(tiny_llama_hf, tmp_path):
+    """An HF tokenizer is lost on save, changes ids on reload, or generation_config eos ids are ignored."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_llama_hf)
+    model, tokenizer = load_model(path, dtype=torch.float32)
+    directory = tmp_path / "saved"
+    save_pretrained(model, directory, tokenizer)
+    (directory / "generation_config.json").write_text('{"eos_token_id": [256, 259]}')
+    reloaded_model, reloaded = load_model(directory, dtype=torch.float32)
+    assert_same_state(reloaded_model, model)
+    assert reloaded.name == tokenizer.name
+    assert reloaded.encode("tat t") == tokenizer.encode("tat t")
+    assert reloaded.eos_token_ids == [256, 259]
