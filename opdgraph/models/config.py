@@ -1,0 +1,199 @@
+"""DecoderConfig: the one frozen record that describes a decoder of any supported family.
+
+Loading turns an HF-style config dict (config.json, an inline dict, or one synthesised from GGUF metadata) into a
+``DecoderConfig``. Per-family differences become a handful of explicit options (norm style, q/k norm, biases,
+embedding scale, sandwich norms, activation, per-layer sliding windows and RoPE). Everything a config of these
+families can switch on either maps onto one of those options or is rejected here with an error naming the key, so
+the layers never meet a setting they would silently ignore.
+
+The dict is first normalised by the matching transformers config class (it fills defaults, converts legacy
+``rope_theta``/``rope_scaling``/``rope_local_base_freq`` keys into ``rope_parameters`` and derives ``layer_types``),
+so our reading of a config is the same as the one the reference implementation makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from opdgraph.models.errors import ModelLoadError
+
+# model_type -> (family, the causal-LM architecture name transformers writes into config.json)
+SUPPORTED_MODEL_TYPES = {
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "llama": ("llama", "LlamaForCausalLM"),
+    "gemma3_text": ("gemma3", "Gemma3ForCausalLM"),
+}
+SUPPORTED_ARCHITECTURES = sorted(arch for _, arch in SUPPORTED_MODEL_TYPES.values())
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# HF activation names -> the name our MLP uses
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+
+
+@attrs.frozen(kw_only=True)
+class RopeSpec:
+    """Rotary embedding parameters of one kind of layer (Gemma 3 has two kinds, the others one)."""
+
+    rope_type: str = attrs.field()  # default | linear | llama3
+    theta: float = attrs.field()  # base of the inverse frequencies
+    factor: float = 1.0  # linear / llama3 scaling factor
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class DecoderConfig:
+    """Shape and per-family options of one decoder; ``hf`` keeps the HF dict it was read from."""
+
+    family: str = attrs.field()  # qwen2 | qwen3 | llama | gemma3
+    vocab_size: int = attrs.field()
+    hidden_size: int = attrs.field()
+    intermediate_size: int = attrs.field()
+    num_layers: int = attrs.field()
+    num_heads: int = attrs.field()
+    num_kv_heads: int = attrs.field()
+    head_dim: int = attrs.field()
+    rms_norm_eps: float = attrs.field()
+    tie_word_embeddings: bool = attrs.field()
+    qkv_bias: bool = attrs.field()  # bias on q/k/v projections
+    o_bias: bool = attrs.field()  # bias on the attention output projection
+    mlp_bias: bool = attrs.field()  # bias on gate/up/down projections
+    qk_norm: bool = attrs.field()  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    one_plus_norm: bool = attrs.field()  # Gemma: norm weight is stored as w and applied as (1 + w)
+    sandwich_norms: bool = attrs.field()  # Gemma 3: extra norms after attention and after the MLP
+    embedding_scale: float | None = attrs.field()  # Gemma: embeddings times sqrt(hidden), rounded to the model dtype
+    activation: str = attrs.field()  # silu | gelu_tanh
+    attention_scale: float = attrs.field()  # softmax scale
+    layer_types: tuple[str, ...] = attrs.field()  # FULL_ATTENTION / SLIDING_ATTENTION per layer
+    sliding_window: int | None = attrs.field()  # a sliding layer sees the last sliding_window positions (itself too)
+    rope: dict[str, RopeSpec] = attrs.field()  # layer type -> RoPE of that layer type
+    initializer_range: float = attrs.field()
+    hf: dict[str, Any] = attrs.field()  # the HF-style dict as given (pruning updates layer counts in a copy)
+
+    @property
+    def architecture(self) -> str:
+        return SUPPORTED_MODEL_TYPES[self.hf["model_type"]][1]
+
+
+def normalize_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The dict as transformers reads it: defaults filled in, legacy RoPE keys converted, layer_types derived."""
+    import transformers
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        architectures = hf.get("architectures")
+        raise ModelLoadError(
+            f"{where}: unsupported architecture (model_type={model_type!r}, architectures={architectures!r}); "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+            f"(model_type one of {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+        )
+    expected_arch = SUPPORTED_MODEL_TYPES[model_type][1]
+    for arch in hf.get("architectures") or []:
+        if arch != expected_arch:
+            raise ModelLoadError(
+                f"{where}: unsupported architecture {arch!r} for model_type {model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+    try:
+        return transformers.AutoConfig.for_model(**hf).to_dict()
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"{where}: invalid {model_type} config: {error}") from error
+
+
+def _reject_if(condition: bool, where: str, key: str, value: Any, why: str) -> None:
+    if condition:
+        raise ModelLoadError(f"{where}: config key {key!r} = {value!r} is not supported: {why}")
+
+
+def _rope_spec(params: dict[str, Any], key: str, where: str) -> RopeSpec:
+    rope_type = params.get("rope_type", "default")
+    _reject_if(
+        rope_type not in SUPPORTED_ROPE_TYPES, where, f"{key}.rope_type", rope_type,
+        f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}",
+    )
+    partial = params.get("partial_rotary_factor", 1.0)
+    _reject_if(partial != 1.0, where, f"{key}.partial_rotary_factor", partial, "only full rotary dims are supported")
+    spec = {"rope_type": rope_type, "theta": float(params["rope_theta"])}
+    if rope_type in ("linear", "llama3"):
+        spec["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        spec["low_freq_factor"] = float(params["low_freq_factor"])
+        spec["high_freq_factor"] = float(params["high_freq_factor"])
+        spec["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeSpec(**spec)
+
+
+def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> DecoderConfig:
+    """Read an HF-style config dict; ``where`` names its origin (a file path or 'inline config') in errors."""
+    norm = normalize_hf_config(hf, where)
+    family = SUPPORTED_MODEL_TYPES[norm["model_type"]][0]
+    is_gemma = family == "gemma3"
+
+    activation_key = "hidden_activation" if is_gemma else "hidden_act"
+    activation = norm.get(activation_key)
+    _reject_if(
+        activation not in SUPPORTED_ACTIVATIONS, where, activation_key, activation,
+        f"supported activations are {', '.join(SUPPORTED_ACTIVATIONS)}",
+    )
+    _reject_if(bool(norm.get("attention_dropout")), where, "attention_dropout", norm.get("attention_dropout"),
+               "dropout is not implemented (set it to 0.0)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        _reject_if(norm.get(key) is not None, where, key, norm.get(key),
+                   "logit softcapping is not implemented (the loss applies lm_head outside the model)")
+    _reject_if(bool(norm.get("use_bidirectional_attention")), where, "use_bidirectional_attention",
+               norm.get("use_bidirectional_attention"), "only causal attention is implemented")
+
+    num_layers = int(norm["num_hidden_layers"])
+    layer_types = tuple(norm.get("layer_types") or [FULL_ATTENTION] * num_layers)
+    _reject_if(len(layer_types) != num_layers, where, "layer_types", list(layer_types),
+               f"needs one entry per layer (num_hidden_layers={num_layers})")
+    for layer_type in layer_types:
+        _reject_if(layer_type not in (FULL_ATTENTION, SLIDING_ATTENTION), where, "layer_types", layer_type,
+                   f"layer types must be {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+    sliding_window = norm.get("sliding_window") if SLIDING_ATTENTION in layer_types else None
+    _reject_if(SLIDING_ATTENTION in layer_types and not sliding_window, where, "sliding_window", sliding_window,
+               "sliding layers need a positive window")
+
+    rope_parameters = norm["rope_parameters"]
+    if is_gemma:
+        rope = {kind: _rope_spec(rope_parameters[kind], f"rope_parameters.{kind}", where)
+                for kind in (FULL_ATTENTION, SLIDING_ATTENTION)}
+    else:
+        shared = _rope_spec(rope_parameters, "rope_parameters", where)
+        rope = {FULL_ATTENTION: shared, SLIDING_ATTENTION: shared}
+
+    num_heads = int(norm["num_attention_heads"])
+    head_dim = int(norm.get("head_dim") or norm["hidden_size"] // num_heads)
+    attention_bias = bool(norm.get("attention_bias"))
+    hidden_size = int(norm["hidden_size"])
+    return DecoderConfig(
+        family=family,
+        vocab_size=int(norm["vocab_size"]),
+        hidden_size=hidden_size,
+        intermediate_size=int(norm["intermediate_size"]),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(norm.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(norm["rms_norm_eps"]),
+        tie_word_embeddings=bool(norm["tie_word_embeddings"]),
+        # Qwen2 always has q/k/v bias and no o bias; the other families follow attention_bias for all four.
+        qkv_bias=True if family == "qwen2" else attention_bias,
+        o_bias=False if family == "qwen2" else attention_bias,
+        mlp_bias=bool(norm.get("mlp_bias")) if family == "llama" else False,
+        qk_norm=family in ("qwen3", "gemma3"),
+        one_plus_norm=is_gemma,
+        sandwich_norms=is_gemma,
+        embedding_scale=hidden_size**0.5 if is_gemma else None,
+        activation=SUPPORTED_ACTIVATIONS[activation],
+        attention_scale=float(norm["query_pre_attn_scalar"]) ** -0.5 if is_gemma else head_dim**-0.5,
+        layer_types=layer_types,
+        sliding_window=int(sliding_window) if sliding_window else None,
+        rope=rope,
+        initializer_range=float(norm.get("initializer_range") or 0.02),
+        hf=dict(hf),
+    )

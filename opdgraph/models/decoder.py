@@ -1,0 +1,131 @@
+"""DecoderLM: the one decoder module used for training, teacher scoring and rollout.
+
+- ``forward_hidden`` runs a packed batch (PackedMetadata) and returns final-norm hidden states [T, H]; the training
+  loss applies ``lm_head_weight`` chunk by chunk, so the model never builds full logits. Optional activation
+  checkpointing recomputes each layer in the backward pass.
+- ``forward_paged`` runs rollout prefill/decode against a paged KV cache (PagedMetadata), one tensor per layer.
+- ``logits`` is the small-use path (decode sampling, tests).
+
+Parameter names match HF checkpoints minus the leading ``model.`` (see checkpoint.py for the mapping).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from opdgraph.models.attention_backend import AttentionBackend, TorchReferenceBackend
+from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
+from opdgraph.models.config import DecoderConfig
+from opdgraph.models.layers import DecoderLayer, RMSNorm
+from opdgraph.models.rope import cos_sin, inverse_frequencies
+
+
+class DecoderLM(nn.Module):
+    """Embedding, decoder layers, final norm and (when untied) lm_head of one supported family."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, layer_type) for layer_type in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.one_plus_norm)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+        self.backend: AttentionBackend = TorchReferenceBackend()
+        # Inverse frequencies are derived, not state: computed once on the CPU (float32) and kept out of the state
+        # dict so that .to(bfloat16) can never round them.
+        self._inv_freq = {kind: inverse_frequencies(spec, config.head_dim) for kind, spec in config.rope.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        """[V, H] output projection; the embedding itself when embeddings are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        self.backend = backend
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        if self.config.embedding_scale is not None:
+            # The scale is rounded to the model dtype first (sqrt(3072) becomes 55.5 in bfloat16), as Gemma does.
+            scale = torch.tensor(self.config.embedding_scale, dtype=torch.float32).to(hidden.dtype)
+            hidden = hidden * scale.to(hidden.device)
+        return hidden
+
+    def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: cos_sin(inv_freq, positions, self.dtype) for kind, inv_freq in self._inv_freq.items()}
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PackedMetadata,
+                       activation_checkpointing: bool = False) -> torch.Tensor:
+        """Packed forward: input_ids, positions [T] -> final-norm hidden states [T, H]."""
+        attend = functools.partial(self._attend_packed, meta)
+        hidden = self._embed(input_ids)
+        rope = self._rope_tables(positions)
+        for layer in self.layers:
+            cos, sin = rope[layer.layer_type]
+            if activation_checkpointing and torch.is_grad_enabled():
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, cos, sin, attend, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, attend)
+        return self.norm(hidden)
+
+    def _attend_packed(self, meta, q, k, v, sliding_window):
+        return self.backend.packed(q, k, v, meta, scale=self.config.attention_scale, sliding_window=sliding_window)
+
+    @torch.no_grad()
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
+                      kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """Prefill/decode step: writes the new tokens' K/V into kv_cache and returns their hidden states [T, H]."""
+        hidden = self._embed(input_ids)
+        rope = self._rope_tables(positions)
+        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            attend = functools.partial(self._attend_paged, meta, layer_cache)
+            hidden = layer(hidden, *rope[layer.layer_type], attend)
+        return self.norm(hidden)
+
+    def _attend_paged(self, meta, layer_cache, q, k, v, sliding_window):
+        return self.backend.paged(q, k, v, meta, layer_cache, scale=self.config.attention_scale,
+                                  sliding_window=sliding_window)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits [T, V] in float32; only for small uses (training never builds these)."""
+        return hidden.float() @ self.lm_head_weight.float().T
+
+    def allocate_kv_cache(self, num_pages: int, page_size: int, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """One zeroed [2, num_pages, page_size, num_kv_heads, head_dim] tensor per layer (attention_metadata.py)."""
+        shape = (2, num_pages, page_size, self.config.num_kv_heads, self.config.head_dim)
+        return [torch.zeros(shape, dtype=dtype or self.dtype, device=device or self.device) for _ in self.layers]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        element_bytes = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return len(self.layers) * 2 * self.config.num_kv_heads * self.config.head_dim * element_bytes
+
+    def reset_parameters(self, seed: int) -> None:
+        """Deterministic random init: normal(0, initializer_range) matrices and embeddings, zero biases, unit norms."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        for name, parameter in self.named_parameters():
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                continue
+            if name.endswith(".bias"):
+                values = torch.zeros(parameter.shape)
+            else:
+                values = torch.randn(parameter.shape, generator=generator) * std
+            with torch.no_grad():
+                parameter.copy_(values)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()

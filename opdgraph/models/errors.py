@@ -1,0 +1,5 @@
+"""The one error type model loading raises, so callers (CLI, runtime) can report bad model inputs cleanly."""
+
+
+class ModelLoadError(ValueError):
+    """A model source (directory, file, config dict, tokenizer) cannot be loaded; the message says what and where."""

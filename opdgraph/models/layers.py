@@ -1,0 +1,126 @@
+"""Decoder building blocks shared by every family: RMSNorm, gated MLP, attention, and the decoder layer.
+
+Family differences are the explicit options of DecoderConfig (see config.py); there is no per-family subclass.
+Submodule and parameter names follow the Hugging Face checkpoints (q_proj, input_layernorm, ...) so a state dict
+maps onto HF tensor names by adding a prefix. Tensors are packed: [T, ...] with no batch dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opdgraph.models.config import SLIDING_ATTENTION, DecoderConfig
+from opdgraph.models.rope import apply_rotary
+
+# (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], sliding_window) -> [T, Hq, D]; the model binds metadata, cache, scale.
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm normalising in float32.
+
+    Standard form (Llama/Qwen): the normalised value is cast back to the input dtype, then scaled by w.
+    One-plus form (Gemma): w is stored as an offset from 1 and the scaling happens in float32 before the cast.
+    """
+
+    def __init__(self, dim: int, eps: float, one_plus: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.one_plus = one_plus
+
+    def reset_parameters(self) -> None:
+        if self.one_plus:
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.one_plus:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with SiLU (Llama/Qwen) or tanh-approximated GELU (Gemma)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.activation = config.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Projections, optional q/k norm, RoPE; the attention itself is delegated to the bound backend call."""
+
+    def __init__(self, config: DecoderConfig, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.sliding_window = sliding_window
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.one_plus_norm)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.one_plus_norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q, k, v, self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; with sandwich norms (Gemma 3) each sublayer's output is normed before the residual."""
+
+    def __init__(self, config: DecoderConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        window = config.sliding_window if layer_type == SLIDING_ATTENTION else None
+        self.self_attn = Attention(config, window)
+        self.mlp = GatedMLP(config)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, config.one_plus_norm)
+
+        self.input_layernorm = norm()
+        # Llama/Qwen name their pre-MLP norm post_attention_layernorm; Gemma 3 uses that name for the norm applied
+        # to the attention output and calls the pre-MLP norm pre_feedforward_layernorm.
+        self.post_attention_layernorm = norm()
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.sandwich_norms = config.sandwich_norms
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        attention_out = self.self_attn(self.input_layernorm(hidden), cos, sin, attend)
+        if self.sandwich_norms:
+            hidden = hidden + self.post_attention_layernorm(attention_out)
+            mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden))
+            return hidden + self.post_feedforward_layernorm(mlp_out)
+        hidden = hidden + attention_out
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -1,0 +1,92 @@
+"""load_model: one entry point from a model source (HF directory, GGUF file, or inline config dict) to
+(DecoderLM, tokenizer).
+
+Modules are built on the meta device and then either receive the checkpoint tensors directly (no throwaway random
+init of a large model) or are materialised and seeded (inline configs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
+from opdgraph.models.config import decoder_config_from_hf
+from opdgraph.models.decoder import DecoderLM
+from opdgraph.models.errors import ModelLoadError
+from opdgraph.models.gguf_checkpoint import read_gguf_checkpoint
+from opdgraph.models.tokenizers import (ByteTokenizer, Tokenizer, load_tokenizer_from_dir,
+                                        load_tokenizer_from_gguf)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+
+
+def _read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise ModelLoadError(f"{directory}: no config.json (expected an HF model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+
+
+def _from_checkpoint(hf_config: dict, tensors: dict[str, torch.Tensor], where: str, dtype, device) -> DecoderLM:
+    config = decoder_config_from_hf(hf_config, where)
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    state = state_dict_from_checkpoint(model, tensors, where, dtype, device)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def build_random(hf_config: dict[str, Any], *, dtype: torch.dtype, device="cpu", init_seed: int = 0,
+                 where: str = "inline config") -> DecoderLM:
+    """A freshly initialised model (seeded; same seed and config give the same weights on any device)."""
+    _check_dtype(dtype)
+    config = decoder_config_from_hf(hf_config, where)
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.reset_parameters(init_seed)
+    return model
+
+
+def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu", init_seed: int = 0) -> DecoderLM:
+    """The model alone (no tokenizer): for checkpoints saved without tokenizer files, and for tests."""
+    _check_dtype(dtype)
+    if isinstance(source, dict):
+        return build_random(source, dtype=dtype, device=device, init_seed=init_seed)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        hf_config, tensors = read_gguf_checkpoint(path)
+        return _from_checkpoint(hf_config, tensors, str(path), dtype, device)
+    if path.is_dir():
+        return _from_checkpoint(_read_config_json(path), read_safetensors_dir(path), str(path), dtype, device)
+    raise ModelLoadError(f"{path}: model source must be an HF model directory, a .gguf file or an inline config "
+                         f"dict ({'not found' if not path.exists() else 'unrecognised file'})")
+
+
+def load_model(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
+               init_seed: int = 0) -> tuple[DecoderLM, Tokenizer]:
+    """(model, tokenizer) from an HF directory, a .gguf file, or an inline HF-style config dict (random init)."""
+    model = load_decoder(source, dtype=dtype, device=device, init_seed=init_seed)
+    vocab_size = model.config.vocab_size
+    if isinstance(source, dict):
+        tokenizer = ByteTokenizer(vocab_size)
+    elif Path(source).is_dir():
+        tokenizer = load_tokenizer_from_dir(Path(source), vocab_size)
+    else:
+        tokenizer = load_tokenizer_from_gguf(Path(source))
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelLoadError(f"{source}: tokenizer produces {tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{vocab_size}")
+    return model, tokenizer
