@@ -38,8 +38,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args) -> int:
     from opdgraph.compile import compile_plan
     from opdgraph.render import RENDERERS
-    from opdgraph.render.text import gib
-
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
@@ -51,11 +49,7 @@ def run_plan(args) -> int:
     else:
         sys.stdout.write(output)
     if plan.over_budget:
-        largest = "; ".join(f"{name} {gib(size)} GiB (sized by {', '.join(plan.buffers[name].sized_by)})"
-                            for name, size in plan.peak.contributors[:3])
-        print(f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
-              f"pipeline.memory_budget_gib = {gib(plan.budget_bytes)}. Largest buffers there: {largest}",
-              file=sys.stderr)
+        print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET
     return 0
 
@@ -74,9 +68,41 @@ def run_config(args) -> int:
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_pipeline_arguments(parser)
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR (a run directory or one checkpoint) from its newest checkpoint")
+
+
+def _over_budget_message(plan) -> str:
+    from opdgraph.render.text import gib
+
+    largest = "; ".join(f"{name} {gib(size)} GiB (sized by {', '.join(plan.buffers[name].sized_by)})"
+                        for name, size in plan.peak.contributors[:3])
+    return (f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
+            f"pipeline.memory_budget_gib = {gib(plan.budget_bytes)}. Largest buffers there: {largest}")
+
+
+def run_run(args) -> int:
+    from opdgraph.compile import compile_plan
+
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_CONFIG_ERROR
+    plan = compile_plan(cfg)
+    if plan.over_budget:
+        print(_over_budget_message(plan), file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    from opdgraph.runtime.run import run_pipeline
+
+    run_pipeline(cfg, plan, resume=args.resume)
+    return 0
+
+
 SUBCOMMANDS = {
     "plan": ("compile a pipeline and print its memory schedule and roofline times", add_plan_arguments, run_plan),
     "config": ("print the resolved config with where each value came from", add_config_arguments, run_config),
+    "run": ("compile a pipeline and execute its plan: train", add_run_arguments, run_run),
 }
 
 

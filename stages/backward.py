@@ -18,3 +18,12 @@ WRITES = ("grads",)
 class Config:
     activation_checkpointing: bool = setting(False, help="keep only each layer's input; recompute the rest in "
                                                          "backward (less memory, one more forward)")
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    from opdgraph.runtime import training
+
+    if step.name.endswith(".forward"):  # unfused plan: the forward with graph runs here
+        training.student_forward(ctx, loop, keep_graph=True, write_hidden=False)
+    else:
+        training.backward(ctx, loop)

@@ -17,3 +17,11 @@ WRITES = ("checkpoint",)
 class Config:
     every_n_steps: int = setting(0, help="save every n steps (0 = at the end only)", check=non_negative)
     keep_last: int = setting(2, help="checkpoints kept on disk", check=positive)
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    """Periodic: every `every_n_steps` training steps and after the last one."""
+    if ctx.step == ctx.num_steps or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
+        from opdgraph.runtime.run import save_run_checkpoint
+
+        save_run_checkpoint(ctx, keep_last=config.keep_last)

@@ -23,3 +23,12 @@ class Config:
                                          check=positive)
     greedy: bool = setting(True, help="argmax decoding (false: sample like rollout)")
     num_samples_to_show: int = setting(3, help="responses printed/logged per evaluation", check=non_negative)
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    """Periodic: every `every_n_steps` training steps and after the last one (the run also evaluates before)."""
+    final = ctx.step == ctx.num_steps
+    if final or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
+        from opdgraph.runtime.evaluation import run_eval
+
+        ctx.eval_records.append(run_eval(config, ctx, label="final" if final else f"step {ctx.step}"))

@@ -35,3 +35,13 @@ class Config:
                                f"to zero -- use divergence = \"{limit}\" for that limit")
             else:
                 yield "beta", f"jsd needs 0 < beta < 1, got {self.beta!r}"
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    from opdgraph.runtime import training
+
+    if step.name.endswith(".student_forward"):
+        # Fused plan: this forward keeps the graph for the backward; unfused: the backward stage re-runs it.
+        training.student_forward(ctx, loop, keep_graph="student_activations" in step.writes, write_hidden=True)
+    else:
+        training.chunked_loss(config, ctx, loop)

@@ -34,3 +34,12 @@ class Config:
     backend: Literal["auto", "torch", "flashinfer"] = setting("auto", help="attention backend for paged attention")
     kv_pool_tokens: int = setting(0, help="KV pool capacity in tokens (0 = max_num_seqs x (max_prompt_tokens + "
                                           "max_new_tokens), rounded up to pages)", check=non_negative)
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    """Run time: the engine interleaves prefill and decode (continuous batching), so one `generate` call serves
+    both plan steps; it runs at `<name>.prefill` and the decode step has nothing left to do."""
+    if step.name.endswith(".prefill"):
+        from opdgraph.runtime.rollout_step import run_rollout
+
+        run_rollout(config, ctx)

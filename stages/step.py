@@ -29,3 +29,9 @@ class Config:
     schedule: Literal["constant", "cosine", "linear"] = setting("constant", help="learning-rate schedule after warmup")
     warmup_steps: int = setting(0, help="linear warmup steps from 0 to lr", check=non_negative)
     min_lr_ratio: float = setting(0.0, help="cosine/linear decay floor as a fraction of lr", check=unit_interval)
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    from opdgraph.runtime import training
+
+    training.optimizer_step(config, ctx)

@@ -20,3 +20,9 @@ class Config:
     model: str = setting("teacher", help="the [models.<name>] entry that scores")
     micro_batch_tokens: int = setting(4096, help="packed tokens per teacher forward (and per training micro-batch)",
                                       check=positive)
+
+
+def execute(step, config: Config, ctx, loop) -> None:
+    from opdgraph.runtime import training
+
+    training.teacher_score(ctx, loop)

@@ -46,6 +46,13 @@ class BufferTable:
     def put(self, name: str, value: Any) -> None:
         self._values[name] = value
 
+    def put_item(self, name: str, index: int, value: Any) -> None:
+        """Per-micro-batch buffers hold one entry per micro-batch (all of them when the plan is unfused)."""
+        self._values.setdefault(name, {})[index] = value
+
+    def get_item(self, name: str, index: int) -> Any:
+        return self.get(name)[index]
+
     def get(self, name: str) -> Any:
         if name not in self._values:
             raise KeyError(f"buffer {name!r} is not live (live: {sorted(self._values)})")

@@ -37,10 +37,13 @@ class RunContext:
     plan: Any
     buffers: BufferTable
     metrics: MetricsLog
+    facts: dict[str, Any] = field(default_factory=dict)  # settings of other tables a stage needs, passed explicitly
     step: int = 0  # training steps completed
     stage_seconds: dict[str, float] = field(default_factory=dict)
     step_record: dict[str, Any] = field(default_factory=dict)  # metrics gathered during the current step
     eval_engines: dict[str, Any] = field(default_factory=dict)
+    eval_records: list[dict[str, Any]] = field(default_factory=list)
+    last_samples: list[Any] = field(default_factory=list)  # a few token lists of the last rollout, for the log
 
     def add_seconds(self, name: str, seconds: float) -> None:
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
@@ -57,12 +60,20 @@ def pick_device(setting: str) -> torch.device:
 
 
 def model_source(model_cfg, base_dir: Path) -> str | dict:
-    """What `load_model` takes: an inline config dict, or a resolved path (pkg: paths name a file in a package)."""
+    """What `load_model` takes: an inline config dict, or a resolved path (pkg: paths name a file in a package).
+
+    A path to a config .json (e.g. the shipped real configs) means: that architecture, randomly initialised.
+    """
     if model_cfg.config is not None:
         return dict(model_cfg.config)
-    from opdgraph.model_shapes import resolve_model_path
+    from opdgraph.model_shapes import resolve_path
 
-    return str(resolve_model_path(model_cfg.path, base_dir))
+    path = resolve_path(model_cfg.path, str(base_dir))
+    if path.endswith(".json"):
+        import json
+
+        return json.loads(Path(path).read_text())
+    return path
 
 
 def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[str, tuple[Any, Any]]:

@@ -52,6 +52,9 @@ class PlanExecutor:
         self.ctx = ctx
         self.release_hooks = release_hooks  # buffer name -> callable that drops what holds it (e.g. the KV pool)
         self.segments = _segments(plan.steps)
+        # Buffers first allocated inside a loop are freed per iteration; a buffer from outside the loop that is last
+        # read inside it is freed once, after the loop's last iteration.
+        self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates}
 
     def run_training_step(self) -> None:
         for loop, steps in self.segments:
@@ -62,7 +65,7 @@ class PlanExecutor:
                 self._run_loop(steps)
 
     def _run_loop(self, steps) -> None:
-        batches = self.ctx.buffers.get("micro_batches")
+        batches = self.ctx.buffers.get("responses").micro_batches
         for index, micro_batch in enumerate(batches):
             state = LoopState(index=index, count=len(batches), micro_batch=micro_batch)
             for step in steps:
@@ -72,15 +75,19 @@ class PlanExecutor:
         for name in step.reloads:
             self._reload(name)
         started = time.perf_counter()
-        config = self.stage_configs.get(step.stage)
-        _stage_module(step.kind).execute(step, config, self.ctx, loop)
+        if step.kind == "data":
+            self.ctx.buffers.put("prompts", self.ctx.sampler.next_batch())
+        else:
+            _stage_module(step.kind).execute(step, self.stage_configs[step.stage], self.ctx, loop)
         self.ctx.add_seconds(step.name, time.perf_counter() - started)
         last_iteration = loop.index == loop.count - 1
         for release in step.releases:
-            # A release inside a loop frees per iteration; one hoisted out of it happens after the last iteration.
+            per_iteration = bool(step.loops) and (step.loops[0], release.buffer) in self.allocated_in_loop
+            if not (per_iteration or last_iteration):
+                continue
             if release.action == "free":
                 self._free(release.buffer)
-            elif last_iteration or not step.loops:
+            else:
                 self._offload(release.buffer)
 
     def _free(self, name: str) -> None:

@@ -89,3 +89,12 @@ class ProgressLine:
         if self.enabled and self.interactive:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def log_rollout_samples(ctx, *, count: int) -> None:
+    """Append a few of this step's rollout samples (decoded) to samples.jsonl."""
+    samples = ctx.last_samples[:count]
+    decode = ctx.tokenizer.decode
+    ctx.metrics.write_samples(ctx.step, [{"label": "rollout", "prompt": decode(s.prompt_ids),
+                                          "student": decode(s.response_ids), "finish_reason": s.finish_reason}
+                                         for s in samples])

@@ -82,7 +82,13 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
                             shuffle=cfg.data.shuffle)
     log = cfg.stage("log")
     metrics = MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard))
-    return RunContext(run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
+    student_name = cfg.model_with_role("student")
+    facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
+             "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
+             "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
+             "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
+             "grads_buffer": f"{student_name}.grads"}
+    return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,
                       buffers=BufferTable(debug=cfg.pipeline.debug_memory), metrics=metrics)
@@ -91,6 +97,15 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
 def trainer_state(ctx: RunContext) -> dict[str, Any]:
     return {"step": ctx.step, "optimizer": ctx.optimizer.state_dict(), "sampler": ctx.sampler.state_dict(),
             "rng": ckpt.rng_state()}
+
+
+def save_run_checkpoint(ctx: RunContext, *, keep_last: int) -> Path:
+    from opdgraph.models import save_pretrained
+
+    return ckpt.save_checkpoint(ctx.run_dir, ctx.step,
+                                save_student=lambda d: save_pretrained(ctx.student, d, tokenizer=ctx.tokenizer),
+                                trainer_state=trainer_state(ctx), summary={"num_steps": ctx.num_steps},
+                                keep_last=keep_last)
 
 
 def restore(ctx: RunContext, checkpoint: Path) -> None:
@@ -122,14 +137,15 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
         print(f"resumed at step {ctx.step} from {resume}")
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
+    hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
     executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks)
-    from opdgraph.stages import eval as eval_stage
+    from opdgraph.runtime.evaluation import print_before_after, run_eval
 
     log = cfg.stage("log")
     progress = ProgressLine(cfg.pipeline.num_steps, enabled=bool(log is None or log.config.progress))
     for entry in cfg.stages_of_kind("eval"):
-        if ctx.step == 0:
-            eval_stage.run_eval(entry.config, ctx, label="before")
+        if ctx.step == 0 and ctx.eval_prompts is not None:
+            ctx.eval_records.append(run_eval(entry.config, ctx, label="before"))
     while ctx.step < cfg.pipeline.num_steps:
         started = time.perf_counter()
         ctx.stage_seconds, ctx.step_record = {}, {}
@@ -145,4 +161,6 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
         progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr") if k in record})
     progress.close()
     ctx.metrics.close()
+    if len(ctx.eval_records) >= 2:
+        print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
     return ctx

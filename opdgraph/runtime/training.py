@@ -1,42 +1,49 @@
-"""The training side of one OPD step, as small functions the stage modules call: teacher scoring, the chunked loss,
-the two-stage backward and the optimizer step.
+"""The training side of one OPD step, as the functions the stage modules call: teacher scoring, the student forward,
+the chunked loss, the two-stage backward and the optimizer step.
 
-Two-stage backward: the student backbone runs forward once per micro-batch and keeps its graph; the loss then works
-on *detached* final hidden states in fixed chunks (logits of one chunk at a time, never [tokens x vocab]), producing
-dLoss/dhidden and the lm_head gradient analytically; finally one backward through the backbone with that hidden-state
-gradient. The lm_head gradient is accumulated in fp32 across micro-batches and added to the parameter's gradient
-before the optimizer step (for tied embeddings it joins the embedding's own gradient there).
+Two-stage backward: the student backbone runs forward once per micro-batch and keeps its graph
+(`student_activations`); the loss then works on the *detached* final hidden states at the trained positions
+(`student_hidden`) in fixed chunks (logits of one chunk at a time, never [tokens x vocab]), producing dLoss/dhidden
+(`hidden_grad`) and the lm_head gradient analytically; then one backward through the backbone with that gradient.
+The lm_head gradient is accumulated in fp32 across micro-batches (part of `<student>.grads`) and folded into the
+parameter's gradient before the optimizer step (for tied embeddings it joins the embedding's own gradient).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from opdgraph.runtime.batches import MicroBatch
 
-
-@dataclass
-class LossSettings:
-    divergence: str
-    beta: float
-    temperature: float
-    chunk_tokens: int
-    kernel: str  # "torch" | "triton" | "auto"
+def _micro_batch(loop):
+    return loop.micro_batch
 
 
 @torch.no_grad()
-def teacher_hidden_at_loss_positions(teacher, batch: MicroBatch) -> torch.Tensor:
-    """Teacher final hidden states [N, Ht] at the trained positions; the full [T, Ht] output is dropped at once."""
-    hidden = teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
-    return hidden.index_select(0, batch.loss_positions)
+def teacher_score(ctx, loop) -> None:
+    batch = _micro_batch(loop)
+    hidden = ctx.teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
+    ctx.buffers.put_item("teacher_hidden", loop.index, hidden.index_select(0, batch.loss_positions))
 
 
-def student_forward(student, batch: MicroBatch, *, activation_checkpointing: bool) -> torch.Tensor:
-    """Student final hidden states [T, Hs] with the autograd graph kept for the backward."""
-    return student.forward_hidden(batch.input_ids, batch.positions, batch.meta,
-                                  activation_checkpointing=activation_checkpointing)
+def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
+    """Student final hidden states; with the graph kept (`student_activations`) for the backward."""
+    batch = _micro_batch(loop)
+    with torch.set_grad_enabled(keep_graph):
+        hidden = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta,
+                                            activation_checkpointing=ctx.facts["activation_checkpointing"])
+    if keep_graph:
+        ctx.buffers.put_item("student_activations", loop.index, hidden)
+    if write_hidden:
+        ctx.buffers.put_item("student_hidden", loop.index, hidden.detach().index_select(0, batch.loss_positions))
+
+
+def _grads(ctx) -> dict:
+    """`<student>.grads`: the fp32 lm_head accumulator (the backbone's grads live in param.grad)."""
+    name = ctx.facts["grads_buffer"]
+    if not ctx.buffers.has(name):
+        weight = ctx.student.lm_head_weight
+        ctx.buffers.put(name, {"lm_head": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)})
+    return ctx.buffers.get(name)
 
 
 def _use_triton(kernel: str, device: torch.device) -> bool:
@@ -50,35 +57,57 @@ def _use_triton(kernel: str, device: torch.device) -> bool:
     return available
 
 
-def chunked_loss(student, teacher, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: MicroBatch,
-                 settings: LossSettings, lm_head_grad: torch.Tensor):
-    """Loss of one micro-batch over its trained positions, in chunks; returns the divergence result.
+def chunked_loss(config, ctx, loop) -> None:
+    batch = _micro_batch(loop)
+    hidden = ctx.buffers.get_item("student_hidden", loop.index)
+    teacher_hidden = ctx.buffers.get_item("teacher_hidden", loop.index)
+    lm_head_grad = _grads(ctx)["lm_head"]
+    args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden, ctx.teacher.lm_head_weight.detach(),
+            batch.weights)
+    common = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
+                  chunk_tokens=config.chunk_tokens, sampled_ids=batch.target_ids, lm_head_grad=lm_head_grad)
+    if _use_triton(config.kernel, hidden.device):
+        from opdgraph.kernels.divergence import chunked_fused_divergence
 
-    `student_hidden` is the [T, Hs] backbone output; only its rows at the loss positions are read, detached.
-    """
-    hidden = student_hidden.detach().index_select(0, batch.loss_positions)
-    common = dict(divergence=settings.divergence, beta=settings.beta, temperature=settings.temperature,
-                  chunk_tokens=settings.chunk_tokens, sampled_ids=batch.target_ids, lm_head_grad=lm_head_grad)
-    if _use_triton(settings.kernel, hidden.device):
-        from opdgraph.kernels.divergence import chunked_fused_divergence as divergence_fn
+        loss, hidden_grad, per_token = chunked_fused_divergence(*args, **common)
+        estimate = (per_token * batch.weights).sum()
     else:
-        from opdgraph.train.divergence import chunked_divergence as divergence_fn
-    return divergence_fn(hidden, student.lm_head_weight.detach(), teacher_hidden, teacher.lm_head_weight.detach(),
-                         batch.weights, **common)
+        from opdgraph.train.divergence import chunked_divergence
+
+        result = chunked_divergence(*args, **common)
+        loss, hidden_grad, estimate = result.loss, result.hidden_grad, result.estimate
+    ctx.buffers.put_item("hidden_grad", loop.index, hidden_grad)
+    record = ctx.step_record
+    record["loss"] = record.get("loss", 0.0) + float(loss)
+    record["divergence"] = record.get("divergence", 0.0) + float(estimate)
 
 
-def backward_through_backbone(student_hidden: torch.Tensor, batch: MicroBatch, hidden_grad: torch.Tensor) -> None:
-    """Second stage: one backward pass with the hidden-state gradient scattered to the trained rows."""
-    full_grad = torch.zeros_like(student_hidden)
-    full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(student_hidden.dtype))
-    student_hidden.backward(full_grad)
+def backward(ctx, loop) -> None:
+    """Second stage: one backward with the hidden-state gradient scattered to the trained rows."""
+    batch = _micro_batch(loop)
+    activations = ctx.buffers.get_item("student_activations", loop.index)
+    hidden_grad = ctx.buffers.get_item("hidden_grad", loop.index)
+    full_grad = torch.zeros_like(activations)
+    full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(activations.dtype))
+    activations.backward(full_grad)
 
 
-def add_lm_head_grad(student, lm_head_grad: torch.Tensor) -> None:
-    """Fold the fp32 lm_head gradient into the parameter's gradient (tied: adds to the embedding's)."""
-    weight = student.lm_head_weight
-    grad = lm_head_grad.to(weight.dtype)
-    if weight.grad is None:
-        weight.grad = grad
+def optimizer_step(config, ctx) -> None:
+    """Fold in the lm_head grad, clip, and apply AdamW on fp32 masters; a non-finite step is skipped and logged."""
+    from opdgraph.train.optimizer import clip_grad_norm
+    from opdgraph.train.schedule import lr_at
+
+    weight = ctx.student.lm_head_weight
+    lm_head_grad = _grads(ctx)["lm_head"].to(weight.dtype)
+    weight.grad = lm_head_grad if weight.grad is None else weight.grad.add_(lm_head_grad)
+    params = [p for p in ctx.student.parameters() if p.grad is not None]
+    norm, finite = clip_grad_norm(params, config.max_grad_norm)
+    lr = lr_at(ctx.step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=ctx.num_steps,
+               schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+    record = ctx.step_record
+    record.update({"grad_norm": float(norm) if finite else None, "lr": lr, "skipped": not finite})
+    if finite:
+        ctx.optimizer.step(lr)
     else:
-        weight.grad.add_(grad)
+        print(f"step {ctx.step + 1}: non-finite gradient norm, update skipped")
+    ctx.step += 1

@@ -1,0 +1,108 @@
+"""The eval stage at run time: how far the student is from the teacher on held-out prompts.
+
+The student answers the first `num_prompts` held-out prompts (greedy by default); the teacher scores those responses
+at every response position. Reported, averaged over all response tokens: KL(student || teacher), KL(teacher ||
+student) (temperature 1, full vocabulary), the student's top-1 agreement with the teacher's argmax, the mean
+response length, and, for prompts carrying a reference answer, the accuracy of student and teacher answers. A few
+responses are shown side by side with the teacher's own (the teacher answers with the same settings).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opdgraph.runtime.answer_scoring import is_correct
+from opdgraph.runtime.batches import build_micro_batches
+from opdgraph.runtime.rollout_step import generate_samples, sampling_params
+
+
+def _eval_prompts(ctx, count: int):
+    from opdgraph.data.sampler import SampledPrompt
+
+    records = list(ctx.eval_prompts.records)[:count]
+    return [SampledPrompt(record=r, prompt_index=i, index_in_step=i, epoch=0) for i, r in enumerate(records)]
+
+
+def _teacher_engine(ctx):
+    if "teacher" not in ctx.eval_engines:
+        from opdgraph.rollout import RolloutEngine
+
+        main = ctx.engine
+        ctx.eval_engines["teacher"] = RolloutEngine(ctx.teacher, page_size=main.page_size, num_pages=main.num_pages,
+                                                    max_num_seqs=main.max_num_seqs,
+                                                    prefill_token_budget=main.prefill_token_budget,
+                                                    device=ctx.device, kv_dtype=None)
+    return ctx.eval_engines["teacher"]
+
+
+@torch.no_grad()
+def _score(ctx, samples) -> dict[str, float]:
+    from opdgraph.train.divergence import divergence_metrics
+
+    tokens = sum(len(s.response_ids) for s in samples)
+    sums = {"reverse_kl": 0.0, "forward_kl": 0.0, "top1_agreement": 0.0}
+    for batch in build_micro_batches(samples, micro_batch_tokens=ctx.facts["micro_batch_tokens"],
+                                     normalize="token", global_tokens=tokens, global_sequences=len(samples),
+                                     device=ctx.device):
+        student = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta)
+        teacher = ctx.teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
+        metrics = divergence_metrics(student.index_select(0, batch.loss_positions), ctx.student.lm_head_weight,
+                                     teacher.index_select(0, batch.loss_positions), ctx.teacher.lm_head_weight,
+                                     chunk_tokens=ctx.facts["chunk_tokens"])
+        sums["reverse_kl"] += float(metrics.reverse_kl.sum())
+        sums["forward_kl"] += float(metrics.forward_kl.sum())
+        sums["top1_agreement"] += float(metrics.top1_agree.float().sum())
+    return {key: value / max(tokens, 1) for key, value in sums.items()}
+
+
+def _accuracy(ctx, samples) -> float | None:
+    graded = [s for s in samples if s.answer is not None]
+    if not graded:
+        return None
+    text = ctx.tokenizer.decode
+    return sum(is_correct(text(s.response_ids), str(s.answer)) for s in graded) / len(graded)
+
+
+def run_eval(config, ctx, *, label: str) -> dict:
+    """Evaluate now; writes an `eval` record to metrics.jsonl and returns it."""
+    prompts = _eval_prompts(ctx, config.num_prompts)
+    params = sampling_params(ctx.facts["rollout_config"], max_new_tokens=config.max_new_tokens,
+                             greedy=config.greedy, eos_token_ids=ctx.tokenizer.eos_token_ids)
+    student_samples = generate_samples(ctx.engine, prompts, params, n=1, seed=ctx.seed, step=ctx.step, tag="eval")
+    ctx.engine.release()  # the eval KV pool lives only while eval generates (the plan's eval.kv_cache)
+    teacher_engine = _teacher_engine(ctx)
+    teacher_samples = generate_samples(teacher_engine, prompts, params, n=1, seed=ctx.seed, step=ctx.step,
+                                       tag="eval-teacher")
+    teacher_engine.release()
+    lengths = [len(s.response_ids) for s in student_samples]
+    record = {"kind": "eval", "label": label, "step": ctx.step, **_score(ctx, student_samples),
+              "response_length_mean": sum(lengths) / len(lengths), "num_prompts": len(prompts)}
+    student_accuracy, teacher_accuracy = _accuracy(ctx, student_samples), _accuracy(ctx, teacher_samples)
+    if student_accuracy is not None:
+        record.update({"accuracy": student_accuracy, "teacher_accuracy": teacher_accuracy})
+    ctx.metrics.write(record)
+    decode = ctx.tokenizer.decode
+    shown = [{"label": label, "prompt": decode(s.prompt_ids), "student": decode(s.response_ids),
+              "teacher": decode(t.response_ids)}
+             for s, t in zip(student_samples[:config.num_samples_to_show], teacher_samples)]
+    ctx.metrics.write_samples(ctx.step, shown)
+    _print(record, shown)
+    return record
+
+
+def _print(record: dict, shown: list[dict]) -> None:
+    keys = ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy")
+    values = "  ".join(f"{k} {record[k]:.4f}" for k in keys if k in record)
+    print(f"\neval ({record['label']}, step {record['step']}): {values}")
+    for sample in shown:
+        print(f"  prompt : {sample['prompt'][-200:]!r}\n  student: {sample['student'][:200]!r}\n"
+              f"  teacher: {sample['teacher'][:200]!r}")
+
+
+def print_before_after(first: dict, last: dict) -> None:
+    """The table a user reads at the end of a run: held-out metrics before and after training."""
+    keys = [k for k in ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy")
+            if k in first and k in last]
+    print(f"\n{'held-out metric':<24}{'before':>12}{'after':>12}")
+    for key in keys:
+        print(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")

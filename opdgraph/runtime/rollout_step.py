@@ -1,0 +1,66 @@
+"""The rollout stage at run time: this step's prompts -> the student's sampled responses -> training micro-batches.
+
+Each prompt's seed comes from (pipeline seed, step, the prompt's index in the step's global batch), so a run's
+samples do not depend on scheduling, preemption, the number of ranks or a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opdgraph.runtime.batches import MicroBatch, Sample, build_micro_batches
+
+
+@dataclass
+class RolloutBatch:
+    """The `responses` buffer: this rank's samples and the micro-batches the training loop runs over."""
+
+    samples: list[Sample]
+    micro_batches: list[MicroBatch]
+
+
+def sampling_params(config, *, max_new_tokens: int, greedy: bool, eos_token_ids):
+    from opdgraph.rollout import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                          top_k=config.top_k, min_p=config.min_p, greedy=greedy,
+                          stop_token_ids=tuple(config.stop_token_ids), eos_token_ids=tuple(eos_token_ids))
+
+
+def generate_samples(engine, prompts, params, *, n: int, seed: int, step: int, tag: str) -> list[Sample]:
+    """Sample `n` responses per prompt; `prompts` are SampledPrompt records of the data sampler."""
+    from opdgraph.data import sample_seed
+    from opdgraph.rollout import Request
+
+    requests = [Request(request_id=f"{tag}{step}-{p.index_in_step}", prompt_ids=list(p.record.prompt_ids),
+                        params=params, n=n, seed=sample_seed(seed, step, p.index_in_step)) for p in prompts]
+    responses = engine.generate(requests)
+    by_id = {r.request_id: p for r, p in zip(requests, prompts)}
+    return [Sample(prompt_ids=list(r.prompt_ids), response_ids=list(r.token_ids),
+                   prompt_index=by_id[r.request_id].index_in_step, sample_index=r.sample_index,
+                   finish_reason=r.finish_reason, logprobs=list(r.logprobs), answer=by_id[r.request_id].record.answer)
+            for r in responses]
+
+
+def run_rollout(config, ctx) -> None:
+    facts = ctx.facts
+    params = sampling_params(config, max_new_tokens=config.max_new_tokens, greedy=config.greedy,
+                             eos_token_ids=ctx.tokenizer.eos_token_ids)
+    samples = generate_samples(ctx.engine, ctx.buffers.get("prompts"), params, n=facts["samples_per_prompt"],
+                               seed=ctx.seed, step=ctx.step, tag="step")
+    stats = ctx.engine.stats
+    # Normalisation counts are global over the step's batch (one rank here; several ranks all-reduce them).
+    global_tokens = sum(len(s.response_ids) for s in samples)
+    micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
+                                        normalize=facts["normalize"], global_tokens=global_tokens,
+                                        global_sequences=len(samples), device=ctx.device)
+    ctx.buffers.put("responses", RolloutBatch(samples, micro_batches))
+    ctx.last_samples = samples[:4]
+    ctx.buffers.put(f"{facts['rollout_stage']}.kv_cache", ctx.engine.kv_cache)
+    lengths = [len(s.response_ids) for s in samples]
+    ctx.step_record.update({
+        "response_length_mean": sum(lengths) / len(lengths), "response_length_max": max(lengths),
+        "response_tokens": global_tokens, "rollout_tokens_per_s": stats.tokens_per_second,
+        "rollout_preemptions": stats.preemptions, "finished_by_eos": sum(s.finish_reason != "length" for s in samples),
+        "num_micro_batches": len(micro_batches),
+    })
