@@ -231,3 +231,13 @@ def test_greedy_ignores_temperature_and_duplicate_ids_are_rejected(model):
         engine.generate([Request("x", [1], GREEDY), Request("x", [2], GREEDY)])
     with pytest.raises(ValueError, match="prefill_token_budget must be an integer >= 1"):
         make_engine(model, prefill_token_budget=0)
+
+
+def test_kv_dtype_reaches_the_cache(model):
+    """kv_dtype must reach allocate_kv_cache (a lossless float64 cache must leave greedy outputs unchanged)."""
+    engine = RolloutEngine(model, page_size=4, num_pages=64, max_num_seqs=8, prefill_token_budget=16, device="cpu",
+                           kv_dtype=torch.float64)
+    requests = requests_for(PROMPTS[:3], GREEDY)
+    responses = engine.generate(requests)
+    assert all(layer.dtype == torch.float64 for layer in engine.kv_cache)
+    assert_matches_naive(model, responses, requests)

@@ -25,6 +25,8 @@ import torch
 
 from opdgraph.rollout.counter_random import exponentials, row_keys
 
+RACE_BLOCK_ELEMENTS = 2**24  # int64 hash temporaries of 128 MiB each at most (about 110 rows of a 152k vocab)
+
 
 @dataclass
 class SamplingRows:
@@ -56,8 +58,7 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tenso
     else:
         scaled = logits / rows.temperatures[:, None]
         keep = filter_mask(scaled, rows)
-        race = exponentials(row_keys(rows.seeds, rows.sample_indices, rows.positions), logits.shape[-1])
-        scores = torch.where(keep, scaled - torch.log(race), float("-inf"))
+        scores = torch.where(keep, scaled - _log_race(rows, logits.shape[-1]), float("-inf"))
         tokens = scores.argmax(dim=-1)
         if rows.any_greedy:
             tokens = torch.where(rows.greedy, logits.argmax(dim=-1), tokens)
@@ -89,6 +90,16 @@ def filter_mask(scaled: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
         floor = rows.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         keep &= probs >= floor
     return keep
+
+
+def _log_race(rows: SamplingRows, vocab_size: int) -> torch.Tensor:
+    """float32 [K, V] log of the Exp(1) race variates, built in row blocks to bound the int64 hash temporaries."""
+    keys = row_keys(rows.seeds, rows.sample_indices, rows.positions)
+    rows_per_block = max(1, RACE_BLOCK_ELEMENTS // vocab_size)
+    log_race = torch.empty(keys.shape[0], vocab_size, dtype=torch.float32, device=keys.device)
+    for start in range(0, keys.shape[0], rows_per_block):
+        log_race[start : start + rows_per_block] = torch.log(exponentials(keys[start : start + rows_per_block], vocab_size))
+    return log_race
 
 
 def _masked_softmax(scaled: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,7 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     is_decode: bool
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the sequence's last token, so its last row's logits choose the next token(s)."""
-        return self.start + self.num_tokens == self.sequence.num_tokens
+    samples: bool  # reaches the sequence's last token: its last row's logits choose the next token(s)
 
 
 @dataclass
@@ -133,11 +129,12 @@ class Scheduler:
             sequence.pages[first_page_index] = own_copy
         while len(sequence.pages) < self.pages_for(start + num_tokens):
             sequence.pages.append(self.pool.allocate())
-        batch.chunks.append(ScheduledChunk(sequence, start, num_tokens, is_decode=sequence.is_decode))
+        samples = start + num_tokens == sequence.num_tokens
+        batch.chunks.append(ScheduledChunk(sequence, start, num_tokens, is_decode=sequence.is_decode, samples=samples))
 
     def _admit(self, batch: ScheduledBatch, budget_left: int) -> None:
         self.waiting.sort(key=lambda s: (s.num_tokens, s.arrival_order))
-        num_slots_used = len(self.running)
+        num_slots_used = sum(len(s.sample_indices) for s in self.running)  # a group holds n slots
         pages_promised = 0  # rest of the contexts admitted this step, not allocated yet
         while self.waiting and budget_left > 0:
             sequence = self.waiting[0]
