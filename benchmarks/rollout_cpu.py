@@ -36,10 +36,11 @@ def scenarios(args):
 
 def run_scenarios(model, args, vocab_size):
     rng = random.Random(0)
-    prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(args.max_prompt_tokens // 4, args.max_prompt_tokens))]
-               for _ in range(args.prompts)]
+    lengths = [rng.randint(args.max_prompt_tokens // 4, args.max_prompt_tokens) for _ in range(args.prompts)]
+    prompts = [[rng.randrange(vocab_size) for _ in range(length)] for length in lengths]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.95)
-    header = f"{'scenario':<20} {'tok/s':>9} {'gen tok':>8} {'prefill':>8} {'decode':>8} {'fwd':>5} {'preempt':>7} {'peak pg':>8}"
+    header = (f"{'scenario':<20} {'tok/s':>9} {'gen tok':>8} {'prefill':>8} {'decode':>8} {'fwd':>5} "
+              f"{'preempt':>7} {'peak pg':>8}")
     print(header)
     print("-" * len(header))
     for name, settings, n in scenarios(args):

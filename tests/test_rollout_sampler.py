@@ -120,7 +120,10 @@ def test_mixed_rows_use_their_own_settings_and_do_not_depend_on_the_batch():
     """A row's token must depend only on its logits, settings and counters, not on its neighbours or order."""
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(1)) * 2
     settings = [dict(greedy=True), dict(top_k=3), dict(top_p=0.5, temperature=0.7), dict(min_p=0.1), dict()]
-    singles = [sample_tokens(logits[i : i + 1], single_row(SamplingParams(max_new_tokens=1, **s), 9, i, 4)) for i, s in enumerate(settings)]
+    singles = [
+        sample_tokens(logits[i : i + 1], single_row(SamplingParams(max_new_tokens=1, **s), 9, i, 4))
+        for i, s in enumerate(settings)
+    ]
     order = [3, 0, 4, 1, 2]
     params = [SamplingParams(max_new_tokens=1, **settings[i]) for i in order]
     rows = [single_row(p, 9, i, 4) for p, i in zip(params, order)]

@@ -98,7 +98,8 @@ def _log_race(rows: SamplingRows, vocab_size: int) -> torch.Tensor:
     rows_per_block = max(1, RACE_BLOCK_ELEMENTS // vocab_size)
     log_race = torch.empty(keys.shape[0], vocab_size, dtype=torch.float32, device=keys.device)
     for start in range(0, keys.shape[0], rows_per_block):
-        log_race[start : start + rows_per_block] = torch.log(exponentials(keys[start : start + rows_per_block], vocab_size))
+        block = keys[start : start + rows_per_block]
+        log_race[start : start + rows_per_block] = torch.log(exponentials(block, vocab_size))
     return log_race
 
 

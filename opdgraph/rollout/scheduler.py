@@ -10,8 +10,8 @@ One step, in order:
    sequence (most tokens; the most recently admitted among equals) and plan again, until it fits. A preempted
    sequence releases its pages and waits to be re-prefilled.
 3. If nothing was preempted, admit waiting sequences, shortest (prompt + generated) first, while a sequence slot is
-   free (a request's n samples take n slots from the start) and the pool has room for the whole context; each
-   admitted sequence takes a prefill chunk from the remaining budget.
+   free (a request's n samples take n slots from the start) and the pool has room for the whole context (beyond
+   what running prefills still need); each admitted sequence takes a prefill chunk from the remaining budget.
 
 Copy-on-write: the n samples of a prompt share its pages; full pages are never written again, and the shared last
 partial page is copied for each sample that appends to it while someone else still holds it (the last holder writes
@@ -135,7 +135,9 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget_left: int) -> None:
         self.waiting.sort(key=lambda s: (s.num_tokens, s.arrival_order))
         num_slots_used = sum(len(s.sample_indices) for s in self.running)  # a group holds n slots
-        pages_promised = 0  # rest of the contexts admitted this step, not allocated yet
+        # Pages the running prefills will still need for their contexts: admitting into them would only cause
+        # preemptions later.
+        pages_promised = sum(max(0, self.pages_for(s.num_tokens) - len(s.pages)) for s in self.running)
         while self.waiting and budget_left > 0:
             sequence = self.waiting[0]
             if num_slots_used + len(sequence.sample_indices) > self.max_num_seqs:
