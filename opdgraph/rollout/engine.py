@@ -1,0 +1,195 @@
+"""RolloutEngine: the embedded generation engine the rollout stage calls (student samples its own responses).
+
+It drives the very model the optimizer trains (no weight copy) through its paged-forward protocol:
+
+    model.forward_paged(input_ids [T], positions [T], meta: PagedMetadata, kv_cache) -> hidden [T, H]
+    model.logits(hidden [k, H]) -> float32 [k, V]
+    model.allocate_kv_cache(num_pages, page_size, dtype=None, device=None) -> list of per-layer KV tensors
+    model.config.vocab_size
+
+Each step: scheduler (which tokens, which pages) -> copy-on-write page copies -> batch builder (tensors) -> one
+forward -> logits of the rows that sample -> sampler -> scheduler.update. ``release()`` drops the KV tensors so
+their memory can serve training (the plan's release point); the next ``generate`` allocates them again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from opdgraph.rollout.batch_builder import build_model_inputs
+from opdgraph.rollout.kv_pool import PagePool
+from opdgraph.rollout.request import Request, Response, ResponseCounters
+from opdgraph.rollout.sampler import sample_tokens
+from opdgraph.rollout.scheduler import ScheduledBatch, Scheduler
+from opdgraph.rollout.sequence import Sequence
+
+
+@dataclass
+class EngineStats:
+    """Counters of the last ``generate`` call."""
+
+    prefill_tokens: int = 0  # tokens computed by prefill chunks (prompts, and contexts re-prefilled after preemption)
+    decode_tokens: int = 0  # tokens computed by decode steps (one per running sequence per step)
+    generated_tokens: int = 0  # tokens in the returned responses
+    forwards: int = 0
+    preemptions: int = 0
+    wall_seconds: float = 0.0
+    peak_pages_used: int = 0
+    kv_pool_created: bool = False  # this call (re)allocated the KV tensors (first call, or after release())
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second."""
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model,
+        *,
+        page_size: int,
+        num_pages: int,
+        max_num_seqs: int,
+        prefill_token_budget: int,
+        device: torch.device | str,
+        kv_dtype: torch.dtype | None = None,
+    ):
+        for name, value in [
+            ("page_size", page_size),
+            ("num_pages", num_pages),
+            ("max_num_seqs", max_num_seqs),
+            ("prefill_token_budget", prefill_token_budget),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RolloutEngine: {name} must be an integer >= 1, got {value!r}")
+        self.model = model
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_num_seqs = max_num_seqs
+        self.prefill_token_budget = prefill_token_budget
+        self.device = torch.device(device)
+        self.kv_dtype = kv_dtype
+        self.kv_cache: list[torch.Tensor] | None = None
+        self.stats = EngineStats()
+
+    @property
+    def kv_pool_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def release(self) -> None:
+        """Drop the KV tensors (their memory returns to the allocator for training); generate() re-creates them."""
+        self.kv_cache = None
+
+    def generate(self, requests: list[Request]) -> list[Response]:
+        """Sample every request n times; responses come back in request order, then sample index."""
+        self._validate(requests)
+        stats = EngineStats()
+        with torch.inference_mode():
+            if self.kv_cache is None:
+                self.kv_cache = self.model.allocate_kv_cache(
+                    self.num_pages, self.page_size, dtype=self.kv_dtype, device=self.device
+                )
+                stats.kv_pool_created = True
+            pool = PagePool(self.num_pages)
+            scheduler = Scheduler(
+                pool,
+                page_size=self.page_size,
+                max_num_seqs=self.max_num_seqs,
+                prefill_token_budget=self.prefill_token_budget,
+            )
+            for order, request in enumerate(requests):
+                scheduler.add(Sequence(request, sample_indices=list(range(request.n)), arrival_order=order))
+            started = time.perf_counter()
+            while scheduler.has_work():
+                self._step(scheduler, stats)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            stats.wall_seconds = time.perf_counter() - started
+        stats.preemptions = scheduler.num_preemptions
+        stats.peak_pages_used = pool.peak_pages_used
+        finished = sorted(scheduler.finished, key=lambda s: (s.arrival_order, s.sample_indices[0]))
+        stats.generated_tokens = sum(len(sequence.generated) for sequence in finished)
+        self.stats = stats
+        return [_response(sequence) for sequence in finished]
+
+    def _step(self, scheduler: Scheduler, stats: EngineStats) -> None:
+        batch = scheduler.schedule()
+        if not batch.chunks:
+            raise RuntimeError("rollout scheduler made no progress (internal error: please report)")
+        if batch.page_copies:
+            self._copy_pages(batch.page_copies)
+        inputs = build_model_inputs(batch, self.page_size, self.device)
+        hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        if inputs.sampling is not None:
+            logits = self.model.logits(hidden.index_select(0, inputs.logit_rows))
+            sampled, sampled_logprobs = sample_tokens(logits, inputs.sampling)
+            tokens, logprobs = sampled.tolist(), sampled_logprobs.tolist()
+        _count(batch, stats)
+        scheduler.update(batch, tokens, logprobs)
+
+    def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        sources = torch.tensor([source for source, _ in copies], device=self.device)
+        destinations = torch.tensor([destination for _, destination in copies], device=self.device)
+        for layer_cache in self.kv_cache:
+            layer_cache[:, destinations] = layer_cache[:, sources]
+
+    def _validate(self, requests: list[Request]) -> None:
+        vocab_size = self.model.config.vocab_size
+        seen_ids = set()
+        for request in requests:
+            if not isinstance(request, Request):
+                raise TypeError(f"generate() takes Request objects, got {type(request).__name__}")
+            request.validate(vocab_size)
+            if request.request_id in seen_ids:
+                raise ValueError(f"request id {request.request_id!r} appears twice; request ids must be unique")
+            seen_ids.add(request.request_id)
+            if request.n > self.max_num_seqs:
+                raise ValueError(
+                    f"request {request.request_id!r} asks for n={request.n} samples but max_num_seqs="
+                    f"{self.max_num_seqs}: the n samples of a prompt run together (they share its KV pages); "
+                    f"raise max_num_seqs to at least {request.n}"
+                )
+            # The last sampled token is never fed back, so the longest context cached is prompt + max_new - 1.
+            longest_context = len(request.prompt_ids) + request.params.max_new_tokens - 1
+            pages_needed = -(-longest_context // self.page_size)
+            if pages_needed > self.num_pages:
+                raise ValueError(
+                    f"request {request.request_id!r}: prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                    f"({request.params.max_new_tokens}) needs a KV cache of {longest_context} tokens for one "
+                    f"sample, but the pool holds only kv_pool_tokens={self.kv_pool_tokens} "
+                    f"({self.num_pages} pages of {self.page_size}); raise kv_pool_tokens to at least "
+                    f"{pages_needed * self.page_size} or lower max_new_tokens / the prompt length"
+                )
+
+
+def _count(batch: ScheduledBatch, stats: EngineStats) -> None:
+    stats.forwards += 1
+    for chunk in batch.chunks:
+        if chunk.is_decode:
+            stats.decode_tokens += chunk.num_tokens
+        else:
+            stats.prefill_tokens += chunk.num_tokens
+
+
+def _response(sequence: Sequence) -> Response:
+    request = sequence.request
+    return Response(
+        request_id=request.request_id,
+        sample_index=sequence.sample_indices[0],
+        prompt_ids=list(request.prompt_ids),
+        token_ids=list(sequence.generated),
+        logprobs=list(sequence.logprobs),
+        finish_reason=sequence.finish_reason,
+        counters=ResponseCounters(
+            num_prompt_tokens=len(request.prompt_ids),
+            num_generated_tokens=len(sequence.generated),
+            num_preemptions=sequence.num_preemptions,
+            num_recomputed_tokens=sequence.num_recomputed_tokens,
+        ),
+    )

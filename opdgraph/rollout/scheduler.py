@@ -1,0 +1,207 @@
+"""Continuous-batching scheduler: decides, each step, which tokens of which sequences the next forward computes.
+
+Pure python over sequences and page ids (no tensors), so it can be tested and reasoned about on its own; the batch
+builder turns its output into model inputs, and ``update`` applies the sampled tokens afterwards.
+
+One step, in order:
+1. Running sequences, oldest first: a decoding sequence always feeds its one pending token (all decodes share the
+   forward); a sequence still prefilling takes a chunk of at most what is left of ``prefill_token_budget``.
+2. If the pool cannot supply the pages this needs (new pages + copy-on-write copies), preempt the longest running
+   sequence (most tokens; the most recently admitted among equals) and plan again, until it fits. A preempted
+   sequence releases its pages and waits to be re-prefilled.
+3. If nothing was preempted, admit waiting sequences, shortest (prompt + generated) first, while a sequence slot is
+   free (a request's n samples take n slots from the start) and the pool has room for the whole context (beyond
+   what running prefills still need); each admitted sequence takes a prefill chunk from the remaining budget.
+
+Copy-on-write: the n samples of a prompt share its pages; full pages are never written again, and the shared last
+partial page is copied for each sample that appends to it while someone else still holds it (the last holder writes
+in place). The copies are listed in the step's output and must run before the forward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from opdgraph.rollout.kv_pool import PagePool
+from opdgraph.rollout.sequence import Sequence
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of ``sequence`` are fed to this forward."""
+
+    sequence: Sequence
+    start: int
+    num_tokens: int
+    is_decode: bool
+    samples: bool  # reaches the sequence's last token: its last row's logits choose the next token(s)
+
+
+@dataclass
+class ScheduledBatch:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    page_copies: list[tuple[int, int]] = field(default_factory=list)  # (source page, destination page)
+
+    @property
+    def sampling_chunks(self) -> list[ScheduledChunk]:
+        return [chunk for chunk in self.chunks if chunk.samples]
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, *, page_size: int, max_num_seqs: int, prefill_token_budget: int):
+        self.pool = pool
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.prefill_token_budget = prefill_token_budget
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.finished: list[Sequence] = []
+        self.num_preemptions = 0
+        self._admissions = 0
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def live_page_tables(self) -> list[list[int]]:
+        return [sequence.pages for sequence in self.running + self.waiting]
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    # ----------------------------------------------------------------------------------------------- scheduling
+    def schedule(self) -> ScheduledBatch:
+        preempted = False
+        while True:
+            plan, budget_left = self._plan_running()
+            if self._pages_needed(plan) <= self.pool.num_free:
+                break
+            victim = max(self.running, key=lambda s: (s.num_tokens, s.admission_order))
+            self._preempt(victim)
+            preempted = True
+
+        batch = ScheduledBatch()
+        for sequence, num_tokens in plan:
+            self._append_chunk(batch, sequence, num_tokens)
+        if not preempted:
+            self._admit(batch, budget_left)
+        return batch
+
+    def _plan_running(self) -> tuple[list[tuple[Sequence, int]], int]:
+        plan = []
+        budget_left = self.prefill_token_budget
+        for sequence in self.running:
+            if sequence.is_decode:
+                plan.append((sequence, 1))
+                continue
+            num_tokens = min(sequence.num_uncached, budget_left)
+            if num_tokens > 0:
+                plan.append((sequence, num_tokens))
+                budget_left -= num_tokens
+        return plan, budget_left
+
+    def _pages_needed(self, plan: list[tuple[Sequence, int]]) -> int:
+        needed = 0
+        writers_of_shared_page: Counter[int] = Counter()
+        for sequence, num_tokens in plan:
+            start = sequence.num_cached
+            needed += max(0, self.pages_for(start + num_tokens) - len(sequence.pages))
+            first_page_index = start // self.page_size
+            if first_page_index < len(sequence.pages) and self.pool.is_shared(sequence.pages[first_page_index]):
+                writers_of_shared_page[sequence.pages[first_page_index]] += 1
+        # A page held by r sequences and written by w of them needs min(w, r - 1) copies: the last holder to
+        # write (if all r write) keeps the original.
+        for page, writers in writers_of_shared_page.items():
+            needed += min(writers, self.pool.refcounts[page] - 1)
+        return needed
+
+    def _append_chunk(self, batch: ScheduledBatch, sequence: Sequence, num_tokens: int) -> None:
+        start = sequence.num_cached
+        first_page_index = start // self.page_size
+        if first_page_index < len(sequence.pages) and self.pool.is_shared(sequence.pages[first_page_index]):
+            shared_page = sequence.pages[first_page_index]
+            own_copy = self.pool.allocate()
+            batch.page_copies.append((shared_page, own_copy))
+            self.pool.release(shared_page)
+            sequence.pages[first_page_index] = own_copy
+        while len(sequence.pages) < self.pages_for(start + num_tokens):
+            sequence.pages.append(self.pool.allocate())
+        samples = start + num_tokens == sequence.num_tokens
+        batch.chunks.append(ScheduledChunk(sequence, start, num_tokens, is_decode=sequence.is_decode, samples=samples))
+
+    def _admit(self, batch: ScheduledBatch, budget_left: int) -> None:
+        self.waiting.sort(key=lambda s: (s.num_tokens, s.arrival_order))
+        num_slots_used = sum(len(s.sample_indices) for s in self.running)  # a group holds n slots
+        # Pages the running prefills will still need for their contexts: admitting into them would only cause
+        # preemptions later.
+        pages_promised = sum(max(0, self.pages_for(s.num_tokens) - len(s.pages)) for s in self.running)
+        while self.waiting and budget_left > 0:
+            sequence = self.waiting[0]
+            if num_slots_used + len(sequence.sample_indices) > self.max_num_seqs:
+                break
+            context_pages = self.pages_for(sequence.num_tokens)
+            if context_pages > self.pool.num_free - pages_promised:
+                break
+            self.waiting.pop(0)
+            sequence.admission_order = self._admissions
+            self._admissions += 1
+            self.running.append(sequence)
+            num_slots_used += len(sequence.sample_indices)
+            num_tokens = min(sequence.num_uncached, budget_left)
+            budget_left -= num_tokens
+            self._append_chunk(batch, sequence, num_tokens)
+            pages_promised += context_pages - len(sequence.pages)
+
+    def _preempt(self, sequence: Sequence) -> None:
+        for page in sequence.pages:
+            self.pool.release(page)
+        sequence.pages = []
+        sequence.num_recomputed_tokens += sequence.num_cached
+        sequence.num_cached = 0
+        sequence.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(sequence)
+        self.waiting.append(sequence)
+
+    # --------------------------------------------------------------------------------------------- after forward
+    def update(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> None:
+        """Advance the cache of every chunk and append the sampled tokens (one per sample row, in batch order)."""
+        for chunk in batch.chunks:
+            chunk.sequence.num_cached += chunk.num_tokens
+        row = 0
+        for chunk in batch.sampling_chunks:
+            sequence = chunk.sequence
+            num_samples = len(sequence.sample_indices)
+            samples = [sequence]
+            if num_samples > 1:
+                samples = sequence.fork()
+                for page in sequence.pages:
+                    for _ in range(num_samples - 1):
+                        self.pool.share(page)
+                position = self.running.index(sequence)
+                self.running[position : position + 1] = samples
+            for sample in samples:
+                self._append_token(sample, tokens[row], logprobs[row])
+                row += 1
+        assert row == len(tokens), f"{len(tokens)} sampled tokens for {row} sample rows"
+
+    def _append_token(self, sequence: Sequence, token: int, logprob: float) -> None:
+        sequence.generated.append(token)
+        sequence.logprobs.append(logprob)
+        params = sequence.request.params
+        if token in params.eos_token_ids:
+            sequence.finish_reason = "eos"
+        elif token in params.stop_token_ids:
+            sequence.finish_reason = "stop"
+        elif len(sequence.generated) >= params.max_new_tokens:
+            sequence.finish_reason = "length"
+        else:
+            return
+        for page in sequence.pages:
+            self.pool.release(page)
+        sequence.pages = []
+        self.running.remove(sequence)
+        self.finished.append(sequence)
