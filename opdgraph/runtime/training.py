@@ -65,7 +65,8 @@ def chunked_loss(config, ctx, loop) -> None:
     args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden, ctx.teacher.lm_head_weight.detach(),
             batch.weights)
     common = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
-                  chunk_tokens=config.chunk_tokens, sampled_ids=batch.target_ids, lm_head_grad=lm_head_grad)
+                  chunk_tokens=config.chunk_tokens, lm_head_grad=lm_head_grad,
+                  sampled_ids=batch.target_ids if config.divergence == "sampled_token" else None)
     if _use_triton(config.kernel, hidden.device):
         from opdgraph.kernels.divergence import chunked_fused_divergence
 
