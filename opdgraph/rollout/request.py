@@ -72,6 +72,8 @@ class Request:
             raise ValueError(f"{where}: n (samples per prompt) must be an integer >= 1, got {self.n!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"{where}: seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.prompt_ids, list):
+            raise TypeError(f"{where}: prompt_ids must be a list of token ids, got {type(self.prompt_ids).__name__}")
         if len(self.prompt_ids) == 0:
             raise ValueError(f"{where}: prompt_ids is empty; every prompt needs at least one token")
         for position, token in enumerate(self.prompt_ids):
