@@ -59,7 +59,9 @@ class ByteTokenizer:
                 continue
             pieces.append(pending.decode("utf-8", errors="replace"))
             pending = bytearray()
-            pieces.append(self.SPECIALS[token - 256])
+            # Model vocabularies are often padded past the tokenizer's ids; show such ids rather than fail.
+            special = token - 256
+            pieces.append(self.SPECIALS[special] if special < len(self.SPECIALS) else f"<|id {token}|>")
         pieces.append(pending.decode("utf-8", errors="replace"))
         return "".join(pieces)
 

@@ -72,7 +72,8 @@ class BufferTable:
             return
         refs = _weak_targets(value)
         del value
-        gc.collect()
+        if any(ref() is not None for ref in refs):
+            gc.collect()  # only reference cycles survive plain refcounting; collecting is slow, so only when needed
         alive = [ref() for ref in refs if ref() is not None]
         if alive:
             raise BufferStillAliveError(

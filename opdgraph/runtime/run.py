@@ -110,15 +110,13 @@ def save_run_checkpoint(ctx: RunContext, *, keep_last: int) -> Path:
 
 def restore(ctx: RunContext, checkpoint: Path) -> None:
     """Continue from a checkpoint: weights, optimizer (fp32 masters and moments), data cursor, RNG states."""
-    from safetensors.torch import load_file
+    from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
 
     state = ckpt.load_trainer_state(checkpoint)
-    weights = {}
-    for shard in sorted((checkpoint / "student").glob("*.safetensors")):
-        weights.update(load_file(str(shard)))
-    missing = ctx.student.load_hf_state_dict(weights)
-    if missing:
-        raise RuntimeError(f"checkpoint {checkpoint} lacks student tensors: {missing[:8]}")
+    student = ctx.student
+    tensors = read_safetensors_dir(checkpoint / "student")
+    student.load_state_dict(state_dict_from_checkpoint(student, tensors, str(checkpoint / "student"),
+                                                       student.dtype, student.device))
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.sampler.load_state_dict(state["sampler"])
     ckpt.set_rng_state(state["rng"])
