@@ -10,6 +10,10 @@ It drives the very model the optimizer trains (no weight copy) through its paged
 Each step: scheduler (which tokens, which pages) -> copy-on-write page copies -> batch builder (tensors) -> one
 forward -> logits of the rows that sample -> sampler -> scheduler.update. ``release()`` drops the KV tensors so
 their memory can serve training (the plan's release point); the next ``generate`` allocates them again.
+
+``attention="flashinfer"`` (CUDA, bf16/fp16 model) hands the forward + sampling part of a step to the GPU path in
+``cuda_graphs.py`` (flashinfer paged attention, optional CUDA-graph decode with ``cuda_graphs=True``, one host sync
+per step); scheduling, batch building and sampling semantics are the same.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class RolloutEngine:
         prefill_token_budget: int,
         device: torch.device | str,
         kv_dtype: torch.dtype | None = None,
+        attention: str = "torch",
+        cuda_graphs: bool = False,
     ):
         for name, value in [
             ("page_size", page_size),
@@ -66,6 +72,10 @@ class RolloutEngine:
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RolloutEngine: {name} must be an integer >= 1, got {value!r}")
+        if attention not in ("torch", "flashinfer"):
+            raise ValueError(f"RolloutEngine: attention must be 'torch' or 'flashinfer', got {attention!r}")
+        if cuda_graphs and attention != "flashinfer":
+            raise ValueError("RolloutEngine: cuda_graphs=True needs attention='flashinfer'")
         self.model = model
         self.page_size = page_size
         self.num_pages = num_pages
@@ -75,6 +85,12 @@ class RolloutEngine:
         self.kv_dtype = kv_dtype
         self.kv_cache: list[torch.Tensor] | None = None
         self.stats = EngineStats()
+        self.gpu_path = None
+        if attention == "flashinfer":
+            from opdgraph.rollout.cuda_graphs import FlashInferRollout
+
+            self.gpu_path = FlashInferRollout(model, device=self.device, page_size=page_size, num_pages=num_pages,
+                                              max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, cuda_graphs=cuda_graphs)
 
     @property
     def kv_pool_tokens(self) -> int:
@@ -83,6 +99,8 @@ class RolloutEngine:
     def release(self) -> None:
         """Drop the KV tensors (their memory returns to the allocator for training); generate() re-creates them."""
         self.kv_cache = None
+        if self.gpu_path is not None:
+            self.gpu_path.release()
 
     def generate(self, requests: list[Request]) -> list[Response]:
         """Sample every request n times; responses come back in request order, then sample index."""
@@ -90,7 +108,9 @@ class RolloutEngine:
         stats = EngineStats()
         with torch.inference_mode():
             if self.kv_cache is None:
-                self.kv_cache = self.model.allocate_kv_cache(
+                # The GPU path adds a scratch page for padded graph rows and drops graphs of the old tensors.
+                allocate = self.model.allocate_kv_cache if self.gpu_path is None else self.gpu_path.allocate_kv_cache
+                self.kv_cache = allocate(
                     self.num_pages, self.page_size, dtype=self.kv_dtype, device=self.device
                 )
                 stats.kv_pool_created = True
@@ -123,20 +143,27 @@ class RolloutEngine:
         if batch.page_copies:
             self._copy_pages(batch.page_copies)
         inputs = build_model_inputs(batch, self.page_size, self.device)
-        hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        if inputs.sampling is not None:
-            logits = self.model.logits(hidden.index_select(0, inputs.logit_rows))
-            sampled, sampled_logprobs = sample_tokens(logits, inputs.sampling)
-            tokens, logprobs = sampled.tolist(), sampled_logprobs.tolist()
+        if self.gpu_path is not None:
+            tokens, logprobs = self.gpu_path.forward_and_sample(batch, inputs, self.kv_cache)
+        else:
+            tokens, logprobs = self._forward_and_sample(inputs)
         _count(batch, stats)
         scheduler.update(batch, tokens, logprobs)
+
+    def _forward_and_sample(self, inputs) -> tuple[list[int], list[float]]:
+        hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        if inputs.sampling is None:
+            return [], []
+        logits = self.model.logits(hidden.index_select(0, inputs.logit_rows))
+        sampled, sampled_logprobs = sample_tokens(logits, inputs.sampling)
+        return sampled.tolist(), sampled_logprobs.tolist()
 
     def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
         sources = torch.tensor([source for source, _ in copies], device=self.device)
         destinations = torch.tensor([destination for _, destination in copies], device=self.device)
         for layer_cache in self.kv_cache:
+            if layer_cache.element_size() == 1:  # float8 caches: no float8 indexing kernels, copy the bytes
+                layer_cache = layer_cache.view(torch.uint8)
             layer_cache[:, destinations] = layer_cache[:, sources]
 
     def _validate(self, requests: list[Request]) -> None:

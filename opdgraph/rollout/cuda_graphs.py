@@ -1,0 +1,301 @@
+"""The rollout engine's GPU path: flashinfer attention, CUDA-graph decode, one host sync per step.
+
+``FlashInferRollout`` replaces the "forward + logits + sample" part of an engine step (the scheduler, the batch
+builder and the sampler are shared with the plain-torch path):
+
+- every step plans flashinfer from the scheduled batch's python lists (no device-to-host copy), runs the model's
+  paged forward with the flashinfer backend, computes float32 logits of the sampling rows and samples on the device;
+- a decode step (every sequence feeds one token) of at most ``max_graph_batch_size`` sequences instead replays a CUDA
+  graph captured for the next size of a ladder (1, 2, 4, ... up to max_num_seqs). Padded rows write their K/V into
+  a scratch page beyond the scheduler's pages and read only that page; their sampled tokens are dropped;
+- sampled tokens and log-probs go to pinned host buffers with non-blocking copies and the host waits ONCE per step
+  (the scheduler needs the tokens to decide what comes next: EOS, stop tokens, lengths).
+
+Graph lifetime: graphs bake in the addresses of the KV tensors. The engine drops the KV tensors at ``release()`` so
+training gets the memory back; the graphs (and their memory pool) are dropped with them and re-captured lazily on
+the first decode step of the next rollout (``stats.capture_seconds`` reports the cost). A graph is captured per
+ladder size and per sampling mode (greedy only, or which filters are on), since the sampler skips whole phases
+based on host-side flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from opdgraph.models.attention_metadata import PagedMetadata
+from opdgraph.rollout.sampler import SamplingRows, sample_tokens
+
+MAX_GRAPH_BATCH_SIZE = 256
+SAMPLING_FIELDS = ("seeds", "sample_indices", "positions", "temperatures", "top_k", "top_p", "min_p", "greedy")
+
+
+def batch_size_ladder(max_num_seqs: int, max_graph_batch_size: int = MAX_GRAPH_BATCH_SIZE) -> list[int]:
+    """Captured decode batch sizes: powers of two below the cap, then the cap min(max_num_seqs, max_graph)."""
+    cap = min(max_num_seqs, max_graph_batch_size)
+    ladder = []
+    size = 1
+    while size < cap:
+        ladder.append(size)
+        size *= 2
+    return ladder + [cap]
+
+
+def padded_batch_size(num_seqs: int, ladder: list[int]) -> int | None:
+    """The smallest captured size that holds num_seqs sequences; None when the batch is larger than all of them."""
+    return next((size for size in ladder if size >= num_seqs), None)
+
+
+def batch_lists(batch, pad_to: int | None = None, scratch_page: int | None = None):
+    """(query_lens, kv_lens, page_tables) of a scheduled batch, padded with one-token rows on the scratch page."""
+    query_lens = [chunk.num_tokens for chunk in batch.chunks]
+    kv_lens = [chunk.start + chunk.num_tokens for chunk in batch.chunks]
+    page_tables = [chunk.sequence.pages for chunk in batch.chunks]
+    num_padding = 0 if pad_to is None else pad_to - len(query_lens)
+    return (query_lens + [1] * num_padding, kv_lens + [1] * num_padding,
+            page_tables + [[scratch_page]] * num_padding)
+
+
+def sampling_key(rows: SamplingRows) -> tuple[bool, ...]:
+    """The host-side flags that choose the sampler's code path (one graph per distinct key)."""
+    return rows.all_greedy, rows.any_greedy, rows.any_top_k, rows.any_top_p, rows.any_min_p
+
+
+@dataclass
+class StepRecord:
+    kind: str  # "graph" (replayed decode), "decode" (eager decode) or "mixed" (prefill chunks present)
+    num_seqs: int
+    context_tokens: int  # sum over sequences of the cached context after the step
+    end_seconds: float  # perf_counter after the host received the step's tokens
+
+
+@dataclass
+class GpuPathStats:
+    graph_steps: int = 0
+    eager_steps: int = 0
+    num_captures: int = 0
+    capture_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass
+class _CapturedDecode:
+    graph: torch.cuda.CUDAGraph
+    meta: PagedMetadata
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
+class FlashInferRollout:
+    """Forward + sampling of engine steps on CUDA (see module docstring). ``extra_pages``: the scratch page."""
+
+    extra_pages = 1
+
+    def __init__(self, model, *, device, page_size: int, num_pages: int, max_num_seqs: int,
+                 kv_dtype: torch.dtype | None, cuda_graphs: bool, max_graph_batch_size: int = MAX_GRAPH_BATCH_SIZE,
+                 use_tensor_cores: bool | None = None):
+        from opdgraph.kernels.flashinfer_attention import FlashInferBackend
+
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"attention='flashinfer' runs on CUDA devices only, got device={device!r}")
+        self.model = model
+        self.page_size = page_size
+        self.scratch_page = num_pages  # the extra page allocate_kv_cache adds after the scheduler's pages
+        self.kv_dtype = kv_dtype or model.dtype
+        self.backend = FlashInferBackend(model.config, device=self.device, kv_dtype=self.kv_dtype,
+                                         q_dtype=model.dtype, use_tensor_cores=use_tensor_cores)
+        self.ladder = batch_size_ladder(max_num_seqs, max_graph_batch_size) if cuda_graphs else []
+        self.stats = GpuPathStats()
+        self.logits_fn = _float32_logits_fn(model, self.device)
+        # RoPE inverse frequencies are computed on the CPU (exact bits) and copied to the device at every forward;
+        # a host-to-device copy cannot be captured in a graph, so keep the (identical) device copies on the model.
+        model._inv_freq = {kind: inv_freq.to(self.device) for kind, inv_freq in model._inv_freq.items()}
+        self._host_tokens = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True)
+        self._host_logprobs = torch.empty(max_num_seqs, dtype=torch.float32, pin_memory=True)
+        self._static: dict[str, torch.Tensor] | None = None
+        self._graphs: dict[tuple, _CapturedDecode] = {}
+        self._pool = None
+
+    # ----------------------------------------------------------------------------------------- engine protocol
+    def allocate_kv_cache(self, num_pages, page_size, dtype=None, device=None) -> list[torch.Tensor]:
+        """The model's KV tensors plus the scratch page; graphs captured on earlier tensors are dropped."""
+        self.release()
+        return self.model.allocate_kv_cache(num_pages + self.extra_pages, page_size, dtype=self.kv_dtype,
+                                            device=self.device)
+
+    def release(self) -> None:
+        """Drop the graphs and their memory pool (they point at KV tensors that are going away)."""
+        self._graphs = {}
+        self._pool = None
+
+    def forward_and_sample(self, batch, inputs, kv_cache) -> tuple[list[int], list[float]]:
+        """Run one scheduled step; returns the sampled tokens and raw log-probs as python lists (one host sync)."""
+        num_seqs = len(batch.chunks)
+        all_decode = all(chunk.is_decode for chunk in batch.chunks)
+        padded = padded_batch_size(num_seqs, self.ladder) if all_decode else None
+        with self._model_backend():
+            if padded is not None:
+                tokens, logprobs = self._replay_decode(batch, inputs, kv_cache, padded)
+                kind = "graph"
+            else:
+                tokens, logprobs = self._eager(batch, inputs, kv_cache)
+                kind = "decode" if all_decode else "mixed"
+        result = self._to_host(tokens, logprobs)
+        if kind == "graph":
+            self.stats.graph_steps += 1
+        else:
+            self.stats.eager_steps += 1
+        context = sum(chunk.start + chunk.num_tokens for chunk in batch.chunks)
+        self.stats.steps.append(StepRecord(kind, num_seqs, context, time.perf_counter()))
+        return result
+
+    # ------------------------------------------------------------------------------------------------- pieces
+    @contextlib.contextmanager
+    def _model_backend(self):
+        """The model keeps its own backend outside rollout steps (training uses the packed path)."""
+        previous = self.model.backend
+        self.model.set_attention_backend(self.backend)
+        try:
+            yield
+        finally:
+            self.model.set_attention_backend(previous)
+
+    def _eager(self, batch, inputs, kv_cache):
+        from opdgraph.kernels.flashinfer_attention import plan_arrays
+
+        self.backend.plan(inputs.meta, plan_arrays(*batch_lists(batch), self.page_size, pin=True))
+        hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, kv_cache)
+        if inputs.sampling is None:
+            return None, None
+        return sample_tokens(self.logits_fn(hidden.index_select(0, inputs.logit_rows)), inputs.sampling)
+
+    def _to_host(self, tokens, logprobs) -> tuple[list[int], list[float]]:
+        if tokens is None:
+            return [], []
+        count = tokens.shape[0]
+        host_tokens, host_logprobs = self._host_tokens[:count], self._host_logprobs[:count]
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the step
+        return host_tokens.tolist(), host_logprobs.tolist()
+
+    def _replay_decode(self, batch, inputs, kv_cache, padded: int):
+        from opdgraph.kernels.flashinfer_attention import plan_arrays
+
+        num_seqs = len(batch.chunks)
+        arrays = plan_arrays(*batch_lists(batch, padded, self.scratch_page), self.page_size, pin=True)
+        if not self.backend.ensure_graph_capacity(arrays.kv_indices.numel()):
+            self.release()  # the graphs read page ids from the index buffer that was just replaced
+        key = sampling_key(inputs.sampling)
+        if (padded, key) not in self._graphs:
+            self._capture_ladder(inputs.sampling, kv_cache)
+        captured = self._graphs[(padded, key)]
+        static = self._static
+        static["input_ids"][:num_seqs].copy_(inputs.input_ids, non_blocking=True)
+        static["positions"][:num_seqs].copy_(inputs.positions, non_blocking=True)
+        static["slot_mapping"][:num_seqs].copy_(inputs.meta.slot_mapping, non_blocking=True)
+        # Rows past the batch may hold slots of earlier, larger batches: point them back at the scratch page.
+        static["slot_mapping"][num_seqs:padded].fill_(self.scratch_page * self.page_size)
+        for name in SAMPLING_FIELDS:
+            static[f"sampling_{name}"][:num_seqs].copy_(getattr(inputs.sampling, name), non_blocking=True)
+        self.backend.plan(captured.meta, arrays, graph_batch_size=padded)
+        captured.graph.replay()
+        return captured.tokens[:num_seqs], captured.logprobs[:num_seqs]
+
+    def _static_buffers(self) -> dict[str, torch.Tensor]:
+        size, device = self.ladder[-1], self.device
+
+        def zeros(dtype, *shape):
+            return torch.zeros(*(shape or (size,)), dtype=dtype, device=device)
+
+        return {
+            "input_ids": zeros(torch.int64), "positions": zeros(torch.int64), "slot_mapping": zeros(torch.int64),
+            "query_lens": torch.ones(size, dtype=torch.int32, device=device),
+            "cu_query_lens": torch.arange(size + 1, dtype=torch.int32, device=device),
+            # flashinfer takes page tables and lengths from the plan; the metadata's copies are placeholders.
+            "kv_lens": torch.ones(size, dtype=torch.int32, device=device),
+            "page_table": torch.full((size, 1), self.scratch_page, dtype=torch.int32, device=device),
+            "logit_rows": torch.arange(size, dtype=torch.int64, device=device),
+            # Sampler inputs, one row per sequence (greedy off, no filters until a batch's values are copied in).
+            "sampling_seeds": zeros(torch.int64), "sampling_sample_indices": zeros(torch.int64),
+            "sampling_positions": zeros(torch.int64),
+            "sampling_temperatures": torch.ones(size, dtype=torch.float32, device=device),
+            "sampling_top_k": zeros(torch.int64), "sampling_top_p": torch.ones(size, dtype=torch.float32,
+                                                                                device=device),
+            "sampling_min_p": zeros(torch.float32), "sampling_greedy": zeros(torch.bool),
+        }
+
+    def _capture_ladder(self, rows: SamplingRows, kv_cache) -> None:
+        """Capture every ladder size for this sampling mode, largest first (smaller graphs reuse its pool)."""
+        from opdgraph.kernels.flashinfer_attention import plan_arrays
+
+        started = time.perf_counter()
+        if self._static is None:
+            self._static = self._static_buffers()
+        if not self.backend.ensure_graph_capacity(self.ladder[-1]):
+            self.release()  # graphs of other sampling modes read the index buffer that was just replaced
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        key = sampling_key(rows)
+        for size in reversed(self.ladder):
+            self._graphs[(size, key)] = self._capture(size, key, kv_cache, plan_arrays)
+        torch.cuda.synchronize(self.device)
+        self.stats.num_captures += len(self.ladder)
+        self.stats.capture_seconds += time.perf_counter() - started
+
+    def _capture(self, size: int, key: tuple[bool, ...], kv_cache, plan_arrays) -> _CapturedDecode:
+        static = self._static
+        meta = PagedMetadata(query_lens=static["query_lens"][:size], cu_query_lens=static["cu_query_lens"][:size + 1],
+                             kv_lens=static["kv_lens"][:size], page_table=static["page_table"][:size],
+                             slot_mapping=static["slot_mapping"][:size], page_size=self.page_size)
+        all_greedy, any_greedy, any_top_k, any_top_p, any_min_p = key
+        rows = SamplingRows(
+            logit_rows=static["logit_rows"][:size],
+            **{name: static[f"sampling_{name}"][:size] for name in SAMPLING_FIELDS},
+            any_greedy=any_greedy, all_greedy=all_greedy, any_top_k=any_top_k, any_top_p=any_top_p,
+            any_min_p=any_min_p)
+
+        def decode_step():
+            hidden = self.model.forward_paged(static["input_ids"][:size], static["positions"][:size], meta, kv_cache)
+            return sample_tokens(self.logits_fn(hidden), rows)
+
+        # Capture on harmless inputs: every row writes and reads only the scratch page.
+        static["slot_mapping"][:size].fill_(self.scratch_page * self.page_size)
+        self.backend.plan(meta, plan_arrays([1] * size, [1] * size, [[self.scratch_page]] * size, self.page_size,
+                                            pin=True), graph_batch_size=size)
+        # Warm up outside the graph first (lazy allocations, cuBLAS handles, flashinfer's cached buffers).
+        side_stream = torch.cuda.Stream(self.device)
+        side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side_stream):
+            decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            tokens, logprobs = decode_step()
+        return _CapturedDecode(graph, meta, tokens, logprobs)
+
+
+def _float32_logits_fn(model, device):
+    """hidden [R, H] -> float32 logits [R, V] without materialising a float32 copy of the output embedding.
+
+    A bf16 x bf16 -> fp32 matmul (``torch.mm(..., out_dtype=float32)``) forms exact products of the same bf16
+    values and accumulates in fp32, like ``model.logits`` (which casts both to fp32 first) up to summation order.
+    Falls back to ``model.logits`` where this torch build lacks it.
+    """
+    weight = model.lm_head_weight
+    if weight.dtype == torch.float32:
+        return model.logits
+    try:
+        probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device)
+        torch.mm(probe, weight[:8].T, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return model.logits
+
+    def logits(hidden):
+        return torch.mm(hidden, model.lm_head_weight.T, out_dtype=torch.float32)
+
+    return logits
