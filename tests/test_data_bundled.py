@@ -9,26 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from fake_tokenizer import ByteChatTokenizer
 from opdgraph.data import load_prompt_set
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "data"
 SPLITS = {"tiny": (64, 16), "demo": (300, 60)}
-
-
-class ByteChatTokenizer:
-    """Fake byte-level tokenizer like the tiny pipeline's: "role: content\\n" per message, as UTF-8 bytes."""
-
-    vocab_size = 256
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def chat_ids(self, messages, add_generation_prompt=True):
-        text = "".join(f"{message['role']}: {message['content']}\n" for message in messages)
-        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
 
 
 def read_rows(name):

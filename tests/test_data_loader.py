@@ -7,23 +7,8 @@ import sys
 
 import pytest
 
+from fake_tokenizer import ByteChatTokenizer
 from opdgraph.data import PromptDataError, load_prompt_set
-
-
-class ByteChatTokenizer:
-    """Fake tokenizer: UTF-8 bytes of "role: content\\n" per message, then "assistant: " as generation prompt."""
-
-    vocab_size = 256
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def chat_ids(self, messages, add_generation_prompt=True):
-        text = "".join(f"{message['role']}: {message['content']}\n" for message in messages)
-        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
 
 
 TOKENIZER = ByteChatTokenizer()
