@@ -72,6 +72,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pipeline_arguments(parser)
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run in DIR (a run directory or one checkpoint) from its newest checkpoint")
+    parser.add_argument("--record-memory", action="store_true",
+                        help="measure device memory per plan step against the plan (memory.txt, memory.json and a "
+                             "PyTorch memory snapshot in the run directory; CUDA only)")
 
 
 def _over_budget_message(plan) -> str:
@@ -95,7 +98,7 @@ def run_run(args) -> int:
         return EXIT_OVER_BUDGET
     from opdgraph.runtime.run import run_pipeline
 
-    run_pipeline(cfg, plan, resume=args.resume)
+    run_pipeline(cfg, plan, resume=args.resume, record_memory=args.record_memory)
     return 0
 
 

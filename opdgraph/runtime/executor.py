@@ -46,8 +46,10 @@ def _segments(steps) -> list[tuple[str | None, list]]:
 class PlanExecutor:
     """Runs the plan's steps with the stage configs of the pipeline, applying the plan's releases."""
 
-    def __init__(self, plan, stage_configs: dict[str, Any], ctx: RunContext, *, release_hooks: dict[str, Any]):
+    def __init__(self, plan, stage_configs: dict[str, Any], ctx: RunContext, *, release_hooks: dict[str, Any],
+                 memory_recorder=None):
         self.plan = plan
+        self.memory_recorder = memory_recorder
         self.stage_configs = stage_configs
         self.ctx = ctx
         self.release_hooks = release_hooks  # buffer name -> callable that drops what holds it (e.g. the KV pool)
@@ -74,12 +76,16 @@ class PlanExecutor:
     def _run(self, step, loop: LoopState) -> None:
         for name in step.reloads:
             self._reload(name)
+        if self.memory_recorder is not None:
+            self.memory_recorder.before(step)
         started = time.perf_counter()
         if step.kind == "data":
             self.ctx.buffers.put("prompts", self.ctx.sampler.next_batch())
         else:
             _stage_module(step.kind).execute(step, self.stage_configs[step.stage], self.ctx, loop)
         self.ctx.add_seconds(step.name, time.perf_counter() - started)
+        if self.memory_recorder is not None:
+            self.memory_recorder.after(step)
         last_iteration = loop.index == loop.count - 1
         for release in step.releases:
             per_iteration = bool(step.loops) and (step.loops[0], release.buffer) in self.allocated_in_loop

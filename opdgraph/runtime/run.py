@@ -124,7 +124,7 @@ def restore(ctx: RunContext, checkpoint: Path) -> None:
     truncate_metrics(ctx.metrics.path, ctx.step)
 
 
-def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
+def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool = False) -> RunContext:
     run_dir = run_directory(cfg)
     if resume is None:
         _refuse_to_overwrite(run_dir)
@@ -136,7 +136,12 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
-    executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks)
+    recorder = None
+    if record_memory:
+        from opdgraph.runtime.memory_record import MemoryRecorder
+
+        recorder = MemoryRecorder(plan, ctx.device, run_dir)
+    executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks, memory_recorder=recorder)
     from opdgraph.runtime.evaluation import print_before_after, run_eval
 
     log = cfg.stage("log")
@@ -161,4 +166,6 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None) -> RunContext:
     ctx.metrics.close()
     if len(ctx.eval_records) >= 2:
         print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
+    if recorder is not None:
+        print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
