@@ -11,8 +11,9 @@ positions in chunks of C and, per chunk, does
   3. two gradient matmuls: dlogits @ W_s -> d(hidden) and dlogits^T @ h accumulated in fp32 into d(lm_head).
 The extra memory is O(C x V): two fp32 logit buffers plus, for bf16 weights, one bf16 gradient buffer (for fp32
 weights the gradient overwrites the student logits). Two options trade that down: bf16 teacher logits, and the bf16
-gradient written into the first half of each fp32 student row (6 instead of 10 bytes per logit with both). Nothing here records an autograd graph: the caller feeds the
-returned hidden-state gradient into the decoder's backward.
+gradient written into the first half of each fp32 student row (6 instead of 10 bytes per logit with both).
+Nothing here records an autograd graph: the caller feeds the returned hidden-state gradient into the decoder's
+backward.
 
 Divergences (p_S, p_T = softmax of logits / tau over the student vocab; w = per-position weight, 0 = masked):
   forward_kl KL(T||S), reverse_kl KL(S||T), jsd beta KL(T||M) + (1-beta) KL(S||M) with M = beta p_T + (1-beta) p_S,
@@ -140,13 +141,38 @@ def _addmm_fp32_(accumulator: Tensor, left: Tensor, right: Tensor) -> None:
         accumulator.addmm_(left.float(), right.float())
 
 
+def _hidden_gradient(logit_grad: Tensor, lm_head: Tensor, splits: int) -> Tensor:
+    """dlogits [C, V] @ W_s [V, Hs] in dlogits' dtype. The output is small (C x Hs: ~48 tensor-core tiles at
+    C = 1024 for 132 SMs) and the reduction long (V), so with splits > 1 the vocabulary is cut into `splits`
+    slices multiplied as one batched matmul with fp32 partial products, then summed (split-K by hand, in case the
+    library does not split on its own); a remainder of V not divisible by splits goes through one more addmm."""
+    lm_head = lm_head.to(logit_grad.dtype)
+    if splits == 1:
+        return logit_grad @ lm_head
+    num_rows, vocab = logit_grad.shape
+    slice_size = vocab // splits
+    covered = slice_size * splits
+    left = logit_grad[:, :covered].unflatten(1, (splits, slice_size)).transpose(0, 1)  # [S, C, V/S], no copy
+    right = lm_head[:covered].view(splits, slice_size, lm_head.shape[1])
+    if logit_grad.dtype == torch.float32:
+        partial = torch.bmm(left, right)
+    elif logit_grad.is_cuda:
+        partial = torch.bmm(left, right, out_dtype=torch.float32)
+    else:
+        partial = torch.bmm(left.float(), right.float())
+    total = partial.sum(0)
+    if covered < vocab:
+        _addmm_fp32_(total, logit_grad[:, covered:], lm_head[covered:])
+    return total.to(logit_grad.dtype)
+
+
 @torch.no_grad()
 def fused_divergence_chunk(student_hidden: Tensor, student_lm_head: Tensor, teacher_hidden: Tensor,
                            teacher_lm_head: Tensor, weights: Tensor, *, divergence: str, beta: float = 0.5,
                            temperature: float = 1.0, sampled_ids: Tensor | None = None,
                            lm_head_grad: Tensor | None = None, block_v: int | None = None,
-                           teacher_logits_dtype: torch.dtype = torch.float32, grad_in_student_logits: bool = False
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+                           teacher_logits_dtype: torch.dtype = torch.float32, grad_in_student_logits: bool = False,
+                           hidden_grad_splits: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and gradients of one chunk: student_hidden [C, Hs], student_lm_head [V, Hs], teacher_hidden [C, Ht],
     teacher_lm_head [Vt >= V, Ht] (its first V rows are used), weights [C]. Returns (sum_i w_i L_i fp32 0-dim,
     dL/d(student_hidden) [C, Hs] in the hidden dtype, per-token [C] fp32) as in divergence_logit_grad_; adds
@@ -155,10 +181,13 @@ def fused_divergence_chunk(student_hidden: Tensor, student_lm_head: Tensor, teac
       teacher_logits_dtype=torch.bfloat16 stores the teacher logits in bf16 (-2 bytes, and 4 fewer bytes of kernel
         traffic); each teacher logit is then off by up to 2^-9 of its magnitude, see docs/kernel_divergence.md;
       grad_in_student_logits=True writes the 16-bit gradient into the first half of each fp32 student row (-2 bytes;
-        no effect for fp32 weights, whose gradient always overwrites the student logits)."""
+        no effect for fp32 weights, whose gradient always overwrites the student logits).
+    hidden_grad_splits > 1 computes dL/d(student_hidden) as a split-K batched matmul (_hidden_gradient)."""
     _check_divergence_args(divergence, beta, temperature, sampled_ids)
     if teacher_logits_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"teacher_logits_dtype must be torch.float32 or torch.bfloat16, got {teacher_logits_dtype}")
+    if hidden_grad_splits < 1:
+        raise ValueError(f"hidden_grad_splits must be >= 1 (got {hidden_grad_splits})")
     num_rows, vocab = student_hidden.shape[0], student_lm_head.shape[0]
     if student_hidden.shape[1] != student_lm_head.shape[1] or teacher_hidden.shape[1] != teacher_lm_head.shape[1]:
         raise ValueError(f"hidden sizes disagree: student {tuple(student_hidden.shape)} x "
@@ -188,7 +217,7 @@ def fused_divergence_chunk(student_hidden: Tensor, student_lm_head: Tensor, teac
     # Free before the gradient matmuls so the peak stays at the kernel (an in-row gradient keeps its storage alive).
     del student_logits, teacher_logits
 
-    hidden_grad = logit_grad @ student_lm_head.to(logit_grad.dtype)
+    hidden_grad = _hidden_gradient(logit_grad, student_lm_head, hidden_grad_splits)
     if lm_head_grad is not None:
         _addmm_fp32_(lm_head_grad, logit_grad.t(), student_hidden.to(logit_grad.dtype))
     return loss, hidden_grad.to(student_hidden.dtype), per_token
@@ -198,10 +227,11 @@ def chunked_fused_divergence(student_hidden: Tensor, student_lm_head: Tensor, te
                              teacher_lm_head: Tensor, weights: Tensor, *, divergence: str, chunk_tokens: int,
                              beta: float = 0.5, temperature: float = 1.0, sampled_ids: Tensor | None = None,
                              lm_head_grad: Tensor | None = None, block_v: int | None = None,
-                             teacher_logits_dtype: torch.dtype = torch.float32, grad_in_student_logits: bool = False
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+                             teacher_logits_dtype: torch.dtype = torch.float32, grad_in_student_logits: bool = False,
+                             hidden_grad_splits: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """fused_divergence_chunk over N positions in chunks of chunk_tokens, so extra memory is O(chunk_tokens x V)
-    (the memory options are fused_divergence_chunk's). Returns (sum_i w_i L_i fp32 0-dim, dL/d(student_hidden) [N, Hs], per-token [N] fp32)."""
+    (the memory options are fused_divergence_chunk's). Returns (sum_i w_i L_i fp32 0-dim, dL/d(student_hidden)
+    [N, Hs], per-token [N] fp32)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
     num_positions = student_hidden.shape[0]
@@ -215,6 +245,6 @@ def chunked_fused_divergence(student_hidden: Tensor, student_lm_head: Tensor, te
             divergence=divergence, beta=beta, temperature=temperature,
             sampled_ids=None if sampled_ids is None else sampled_ids[rows], lm_head_grad=lm_head_grad,
             block_v=block_v, teacher_logits_dtype=teacher_logits_dtype,
-            grad_in_student_logits=grad_in_student_logits)
+            grad_in_student_logits=grad_in_student_logits, hidden_grad_splits=hidden_grad_splits)
         loss += chunk_loss
     return loss, hidden_grad, per_token
