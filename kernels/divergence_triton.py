@@ -5,8 +5,11 @@ Given one row of unscaled student logits z_s and teacher logits z_t over the stu
   sweep 1: streams both rows once, computing the two log-sum-exps online (running max + rescaled sum, fp32) and,
            for forward/reverse KL, the divergence D itself (its sum is rescaled with the same running max);
   sweep 2 (JSD only): streams again to get KL(T||M) and KL(S||M), which need both normalisers first;
-  last sweep: streams again and writes w * dD/dz_s into the gradient buffer (which may alias the student row:
-           every element is loaded and then stored by the same thread, so the in-place write is race free).
+  last sweep: streams again and writes w * dD/dz_s into the gradient buffer, which may alias the student row:
+           - same dtype (fp32 weights): element j is loaded and then stored by the same thread, race free;
+           - GRAD_IN_STUDENT_ROW (16-bit gradient in the first half of the row's fp32 bytes): block b's gradient
+             overwrites student entries of blocks <= b, which other warps may still be reading, so a CTA barrier
+             separates each block's loads from its stores.
 Per row it stores D (for sampled_token: a, the one-sample reverse-KL estimate) and the loss term L (D, or the
 surrogate a log p_S(y) for sampled_token). Rows with weight 0 skip the math and get zero gradient, D and L.
 
@@ -45,6 +48,7 @@ def divergence_rows_kernel(
     V, inv_tau, beta, log_beta, log_one_minus_beta,
     DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    GRAD_IN_STUDENT_ROW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * student_row_stride
@@ -151,4 +155,9 @@ def divergence_rows_kernel(
                 else:
                     log_m = _log_mixture(logp_s, logp_t, log_beta, log_one_minus_beta)
                     grad = p_s * (logp_s - log_m - kl_student_mixture)
+            if GRAD_IN_STUDENT_ROW:
+                # The 16-bit gradient of this block lands on fp32 student entries [start/2, (start+BLOCK_V)/2):
+                # this block's or earlier ones, never a later one. Other warps may still be loading them (this
+                # sweep has no reduction to keep warps in step), so wait for every load before the first store.
+                tl.debug_barrier()
             tl.store(grad_row + offsets, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=in_vocab)

@@ -147,16 +147,25 @@ def run_reference_chunk(hidden, lm_head, teacher_hidden, teacher_lm_head, weight
     return loss.detach(), hidden64.grad, lm_head64.grad, per_token
 
 
+# Each memory/speed option of fused_divergence_chunk alone and all together. Split 4 leaves a remainder of V = 203.
+MEMORY_OPTIONS = [{}, {"grad_in_student_logits": True}, {"teacher_logits_dtype": torch.bfloat16},
+                  {"hidden_grad_splits": 4},
+                  {"teacher_logits_dtype": torch.bfloat16, "grad_in_student_logits": True, "hidden_grad_splits": 4}]
+OPTION_IDS = ["default", "grad_in_student", "bf16_teacher", "split_k", "all"]
+
+
 @needs_triton
+@pytest.mark.parametrize("options", MEMORY_OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("divergence", "temperature", "beta"),
                          [("forward_kl", 1.0, 0.5), ("reverse_kl", 0.7, 0.5), ("jsd", 2.0, 0.1),
                           ("sampled_token", 1.0, 0.5)])
-def test_fused_chunk_matches_float64_pipeline(dtype, divergence, temperature, beta):
+def test_fused_chunk_matches_float64_pipeline(dtype, divergence, temperature, beta, options):
     """Matmuls + kernel + gradient matmuls against float64 autograd through the logits, with a teacher vocab
     larger than the student's, different hidden sizes, masked rows, and an lm_head gradient accumulated into a
-    non-zero buffer. Fails on a wrong teacher slice, a transposed gradient matmul, a lost accumulation, or a dtype
-    path that rounds more than bf16 must (1e-2) or than fp32 should (1e-5)."""
+    non-zero buffer, under each memory option. Fails on a wrong teacher slice, a transposed gradient matmul, a
+    lost accumulation, a gradient written to the wrong half-row, or a dtype path that rounds more than bf16 must
+    (1e-2; also for bf16 teacher logits) or than fp32 should (1e-5)."""
     generator = torch.Generator().manual_seed(7)
     num_rows, student_hidden_size, teacher_hidden_size, vocab, teacher_vocab = 6, 24, 40, 203, 230
     hidden = torch.randn(num_rows, student_hidden_size, generator=generator).to(dtype)
@@ -175,14 +184,43 @@ def test_fused_chunk_matches_float64_pipeline(dtype, divergence, temperature, be
     loss, hidden_grad, per_token = fused_divergence_chunk(
         hidden.to(DEVICE), lm_head.to(DEVICE), teacher_hidden.to(DEVICE), teacher_lm_head.to(DEVICE),
         weights.to(DEVICE), divergence=divergence, beta=beta, temperature=temperature,
-        sampled_ids=None if sampled_ids is None else sampled_ids.to(DEVICE), lm_head_grad=lm_head_grad, block_v=64)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        sampled_ids=None if sampled_ids is None else sampled_ids.to(DEVICE), lm_head_grad=lm_head_grad, block_v=64,
+        **options)
+    exact = dtype == torch.float32 and options.get("teacher_logits_dtype", torch.float32) == torch.float32
+    tolerance = 1e-5 if exact else 1e-2
     assert hidden_grad.dtype == dtype and loss.dtype == torch.float32
     assert abs(loss.item() - loss_ref.item()) <= tolerance * (1 + abs(loss_ref.item()))
     torch.testing.assert_close(per_token.cpu().double(), torch.where(weights > 0, per_token_ref, 0.0),
                                rtol=tolerance, atol=tolerance)
     assert relative_error(hidden_grad.cpu(), hidden_grad_ref) < tolerance
     assert relative_error(lm_head_grad.cpu() - initial_lm_head_grad, lm_head_grad_ref) < tolerance
+
+
+@needs_triton
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+def test_gradient_in_student_rows_is_bitwise_the_separate_buffer(divergence):
+    """Writing the bf16 gradient into the first half of each fp32 student row gives exactly (bitwise) the hidden
+    and lm_head gradients of the separate bf16 buffer, over several ragged vocabulary blocks. Fails if a block's
+    gradient lands on student entries that a later block still has to read, or on the wrong row/stride."""
+    generator = torch.Generator().manual_seed(5)
+    num_rows, hidden_size, vocab = 9, 16, 203  # 203 = 6 blocks of 32 + a ragged 11
+    hidden = torch.randn(num_rows, hidden_size, generator=generator).bfloat16().to(DEVICE)
+    lm_head = (torch.randn(vocab, hidden_size, generator=generator) / 2).bfloat16().to(DEVICE)
+    teacher_hidden = torch.randn(num_rows, hidden_size, generator=generator).bfloat16().to(DEVICE)
+    teacher_lm_head = (torch.randn(vocab, hidden_size, generator=generator) / 2).bfloat16().to(DEVICE)
+    weights = make_weights(num_rows, generator).to(DEVICE)
+    sampled_ids = make_sampled_ids(weights.cpu(), vocab, generator).to(DEVICE) if divergence == "sampled_token" \
+        else None
+    results = []
+    for in_row in (False, True):
+        lm_head_grad = torch.zeros(vocab, hidden_size, device=DEVICE)
+        loss, hidden_grad, per_token = fused_divergence_chunk(
+            hidden, lm_head, teacher_hidden, teacher_lm_head, weights, divergence=divergence, beta=0.3,
+            sampled_ids=sampled_ids, lm_head_grad=lm_head_grad, block_v=32, grad_in_student_logits=in_row)
+        results.append((loss, hidden_grad, per_token, lm_head_grad))
+    for separate, in_row in zip(*results):
+        assert torch.equal(separate, in_row)
+    assert results[0][1].abs().max() > 0  # a zero gradient would pass the equality trivially
 
 
 @needs_triton
@@ -251,9 +289,11 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
             "student_ptr": "*fp32", "student_row_stride": "i64", "teacher_ptr": "*fp32", "teacher_row_stride": "i64",
             "grad_ptr": "*bf16", "grad_row_stride": "i64", "weights_ptr": "*fp32", "sampled_ptr": "*i64",
             "per_token_ptr": "*fp32", "loss_term_ptr": "*fp32", "V": "i32", "inv_tau": "fp32", "beta": "fp32",
-            "log_beta": "fp32", "log_one_minus_beta": "fp32", "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
+            "log_beta": "fp32", "log_one_minus_beta": "fp32", "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr",
+            "GRAD_IN_STUDENT_ROW": "constexpr"}
         sources = [ASTSource(fn=body.divergence_rows_kernel, signature=signature,
-                             constexprs={"DIVERGENCE": code, "BLOCK_V": 4096}) for code in range(4)]
+                             constexprs={"DIVERGENCE": code, "BLOCK_V": 4096, "GRAD_IN_STUDENT_ROW": in_row})
+                   for code in range(4) for in_row in (False, True)]
     except (ImportError, TypeError) as error:
         print(error)
         sys.exit(3)
@@ -264,9 +304,9 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
 
 @needs_triton
 def test_kernel_compiles_for_h100_without_gpu():
-    """The compiled Triton frontend accepts the kernel for all four divergences (the CPU interpreter runs plain
-    Python and would not notice e.g. a non-constexpr global or branches whose types disagree). Fails when the
-    kernel only works in the interpreter."""
+    """The compiled Triton frontend accepts the kernel for all four divergences, with and without the in-row
+    gradient barrier (the CPU interpreter runs plain Python and would not notice e.g. a non-constexpr global or
+    branches whose types disagree). Fails when the kernel only works in the interpreter."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     environment["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True,
@@ -283,6 +323,8 @@ def test_kernel_compiles_for_h100_without_gpu():
     ({"divergence": "reverse_kl", "temperature": 0.0}, "temperature"),
     ({"divergence": "sampled_token"}, "sampled_ids"),
     ({"divergence": "reverse_kl", "sampled_ids": torch.zeros(2, dtype=torch.long)}, "sampled_ids"),
+    ({"divergence": "reverse_kl", "teacher_logits_dtype": torch.float16}, "teacher_logits_dtype"),
+    ({"divergence": "reverse_kl", "hidden_grad_splits": 0}, "hidden_grad_splits"),
 ])
 def test_bad_arguments_are_rejected(kwargs, message):
     """Bad options raise a ValueError naming the problem instead of computing a silently different loss."""
@@ -300,11 +342,13 @@ def test_teacher_vocab_smaller_than_student_is_rejected():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("options", MEMORY_OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
 @pytest.mark.parametrize(("vocab", "teacher_vocab"), [(151_936, 152_064), (49_152, 49_152)])
-def test_real_vocabulary_on_gpu(divergence, vocab, teacher_vocab):
-    """Real Qwen/SmolLM vocabulary sizes in bf16 on the GPU with the default block size: grads within 1e-2 of
-    float64. Fails on an int32 offset overflow, a block/warp choice the compiler mis-handles, or bf16 drift."""
+def test_real_vocabulary_on_gpu(divergence, vocab, teacher_vocab, options):
+    """Real Qwen/SmolLM vocabulary sizes in bf16 on the GPU with the default block size, under each memory option:
+    grads within 1e-2 of float64. Fails on an int32 offset overflow, a block/warp choice the compiler mis-handles,
+    bf16 drift, or a race between the in-row gradient stores and other warps' loads (a missing barrier)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     num_rows, student_hidden_size, teacher_hidden_size = 96, 1536, 3584
 
@@ -321,7 +365,7 @@ def test_real_vocabulary_on_gpu(divergence, vocab, teacher_vocab):
     lm_head_grad = torch.zeros(vocab, student_hidden_size, device="cuda")
     loss, hidden_grad, _ = fused_divergence_chunk(hidden, lm_head, teacher_hidden, teacher_lm_head, weights,
                                                   divergence=divergence, sampled_ids=sampled_ids,
-                                                  lm_head_grad=lm_head_grad)
+                                                  lm_head_grad=lm_head_grad, **options)
     assert abs(loss.item() - loss_ref.item()) <= 1e-2 * (1 + abs(loss_ref.item()))
     assert relative_error(hidden_grad, hidden_grad_ref) < 1e-2
     assert relative_error(lm_head_grad, lm_head_grad_ref) < 1e-2
