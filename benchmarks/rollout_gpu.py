@@ -15,7 +15,12 @@ says how many steps each number averages. Each engine first runs a tiny warmup g
 capture: reported as capture seconds), so end-to-end tokens/s is steady state; the memory columns are free GiB
 before the engine, while it holds its KV pool, and after release() + empty_cache(). Not a test: prints a table and writes JSON (--out) with the card name.
 
-    python benchmarks/rollout_gpu.py --out rollout_gpu.json
+transformers runs the same bs64 x 256-token workload greedy and sampled (temperature 1, no filters), each compared
+with our engine in the same mode. ``--profile`` adds a torch.profiler pass over 20 decode steps of bs128 graphs
+(top CUDA kernels, GPU-idle fraction, host time per phase: see rollout_profile.py); ``--only a,b`` runs only the
+variants whose names contain a or b.
+
+    python benchmarks/rollout_gpu.py --out rollout_gpu.json [--profile]
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from rollout_profile import print_profile, profile_decode
 
 from opdgraph.models import load_decoder
 from opdgraph.rollout import Request, RolloutEngine, SamplingParams
@@ -108,6 +115,9 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
                    mean_bytes_per_step=sum(weight_bytes + c * kv_bytes for _, c in times) / len(times),
                    graph_steps=gpu.graph_steps, eager_steps=gpu.eager_steps,
                    captures_in_timed_run=gpu.num_captures)
+        num_steps = stats.forwards
+        row["host_ms_per_step"] = {name: 1000 * seconds / num_steps for name, seconds in
+                                   [*stats.host_seconds.items(), *gpu.host_seconds.items()]}
     engine.release()
     del engine, responses
     torch.cuda.synchronize()
@@ -136,7 +146,8 @@ def torch_backend_row(model, args, bandwidth, weight_bytes, batch_size=8, short=
                 fraction_of_roofline=roofline / seconds)
 
 
-def transformers_row(model, config_dict, args, batch_size=64, new_tokens=256):
+def transformers_row(model, config_dict, args, *, greedy, batch_size=64, new_tokens=256):
+    """transformers generate (sdpa) on the same weights, greedy or sampled at temperature 1 with no filter."""
     import transformers
 
     from opdgraph.models.checkpoint import hf_name
@@ -151,7 +162,9 @@ def transformers_row(model, config_dict, args, batch_size=64, new_tokens=256):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config_dict["vocab_size"], (batch_size, args.prompt_tokens), generator=generator)
     input_ids = input_ids.cuda()
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), pad_token_id=0, do_sample=not greedy)
+    if not greedy:  # the generation config defaults to top_k=50: switch every filter off, like our sampled rows
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
     with torch.inference_mode():
         hf_model.generate(input_ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
         torch.cuda.synchronize()
@@ -162,13 +175,29 @@ def transformers_row(model, config_dict, args, batch_size=64, new_tokens=256):
     assert output.shape[1] == args.prompt_tokens + new_tokens
     del hf_model
     torch.cuda.empty_cache()
-    return dict(name="transformers generate (sdpa, greedy)", attention="hf-sdpa", batch_size=batch_size,
-                new_tokens=new_tokens, wall_seconds=seconds,
+    return dict(name=f"transformers generate (sdpa, {'greedy' if greedy else 'sampled'})", attention="hf-sdpa",
+                batch_size=batch_size, new_tokens=new_tokens, greedy=greedy, wall_seconds=seconds,
                 tokens_per_second_end_to_end=batch_size * new_tokens / seconds)
 
 
+def _ok(rows, name):
+    return next((row for row in rows if row["name"] == name and "error" not in row), None)
+
+
+def profile_variant(model, args, batch_size=128, new_tokens=48):
+    """Top kernels, GPU-idle fraction and host split of decode steps of flashinfer + graphs (rollout_profile.py)."""
+    def make_engine():
+        pages_per_seq = -(-(args.prompt_tokens + new_tokens) // args.page_size)
+        return RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
+                             max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device="cuda",
+                             attention="flashinfer", cuda_graphs=True)
+
+    requests = make_requests(batch_size, args.prompt_tokens, new_tokens, model.config.vocab_size, greedy=False)
+    return profile_decode(make_engine, requests)
+
+
 def print_table(rows):
-    header = (f"{'variant':<38} {'bs':>4} {'new':>5} {'steps':>5} {'ms/step':>8} {'roof ms':>8} {'roof%':>6} "
+    header = (f"{'variant':<42} {'bs':>4} {'new':>5} {'steps':>5} {'ms/step':>8} {'roof ms':>8} {'roof%':>6} "
               f"{'dec tok/s':>10} {'e2e tok/s':>10} {'capture s':>9} {'free GiB b/d/a':>18}")
     print(header)
     print("-" * len(header))
@@ -180,12 +209,12 @@ def print_table(rows):
 
     for row in rows:
         if "error" in row:
-            print(f"{row['name']:<38} ERROR: {row['error'].splitlines()[-1]}")
+            print(f"{row['name']:<42} ERROR: {row['error'].splitlines()[-1]}")
             continue
         memory = "-"
         if "free_gib_before" in row:
             memory = f"{row['free_gib_before']:.1f}/{row['free_gib_during']:.1f}/{row['free_gib_after_release']:.1f}"
-        print(f"{row['name']:<38} {row['batch_size']:>4} {fmt(row, 'new_tokens', '>5')} "
+        print(f"{row['name']:<42} {row['batch_size']:>4} {fmt(row, 'new_tokens', '>5')} "
               f"{fmt(row, 'timed_decode_steps', '>5')} {fmt(row, 'ms_per_decode_step', '>8.2f')} "
               f"{fmt(row, 'roofline_ms_per_step', '>8.2f')} "
               f"{(format(100 * row['fraction_of_roofline'], '>5.1f') + '%') if 'fraction_of_roofline' in row else '-':>6} "
@@ -203,6 +232,8 @@ def main():
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--prefill-budget", type=int, default=8192)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also profile 20 decode steps of bs128 graphs (sampled)")
+    parser.add_argument("--only", default="", help="run only variants whose name contains one of these (comma list)")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     short_tokens = 32 + args.timed_steps
@@ -229,11 +260,16 @@ def main():
     for size in batch_sizes[1:]:
         plans.append(dict(name=f"flashinfer + graphs + fp8 KV bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
-    plans.append(dict(name="flashinfer + graphs greedy bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
-                      batch_size=64, new_tokens=256, greedy=True))
-    if not args.skip_transformers:
-        plans.append(dict(name="transformers", special="hf"))
+    for greedy in (True, False):
+        mode = "greedy" if greedy else "sampled"
+        plans.append(dict(name=f"flashinfer + graphs {mode} bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
+                          batch_size=64, new_tokens=256, greedy=greedy))
+        if not args.skip_transformers:
+            plans.append(dict(name=f"transformers {mode}", special="hf", greedy=greedy))
 
+    if args.only:
+        wanted = args.only.split(",")
+        plans = [plan for plan in plans if any(word in plan["name"] for word in wanted)]
     rows = []
     for plan in plans:
         started = time.perf_counter()
@@ -243,7 +279,7 @@ def main():
             if special == "torch":
                 row = torch_backend_row(model, args, bandwidth, weight_bytes)
             elif special == "hf":
-                row = transformers_row(model, config_dict, args)
+                row = transformers_row(model, config_dict, args, greedy=plan["greedy"])
             else:
                 row = run_variant(model, args, bandwidth, weight_bytes, **plan)
         except Exception:  # noqa: BLE001 -- one failing variant must not hide the others' numbers
@@ -253,19 +289,36 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    ours = next((r for r in rows if r["name"].endswith("(vs HF)") and "error" not in r), None)
-    hf = next((r for r in rows if r["name"].startswith("transformers") and "error" not in r), None)
-    if ours and hf:
-        header["speedup_vs_transformers_bs64_256_greedy"] = (ours["tokens_per_second_end_to_end"]
-                                                            / hf["tokens_per_second_end_to_end"])
+    profile = None
+    if args.profile:
+        print("profiling flashinfer + graphs bs128 (sampled) ...", flush=True)
+        try:
+            profile = profile_variant(model, args)
+        except Exception:  # noqa: BLE001 -- the profile must not hide the table
+            profile = dict(error=traceback.format_exc())
+            print(profile["error"], flush=True)
+    for mode in ("greedy", "sampled"):
+        ours = _ok(rows, f"flashinfer + graphs {mode} bs64 (vs HF)")
+        hf = _ok(rows, f"transformers generate (sdpa, {mode})")
+        if ours and hf:
+            header[f"speedup_vs_transformers_bs64_256_{mode}"] = (ours["tokens_per_second_end_to_end"]
+                                                                 / hf["tokens_per_second_end_to_end"])
     print()
     print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB, "
           f"KV {header['kv_bytes_per_token_bf16']} B/token (bf16)")
     print_table(rows)
-    if "speedup_vs_transformers_bs64_256_greedy" in header:
-        print(f"engine (graphs, greedy, bs64, 256 new) vs transformers generate: "
-              f"{header['speedup_vs_transformers_bs64_256_greedy']:.2f}x tokens/s")
-    args.out.write_text(json.dumps(dict(header=header, rows=rows), indent=1, default=str))
+    for mode in ("greedy", "sampled"):
+        if f"speedup_vs_transformers_bs64_256_{mode}" in header:
+            print(f"engine (graphs, {mode}, bs64, 256 new) vs transformers generate ({mode}): "
+                  f"{header[f'speedup_vs_transformers_bs64_256_{mode}']:.2f}x tokens/s")
+    print("\nhost ms per step (engine: schedule/build_inputs/update; GPU path: stage/copy_inputs/plan/replay_launch/"
+          "sync, where sync includes waiting for the GPU)")
+    for row in rows:
+        if "host_ms_per_step" in row:
+            print(f"{row['name']:<40} " + " ".join(f"{name} {ms:.3f}" for name, ms in row["host_ms_per_step"].items()))
+    if profile is not None and "error" not in profile:
+        print_profile(profile)
+    args.out.write_text(json.dumps(dict(header=header, rows=rows, profile=profile), indent=1, default=str))
     print(f"wrote {args.out}")
 
 

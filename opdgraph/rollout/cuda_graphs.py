@@ -6,10 +6,14 @@ builder and the sampler are shared with the plain-torch path):
 - every step plans flashinfer from the scheduled batch's python lists (no device-to-host copy), runs the model's
   paged forward with the flashinfer backend, computes float32 logits of the sampling rows and samples on the device;
 - a decode step (every sequence feeds one token) of at most ``max_graph_batch_size`` sequences instead replays a CUDA
-  graph captured for the next size of a ladder (1, 2, 4, ... up to max_num_seqs). Padded rows write their K/V into
-  a scratch page beyond the scheduler's pages and read only that page; their sampled tokens are dropped;
+  graph captured for the next size of a ladder (1, 2, 4, ... up to max_num_seqs) (``replay_decode``, called by the
+  engine before it builds any tensors). Its inputs are staged with numpy into two pinned buffers
+  (``decode_staging``) and reach the graph's static buffers in two transfers. Padded rows write their K/V into a
+  scratch page beyond the scheduler's pages and read only that page; their sampled tokens are dropped;
 - sampled tokens and log-probs go to pinned host buffers with non-blocking copies and the host waits ONCE per step
-  (the scheduler needs the tokens to decide what comes next: EOS, stop tokens, lengths).
+  (the scheduler needs the tokens to decide what comes next: EOS, stop tokens, lengths);
+- ``stats.host_seconds`` accumulates the host time of each phase (stage, copy_inputs, plan, replay_launch, sync)
+  for the benchmark's profile.
 
 Graph lifetime: graphs bake in the addresses of the KV tensors. The engine drops the KV tensors at ``release()`` so
 training gets the memory back; the graphs (and their memory pool) are dropped with them and re-captured lazily on
@@ -22,15 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
 from opdgraph.models.attention_metadata import PagedMetadata
+from opdgraph.rollout.decode_staging import FLOAT_FIELDS, FLOAT_ROW, INT_FIELDS, INT_ROW, DecodeStaging
 from opdgraph.rollout.sampler import SamplingRows, sample_tokens
 
 MAX_GRAPH_BATCH_SIZE = 256
-SAMPLING_FIELDS = ("seeds", "sample_indices", "positions", "temperatures", "top_k", "top_p", "min_p", "greedy")
 
 
 def batch_size_ladder(max_num_seqs: int, max_graph_batch_size: int = MAX_GRAPH_BATCH_SIZE) -> list[int]:
@@ -59,11 +64,6 @@ def batch_lists(batch, pad_to: int | None = None, scratch_page: int | None = Non
             page_tables + [[scratch_page]] * num_padding)
 
 
-def sampling_key(rows: SamplingRows) -> tuple[bool, ...]:
-    """The host-side flags that choose the sampler's code path (one graph per distinct key)."""
-    return rows.all_greedy, rows.any_greedy, rows.any_top_k, rows.any_top_p, rows.any_min_p
-
-
 @dataclass
 class StepRecord:
     kind: str  # "graph" (replayed decode), "decode" (eager decode) or "mixed" (prefill chunks present)
@@ -79,6 +79,8 @@ class GpuPathStats:
     num_captures: int = 0
     capture_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
+    # Host seconds per phase of the GPU path (stage, copy_inputs, plan, replay_launch, sync; gpu_step_total).
+    host_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 @dataclass
@@ -117,6 +119,7 @@ class FlashInferRollout:
         self._host_tokens = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True)
         self._host_logprobs = torch.empty(max_num_seqs, dtype=torch.float32, pin_memory=True)
         self._static: dict[str, torch.Tensor] | None = None
+        self._staging = DecodeStaging(self.ladder[-1], page_size, self.scratch_page, pin=True) if cuda_graphs else None
         self._graphs: dict[tuple, _CapturedDecode] = {}
         self._pool = None
 
@@ -132,26 +135,38 @@ class FlashInferRollout:
         self._graphs = {}
         self._pool = None
 
-    def forward_and_sample(self, batch, inputs, kv_cache) -> tuple[list[int], list[float]]:
-        """Run one scheduled step; returns the sampled tokens and raw log-probs as python lists (one host sync)."""
-        num_seqs = len(batch.chunks)
-        all_decode = all(chunk.is_decode for chunk in batch.chunks)
-        padded = padded_batch_size(num_seqs, self.ladder) if all_decode else None
+    def replay_decode(self, batch, kv_cache) -> tuple[list[int], list[float]] | None:
+        """Run an all-decode step by replaying a captured graph; None when the step is not one (the engine then
+        builds the inputs and calls ``forward_and_sample``). Inputs are staged with numpy (``decode_staging``)."""
+        if not self.ladder or not all(chunk.is_decode for chunk in batch.chunks):
+            return None
+        padded = padded_batch_size(len(batch.chunks), self.ladder)
+        if padded is None:
+            return None
+        started = time.perf_counter()
         with self._model_backend():
-            if padded is not None:
-                tokens, logprobs = self._replay_decode(batch, inputs, kv_cache, padded)
-                kind = "graph"
-            else:
-                tokens, logprobs = self._eager(batch, inputs, kv_cache)
-                kind = "decode" if all_decode else "mixed"
+            tokens, logprobs = self._replay(batch, kv_cache, padded)
         result = self._to_host(tokens, logprobs)
-        if kind == "graph":
-            self.stats.graph_steps += 1
-        else:
-            self.stats.eager_steps += 1
-        context = sum(chunk.start + chunk.num_tokens for chunk in batch.chunks)
-        self.stats.steps.append(StepRecord(kind, num_seqs, context, time.perf_counter()))
+        self.stats.graph_steps += 1
+        self._record(batch, "graph", started)
         return result
+
+    def forward_and_sample(self, batch, inputs, kv_cache) -> tuple[list[int], list[float]]:
+        """Run one scheduled step eagerly; returns the sampled tokens and raw log-probs as python lists (one sync)."""
+        started = time.perf_counter()
+        with self._model_backend():
+            tokens, logprobs = self._eager(batch, inputs, kv_cache)
+        result = self._to_host(tokens, logprobs)
+        self.stats.eager_steps += 1
+        all_decode = all(chunk.is_decode for chunk in batch.chunks)
+        self._record(batch, "decode" if all_decode else "mixed", started)
+        return result
+
+    def _record(self, batch, kind: str, started: float) -> None:
+        ended = time.perf_counter()
+        self.stats.host_seconds["gpu_step_total"] += ended - started
+        context = sum(chunk.start + chunk.num_tokens for chunk in batch.chunks)
+        self.stats.steps.append(StepRecord(kind, len(batch.chunks), context, ended))
 
     # ------------------------------------------------------------------------------------------------- pieces
     @contextlib.contextmanager
@@ -180,56 +195,51 @@ class FlashInferRollout:
         host_tokens, host_logprobs = self._host_tokens[:count], self._host_logprobs[:count]
         host_tokens.copy_(tokens, non_blocking=True)
         host_logprobs.copy_(logprobs, non_blocking=True)
+        started = time.perf_counter()
         torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the step
-        return host_tokens.tolist(), host_logprobs.tolist()
+        result = host_tokens.tolist(), host_logprobs.tolist()
+        self.stats.host_seconds["sync"] += time.perf_counter() - started
+        return result
 
-    def _replay_decode(self, batch, inputs, kv_cache, padded: int):
-        from opdgraph.kernels.flashinfer_attention import plan_arrays
-
-        num_seqs = len(batch.chunks)
-        arrays = plan_arrays(*batch_lists(batch, padded, self.scratch_page), self.page_size, pin=True)
+    def _replay(self, batch, kv_cache, padded: int):
+        clock, host = time.perf_counter, self.stats.host_seconds
+        started = clock()
+        arrays = self._staging.stage(batch, padded)
+        staged = clock()
         if not self.backend.ensure_graph_capacity(arrays.kv_indices.numel()):
             self.release()  # the graphs read page ids from the index buffer that was just replaced
-        key = sampling_key(inputs.sampling)
+        key = self._staging.sampling_key
         if (padded, key) not in self._graphs:
-            self._capture_ladder(inputs.sampling, kv_cache)
+            self._capture_ladder(key, kv_cache)
         captured = self._graphs[(padded, key)]
-        static = self._static
-        static["input_ids"][:num_seqs].copy_(inputs.input_ids, non_blocking=True)
-        static["positions"][:num_seqs].copy_(inputs.positions, non_blocking=True)
-        static["slot_mapping"][:num_seqs].copy_(inputs.meta.slot_mapping, non_blocking=True)
-        # Rows past the batch may hold slots of earlier, larger batches: point them back at the scratch page.
-        static["slot_mapping"][num_seqs:padded].fill_(self.scratch_page * self.page_size)
-        for name in SAMPLING_FIELDS:
-            static[f"sampling_{name}"][:num_seqs].copy_(getattr(inputs.sampling, name), non_blocking=True)
+        # Two transfers carry every per-row input of the step (pinned host -> device, asynchronous).
+        self._static["ints"].copy_(self._staging.ints, non_blocking=True)
+        self._static["floats"].copy_(self._staging.floats, non_blocking=True)
+        copied = clock()
         self.backend.plan(captured.meta, arrays, graph_batch_size=padded)
+        planned = clock()
         captured.graph.replay()
-        return captured.tokens[:num_seqs], captured.logprobs[:num_seqs]
+        host["stage"] += staged - started
+        host["copy_inputs"] += copied - staged
+        host["plan"] += planned - copied
+        host["replay_launch"] += clock() - planned
+        return captured.tokens[: len(batch.chunks)], captured.logprobs[: len(batch.chunks)]
 
     def _static_buffers(self) -> dict[str, torch.Tensor]:
         size, device = self.ladder[-1], self.device
-
-        def zeros(dtype, *shape):
-            return torch.zeros(*(shape or (size,)), dtype=dtype, device=device)
-
         return {
-            "input_ids": zeros(torch.int64), "positions": zeros(torch.int64), "slot_mapping": zeros(torch.int64),
+            # Same layout as the host staging buffers: one row per field (decode_staging.INT_FIELDS, FLOAT_FIELDS).
+            "ints": torch.zeros(len(INT_FIELDS), size, dtype=torch.int64, device=device),
+            "floats": torch.ones(len(FLOAT_FIELDS), size, dtype=torch.float32, device=device),
             "query_lens": torch.ones(size, dtype=torch.int32, device=device),
             "cu_query_lens": torch.arange(size + 1, dtype=torch.int32, device=device),
             # flashinfer takes page tables and lengths from the plan; the metadata's copies are placeholders.
             "kv_lens": torch.ones(size, dtype=torch.int32, device=device),
             "page_table": torch.full((size, 1), self.scratch_page, dtype=torch.int32, device=device),
             "logit_rows": torch.arange(size, dtype=torch.int64, device=device),
-            # Sampler inputs, one row per sequence (greedy off, no filters until a batch's values are copied in).
-            "sampling_seeds": zeros(torch.int64), "sampling_sample_indices": zeros(torch.int64),
-            "sampling_positions": zeros(torch.int64),
-            "sampling_temperatures": torch.ones(size, dtype=torch.float32, device=device),
-            "sampling_top_k": zeros(torch.int64), "sampling_top_p": torch.ones(size, dtype=torch.float32,
-                                                                                device=device),
-            "sampling_min_p": zeros(torch.float32), "sampling_greedy": zeros(torch.bool),
         }
 
-    def _capture_ladder(self, rows: SamplingRows, kv_cache) -> None:
+    def _capture_ladder(self, key: tuple[bool, ...], kv_cache) -> None:
         """Capture every ladder size for this sampling mode, largest first (smaller graphs reuse its pool)."""
         from opdgraph.kernels.flashinfer_attention import plan_arrays
 
@@ -240,7 +250,6 @@ class FlashInferRollout:
             self.release()  # graphs of other sampling modes read the index buffer that was just replaced
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        key = sampling_key(rows)
         for size in reversed(self.ladder):
             self._graphs[(size, key)] = self._capture(size, key, kv_cache, plan_arrays)
         torch.cuda.synchronize(self.device)
@@ -249,22 +258,25 @@ class FlashInferRollout:
 
     def _capture(self, size: int, key: tuple[bool, ...], kv_cache, plan_arrays) -> _CapturedDecode:
         static = self._static
+        ints = {name: static["ints"][row, :size] for name, row in INT_ROW.items()}
+        floats = {name: static["floats"][row, :size] for name, row in FLOAT_ROW.items()}
         meta = PagedMetadata(query_lens=static["query_lens"][:size], cu_query_lens=static["cu_query_lens"][:size + 1],
                              kv_lens=static["kv_lens"][:size], page_table=static["page_table"][:size],
-                             slot_mapping=static["slot_mapping"][:size], page_size=self.page_size)
+                             slot_mapping=ints["slot_mapping"], page_size=self.page_size)
         all_greedy, any_greedy, any_top_k, any_top_p, any_min_p = key
-        rows = SamplingRows(
-            logit_rows=static["logit_rows"][:size],
-            **{name: static[f"sampling_{name}"][:size] for name in SAMPLING_FIELDS},
-            any_greedy=any_greedy, all_greedy=all_greedy, any_top_k=any_top_k, any_top_p=any_top_p,
-            any_min_p=any_min_p)
 
         def decode_step():
-            hidden = self.model.forward_paged(static["input_ids"][:size], static["positions"][:size], meta, kv_cache)
+            rows = SamplingRows(
+                logit_rows=static["logit_rows"][:size], seeds=ints["seeds"], sample_indices=ints["sample_indices"],
+                positions=ints["sample_positions"], temperatures=floats["temperatures"], top_k=ints["top_k"],
+                top_p=floats["top_p"], min_p=floats["min_p"], greedy=ints["greedy"] != 0,  # captured conversion
+                any_greedy=any_greedy, all_greedy=all_greedy, any_top_k=any_top_k, any_top_p=any_top_p,
+                any_min_p=any_min_p)
+            hidden = self.model.forward_paged(ints["input_ids"], ints["positions"], meta, kv_cache)
             return sample_tokens(self.logits_fn(hidden), rows)
 
         # Capture on harmless inputs: every row writes and reads only the scratch page.
-        static["slot_mapping"][:size].fill_(self.scratch_page * self.page_size)
+        ints["slot_mapping"].fill_(self.scratch_page * self.page_size)
         self.backend.plan(meta, plan_arrays([1] * size, [1] * size, [[self.scratch_page]] * size, self.page_size,
                                             pin=True), graph_batch_size=size)
         # Warm up outside the graph first (lazy allocations, cuBLAS handles, flashinfer's cached buffers).

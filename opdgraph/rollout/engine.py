@@ -19,7 +19,8 @@ per step); scheduling, batch building and sampling semantics are the same.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +44,8 @@ class EngineStats:
     wall_seconds: float = 0.0
     peak_pages_used: int = 0
     kv_pool_created: bool = False  # this call (re)allocated the KV tensors (first call, or after release())
+    # Host seconds per engine phase (schedule, build_inputs, update); the GPU path keeps its own split.
+    host_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
     def tokens_per_second(self) -> float:
@@ -137,18 +140,28 @@ class RolloutEngine:
         return [_response(sequence) for sequence in finished]
 
     def _step(self, scheduler: Scheduler, stats: EngineStats) -> None:
+        clock, phases = time.perf_counter, stats.host_seconds
+        started = clock()
         batch = scheduler.schedule()
         if not batch.chunks:
             raise RuntimeError("rollout scheduler made no progress (internal error: please report)")
         if batch.page_copies:
             self._copy_pages(batch.page_copies)
-        inputs = build_model_inputs(batch, self.page_size, self.device)
-        if self.gpu_path is not None:
-            tokens, logprobs = self.gpu_path.forward_and_sample(batch, inputs, self.kv_cache)
-        else:
-            tokens, logprobs = self._forward_and_sample(inputs)
+        scheduled = clock()
+        result = None if self.gpu_path is None else self.gpu_path.replay_decode(batch, self.kv_cache)
+        if result is None:  # not a graph decode step: build the inputs as tensors and run eagerly
+            inputs = build_model_inputs(batch, self.page_size, self.device)
+            phases["build_inputs"] += clock() - scheduled
+            if self.gpu_path is not None:
+                result = self.gpu_path.forward_and_sample(batch, inputs, self.kv_cache)
+            else:
+                result = self._forward_and_sample(inputs)
+        tokens, logprobs = result
         _count(batch, stats)
+        updating = clock()
         scheduler.update(batch, tokens, logprobs)
+        phases["schedule"] += scheduled - started
+        phases["update"] += clock() - updating
 
     def _forward_and_sample(self, inputs) -> tuple[list[int], list[float]]:
         hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)

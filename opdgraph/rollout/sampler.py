@@ -15,6 +15,10 @@ Per row, in this order (each row may carry different settings):
 
 The returned log-prob is always ``log_softmax(raw logits)[token]``: temperature 1, no filtering (the student's own
 distribution, which distillation needs), whatever settings chose the token.
+
+On CUDA, batches where no row filters (steps 3-5 off) go to the fused Triton kernel ``opdgraph.kernels.sampling``
+(one pass over the logits, same counters, same tokens up to float32 rounding of the logarithms); this torch code is
+the CPU path, the filtered path and the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class SamplingRows:
 
 def sample_tokens(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 logits [R, V] -> (token ids int64 [K], raw log-probs float32 [K])."""
+    if logits.is_cuda and not (rows.any_top_k or rows.any_top_p or rows.any_min_p):
+        from opdgraph.kernels.sampling import sample_unfiltered
+
+        return sample_unfiltered(logits, rows)
     logits = logits.float().index_select(0, rows.logit_rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     if rows.all_greedy:

@@ -119,20 +119,30 @@ class Scheduler:
         return needed
 
     def _append_chunk(self, batch: ScheduledBatch, sequence: Sequence, num_tokens: int) -> None:
+        # Runs once per sequence per step: plain arithmetic instead of the Sequence properties keeps it cheap.
         start = sequence.num_cached
-        first_page_index = start // self.page_size
-        if first_page_index < len(sequence.pages) and self.pool.is_shared(sequence.pages[first_page_index]):
-            shared_page = sequence.pages[first_page_index]
+        pages = sequence.pages
+        page_size = self.page_size
+        first_page_index = start // page_size
+        if first_page_index < len(pages) and self.pool.refcounts[pages[first_page_index]] > 1:
+            shared_page = pages[first_page_index]
             own_copy = self.pool.allocate()
             batch.page_copies.append((shared_page, own_copy))
             self.pool.release(shared_page)
-            sequence.pages[first_page_index] = own_copy
-        while len(sequence.pages) < self.pages_for(start + num_tokens):
-            sequence.pages.append(self.pool.allocate())
-        samples = start + num_tokens == sequence.num_tokens
-        batch.chunks.append(ScheduledChunk(sequence, start, num_tokens, is_decode=sequence.is_decode, samples=samples))
+            pages[first_page_index] = own_copy
+            sequence.pages_version += 1
+        pages_wanted = -(-(start + num_tokens) // page_size)
+        while len(pages) < pages_wanted:
+            pages.append(self.pool.allocate())
+            sequence.pages_version += 1
+        total_tokens = len(sequence.request.prompt_ids) + len(sequence.generated)
+        is_decode = total_tokens - start == 1 and len(sequence.generated) > 0  # == sequence.is_decode
+        batch.chunks.append(ScheduledChunk(sequence, start, num_tokens, is_decode=is_decode,
+                                           samples=start + num_tokens == total_tokens))
 
     def _admit(self, batch: ScheduledBatch, budget_left: int) -> None:
+        if not self.waiting:
+            return
         self.waiting.sort(key=lambda s: (s.num_tokens, s.arrival_order))
         num_slots_used = sum(len(s.sample_indices) for s in self.running)  # a group holds n slots
         # Pages the running prefills will still need for their contexts: admitting into them would only cause
@@ -159,6 +169,7 @@ class Scheduler:
         for page in sequence.pages:
             self.pool.release(page)
         sequence.pages = []
+        sequence.pages_version += 1
         sequence.num_recomputed_tokens += sequence.num_cached
         sequence.num_cached = 0
         sequence.num_preemptions += 1
@@ -203,5 +214,6 @@ class Scheduler:
         for page in sequence.pages:
             self.pool.release(page)
         sequence.pages = []
+        sequence.pages_version += 1
         self.running.remove(sequence)
         self.finished.append(sequence)

@@ -25,6 +25,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    pages_version: int = 0  # bumped by the scheduler whenever ``pages`` changes (host caches of page tables key on it)
     num_cached: int = 0
     admission_order: int = -1  # set when admitted; the tie-breaker when choosing whom to preempt
     finish_reason: FinishReason | None = None
