@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdgraph.kernels.varlen_attention import (VarlenFlashBackend, packed_backend_description,
+from opdgraph.kernels.varlen_attention import (VarlenFlashBackend, VarlenSupport, packed_backend_description,
                                                select_packed_backend, unsupported_reason, varlen_support)
 from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.models.attention_metadata import PackedMetadata
@@ -105,7 +105,7 @@ def test_flash_backend_on_cpu_tensors_falls_back_to_reference():
 ])
 def test_unsupported_inputs_name_the_reason(dtype, head_dim, expected):
     """Each input the kernel cannot take must be caught before the kernel, with a reason a user can act on."""
-    support = type(varlen_support())(True)
+    support = VarlenSupport(True)
     q = torch.empty(4, 2, head_dim, dtype=dtype, device="meta")
     reason = unsupported_reason(_FakeCuda(q), None, support)
     assert reason is not None and expected in reason
