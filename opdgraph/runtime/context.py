@@ -4,6 +4,10 @@
 that student and teacher share a tokenizer, loads the prompt sets, creates the rollout engine with the KV pool size
 the plan derived, and the optimizer with fp32 master weights. Stage `execute` functions receive this context plus
 their own Config; they never see the whole pipeline config.
+
+On CUDA the run takes the fast paths: the rollout engine samples through flashinfer with CUDA-graph decode
+(`build_engine`, when rollout.backend allows it and flashinfer imports), and both models run packed attention
+through FlashAttention varlen (`use_packed_attention`). CPU runs keep the plain-torch paths.
 """
 
 from __future__ import annotations
@@ -117,3 +121,51 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _flashinfer_problem(device: torch.device, model_dtype: torch.dtype) -> str | None:
+    """Why the flashinfer rollout path cannot run here (None: it can)."""
+    if device.type != "cuda":
+        return f"the run is on {device.type}"
+    if model_dtype not in (torch.bfloat16, torch.float16):
+        return f"the student is {model_dtype} (flashinfer takes bfloat16/float16)"
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as error:
+        return f"flashinfer does not import ({error})"
+    return None
+
+
+def rollout_attention(setting: str, device: torch.device, model_dtype: torch.dtype) -> str:
+    """The engine's attention for rollout.backend: 'auto' takes flashinfer wherever it can run."""
+    if setting == "torch":
+        return "torch"
+    problem = _flashinfer_problem(device, model_dtype)
+    if setting == "flashinfer" and problem is not None:
+        raise RuntimeError(f"rollout.backend = 'flashinfer' but {problem}; use 'auto' or 'torch'")
+    return "torch" if problem is not None else "flashinfer"
+
+
+def build_engine(student, rollout, *, num_pages: int, device: torch.device, kv_dtype: torch.dtype):
+    """The rollout engine; on the flashinfer path decode steps replay CUDA graphs."""
+    from opdgraph.rollout import RolloutEngine
+
+    attention = rollout_attention(rollout.backend, device, student.dtype)
+    return RolloutEngine(student, page_size=rollout.page_size, num_pages=num_pages, max_num_seqs=rollout.max_num_seqs,
+                         prefill_token_budget=rollout.prefill_token_budget, device=device, kv_dtype=kv_dtype,
+                         attention=attention, cuda_graphs=attention == "flashinfer")
+
+
+def use_packed_attention(models, device: torch.device) -> str:
+    """Give each model the packed-attention backend for `device`; returns the one-line description for the log.
+
+    On CUDA the RoPE inverse frequencies also move to the device (same float32 values): the decoder keeps them on
+    the host, and a pageable host-to-device copy at every forward waits for the GPU to drain.
+    """
+    from opdgraph.kernels.varlen_attention import packed_backend_description, select_packed_backend
+
+    for model in models:
+        model.set_attention_backend(select_packed_backend(device))
+        if device.type == "cuda":
+            model._inv_freq = {kind: inv_freq.to(device) for kind, inv_freq in model._inv_freq.items()}
+    return packed_backend_description(device)

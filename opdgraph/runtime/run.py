@@ -16,8 +16,8 @@ import torch
 
 from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime.buffers import BufferTable
-from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, check_same_tokenizer, load_models, pick_device,
-                                      seed_everything)
+from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
+                                      pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine, truncate_metrics
 
@@ -56,7 +56,6 @@ def _load_prompts(cfg, files: list[str], tokenizer):
 
 def build_context(cfg, plan, run_dir: Path) -> RunContext:
     from opdgraph.data import PromptSampler
-    from opdgraph.rollout import RolloutEngine
     from opdgraph.train.optimizer import MasterAdamW
 
     device = pick_device(cfg.pipeline.device)
@@ -66,6 +65,7 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
     teacher, teacher_tokenizer = models[cfg.model_with_role("teacher")]
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     teacher.requires_grad_(False)
+    print(use_packed_attention([student, teacher], device))
     train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
     print(f"train prompts: {train_prompts.summary.describe()}")
     eval_stage = cfg.stage("eval")
@@ -73,9 +73,8 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
     eval_prompts = _load_prompts(cfg, eval_files, tokenizer) if eval_files else None
     rollout = cfg.stage("rollout").config
     step = cfg.stage("step").config
-    engine = RolloutEngine(student, page_size=rollout.page_size, num_pages=int(plan.facts["rollout.num_pages"]),
-                           max_num_seqs=rollout.max_num_seqs, prefill_token_budget=rollout.prefill_token_budget,
-                           device=device, kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
+                          kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
     optimizer = MasterAdamW(list(student.named_parameters()), lr=step.lr, betas=tuple(step.betas), eps=step.eps,
                             weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,

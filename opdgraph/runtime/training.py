@@ -7,6 +7,9 @@ Two-stage backward: the student backbone runs forward once per micro-batch and k
 (`hidden_grad`) and the lm_head gradient analytically; then one backward through the backbone with that gradient.
 The lm_head gradient is accumulated in fp32 across micro-batches (part of `<student>.grads`) and folded into the
 parameter's gradient before the optimizer step (for tied embeddings it joins the embedding's own gradient).
+
+No host synchronisation inside the micro-batch loop: loss and divergence are summed as device tensors in the step
+record and read back once, by the optimizer step (which reads the gradient norm anyway).
 """
 
 from __future__ import annotations
@@ -79,8 +82,16 @@ def chunked_loss(config, ctx, loop) -> None:
         loss, hidden_grad, estimate = result.loss, result.hidden_grad, result.estimate
     ctx.buffers.put_item("hidden_grad", loop.index, hidden_grad)
     record = ctx.step_record
-    record["loss"] = record.get("loss", 0.0) + float(loss)
-    record["divergence"] = record.get("divergence", 0.0) + float(estimate)
+    for key, value in (("loss", loss), ("divergence", estimate)):
+        value = value.detach()
+        record[key] = value if key not in record else record[key] + value
+
+
+def read_back_step_scalars(record: dict) -> None:
+    """Device tensors gathered during the step -> python floats (the step's one read-back)."""
+    for key, value in record.items():
+        if isinstance(value, torch.Tensor):
+            record[key] = float(value)
 
 
 def backward(ctx, loop) -> None:
@@ -103,6 +114,7 @@ def optimizer_step(config, ctx) -> None:
     weight.grad = lm_head_grad if weight.grad is None else weight.grad.add_(lm_head_grad)
     params = [p for p in ctx.student.parameters() if p.grad is not None]
     norm, finite = clip_grad_norm(params, config.max_grad_norm)
+    read_back_step_scalars(ctx.step_record)
     lr = lr_at(ctx.step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=ctx.num_steps,
                schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
     record = ctx.step_record

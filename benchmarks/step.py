@@ -1,0 +1,428 @@
+"""One OPD training step on a GPU, stage by stage, against its roofline floor; TRL's DistillationTrainer beside it.
+
+Qwen2.5-1.5B student <- Qwen2.5-7B teacher (the shipped configs, random weights, bf16, vocab pair 151,936 vs
+152,064), reverse KL, fixed response lengths (EOS suppressed). The run goes through the real runtime: a pipeline
+file written for the shape, `compile_plan`, `build_context` and the plan executor, i.e. the code of `opdgraph run`.
+The only additions are CUDA synchronisations around each plan step, so per-stage seconds are GPU seconds.
+
+Shapes: A = 32 sequences of 128 prompt + 256 response tokens per step; B = 128 of 256 + 1,024.
+
+Roofline floor of a step, from the MEASURED bf16 matmul rate and device copy bandwidth (both measured here):
+rollout = prefill FLOPs and, per decode round, max(FLOPs / rate, (weights + KV read) / bandwidth) (opdgraph.work);
+teacher = 2N FLOPs per token + attention; student = 6N per token + 3x attention; loss = the lm_heads at response
+positions (teacher 2 h V, student 2 h V forward + 4 h V backward); optimizer = bytes of AdamW on fp32 masters.
+MFU of a compute stage = its FLOPs / its seconds / the measured matmul rate (and / the nominal dense bf16 peak).
+
+    python benchmarks/step.py --out step.json            # shapes A and B, TRL on shape A (needs trl, datasets)
+    python benchmarks/step.py --tiny --out /tmp/s.json   # CPU smoke run of the same code with tiny models
+
+TRL's side lives in step_trl.py (optional: reported as 'skipped: reason' when it cannot run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
+STAGE_GROUPS = {"rollout": ("rollout.prefill", "rollout.decode"), "teacher": ("teacher_score",),
+                "student_fwd": ("loss.student_forward",), "loss": ("loss",), "backward": ("backward",),
+                "optimizer": ("step",)}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    name: str
+    sequences: int
+    prompt_tokens: int
+    response_tokens: int
+    steps: int  # measured steps, after the warmup steps
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * (self.prompt_tokens + self.response_tokens)
+
+
+SHAPES = {"A": StepShape("A", 32, 128, 256, 3), "B": StepShape("B", 128, 256, 1024, 2)}
+TINY_SHAPES = {"A": StepShape("A", 4, 16, 8, 2), "B": StepShape("B", 6, 24, 16, 2)}
+
+
+# ------------------------------------------------------------------------------------------------ hardware rates
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device, repeats: int) -> float:
+    function()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def measure_hardware(device: torch.device, tiny: bool) -> dict:
+    """Measured dense matmul FLOP/s (model dtype) and device copy bandwidth (bytes read + written per second)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = 256 if tiny else 8192
+    left, right = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    matmul_seconds = timed(lambda: left @ right, device, repeats=3 if tiny else 20)
+    num_bytes = (16 if tiny else 2048) * 2**20
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_seconds = timed(lambda: target.copy_(source), device, repeats=3 if tiny else 10)
+    del left, right, source, target
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = next((value for key, value in NOMINAL_BF16_TFLOPS.items() if key in name), None)
+    return {"device": name, "torch": torch.__version__, "matmul_flops": 2 * size**3 / matmul_seconds,
+            "copy_bytes_per_s": 2 * num_bytes / copy_seconds, "nominal_bf16_flops": nominal and nominal * 1e12}
+
+
+def use_device_side_init() -> None:
+    """Random init drawn on the model's device. DecoderLM.reset_parameters draws on the CPU so that weights do not
+    depend on the device, which takes minutes for 9B parameters; the step's speed does not depend on the values.
+    Same distribution: normal(0, initializer_range) matrices and embeddings, zero biases, norms reset."""
+    from opdgraph.models.decoder import DecoderLM
+    from opdgraph.models.layers import RMSNorm
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for name, parameter in self.named_parameters():
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                continue
+            if name.endswith(".bias"):
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, self.config.initializer_range, generator=generator)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    DecoderLM.reset_parameters = reset_parameters
+
+
+# ---------------------------------------------------------------------------------------------- pipeline on disk
+def model_configs(tiny: bool) -> tuple[dict, dict]:
+    if tiny:
+        from opdgraph.models.tiny_configs import tiny_config
+
+        student, teacher = tiny_config("qwen2"), tiny_config("qwen2_untied")
+        teacher.update(hidden_size=96, vocab_size=320)  # a bigger teacher with a longer vocab, as in the real pair
+        return student, teacher
+    from opdgraph.model_shapes import resolve_path
+
+    def read(name):
+        return json.loads(Path(resolve_path(f"pkg:opdgraph/model_configs/{name}", ".")).read_text())
+
+    return read("qwen2.5-1.5b-instruct.json"), read("qwen2.5-7b-instruct.json")
+
+
+def write_pipeline(directory: Path, shape: StepShape, *, tiny: bool, micro_batch_tokens: int,
+                   chunk_tokens: int) -> Path:
+    """A pipeline file for the shape, its two model configs and a prompt file of exact-length prompts."""
+    student, teacher = model_configs(tiny)
+    (directory / "student.json").write_text(json.dumps(student))
+    (directory / "teacher.json").write_text(json.dumps(teacher))
+    # The byte tokenizer's chat wraps a user message in 4 ids (bos, <|user|>, <|end|>, <|assistant|>).
+    rng = random.Random(0)
+    with open(directory / "prompts.jsonl", "w") as prompts:
+        for _ in range(shape.sequences * (shape.steps + 3)):
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(shape.prompt_tokens - 4))
+            prompts.write(json.dumps({"prompt": text}) + "\n")
+    dtype = "float32" if tiny else "bfloat16"
+    text = f"""
+[pipeline]
+name = "step_bench_{shape.name}"
+num_steps = {shape.steps + 2}
+seed = 0
+memory_budget_gib = 80.0
+output_dir = "{directory / 'run'}"
+
+[models.student]
+role = "student"
+dtype = "{dtype}"
+path = "student.json"
+
+[models.teacher]
+role = "teacher"
+dtype = "{dtype}"
+path = "teacher.json"
+
+[data]
+train_files = ["prompts.jsonl"]
+prompts_per_step = {shape.sequences}
+samples_per_prompt = 1
+max_prompt_tokens = {shape.prompt_tokens}
+
+[rollout]
+max_new_tokens = {shape.response_tokens}
+temperature = 1.0
+max_num_seqs = {shape.sequences}
+page_size = 16
+prefill_token_budget = {max(2048, min(8192, shape.sequences * shape.prompt_tokens))}
+
+[teacher_score]
+micro_batch_tokens = {micro_batch_tokens}
+
+[loss]
+divergence = "reverse_kl"
+chunk_tokens = {chunk_tokens}
+
+[backward]
+activation_checkpointing = false
+
+[step]
+lr = 1e-6
+max_grad_norm = 1.0
+
+[log]
+progress = false
+tensorboard = false
+"""
+    path = directory / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ our step, timed
+def timed_executor_class():
+    from opdgraph.runtime.executor import PlanExecutor
+
+    class SyncedExecutor(PlanExecutor):
+        """The plan executor with the device drained around each plan step, so stage seconds are GPU seconds."""
+
+        synced_seconds: dict[str, float]
+
+        def _run(self, step, loop):
+            device = self.ctx.device
+            synchronize(device)
+            started = time.perf_counter()
+            super()._run(step, loop)
+            synchronize(device)
+            self.synced_seconds[step.name] = self.synced_seconds.get(step.name, 0.0) + time.perf_counter() - started
+
+    return SyncedExecutor
+
+
+def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict) -> dict:
+    """Warmup + measured steps of one shape through the runtime; per-stage seconds of every step."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime import run as run_module
+
+    pipeline = write_pipeline(work_dir, shape, tiny=args.tiny, micro_batch_tokens=args.micro_batch_tokens,
+                              chunk_tokens=args.chunk_tokens)
+    cfg = load_pipeline(pipeline, [])
+    plan = compile_plan(cfg)
+    if model_cache:  # the second shape reuses the loaded models (random init of 9B parameters takes a while)
+        load = run_module.load_models
+        run_module.load_models = lambda *a, **k: model_cache
+    started = time.perf_counter()
+    try:
+        ctx = run_module.build_context(cfg, plan, work_dir / "run")
+    finally:
+        if model_cache:
+            run_module.load_models = load
+    model_cache.update({cfg.model_with_role("student"): (ctx.student, ctx.tokenizer),
+                        cfg.model_with_role("teacher"): (ctx.teacher, ctx.tokenizer)})
+    setup_seconds = time.perf_counter() - started
+    ctx.tokenizer.eos_token_ids = []  # fixed response lengths: nothing ends a response before max_new_tokens
+    hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
+    hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    executor = timed_executor_class()(plan, {n: s.config for n, s in cfg.stages.items()}, ctx, release_hooks=hooks)
+    steps = []
+    for index in range(args.warmup + shape.steps):
+        ctx.stage_seconds, ctx.step_record, executor.synced_seconds = {}, {}, {}
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        synchronize(ctx.device)
+        started = time.perf_counter()
+        executor.run_training_step()
+        synchronize(ctx.device)
+        record = ctx.step_record
+        steps.append({"warmup": index < args.warmup, "seconds": time.perf_counter() - started,
+                      "stages": dict(executor.synced_seconds), "loss": record.get("loss"),
+                      "response_tokens": record.get("response_tokens"),
+                      "micro_batches": record.get("num_micro_batches"),
+                      "peak_gib": torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                      if ctx.device.type == "cuda" else None})
+        print(f"  shape {shape.name} step {index}: {steps[-1]['seconds']:.2f} s "
+              f"({'warmup' if index < args.warmup else 'measured'}), {record.get('response_tokens')} response "
+              f"tokens, loss {record.get('loss')}", flush=True)
+    gpu_path = ctx.engine.gpu_path
+    result = {"setup_seconds": setup_seconds, "steps": steps,
+              "rollout_attention": "torch" if gpu_path is None else "flashinfer",
+              "packed_attention": type(ctx.student.backend).__name__}
+    if gpu_path is not None:
+        result["rollout_graphs"] = {key: getattr(gpu_path.stats, key, None)
+                                    for key in ("graph_steps", "eager_steps", "num_captures", "capture_seconds")}
+    del ctx, executor
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- roofline
+def roofline(shape: StepShape, hardware: dict, *, tiny: bool, prefill_budget: int) -> dict:
+    """Floor seconds and FLOPs per stage group for one step of `shape` at the measured rates."""
+    from opdgraph import work
+    from opdgraph.model_shapes import shape_from_hf_config
+
+    student_config, teacher_config = model_configs(tiny)
+    student, teacher = shape_from_hf_config(student_config), shape_from_hf_config(teacher_config)
+    dtype_bytes = 4 if tiny else 2
+    rate, bandwidth = hardware["matmul_flops"], hardware["copy_bytes_per_s"]
+    hw = work.Hardware(matmul_tflops=rate / 1e12, memory_bandwidth_gbps=bandwidth / 1e9, pcie_gbps=25.0)
+    length = shape.prompt_tokens + shape.response_tokens
+    weight_bytes = student.parameter_count() * dtype_bytes
+    kv_bytes = student.kv_bytes_per_token(dtype_bytes)
+    rollout = (work.prefill_work(student, sequences=shape.sequences, prompt_tokens=shape.prompt_tokens,
+                                 token_budget=prefill_budget, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes,
+                                 hardware=hw)
+               + work.decode_work(student, sequences=shape.sequences, concurrent_seqs=shape.sequences,
+                                  prompt_tokens=shape.prompt_tokens, new_tokens=shape.response_tokens,
+                                  weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes, hardware=hw))
+    positions = shape.sequences * shape.response_tokens
+    flops = {"teacher": work.forward_flops(teacher, shape.tokens, length),
+             "student_fwd": work.forward_flops(student, shape.tokens, length),
+             "backward": 2 * work.forward_flops(student, shape.tokens, length),
+             "loss": 2 * positions * student.vocab * (teacher.hidden + 3 * student.hidden)}
+    floors = {name: value / rate for name, value in flops.items()}
+    floors["rollout"] = rollout.seconds
+    floors["optimizer"] = work.optimizer_work(student.parameter_count(), dtype_bytes, hw).seconds
+    flops["rollout"] = rollout.flops
+    return {"floor_seconds": floors, "floor_step_seconds": sum(floors.values()), "flops": flops}
+
+
+def summarize(shape: StepShape, ours: dict, floor: dict, hardware: dict) -> dict:
+    measured = [step for step in ours["steps"] if not step["warmup"]] or ours["steps"]
+    stage = {group: statistics.median(sum(step["stages"].get(name, 0.0) for name in names) for step in measured)
+             for group, names in STAGE_GROUPS.items()}
+    seconds = statistics.median(step["seconds"] for step in measured)
+    mfu = {group: floor["flops"][group] / stage[group] / hardware["matmul_flops"]
+           for group in ("teacher", "student_fwd", "loss", "backward") if stage[group] > 0}
+    compute = [g for g in mfu]
+    compute_seconds = sum(stage[g] for g in compute)
+    summary = {"shape": asdict(shape), "seconds_per_step": seconds, "stage_seconds": stage,
+               "tokens_per_s": shape.tokens / seconds, "response_tokens_per_s": shape.sequences
+               * shape.response_tokens / seconds, "mfu_vs_measured_matmul": mfu,
+               "compute_mfu_vs_measured_matmul": sum(floor["flops"][g] for g in compute) / compute_seconds
+               / hardware["matmul_flops"] if compute_seconds else None,
+               "floor": floor, "fraction_of_floor": floor["floor_step_seconds"] / seconds,
+               "peak_gib": max((step["peak_gib"] or 0) for step in ours["steps"])}
+    if hardware["nominal_bf16_flops"]:
+        summary["compute_mfu_vs_nominal_peak"] = (sum(floor["flops"][g] for g in compute) / compute_seconds
+                                                  / hardware["nominal_bf16_flops"]) if compute_seconds else None
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def print_table(report: dict) -> None:
+    hardware = report["hardware"]
+    print(f"\n{hardware['device']}, torch {hardware['torch']}: measured matmul "
+          f"{hardware['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {hardware['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+    columns = ("rollout", "teacher", "student_fwd", "loss", "backward", "optimizer")
+    header = f"{'run':<18}{'s/step':>8}" + "".join(f"{c:>12}" for c in columns) + f"{'tok/s':>9}{'MFU':>6}"
+    print(header + f"{'floor s':>9}{'floor%':>8}")
+    print("-" * (len(header) + 17))
+    for name, row in report["rows"].items():
+        if "error" in row or "skipped" in row:
+            print(f"{name:<18}  {row.get('skipped') and 'skipped: ' + row['skipped'] or 'failed: ' + row['error']}")
+            continue
+        stages = row.get("stage_seconds", {})
+        cells = "".join(f"{stages[c]:>12.3f}" if c in stages else f"{'-':>12}" for c in columns)
+        mfu = row.get("compute_mfu_vs_measured_matmul")
+        floor = row.get("floor", {}).get("floor_step_seconds")
+        fraction = row.get("fraction_of_floor")
+        mfu_text = f"{100 * mfu:.0f}%" if mfu else "-"
+        floor_text = f"{floor:.2f}" if floor else "-"
+        fraction_text = f"{100 * fraction:.0f}%" if fraction else "-"
+        print(f"{name:<18}{row['seconds_per_step']:>8.2f}{cells}{row['tokens_per_s']:>9.0f}{mfu_text:>6}"
+              f"{floor_text:>9}{fraction_text:>8}")
+    for name, row in report["rows"].items():
+        if "floor" in row:
+            floors = row["floor"]["floor_seconds"]
+            print(f"floor {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()))
+    ours, trl = report["rows"].get("opdgraph A", {}), report["rows"].get("TRL A", {})
+    if "seconds_per_step" in ours and "seconds_per_step" in trl:
+        print(f"shape A: opdgraph {trl['seconds_per_step'] / ours['seconds_per_step']:.2f}x TRL's s/step "
+              f"(rollout {trl['stage_seconds']['rollout'] / ours['stage_seconds']['rollout']:.2f}x, rest "
+              f"{trl['other_seconds'] / (ours['seconds_per_step'] - ours['stage_seconds']['rollout']):.2f}x)")
+    print("MFU = FLOPs of teacher + student forward + loss + backward / their seconds / measured matmul rate;"
+          " floor% = roofline floor / measured s/step")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", default="A,B")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--chunk-tokens", type=int, default=2048)
+    parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--trl-steps", type=int, default=2, help="measured TRL steps after one warmup step")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
+    parser.add_argument("--cpu-init", action="store_true", help="keep the runtime's CPU-drawn random init (slow)")
+    args = parser.parse_args()
+    if not args.cpu_init:
+        use_device_side_init()
+    if args.tiny:
+        args.micro_batch_tokens, args.chunk_tokens = min(args.micro_batch_tokens, 96), min(args.chunk_tokens, 16)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    report = {"hardware": measure_hardware(device, args.tiny), "rows": {}, "args": {k: str(v) for k, v in
+                                                                                  vars(args).items()}}
+    print(json.dumps(report["hardware"]), flush=True)
+    model_cache: dict = {}
+    started = time.perf_counter()
+    for name in args.shapes.split(","):
+        shape = shapes[name]
+        try:
+            with tempfile.TemporaryDirectory() as work_dir:
+                ours = run_ours(shape, args, Path(work_dir), model_cache)
+            floor = roofline(shape, report["hardware"], tiny=args.tiny,
+                             prefill_budget=max(2048, min(8192, shape.sequences * shape.prompt_tokens)))
+            row = summarize(shape, ours, floor, report["hardware"])
+            row["raw"] = ours
+        except Exception as error:  # report and go on with the next variant
+            traceback.print_exc()
+            row = {"error": f"{type(error).__name__}: {error}"}
+        report["rows"][f"opdgraph {name}"] = row
+        print(f"shape {name} done at {time.perf_counter() - started:.0f} s", flush=True)
+    model_cache.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not args.no_trl and "A" in args.shapes.split(","):
+        from step_trl import run_trl
+
+        report["rows"]["TRL A"] = run_trl(shapes["A"], args, model_configs(args.tiny), device)
+        print(f"TRL done at {time.perf_counter() - started:.0f} s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print_table(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
