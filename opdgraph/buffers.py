@@ -3,6 +3,12 @@
 Fusion changes three sizes: fused, the teacher hidden states, the student's saved activations and its hidden-state
 gradient exist for one micro-batch at a time; unfused, for the whole batch (they cross from one stage's loop to
 the next). Everything else is the same in both plans.
+
+With N ranks (FSDP2 data parallel) the student's weights, fp32 masters, AdamW moments and gradients are divided by
+N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for the engine) and training adds
+`<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
+the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
+The teacher is replicated: its full weights on every rank. The batch buffers are per rank (see counts.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ def model_keys(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
     return (*keys, f"models.{name}.dtype")
 
 
-def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[str, Buffer]:
+def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_size: int = 1) -> dict[str, Buffer]:
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
     student_shape, teacher_shape = cfg.shapes[student], cfg.shapes[teacher]
     student_dtype, teacher_dtype = cfg.models[student].dtype_bytes, cfg.models[teacher].dtype_bytes
@@ -44,13 +50,14 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[
         buffers.append(Buffer(name=name, category=category, bytes=int(size), sized_by=tuple(sized_by),
                               lifetime=lifetime, offload_when_idle=offload, formula=formula))
 
-    add(f"{student}.weights", "weights", sizing.parameter_bytes(student_shape, student_dtype), student_keys, "held",
-        "P x d", cfg.models[student].offload_when_idle)
+    shards, per_rank = world_size, (" / N" if world_size > 1 else "")
+    add(f"{student}.weights", "weights", _ceil_div(sizing.parameter_bytes(student_shape, student_dtype), shards),
+        student_keys, "held", "P x d" + per_rank, cfg.models[student].offload_when_idle)
     if cfg.models[student].dtype != "float32":
-        add(f"{student}.master_weights", "master_weights", sizing.master_weight_bytes(student_shape), student_keys,
-            "held", "P x 4")
-    add(f"{student}.optimizer_state", "optimizer_state", sizing.adamw_state_bytes(student_shape), student_keys,
-        "held", "P x 2 x 4")
+        add(f"{student}.master_weights", "master_weights", _ceil_div(sizing.master_weight_bytes(student_shape),
+                                                                     shards), student_keys, "held", "P x 4" + per_rank)
+    add(f"{student}.optimizer_state", "optimizer_state", _ceil_div(sizing.adamw_state_bytes(student_shape), shards),
+        student_keys, "held", "P x 2 x 4" + per_rank)
     add(f"{teacher}.weights", "weights", sizing.parameter_bytes(teacher_shape, teacher_dtype), teacher_keys, "held",
         "P x d", cfg.models[teacher].offload_when_idle)
     add("prompts", "io", sizing.token_bytes(counts.sequences, counts.prompt_tokens), batch_keys[:3],
@@ -85,8 +92,21 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[
     add(f"{backward.name}.workspace", "workspace",
         micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype),
         (*micro_keys, *student_keys), formula="micro-batch tokens x a (one layer's activation grads)")
-    add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype), student_keys,
-        formula="P x d")
+    if world_size == 1:
+        add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype), student_keys,
+            formula="P x d")
+    else:
+        lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
+        add(f"{student}.grads", "grads",
+            _ceil_div(sizing.gradient_bytes(student_shape, student_dtype), shards) + lm_head_grad, student_keys,
+            formula="P x d / N + V x h x 4 (full fp32 lm_head grad)")
+        add(f"{student}.gathered_weights", "weights", sizing.parameter_bytes(student_shape, student_dtype),
+            student_keys, formula="P x d (all-gathered for rollout)")
+        layer = student_shape.layer_parameters() * student_dtype
+        root = (student_shape.parameter_count() - student_shape.layers * student_shape.layer_parameters()) \
+            * student_dtype
+        add(f"{student}.fsdp_comm", "workspace", root + 3 * layer, student_keys,
+            formula="root params x d + 3 x layer params x d (2 gathered + 1 unreduced grad)")
     for stage in cfg.stages_of_kind("eval"):
         eval_seqs = min(stage.config.num_prompts, rollout.config.max_num_seqs)
         pages = sizing.kv_pool_pages(concurrent_seqs=eval_seqs, max_prompt_tokens=cfg.data.max_prompt_tokens,
@@ -97,3 +117,8 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[
             (f"{stage.name}.num_prompts", f"{stage.name}.max_new_tokens", *student_keys),
             formula="eval pages x page_size x L x 2 x kv x d")
     return {buffer.name: buffer for buffer in buffers}
+
+
+def _ceil_div(size: int, parts: int) -> int:
+    """Bytes per rank of a tensor set sharded `parts` ways (FSDP2 pads the last shard up to the others)."""
+    return -(-size // parts)

@@ -2,6 +2,9 @@
 
 Each subcommand is one entry in SUBCOMMANDS: a help line, a function that adds its arguments, and a function that
 runs it and returns the exit code. Exit codes: 0 ok, 1 config error, 2 plan over the memory budget.
+
+Several GPUs: `torchrun --nproc-per-node N -m opdgraph run P.toml` (the plan is compiled for WORLD_SIZE ranks);
+`opdgraph plan P.toml --nproc-per-node N` shows that per-rank plan without launching anything.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pipeline_arguments(parser)
     parser.add_argument("--format", choices=("text", "json", "html"), default="text", help="output format")
     parser.add_argument("--out", help="write to this file instead of stdout")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="plan one rank of an N-rank data-parallel run (sharded student, per-rank batch)")
 
 
 def run_plan(args) -> int:
@@ -41,7 +46,9 @@ def run_plan(args) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = compile_plan(cfg)
+    plan = _compile(cfg, args.nproc_per_node)
+    if plan is None:
+        return EXIT_CONFIG_ERROR
     output = RENDERERS[args.format](plan)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
@@ -86,19 +93,37 @@ def _over_budget_message(plan) -> str:
             f"pipeline.memory_budget_gib = {gib(plan.budget_bytes)}. Largest buffers there: {largest}")
 
 
-def run_run(args) -> int:
+def _compile(cfg, world_size: int):
+    """The plan of one of `world_size` ranks, or None after printing why the batch cannot be split that way."""
     from opdgraph.compile import compile_plan
+
+    if world_size < 1:
+        print(f"opdgraph: --nproc-per-node must be at least 1, got {world_size}", file=sys.stderr)
+        return None
+    try:
+        return compile_plan(cfg, world_size)
+    except ValueError as error:
+        print(f"opdgraph: {error}", file=sys.stderr)
+        return None
+
+
+def run_run(args) -> int:
+    import os
 
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = compile_plan(cfg)
+    plan = _compile(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun sets WORLD_SIZE for every rank
+    if plan is None:
+        return EXIT_CONFIG_ERROR
     if plan.over_budget:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET
+    from opdgraph.runtime import distributed
     from opdgraph.runtime.run import run_pipeline
 
     run_pipeline(cfg, plan, resume=args.resume, record_memory=args.record_memory)
+    distributed.shutdown()
     return 0
 
 

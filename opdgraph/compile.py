@@ -40,12 +40,13 @@ class Draft:
     work: W.Work
 
 
-def compile_plan(cfg: PipelineConfig) -> Plan:
+def compile_plan(cfg: PipelineConfig, world_size: int = 1) -> Plan:
+    """The plan of one rank; with world_size > 1 the student's state is sharded (FSDP2) and rollout gathers it."""
     fused = cfg.pipeline.fuse_training
-    counts = step_counts(cfg)
+    counts = step_counts(cfg, world_size)
     hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
-    buffers = build_buffers(cfg, counts, fused)
-    drafts = _drafts(cfg, counts, hardware, fused)
+    buffers = build_buffers(cfg, counts, fused, world_size)
+    drafts = _drafts(cfg, counts, hardware, fused, world_size)
     lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
                         [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle)
                          for b in buffers.values()])
@@ -69,6 +70,8 @@ def compile_plan(cfg: PipelineConfig) -> Plan:
                   if first <= lifetimes.peak_index <= last]
     contributors = sorted(((name, buffers[name].bytes) for name in live_there), key=lambda item: (-item[1], item[0]))
     facts = {**counts.facts(), **_model_facts(cfg)}
+    if world_size > 1:  # only then, so single-process plans (and their goldens) do not change
+        facts["world_size"] = world_size
     return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
                 peak=Peak(bytes=peak_step.live_bytes, step=peak_step.name, contributors=tuple(contributors)),
                 budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),
@@ -97,7 +100,8 @@ def _ordered_stages(cfg: PipelineConfig) -> list[str]:
     return stage_order(build_stage_graph(nodes), {kind: rank for rank, kind in enumerate(KIND_NAMES)})
 
 
-def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused: bool) -> list[Draft]:
+def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused: bool,
+            world_size: int = 1) -> list[Draft]:
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
     s_shape, t_shape = cfg.shapes[student], cfg.shapes[teacher]
     s_dtype, t_dtype = cfg.models[student].dtype_bytes, cfg.models[teacher].dtype_bytes
@@ -109,6 +113,9 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
     micro_tokens, chunk_tokens = counts.micro_batch_tokens, counts.chunk_tokens
     s_kv = s_shape.kv_bytes_per_token(s_dtype)
     drafts = [Draft("data.load", "data", "data", (), ("prompts",), (), 1, W.Work())]
+    # Sharded: rollout runs on the all-gathered weights, training holds FSDP's all-gather / reduce-scatter buffers.
+    gathered = (f"{student}.gathered_weights",) if world_size > 1 else ()
+    comm = (f"{student}.fsdp_comm",) if world_size > 1 else ()
 
     def loop(name):
         return (FUSED_LOOP,) if fused else (f"{name}.micro_batch",)
@@ -119,11 +126,12 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
         if kind == "rollout":
             kv, workspace = f"{stage_name}.kv_cache", f"{stage_name}.workspace"
             drafts.append(Draft(f"{stage_name}.prefill", stage_name, kind, (f"{student}.weights", "prompts"),
-                                (kv, workspace), (), 1, W.prefill_work(
+                                (kv, workspace, *gathered), (), 1, W.prefill_work(
                                     s_shape, sequences=counts.sequences, prompt_tokens=counts.prompt_tokens,
                                     token_budget=config.prefill_token_budget, weight_bytes=s_weights,
                                     kv_bytes_per_token=s_kv, hardware=hardware)))
-            drafts.append(Draft(f"{stage_name}.decode", stage_name, kind, (f"{student}.weights", kv, workspace),
+            drafts.append(Draft(f"{stage_name}.decode", stage_name, kind,
+                                (f"{student}.weights", kv, workspace, *gathered),
                                 ("responses",), (), counts.decode_rounds, W.decode_work(
                                     s_shape, sequences=counts.sequences, concurrent_seqs=counts.concurrent_seqs,
                                     prompt_tokens=counts.prompt_tokens, new_tokens=counts.new_tokens,
@@ -137,7 +145,7 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
         elif kind == "loss":
             forward_bytes = s_weights + (micro_tokens * s_shape.hidden * s_dtype)
             drafts.append(Draft(f"{stage_name}.student_forward", stage_name, kind, (f"{student}.weights", "responses"),
-                                ("student_hidden", "student_activations"), loop(stage_name), micro, W.roofline(
+                                ("student_hidden", "student_activations", *comm), loop(stage_name), micro, W.roofline(
                                     W.forward_flops(s_shape, micro_tokens, seq), forward_bytes, 0, hardware, micro)))
             flops = 3 * W.lm_head_flops(s_shape, chunk_tokens) + W.lm_head_flops(t_shape, chunk_tokens)
             moved = (s_shape.vocab * s_shape.hidden * s_dtype + t_shape.vocab * t_shape.hidden * t_dtype
@@ -152,7 +160,7 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
             flops = W.forward_flops(s_shape, micro_tokens, seq) * (3 if checkpointing else 2)
             moved = s_weights + 2 * s_weights  # read weights; read+write gradient accumulators
             drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", "hidden_grad",
-                                                               "student_activations"),
+                                                               "student_activations", *comm),
                                 (f"{student}.grads", f"{stage_name}.workspace"), loop(stage_name), micro,
                                 W.roofline(flops, moved, 0, hardware, micro)))
         elif kind == "step":

@@ -3,6 +3,8 @@
 Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens): the plan must
 hold for the worst step. Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens
 (a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
+With several ranks (data parallel) every count is per rank: each rank rolls out and trains on its share of the
+step's sequences.
 """
 
 from __future__ import annotations
@@ -57,10 +59,15 @@ class StepCounts:
         }
 
 
-def step_counts(cfg: PipelineConfig) -> StepCounts:
+def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
     rollout = cfg.stage("rollout").config
     micro_batch_tokens = cfg.stage("teacher_score").config.micro_batch_tokens
-    sequences = cfg.data.sequences_per_step
+    if cfg.data.prompts_per_step % world_size:
+        raise ValueError(
+            f"data.prompts_per_step = {cfg.data.prompts_per_step} is not divisible by {world_size} ranks; every "
+            "rank must get the same number of prompts, so choose a multiple of the number of ranks"
+        )
+    sequences = cfg.data.sequences_per_step // world_size
     sequence_tokens = cfg.data.max_prompt_tokens + rollout.max_new_tokens
     concurrent = min(rollout.max_num_seqs, sequences)
     per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)

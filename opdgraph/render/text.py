@@ -89,7 +89,9 @@ def render_text(plan: Plan) -> str:
            f"  training: {facts['train.tokens_per_step']} tokens/step in "
            f"{facts['train.num_micro_batches']} micro-batches "
            f"of {facts['train.micro_batch_tokens']} tokens, {facts['loss.chunks_per_micro_batch']} loss chunks of "
-           f"{facts['loss.chunk_tokens']} tokens each", "",
+           f"{facts['loss.chunk_tokens']} tokens each",
+           *([f"  ranks: {facts['world_size']} (data parallel, FSDP2-sharded student; every size here is per rank)"]
+             if "world_size" in facts else []), "",
            "Steps (in execution order; runs = per training step):", *_step_table(plan), "",
            f"Roofline time of one training step: {_seconds(plan.step_seconds)} (periodic steps not included)", "",
            *_peak_lines(plan), "",

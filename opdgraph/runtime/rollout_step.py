@@ -1,7 +1,8 @@
 """The rollout stage at run time: this step's prompts -> the student's sampled responses -> training micro-batches.
 
 Each prompt's seed comes from (pipeline seed, step, the prompt's index in the step's global batch), so a run's
-samples do not depend on scheduling, preemption, the number of ranks or a resume.
+samples do not depend on scheduling, preemption, the number of ranks or a resume. With several ranks each rolls
+out its own share of prompts; the counts the loss normalises by are summed over ranks (see distributed.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opdgraph.runtime.batches import MicroBatch, Sample, build_micro_batches
+from opdgraph.runtime.distributed import all_reduce_max, all_reduce_sum, pad_micro_batches
 
 
 @dataclass
@@ -49,18 +51,23 @@ def run_rollout(config, ctx) -> None:
     samples = generate_samples(ctx.engine, ctx.buffers.get("prompts"), params, n=facts["samples_per_prompt"],
                                seed=ctx.seed, step=ctx.step, tag="step")
     stats = ctx.engine.stats
-    # Normalisation counts are global over the step's batch (one rank here; several ranks all-reduce them).
-    global_tokens = sum(len(s.response_ids) for s in samples)
+    lengths = [len(s.response_ids) for s in samples]
+    # Normalisation counts are global over the step's batch: summed over ranks, so every rank weights its tokens as
+    # one process holding the whole batch would. The logged counts are global too.
+    totals = all_reduce_sum([sum(lengths), len(samples), sum(s.finish_reason != "length" for s in samples),
+                             stats.preemptions, stats.tokens_per_second], ctx.device)
+    global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
     micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
-                                        global_sequences=len(samples), device=ctx.device)
+                                        global_sequences=global_sequences, device=ctx.device)
+    micro_batches = pad_micro_batches(micro_batches, ctx.device)
     ctx.buffers.put("responses", RolloutBatch(samples, micro_batches))
     ctx.last_samples = samples[:4]
     ctx.buffers.put(f"{facts['rollout_stage']}.kv_cache", ctx.engine.kv_cache)
-    lengths = [len(s.response_ids) for s in samples]
     ctx.step_record.update({
-        "response_length_mean": sum(lengths) / len(lengths), "response_length_max": max(lengths),
-        "response_tokens": global_tokens, "rollout_tokens_per_s": stats.tokens_per_second,
-        "rollout_preemptions": stats.preemptions, "finished_by_eos": sum(s.finish_reason != "length" for s in samples),
+        "response_length_mean": global_tokens / global_sequences,
+        "response_length_max": all_reduce_max(max(lengths), ctx.device),
+        "response_tokens": global_tokens, "rollout_tokens_per_s": totals[4],
+        "rollout_preemptions": preemptions, "finished_by_eos": finished_by_eos,
         "num_micro_batches": len(micro_batches),
     })

@@ -4,6 +4,9 @@ Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the res
 `plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`, `samples.jsonl`, `checkpoints/`,
 `tensorboard/` (when installed). A run directory that already holds results is never overwritten: pass `--resume`
 to continue it or choose another output_dir.
+
+Under torchrun every rank runs this same loop on its share of the prompts (see distributed.py); rank 0 alone
+writes the run directory, prints and shows progress, and checkpoints hold gathered (world-size-free) state.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from opdgraph.runtime import checkpoint as ckpt
+from opdgraph.runtime import distributed
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
@@ -54,7 +58,31 @@ def _load_prompts(cfg, files: list[str], tokenizer):
                            on_bad_row=data.on_bad_row)
 
 
-def build_context(cfg, plan, run_dir: Path) -> RunContext:
+class SilentMetrics:
+    """The metrics log of ranks other than 0: rank 0 writes the (global) records."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def write(self, record) -> None:
+        pass
+
+    def write_samples(self, step, samples) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _load_student_weights(student, checkpoint: Path) -> None:
+    from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
+
+    tensors = read_safetensors_dir(checkpoint / "student")
+    student.load_state_dict(state_dict_from_checkpoint(student, tensors, str(checkpoint / "student"),
+                                                       student.dtype, student.device))
+
+
+def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> RunContext:
     from opdgraph.data import PromptSampler
     from opdgraph.train.optimizer import MasterAdamW
 
@@ -66,6 +94,8 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     teacher.requires_grad_(False)
     print(use_packed_attention([student, teacher], device))
+    if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
+        _load_student_weights(student, resume_from)
     train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
     print(f"train prompts: {train_prompts.summary.describe()}")
     eval_stage = cfg.stage("eval")
@@ -75,12 +105,16 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
     step = cfg.stage("step").config
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    if distributed.world_size() > 1:
+        distributed.shard_student(student)
+        engine = distributed.UnshardingEngine(engine, student)
     optimizer = MasterAdamW(list(student.named_parameters()), lr=step.lr, betas=tuple(step.betas), eps=step.eps,
                             weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
-                            shuffle=cfg.data.shuffle)
+                            shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
     log = cfg.stage("log")
-    metrics = MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard))
+    metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
+               else SilentMetrics(run_dir))
     student_name = cfg.model_with_role("student")
     facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
@@ -99,38 +133,52 @@ def trainer_state(ctx: RunContext) -> dict[str, Any]:
 
 
 def save_run_checkpoint(ctx: RunContext, *, keep_last: int) -> Path:
+    """Every rank takes part (the weights and optimizer state are gathered); rank 0 writes."""
     from opdgraph.models import save_pretrained
 
-    return ckpt.save_checkpoint(ctx.run_dir, ctx.step,
-                                save_student=lambda d: save_pretrained(ctx.student, d, tokenizer=ctx.tokenizer),
-                                trainer_state=trainer_state(ctx), summary={"num_steps": ctx.num_steps},
-                                keep_last=keep_last)
+    state = trainer_state(ctx)
+    student = distributed.GatheredModel(ctx.student) if distributed.world_size() > 1 else ctx.student
+    path = ckpt.checkpoint_dir(ctx.run_dir, ctx.step)
+    if distributed.is_main():
+        path = ckpt.save_checkpoint(ctx.run_dir, ctx.step,
+                                    save_student=lambda d: save_pretrained(student, d, tokenizer=ctx.tokenizer),
+                                    trainer_state=state, summary={"num_steps": ctx.num_steps,
+                                                                  "world_size": distributed.world_size()},
+                                    keep_last=keep_last)
+    distributed.barrier()  # nobody moves on (or reads the directory) before the checkpoint is whole
+    return path
 
 
 def restore(ctx: RunContext, checkpoint: Path) -> None:
-    """Continue from a checkpoint: weights, optimizer (fp32 masters and moments), data cursor, RNG states."""
-    from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
-
+    """Continue from a checkpoint: optimizer (fp32 masters and moments), data cursor, RNG states; the weights were
+    loaded by build_context before sharding. The checkpoint may come from any number of ranks."""
     state = ckpt.load_trainer_state(checkpoint)
-    student = ctx.student
-    tensors = read_safetensors_dir(checkpoint / "student")
-    student.load_state_dict(state_dict_from_checkpoint(student, tensors, str(checkpoint / "student"),
-                                                       student.dtype, student.device))
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.sampler.load_state_dict(state["sampler"])
     ckpt.set_rng_state(state["rng"])
     ctx.step = int(state["step"])
-    truncate_metrics(ctx.metrics.path, ctx.step)
+    if distributed.is_main():
+        truncate_metrics(ctx.metrics.path, ctx.step)
 
 
 def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool = False) -> RunContext:
+    """Train; under torchrun (RANK/WORLD_SIZE set) every rank calls this, and a failing rank names itself."""
+    distributed.init_distributed(cfg.pipeline.device)
+    with distributed.report_rank_failure():
+        return _run_pipeline(cfg, plan, resume=resume, record_memory=record_memory)
+
+
+def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> RunContext:
     run_dir = run_directory(cfg)
     if resume is None:
         _refuse_to_overwrite(run_dir)
-    _write_plan_files(cfg, plan, run_dir)
-    ctx = build_context(cfg, plan, run_dir)
-    if resume is not None:
-        restore(ctx, ckpt.latest_checkpoint(Path(resume)))
+    distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if distributed.is_main():
+        _write_plan_files(cfg, plan, run_dir)
+    checkpoint = ckpt.latest_checkpoint(Path(resume)) if resume is not None else None
+    ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
+    if checkpoint is not None:
+        restore(ctx, checkpoint)
         print(f"resumed at step {ctx.step} from {resume}")
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
@@ -144,7 +192,8 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool =
     from opdgraph.runtime.evaluation import print_before_after, run_eval
 
     log = cfg.stage("log")
-    progress = ProgressLine(cfg.pipeline.num_steps, enabled=bool(log is None or log.config.progress))
+    progress = ProgressLine(cfg.pipeline.num_steps,
+                            enabled=bool(log is None or log.config.progress) and distributed.is_main())
     for entry in cfg.stages_of_kind("eval"):
         if ctx.step == 0 and ctx.eval_prompts is not None:
             ctx.eval_records.append(run_eval(entry.config, ctx, label="before"))
@@ -154,6 +203,7 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool =
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         executor.run_training_step()
+        _sum_over_ranks(ctx.step_record, ("loss", "divergence"), ctx.device)
         record = {"kind": "train", "step": ctx.step, **ctx.step_record,
                   "seconds": time.perf_counter() - started,
                   **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}
@@ -168,3 +218,10 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool =
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
+
+
+def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device) -> None:
+    """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss."""
+    present = [key for key in keys if key in record]
+    for key, value in zip(present, distributed.all_reduce_sum([record[key] for key in present], device)):
+        record[key] = value

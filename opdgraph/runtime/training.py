@@ -109,9 +109,9 @@ def optimizer_step(config, ctx) -> None:
     from opdgraph.train.optimizer import clip_grad_norm
     from opdgraph.train.schedule import lr_at
 
-    weight = ctx.student.lm_head_weight
-    lm_head_grad = _grads(ctx)["lm_head"].to(weight.dtype)
-    weight.grad = lm_head_grad if weight.grad is None else weight.grad.add_(lm_head_grad)
+    from opdgraph.runtime.distributed import add_full_grad
+
+    add_full_grad(ctx.student.lm_head_weight, _grads(ctx)["lm_head"])  # summed over ranks when sharded
     params = [p for p in ctx.student.parameters() if p.grad is not None]
     norm, finite = clip_grad_norm(params, config.max_grad_norm)
     read_back_step_scalars(ctx.step_record)

@@ -13,6 +13,10 @@ Update (decoupled AdamW with bias correction, as torch.optim.AdamW), per paramet
     master -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 Parameters are updated with torch's foreach kernels, in buckets of at most ``_BUCKET_ELEMENTS`` elements so the
 fp32 copies of low-precision grads never exceed one bucket (256 MiB) at a time.
+
+Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard
+only; the clipping norm is summed over ranks; ``state_dict`` gathers full tensors (to the CPU, one at a time) and
+``load_state_dict`` takes full tensors and keeps this rank's rows, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,31 @@ from typing import Callable, Iterable
 import torch
 
 _BUCKET_ELEMENTS = 1 << 26
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter); a plain tensor as is."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
+def _gathered(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The full tensor whose shard on this rank is `local`, laid out like `param` (collective when sharded)."""
+    if not hasattr(param, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor().cpu()
+
+
+def _shard_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a full tensor, for a parameter sharded like `param` (no communication)."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(_local(param).device), param.device_mesh, param.placements,
+                             src_data_rank=None).to_local()
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -51,7 +80,7 @@ class MasterAdamW:
         self.decays = {name: not no_decay(name, param) for name, param in self.params.items()}
         # The master of an fp32 parameter is the parameter's own storage, so updating it updates the model.
         self.masters = {
-            name: param.data if param.dtype == torch.float32 else param.detach().float()
+            name: _local(param.detach()) if param.dtype == torch.float32 else _local(param.detach()).float()
             for name, param in self.params.items()
         }
         self.exp_avg = {name: torch.zeros_like(master) for name, master in self.masters.items()}
@@ -73,7 +102,7 @@ class MasterAdamW:
         beta1, beta2 = self.betas
         for name in names:
             self.steps[name] += 1
-        grads = [self.params[name].grad.float() for name in names]
+        grads = [_local(self.params[name].grad).float() for name in names]
         masters = [self.masters[name] for name in names]
         exp_avgs = [self.exp_avg[name] for name in names]
         exp_avg_sqs = [self.exp_avg_sq[name] for name in names]
@@ -91,7 +120,7 @@ class MasterAdamW:
         torch._foreach_addcdiv_(masters, exp_avgs, denominators, step_sizes)
         for name in names:
             if self._has_separate_master(name):
-                self.params[name].data.copy_(self.masters[name])
+                _local(self.params[name]).copy_(self.masters[name])
 
     def zero_grad(self) -> None:
         """Drop every grad (set to None) so its memory can be released."""
@@ -108,12 +137,16 @@ class MasterAdamW:
         return total
 
     def state_dict(self) -> dict:
-        """Everything needed for an exact resume, keyed by parameter name (tensors are references, not copies)."""
+        """Everything needed for an exact resume, keyed by parameter name: full tensors (references, not copies,
+        when unsharded; gathered CPU copies when sharded, and then every rank must call it)."""
+        def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: _gathered(self.params[name], tensor) for name, tensor in tensors.items()}
+
         return {
             "steps": dict(self.steps),
-            "exp_avg": dict(self.exp_avg),
-            "exp_avg_sq": dict(self.exp_avg_sq),
-            "master": {name: self.masters[name] for name in self.params if self._has_separate_master(name)},
+            "exp_avg": gathered(self.exp_avg),
+            "exp_avg_sq": gathered(self.exp_avg_sq),
+            "master": gathered({name: self.masters[name] for name in self.params if self._has_separate_master(name)}),
         }
 
     @torch.no_grad()
@@ -128,13 +161,13 @@ class MasterAdamW:
                     f"optimizer state '{key}' does not match the model: missing {sorted(expected - found)}, "
                     f"unexpected {sorted(found - expected)}; resume with the same model and trainable parameters"
                 )
-        for name in self.params:
+        for name, param in self.params.items():
             self.steps[name] = int(state["steps"][name])
-            self.exp_avg[name].copy_(state["exp_avg"][name])
-            self.exp_avg_sq[name].copy_(state["exp_avg_sq"][name])
+            self.exp_avg[name].copy_(_shard_of(param, state["exp_avg"][name]))
+            self.exp_avg_sq[name].copy_(_shard_of(param, state["exp_avg_sq"][name]))
         for name in expected_masters:
-            self.masters[name].copy_(state["master"][name])
-            self.params[name].data.copy_(self.masters[name])
+            self.masters[name].copy_(_shard_of(self.params[name], state["master"][name]))
+            _local(self.params[name]).copy_(self.masters[name])
 
 
 def _buckets(names: list[str], params: dict[str, torch.Tensor]) -> Iterable[list[str]]:
@@ -156,13 +189,22 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> tuple[tor
     """Global fp32 L2 norm of all grads; if finite and max_norm > 0, scale grads by min(1, max_norm / (norm + 1e-6)).
 
     Returns (norm as a 0-dim fp32 tensor, finite). A non-finite norm leaves every grad untouched: the caller skips
-    the optimizer step.
+    the optimizer step. Sharded grads (DTensors) contribute their local shards and the squared norm is summed over
+    ranks, so every rank clips by the same global norm.
     """
     grads = [param.grad for param in params if param.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32), True
+    sharded = any(hasattr(grad, "device_mesh") for grad in grads)
+    grads = [_local(grad) for grad in grads]
     per_param = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
     total_norm = torch.linalg.vector_norm(torch.stack([norm.to(per_param[0].device) for norm in per_param]))
+    if sharded:
+        import torch.distributed as dist
+
+        squared = total_norm.square()
+        dist.all_reduce(squared)
+        total_norm = squared.sqrt()
     finite = bool(torch.isfinite(total_norm))
     if finite and max_norm > 0:
         scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)

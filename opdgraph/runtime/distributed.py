@@ -1,0 +1,216 @@
+"""Data-parallel runs under torchrun: process group, FSDP2 sharding of the student, and rank-aware helpers.
+
+`opdgraph run` started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) calls `init_distributed`
+first; without those variables everything here is a no-op for one process, so the single-process path is unchanged.
+
+How a step runs on N ranks (see README, "Several GPUs"):
+- every rank rolls out its own share of the step's prompts (PromptSampler(rank, world_size)); the student's
+  parameters, gradients, fp32 masters and AdamW moments are sharded with FSDP2 (`fully_shard` per decoder layer and
+  the root), and the rollout engine runs on the gathered weights (`unsharded_for_rollout`);
+- the loss weights divide by the *global* response-token (or sequence) count, all-reduced in rollout, and FSDP
+  sums (not averages) gradients, so N ranks apply the update one rank would on the same global batch;
+- every rank runs the same number of training micro-batches (`pad_micro_batches`): FSDP's all-gathers are
+  collectives, so a rank with fewer samples runs zero-weight copies instead of waiting forever.
+The teacher is replicated on every rank (it has no optimizer state; the plan counts its full size per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device_setting: str) -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); one process without torchrun."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    # NVLink SHARP (multicast) has hung collectives on the machines we run on; opt in explicitly if you want it.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints progress and tables; errors still reach stderr
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def report_rank_failure():
+    """Any exception on a rank is printed as `[rank r] ...` and the whole group is torn down (no hanging peers)."""
+    try:
+        yield
+    except BaseException as error:
+        if world_size() > 1 and not isinstance(error, SystemExit):
+            text = "".join(traceback.format_exception(error))
+            prefix = f"[rank {rank()}] "
+            sys.stderr.write("".join(prefix + line + "\n" for line in text.rstrip().splitlines()))
+            sys.stderr.flush()
+            dist.destroy_process_group()  # aborts pending collectives, so the peers fail instead of waiting
+            os._exit(1)  # torchrun then stops the other ranks and reports this one as the first failure
+        raise
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum each number over all ranks (float64, so token counts stay exact)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _fsdp_modules(model) -> list:
+    return [model, *model.layers]
+
+
+def shard_student(model) -> None:
+    """FSDP2: each decoder layer is one all-gather unit, the root holds embedding, final norm and lm_head.
+
+    Gradients are summed across ranks (divide factor 1): the loss weights already divide by the global token count.
+    A one-token forward through the root runs once here so FSDP initialises from the root; otherwise the rollout
+    engine, which calls the layers directly, would make a layer its own root.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from opdgraph.models.packing import pack
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "forward_hidden")
+    for module in _fsdp_modules(model):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    with torch.no_grad():
+        model.forward_hidden(*pack([[0]], device=model.device))
+    model.reshard()
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded_for_rollout(model):
+    """All-gather every parameter and keep it gathered until the block ends (collective: all ranks enter).
+
+    Inside, the module's parameters are plain full tensors, so the rollout engine's `forward_paged` (and
+    `save_pretrained`) see an ordinary module. Layers do not reshard after their forward while inside: ranks decode
+    different numbers of steps, and a per-forward all-gather would need every rank to take part. Costs the full
+    weights (P x dtype) per rank for the duration; the plan lists it as `<student>.unsharded_weights`.
+    """
+    if not is_sharded(model):
+        yield model
+        return
+    modules = _fsdp_modules(model)
+    for module in modules:
+        module.unshard()
+    for layer in model.layers:
+        layer.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for layer in model.layers:
+            layer.set_reshard_after_forward(True)
+        for module in modules:
+            module.reshard()
+
+
+class GatheredModel:
+    """What `save_pretrained` reads of a model (config, dtype, state_dict) with every tensor gathered in full on
+    the CPU; collective (all ranks build it), one tensor at a time, so the device holds at most one extra tensor."""
+
+    def __init__(self, model):
+        self.config, self.dtype = model.config, model.dtype
+        self._state = {name: (tensor.full_tensor() if hasattr(tensor, "device_mesh") else tensor).detach().cpu()
+                       for name, tensor in model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+class UnshardingEngine:
+    """The rollout engine of a sharded student: gathers the weights around each `generate`; else the engine itself."""
+
+    def __init__(self, engine, model):
+        self._engine = engine
+        self._model = model
+
+    def generate(self, requests):
+        with unsharded_for_rollout(self._model):
+            return self._engine.generate(requests)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@torch.no_grad()
+def add_full_grad(param, full_grad: torch.Tensor) -> None:
+    """Add a gradient held as a full [V, H] tensor (the fp32 lm_head accumulator) to `param.grad`.
+
+    Sharded: the accumulators of all ranks are summed (all-reduce) and each rank adds its own rows (FSDP2 shards
+    dimension 0 in `torch.chunk` pieces). Unsharded: a plain add.
+    """
+    if not hasattr(param, "device_mesh"):
+        update = full_grad.to(param.dtype)
+        param.grad = update if param.grad is None else param.grad.add_(update)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.all_reduce(full_grad)
+    local = distribute_tensor(full_grad.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    if param.grad is None:
+        param.grad = local
+    else:
+        param.grad.to_local().add_(local.to_local())
+
+
+def pad_micro_batches(micro_batches: list, device: torch.device) -> list:
+    """Append zero-weight copies of the first micro-batch until every rank has as many as the busiest rank."""
+    import dataclasses
+
+    most = all_reduce_max(len(micro_batches), device)
+    template = micro_batches[0]
+    padding = [dataclasses.replace(template, weights=torch.zeros_like(template.weights))
+               for _ in range(most - len(micro_batches))]
+    return micro_batches + padding

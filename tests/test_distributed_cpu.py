@@ -1,0 +1,165 @@
+"""Data parallel on CPU: 2 gloo ranks (torchrun) must train exactly as 1 process on the same global batch.
+
+The 2-rank runs are launched by torchrun with this file as the worker script (see `_worker` at the bottom): one
+launch trains step 1 from scratch and, in the same process group, resumes a 1-process checkpoint for step 2. The
+1-process runs happen in the pytest process. Compared: the gathered HF weights, the gathered optimizer moments
+(exp_avg is proportional to the gradient, so it catches a mean-instead-of-sum or a wrong token normalisation, which
+AdamW's first, sign-like update would hide), and the logged global loss and gradient norm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+# Small micro-batches so ranks hold different numbers of them (the padding path), few eval tokens for speed.
+# AdamW's eps is raised from 1e-8: its first update, lr * g / (|g| + eps), turns the last-bit rounding of
+# gradient entries that nearly cancel (|g| ~ 1e-8) into visible weight differences, in any two summation orders.
+OVERRIDES = ["step.warmup_steps=0", "step.eps=1e-6", "log.progress=false", "log.tensorboard=false", "pipeline.device=cpu",
+             "teacher_score.micro_batch_tokens=160", "rollout.max_new_tokens=16", "eval.num_prompts=2",
+             "eval.max_new_tokens=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=4"]
+RELATIVE = 1e-5
+
+
+def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_size: int = 1):
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime.run import run_pipeline
+
+    cfg = load_pipeline(TINY, [*OVERRIDES, f"pipeline.output_dir={output_dir}", f"pipeline.num_steps={num_steps}"])
+    return run_pipeline(cfg, compile_plan(cfg, world_size), resume=resume)
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "student" / "model.safetensors")
+
+
+def _optimizer(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)["optimizer"]
+
+
+def _train_record(run_dir: Path, step: int) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["kind"] == "train" and r["step"] == step)
+
+
+def _assert_close(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str) -> None:
+    assert set(actual) == set(expected), what
+    for name, tensor in expected.items():
+        error = (actual[name].double() - tensor.double()).abs().max().item()
+        scale = tensor.double().abs().max().item()
+        assert error <= RELATIVE * max(scale, 1e-12), f"{what} {name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def _assert_same_step(reference: Path, candidate: Path, step: int) -> None:
+    _assert_close(_weights(_checkpoint(reference, step)), _weights(_checkpoint(candidate, step)), "weights")
+    expected, actual = _optimizer(_checkpoint(reference, step)), _optimizer(_checkpoint(candidate, step))
+    assert actual["steps"] == expected["steps"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        _assert_close(expected[key], actual[key], key)
+    for key in ("loss", "grad_norm", "response_tokens"):
+        want, got = _train_record(reference, step)[key], _train_record(candidate, step)[key]
+        assert got == pytest.approx(want, rel=RELATIVE), key
+
+
+def _initial_student_weights() -> dict[str, torch.Tensor]:
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime.context import load_models
+
+    cfg = load_pipeline(TINY, OVERRIDES)
+    student, _ = load_models(cfg.models, Path(cfg.base_dir), torch.device("cpu"))["student"]
+    return {name: tensor.detach() for name, tensor in student.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    _run(root / "one", num_steps=2)
+    launched = _torchrun("train", str(root), str(_checkpoint(root / "one", 1)))
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    return root
+
+
+def test_two_ranks_equal_one_process(runs):
+    """2 ranks on the same global batch must apply the 1-process update (weights, AdamW moments, loss, grad norm):
+    fails if the token normalisation is per rank, gradients are averaged instead of summed, clipping uses a local
+    norm, or the optimizer's shards or gathered checkpoint are misaligned."""
+    _assert_same_step(runs / "one", runs / "two", step=1)
+    # The comparison is meaningful only if the step moved the weights far beyond the tolerance.
+    initial, trained = _initial_student_weights(), _weights(_checkpoint(runs / "one", 1))
+    moved = max((trained[f"model.{n}"] - t).abs().max().item() / t.abs().max().item() for n, t in initial.items())
+    assert moved > 100 * RELATIVE
+
+
+def test_resume_across_world_sizes(runs):
+    """A 1-process checkpoint resumed on 2 ranks, and a 2-rank checkpoint resumed on 1 process, must both continue
+    exactly as the uninterrupted 1-process run: fails if checkpoints hold per-rank shards or resume re-shards wrong."""
+    _assert_same_step(runs / "one", runs / "one_to_two", step=2)
+    _run(runs / "two_to_one", num_steps=2, resume=_checkpoint(runs / "two", 1))
+    _assert_same_step(runs / "one", runs / "two_to_one", step=2)
+
+
+def test_plan_per_rank_sizes():
+    """The 2-rank plan shards the student's held state and adds the gather and communication buffers; fails if the
+    plan ignores the world size (and so over- or under-predicts a rank's memory)."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+
+    cfg = load_pipeline(TINY, [f"models.student.dtype=bfloat16"])
+    one, two = compile_plan(cfg), compile_plan(cfg, 2)
+    for name in ("student.weights", "student.master_weights", "student.optimizer_state"):
+        assert two.buffers[name].bytes == -(-one.buffers[name].bytes // 2)
+    assert two.buffers["student.gathered_weights"].bytes == one.buffers["student.weights"].bytes
+    assert two.facts["rollout.sequences"] * 2 == one.facts["rollout.sequences"]
+    assert "student.gathered_weights" not in one.buffers and "world_size" not in one.facts
+    assert "student.fsdp_comm" in two.buffers
+    with pytest.raises(ValueError, match="not divisible by 3 ranks"):
+        compile_plan(cfg, 3)
+
+
+def test_failing_rank_is_named(tmp_path):
+    """An exception on rank 1 only must surface as `[rank 1] ...` and end the whole job (rank 0 waits in a
+    collective and must not hang): fails if errors lose their rank or a dead peer leaves the others blocked."""
+    launched = _torchrun("fail", timeout=120)
+    assert launched.returncode != 0
+    assert "[rank 1] ValueError: rank 1 read a bad shard" in launched.stderr
+
+
+def _worker(mode: str, *args: str) -> None:
+    """Runs on every rank under torchrun."""
+    from opdgraph.runtime import distributed
+
+    if mode == "fail":
+        distributed.init_distributed("cpu")
+        with distributed.report_rank_failure():
+            if distributed.rank() == 1:
+                raise ValueError("rank 1 read a bad shard")
+            distributed.barrier()
+        return
+    root, one_process_step_1 = Path(args[0]), Path(args[1])
+    _run(root / "two", num_steps=1, world_size=2)
+    _run(root / "one_to_two", num_steps=2, resume=one_process_step_1, world_size=2)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
