@@ -3,13 +3,19 @@
 Fusion changes three sizes: fused, the teacher hidden states, the student's saved activations and its hidden-state
 gradient exist for one micro-batch at a time; unfused, for the whole batch (they cross from one stage's loop to
 the next). Everything else is the same in both plans.
+
+`place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
+the device buffers that streaming needs (two teacher layers; one optimizer bucket).
 """
 
 from __future__ import annotations
 
+import attrs
+
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts
+from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
 
@@ -97,3 +103,31 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool) -> dict[
             (f"{stage.name}.num_prompts", f"{stage.name}.max_new_tokens", *student_keys),
             formula="eval pages x page_size x L x 2 x kv x d")
     return {buffer.name: buffer for buffer in buffers}
+
+
+def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Placement) -> dict[str, Buffer]:
+    """The buffers with the placement applied (the input is not changed)."""
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    placed = dict(buffers)
+    teacher_weights = placed[f"{teacher}.weights"]
+    placed[teacher_weights.name] = attrs.evolve(teacher_weights,
+                                                offload_when_idle=placement.teacher_weights != "keep")
+    if placement.teacher_weights == "stream":
+        shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
+        placed[teacher_weights.name] = attrs.evolve(
+            placed[teacher_weights.name], bytes=sizing.teacher_resident_bytes(shape, dtype_bytes),
+            formula="(P - L x layer) x d: embedding, final norm, lm_head; layers streamed")
+        placed[f"{teacher}.layer_stream"] = Buffer(
+            name=f"{teacher}.layer_stream", category="weights", bytes=sizing.layer_stream_bytes(shape, dtype_bytes),
+            sized_by=teacher_weights.sized_by, lifetime="transient", formula="2 x layer params x d (running + next)")
+    if placement.optimizer_state == "offload":
+        state_names = [name for name in (f"{student}.master_weights", f"{student}.optimizer_state") if name in placed]
+        for name in state_names:
+            placed[name] = attrs.evolve(placed[name], device="host")
+        shape = cfg.shapes[student]
+        placed[f"{student}.optimizer_stream"] = Buffer(
+            name=f"{student}.optimizer_stream", category="optimizer_state",
+            bytes=sizing.optimizer_stream_bytes(shape, separate_masters=len(state_names) == 2),
+            sized_by=placed[f"{student}.optimizer_state"].sized_by, lifetime="transient",
+            formula="largest bucket x (state + fp32 grad + denominator) bytes per element")
+    return placed

@@ -36,12 +36,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> int:
-    from opdgraph.compile import compile_plan
+    from opdgraph.fit import fit_plan
     from opdgraph.render import RENDERERS
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = compile_plan(cfg)
+    plan = fit_plan(cfg).plan  # the configured plan, or the fit search's choice when that is over budget
     output = RENDERERS[args.format](plan)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
@@ -77,19 +77,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _over_budget_message(plan) -> str:
     from opdgraph.render.text import gib
 
+    searched = ""
+    if plan.fit:
+        searched = (f"opdgraph: no candidate of the fit search ({plan.fit['candidates']} tried) fits; the closest "
+                    f"is {plan.fit['described']}\n")
     largest = "; ".join(f"{name} {gib(size)} GiB (sized by {', '.join(plan.buffers[name].sized_by)})"
                         for name, size in plan.peak.contributors[:3])
-    return (f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
+    return searched + (f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
             f"pipeline.memory_budget_gib = {gib(plan.budget_bytes)}. Largest buffers there: {largest}")
 
 
 def run_run(args) -> int:
-    from opdgraph.compile import compile_plan
+    from opdgraph.fit import fit_plan
 
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = compile_plan(cfg)
+    fitted = fit_plan(cfg)
+    cfg, plan = fitted.cfg, fitted.plan  # the runtime runs the config with the fit decisions applied
     if plan.over_budget:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET

@@ -57,7 +57,7 @@ def _load_prompts(cfg, files: list[str], tokenizer):
 def build_context(cfg, plan, run_dir: Path) -> RunContext:
     from opdgraph.data import PromptSampler
     from opdgraph.rollout import RolloutEngine
-    from opdgraph.train.optimizer import MasterAdamW
+    from opdgraph.runtime.offload import build_optimizer, plan_placement
 
     device = pick_device(cfg.pipeline.device)
     seed_everything(cfg.pipeline.seed)
@@ -76,8 +76,9 @@ def build_context(cfg, plan, run_dir: Path) -> RunContext:
     engine = RolloutEngine(student, page_size=rollout.page_size, num_pages=int(plan.facts["rollout.num_pages"]),
                            max_num_seqs=rollout.max_num_seqs, prefill_token_budget=rollout.prefill_token_budget,
                            device=device, kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
-    optimizer = MasterAdamW(list(student.named_parameters()), lr=step.lr, betas=tuple(step.betas), eps=step.eps,
-                            weight_decay=step.weight_decay)
+    # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
+    optimizer = build_optimizer(plan_placement(plan), student, device, lr=step.lr, betas=tuple(step.betas),
+                                eps=step.eps, weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle)
     log = cfg.stage("log")
