@@ -9,13 +9,18 @@ N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
 The teacher is replicated: its full weights on every rank. The batch buffers are per rank (see counts.py).
+`place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
+the device buffers that streaming needs (two teacher layers; one optimizer bucket).
 """
 
 from __future__ import annotations
 
+import attrs
+
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts
+from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
 
@@ -122,3 +127,31 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
 def _ceil_div(size: int, parts: int) -> int:
     """Bytes per rank of a tensor set sharded `parts` ways (FSDP2 pads the last shard up to the others)."""
     return -(-size // parts)
+
+
+def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Placement) -> dict[str, Buffer]:
+    """The buffers with the placement applied (the input is not changed)."""
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    placed = dict(buffers)
+    teacher_weights = placed[f"{teacher}.weights"]
+    placed[teacher_weights.name] = attrs.evolve(teacher_weights,
+                                                offload_when_idle=placement.teacher_weights != "keep")
+    if placement.teacher_weights == "stream":
+        shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
+        placed[teacher_weights.name] = attrs.evolve(
+            placed[teacher_weights.name], bytes=sizing.teacher_resident_bytes(shape, dtype_bytes),
+            formula="(P - L x layer) x d: embedding, final norm, lm_head; layers streamed")
+        placed[f"{teacher}.layer_stream"] = Buffer(
+            name=f"{teacher}.layer_stream", category="weights", bytes=sizing.layer_stream_bytes(shape, dtype_bytes),
+            sized_by=teacher_weights.sized_by, lifetime="transient", formula="2 x layer params x d (running + next)")
+    if placement.optimizer_state == "offload":
+        state_names = [name for name in (f"{student}.master_weights", f"{student}.optimizer_state") if name in placed]
+        for name in state_names:
+            placed[name] = attrs.evolve(placed[name], device="host")
+        shape = cfg.shapes[student]
+        placed[f"{student}.optimizer_stream"] = Buffer(
+            name=f"{student}.optimizer_stream", category="optimizer_state",
+            bytes=sizing.optimizer_stream_bytes(shape, separate_masters=len(state_names) == 2),
+            sized_by=placed[f"{student}.optimizer_state"].sized_by, lifetime="transient",
+            formula="largest bucket x (state + fp32 grad + denominator) bytes per element")
+    return placed

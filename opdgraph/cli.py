@@ -41,14 +41,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> int:
-    from opdgraph.compile import compile_plan
+    from opdgraph.fit import fit_plan
     from opdgraph.render import RENDERERS
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = _compile(cfg, args.nproc_per_node)
-    if plan is None:
+    fitted = _compile(cfg, args.nproc_per_node)
+    if fitted is None:
         return EXIT_CONFIG_ERROR
+    plan = fitted.plan  # the configured plan, or the fit search's choice when that is over budget
     output = RENDERERS[args.format](plan)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
@@ -87,21 +88,25 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _over_budget_message(plan) -> str:
     from opdgraph.render.text import gib
 
+    searched = ""
+    if plan.fit:
+        searched = (f"opdgraph: no candidate of the fit search ({plan.fit['candidates']} tried) fits; the closest "
+                    f"is {plan.fit['described']}\n")
     largest = "; ".join(f"{name} {gib(size)} GiB (sized by {', '.join(plan.buffers[name].sized_by)})"
                         for name, size in plan.peak.contributors[:3])
-    return (f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
+    return searched + (f"opdgraph: predicted peak {gib(plan.peak_bytes)} GiB at step '{plan.peak.step}' exceeds "
             f"pipeline.memory_budget_gib = {gib(plan.budget_bytes)}. Largest buffers there: {largest}")
 
 
 def _compile(cfg, world_size: int):
-    """The plan of one of `world_size` ranks, or None after printing why the batch cannot be split that way."""
-    from opdgraph.compile import compile_plan
+    """The fitted plan of one of `world_size` ranks, or None after printing why the batch cannot be split that way."""
+    from opdgraph.fit import fit_plan
 
     if world_size < 1:
         print(f"opdgraph: --nproc-per-node must be at least 1, got {world_size}", file=sys.stderr)
         return None
     try:
-        return compile_plan(cfg, world_size)
+        return fit_plan(cfg, world_size=world_size)
     except ValueError as error:
         print(f"opdgraph: {error}", file=sys.stderr)
         return None
@@ -113,9 +118,10 @@ def run_run(args) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
-    plan = _compile(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun sets WORLD_SIZE for every rank
-    if plan is None:
+    fitted = _compile(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun sets WORLD_SIZE for every rank
+    if fitted is None:
         return EXIT_CONFIG_ERROR
+    cfg, plan = fitted.cfg, fitted.plan  # the runtime runs the config with the fit decisions applied
     if plan.over_budget:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET

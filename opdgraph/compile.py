@@ -13,17 +13,19 @@ from __future__ import annotations
 import attrs
 
 from opdgraph import work as W
-from opdgraph.buffers import build_buffers
+from opdgraph.buffers import build_buffers, place_buffers
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts, step_counts
 from opdgraph.graph import StageNode, build_stage_graph, stage_order
 from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
-from opdgraph.plan import Peak, Plan, Release, Step, StepWork
+from opdgraph.placement import Placement, configured_placement
+from opdgraph.plan import Peak, Plan, Release, Step, StepWork, Transfer
 from opdgraph.stages import KIND_NAMES, stage_kind
 
 PERIODIC_KINDS = ("eval", "checkpoint", "log")  # run every n steps; not part of one training step's time
 FUSED_LOOP = "train_micro_batch"
 GIB = 1024**3
+WHEN = ("before", "during", "after")
 
 
 @attrs.frozen
@@ -40,22 +42,37 @@ class Draft:
     work: W.Work
 
 
-def compile_plan(cfg: PipelineConfig, world_size: int = 1) -> Plan:
-    """The plan of one rank; with world_size > 1 the student's state is sharded (FSDP2) and rollout gathers it."""
+def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_size: int = 1) -> Plan:
+    """The plan of one rank of `world_size` (> 1: the student's state is sharded with FSDP2 and rollout gathers it);
+    `placement` (default: what the config asks for) says where teacher weights and optimizer state live
+    (opdgraph.placement; chosen by opdgraph.fit when the plan would not fit)."""
     fused = cfg.pipeline.fuse_training
     counts = step_counts(cfg, world_size)
     hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
-    buffers = build_buffers(cfg, counts, fused, world_size)
-    drafts = _drafts(cfg, counts, hardware, fused, world_size)
+    placement = placement or configured_placement(cfg)
+    buffers = place_buffers(build_buffers(cfg, counts, fused, world_size), cfg, placement)
+    drafts = _place_drafts(_drafts(cfg, counts, hardware, fused, world_size), cfg, placement, buffers, hardware)
+    on_device = [b for b in buffers.values() if b.device == "device"]  # host-resident state never takes device memory
     lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
                         [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle)
-                         for b in buffers.values()])
-    steps = []
+                         for b in on_device])
+    written = {name for draft in drafts for name in draft.writes}
+    steps, transfers = [], list(_stream_transfers(drafts, buffers, placement, hardware))
     for index, draft in enumerate(drafts):
         moved = [name for name in lifetimes.allocates[index] if buffers[name].lifetime == "held"]
         releases = tuple(Release(buffer=name, action=action) for name, action in lifetimes.releases[index])
+        # An offloaded buffer that no step writes (the teacher's weights) still has a current host copy: offloading
+        # it only drops the device copy, so only buffers a step writes cost a copy back.
         offloaded = [release.buffer for release in releases if release.action == "offload"]
-        transfer = sum(buffers[name].bytes for name in (*moved, *offloaded))
+        transfers += [Transfer(step=draft.name, when="before", buffer=name, direction="reload",
+                               bytes=buffers[name].bytes, seconds=buffers[name].bytes / (hardware.pcie_gbps * 1e9))
+                      for name in moved]
+        transfers += [Transfer(step=draft.name, when="after", buffer=name, direction="offload",
+                               bytes=buffers[name].bytes * (name in written),
+                               seconds=buffers[name].bytes * (name in written) / (hardware.pcie_gbps * 1e9))
+                      for name in offloaded]
+        transfer = sum(buffers[name].bytes for name in moved) + sum(buffers[name].bytes for name in offloaded
+                                                                    if name in written)
         total = draft.work + W.transfer_work(transfer, hardware)
         steps.append(Step(
             name=draft.name, stage=draft.stage, kind=draft.kind, reads=draft.reads, writes=draft.writes,
@@ -65,6 +82,7 @@ def compile_plan(cfg: PipelineConfig, world_size: int = 1) -> Plan:
                           seconds=total.seconds),
             allocates=tuple(name for name in lifetimes.allocates[index] if name not in moved),
             reloads=tuple(moved), releases=releases, live_bytes=lifetimes.live_bytes[index]))
+    order = {draft.name: index for index, draft in enumerate(drafts)}
     peak_step = steps[lifetimes.peak_index]
     live_there = [name for name, (first, last) in lifetimes.intervals.items()
                   if first <= lifetimes.peak_index <= last]
@@ -76,7 +94,7 @@ def compile_plan(cfg: PipelineConfig, world_size: int = 1) -> Plan:
                 peak=Peak(bytes=peak_step.live_bytes, step=peak_step.name, contributors=tuple(contributors)),
                 budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),
                 step_seconds=sum(step.work.seconds for step in steps if step.kind not in PERIODIC_KINDS),
-                facts=facts)
+                facts=facts, transfers=tuple(sorted(transfers, key=lambda t: (order[t.step], WHEN.index(t.when)))))
 
 
 def _scope(loops: tuple[str, ...]) -> str:
@@ -181,3 +199,53 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
         elif kind == "log":
             drafts.append(Draft(stage_name, stage_name, kind, (), (), (), 1, W.Work()))
     return drafts
+
+
+# --- Placement (opdgraph.placement): the streamed steps' extra reads, PCIe bytes and time --------------------------
+
+def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware) -> list[Draft]:
+    """Streaming the teacher's layers: teacher_score also reads the layer buffer, and each micro-batch takes the
+    longer of its compute and its copies (the next layer is copied while this one runs). Streaming the optimizer
+    state: the step copies every bucket in and back out, then updates it (copies and update do not overlap)."""
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    placed = []
+    for draft in drafts:
+        if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
+            streamed = _streamed_teacher_bytes(cfg)
+            per_micro_batch = max(draft.work.seconds / draft.repeats, streamed / (hardware.pcie_gbps * 1e9))
+            work = W.Work(draft.work.flops, draft.work.device_bytes, streamed * draft.repeats,
+                          per_micro_batch * draft.repeats)
+            draft = attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.layer_stream"), work=work)
+        if draft.kind == "step" and placement.optimizer_state == "offload":
+            moved = 2 * _host_state_bytes(buffers, student)
+            draft = attrs.evolve(draft, reads=(*draft.reads, f"{student}.optimizer_stream"),
+                                 work=draft.work + W.transfer_work(moved, hardware))
+        placed.append(draft)
+    return placed
+
+
+def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:
+    teacher = cfg.model_with_role("teacher")
+    shape = cfg.shapes[teacher]
+    return shape.layers * shape.layer_parameters() * cfg.models[teacher].dtype_bytes
+
+
+def _host_state_bytes(buffers, student: str) -> int:
+    return sum(buffer.bytes for buffer in buffers.values() if buffer.device == "host" and buffer.name.startswith(
+        f"{student}."))
+
+
+def _stream_transfers(drafts: list[Draft], buffers, placement: Placement, hardware) -> list[Transfer]:
+    transfers = []
+    for draft in drafts:
+        for name in draft.reads:
+            if name.endswith(".layer_stream"):
+                streamed = draft.work.pcie_bytes
+                transfers.append(Transfer(step=draft.name, when="during", buffer=name, direction="stream",
+                                          bytes=int(streamed), seconds=streamed / (hardware.pcie_gbps * 1e9)))
+            if name.endswith(".optimizer_stream"):
+                for state in (b for b in buffers.values() if b.device == "host"):
+                    transfers.append(Transfer(step=draft.name, when="during", buffer=state.name, direction="stream",
+                                              bytes=2 * state.bytes,
+                                              seconds=2 * state.bytes / (hardware.pcie_gbps * 1e9)))
+    return transfers

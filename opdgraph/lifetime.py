@@ -7,7 +7,9 @@ Input: steps in execution order (each with its enclosing loops, outer first) and
   the second iteration's first step already runs beside it).
 - Transient buffers are allocated before the interval's first step and freed after its last step.
 - Held buffers are live at every step; with offload_when_idle they live on the device only over their interval:
-  reloaded before it, offloaded after it.
+  reloaded before it, offloaded after it, at most once per training step: their home is the step itself, so an
+  interval inside a loop widens to the whole outermost loop (the teacher is reloaded before the first micro-batch
+  and dropped after the last, not once per micro-batch).
 - Live bytes per step come from a difference array (prefix sum); the peak is its first maximum.
 The order of steps is the caller's (the compiler sorts the stage graph deterministically).
 """
@@ -83,7 +85,7 @@ def analyze(steps: list[ScheduleStep], buffers: list[ScheduleBuffer]) -> Lifetim
             continue
         if not indices:  # never touched: never on the device (an idle offloaded buffer stays on the host)
             continue
-        home = _common_prefix(steps[index].loops for index in indices)
+        home = () if buffer.held else _common_prefix(steps[index].loops for index in indices)
         first = _widen(steps, indices[0], home, -1)
         last = _widen(steps, indices[-1], home, +1)
         intervals[buffer.name] = (first, last)

@@ -62,6 +62,18 @@ class Step:
 
 
 @attrs.frozen(kw_only=True)
+class Transfer:
+    """Bytes moved over PCIe by an offload decision (opdgraph.placement), with their predicted time."""
+
+    step: str  # the step the transfer belongs to
+    when: Literal["before", "during", "after"]
+    buffer: str
+    direction: Literal["reload", "offload", "stream"]
+    bytes: int  # per training step
+    seconds: float
+
+
+@attrs.frozen(kw_only=True)
 class Peak:
     bytes: int
     step: str
@@ -78,6 +90,8 @@ class Plan:
     budget_bytes: int
     step_seconds: float  # roofline time of one training step
     facts: dict[str, object]
+    transfers: tuple[Transfer, ...] = ()  # host <-> device traffic of offloaded or streamed buffers
+    fit: dict[str, object] | None = None  # what the fit search chose, when it ran (opdgraph.fit)
 
     @property
     def peak_bytes(self) -> int:
@@ -93,7 +107,7 @@ class Plan:
     def live_buffers(self) -> list[tuple[str, ...]]:
         """Device-resident buffers at each step, replayed from the allocate / reload / release actions."""
         live = {name for name, buffer in self.buffers.items()
-                if buffer.lifetime == "held" and not buffer.offload_when_idle}
+                if buffer.lifetime == "held" and not buffer.offload_when_idle and buffer.device == "device"}
         per_step = []
         for step in self.steps:
             live |= {*step.allocates, *step.reloads}

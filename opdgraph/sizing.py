@@ -14,6 +14,13 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
 - logit chunk             chunk_tokens x (V_student + V_teacher + V_student) x 4 (student, teacher, grad; fp32)
 - forward workspace       T x (h + q + 2 kv + 2 i) x d  (no-grad forward: one layer's largest transient set)
 
+Placements chosen by the fit search (opdgraph.fit):
+- streamed teacher        resident: embedding, final norm, lm_head (V h (x 2 untied) + h) x d;
+                          streamed: 2 layers on the device at once (the running one and the next, prefetched)
+- streamed optimizer step one bucket of state on the device: B x (s + 8), B = min(max(2^26, largest parameter),
+                          P) elements, s = state bytes per element (4 master + 8 moments; 8 without separate
+                          masters), + 8 for the fp32 gradient copy and the update's denominators
+
 Per-token-per-layer activation bytes a, for the decoder as autograd saves it (flash attention, SiLU-gated MLP):
     a = d x (2 n h + 2 q + 2 kv + 4 i) + 4 x heads
 where n = norms per layer (2; Gemma 3: 4): each norm saves its input and output (2 n h); attention saves q, k, v
@@ -91,3 +98,29 @@ def decode_logits_bytes(concurrent_seqs: int, vocab: int) -> int:
 
 def token_bytes(sequences: int, tokens_per_sequence: int, bytes_per_token: int = TOKEN_ID_BYTES) -> int:
     return sequences * tokens_per_sequence * bytes_per_token
+
+
+# Parameters per optimizer bucket; mirrors opdgraph.train.optimizer._BUCKET_ELEMENTS (a test checks they agree).
+OPTIMIZER_BUCKET_ELEMENTS = 1 << 26
+
+
+def teacher_resident_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    """A streamed model's parameters outside its layers: embedding, final norm, and the lm_head when untied."""
+    return (shape.parameter_count() - shape.layers * shape.layer_parameters()) * dtype_bytes
+
+
+def layer_stream_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    """Two layers' parameters: the one running and the next one being copied in."""
+    return 2 * shape.layer_parameters() * dtype_bytes
+
+
+def optimizer_bucket_elements(shape: ModelShape) -> int:
+    """The largest optimizer bucket: 2^26 elements, or one parameter larger than that (it goes alone); never more
+    than the whole model."""
+    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate, shape.hidden * shape.q_dim)
+    return min(max(OPTIMIZER_BUCKET_ELEMENTS, largest), shape.parameter_count())
+
+
+def optimizer_stream_bytes(shape: ModelShape, separate_masters: bool) -> int:
+    state = (FP32_BYTES if separate_masters else 0) + 2 * FP32_BYTES
+    return optimizer_bucket_elements(shape) * (state + 2 * FP32_BYTES)

@@ -16,6 +16,7 @@ lm_head, q = heads x head_dim, L = layers, S = sequence length, T = tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -61,6 +62,7 @@ def lm_head_flops(shape: ModelShape, tokens: int) -> float:
     return 2 * tokens * shape.hidden * shape.vocab
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the fit search compiles hundreds of candidates that share rollouts
 def decode_work(shape: ModelShape, *, sequences: int, concurrent_seqs: int, prompt_tokens: int, new_tokens: int,
                 weight_bytes: int, kv_bytes_per_token: int, hardware: Hardware) -> Work:
     """All decode rounds of a rollout: waves of up to concurrent_seqs sequences, one round per generated token."""

@@ -34,7 +34,7 @@ def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_siz
     from opdgraph.runtime.run import run_pipeline
 
     cfg = load_pipeline(TINY, [*OVERRIDES, f"pipeline.output_dir={output_dir}", f"pipeline.num_steps={num_steps}"])
-    return run_pipeline(cfg, compile_plan(cfg, world_size), resume=resume)
+    return run_pipeline(cfg, compile_plan(cfg, world_size=world_size), resume=resume)
 
 
 def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -125,7 +125,7 @@ def test_plan_per_rank_sizes():
     from opdgraph.config import load_pipeline
 
     cfg = load_pipeline(TINY, [f"models.student.dtype=bfloat16"])
-    one, two = compile_plan(cfg), compile_plan(cfg, 2)
+    one, two = compile_plan(cfg), compile_plan(cfg, world_size=2)
     for name in ("student.weights", "student.master_weights", "student.optimizer_state"):
         assert two.buffers[name].bytes == -(-one.buffers[name].bytes // 2)
     assert two.buffers["student.gathered_weights"].bytes == one.buffers["student.weights"].bytes
@@ -133,7 +133,7 @@ def test_plan_per_rank_sizes():
     assert "student.gathered_weights" not in one.buffers and "world_size" not in one.facts
     assert "student.fsdp_comm" in two.buffers
     with pytest.raises(ValueError, match="not divisible by 3 ranks"):
-        compile_plan(cfg, 3)
+        compile_plan(cfg, world_size=3)
 
 
 def test_failing_rank_is_named(tmp_path):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import attrs
 
+from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import non_negative, positive, setting
 from opdgraph.model_shapes import ModelShape
 
@@ -26,6 +27,61 @@ class HardwareConfig:
     pcie_gbps: float = setting(50.0, help="host<->device bandwidth in GB/s, for offload and reload", check=positive)
 
 
+FIT_CHOICES = {  # decision -> its values, in the order the search tries them (see opdgraph.fit)
+    "teacher_weights": ("keep", "offload", "stream"),
+    "optimizer_state": ("keep", "offload"),
+    "activation_checkpointing": ("off", "on"),
+}
+
+
+def _ladder(value) -> str | None:
+    bad = [item for item in value if item <= 0]
+    return f"every value must be > 0, got {bad}" if bad else None
+
+
+def _forbidden(value) -> str | None:
+    valid = [f"{decision}.{choice}" for decision, choices in FIT_CHOICES.items() for choice in choices]
+    for item in value:
+        if item not in valid:
+            return f"unknown decision {item!r}{did_you_mean(item, valid) or ' (valid: ' + ', '.join(valid) + ')'}"
+    return None
+
+
+@attrs.frozen(kw_only=True)
+class FitConfig:
+    """`[pipeline.fit]`: how the planner may change the plan to fit memory_budget_gib (see opdgraph.fit)."""
+
+    enabled: bool = setting(True, help="when the plan is over budget (or a decision below is forced), search "
+                                       "releases, host offloads and sizes for the cheapest plan that fits")
+    teacher_weights: Literal["auto", "keep", "offload", "stream"] = setting(
+        "auto", help="keep on the device, offload to pinned host memory outside teacher scoring, or stream layer by "
+                     "layer during scoring; auto: let the search pick")
+    optimizer_state: Literal["auto", "keep", "offload"] = setting(
+        "auto", help="fp32 masters + AdamW moments: keep on the device, or keep in host memory and stream them "
+                     "through the optimizer step; auto: let the search pick")
+    activation_checkpointing: Literal["auto", "on", "off"] = setting(
+        "auto", help="force backward.activation_checkpointing on or off; auto: let the search pick")
+    micro_batch_tokens: list[int] = setting([], help="teacher_score.micro_batch_tokens values to try ([] = the "
+                                                     "configured value and smaller whole-sequence multiples)",
+                                            check=_ladder)
+    chunk_tokens: list[int] = setting([], help="loss.chunk_tokens values to try ([] = the configured value and "
+                                               "halvings down to 256)", check=_ladder)
+    max_num_seqs: list[int] = setting([], help="rollout.max_num_seqs values to try ([] = the configured value and "
+                                               "halvings down to 8; fewer sequences, more decode rounds)",
+                                      check=_ladder)
+    forbid: list[str] = setting([], help="decision values the search must not pick, e.g. "
+                                         "[\"teacher_weights.stream\", \"activation_checkpointing.on\"]",
+                                check=_forbidden)
+
+    def cross_problems(self):
+        for decision, choices in FIT_CHOICES.items():
+            forced = getattr(self, decision)
+            if forced != "auto" and f"{decision}.{forced}" in self.forbid:
+                yield "forbid", f"{decision} = {forced!r} is forced and also forbidden; drop one of the two"
+            elif all(f"{decision}.{choice}" in self.forbid for choice in choices):
+                yield "forbid", f"every value of {decision} is forbidden; allow at least one"
+
+
 @attrs.frozen(kw_only=True)
 class PipelineSection:
     name: str = setting(help="pipeline name; also names the default output directory")
@@ -38,6 +94,7 @@ class PipelineSection:
     fuse_training: bool = setting(True, help="fuse teacher_score -> loss -> backward into one micro-batch loop")
     debug_memory: bool = setting(False, help="at runtime, check at each release that the buffer is really freed")
     hardware: HardwareConfig = setting(HardwareConfig(), help="the card used for roofline time estimates")
+    fit: FitConfig = setting(FitConfig(), help="the search that makes an over-budget plan fit (opdgraph.fit)")
 
 
 @attrs.frozen(kw_only=True)

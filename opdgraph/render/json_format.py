@@ -1,5 +1,7 @@
 """`opdgraph plan --format json`: the whole Plan as JSON with sorted keys, integers for FLOPs and bytes, and
-seconds rounded to nanoseconds, so golden files and diffs stay stable across machines."""
+seconds rounded to nanoseconds, so golden files and diffs stay stable across machines. The fit search's fields
+(`transfers`, `fit`) appear only when it placed something off the device, so plans that fit as configured keep
+their JSON."""
 
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ def plan_to_dict(plan: Plan) -> dict:
     data = attrs.asdict(plan, recurse=True)
     data["peak_bytes"] = plan.peak_bytes
     data["over_budget"] = plan.over_budget
+    for key in ("transfers", "fit"):
+        if not data[key]:
+            del data[key]
     return _stable(data)
 
 

@@ -1,5 +1,6 @@
 """`opdgraph plan` text output: the step table with roofline times, the peak and what makes it, and a lifetime chart
-(buffers x steps) with a live-memory row, the peak marked, and the step after which each buffer is released."""
+(buffers x steps) with a live-memory row, the peak marked, and the step after which each buffer is released.
+Plans chosen by the fit search also start with what it chose and list their host transfers (PCIe bytes and time)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def _peak_lines(plan: Plan) -> list[str]:
 
 def _cell(name: str, index: int, plan: Plan, live: list[tuple[str, ...]]) -> str:
     buffer = plan.buffers[name]
+    if buffer.device == "host":
+        return "H"
     if buffer.lifetime == "held" and not buffer.offload_when_idle:
         return "="
     if name not in live[index]:
@@ -80,10 +83,42 @@ def _chart(plan: Plan) -> list[str]:
     return lines
 
 
+def _fit_lines(plan: Plan) -> list[str]:
+    """What the fit search (opdgraph.fit) chose, when it ran."""
+    fit = plan.fit
+    if not fit:
+        return []
+    verb = "chose" if fit["fits"] else "nothing fits; closest"
+    line = f"fit: {verb} {fit['described']}: predicted {fit['step_seconds']:.3f} s/step"
+    if "no_offload_step_seconds" in fit:
+        line += (f" (vs {fit['no_offload_step_seconds']:.3f} s/step without offload, which needs "
+                 f"{gib(fit['no_offload_peak_bytes'])} GiB; the smallest plan without offload needs "
+                 f"{gib(fit['no_offload_min_peak_bytes'])} GiB)")
+    return [line, f"     {fit['fitting']} of {fit['candidates']} candidates fit {gib(plan.budget_bytes)} GiB; "
+                  f"this one peaks at {gib(fit['peak_bytes'])} GiB", ""]
+
+
+def _transfer_lines(plan: Plan) -> list[str]:
+    """Host transfers of the placement the plan uses (offloads, reloads, streams): bytes over PCIe and their time."""
+    if not plan.transfers:
+        return []
+    lines = ["Host transfers (PCIe; bytes and time per training step):"]
+    for transfer in plan.transfers:
+        note = "  (never written: the host copy is current, the device copy is dropped)" if not transfer.bytes else ""
+        lines.append(f"  {transfer.when + ' ' + transfer.step:<28} {transfer.direction:<8} {transfer.buffer:<26} "
+                     f"{gib(transfer.bytes):>8} GiB  {_seconds(transfer.seconds):>11}{note}")
+    total = sum(transfer.seconds for transfer in plan.transfers)
+    return [*lines, f"  total PCIe time {_seconds(total)} (included in the step times above; a stream overlaps "
+                    "its step's compute)", ""]
+
+
 def render_text(plan: Plan) -> str:
     mode = "fused training loop" if plan.fused else "unfused: stage by stage"
     facts = plan.facts
-    out = [f"opdgraph plan: {plan.name}  ({mode}; memory budget {gib(plan.budget_bytes)} GiB)",
+    legend = LEGEND + ("\n        H in host memory, streamed through the step that uses it"
+                       if any(buffer.device == "host" for buffer in plan.buffers.values()) else "")
+    out = [*_fit_lines(plan),
+           f"opdgraph plan: {plan.name}  ({mode}; memory budget {gib(plan.budget_bytes)} GiB)",
            f"  rollout: {facts['rollout.sequences']} sequences, {facts['rollout.concurrent_seqs']} at a time, "
            f"KV pool {facts['rollout.num_pages']} pages x {facts['rollout.page_size']} tokens",
            f"  training: {facts['train.tokens_per_step']} tokens/step in "
@@ -94,6 +129,6 @@ def render_text(plan: Plan) -> str:
              if "world_size" in facts else []), "",
            "Steps (in execution order; runs = per training step):", *_step_table(plan), "",
            f"Roofline time of one training step: {_seconds(plan.step_seconds)} (periodic steps not included)", "",
-           *_peak_lines(plan), "",
-           "Buffer lifetimes:", *_chart(plan), "", LEGEND]
+           *_transfer_lines(plan), *_peak_lines(plan), "",
+           "Buffer lifetimes:", *_chart(plan), "", legend]
     return "\n".join(out) + "\n"

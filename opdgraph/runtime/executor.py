@@ -4,7 +4,8 @@ The plan is an ordered list of steps; consecutive steps that share a micro-batch
 once per micro-batch (chunk loops run inside the loss stage itself, whose chunk size the plan used). Each step is
 dispatched to its stage module's `execute(step, config, ctx, loop)`; after it, the executor applies exactly the
 releases the plan lists for it (free, or offload to host) and reloads offloaded buffers before the step that needs
-them. Nothing is freed anywhere else, so memory follows the plan.
+them. Nothing is freed anywhere else, so memory follows the plan. Buffers the plan's placement moves (the teacher's
+weights) go through opdgraph.runtime.offload, which moves parameter storage to pinned host memory and back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opdgraph.runtime.context import RunContext
+from opdgraph.runtime.offload import HostOffloader
 
 
 @dataclass
@@ -57,6 +59,7 @@ class PlanExecutor:
         # Buffers first allocated inside a loop are freed per iteration; a buffer from outside the loop that is last
         # read inside it is freed once, after the loop's last iteration.
         self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates}
+        self.offloader = HostOffloader(plan, ctx.teacher, ctx.device)
 
     def run_training_step(self) -> None:
         for loop, steps in self.segments:
@@ -103,11 +106,17 @@ class PlanExecutor:
         self.ctx.buffers.release(name)
 
     def _offload(self, name: str) -> None:
+        if self.offloader.handles(name):
+            self.offloader.offload(name)
+            return
         target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
         if hasattr(target, "to"):
             target.to("cpu")
 
     def _reload(self, name: str) -> None:
+        if self.offloader.handles(name):
+            self.offloader.reload(name)
+            return
         target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
         if hasattr(target, "to"):
             target.to(self.ctx.device)

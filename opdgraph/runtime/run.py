@@ -84,7 +84,7 @@ def _load_student_weights(student, checkpoint: Path) -> None:
 
 def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> RunContext:
     from opdgraph.data import PromptSampler
-    from opdgraph.train.optimizer import MasterAdamW
+    from opdgraph.runtime.offload import build_optimizer, plan_placement
 
     device = pick_device(cfg.pipeline.device)
     seed_everything(cfg.pipeline.seed)
@@ -108,8 +108,9 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     if distributed.world_size() > 1:
         distributed.shard_student(student)
         engine = distributed.UnshardingEngine(engine, student)
-    optimizer = MasterAdamW(list(student.named_parameters()), lr=step.lr, betas=tuple(step.betas), eps=step.eps,
-                            weight_decay=step.weight_decay)
+    # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
+    optimizer = build_optimizer(plan_placement(plan), student, device, lr=step.lr, betas=tuple(step.betas),
+                                eps=step.eps, weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
     log = cfg.stage("log")

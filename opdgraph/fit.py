@@ -1,0 +1,188 @@
+"""The fit search: when a plan is over `memory_budget_gib`, find the cheapest plan of a small decision space that fits.
+
+A candidate is one explicit Decisions record:
+- teacher_weights: keep | offload | stream       (opdgraph.placement)
+- optimizer_state: keep | offload                (fp32 masters + AdamW moments in host memory, streamed by the step)
+- activation_checkpointing: off | on             (backward.activation_checkpointing)
+- micro_batch_tokens, chunk_tokens, max_num_seqs (teacher_score / loss / rollout settings, each from a short ladder)
+Every candidate is compiled into a full plan (the decisions applied as config overrides plus the placement), so its
+peak and its predicted seconds per step come from the same lifetime analysis and roofline model as any plan:
+compute at the card's matmul rate and copy bandwidth, PCIe copies of offloads, reloads and streams at pcie_gbps,
+the extra forward of checkpointing, and more prefill/decode waves for fewer concurrent sequences. The choice is the
+fitting candidate with the least predicted step time; ties go to fewer offloads, then the configured-first order
+of each decision (a deterministic total order, so the same config always gives the same plan).
+
+The search runs only when `[pipeline.fit] enabled` and the configured plan is over budget, or when the table forces
+something (a decision, a ladder or a forbidden value); otherwise the configured plan is returned untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import attrs
+
+from opdgraph.compile import compile_plan
+from opdgraph.config.schema import FIT_CHOICES, PipelineConfig
+from opdgraph.placement import Placement, configured_placement
+from opdgraph.plan import Plan
+
+GIB = 1024**3
+MIN_CHUNK_TOKENS = 256
+MIN_NUM_SEQS = 8
+LADDER_STEPS = 4  # values per default ladder: the configured one and up to three halvings
+
+
+@attrs.frozen(kw_only=True)
+class Decisions:
+    teacher_weights: str
+    optimizer_state: str
+    activation_checkpointing: bool
+    micro_batch_tokens: int
+    chunk_tokens: int
+    max_num_seqs: int
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(teacher_weights=self.teacher_weights, optimizer_state=self.optimizer_state)
+
+    @property
+    def offloads(self) -> int:
+        return (self.teacher_weights != "keep") + (self.optimizer_state != "keep")
+
+    def describe(self) -> str:
+        return (f"teacher weights {self.teacher_weights}, optimizer state {self.optimizer_state}, activation "
+                f"checkpointing {'on' if self.activation_checkpointing else 'off'}, micro-batch "
+                f"{self.micro_batch_tokens} tokens, loss chunk {self.chunk_tokens} tokens, "
+                f"{self.max_num_seqs} sequences at a time")
+
+
+@attrs.frozen
+class Candidate:
+    decisions: Decisions
+    plan: Plan
+
+
+@attrs.frozen(kw_only=True)
+class FitResult:
+    cfg: PipelineConfig  # the config with the chosen decisions applied (what the runtime runs)
+    plan: Plan  # the chosen plan (or the configured one when no search ran); plan.fit describes the search
+    decisions: Decisions
+    searched: bool
+    fits: bool
+    candidates: tuple[Candidate, ...] = ()
+
+
+def configured_decisions(cfg: PipelineConfig) -> Decisions:
+    placement = configured_placement(cfg)
+    return Decisions(teacher_weights=placement.teacher_weights, optimizer_state=placement.optimizer_state,
+                     activation_checkpointing=cfg.stage("backward").config.activation_checkpointing,
+                     micro_batch_tokens=cfg.stage("teacher_score").config.micro_batch_tokens,
+                     chunk_tokens=cfg.stage("loss").config.chunk_tokens,
+                     max_num_seqs=cfg.stage("rollout").config.max_num_seqs)
+
+
+def apply_decisions(cfg: PipelineConfig, decisions: Decisions) -> PipelineConfig:
+    """The config with the decisions' settings written into their stage tables; provenance says 'fit'."""
+    settings = {("backward", "activation_checkpointing"): decisions.activation_checkpointing,
+                ("teacher_score", "micro_batch_tokens"): decisions.micro_batch_tokens,
+                ("loss", "chunk_tokens"): decisions.chunk_tokens,
+                ("rollout", "max_num_seqs"): decisions.max_num_seqs}
+    stages, provenance = dict(cfg.stages), dict(cfg.provenance)
+    for (kind, key), value in settings.items():
+        stage = cfg.stage(kind)
+        if getattr(stage.config, key) != value:
+            stages[stage.name] = attrs.evolve(stage, config=attrs.evolve(stages[stage.name].config, **{key: value}))
+            provenance[f"{stage.name}.{key}"] = "fit"
+    teacher = cfg.model_with_role("teacher")
+    models = dict(cfg.models)
+    offloaded = decisions.teacher_weights != "keep"
+    if models[teacher].offload_when_idle != offloaded:
+        models[teacher] = attrs.evolve(models[teacher], offload_when_idle=offloaded)
+        provenance[f"models.{teacher}.offload_when_idle"] = "fit"
+    return attrs.evolve(cfg, stages=stages, models=models, provenance=provenance)
+
+
+def candidate_plan(cfg: PipelineConfig, decisions: Decisions, world_size: int = 1) -> Plan:
+    return compile_plan(apply_decisions(cfg, decisions), decisions.placement, world_size=world_size)
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    values = [start]
+    while len(values) < LADDER_STEPS and values[-1] // 2 >= floor:
+        values.append(values[-1] // 2)
+    return values
+
+
+def _choices(fit, decision: str, configured: str) -> list[str]:
+    forced = getattr(fit, decision)
+    if forced != "auto":
+        return [forced]
+    ordered = [configured, *(choice for choice in FIT_CHOICES[decision] if choice != configured)]
+    return [choice for choice in ordered if f"{decision}.{choice}" not in fit.forbid]
+
+
+def search_space(cfg: PipelineConfig) -> list[Decisions]:
+    """Every candidate, in a fixed order: the configured value of each decision first (see the ladders' help)."""
+    fit, base = cfg.pipeline.fit, configured_decisions(cfg)
+    sequence_tokens = cfg.data.max_prompt_tokens + cfg.stage("rollout").config.max_new_tokens
+    micro = fit.micro_batch_tokens or _halvings(base.micro_batch_tokens, sequence_tokens)
+    chunks = fit.chunk_tokens or _halvings(base.chunk_tokens, min(MIN_CHUNK_TOKENS, base.chunk_tokens))
+    seqs = fit.max_num_seqs or _halvings(base.max_num_seqs, min(MIN_NUM_SEQS, base.max_num_seqs))
+    checkpointing = _choices(fit, "activation_checkpointing", "on" if base.activation_checkpointing else "off")
+    product = itertools.product(_choices(fit, "teacher_weights", base.teacher_weights),
+                                _choices(fit, "optimizer_state", base.optimizer_state),
+                                checkpointing, micro, chunks, seqs)
+    return [Decisions(teacher_weights=teacher, optimizer_state=optimizer, activation_checkpointing=ckpt == "on",
+                      micro_batch_tokens=micro_tokens, chunk_tokens=chunk, max_num_seqs=num_seqs)
+            for teacher, optimizer, ckpt, micro_tokens, chunk, num_seqs in product]
+
+
+def choose(candidates: list[Candidate], budget_bytes: int) -> Candidate | None:
+    """The one rule: least predicted step time among plans within budget; ties -> fewer offloads -> search order
+    (configured values first: the roofline often cannot tell sizes apart, and the user's sizes are the tie-break)."""
+    fitting = [(index, candidate) for index, candidate in enumerate(candidates)
+               if candidate.plan.peak_bytes <= budget_bytes]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda item: (item[1].plan.step_seconds, item[1].decisions.offloads, item[0]))[1]
+
+
+def _forced(fit) -> bool:
+    return (any(getattr(fit, decision) != "auto" for decision in FIT_CHOICES)
+            or bool(fit.micro_batch_tokens or fit.chunk_tokens or fit.max_num_seqs or fit.forbid))
+
+
+def fit_plan(cfg: PipelineConfig, world_size: int = 1) -> FitResult:
+    """Compile `cfg`; if it is over budget (or the fit table forces something), search and return the cheapest
+    plan that fits, or -- when none does -- the candidate with the smallest peak (fits=False)."""
+    plan = compile_plan(cfg, world_size=world_size)
+    decisions = configured_decisions(cfg)
+    fit = cfg.pipeline.fit
+    if not fit.enabled or (not plan.over_budget and not _forced(fit)):
+        return FitResult(cfg=cfg, plan=plan, decisions=decisions, searched=False, fits=not plan.over_budget)
+    candidates = [Candidate(d, candidate_plan(cfg, d, world_size)) for d in search_space(cfg)]
+    chosen = choose(candidates, plan.budget_bytes)
+    fits = chosen is not None
+    if chosen is None:
+        chosen = min(candidates, key=lambda c: (c.plan.peak_bytes, c.plan.step_seconds))
+    summary = _summary(chosen, candidates, fits)
+    return FitResult(cfg=apply_decisions(cfg, chosen.decisions), plan=attrs.evolve(chosen.plan, fit=summary),
+                     decisions=chosen.decisions, searched=True, fits=fits, candidates=tuple(candidates))
+
+
+def _summary(chosen: Candidate, candidates: list[Candidate], fits: bool) -> dict[str, object]:
+    """What `opdgraph plan` prints about the search (also stored in plan.fit for the JSON output)."""
+    kept = [c for c in candidates if c.decisions.offloads == 0]
+    fastest_kept = min(kept, key=lambda c: (c.plan.step_seconds, c.plan.peak_bytes), default=None)
+    smallest_kept = min(kept, key=lambda c: (c.plan.peak_bytes, c.plan.step_seconds), default=None)
+    summary = {"fits": fits, "candidates": len(candidates),
+               "fitting": sum(c.plan.peak_bytes <= c.plan.budget_bytes for c in candidates),
+               "decisions": attrs.asdict(chosen.decisions), "described": chosen.decisions.describe(),
+               "step_seconds": chosen.plan.step_seconds,
+               "peak_bytes": chosen.plan.peak_bytes}
+    if fastest_kept is not None:
+        summary.update(no_offload_step_seconds=fastest_kept.plan.step_seconds,
+                       no_offload_peak_bytes=fastest_kept.plan.peak_bytes,
+                       no_offload_min_peak_bytes=smallest_kept.plan.peak_bytes)
+    return summary

@@ -1,0 +1,31 @@
+"""Where the two largest held states live during a training step: the plan option the fit search decides.
+
+- teacher_weights: "keep" (on the device throughout), "offload" (pinned host memory outside the training loop:
+  reloaded once before the first teacher_score, dropped after the loop; the host copy stays current because the
+  teacher is never written), or "stream" (the embedding, final norm and lm_head are handled as "offload"; the layers
+  stay in host memory and are copied in one at a time during teacher scoring, the next one prefetched).
+- optimizer_state: "keep" (fp32 masters and AdamW moments on the device), or "offload" (they live in pinned host
+  memory and the optimizer step streams them through the device bucket by bucket: copy in, update, copy out).
+
+The compiler (opdgraph.compile, opdgraph.buffers) turns a Placement into buffers and transfers; the runtime
+(opdgraph.runtime.offload) executes the same placement. Without a fit search, the placement comes from the config
+(`models.<teacher>.offload_when_idle`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class Placement:
+    teacher_weights: Literal["keep", "offload", "stream"] = "keep"
+    optimizer_state: Literal["keep", "offload"] = "keep"
+
+
+def configured_placement(cfg) -> Placement:
+    """The placement a pipeline asks for without any search."""
+    teacher = cfg.models[cfg.model_with_role("teacher")]
+    return Placement(teacher_weights="offload" if teacher.offload_when_idle else "keep")
