@@ -97,11 +97,12 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     add(f"{backward.name}.workspace", "workspace",
         micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype),
         (*micro_keys, *student_keys), formula="micro-batch tokens x a (one layer's activation grads)")
+    # The loss accumulates the lm_head gradient in fp32 across micro-batches (opdgraph.runtime.training).
+    lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
     if world_size == 1:
-        add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype), student_keys,
-            formula="P x d")
+        add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype) + lm_head_grad,
+            student_keys, formula="P x d + V x h x 4 (fp32 lm_head grad accumulator)")
     else:
-        lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
         add(f"{student}.grads", "grads",
             _ceil_div(sizing.gradient_bytes(student_shape, student_dtype), shards) + lm_head_grad, student_keys,
             formula="P x d / N + V x h x 4 (full fp32 lm_head grad)")

@@ -58,11 +58,12 @@ BUDGET_CASES = {
     200: ("keep", "keep", False, 16384, 2048, 64),
     # Keeping the optimizer state leaves no room for a whole teacher, so its layers stream; at 16384-token
     # micro-batches the copies hide behind the teacher's compute, and checkpointing (one more forward) is cheaper
-    # than offloading 45 GiB of state through the step.
-    72: ("stream", "keep", True, 16384, 2048, 64),
+    # than offloading 45 GiB of state through the step; the fp32 lm_head gradient accumulator (1.45 GiB) leaves
+    # room only for 1024-token loss chunks.
+    72: ("stream", "keep", True, 16384, 1024, 64),
     # 60 GiB cannot hold the training state: the state goes to the host; with a whole teacher on the device the
     # activations must shrink, which smaller micro-batches do for free (compute bound) and checkpointing does not.
-    60: ("keep", "offload", False, 4096, 512, 64),
+    60: ("keep", "offload", False, 2048, 2048, 64),
     # Both offloads: the smallest plans stream the teacher and the state.
     30: ("stream", "offload", True, 16384, 2048, 64),
     # Weights + grads + the optimizer bucket alone need about 22 GiB: nothing fits.

@@ -366,6 +366,9 @@ def test_real_vocabulary_on_gpu(divergence, vocab, teacher_vocab, options):
     loss, hidden_grad, _ = fused_divergence_chunk(hidden, lm_head, teacher_hidden, teacher_lm_head, weights,
                                                   divergence=divergence, sampled_ids=sampled_ids,
                                                   lm_head_grad=lm_head_grad, **options)
-    assert abs(loss.item() - loss_ref.item()) <= 1e-2 * (1 + abs(loss_ref.item()))
-    assert relative_error(hidden_grad, hidden_grad_ref) < 1e-2
-    assert relative_error(lm_head_grad, lm_head_grad_ref) < 1e-2
+    # bf16 teacher logits are a documented lossy option (each teacher logit moves by up to 2^-9 of its size; on the
+    # H200, forward KL's hidden grad landed at 1.5e-2): 3e-2 for it, the 1e-2 for every exact option.
+    tolerance = 3e-2 if options.get("teacher_logits_dtype") is torch.bfloat16 else 1e-2
+    assert abs(loss.item() - loss_ref.item()) <= tolerance * (1 + abs(loss_ref.item()))
+    assert relative_error(hidden_grad, hidden_grad_ref) < tolerance
+    assert relative_error(lm_head_grad, lm_head_grad_ref) < tolerance

@@ -73,7 +73,9 @@ def chunked_loss(config, ctx, loop) -> None:
     if _use_triton(config.kernel, hidden.device):
         from opdgraph.kernels.divergence import chunked_fused_divergence
 
-        loss, hidden_grad, per_token = chunked_fused_divergence(*args, **common)
+        # The bf16 gradient is written into the fp32 student-logit rows in place: exact, 2 bytes per logit less
+        # (measured on an H200 in benchmarks/results/divergence_h200_variants.txt).
+        loss, hidden_grad, per_token = chunked_fused_divergence(*args, **common, grad_in_student_logits=True)
         estimate = (per_token * batch.weights).sum()
     else:
         from opdgraph.train.divergence import chunked_divergence
