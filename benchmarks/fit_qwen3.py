@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from device_init import use_device_side_init
+
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "qwen3_4b_from_14b.toml"
 GIB = 1024**3
 
@@ -46,27 +48,6 @@ def pcie_bandwidth(device, num_bytes=2 * GIB, repeats=5) -> dict[str, float]:
         torch.cuda.synchronize()
         rates[name] = num_bytes * repeats / (time.perf_counter() - started) / 1e9
     return rates
-
-
-def fast_random_init():
-    """Replace the CPU-side seeded init with a seeded on-device normal init (same std, unit norms, zero biases)."""
-    from opdgraph.models.decoder import DecoderLM
-    from opdgraph.models.layers import RMSNorm
-
-    def reset_parameters(self, seed: int) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.no_grad():
-            for name, parameter in self.named_parameters():
-                if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
-                    continue
-                if name.endswith(".bias"):
-                    parameter.zero_()
-                else:
-                    parameter.normal_(0.0, self.config.initializer_range, generator=generator)
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.reset_parameters()
-    DecoderLM.reset_parameters = reset_parameters
 
 
 def write_prompts(directory: Path, count: int = 64, length: int = 500) -> Path:
@@ -176,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     started = time.perf_counter()
-    fast_random_init()
+    use_device_side_init()
     bandwidth = pcie_bandwidth(device)
     pcie = min(bandwidth.values())
     print(f"{torch.cuda.get_device_name(device)}: pinned PCIe h2d {bandwidth['h2d']:.1f} GB/s, "

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from device_init import use_device_side_init
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
@@ -92,30 +94,6 @@ def measure_hardware(device: torch.device, tiny: bool) -> dict:
     nominal = next((value for key, value in NOMINAL_BF16_TFLOPS.items() if key in name), None)
     return {"device": name, "torch": torch.__version__, "matmul_flops": 2 * size**3 / matmul_seconds,
             "copy_bytes_per_s": 2 * num_bytes / copy_seconds, "nominal_bf16_flops": nominal and nominal * 1e12}
-
-
-def use_device_side_init() -> None:
-    """Random init drawn on the model's device. DecoderLM.reset_parameters draws on the CPU so that weights do not
-    depend on the device, which takes minutes for 9B parameters; the step's speed does not depend on the values.
-    Same distribution: normal(0, initializer_range) matrices and embeddings, zero biases, norms reset."""
-    from opdgraph.models.decoder import DecoderLM
-    from opdgraph.models.layers import RMSNorm
-
-    @torch.no_grad()
-    def reset_parameters(self, seed: int) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        for name, parameter in self.named_parameters():
-            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
-                continue
-            if name.endswith(".bias"):
-                parameter.zero_()
-            else:
-                parameter.normal_(0.0, self.config.initializer_range, generator=generator)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-
-    DecoderLM.reset_parameters = reset_parameters
 
 
 # ---------------------------------------------------------------------------------------------- pipeline on disk
