@@ -63,8 +63,9 @@ class MetricsLog:
 class ProgressLine:
     """A one-line progress bar on stderr with live metrics; plain lines when stderr is not a terminal."""
 
-    def __init__(self, total: int, *, enabled: bool, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, *, enabled: bool, first_step: int = 0, stream: TextIO = sys.stderr):
         self.total = total
+        self.first_step = first_step  # steps done before this process started (resume): not part of its speed
         self.enabled = enabled
         self.stream = stream
         self.start = time.perf_counter()
@@ -76,7 +77,7 @@ class ProgressLine:
         width = 24
         filled = int(width * done / max(self.total, 1))
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
+        eta = elapsed / max(done - self.first_step, 1) * (self.total - done)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
         line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {elapsed:.0f}s (eta {eta:.0f}s)  {shown}"
         if self.interactive:

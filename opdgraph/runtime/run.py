@@ -193,11 +193,11 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     from opdgraph.runtime.evaluation import print_before_after, run_eval
 
     log = cfg.stage("log")
-    progress = ProgressLine(cfg.pipeline.num_steps,
-                            enabled=bool(log is None or log.config.progress) and distributed.is_main())
     for entry in cfg.stages_of_kind("eval"):
         if ctx.step == 0 and ctx.eval_prompts is not None:
             ctx.eval_records.append(run_eval(entry.config, ctx, label="before"))
+    progress = ProgressLine(cfg.pipeline.num_steps, first_step=ctx.step,
+                            enabled=bool(log is None or log.config.progress) and distributed.is_main())
     while ctx.step < cfg.pipeline.num_steps:
         started = time.perf_counter()
         ctx.stage_seconds, ctx.step_record = {}, {}
