@@ -46,6 +46,7 @@ class RunContext:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     step_record: dict[str, Any] = field(default_factory=dict)  # metrics gathered during the current step
     eval_engines: dict[str, Any] = field(default_factory=dict)
+    teacher_offloader: Any = None  # the executor's HostOffloader (moves the teacher where the plan says)
     eval_records: list[dict[str, Any]] = field(default_factory=list)
     last_samples: list[Any] = field(default_factory=list)  # a few token lists of the last rollout, for the log
 

@@ -9,6 +9,8 @@ responses are shown side by side with the teacher's own (the teacher answers wit
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from opdgraph.runtime.answer_scoring import is_correct
@@ -63,15 +65,38 @@ def _accuracy(ctx, samples) -> float | None:
     return sum(is_correct(text(s.response_ids), str(s.answer)) for s in graded) / len(graded)
 
 
+@contextmanager
+def _teacher_on_device(ctx):
+    """Eval runs outside teacher scoring, where an offloading plan keeps the teacher's weights on the host."""
+    swap = getattr(ctx.teacher_offloader, "swap", None)
+    if swap is None:
+        yield
+        return
+    swap.to_device()
+    try:
+        yield
+    finally:
+        swap.to_host()
+
+
 def run_eval(config, ctx, *, label: str) -> dict:
     """Evaluate now; writes an `eval` record to metrics.jsonl and returns it."""
+    with _teacher_on_device(ctx):
+        return _run_eval(config, ctx, label=label)
+
+
+def _run_eval(config, ctx, *, label: str) -> dict:
+    from opdgraph.data.sampler import mix_seed
+
+    # Eval draws its own randomness: training seeds come from (seed, step, prompt index) and must not repeat here.
+    eval_seed = mix_seed("eval", ctx.seed)
     prompts = _eval_prompts(ctx, config.num_prompts)
     params = sampling_params(ctx.facts["rollout_config"], max_new_tokens=config.max_new_tokens,
                              greedy=config.greedy, eos_token_ids=ctx.tokenizer.eos_token_ids)
-    student_samples = generate_samples(ctx.engine, prompts, params, n=1, seed=ctx.seed, step=ctx.step, tag="eval")
+    student_samples = generate_samples(ctx.engine, prompts, params, n=1, seed=eval_seed, step=ctx.step, tag="eval")
     ctx.engine.release()  # the eval KV pool lives only while eval generates (the plan's eval.kv_cache)
     teacher_engine = _teacher_engine(ctx)
-    teacher_samples = generate_samples(teacher_engine, prompts, params, n=1, seed=ctx.seed, step=ctx.step,
+    teacher_samples = generate_samples(teacher_engine, prompts, params, n=1, seed=eval_seed, step=ctx.step,
                                        tag="eval-teacher")
     teacher_engine.release()
     lengths = [len(s.response_ids) for s in student_samples]

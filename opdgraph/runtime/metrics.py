@@ -8,6 +8,7 @@ run's file equals an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,8 +42,10 @@ class MetricsLog:
                 self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        # NaN / inf are not JSON: a skipped step's loss is written as null so strict readers (jq, JS) still parse.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
         if self._writer is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():

@@ -190,6 +190,7 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
 
         recorder = MemoryRecorder(plan, ctx.device, run_dir)
     executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks, memory_recorder=recorder)
+    ctx.teacher_offloader = executor.offloader  # eval needs the teacher on the device where the plan offloads it
     from opdgraph.runtime.evaluation import print_before_after, run_eval
 
     log = cfg.stage("log")
@@ -211,10 +212,12 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
         if ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         ctx.metrics.write(record)
-        progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr") if k in record})
+        if log is None or ctx.step % log.config.every_n_steps == 0 or ctx.step == cfg.pipeline.num_steps:
+            progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr")
+                                       if record.get(k) is not None})
     progress.close()
     ctx.metrics.close()
-    if len(ctx.eval_records) >= 2:
+    if len(ctx.eval_records) >= 2 and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
         print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
