@@ -2,9 +2,10 @@
 
 The student answers the first `num_prompts` held-out prompts (greedy by default); the teacher scores those responses
 at every response position. Reported, averaged over all response tokens: KL(student || teacher), KL(teacher ||
-student) (temperature 1, full vocabulary), the student's top-1 agreement with the teacher's argmax, the mean
-response length, and, for prompts carrying a reference answer, the accuracy of student and teacher answers. A few
-responses are shown side by side with the teacher's own (the teacher answers with the same settings).
+student) (temperature 1, full vocabulary) and the student's top-1 agreement with the teacher's argmax, both on the
+student's responses and on the teacher's own responses (`teacher_text_*`), the mean response length, and, for
+prompts carrying a reference answer, the accuracy of student and teacher answers. A few responses are shown side by
+side with the teacher's own (the teacher answers with the same settings).
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def _run_eval(config, ctx, *, label: str) -> dict:
                                        tag="eval-teacher")
     teacher_engine.release()
     lengths = [len(s.response_ids) for s in student_samples]
-    record = {"kind": "eval", "label": label, "step": ctx.step, **_score(ctx, student_samples),
+    # On the student's own samples (what OPD optimises) and on the teacher's responses: a student that only learns
+    # to produce text the teacher finds predictable improves the first but not the second.
+    on_teacher_text = {f"teacher_text_{key}": value for key, value in _score(ctx, teacher_samples).items()}
+    record = {"kind": "eval", "label": label, "step": ctx.step, **_score(ctx, student_samples), **on_teacher_text,
               "response_length_mean": sum(lengths) / len(lengths), "num_prompts": len(prompts)}
     student_accuracy, teacher_accuracy = _accuracy(ctx, student_samples), _accuracy(ctx, teacher_samples)
     if student_accuracy is not None:
@@ -126,8 +130,9 @@ def _print(record: dict, shown: list[dict]) -> None:
 
 def print_before_after(first: dict, last: dict) -> None:
     """The table a user reads at the end of a run: held-out metrics before and after training."""
-    keys = [k for k in ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy")
+    keys = [k for k in ("reverse_kl", "forward_kl", "top1_agreement", "teacher_text_reverse_kl",
+                        "teacher_text_forward_kl", "teacher_text_top1_agreement", "response_length_mean", "accuracy")
             if k in first and k in last]
-    print(f"\n{'held-out metric':<24}{'before':>12}{'after':>12}")
+    print(f"\n{'held-out metric':<30}{'before':>12}{'after':>12}")
     for key in keys:
-        print(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
+        print(f"{key:<30}{first[key]:>12.4f}{last[key]:>12.4f}")
