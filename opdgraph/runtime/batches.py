@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from opdgraph.models.attention_metadata import PackedMetadata
+from opdgraph.train.weights import position_weights
 
 
 @dataclass
@@ -47,16 +48,9 @@ class MicroBatch:
         return int(self.input_ids.numel())
 
 
-def loss_weight(response_length: int, *, normalize: str, global_tokens: int, global_sequences: int) -> float:
-    """Weight of one trained position: a mean over all response tokens, or a mean of per-sequence means."""
-    if normalize == "token":
-        return 1.0 / global_tokens
-    return 1.0 / (global_sequences * response_length)
-
-
 def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_sequences: int,
           device: torch.device) -> MicroBatch:
-    ids, positions, cu, loss_pos, targets, weights, owner = [], [], [0], [], [], [], []
+    ids, positions, cu, loss_pos, targets, owner = [], [], [0], [], [], []
     for index, sample in enumerate(samples):
         offset = cu[-1]
         sequence = sample.prompt_ids + sample.response_ids
@@ -67,19 +61,21 @@ def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_s
         count = len(sample.response_ids)
         loss_pos.extend(range(first, first + count))
         targets.extend(sample.response_ids)
-        weight = loss_weight(count, normalize=normalize, global_tokens=global_tokens,
-                             global_sequences=global_sequences)
-        weights.extend([weight] * count)
         owner.extend([index] * count)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     long = dict(dtype=torch.long, device=device)
+    loss_positions = torch.tensor(loss_pos, **long)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+    loss_mask = torch.zeros(cu[-1], dtype=torch.bool, device=device).index_fill_(0, loss_positions, True)
+    weights = position_weights(loss_mask, cu_seqlens, normalize=normalize, global_token_count=global_tokens,
+                               global_seq_count=global_sequences).index_select(0, loss_positions)
     return MicroBatch(
         input_ids=torch.tensor(ids, **long),
         positions=torch.tensor(positions, **long),
-        meta=PackedMetadata(cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device), max_seqlen=max(lengths)),
-        loss_positions=torch.tensor(loss_pos, **long),
+        meta=PackedMetadata(cu_seqlens=cu_seqlens, max_seqlen=max(lengths)),
+        loss_positions=loss_positions,
         target_ids=torch.tensor(targets, **long),
-        weights=torch.tensor(weights, dtype=torch.float32, device=device),
+        weights=weights,
         sample_of_position=torch.tensor(owner, **long),
         samples=samples,
     )

@@ -192,8 +192,9 @@ def add_full_grad(param, full_grad: torch.Tensor) -> None:
     dimension 0 in `torch.chunk` pieces). Unsharded: a plain add.
     """
     if not hasattr(param, "device_mesh"):
-        update = full_grad.to(param.dtype)
-        param.grad = update if param.grad is None else param.grad.add_(update)
+        from opdgraph.train.two_stage import add_lm_head_grad
+
+        add_lm_head_grad(param, full_grad)
         return
     from torch.distributed.tensor import distribute_tensor
 

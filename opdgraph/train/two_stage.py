@@ -23,6 +23,12 @@ def two_stage_backward(
     copied, never aliased, so the caller may zero and reuse it for the next micro-batch.
     """
     hidden.backward(hidden_grad)
+    add_lm_head_grad(lm_head_param, lm_head_grad)
+
+
+def add_lm_head_grad(lm_head_param: torch.nn.Parameter, lm_head_grad: torch.Tensor) -> None:
+    """lm_head_param.grad += lm_head_grad, summed in fp32 and rounded once to the parameter dtype (copied, never
+    aliased)."""
     if lm_head_param.grad is None:
         lm_head_param.grad = lm_head_grad.to(lm_head_param.dtype, copy=True)
     else:
