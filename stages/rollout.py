@@ -32,6 +32,9 @@ class Config:
     max_num_seqs: int = setting(64, help="most sequences decoded concurrently; sizes the KV pool", check=positive)
     prefill_token_budget: int = setting(2048, help="most prompt tokens prefilled in one forward", check=positive)
     backend: Literal["auto", "torch", "flashinfer"] = setting("auto", help="attention backend for paged attention")
+    decode_burst_steps: int = setting(0, help="decode steps run on the device per host round trip (pages reserved "
+                                              "ahead, tokens past EOS dropped); 0 = auto: 16 on the GPU path, 1 on "
+                                              "CPU", check=non_negative)
     kv_pool_tokens: int = setting(0, help="KV pool capacity in tokens (0 = max_num_seqs x (max_prompt_tokens + "
                                           "max_new_tokens), rounded up to pages)", check=non_negative)
 

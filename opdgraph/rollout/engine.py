@@ -43,6 +43,8 @@ class EngineStats:
     preemptions: int = 0
     wall_seconds: float = 0.0
     peak_pages_used: int = 0
+    bursts: int = 0  # decode bursts run (decode_burst_steps > 1)
+    burst_steps: int = 0  # device decode steps inside them
     kv_pool_created: bool = False  # this call (re)allocated the KV tensors (first call, or after release())
     # Host seconds per engine phase (schedule, build_inputs, update); the GPU path keeps its own split.
     host_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -66,12 +68,14 @@ class RolloutEngine:
         kv_dtype: torch.dtype | None = None,
         attention: str = "torch",
         cuda_graphs: bool = False,
+        decode_burst_steps: int = 1,
     ):
         for name, value in [
             ("page_size", page_size),
             ("num_pages", num_pages),
             ("max_num_seqs", max_num_seqs),
             ("prefill_token_budget", prefill_token_budget),
+            ("decode_burst_steps", decode_burst_steps),
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RolloutEngine: {name} must be an integer >= 1, got {value!r}")
@@ -94,6 +98,27 @@ class RolloutEngine:
 
             self.gpu_path = FlashInferRollout(model, device=self.device, page_size=page_size, num_pages=num_pages,
                                               max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, cuda_graphs=cuda_graphs)
+        self.decode_burst_steps = decode_burst_steps
+        self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
+
+    def _build_burst(self, cuda_graphs: bool):
+        """Decode bursts (decode_burst.py): the Triton paged-decode kernel on CUDA, the torch reference elsewhere."""
+        from opdgraph.rollout.decode_burst import DecodeBurst
+
+        if self.gpu_path is not None:
+            from opdgraph.kernels.paged_decode_attention import TritonDecodeBackend
+
+            attention = TritonDecodeBackend(num_kv_heads=self.model.config.num_kv_heads,
+                                            max_context=self.kv_pool_tokens, device=self.device)
+            logits_fn, ladder = self.gpu_path.logits_fn, self.gpu_path.ladder or None
+        else:
+            from opdgraph.models.attention_backend import TorchReferenceBackend
+
+            attention, logits_fn, ladder = TorchReferenceBackend(), None, None
+        return DecodeBurst(self.model, attention=attention, device=self.device, page_size=self.page_size,
+                           scratch_page=self.num_pages, max_rows=self.max_num_seqs,
+                           max_steps=self.decode_burst_steps, logits_fn=logits_fn, cuda_graphs=cuda_graphs,
+                           ladder=ladder)
 
     @property
     def kv_pool_tokens(self) -> int:
@@ -104,6 +129,8 @@ class RolloutEngine:
         self.kv_cache = None
         if self.gpu_path is not None:
             self.gpu_path.release()
+        if self.burst is not None:
+            self.burst.release()
 
     def generate(self, requests: list[Request]) -> list[Response]:
         """Sample every request n times; responses come back in request order, then sample index."""
@@ -111,11 +138,7 @@ class RolloutEngine:
         stats = EngineStats()
         with torch.inference_mode():
             if self.kv_cache is None:
-                # The GPU path adds a scratch page for padded graph rows and drops graphs of the old tensors.
-                allocate = self.model.allocate_kv_cache if self.gpu_path is None else self.gpu_path.allocate_kv_cache
-                self.kv_cache = allocate(
-                    self.num_pages, self.page_size, dtype=self.kv_dtype, device=self.device
-                )
+                self.kv_cache = self._allocate_kv_cache()
                 stats.kv_pool_created = True
             pool = PagePool(self.num_pages)
             scheduler = Scheduler(
@@ -139,9 +162,24 @@ class RolloutEngine:
         self.stats = stats
         return [_response(sequence) for sequence in finished]
 
+    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+        """KV tensors, plus one scratch page (page id num_pages) where padded and idle rows write on the GPU path and
+        in bursts."""
+        if self.burst is not None:
+            self.burst.release()  # its graphs point at the old tensors
+        if self.gpu_path is not None:  # adds the scratch page and drops graphs of the old tensors
+            return self.gpu_path.allocate_kv_cache(self.num_pages, self.page_size, dtype=self.kv_dtype,
+                                                   device=self.device)
+        extra_pages = 0 if self.burst is None else 1
+        return self.model.allocate_kv_cache(self.num_pages + extra_pages, self.page_size, dtype=self.kv_dtype,
+                                            device=self.device)
+
     def _step(self, scheduler: Scheduler, stats: EngineStats) -> None:
         clock, phases = time.perf_counter, stats.host_seconds
         started = clock()
+        if self.burst is not None and self._burst(scheduler, stats):
+            phases["burst"] += clock() - started
+            return
         batch = scheduler.schedule()
         if not batch.chunks:
             raise RuntimeError("rollout scheduler made no progress (internal error: please report)")
@@ -162,6 +200,20 @@ class RolloutEngine:
         scheduler.update(batch, tokens, logprobs)
         phases["schedule"] += scheduled - started
         phases["update"] += clock() - updating
+
+    def _burst(self, scheduler: Scheduler, stats: EngineStats) -> bool:
+        """Run a decode burst if the scheduler allows one; False when it does not (a normal step follows)."""
+        batch = scheduler.schedule_burst(self.decode_burst_steps)
+        if batch is None:
+            return False
+        if batch.page_copies:
+            self._copy_pages(batch.page_copies)
+        tokens, logprobs = self.burst.run(batch, self.kv_cache)
+        stats.bursts += 1
+        stats.burst_steps += batch.burst_steps
+        _count(batch, stats)
+        scheduler.update_burst(batch, tokens, logprobs)
+        return True
 
     def _forward_and_sample(self, inputs) -> tuple[list[int], list[float]]:
         hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
@@ -209,7 +261,7 @@ class RolloutEngine:
 
 
 def _count(batch: ScheduledBatch, stats: EngineStats) -> None:
-    stats.forwards += 1
+    stats.forwards += max(1, batch.burst_steps)
     for chunk in batch.chunks:
         if chunk.is_decode:
             stats.decode_tokens += chunk.num_tokens

@@ -42,6 +42,9 @@ class ScheduledChunk:
 class ScheduledBatch:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     page_copies: list[tuple[int, int]] = field(default_factory=list)  # (source page, destination page)
+    # > 0 for a decode burst (``schedule_burst``): up to this many decode steps run on the device back to back;
+    # chunk.num_tokens is then how many of them each sequence may take (its pages cover them).
+    burst_steps: int = 0
 
     @property
     def sampling_chunks(self) -> list[ScheduledChunk]:
@@ -89,6 +92,41 @@ class Scheduler:
         if not preempted:
             self._admit(batch, budget_left)
         return batch
+
+    def schedule_burst(self, max_steps: int) -> ScheduledBatch | None:
+        """A decode burst: every running sequence decodes up to ``steps`` tokens in a row without host involvement.
+
+        Only when all running sequences are decoding and nobody could be admitted now (admission would otherwise
+        wait for the burst to end). ``steps`` is ``max_steps``, halved until the pool holds every sequence's pages
+        for them (a burst never preempts: at one step the normal schedule() handles a full pool). Each sequence
+        takes min(steps, tokens it may still generate); the host truncates at EOS / stop tokens afterwards
+        (``update_burst``), and tokens computed past them are dropped. None when no burst is possible.
+        """
+        if not self.running or not all(sequence.is_decode for sequence in self.running) or self._could_admit():
+            return None
+        steps = max_steps
+        while True:
+            plan = [(sequence, min(steps, sequence.request.params.max_new_tokens - len(sequence.generated)))
+                    for sequence in self.running]
+            if self._pages_needed(plan) <= self.pool.num_free:
+                break
+            if steps == 1:
+                return None
+            steps //= 2
+        batch = ScheduledBatch(burst_steps=max(num_tokens for _, num_tokens in plan))
+        for sequence, num_tokens in plan:
+            self._append_chunk(batch, sequence, num_tokens)
+            batch.chunks[-1].is_decode = batch.chunks[-1].samples = True
+        return batch
+
+    def _could_admit(self) -> bool:
+        """Whether the next schedule() would admit the first waiting sequence (a slot and its pages are free)."""
+        if not self.waiting:
+            return False
+        first = min(self.waiting, key=lambda s: (s.num_tokens, s.arrival_order))
+        slots_used = sum(len(s.sample_indices) for s in self.running)
+        return (slots_used + len(first.sample_indices) <= self.max_num_seqs
+                and self.pages_for(first.num_tokens) <= self.pool.num_free)
 
     def _plan_running(self) -> tuple[list[tuple[Sequence, int]], int]:
         plan = []
@@ -198,6 +236,17 @@ class Scheduler:
                 self._append_token(sample, tokens[row], logprobs[row])
                 row += 1
         assert row == len(tokens), f"{len(tokens)} sampled tokens for {row} sample rows"
+
+    def update_burst(self, batch: ScheduledBatch, tokens: list[list[int]], logprobs: list[list[float]]) -> None:
+        """Apply a burst's tokens: tokens[t][i] is what sequence i (batch order) sampled at burst step t. Each
+        sequence takes its tokens in order until it finishes or its share (chunk.num_tokens) is used."""
+        for row, chunk in enumerate(batch.chunks):
+            sequence = chunk.sequence
+            for step in range(chunk.num_tokens):
+                sequence.num_cached += 1  # the token fed at this step now sits in the cache
+                self._append_token(sequence, tokens[step][row], logprobs[step][row])
+                if sequence.finish_reason is not None:
+                    break
 
     def _append_token(self, sequence: Sequence, token: int, logprob: float) -> None:
         sequence.generated.append(token)

@@ -1,0 +1,86 @@
+"""Triton bodies of the paged decode attention (see paged_decode_attention.py for the contract and the numerics)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_kernel(
+    Q, K, V, PageTable, KvLens, PartialOut, PartialLse,
+    stride_q_seq, stride_q_head, stride_k_page, stride_k_token, stride_k_head, stride_table,
+    stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq,
+    scale, window,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One (sequence, kv head, split): online softmax over its share of the visible keys -> partial out + lse."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(KvLens + seq)
+    low = 0
+    if window > 0:  # sliding layers see the window - 1 keys before the query, and the query itself
+        low = tl.maximum(kv_len - window, 0)
+    per_split = tl.cdiv(kv_len - low, NUM_SPLITS)
+    start = low + split * per_split
+    end = tl.minimum(start + per_split, kv_len)
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + rows
+    head_mask = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :], mask=head_mask[:, None],
+                other=0.0)
+    running_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    table = PageTable + seq * stride_table
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        pages = tl.load(table + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+        offsets = pages * stride_k_page + (tokens % PAGE_SIZE) * stride_k_token + kv_head * stride_k_head
+        keys = tl.load(K + offsets[:, None] + dims[None, :], mask=token_mask[:, None], other=0.0).to(q.dtype)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(keys))
+        scores = tl.where(token_mask[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp(running_max - new_max)
+        probabilities = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probabilities, 1)
+        values = tl.load(V + offsets[:, None] + dims[None, :], mask=token_mask[:, None], other=0.0).to(q.dtype)
+        if IEEE:
+            acc = acc * correction[:, None] + tl.dot(probabilities.to(q.dtype), values, input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(probabilities.to(q.dtype), values)
+        running_max = new_max
+    nonempty = running_sum > 0  # a split past the end of a short context saw no keys: lse -inf, weight 0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, running_sum, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
+    base = seq * stride_po_seq + heads * stride_po_head + split * stride_po_split
+    tl.store(PartialOut + base[:, None] + dims[None, :], out, mask=head_mask[:, None])
+    tl.store(PartialLse + seq * stride_lse_seq + heads * NUM_SPLITS + split, lse, mask=head_mask)
+
+
+@triton.jit
+def merge_kernel(
+    PartialOut, PartialLse, Out,
+    stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq, stride_out_seq, stride_out_head,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One (sequence, query head): weight each split's output by exp(lse - max lse) and normalise."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(PartialLse + seq * stride_lse_seq + head * NUM_SPLITS + splits, mask=split_mask,
+                  other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, 0))
+    weights = tl.where(split_mask, weights, 0.0)
+    partial = tl.load(PartialOut + seq * stride_po_seq + head * stride_po_head + splits[:, None] * stride_po_split
+                      + dims[None, :], mask=split_mask[:, None], other=0.0)
+    out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(Out + seq * stride_out_seq + head * stride_out_head + dims, out.to(Out.dtype.element_ty))
