@@ -74,8 +74,19 @@ def decode_step_times(stats, timed_steps):
     return pairs[-timed_steps:] if timed_steps else pairs
 
 
+def burst_step_times(records, weight_bytes, kv_bytes, bandwidth):
+    """(seconds, roofline seconds, steps) over bursts that directly follow another burst (no prefill between)."""
+    seconds = roofline = steps = 0
+    for previous, burst in zip(records, records[1:]):
+        seconds += burst.end_seconds - previous.end_seconds
+        steps += burst.steps
+        for step in range(burst.steps):
+            roofline += (weight_bytes + (burst.context_tokens + step * burst.rows) * kv_bytes) / bandwidth
+    return seconds, roofline, steps
+
+
 def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_graphs, batch_size, new_tokens,
-                kv_dtype=None, greedy=False, timed_steps=0):
+                kv_dtype=None, greedy=False, timed_steps=0, decode_burst_steps=1):
     prompt_tokens = args.prompt_tokens
     pages_per_seq = -(-(prompt_tokens + new_tokens) // args.page_size)
     device = torch.device("cuda")
@@ -83,16 +94,23 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
     free_before, total = torch.cuda.mem_get_info()
     engine = RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
                            max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device=device,
-                           kv_dtype=kv_dtype, attention=attention, cuda_graphs=cuda_graphs)
+                           kv_dtype=kv_dtype, attention=attention, cuda_graphs=cuda_graphs,
+                           decode_burst_steps=decode_burst_steps)
     # Warm up on the same engine: JIT compiles and graph captures happen here, and the graphs stay valid for the
-    # timed call because the KV tensors are kept between generate calls (no release in between).
+    # timed call because the KV tensors are kept between generate calls (no release in between). Bursts warm up
+    # at the timed batch size (their kernels compile per split count, which depends on it).
     warmup_started = time.perf_counter()
-    engine.generate(make_requests(2, prompt_tokens, 8, model.config.vocab_size, greedy, seed=1))
+    warmup_batch = batch_size if decode_burst_steps > 1 else 2
+    engine.generate(make_requests(warmup_batch, prompt_tokens, 2 * decode_burst_steps + 8, model.config.vocab_size,
+                                  greedy, seed=1))
     warmup_seconds = time.perf_counter() - warmup_started
     capture_seconds = 0.0
     if engine.gpu_path is not None:
         capture_seconds = engine.gpu_path.stats.capture_seconds
         engine.gpu_path.stats = type(engine.gpu_path.stats)()
+    if engine.burst is not None:
+        capture_seconds += engine.burst.capture_seconds
+        engine.burst.records = []
     requests = make_requests(batch_size, prompt_tokens, new_tokens, model.config.vocab_size, greedy)
     responses = engine.generate(requests)
     assert all(len(r.token_ids) == new_tokens for r in responses), "EOS suppression failed: lengths differ"
@@ -104,7 +122,15 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
                tokens_per_second_end_to_end=stats.tokens_per_second, preemptions=stats.preemptions,
                warmup_seconds=warmup_seconds, capture_seconds=capture_seconds)
     kv_bytes = model.kv_bytes_per_token(kv_dtype)
-    if engine.gpu_path is not None:
+    if engine.burst is not None:
+        seconds, roofline, steps = burst_step_times(engine.burst.records, weight_bytes, kv_bytes, bandwidth)
+        row.update(decode_burst_steps=decode_burst_steps, bursts=stats.bursts, timed_decode_steps=steps,
+                   ms_per_decode_step=1000 * seconds / steps, decode_tokens_per_second=batch_size * steps / seconds,
+                   roofline_ms_per_step=1000 * roofline / steps, fraction_of_roofline=roofline / seconds,
+                   captures_in_timed_run=engine.burst.num_captures)
+        row["host_ms_per_step"] = {name: 1000 * seconds / stats.burst_steps for name, seconds in
+                                   stats.host_seconds.items()}
+    elif engine.gpu_path is not None:
         gpu = engine.gpu_path.stats
         times = decode_step_times(gpu, timed_steps)
         seconds = sum(t for t, _ in times)
@@ -184,16 +210,18 @@ def _ok(rows, name):
     return next((row for row in rows if row["name"] == name and "error" not in row), None)
 
 
-def profile_variant(model, args, batch_size=128, new_tokens=48):
-    """Top kernels, GPU-idle fraction and host split of decode steps of flashinfer + graphs (rollout_profile.py)."""
+def profile_variant(model, args, batch_size=128):
+    """Top kernels, GPU-idle fraction and host split of decode bursts (rollout_profile.py): 2 bursts warm, 2 timed."""
+    new_tokens = 6 * args.burst
+
     def make_engine():
         pages_per_seq = -(-(args.prompt_tokens + new_tokens) // args.page_size)
         return RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
                              max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device="cuda",
-                             attention="flashinfer", cuda_graphs=True)
+                             attention="flashinfer", cuda_graphs=True, decode_burst_steps=args.burst)
 
     requests = make_requests(batch_size, args.prompt_tokens, new_tokens, model.config.vocab_size, greedy=False)
-    return profile_decode(make_engine, requests)
+    return profile_decode(make_engine, requests, warm_steps=2, profiled_steps=2, device_steps_per_step=args.burst)
 
 
 def print_table(rows):
@@ -233,6 +261,7 @@ def main():
     parser.add_argument("--prefill-budget", type=int, default=8192)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also profile 20 decode steps of bs128 graphs (sampled)")
+    parser.add_argument("--burst", type=int, default=16, help="decode_burst_steps of the burst variants")
     parser.add_argument("--only", default="", help="run only variants whose name contains one of these (comma list)")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -257,6 +286,14 @@ def main():
     for size in batch_sizes:
         plans.append(dict(name=f"flashinfer + graphs bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens))
+    for size in batch_sizes:
+        plans.append(dict(name=f"bursts{args.burst} bs{size}", attention="flashinfer", cuda_graphs=True,
+                          batch_size=size, new_tokens=args.new_tokens, decode_burst_steps=args.burst))
+    plans.append(dict(name=f"bursts{args.burst} + fp8 KV bs128", attention="flashinfer", cuda_graphs=True,
+                      batch_size=128, new_tokens=args.new_tokens, decode_burst_steps=args.burst,
+                      kv_dtype=torch.float8_e4m3fn))
+    plans.append(dict(name=f"bursts{args.burst} bs32", attention="flashinfer", cuda_graphs=True,
+                      batch_size=32, new_tokens=256, decode_burst_steps=args.burst))
     for size in batch_sizes[1:]:
         plans.append(dict(name=f"flashinfer + graphs + fp8 KV bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
@@ -264,6 +301,8 @@ def main():
         mode = "greedy" if greedy else "sampled"
         plans.append(dict(name=f"flashinfer + graphs {mode} bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
                           batch_size=64, new_tokens=256, greedy=greedy))
+        plans.append(dict(name=f"bursts{args.burst} {mode} bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
+                          batch_size=64, new_tokens=256, greedy=greedy, decode_burst_steps=args.burst))
         if not args.skip_transformers:
             plans.append(dict(name=f"transformers {mode}", special="hf", greedy=greedy))
 
@@ -291,26 +330,26 @@ def main():
 
     profile = None
     if args.profile:
-        print("profiling flashinfer + graphs bs128 (sampled) ...", flush=True)
+        print(f"profiling bursts{args.burst} bs128 (sampled) ...", flush=True)
         try:
             profile = profile_variant(model, args)
         except Exception:  # noqa: BLE001 -- the profile must not hide the table
             profile = dict(error=traceback.format_exc())
             print(profile["error"], flush=True)
     for mode in ("greedy", "sampled"):
-        ours = _ok(rows, f"flashinfer + graphs {mode} bs64 (vs HF)")
         hf = _ok(rows, f"transformers generate (sdpa, {mode})")
-        if ours and hf:
-            header[f"speedup_vs_transformers_bs64_256_{mode}"] = (ours["tokens_per_second_end_to_end"]
-                                                                 / hf["tokens_per_second_end_to_end"])
+        for engine_kind in ("flashinfer + graphs", f"bursts{args.burst}"):
+            ours = _ok(rows, f"{engine_kind} {mode} bs64 (vs HF)")
+            if ours and hf:
+                header[f"speedup_vs_transformers_bs64_256_{mode} ({engine_kind})"] = (
+                    ours["tokens_per_second_end_to_end"] / hf["tokens_per_second_end_to_end"])
     print()
     print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB, "
           f"KV {header['kv_bytes_per_token_bf16']} B/token (bf16)")
     print_table(rows)
-    for mode in ("greedy", "sampled"):
-        if f"speedup_vs_transformers_bs64_256_{mode}" in header:
-            print(f"engine (graphs, {mode}, bs64, 256 new) vs transformers generate ({mode}): "
-                  f"{header[f'speedup_vs_transformers_bs64_256_{mode}']:.2f}x tokens/s")
+    for key, ratio in header.items():
+        if key.startswith("speedup_vs_transformers"):
+            print(f"{key}: {ratio:.2f}x tokens/s (end to end, engine vs transformers generate, same mode)")
     print("\nhost ms per step (engine: schedule/build_inputs/update; GPU path: stage/copy_inputs/plan/replay_launch/"
           "sync, where sync includes waiting for the GPU)")
     for row in rows:

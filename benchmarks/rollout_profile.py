@@ -14,12 +14,14 @@ import time
 
 import torch
 
-ENGINE_PHASES = ("schedule", "build_inputs", "update")
+ENGINE_PHASES = ("schedule", "build_inputs", "update", "burst")
 GPU_PHASES = ("stage", "copy_inputs", "plan", "replay_launch", "sync")
 
 
-def profile_decode(make_engine, requests, warm_steps: int = 12, profiled_steps: int = 20, top: int = 15) -> dict:
-    """Profile engine steps warm_steps+1 .. warm_steps+profiled_steps of ``engine.generate(requests)``."""
+def profile_decode(make_engine, requests, warm_steps: int = 12, profiled_steps: int = 20, top: int = 15,
+                   device_steps_per_step: int = 1) -> dict:
+    """Profile engine steps warm_steps+1 .. warm_steps+profiled_steps of ``engine.generate(requests)``; figures
+    are per device decode step (an engine step of a decode burst runs ``device_steps_per_step`` of them)."""
     engine = make_engine()
     engine.generate(requests[:2])  # JIT compiles and graph captures out of the window
     split, wall = _window(engine, requests, warm_steps, profiled_steps, profiler=None)
@@ -29,8 +31,9 @@ def profile_decode(make_engine, requests, warm_steps: int = 12, profiled_steps: 
     _window(engine, requests, warm_steps, profiled_steps, profiler=profiler)
     engine.release()
     kernels, idle = _device_summary(profiler, top)
-    return dict(batch_size=len(requests), profiled_steps=profiled_steps, wall_ms_per_step=1000 * wall / profiled_steps,
-                host_ms_per_step={name: 1000 * seconds / profiled_steps for name, seconds in split.items()},
+    steps = profiled_steps * device_steps_per_step
+    return dict(batch_size=len(requests), profiled_steps=steps, wall_ms_per_step=1000 * wall / steps,
+                host_ms_per_step={name: 1000 * seconds / steps for name, seconds in split.items()},
                 gpu_idle_fraction=idle, top_kernels=kernels)
 
 

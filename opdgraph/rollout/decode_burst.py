@@ -44,6 +44,17 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
 
 
+@dataclass
+class BurstRecord:
+    """One burst, for benchmarks: when the host had its tokens, how many steps and rows, and the summed context
+    length of the rows at the first step (it grows by ``rows`` per step)."""
+
+    end_seconds: float
+    steps: int
+    rows: int
+    context_tokens: int
+
+
 class DecodeBurst:
     """Runs bursts of decode steps for one engine (see module docstring).
 
@@ -77,6 +88,7 @@ class DecodeBurst:
         self._pool = None
         self.capture_seconds = 0.0
         self.num_captures = 0
+        self.records: list[BurstRecord] = []
 
     def release(self) -> None:
         """Drop graphs (they bake in the addresses of KV tensors that are going away)."""
@@ -104,12 +116,17 @@ class DecodeBurst:
                 self._copy_state_to_device()
                 for _ in range(steps):
                     self._step(size, key, kv_cache)
-        return self._results(steps, count)
+        result = self._results(steps, count)
+        context = sum(chunk.start + 1 for chunk in batch.chunks)
+        self.records.append(BurstRecord(time.perf_counter(), steps, count, context))
+        return result
 
     def _results(self, steps: int, count: int):
-        tokens, logprobs = self._host_tokens[:steps, :count], self._host_logprobs[:steps, :count]
-        tokens.copy_(self._state["out_tokens"][:steps, :count], non_blocking=True)
-        logprobs.copy_(self._state["out_logprobs"][:steps, :count], non_blocking=True)
+        # Contiguous on both sides: one plain asynchronous copy each into the pinned buffers.
+        tokens = self._host_tokens.view(-1)[: steps * count].view(steps, count)
+        logprobs = self._host_logprobs.view(-1)[: steps * count].view(steps, count)
+        tokens.copy_(self._state["out_tokens"][:steps, :count].contiguous(), non_blocking=True)
+        logprobs.copy_(self._state["out_logprobs"][:steps, :count].contiguous(), non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the burst
         return tokens.tolist(), logprobs.tolist()
@@ -160,17 +177,18 @@ class DecodeBurst:
         table[:size] = self.scratch_page
         for row, sequence in enumerate(sequences):
             table[row, : len(sequence.pages)] = sequence.pages
-        self._staged_rows = size
         sampled = [p for p in params if not p.greedy]
         return (all(p.greedy for p in params), any(p.greedy for p in params) or size > count,
                 any(p.top_k > 0 for p in sampled), any(p.top_p < 1.0 for p in sampled),
                 any(p.min_p > 0.0 for p in sampled))
 
     def _copy_state_to_device(self) -> None:
-        rows, state = self._staged_rows, self._state
-        state["ints"][:, :rows].copy_(self._host_ints[:, :rows], non_blocking=True)
-        state["floats"][:, :rows].copy_(self._host_floats[:, :rows], non_blocking=True)
-        state["page_table"][:rows].copy_(self._host_table[:rows], non_blocking=True)
+        # Whole buffers (a few hundred KiB at most): contiguous pinned -> device copies, no staging temporaries.
+        # Rows past the staged size hold stale values that no graph of this size reads.
+        state = self._state
+        state["ints"].copy_(self._host_ints, non_blocking=True)
+        state["floats"].copy_(self._host_floats, non_blocking=True)
+        state["page_table"].copy_(self._host_table, non_blocking=True)
         state["step"].zero_()
 
     # ------------------------------------------------------------------------------------------------ one step
