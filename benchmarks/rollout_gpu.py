@@ -211,7 +211,8 @@ def _ok(rows, name):
 
 
 def profile_variant(model, args, batch_size=128):
-    """Top kernels, GPU-idle fraction and host split of decode bursts (rollout_profile.py): 2 bursts warm, 2 timed."""
+    """Top kernels, GPU-idle fraction and host split of decode bursts (rollout_profile.py): the prefill steps and 2
+    bursts warm, 2 bursts timed."""
     new_tokens = 6 * args.burst
 
     def make_engine():
@@ -221,7 +222,9 @@ def profile_variant(model, args, batch_size=128):
                              attention="flashinfer", cuda_graphs=True, decode_burst_steps=args.burst)
 
     requests = make_requests(batch_size, args.prompt_tokens, new_tokens, model.config.vocab_size, greedy=False)
-    return profile_decode(make_engine, requests, warm_steps=2, profiled_steps=2, device_steps_per_step=args.burst)
+    prefill_steps = -(-batch_size * args.prompt_tokens // args.prefill_budget)  # engine steps before the bursts
+    return profile_decode(make_engine, requests, warm_steps=prefill_steps + 2, profiled_steps=2,
+                          device_steps_per_step=args.burst)
 
 
 def print_table(rows):

@@ -60,8 +60,10 @@ class DecoderLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:
             # The scale is rounded to the model dtype first (sqrt(3072) becomes 55.5 in bfloat16), as Gemma does.
-            scale = torch.tensor(self.config.embedding_scale, dtype=torch.float32).to(hidden.dtype)
-            hidden = hidden * scale.to(hidden.device)
+            # A python float (exact in the model dtype) rather than a tensor: no host-to-device copy, so the decode
+            # step stays capturable in a CUDA graph; the product is formed in float32 and rounded, as with a tensor.
+            scale = torch.tensor(self.config.embedding_scale, dtype=torch.float32).to(hidden.dtype).item()
+            hidden = hidden * scale
         return hidden
 
     def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
