@@ -7,15 +7,18 @@ and the gated activation (act, mul). ``DecoderLM.forward_paged`` calls these wra
 
 - ``rms_norm(x, weight, eps, one_plus)`` and ``fused_add_rms_norm(x, residual, weight, eps, one_plus)``:
   ``RMSNorm.forward`` of layers.py, the second after ``residual + x`` (which it also returns).
-- ``rope_and_store_kv(q, k, v, positions, inv_freq, kv_cache, slot_mapping)``: RoPE on q and k (rope.py), rotated
-  k and v stored at their cache slots; returns rotated q. The attention backend is then told the cache is already
-  written (``paged(..., kv_written=True)``).
+- ``rope_and_store_kv(q, k, v, positions, inv_freq, kv_cache, slot_mapping, *, q_norm_weight=None, ...)``: RoPE
+  on q and k (rope.py), after the per-head q/k RMSNorm when given; rotated k and v stored at their cache slots;
+  returns rotated q. The attention backend is then told the cache is already written
+  (``backend.paged(q, None, None, meta, kv_cache, ..., kv_written=True)``).
 - ``gated_activation(gate, up, activation)``: ``act(gate) * up`` of ``GatedMLP``.
 
 Numerics match the plain path: float32 math, rounded to the model dtype after each op where torch rounds. Exact
 except where the two sides compute a float32 function differently (RMSNorm's sum order and rsqrt; cos/sin/exp;
-interpreter numpy vs torch's CPU kernels), which moves float32 results by an ulp or so and, rarely, a bfloat16
-result by one ulp. Float8 caches store what torch's cast stores (nearest even, saturating at +-448).
+interpreter numpy vs torch's CPU kernels; GELU's tanh from exp), which moves float32 results by an ulp or so and,
+rarely, a bfloat16 result by one ulp (the tiny models' bfloat16 forwards are bit-identical in the interpreter).
+Float8 caches store what torch's cast stores (nearest even, saturating at +-448, inf included).
+Kernel bodies live in fused_decode_triton.py.
 
 Every wrapper launches without host syncs (CUDA-graph capturable): ``positions``, ``inv_freq``, ``slot_mapping``
 must already be on the device. Inputs may be strided views (rows, heads); outputs are new contiguous tensors.
@@ -72,10 +75,15 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                      inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                      inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                      q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                      norm_eps: float = 0.0, norm_one_plus: bool = False) -> torch.Tensor:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by positions [T] (int) with float32 inv_freq [D / 2]; store rotated k
     and v [T, Hkv, D] at slot_mapping [T] (page * page_size + offset) of kv_cache [2, pages, page_size, Hkv, D]
-    (model dtype or float8_e4m3fn). Returns rotated q, contiguous [T, Hq, D] in q's dtype."""
+    (model dtype or float8_e4m3fn). Returns rotated q, contiguous [T, Hq, D] in q's dtype.
+
+    With q_norm_weight and k_norm_weight [D] (Qwen3, Gemma 3) each head is first RMSNormed, as
+    ``rms_norm(q, q_norm_weight, norm_eps, norm_one_plus)`` would, inside the same kernel."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if kv_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
@@ -92,8 +100,9 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
         positions, inv_freq, slot_mapping, q_out,
         cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.stride(4),
         kv_cache.shape[2], num_heads,
+        q if q_norm_weight is None else q_norm_weight, k if k_norm_weight is None else k_norm_weight, norm_eps,
         HALF=half, BLOCK_HALF=_next_power_of_2(half), ROUNDING=ROUNDING[q.dtype], CACHE_FLOAT8=cache_float8,
-        num_warps=1,
+        HAS_QK_NORM=q_norm_weight is not None, NORM_ONE_PLUS=norm_one_plus, num_warps=1,
     )
     return q_out
 

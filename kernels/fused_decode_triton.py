@@ -7,7 +7,8 @@ truncate instead of rounding to nearest even, and one code path means the interp
 
 - ``add_rms_norm_kernel``: one program per row; optional residual add, then RMSNorm (standard or one-plus form).
 - ``rope_store_kv_kernel``: program (t, h) rotates query head h of token t, or (h >= Hq) rotates key head h - Hq and
-  stores it together with the matching value head into the paged cache at slot_mapping[t].
+  stores it together with the matching value head into the paged cache at slot_mapping[t]; with HAS_QK_NORM the
+  head is RMSNormed (q_norm / k_norm) before it is rotated.
 - ``gated_activation_kernel``: act(gate) * up over blocks of one row.
 
 Legend: T = tokens, N = row length (hidden size or head_dim), Hq / Hkv = query / kv heads, D = head_dim,
@@ -36,7 +37,8 @@ def _round(x, ROUNDING: tl.constexpr):
 
 @triton.jit
 def _float8_e4m3fn_bits(x):
-    """float32 -> uint8 float8_e4m3fn pattern as torch's cast makes it: nearest even, saturating at 448, NaN 0x7F (sign kept)."""
+    """float32 -> uint8 float8_e4m3fn pattern as torch's cast makes it: nearest even, saturating at 448 (inf
+    included), NaN 0x7F with its sign."""
     sign = (x.to(tl.uint32, bitcast=True) >> 24) & 0x80
     magnitude = tl.minimum(tl.abs(x), FLOAT8_MAX)
     # Normal range: round the float32 mantissa to 3 bits, then re-bias the exponent from 127 to 7.
@@ -55,6 +57,17 @@ def _float8_e4m3fn_bits(x):
 
 
 @triton.jit
+def _scale(normed, weight_ptrs, inside, ONE_PLUS: tl.constexpr, ROUNDING: tl.constexpr):
+    """RMSNorm's weight: standard form rounds the normalised value first, one-plus scales in float32."""
+    weight = tl.load(weight_ptrs, mask=inside, other=0.0).to(tl.float32)
+    if ONE_PLUS:
+        out = _round(normed * (1.0 + weight), ROUNDING)
+    else:
+        out = _round(_round(normed, ROUNDING) * weight, ROUNDING)
+    return out
+
+
+@triton.jit
 def add_rms_norm_kernel(
     x_ptr, x_row_stride, residual_ptr, residual_row_stride, weight_ptr,
     out_ptr, new_residual_ptr, N, eps,
@@ -68,21 +81,27 @@ def add_rms_norm_kernel(
         residual = tl.load(residual_ptr + row * residual_row_stride + columns, mask=inside, other=0.0)
         x = _round(residual.to(tl.float32) + x, ROUNDING)
         tl.store(new_residual_ptr + row * N + columns, x, mask=inside)
-    variance = tl.sum(x * x, axis=0) / N
-    normed = x * tl.rsqrt(variance + eps)
-    weight = tl.load(weight_ptr + columns, mask=inside, other=0.0).to(tl.float32)
-    if ONE_PLUS:
-        out = _round(normed * (1.0 + weight), ROUNDING)
-    else:
-        out = _round(_round(normed, ROUNDING) * weight, ROUNDING)
+    normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    out = _scale(normed, weight_ptr + columns, inside, ONE_PLUS, ROUNDING)
     tl.store(out_ptr + row * N + columns, out, mask=inside)
 
 
 @triton.jit
-def _rotate(base_ptr, stride_d, halves, inside, cos, sin, ROUNDING: tl.constexpr, HALF: tl.constexpr):
-    """rotate-half RoPE of one head: (x1 cos - x2 sin, x2 cos + x1 sin), each product and sum rounded as torch's."""
+def _load_head(base_ptr, stride_d, halves, inside, norm_ptr, eps,
+               HAS_NORM: tl.constexpr, ONE_PLUS: tl.constexpr, ROUNDING: tl.constexpr, HALF: tl.constexpr):
+    """One head's two halves in float32, RMSNormed first when the family norms q and k per head (Qwen3, Gemma 3)."""
     x1 = tl.load(base_ptr + halves * stride_d, mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(base_ptr + (halves + HALF) * stride_d, mask=inside, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inverse_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+        x1 = _scale(x1 * inverse_rms, norm_ptr + halves, inside, ONE_PLUS, ROUNDING)
+        x2 = _scale(x2 * inverse_rms, norm_ptr + halves + HALF, inside, ONE_PLUS, ROUNDING)
+    return x1, x2
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin, ROUNDING: tl.constexpr):
+    """rotate-half RoPE of one head: (x1 cos - x2 sin, x2 cos + x1 sin), each product and sum rounded as torch's."""
     first = _round(_round(x1 * cos, ROUNDING) - _round(x2 * sin, ROUNDING), ROUNDING)
     second = _round(_round(x2 * cos, ROUNDING) + _round(x1 * sin, ROUNDING), ROUNDING)
     return first, second
@@ -103,8 +122,9 @@ def rope_store_kv_kernel(
     v_ptr, v_stride_t, v_stride_h, v_stride_d,
     positions_ptr, inv_freq_ptr, slot_mapping_ptr, q_out_ptr,
     cache_ptr, cache_stride_kv, cache_stride_page, cache_stride_offset, cache_stride_h, cache_stride_d,
-    page_size, Hq,
+    page_size, Hq, q_norm_ptr, k_norm_ptr, norm_eps,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUNDING: tl.constexpr, CACHE_FLOAT8: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, NORM_ONE_PLUS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -116,8 +136,9 @@ def rope_store_kv_kernel(
     cos = _round(tl.cos(angle), ROUNDING)
     sin = _round(tl.sin(angle), ROUNDING)
     if head < Hq:
-        first, second = _rotate(q_ptr + token * q_stride_t + head * q_stride_h, q_stride_d, halves, inside,
-                                cos, sin, ROUNDING, HALF)
+        x1, x2 = _load_head(q_ptr + token * q_stride_t + head * q_stride_h, q_stride_d, halves, inside,
+                            q_norm_ptr, norm_eps, HAS_QK_NORM, NORM_ONE_PLUS, ROUNDING, HALF)
+        first, second = _rotate(x1, x2, cos, sin, ROUNDING)
         out = q_out_ptr + (token * Hq + head) * (2 * HALF)
         tl.store(out + halves, first, mask=inside)
         tl.store(out + halves + HALF, second, mask=inside)
@@ -126,8 +147,9 @@ def rope_store_kv_kernel(
         slot = tl.load(slot_mapping_ptr + token)
         cache = (cache_ptr + (slot // page_size) * cache_stride_page + (slot % page_size) * cache_stride_offset
                  + kv_head * cache_stride_h)
-        first, second = _rotate(k_ptr + token * k_stride_t + kv_head * k_stride_h, k_stride_d, halves, inside,
-                                cos, sin, ROUNDING, HALF)
+        x1, x2 = _load_head(k_ptr + token * k_stride_t + kv_head * k_stride_h, k_stride_d, halves, inside,
+                            k_norm_ptr, norm_eps, HAS_QK_NORM, NORM_ONE_PLUS, ROUNDING, HALF)
+        first, second = _rotate(x1, x2, cos, sin, ROUNDING)
         _store_cache(cache, first, second, halves, inside, cache_stride_d, CACHE_FLOAT8, HALF)
         value = v_ptr + token * v_stride_t + kv_head * v_stride_h
         first = tl.load(value + halves * v_stride_d, mask=inside, other=0.0).to(tl.float32)

@@ -125,9 +125,11 @@ ROPE_CASES = [  # (tokens, query heads, kv heads, head_dim)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, num_heads, num_kv_heads, head_dim", ROPE_CASES)
-def test_rope_and_store_kv_matches_rotary_and_cache_write(dtype, tokens, num_heads, num_kv_heads, head_dim):
-    """Rotated q or cached k/v differ from apply_rotary + the reference cache write: wrong angle or rounding of
-    cos/sin, halves swapped, GQA heads mixed up, page/offset of a slot wrong, or untouched slots overwritten."""
+@pytest.mark.parametrize("qk_norm", [None, "standard", "one_plus"])
+def test_rope_and_store_kv_matches_rotary_and_cache_write(dtype, tokens, num_heads, num_kv_heads, head_dim, qk_norm):
+    """Rotated q or cached k/v differ from (q_norm / k_norm, then) apply_rotary + the reference cache write: wrong
+    angle or rounding of cos/sin, halves swapped, GQA heads mixed up, page/offset of a slot wrong, untouched slots
+    overwritten, or the per-head norm's statistics taken over one half of the head."""
     q, k, v = fused_qkv(tokens, num_heads, num_kv_heads, head_dim, dtype)
     positions = torch.tensor([0, 3, 127, 2049, 31999][:tokens], device=DEVICE)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -135,8 +137,16 @@ def test_rope_and_store_kv_matches_rotary_and_cache_write(dtype, tokens, num_hea
     slots = torch.tensor([11, 0, 5, 7, 3][:tokens], device=DEVICE)
     cache = random(2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, seed=5)  # stale contents
     expected_cache = cache.clone()
-    rotated_q = rope_and_store_kv(q, k, v, positions, inv_freq.to(DEVICE), cache, slots)
+    norms = {}
+    if qk_norm is not None:
+        q_norm, k_norm = (reference_norm(head_dim, qk_norm == "one_plus", dtype) for _ in range(2))
+        k_norm.weight.data = k_norm.weight.data.flip(0)  # unlike q_norm's, so that mixing them up shows
+        norms = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, norm_eps=q_norm.eps,
+                     norm_one_plus=q_norm.one_plus)
+    rotated_q = rope_and_store_kv(q, k, v, positions, inv_freq.to(DEVICE), cache, slots, **norms)
 
+    if qk_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     cos, sin = cos_sin(inv_freq, positions, dtype)
     expected_cache = reference_cache_write(expected_cache, apply_rotary(k, cos, sin), v, slots)
     assert rotated_q.is_contiguous()

@@ -111,14 +111,16 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attend: AttendCachedFn) -> torch.Tensor:
-        """Rollout forward with Triton kernels: RoPE and the K/V cache write in one kernel, then attention."""
+        """Rollout forward with Triton kernels: q/k norm, RoPE and the K/V cache write in one kernel, then attention."""
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        norms = {}
         if self.q_norm is not None:
-            q, k = self.q_norm.forward_fused(q)[0], self.k_norm.forward_fused(k)[0]
-        q = fused_decode.rope_and_store_kv(q, k, v, positions, inv_freq, kv_cache, slot_mapping)
+            norms = dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight,
+                         norm_eps=self.q_norm.eps, norm_one_plus=self.q_norm.one_plus)
+        q = fused_decode.rope_and_store_kv(q, k, v, positions, inv_freq, kv_cache, slot_mapping, **norms)
         out = attend(q, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
