@@ -3,7 +3,8 @@
 ``FlashInferBackend`` implements the two entry points of ``opdgraph.models.attention_backend``:
 
 - ``paged``: writes the new tokens' K/V into the layer's cache at ``meta.slot_mapping`` (torch ``index_copy_`` on the
-  flattened cache, so it also works inside a CUDA graph), then runs a flashinfer wrapper over each sequence's pages.
+  flattened cache, so it also works inside a CUDA graph; skipped with ``kv_written=True``, when the fused RoPE kernel
+  already stored them), then runs a flashinfer wrapper over each sequence's pages.
   A forward where every sequence feeds exactly one token uses the decode wrapper; any other forward (prefill chunks,
   mixed prefill + decode) uses the prefill wrapper with a causal mask aligned to the end of each context.
 - ``packed`` (training, teacher scoring) delegates to the plain-torch reference: not the rollout's concern.
@@ -202,10 +203,11 @@ class FlashInferBackend:
         return self._reference.packed(q, k, v, meta, scale=scale, sliding_window=sliding_window)
 
     @torch.no_grad()
-    def paged(self, q, k, v, meta: PagedMetadata, kv_cache, *, scale, sliding_window):
+    def paged(self, q, k, v, meta: PagedMetadata, kv_cache, *, scale, sliding_window, kv_written=False):
         if scale != self.scale:
             raise ValueError(f"attention scale {scale} differs from the {self.scale} this backend plans with")
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if not kv_written:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         if meta is not self._planned_meta:
             self.plan(meta, plan_arrays_from_metadata(meta))
         wrapper = self._active_wrappers[window_left(sliding_window)]

@@ -104,8 +104,9 @@ class VarlenFlashBackend:
         cu_seqlens = meta.cu_seqlens
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, meta.max_seqlen, meta.max_seqlen, **options)
 
-    def paged(self, q, k, v, meta, kv_cache, *, scale, sliding_window):
-        return self._reference.paged(q, k, v, meta, kv_cache, scale=scale, sliding_window=sliding_window)
+    def paged(self, q, k, v, meta, kv_cache, *, scale, sliding_window, kv_written=False):
+        return self._reference.paged(q, k, v, meta, kv_cache, scale=scale, sliding_window=sliding_window,
+                                     kv_written=kv_written)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:

@@ -8,7 +8,9 @@ h // (num_heads / num_kv_heads).
 Two entry points, one per kind of forward (see attention_metadata.py):
 - ``packed``: training and teacher scoring, no cache; differentiable.
 - ``paged``: rollout prefill/decode; first writes the new tokens' k/v into this layer's paged cache at
-  ``meta.slot_mapping``, then attends over each sequence's whole cached context. Runs without autograd.
+  ``meta.slot_mapping``, then attends over each sequence's whole cached context. Runs without autograd. With
+  ``kv_written=True`` the caller has already stored this forward's K/V (the fused RoPE + cache-write kernel of
+  kernels/fused_decode.py) and passes k = v = None: the backend only attends.
 
 A faster backend (flashinfer) implements the same two methods; it may cache per-forward plans keyed on the metadata
 object, since every layer of one forward receives the same metadata.
@@ -33,7 +35,8 @@ class AttentionBackend(Protocol):
                scale: float, sliding_window: int | None) -> torch.Tensor: ...
 
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata,
-              kv_cache: torch.Tensor, *, scale: float, sliding_window: int | None) -> torch.Tensor: ...
+              kv_cache: torch.Tensor, *, scale: float, sliding_window: int | None,
+              kv_written: bool = False) -> torch.Tensor: ...
 
 
 def attend_one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_positions: torch.Tensor, *,
@@ -65,12 +68,11 @@ class TorchReferenceBackend:
         return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
-    def paged(self, q, k, v, meta: PagedMetadata, kv_cache, *, scale, sliding_window):
+    def paged(self, q, k, v, meta: PagedMetadata, kv_cache, *, scale, sliding_window, kv_written=False):
         _, _, page_size, num_kv_heads, head_dim = kv_cache.shape
-        key_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)
-        value_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        key_slots[meta.slot_mapping] = k.to(kv_cache.dtype)
-        value_slots[meta.slot_mapping] = v.to(kv_cache.dtype)
+        if not kv_written:
+            kv_cache[0].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(kv_cache.dtype)
+            kv_cache[1].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(kv_cache.dtype)
 
         outputs = []
         query_bounds = meta.cu_query_lens.tolist()

@@ -3,7 +3,9 @@
 - ``forward_hidden`` runs a packed batch (PackedMetadata) and returns final-norm hidden states [T, H]; the training
   loss applies ``lm_head_weight`` chunk by chunk, so the model never builds full logits. Optional activation
   checkpointing recomputes each layer in the backward pass.
-- ``forward_paged`` runs rollout prefill/decode against a paged KV cache (PagedMetadata), one tensor per layer.
+- ``forward_paged`` runs rollout prefill/decode against a paged KV cache (PagedMetadata), one tensor per layer;
+  with ``use_fused_decode_kernels`` on (the GPU rollout) its elementwise work runs as a few Triton kernels per
+  layer (kernels/fused_decode.py), same numerics.
 - ``logits`` is the small-use path (decode sampling, tests).
 
 Parameter names match HF checkpoints minus the leading ``model.`` (see checkpoint.py for the mapping).
@@ -39,6 +41,8 @@ class DecoderLM(nn.Module):
         # Inverse frequencies are derived, not state: computed once on the CPU (float32) and kept out of the state
         # dict so that .to(bfloat16) can never round them.
         self._inv_freq = {kind: inverse_frequencies(spec, config.head_dim) for kind, spec in config.rope.items()}
+        self._inv_freq_by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.use_fused_decode_kernels = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,6 +94,8 @@ class DecoderLM(nn.Module):
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
                       kv_cache: list[torch.Tensor]) -> torch.Tensor:
         """Prefill/decode step: writes the new tokens' K/V into kv_cache and returns their hidden states [T, H]."""
+        if self.use_fused_decode_kernels:
+            return self._forward_paged_fused(input_ids, positions, meta, kv_cache)
         hidden = self._embed(input_ids)
         rope = self._rope_tables(positions)
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
@@ -100,6 +106,23 @@ class DecoderLM(nn.Module):
     def _attend_paged(self, meta, layer_cache, q, k, v, sliding_window):
         return self.backend.paged(q, k, v, meta, layer_cache, scale=self.config.attention_scale,
                                   sliding_window=sliding_window)
+
+    def _forward_paged_fused(self, input_ids, positions, meta, kv_cache):
+        # Device copies of the inverse frequencies are made once (outside any CUDA graph capture).
+        if positions.device not in self._inv_freq_by_device:
+            self._inv_freq_by_device[positions.device] = {kind: inv_freq.to(positions.device)
+                                                          for kind, inv_freq in self._inv_freq.items()}
+        inv_freq = self._inv_freq_by_device[positions.device]
+        pending, residual = self._embed(input_ids), None
+        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            attend = functools.partial(self._attend_cached, meta, layer_cache)
+            pending, residual = layer.forward_fused(pending, residual, positions, inv_freq[layer.layer_type],
+                                                    layer_cache, meta.slot_mapping, attend)
+        return self.norm.forward_fused(pending, residual)[0]
+
+    def _attend_cached(self, meta, layer_cache, q, sliding_window):
+        return self.backend.paged(q, None, None, meta, layer_cache, scale=self.config.attention_scale,
+                                  sliding_window=sliding_window, kv_written=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [T, V] in float32; only for small uses (training never builds these)."""

@@ -3,6 +3,9 @@
 Family differences are the explicit options of DecoderConfig (see config.py); there is no per-family subclass.
 Submodule and parameter names follow the Hugging Face checkpoints (q_proj, input_layernorm, ...) so a state dict
 maps onto HF tensor names by adding a prefix. Tensors are packed: [T, ...] with no batch dimension.
+
+The ``forward_fused`` methods are the rollout forward's variant (DecoderLM.use_fused_decode_kernels): the same math
+through the Triton kernels of kernels/fused_decode.py, with RoPE and the K/V cache write in one kernel.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opdgraph.kernels import fused_decode
 from opdgraph.models.config import SLIDING_ATTENTION, DecoderConfig
 from opdgraph.models.rope import apply_rotary
 
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], sliding_window) -> [T, Hq, D]; the model binds metadata, cache, scale.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
+# (rotated q [T, Hq, D], sliding_window) -> [T, Hq, D] over a cache that already holds this forward's K/V.
+AttendCachedFn = Callable[[torch.Tensor, "int | None"], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -46,6 +52,12 @@ class RMSNorm(nn.Module):
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Triton: (RMSNorm(residual + x), residual + x); without a residual, (RMSNorm(x), x)."""
+        if residual is None:
+            return fused_decode.rms_norm(x, self.weight, self.eps, self.one_plus), x
+        return fused_decode.fused_add_rms_norm(x, residual, self.weight, self.eps, self.one_plus)
+
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) with SiLU (Llama/Qwen) or tanh-approximated GELU (Gemma)."""
@@ -62,6 +74,10 @@ class GatedMLP(nn.Module):
         gate = self.gate_proj(x)
         gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
         return self.down_proj(gate * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        activation = "silu" if self.activation == "silu" else "gelu_tanh"
+        return self.down_proj(fused_decode.gated_activation(self.gate_proj(x), self.up_proj(x), activation))
 
 
 class Attention(nn.Module):
@@ -91,6 +107,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(q, k, v, self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attend: AttendCachedFn) -> torch.Tensor:
+        """Rollout forward with Triton kernels: q/k norm, RoPE and the K/V cache write in one kernel, then attention."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        norms = {}
+        if self.q_norm is not None:
+            norms = dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight,
+                         norm_eps=self.q_norm.eps, norm_one_plus=self.q_norm.one_plus)
+        q = fused_decode.rope_and_store_kv(q, k, v, positions, inv_freq, kv_cache, slot_mapping, **norms)
+        out = attend(q, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -124,3 +155,18 @@ class DecoderLayer(nn.Module):
             return hidden + self.post_feedforward_layernorm(mlp_out)
         hidden = hidden + attention_out
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def forward_fused(self, pending: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                      inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      attend: AttendCachedFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with Triton kernels, the residual stream carried as residual + pending (pending: the last
+        sublayer's output, not yet added; residual None before the first layer). Returns the new (pending,
+        residual); each add happens inside the next norm's kernel, in the order torch adds."""
+        normed, residual = self.input_layernorm.forward_fused(pending, residual)
+        attention_out = self.self_attn.forward_fused(normed, positions, inv_freq, kv_cache, slot_mapping, attend)
+        if self.sandwich_norms:
+            attention_out = self.post_attention_layernorm.forward_fused(attention_out)[0]
+            normed, residual = self.pre_feedforward_layernorm.forward_fused(attention_out, residual)
+            return self.post_feedforward_layernorm.forward_fused(self.mlp.forward_fused(normed))[0], residual
+        normed, residual = self.post_attention_layernorm.forward_fused(attention_out, residual)
+        return self.mlp.forward_fused(normed), residual
