@@ -86,7 +86,7 @@ def burst_step_times(records, weight_bytes, kv_bytes, bandwidth):
 
 
 def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_graphs, batch_size, new_tokens,
-                kv_dtype=None, greedy=False, timed_steps=0, decode_burst_steps=1):
+                kv_dtype=None, greedy=False, timed_steps=0, decode_burst_steps=1, fused_kernels=False):
     prompt_tokens = args.prompt_tokens
     pages_per_seq = -(-(prompt_tokens + new_tokens) // args.page_size)
     device = torch.device("cuda")
@@ -95,7 +95,7 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
     engine = RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
                            max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device=device,
                            kv_dtype=kv_dtype, attention=attention, cuda_graphs=cuda_graphs,
-                           decode_burst_steps=decode_burst_steps)
+                           decode_burst_steps=decode_burst_steps, fused_kernels=fused_kernels)
     # Warm up on the same engine: JIT compiles and graph captures happen here, and the graphs stay valid for the
     # timed call because the KV tensors are kept between generate calls (no release in between). Bursts warm up
     # at the timed batch size (their kernels compile per split count, which depends on it).
@@ -219,7 +219,8 @@ def profile_variant(model, args, batch_size=128):
         pages_per_seq = -(-(args.prompt_tokens + new_tokens) // args.page_size)
         return RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
                              max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device="cuda",
-                             attention="flashinfer", cuda_graphs=True, decode_burst_steps=args.burst)
+                             attention="flashinfer", cuda_graphs=True, decode_burst_steps=args.burst,
+                             fused_kernels=True)
 
     requests = make_requests(batch_size, args.prompt_tokens, new_tokens, model.config.vocab_size, greedy=False)
     prefill_steps = -(-batch_size * args.prompt_tokens // args.prefill_budget)  # engine steps before the bursts
@@ -289,14 +290,15 @@ def main():
     for size in batch_sizes:
         plans.append(dict(name=f"flashinfer + graphs bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens))
+    bursts = dict(attention="flashinfer", cuda_graphs=True, decode_burst_steps=args.burst, fused_kernels=True)
+    plans.append(dict(name=f"bursts{args.burst} unfused bs128", **{**bursts, "fused_kernels": False},
+                      batch_size=128, new_tokens=args.new_tokens))
     for size in batch_sizes:
-        plans.append(dict(name=f"bursts{args.burst} bs{size}", attention="flashinfer", cuda_graphs=True,
-                          batch_size=size, new_tokens=args.new_tokens, decode_burst_steps=args.burst))
-    plans.append(dict(name=f"bursts{args.burst} + fp8 KV bs128", attention="flashinfer", cuda_graphs=True,
-                      batch_size=128, new_tokens=args.new_tokens, decode_burst_steps=args.burst,
-                      kv_dtype=torch.float8_e4m3fn))
-    plans.append(dict(name=f"bursts{args.burst} bs32", attention="flashinfer", cuda_graphs=True,
-                      batch_size=32, new_tokens=256, decode_burst_steps=args.burst))
+        plans.append(dict(name=f"bursts{args.burst} bs{size}", **bursts, batch_size=size,
+                          new_tokens=args.new_tokens))
+    plans.append(dict(name=f"bursts{args.burst} + fp8 KV bs128", **bursts, batch_size=128,
+                      new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
+    plans.append(dict(name=f"bursts{args.burst} bs32", **bursts, batch_size=32, new_tokens=256))
     for size in batch_sizes[1:]:
         plans.append(dict(name=f"flashinfer + graphs + fp8 KV bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
@@ -304,8 +306,8 @@ def main():
         mode = "greedy" if greedy else "sampled"
         plans.append(dict(name=f"flashinfer + graphs {mode} bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
                           batch_size=64, new_tokens=256, greedy=greedy))
-        plans.append(dict(name=f"bursts{args.burst} {mode} bs64 (vs HF)", attention="flashinfer", cuda_graphs=True,
-                          batch_size=64, new_tokens=256, greedy=greedy, decode_burst_steps=args.burst))
+        plans.append(dict(name=f"bursts{args.burst} {mode} bs64 (vs HF)", **bursts, batch_size=64, new_tokens=256,
+                          greedy=greedy))
         if not args.skip_transformers:
             plans.append(dict(name=f"transformers {mode}", special="hf", greedy=greedy))
 

@@ -32,6 +32,8 @@ from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.models.attention_metadata import PagedMetadata
 
 BLOCK_N = 32  # keys per tile
+NUM_WARPS = 4
+NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split until about this many programs per SM are in flight
 
 
@@ -43,9 +45,11 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, device: t
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
-                           *, scale: float, sliding_window: int | None, num_splits: int) -> torch.Tensor:
+                           *, scale: float, sliding_window: int | None, num_splits: int, block_n: int = BLOCK_N,
+                           num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """q [S, Hq, D] (one query per sequence, at position kv_lens[s] - 1) over the paged cache
-    [2, pages, page_size, Hkv, D] -> [S, Hq, D] in q's dtype. kv_lens int32 [S] (>= 1), page_table int32 [S, W]."""
+    [2, pages, page_size, Hkv, D] -> [S, Hq, D] in q's dtype. kv_lens int32 [S] (>= 1), page_table int32 [S, W].
+    The launch settings are for benchmarks/decode_attention_bench.py; the defaults are what the engine uses."""
     from opdgraph.kernels import paged_decode_attention_triton as body
 
     num_seqs, num_heads, head_dim = q.shape
@@ -65,7 +69,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: tor
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
         scale, 0 if sliding_window is None else sliding_window,
         PAGE_SIZE=page_size, GROUP=group, BLOCK_H=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages,
     )
     body.merge_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out,

@@ -35,6 +35,8 @@ class Config:
     decode_burst_steps: int = setting(0, help="decode steps run on the device per host round trip (pages reserved "
                                               "ahead, tokens past EOS dropped); 0 = auto: 16 on the GPU path, 1 on "
                                               "CPU", check=non_negative)
+    fused_kernels: bool = setting(True, help="on the GPU path, run each layer's norms, RoPE + KV write and "
+                                             "activation as fused Triton kernels (same numerics)")
     kv_pool_tokens: int = setting(0, help="KV pool capacity in tokens (0 = max_num_seqs x (max_prompt_tokens + "
                                           "max_new_tokens), rounded up to pages)", check=non_negative)
 

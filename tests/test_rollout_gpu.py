@@ -105,10 +105,10 @@ PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(length)] for i, length in e
 
 
 def make_engine(model, attention, cuda_graphs=False, kv_dtype=None, page_size=16, max_num_seqs=32,
-                decode_burst_steps=1):
+                decode_burst_steps=1, fused_kernels=False):
     return RolloutEngine(model, page_size=page_size, num_pages=128, max_num_seqs=max_num_seqs,
                          prefill_token_budget=64, device="cuda", kv_dtype=kv_dtype, attention=attention,
-                         cuda_graphs=cuda_graphs, decode_burst_steps=decode_burst_steps)
+                         cuda_graphs=cuda_graphs, decode_burst_steps=decode_burst_steps, fused_kernels=fused_kernels)
 
 
 @torch.no_grad()
@@ -253,18 +253,23 @@ def test_unfiltered_sampling_in_graphs_is_repeatable_and_accurate():
     assert error <= 0.1
 
 
-@pytest.mark.parametrize("family, kv_dtype", [("qwen2", None), ("qwen2", torch.float8_e4m3fn), ("gemma3", None)])
-def test_decode_bursts_agree_with_torch_reference(family, kv_dtype):
+@pytest.mark.parametrize("family, kv_dtype, fused", [
+    ("qwen2", None, False), ("qwen2", torch.float8_e4m3fn, False), ("gemma3", None, False), ("qwen2", None, True),
+    ("qwen3", None, True), ("gemma3", None, True), ("llama", torch.float8_e4m3fn, True),
+])
+def test_decode_bursts_agree_with_torch_reference(family, kv_dtype, fused):
     """Decode bursts (Triton paged decode inside replayed graphs, device-side state) would drift from the model's
     teacher-forced argmax and log-probs if a slot, a length, a page table row or the sampler counter were off."""
     extra = {"sliding_window": 6} if family == "gemma3" else {}
     model = load_decoder(model_config(family, **extra), dtype=torch.bfloat16, device="cuda", init_seed=3)
     requests = [Request(f"r{i}", prompt, SamplingParams(max_new_tokens=40, greedy=True))
                 for i, prompt in enumerate(PROMPTS)]
-    engine = make_engine(model, "flashinfer", cuda_graphs=True, kv_dtype=kv_dtype, decode_burst_steps=16)
+    engine = make_engine(model, "flashinfer", cuda_graphs=True, kv_dtype=kv_dtype, decode_burst_steps=16,
+                         fused_kernels=fused)
     responses = engine.generate(requests)
+    assert not model.use_fused_decode_kernels  # only inside generate()
     rate, max_error = agreement(model, responses)
-    print(f"\nbursts {family} kv={kv_dtype}: greedy agreement {rate:.4f}, max log-prob error {max_error:.4f}, "
+    print(f"\nbursts {family} kv={kv_dtype} fused={fused}: greedy agreement {rate:.4f}, max log-prob error {max_error:.4f}, "
           f"{engine.stats.bursts} bursts of {engine.stats.burst_steps} steps")
     assert engine.stats.bursts > 0
     assert rate >= (0.8 if kv_dtype is not None else 0.9)
@@ -277,8 +282,9 @@ def test_decode_burst_graphs_equal_eager_bursts_and_survive_release():
     model = load_decoder(model_config(), dtype=torch.bfloat16, device="cuda", init_seed=5)
     params = SamplingParams(max_new_tokens=37, temperature=1.0, top_p=0.9)
     requests = [Request(f"r{i}", prompt, params, n=2, seed=i) for i, prompt in enumerate(PROMPTS)]
-    eager = make_engine(model, "flashinfer", cuda_graphs=False, decode_burst_steps=8).generate(requests)
-    engine = make_engine(model, "flashinfer", cuda_graphs=True, decode_burst_steps=8)
+    eager = make_engine(model, "flashinfer", cuda_graphs=False, decode_burst_steps=8,
+                        fused_kernels=True).generate(requests)
+    engine = make_engine(model, "flashinfer", cuda_graphs=True, decode_burst_steps=8, fused_kernels=True)
     first = engine.generate(requests)
     engine.release()
     second = engine.generate(requests)

@@ -69,6 +69,7 @@ class RolloutEngine:
         attention: str = "torch",
         cuda_graphs: bool = False,
         decode_burst_steps: int = 1,
+        fused_kernels: bool = False,
     ):
         for name, value in [
             ("page_size", page_size),
@@ -99,6 +100,9 @@ class RolloutEngine:
             self.gpu_path = FlashInferRollout(model, device=self.device, page_size=page_size, num_pages=num_pages,
                                               max_num_seqs=max_num_seqs, kv_dtype=kv_dtype, cuda_graphs=cuda_graphs)
         self.decode_burst_steps = decode_burst_steps
+        # The model's rollout forward with Triton kernels for its elementwise work (kernels/fused_decode.py); the
+        # flag is on only inside generate(), so training and teacher scoring never see it.
+        self.fused_kernels = fused_kernels
         self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
 
     def _build_burst(self, cuda_graphs: bool):
@@ -136,6 +140,16 @@ class RolloutEngine:
         """Sample every request n times; responses come back in request order, then sample index."""
         self._validate(requests)
         stats = EngineStats()
+        fused_before = getattr(self.model, "use_fused_decode_kernels", False)
+        if self.fused_kernels:
+            self.model.use_fused_decode_kernels = True
+        try:
+            return self._generate(requests, stats)
+        finally:
+            if self.fused_kernels:
+                self.model.use_fused_decode_kernels = fused_before
+
+    def _generate(self, requests: list[Request], stats: EngineStats) -> list[Response]:
         with torch.inference_mode():
             if self.kv_cache is None:
                 self.kv_cache = self._allocate_kv_cache()

@@ -155,7 +155,8 @@ def build_engine(student, rollout, *, num_pages: int, device: torch.device, kv_d
     return RolloutEngine(student, page_size=rollout.page_size, num_pages=num_pages, max_num_seqs=rollout.max_num_seqs,
                          prefill_token_budget=rollout.prefill_token_budget, device=device, kv_dtype=kv_dtype,
                          attention=attention, cuda_graphs=attention == "flashinfer",
-                         decode_burst_steps=decode_burst_steps(rollout.decode_burst_steps, attention, student.config))
+                         decode_burst_steps=decode_burst_steps(rollout.decode_burst_steps, attention, student.config),
+                         fused_kernels=attention == "flashinfer" and rollout.fused_kernels)
 
 
 AUTO_DECODE_BURST_STEPS = 16  # host round trips every 16 tokens: host time per token falls below the GPU's
