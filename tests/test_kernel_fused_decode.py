@@ -269,3 +269,23 @@ def test_forward_paged_fused_matches_plain(family, dtype, kv_dtype):
     fused_hidden, fused_cache = run_forward_paged(model, True, tokens, kv_dtype)
     for fused, plain in zip(fused_hidden + fused_cache, plain_hidden + plain_cache, strict=True):
         assert_same_forward(fused, plain)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_forward_paged_fused_with_stacked_qkv_matches_plain(family):
+    """With the engine's stacked q/k/v projection installed (one matmul, q/k/v as strided views of its output) the
+    fused forward still equals the plain one; a wrong split offset, a missing bias or a stale stack would show.
+    The stack is refreshed in place after a weight change and must follow it."""
+    model = load_decoder(tiny_config(family), dtype=torch.float32, device=DEVICE, init_seed=2)
+    tokens = [[17, 3, 250, 9, 41, 77, 8, 1], [5, 299, 12, 60, 2, 7, 30, 4]]
+    stacked = model.stack_qkv()
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # a training step after the stack was made
+    restacked = model.stack_qkv(stacked)
+    assert restacked[0][0].data_ptr() == stacked[0][0].data_ptr()
+    model.install_fused_qkv(restacked)
+    fused_hidden, fused_cache = run_forward_paged(model, True, tokens, None)
+    model.install_fused_qkv(None)
+    plain_hidden, plain_cache = run_forward_paged(model, False, tokens, None)
+    for fused, plain in zip(fused_hidden + fused_cache, plain_hidden + plain_cache, strict=True):
+        assert_same_forward(fused, plain)

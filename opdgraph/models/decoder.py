@@ -120,6 +120,18 @@ class DecoderLM(nn.Module):
                                                     layer_cache, meta.slot_mapping, attend)
         return self.norm.forward_fused(pending, residual)[0]
 
+    def stack_qkv(self, into: list | None = None) -> list:
+        """Per layer, q/k/v projection weights stacked for the fused rollout forward (one matmul instead of three):
+        new tensors, or the current weights copied in place into `into` (a list this returned before). L x (q + 2 kv)
+        x H weights of memory, owned by the caller."""
+        return [layer.self_attn.stack_qkv(None if into is None else into[index])
+                for index, layer in enumerate(self.layers)]
+
+    def install_fused_qkv(self, stacked: list | None) -> None:
+        """Make forward_fused use these stacked projections (None: the three separate ones)."""
+        for index, layer in enumerate(self.layers):
+            layer.self_attn.fused_qkv = None if stacked is None else stacked[index]
+
     def _attend_cached(self, meta, layer_cache, q, sliding_window):
         return self.backend.paged(q, None, None, meta, layer_cache, scale=self.config.attention_scale,
                                   sliding_window=sliding_window, kv_written=True)

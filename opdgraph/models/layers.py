@@ -97,6 +97,23 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.one_plus_norm)
         else:
             self.q_norm = self.k_norm = None
+        # (weight [q + 2 kv, H], bias or None): a rollout-time copy of q/k/v_proj stacked, used by forward_fused
+        # while set (the engine installs its own copies during generate: DecoderLM.stack_qkv). Not a parameter.
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @torch.no_grad()
+    def stack_qkv(self, into: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+        """(weight, bias) of q/k/v_proj stacked; written in place into `into` when given (its address stays
+        fixed, which CUDA graphs captured on it need)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if into is None:
+            weight = torch.empty(sum(p.weight.shape[0] for p in projections), self.q_proj.weight.shape[1],
+                                 dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
+            into = (weight, None if self.q_proj.bias is None else weight.new_empty(weight.shape[0]))
+        torch.cat([p.weight for p in projections], out=into[0])
+        if into[1] is not None:
+            torch.cat([p.bias for p in projections], out=into[1])
+        return into
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -113,9 +130,16 @@ class Attention(nn.Module):
                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attend: AttendCachedFn) -> torch.Tensor:
         """Rollout forward with Triton kernels: q/k norm, RoPE and the K/V cache write in one kernel, then attention."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv is not None:  # one projection instead of three (views into its output, no copies)
+            qkv = F.linear(x, *self.fused_qkv)
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         norms = {}
         if self.q_norm is not None:
             norms = dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight,

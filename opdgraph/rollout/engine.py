@@ -103,6 +103,7 @@ class RolloutEngine:
         # The model's rollout forward with Triton kernels for its elementwise work (kernels/fused_decode.py); the
         # flag is on only inside generate(), so training and teacher scoring never see it.
         self.fused_kernels = fused_kernels
+        self._stacked_qkv = None
         self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
 
     def _build_burst(self, cuda_graphs: bool):
@@ -131,6 +132,7 @@ class RolloutEngine:
     def release(self) -> None:
         """Drop the KV tensors (their memory returns to the allocator for training); generate() re-creates them."""
         self.kv_cache = None
+        self._stacked_qkv = None  # the fused rollout's stacked q/k/v weights go with the graphs that read them
         if self.gpu_path is not None:
             self.gpu_path.release()
         if self.burst is not None:
@@ -143,11 +145,15 @@ class RolloutEngine:
         fused_before = getattr(self.model, "use_fused_decode_kernels", False)
         if self.fused_kernels:
             self.model.use_fused_decode_kernels = True
+            # Restacked in place every rollout (training changed the weights; graphs keep the addresses).
+            self._stacked_qkv = self.model.stack_qkv(self._stacked_qkv)
+            self.model.install_fused_qkv(self._stacked_qkv)
         try:
             return self._generate(requests, stats)
         finally:
             if self.fused_kernels:
                 self.model.use_fused_decode_kernels = fused_before
+                self.model.install_fused_qkv(None)
 
     def _generate(self, requests: list[Request], stats: EngineStats) -> list[Response]:
         with torch.inference_mode():
