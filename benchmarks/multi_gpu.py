@@ -36,6 +36,8 @@ QWEN = ROOT / "pipelines" / "qwen25_1b5_from_7b.toml"
 COMMON = ["log.progress=false", "log.tensorboard=false", "pipeline.device=cuda"]
 EQUIVALENCE = [*COMMON, "pipeline.num_steps=1", "step.warmup_steps=0", "step.eps=1e-6", "eval.num_prompts=2",
                "eval.max_new_tokens=4", "teacher_score.micro_batch_tokens=160", "rollout.max_new_tokens=16"]
+# Random 1.5B + 7B weights drawn on the GPU: the CPU draw takes minutes, which timed the first throughput run out.
+DEVICE_INIT = ['models.student.init_device="device"', 'models.teacher.init_device="device"']
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative to each tensor's largest entry
 
 
@@ -117,7 +119,8 @@ def throughput(gpus: int, work: Path, steps: int, new_tokens: int, timeout: int)
     pipeline = _throughput_pipeline()
     run_dir = work / f"throughput-{gpus}gpu"
     try:
-        launch = _launch(pipeline, [*COMMON, f"pipeline.num_steps={steps}", f"rollout.max_new_tokens={new_tokens}"],
+        launch = _launch(pipeline, [*COMMON, *DEVICE_INIT, f"pipeline.num_steps={steps}",
+                                    f"rollout.max_new_tokens={new_tokens}"],
                          run_dir, gpus, timeout)
     finally:
         pipeline.unlink()

@@ -107,6 +107,10 @@ class ModelConfig:
     keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
     tokenizer: str | None = setting(None, help="tokenizer path (default: the model's own)")
     init_seed: int = setting(0, help="seed for random initialisation of inline-config models")
+    init_device: Literal["cpu", "device"] = setting(
+        "cpu", help="where random initial weights are drawn: cpu (the same seed gives the same weights on every "
+                    "machine; minutes for billions of parameters) or device (on the run's device, same distribution "
+                    "normal(0, initializer_range), values depend on the device's RNG)")
     offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
                                                   "memory, costs PCIe transfers)")
 
