@@ -177,8 +177,9 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
             checkpointing = config.activation_checkpointing
             flops = W.forward_flops(s_shape, micro_tokens, seq) * (3 if checkpointing else 2)
             moved = s_weights + 2 * s_weights  # read weights; read+write gradient accumulators
+            # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
             drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", "hidden_grad",
-                                                               "student_activations", *comm),
+                                                               "student_activations", "responses", *comm),
                                 (f"{student}.grads", f"{stage_name}.workspace"), loop(stage_name), micro,
                                 W.roofline(flops, moved, 0, hardware, micro)))
         elif kind == "step":

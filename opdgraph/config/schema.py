@@ -92,6 +92,10 @@ class PipelineSection:
     memory_budget_gib: float = setting(80.0, help="device memory budget; `plan` fails when the peak exceeds it",
                                        check=positive)
     fuse_training: bool = setting(True, help="fuse teacher_score -> loss -> backward into one micro-batch loop")
+    release_phase_buffers: bool = setting(
+        True, help="free the rollout KV pool when rollout ends and the student's gradients after the optimizer step; "
+                   "false keeps both on the device for the whole run (costs memory; shows what the plan's releases "
+                   "save)")
     debug_memory: bool = setting(False, help="at runtime, check at each release that the buffer is really freed")
     hardware: HardwareConfig = setting(HardwareConfig(), help="the card used for roofline time estimates")
     fit: FitConfig = setting(FitConfig(), help="the search that makes an over-budget plan fit (opdgraph.fit)")
