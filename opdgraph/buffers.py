@@ -8,6 +8,7 @@ With N ranks (FSDP2 data parallel) the student's weights, fp32 masters, AdamW mo
 N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for the engine) and training adds
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
+On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
 The teacher is replicated: its full weights on every rank. The batch buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
 step, never released), the plan without the releases between rollout and training.
@@ -22,6 +23,7 @@ import attrs
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts
+from opdgraph.cuda_overheads import overhead_buffers
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
@@ -116,6 +118,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
             * student_dtype
         add(f"{student}.fsdp_comm", "workspace", root + 3 * layer, student_keys,
             formula="root params x d + 3 x layer params x d (2 gathered + 1 unreduced grad)")
+    buffers += overhead_buffers(cfg, student_keys)  # cuBLAS / flashinfer workspaces, CUDA-graph pool (CUDA only)
     for stage in cfg.stages_of_kind("eval"):
         eval_seqs = min(stage.config.num_prompts, rollout.config.max_num_seqs)
         pages = sizing.kv_pool_pages(concurrent_seqs=eval_seqs, max_prompt_tokens=cfg.data.max_prompt_tokens,
