@@ -9,9 +9,10 @@ reset before each step, so each number is the peak while that step ran, everythi
 plan's predicted live bytes, and the measured seconds per step next to the predicted ones (and the prediction for
 the fastest plan without offload, which needs more memory than the card has).
 
-Random weights are initialised on the GPU directly (the CPU init of 19B parameters takes minutes); prompts are
-~500 bytes so every sequence is close to the plan's worst case (512 prompt + 512 new tokens). Not a test: prints a
-compact table, writes JSON (--out) with the card name; a failing variant is reported, not fatal.
+Random weights are drawn on the GPU directly (models.<name>.init_device = "device"; the CPU init of 19B
+parameters takes minutes); prompts are ~500 bytes so every sequence is close to the plan's worst case (512 prompt +
+512 new tokens). Not a test: prints a compact table, writes JSON (--out) with the card name; a failing variant is
+reported, not fatal.
 
     python benchmarks/fit_qwen3.py --out fit_qwen3.json
 """
@@ -27,8 +28,6 @@ import traceback
 from pathlib import Path
 
 import torch
-
-from device_init import use_device_side_init
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "qwen3_4b_from_14b.toml"
 GIB = 1024**3
@@ -157,7 +156,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     started = time.perf_counter()
-    use_device_side_init()
     bandwidth = pcie_bandwidth(device)
     pcie = min(bandwidth.values())
     print(f"{torch.cuda.get_device_name(device)}: pinned PCIe h2d {bandwidth['h2d']:.1f} GB/s, "
@@ -174,7 +172,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = Path(temporary)
         prompts = write_prompts(work_dir)
-        common = [f"pipeline.hardware.pcie_gbps={pcie:.1f}", f'data.train_files=["{prompts}"]']
+        common = [f"pipeline.hardware.pcie_gbps={pcie:.1f}", f'data.train_files=["{prompts}"]',
+                  'models.student.init_device="device"', 'models.teacher.init_device="device"']
         for name in args.variants.split(","):
             if time.perf_counter() - started > args.time_limit:
                 results["variants"].append({"variant": name, "skipped": "time limit"})

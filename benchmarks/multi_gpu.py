@@ -1,58 +1,124 @@
 """2 GPUs vs 1 GPU: the same training update (equivalence at fp32 and bf16 tolerances) and the step throughput.
 
-Each variant is a real `opdgraph run` in a subprocess: one GPU (`python -m opdgraph run`, CUDA_VISIBLE_DEVICES=0)
-and two GPUs (`torchrun --standalone --nproc-per-node 2 -m opdgraph run`, NCCL, NVLink multicast off). A failing
-variant is reported in the table (return code and the last lines of its stderr) and the others still run.
+Each variant is a real `opdgraph run` in a subprocess, through benchmarks/rank_worker.py (which prints each rank's
+phases and records its peak memory): one GPU (CUDA_VISIBLE_DEVICES=0) and two GPUs (`torchrun --standalone
+--nproc-per-node 2`, NCCL, NVLink multicast off). The child's output streams here line by line, prefixed with the
+variant. Every launch has its own timeout, cut so that the whole script ends within --time-budget seconds (the
+process group of a run that is out of time is killed, torchrun's workers included); a failing or skipped variant is
+reported in the table and the others still run. The JSON (--out) is rewritten after every variant.
 
+- throughput (first; shape B of benchmarks/step.py: 128 prompts of 256 tokens, 1,024 response tokens each, Qwen2.5
+  1.5B student <- 7B teacher, random weights drawn on the GPU, EOS ignored so both runs decode the same tokens):
+  1 warmup + 2 measured steps on 1 GPU, then on 2 GPUs (64 sequences per rank). Reported: seconds per step (median
+  of the measured steps), response and total tokens per second, scaling = tokens/s on 2 GPUs / tokens/s on 1 GPU
+  (target >= 1.8), and every rank's peak memory (torch.cuda.max_memory_allocated over the run's steps) against the
+  plan's per-rank predicted peak.
 - equivalence (tiny pipeline, fp32 and bf16): one training step from the same weights on the same global batch;
   compares the gathered step-1 checkpoint (weights and AdamW exp_avg, which is proportional to the gradient) and the
   logged loss and gradient norm. The comparison is only meaningful when both runs sampled the same responses: the
   rollout of 16 sequences on one GPU and of 8 per GPU run different batch shapes, and in bf16 a near-tie can flip a
   sampled token; the row then says "rollouts differ" instead of judging the update.
-- throughput (Qwen2.5-1.5B student, 7B teacher, random weights; no eval or checkpoint tables): seconds per step
-  (median after the first), trained response tokens per second, rollout tokens per second, peak GiB on rank 0.
 
-    python benchmarks/multi_gpu.py --out multi_gpu.json            # on a machine with 2 GPUs
+    python benchmarks/multi_gpu.py --out multi_gpu.json            # on a machine with 2 GPUs (under 9 minutes)
+    python benchmarks/multi_gpu.py --only-throughput --out tp.json
     python benchmarks/multi_gpu.py --skip-throughput --out eq.json  # equivalence only (a few minutes)
-    python benchmarks/multi_gpu.py --only-throughput --timeout 420 --out tp.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
-QWEN = ROOT / "pipelines" / "qwen25_1b5_from_7b.toml"
+WORKER = Path(__file__).resolve().parent / "rank_worker.py"
 COMMON = ["log.progress=false", "log.tensorboard=false", "pipeline.device=cuda"]
 EQUIVALENCE = [*COMMON, "pipeline.num_steps=1", "step.warmup_steps=0", "step.eps=1e-6", "eval.num_prompts=2",
                "eval.max_new_tokens=4", "teacher_score.micro_batch_tokens=160", "rollout.max_new_tokens=16"]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative to each tensor's largest entry
+GIB = 2**30
 
 
-def _launch(pipeline: Path, overrides: list[str], output_dir: Path, gpus: int, timeout: int) -> dict:
+class Deadline:
+    """The script's whole time budget: each launch gets at most what is left, minus a margin for the report."""
+
+    def __init__(self, seconds: float, margin: float = 15.0):
+        self.ends = time.monotonic() + seconds - margin
+
+    def left(self) -> float:
+        return self.ends - time.monotonic()
+
+
+def progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def _stream(pipe, label: str, tail: collections.deque) -> None:
+    for line in pipe:
+        tail.append(line)
+        print(f"    [{label}] {line}", end="", flush=True)
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    """SIGTERM to the launch's process group, then SIGKILL to whatever is left of it (a rank stuck in NCCL)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _launch(label: str, pipeline: Path, overrides: list[str], output_dir: Path, gpus: int, timeout: float,
+            fixed_lengths: bool = False) -> dict:
+    """One `opdgraph run` (1 GPU, or torchrun on `gpus`), output streamed; killed with its children at `timeout`."""
     sets = [item for key in [*overrides, f"pipeline.output_dir={output_dir}"] for item in ("--set", key)]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4"}
+    report_dir = output_dir.parent / f"{output_dir.name}-ranks"
+    worker = [str(WORKER), str(report_dir), *(["--fixed-lengths"] if fixed_lengths else []), "run", str(pipeline),
+              *sets]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1"}
     if gpus == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        command = [sys.executable, "-m", "opdgraph", "run", str(pipeline), *sets]
+        command = [sys.executable, *worker]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-                   "-m", "opdgraph", "run", str(pipeline), *sets]
+                   *worker]
+    progress(f"  [{label}] launching ({gpus} GPU, timeout {timeout:.0f} s)")
+    started = time.monotonic()
+    # A session of its own: on timeout the whole group (torchrun and its workers) is killed, not torchrun alone.
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                             start_new_session=True)
+    tail: collections.deque = collections.deque(maxlen=40)
+    reader = threading.Thread(target=_stream, args=(child.stdout, label, tail), daemon=True)
+    reader.start()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-        return {"returncode": done.returncode, "stderr_tail": done.stderr[-3000:]}
-    except subprocess.TimeoutExpired as error:
-        return {"returncode": "timeout", "stderr_tail": str(error.stderr or "")[-3000:]}
+        returncode = child.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        returncode = "timeout"
+        _kill_group(child)
+    reader.join(timeout=5)
+    seconds = time.monotonic() - started
+    progress(f"  [{label}] ended after {seconds:.0f} s: {'ok' if returncode == 0 else returncode}")
+    ranks = [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
+    return {"returncode": returncode, "seconds": seconds, "output_tail": "".join(tail)[-3000:], "ranks": ranks}
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -89,48 +155,65 @@ def _compare_step_one(one: Path, two: Path, dtype: str) -> dict:
     return row
 
 
-def equivalence(dtype: str, work: Path, timeout: int) -> dict:
+def _failed(variant: str, launches: dict) -> dict:
+    failures = {gpus: {key: launch[key] for key in ("returncode", "seconds", "output_tail")}
+                for gpus, launch in launches.items() if launch["returncode"] != 0}
+    return {"variant": variant, "verdict": "FAILED", "failures": failures}
+
+
+def equivalence(dtype: str, work: Path, deadline: Deadline, timeout: float) -> dict:
     overrides = [*EQUIVALENCE, f"models.student.dtype={dtype}", f"models.teacher.dtype={dtype}"]
     runs = {gpus: work / f"eq-{dtype}-{gpus}gpu" for gpus in (1, 2)}
-    launches = {gpus: _launch(TINY, overrides, run_dir, gpus, timeout) for gpus, run_dir in runs.items()}
-    failed = {gpus: result for gpus, result in launches.items() if result["returncode"] != 0}
-    if failed:
-        return {"variant": f"equivalence {dtype}", "verdict": "FAILED", "failures": failed}
+    launches = {}
+    for gpus, run_dir in runs.items():
+        launches[gpus] = _launch(f"equivalence {dtype} {gpus} GPU", TINY, overrides, run_dir, gpus,
+                                 min(timeout, deadline.left()))
+        if launches[gpus]["returncode"] != 0:
+            return _failed(f"equivalence {dtype}", launches)
     return {"variant": f"equivalence {dtype}", **_compare_step_one(runs[1], runs[2], dtype)}
 
 
-def _throughput_pipeline() -> Path:
-    """The Qwen pipeline without its eval and checkpoint tables (a 1.5B checkpoint with fp32 optimizer state is
-    18 GB of disk writes), written beside the original so its relative data paths still resolve."""
-    kept, skipping = [], False
-    for line in QWEN.read_text().splitlines():
-        if line.startswith("["):
-            skipping = line.strip() in ("[eval]", "[checkpoint]")
-        if not skipping:
-            kept.append(line)
-    path = QWEN.parent / f".multi_gpu_{os.getpid()}.toml"
-    path.write_text("\n".join(kept) + "\n")
-    return path
+def _shape_b_pipeline(work: Path, steps: int) -> Path:
+    """Shape B of benchmarks/step.py as a pipeline file: real Qwen2.5 configs, random weights drawn on the GPU."""
+    from step import SHAPES, write_pipeline
+
+    shape = dataclasses.replace(SHAPES["B"], steps=steps)  # steps sizes the prompt file
+    directory = work / "shape-b"
+    directory.mkdir()
+    return write_pipeline(directory, shape, tiny=False, micro_batch_tokens=8192, chunk_tokens=2048,
+                          init_device="device")
 
 
-def throughput(gpus: int, work: Path, steps: int, new_tokens: int, timeout: int) -> dict:
-    pipeline = _throughput_pipeline()
+def throughput(gpus: int, pipeline: Path, work: Path, warmup: int, measured: int, deadline: Deadline,
+               timeout: float) -> dict:
+    variant = f"throughput {gpus} GPU"
     run_dir = work / f"throughput-{gpus}gpu"
-    try:
-        launch = _launch(pipeline, [*COMMON, f"pipeline.num_steps={steps}", f"rollout.max_new_tokens={new_tokens}"],
-                         run_dir, gpus, timeout)
-    finally:
-        pipeline.unlink()
+    launch = _launch(variant, pipeline, [*COMMON, f"pipeline.num_steps={warmup + measured}"], run_dir, gpus,
+                     min(timeout, deadline.left()), fixed_lengths=True)
     if launch["returncode"] != 0:
-        return {"variant": f"throughput {gpus} GPU", "verdict": "FAILED", "failures": {gpus: launch}}
-    records = _train_records(run_dir)[1:] or _train_records(run_dir)
+        row = _failed(variant, {gpus: launch})
+        row["ranks_reached"] = {r["rank"]: r["phases"][-1] for r in launch["ranks"] if r["phases"]}
+        return row
+    records = _train_records(run_dir)[warmup:] or _train_records(run_dir)
     seconds = statistics.median(r["seconds"] for r in records)
-    tokens = statistics.median(r["response_tokens"] for r in records)
-    return {"variant": f"throughput {gpus} GPU", "verdict": "ok", "steps_timed": len(records),
-            "seconds_per_step": seconds, "response_tokens_per_step": tokens,
-            "trained_tokens_per_s": tokens / seconds,
-            "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in records),
-            "peak_memory_gib_rank0": max(r.get("peak_memory_gib", 0.0) for r in records)}
+    response_tokens = statistics.median(r["response_tokens"] for r in records)
+    sequences = statistics.median(r["response_tokens"] / r["response_length_mean"] for r in records)
+    from step import SHAPES
+
+    prompt_tokens = SHAPES["B"].prompt_tokens  # write_pipeline makes every prompt exactly this long
+    row = {"variant": variant, "verdict": "ok", "steps_timed": len(records), "seconds_per_step": seconds,
+           "response_tokens_per_step": response_tokens,
+           "response_tokens_per_s": response_tokens / seconds,
+           "tokens_per_s": (response_tokens + sequences * prompt_tokens) / seconds,
+           "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in records),
+           "launch_seconds": launch["seconds"]}
+    for rank in launch["ranks"]:
+        peak = max((step["peak_bytes"] for step in rank["steps"]), default=0)
+        predicted = rank.get("predicted_peak_bytes")
+        row[f"rank{rank['rank']}_peak_gib"] = peak / GIB
+        row[f"rank{rank['rank']}_predicted_gib"] = predicted / GIB if predicted else None
+        row[f"rank{rank['rank']}_measured_over_predicted"] = peak / predicted if predicted and peak else None
+    return row
 
 
 def _print_table(rows: list[dict], card: str) -> None:
@@ -140,37 +223,68 @@ def _print_table(rows: list[dict], card: str) -> None:
                  if k not in ("variant", "failures")}
         print(f"  {row['variant']:<22} " + "  ".join(f"{k}={v}" for k, v in shown.items()))
         for gpus, failure in row.get("failures", {}).items():
-            print(f"    {gpus} GPU run failed ({failure['returncode']}):\n      "
-                  + failure["stderr_tail"][-1200:].replace("\n", "\n      "))
+            print(f"    {gpus} GPU run failed ({failure['returncode']} after {failure['seconds']:.0f} s):\n      "
+                  + failure["output_tail"][-1500:].replace("\n", "\n      "))
+    done = {row["variant"]: row for row in rows if row.get("verdict") == "ok"}
+    if "throughput 1 GPU" in done and "throughput 2 GPU" in done:
+        one, two = done["throughput 1 GPU"], done["throughput 2 GPU"]
+        print(f"\n  shape B   {'GPUs':>4} {'s/step':>8} {'resp tok/s':>11} {'tok/s':>9}   per-rank peak GiB "
+              "(measured / plan)")
+        for gpus, row in ((1, one), (2, two)):
+            peaks = "  ".join(f"r{r}: {row[f'rank{r}_peak_gib']:.2f} / {row[f'rank{r}_predicted_gib'] or 0:.2f}"
+                              for r in range(gpus) if f"rank{r}_peak_gib" in row)
+            print(f"  {'':<9} {gpus:>4} {row['seconds_per_step']:>8.2f} {row['response_tokens_per_s']:>11.0f} "
+                  f"{row['tokens_per_s']:>9.0f}   {peaks}")
+        print(f"  scaling (tokens/s on 2 GPUs / on 1 GPU): {two['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+              "(target >= 1.8x)")
+
+
+def _write(path: str | None, card: str, rows: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results as JSON here (rewritten after every variant)")
     parser.add_argument("--skip-throughput", action="store_true", help="equivalence runs only")
     parser.add_argument("--only-throughput", action="store_true", help="throughput runs only")
-    parser.add_argument("--steps", type=int, default=4, help="throughput: training steps (the first is not timed)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="throughput: rollout.max_new_tokens")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    parser.add_argument("--warmup", type=int, default=1, help="throughput: untimed training steps")
+    parser.add_argument("--steps", type=int, default=2, help="throughput: measured training steps")
+    parser.add_argument("--timeout", type=float, default=200, help="most seconds for one launch")
+    parser.add_argument("--time-budget", type=float, default=540,
+                        help="most seconds for the whole script; launches are cut or skipped to end within it")
     args = parser.parse_args()
+    deadline = Deadline(args.time_budget)
     if torch.cuda.device_count() < 2:
         sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
     card = torch.cuda.get_device_name(0)
-    rows = []
+    progress(f"{torch.cuda.device_count()} x {card}, torch {torch.__version__}; budget {args.time_budget:.0f} s")
+    jobs = []
     with tempfile.TemporaryDirectory(prefix="multi_gpu_") as tmp:
         work = Path(tmp)
-        for dtype in () if args.only_throughput else ("float32", "bfloat16"):
-            rows.append(equivalence(dtype, work, args.timeout))
         if not args.skip_throughput:
-            for gpus in (1, 2):
-                rows.append(throughput(gpus, work, args.steps, args.new_tokens, args.timeout))
-    singles = [r for r in rows if r["variant"].startswith("throughput") and r["verdict"] == "ok"]
-    if len(singles) == 2:
-        rows.append({"variant": "speedup 2 vs 1 GPU", "verdict": "ok",
-                     "trained_tokens_per_s": singles[1]["trained_tokens_per_s"] / singles[0]["trained_tokens_per_s"]})
+            pipeline = _shape_b_pipeline(work, args.warmup + args.steps)
+            jobs += [(f"throughput {gpus} GPU", lambda gpus=gpus: throughput(
+                gpus, pipeline, work, args.warmup, args.steps, deadline, args.timeout)) for gpus in (1, 2)]
+        if not args.only_throughput:
+            jobs += [(f"equivalence {dtype}", lambda dtype=dtype: equivalence(dtype, work, deadline, args.timeout))
+                     for dtype in ("float32", "bfloat16")]
+        rows = []
+        for variant, job in jobs:
+            if deadline.left() < 60:
+                rows.append({"variant": variant, "verdict": "skipped (time budget)"})
+                progress(f"[{variant}] skipped: {deadline.left():.0f} s of the time budget left")
+            else:
+                progress(f"[{variant}] starting ({deadline.left():.0f} s of the time budget left)")
+                try:
+                    rows.append(job())
+                except Exception as error:  # a broken comparison must not lose the other rows
+                    rows.append({"variant": variant, "verdict": f"FAILED: {type(error).__name__}: {error}"})
+            progress(f"[{variant}] {rows[-1]['verdict']}")
+            _write(args.out, card, rows)
     _print_table(rows, card)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"card": card, "rows": rows}, indent=2) + "\n")
+    _write(args.out, card, rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Qwen2.5-1.5B student <- Qwen2.5-7B teacher (the shipped configs, random weights, bf16, vocab pair 151,936 vs
 152,064), reverse KL, fixed response lengths (EOS suppressed). The run goes through the real runtime: a pipeline
 file written for the shape, `compile_plan`, `build_context` and the plan executor, i.e. the code of `opdgraph run`.
-The only additions are CUDA synchronisations around each plan step, so per-stage seconds are GPU seconds.
+The only additions are CUDA synchronisations around each plan step, so per-stage seconds are GPU seconds, and a
+reset of the allocator's peak counter before each plan step, so each plan step has its measured peak memory beside
+the plan's prediction.
 
 Shapes: A = 32 sequences of 128 prompt + 256 response tokens per step; B = 128 of 256 + 1,024.
 
@@ -15,6 +17,9 @@ MFU of a compute stage = its FLOPs / its seconds / the measured matmul rate (and
 
     python benchmarks/step.py --out step.json            # shapes A and B, TRL on shape A (needs trl, datasets)
     python benchmarks/step.py --tiny --out /tmp/s.json   # CPU smoke run of the same code with tiny models
+    python benchmarks/step.py --releases-off-compare --out releases.json   # what the lifetime analysis buys:
+        # shape A as planned, with pipeline.release_phase_buffers = false (KV pool and gradients kept), and also
+        # with pipeline.fuse_training = false; predicted and measured peaks side by side (same run, same models)
 
 TRL's side lives in step_trl.py (optional: reported as 'skipped: reason' when it cannot run).
 """
@@ -35,8 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from device_init import use_device_side_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -113,8 +116,12 @@ def model_configs(tiny: bool) -> tuple[dict, dict]:
 
 
 def write_pipeline(directory: Path, shape: StepShape, *, tiny: bool, micro_batch_tokens: int,
-                   chunk_tokens: int) -> Path:
-    """A pipeline file for the shape, its two model configs and a prompt file of exact-length prompts."""
+                   chunk_tokens: int, init_device: str = "device") -> Path:
+    """A pipeline file for the shape, its two model configs and a prompt file of exact-length prompts.
+
+    Random weights are drawn on the run's device by default (models.<name>.init_device): drawing 9B parameters on
+    the CPU takes minutes, and the speed of a step does not depend on the values.
+    """
     student, teacher = model_configs(tiny)
     (directory / "student.json").write_text(json.dumps(student))
     (directory / "teacher.json").write_text(json.dumps(teacher))
@@ -137,11 +144,13 @@ output_dir = "{directory / 'run'}"
 role = "student"
 dtype = "{dtype}"
 path = "student.json"
+init_device = "{init_device}"
 
 [models.teacher]
 role = "teacher"
 dtype = "{dtype}"
 path = "teacher.json"
+init_device = "{init_device}"
 
 [data]
 train_files = ["prompts.jsonl"]
@@ -184,30 +193,38 @@ def timed_executor_class():
     from opdgraph.runtime.executor import PlanExecutor
 
     class SyncedExecutor(PlanExecutor):
-        """The plan executor with the device drained around each plan step, so stage seconds are GPU seconds."""
+        """The plan executor with the device drained around each plan step, so stage seconds are GPU seconds; on
+        CUDA also each plan step's peak memory (the allocator's peak counter is reset before the step)."""
 
         synced_seconds: dict[str, float]
+        step_peaks: dict[str, int]
 
         def _run(self, step, loop):
             device = self.ctx.device
             synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             super()._run(step, loop)
             synchronize(device)
             self.synced_seconds[step.name] = self.synced_seconds.get(step.name, 0.0) + time.perf_counter() - started
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                self.step_peaks[step.name] = max(self.step_peaks.get(step.name, 0), peak)
 
     return SyncedExecutor
 
 
-def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict) -> dict:
-    """Warmup + measured steps of one shape through the runtime; per-stage seconds of every step."""
+def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, overrides: tuple[str, ...] = ()) -> dict:
+    """Warmup + measured steps of one shape through the runtime; per-stage seconds and (CUDA) per-plan-step peak
+    memory of every step, with the plan's prediction for each plan step."""
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
     from opdgraph.runtime import run as run_module
 
     pipeline = write_pipeline(work_dir, shape, tiny=args.tiny, micro_batch_tokens=args.micro_batch_tokens,
-                              chunk_tokens=args.chunk_tokens)
-    cfg = load_pipeline(pipeline, [])
+                              chunk_tokens=args.chunk_tokens, init_device="cpu" if args.cpu_init else "device")
+    cfg = load_pipeline(pipeline, list(overrides))
     plan = compile_plan(cfg)
     if model_cache:  # the second shape reuses the loaded models (random init of 9B parameters takes a while)
         load = run_module.load_models
@@ -227,9 +244,7 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict) -> dict:
     executor = timed_executor_class()(plan, {n: s.config for n, s in cfg.stages.items()}, ctx, release_hooks=hooks)
     steps = []
     for index in range(args.warmup + shape.steps):
-        ctx.stage_seconds, ctx.step_record, executor.synced_seconds = {}, {}, {}
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
+        ctx.stage_seconds, ctx.step_record, executor.synced_seconds, executor.step_peaks = {}, {}, {}, {}
         synchronize(ctx.device)
         started = time.perf_counter()
         executor.run_training_step()
@@ -239,18 +254,25 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict) -> dict:
                       "stages": dict(executor.synced_seconds), "loss": record.get("loss"),
                       "response_tokens": record.get("response_tokens"),
                       "micro_batches": record.get("num_micro_batches"),
-                      "peak_gib": torch.cuda.max_memory_allocated(ctx.device) / 2**30
-                      if ctx.device.type == "cuda" else None})
+                      # Every byte live during the step is live during one of its plan steps.
+                      "peak_gib": max(executor.step_peaks.values()) / 2**30 if executor.step_peaks else None,
+                      "plan_step_peak_gib": {name: peak / 2**30 for name, peak in executor.step_peaks.items()}})
         print(f"  shape {shape.name} step {index}: {steps[-1]['seconds']:.2f} s "
               f"({'warmup' if index < args.warmup else 'measured'}), {record.get('response_tokens')} response "
               f"tokens, loss {record.get('loss')}", flush=True)
     gpu_path = ctx.engine.gpu_path
-    result = {"setup_seconds": setup_seconds, "steps": steps,
+    result = {"setup_seconds": setup_seconds, "steps": steps, "overrides": list(overrides),
               "rollout_attention": "torch" if gpu_path is None else "flashinfer",
-              "packed_attention": type(ctx.student.backend).__name__}
+              "packed_attention": type(ctx.student.backend).__name__,
+              "predicted_peak_gib": plan.peak_bytes / 2**30, "predicted_peak_step": plan.peak.step,
+              "predicted_step_gib": {step.name: step.live_bytes / 2**30 for step in plan.steps}}
     if gpu_path is not None:
         result["rollout_graphs"] = {key: getattr(gpu_path.stats, key, None)
                                     for key in ("graph_steps", "eager_steps", "num_captures", "capture_seconds")}
+    # The cached models go on to the next variant: nothing of this run's plan may stay on them (kept gradients).
+    ctx.engine.release()
+    for parameter in ctx.student.parameters():
+        parameter.grad = None
     del ctx, executor
     gc.collect()
     if torch.cuda.is_available():
@@ -318,12 +340,12 @@ def print_table(report: dict) -> None:
     print(f"\n{hardware['device']}, torch {hardware['torch']}: measured matmul "
           f"{hardware['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {hardware['copy_bytes_per_s'] / 1e9:.0f} GB/s")
     columns = ("rollout", "teacher", "student_fwd", "loss", "backward", "optimizer")
-    header = f"{'run':<18}{'s/step':>8}" + "".join(f"{c:>12}" for c in columns) + f"{'tok/s':>9}{'MFU':>6}"
+    header = f"{'run':<26}{'s/step':>8}" + "".join(f"{c:>12}" for c in columns) + f"{'tok/s':>9}{'MFU':>6}"
     print(header + f"{'floor s':>9}{'floor%':>8}")
     print("-" * (len(header) + 17))
     for name, row in report["rows"].items():
         if "error" in row or "skipped" in row:
-            print(f"{name:<18}  {row.get('skipped') and 'skipped: ' + row['skipped'] or 'failed: ' + row['error']}")
+            print(f"{name:<26}  {row.get('skipped') and 'skipped: ' + row['skipped'] or 'failed: ' + row['error']}")
             continue
         stages = row.get("stage_seconds", {})
         cells = "".join(f"{stages[c]:>12.3f}" if c in stages else f"{'-':>12}" for c in columns)
@@ -333,7 +355,7 @@ def print_table(report: dict) -> None:
         mfu_text = f"{100 * mfu:.0f}%" if mfu else "-"
         floor_text = f"{floor:.2f}" if floor else "-"
         fraction_text = f"{100 * fraction:.0f}%" if fraction else "-"
-        print(f"{name:<18}{row['seconds_per_step']:>8.2f}{cells}{row['tokens_per_s']:>9.0f}{mfu_text:>6}"
+        print(f"{name:<26}{row['seconds_per_step']:>8.2f}{cells}{row['tokens_per_s']:>9.0f}{mfu_text:>6}"
               f"{floor_text:>9}{fraction_text:>8}")
     for name, row in report["rows"].items():
         if "floor" in row:
@@ -348,20 +370,51 @@ def print_table(report: dict) -> None:
           " floor% = roofline floor / measured s/step")
 
 
+# What the lifetime analysis buys (--releases-off-compare): the same shape with the plan's releases between rollout
+# and training switched off (KV pool kept through training, gradients kept through rollout), then also unfused.
+RELEASES_OFF = "pipeline.release_phase_buffers=false"
+COMPARE_VARIANTS = (("", ()), (" releases off", (RELEASES_OFF,)),
+                    (" off + unfused", (RELEASES_OFF, "pipeline.fuse_training=false")))
+MEMORY_STEPS = ("rollout.decode", "loss")  # the KV pool's phase and the training peak
+
+
+def print_memory_table(report: dict) -> None:
+    """Predicted vs measured peak per variant (measured steps only: a kept buffer exists from its first use on)."""
+    print(f"\npeak memory, GiB, predicted / measured (torch.cuda.max_memory_allocated per plan step, measured steps)")
+    print(f"{'run':<26}{'peak pred':>10}{'peak meas':>10}{'meas/pred':>10}"
+          + "".join(f"{name + ' pred/meas':>26}" for name in MEMORY_STEPS))
+    for name, row in report["rows"].items():
+        raw = row.get("raw")
+        if raw is None:
+            print(f"{name:<26}  {row.get('error') or row.get('skipped')}")
+            continue
+        measured = [step["plan_step_peak_gib"] for step in raw["steps"] if not step["warmup"]] or \
+            [step["plan_step_peak_gib"] for step in raw["steps"]]
+        per_step = {key: max(m.get(key, 0.0) for m in measured) for key in raw["predicted_step_gib"]}
+        peak = max(per_step.values(), default=0.0)
+        ratio = f"{peak / raw['predicted_peak_gib']:.3f}" if peak else "-"
+        cells = "".join(f"{raw['predicted_step_gib'][key]:>17.2f} / {per_step.get(key, 0.0):<6.2f}"
+                        for key in MEMORY_STEPS)
+        print(f"{name:<26}{raw['predicted_peak_gib']:>10.2f}{peak:>10.2f}{ratio:>10}{cells}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shapes", default="A,B")
+    parser.add_argument("--shapes", help="comma-separated shapes (default A,B; A with --releases-off-compare)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--chunk-tokens", type=int, default=2048)
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--trl-steps", type=int, default=2, help="measured TRL steps after one warmup step")
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
-    parser.add_argument("--cpu-init", action="store_true", help="keep the runtime's CPU-drawn random init (slow)")
+    parser.add_argument("--cpu-init", action="store_true",
+                        help="draw random weights on the CPU (init_device = \"cpu\"; minutes for 9B parameters)")
+    parser.add_argument("--releases-off-compare", action="store_true",
+                        help="run each shape as planned, with the KV pool and gradients kept (releases off), and "
+                             "also unfused; print predicted and measured peaks side by side (no TRL)")
     args = parser.parse_args()
-    if not args.cpu_init:
-        use_device_side_init()
+    args.shapes = args.shapes or ("A" if args.releases_off_compare else "A,B")
     if args.tiny:
         args.micro_batch_tokens, args.chunk_tokens = min(args.micro_batch_tokens, 96), min(args.chunk_tokens, 16)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -369,34 +422,43 @@ def main() -> int:
     report = {"hardware": measure_hardware(device, args.tiny), "rows": {}, "args": {k: str(v) for k, v in
                                                                                   vars(args).items()}}
     print(json.dumps(report["hardware"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     model_cache: dict = {}
     started = time.perf_counter()
+    variants = COMPARE_VARIANTS if args.releases_off_compare else COMPARE_VARIANTS[:1]
     for name in args.shapes.split(","):
         shape = shapes[name]
-        try:
-            with tempfile.TemporaryDirectory() as work_dir:
-                ours = run_ours(shape, args, Path(work_dir), model_cache)
-            floor = roofline(shape, report["hardware"], tiny=args.tiny,
-                             prefill_budget=max(2048, min(8192, shape.sequences * shape.prompt_tokens)))
-            row = summarize(shape, ours, floor, report["hardware"])
-            row["raw"] = ours
-        except Exception as error:  # report and go on with the next variant
-            traceback.print_exc()
-            row = {"error": f"{type(error).__name__}: {error}"}
-        report["rows"][f"opdgraph {name}"] = row
-        print(f"shape {name} done at {time.perf_counter() - started:.0f} s", flush=True)
+        for suffix, overrides in variants:
+            label = f"opdgraph {name}{suffix}"
+            try:
+                with tempfile.TemporaryDirectory() as work_dir:
+                    ours = run_ours(shape, args, Path(work_dir), model_cache, overrides)
+                floor = roofline(shape, report["hardware"], tiny=args.tiny,
+                                 prefill_budget=max(2048, min(8192, shape.sequences * shape.prompt_tokens)))
+                row = summarize(shape, ours, floor, report["hardware"])
+                row["raw"] = ours
+            except Exception as error:  # report and go on with the next variant
+                traceback.print_exc()
+                row = {"error": f"{type(error).__name__}: {error}"}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            report["rows"][label] = row
+            args.out.write_text(json.dumps(report, indent=1, default=str))  # partial results survive a crash
+            print(f"{label} done at {time.perf_counter() - started:.0f} s", flush=True)
     model_cache.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if not args.no_trl and "A" in args.shapes.split(","):
+    if not args.no_trl and not args.releases_off_compare and "A" in args.shapes.split(","):
         from step_trl import run_trl
 
         report["rows"]["TRL A"] = run_trl(shapes["A"], args, model_configs(args.tiny), device)
         print(f"TRL done at {time.perf_counter() - started:.0f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
+    if args.releases_off_compare or device.type == "cuda":
+        print_memory_table(report)
     print(f"wrote {args.out}")
     return 0
 

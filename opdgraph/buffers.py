@@ -8,7 +8,10 @@ With N ranks (FSDP2 data parallel) the student's weights, fp32 masters, AdamW mo
 N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for the engine) and training adds
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
+On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
 The teacher is replicated: its full weights on every rank. The batch buffers are per rank (see counts.py).
+With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
+step, never released), the plan without the releases between rollout and training.
 `place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
 the device buffers that streaming needs (two teacher layers; one optimizer bucket).
 """
@@ -20,6 +23,7 @@ import attrs
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts
+from opdgraph.cuda_overheads import overhead_buffers
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
@@ -49,6 +53,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     batch_tokens = counts.train_tokens
     micro_tokens = counts.micro_batch_tokens
     checkpointing = backward.config.activation_checkpointing
+    between_phases = "transient" if cfg.pipeline.release_phase_buffers else "held"  # KV pool and gradients
     buffers = []
 
     def add(name, category, size, sized_by, lifetime="transient", formula="", offload=False):
@@ -69,7 +74,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         formula="sequences x max_prompt_tokens x 4")
     add(f"{rollout.name}.kv_cache", "kv_cache",
         sizing.kv_cache_bytes(student_shape, counts.num_pages, counts.page_size, student_dtype),
-        (*pool_keys, *student_keys), formula="num_pages x page_size x L x 2 x kv x d")
+        (*pool_keys, *student_keys), between_phases, "num_pages x page_size x L x 2 x kv x d")
     add(f"{rollout.name}.workspace", "workspace",
         sizing.forward_workspace_bytes(student_shape, rollout.config.prefill_token_budget, student_dtype)
         + sizing.decode_logits_bytes(counts.concurrent_seqs, student_shape.vocab),
@@ -101,11 +106,11 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
     if world_size == 1:
         add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype) + lm_head_grad,
-            student_keys, formula="P x d + V x h x 4 (fp32 lm_head grad accumulator)")
+            student_keys, between_phases, "P x d + V x h x 4 (fp32 lm_head grad accumulator)")
     else:
         add(f"{student}.grads", "grads",
             _ceil_div(sizing.gradient_bytes(student_shape, student_dtype), shards) + lm_head_grad, student_keys,
-            formula="P x d / N + V x h x 4 (full fp32 lm_head grad)")
+            between_phases, "P x d / N + V x h x 4 (full fp32 lm_head grad)")
         add(f"{student}.gathered_weights", "weights", sizing.parameter_bytes(student_shape, student_dtype),
             student_keys, formula="P x d (all-gathered for rollout)")
         layer = student_shape.layer_parameters() * student_dtype
@@ -113,6 +118,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
             * student_dtype
         add(f"{student}.fsdp_comm", "workspace", root + 3 * layer, student_keys,
             formula="root params x d + 3 x layer params x d (2 gathered + 1 unreduced grad)")
+    buffers += overhead_buffers(cfg, student_keys)  # cuBLAS / flashinfer workspaces, CUDA-graph pool (CUDA only)
     for stage in cfg.stages_of_kind("eval"):
         eval_seqs = min(stage.config.num_prompts, rollout.config.max_num_seqs)
         pages = sizing.kv_pool_pages(concurrent_seqs=eval_seqs, max_prompt_tokens=cfg.data.max_prompt_tokens,

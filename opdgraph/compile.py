@@ -16,6 +16,7 @@ from opdgraph import work as W
 from opdgraph.buffers import build_buffers, place_buffers
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts, step_counts
+from opdgraph.cuda_overheads import uses_flashinfer
 from opdgraph.graph import StageNode, build_stage_graph, stage_order
 from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
 from opdgraph.placement import Placement, configured_placement
@@ -143,13 +144,14 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
         kind, config = stage.kind, stage.config
         if kind == "rollout":
             kv, workspace = f"{stage_name}.kv_cache", f"{stage_name}.workspace"
+            graph_pool = (f"{stage_name}.decode_graph_pool",) if uses_flashinfer(cfg) else ()
             drafts.append(Draft(f"{stage_name}.prefill", stage_name, kind, (f"{student}.weights", "prompts"),
                                 (kv, workspace, *gathered), (), 1, W.prefill_work(
                                     s_shape, sequences=counts.sequences, prompt_tokens=counts.prompt_tokens,
                                     token_budget=config.prefill_token_budget, weight_bytes=s_weights,
                                     kv_bytes_per_token=s_kv, hardware=hardware)))
             drafts.append(Draft(f"{stage_name}.decode", stage_name, kind,
-                                (f"{student}.weights", kv, workspace, *gathered),
+                                (f"{student}.weights", kv, workspace, *graph_pool, *gathered),
                                 ("responses",), (), counts.decode_rounds, W.decode_work(
                                     s_shape, sequences=counts.sequences, concurrent_seqs=counts.concurrent_seqs,
                                     prompt_tokens=counts.prompt_tokens, new_tokens=counts.new_tokens,
@@ -177,8 +179,9 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
             checkpointing = config.activation_checkpointing
             flops = W.forward_flops(s_shape, micro_tokens, seq) * (3 if checkpointing else 2)
             moved = s_weights + 2 * s_weights  # read weights; read+write gradient accumulators
+            # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
             drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", "hidden_grad",
-                                                               "student_activations", *comm),
+                                                               "student_activations", "responses", *comm),
                                 (f"{student}.grads", f"{stage_name}.workspace"), loop(stage_name), micro,
                                 W.roofline(flops, moved, 0, hardware, micro)))
         elif kind == "step":

@@ -92,6 +92,10 @@ class PipelineSection:
     memory_budget_gib: float = setting(80.0, help="device memory budget; `plan` fails when the peak exceeds it",
                                        check=positive)
     fuse_training: bool = setting(True, help="fuse teacher_score -> loss -> backward into one micro-batch loop")
+    release_phase_buffers: bool = setting(
+        True, help="free the rollout KV pool when rollout ends and the student's gradients after the optimizer step; "
+                   "false keeps both on the device for the whole run (costs memory; shows what the plan's releases "
+                   "save)")
     debug_memory: bool = setting(False, help="at runtime, check at each release that the buffer is really freed")
     hardware: HardwareConfig = setting(HardwareConfig(), help="the card used for roofline time estimates")
     fit: FitConfig = setting(FitConfig(), help="the search that makes an over-budget plan fit (opdgraph.fit)")
@@ -107,6 +111,10 @@ class ModelConfig:
     keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
     tokenizer: str | None = setting(None, help="tokenizer path (default: the model's own)")
     init_seed: int = setting(0, help="seed for random initialisation of inline-config models")
+    init_device: Literal["cpu", "device"] = setting(
+        "cpu", help="where random initial weights are drawn: cpu (the same seed gives the same weights on every "
+                    "machine; minutes for billions of parameters) or device (on the run's device, same distribution "
+                    "normal(0, initializer_range), values depend on the device's RNG)")
     offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
                                                   "memory, costs PCIe transfers)")
 

@@ -48,23 +48,31 @@ def _from_checkpoint(hf_config: dict, tensors: dict[str, torch.Tensor], where: s
     return model
 
 
+INIT_DEVICES = ("cpu", "device")  # where random weights are drawn; see DecoderLM.reset_parameters
+
+
 def build_random(hf_config: dict[str, Any], *, dtype: torch.dtype, device="cpu", init_seed: int = 0,
-                 where: str = "inline config") -> DecoderLM:
-    """A freshly initialised model (seeded; same seed and config give the same weights on any device)."""
+                 init_device: str = "cpu", where: str = "inline config") -> DecoderLM:
+    """A freshly initialised model, seeded. init_device "cpu": the same seed and config give the same weights on any
+    device; "device": drawn on `device` with the same distribution (fast for large models on a GPU)."""
+    if init_device not in INIT_DEVICES:
+        raise ValueError(f"init_device must be one of {INIT_DEVICES}, got {init_device!r}")
     _check_dtype(dtype)
     config = decoder_config_from_hf(hf_config, where)
     with torch.device("meta"):
         model = DecoderLM(config)
     model = model.to_empty(device=device).to(dtype)
-    model.reset_parameters(init_seed)
+    model.reset_parameters(init_seed, on_device=init_device == "device")
     return model
 
 
-def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu", init_seed: int = 0) -> DecoderLM:
-    """The model alone (no tokenizer): for checkpoints saved without tokenizer files, and for tests."""
+def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu", init_seed: int = 0,
+                 init_device: str = "cpu") -> DecoderLM:
+    """The model alone (no tokenizer): for checkpoints saved without tokenizer files, and for tests.
+    init_seed / init_device only matter for an inline config dict (random init, see build_random)."""
     _check_dtype(dtype)
     if isinstance(source, dict):
-        return build_random(source, dtype=dtype, device=device, init_seed=init_seed)
+        return build_random(source, dtype=dtype, device=device, init_seed=init_seed, init_device=init_device)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         hf_config, tensors = read_gguf_checkpoint(path)
@@ -76,9 +84,9 @@ def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
 
 
 def load_model(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
-               init_seed: int = 0) -> tuple[DecoderLM, Tokenizer]:
+               init_seed: int = 0, init_device: str = "cpu") -> tuple[DecoderLM, Tokenizer]:
     """(model, tokenizer) from an HF directory, a .gguf file, or an inline HF-style config dict (random init)."""
-    model = load_decoder(source, dtype=dtype, device=device, init_seed=init_seed)
+    model = load_decoder(source, dtype=dtype, device=device, init_seed=init_seed, init_device=init_device)
     vocab_size = model.config.vocab_size
     if isinstance(source, dict):
         tokenizer = ByteTokenizer(vocab_size)

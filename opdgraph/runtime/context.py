@@ -93,7 +93,7 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[
             dtype = TORCH_DTYPES[model_cfg.dtype]
             if model_cfg.init_from is None:
                 loaded[name] = load_model(model_source(model_cfg, base_dir), dtype=dtype, device=device,
-                                          init_seed=model_cfg.init_seed)
+                                          init_seed=model_cfg.init_seed, init_device=model_cfg.init_device)
             elif model_cfg.init_from in loaded:
                 source_model, tokenizer = loaded[model_cfg.init_from]
                 layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))

@@ -49,8 +49,13 @@ def init_distributed(device_setting: str) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+        # An explicit device binds the NCCL communicator to this rank's GPU at once; without it NCCL guesses the
+        # device from the global rank at the first collective, which can hang when ranks map to GPUs differently.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 prints progress and tables; errors still reach stderr
 

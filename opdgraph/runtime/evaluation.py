@@ -95,7 +95,8 @@ def _run_eval(config, ctx, *, label: str) -> dict:
     params = sampling_params(ctx.facts["rollout_config"], max_new_tokens=config.max_new_tokens,
                              greedy=config.greedy, eos_token_ids=ctx.tokenizer.eos_token_ids)
     student_samples = generate_samples(ctx.engine, prompts, params, n=1, seed=eval_seed, step=ctx.step, tag="eval")
-    ctx.engine.release()  # the eval KV pool lives only while eval generates (the plan's eval.kv_cache)
+    if not ctx.facts["kv_pool_held"]:  # held (release_phase_buffers = false): the pool stays for the next rollout
+        ctx.engine.release()  # the eval KV pool lives only while eval generates (the plan's eval.kv_cache)
     teacher_engine = _teacher_engine(ctx)
     teacher_samples = generate_samples(teacher_engine, prompts, params, n=1, seed=eval_seed, step=ctx.step,
                                        tag="eval-teacher")

@@ -121,7 +121,10 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
              "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
-             "grads_buffer": f"{student_name}.grads"}
+             "grads_buffer": f"{student_name}.grads",
+             # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
+             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
+             "kv_pool_held": plan.buffers[f"{cfg.stage('rollout').name}.kv_cache"].lifetime == "held"}
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,

@@ -125,4 +125,12 @@ def optimizer_step(config, ctx) -> None:
         ctx.optimizer.step(lr)
     else:
         print(f"step {ctx.step + 1}: non-finite gradient norm, update skipped")
+    if ctx.facts["grads_held"]:  # the plan keeps the gradients for the run: next step accumulates into zeros
+        _zero_in_place([_grads(ctx)["lm_head"], *(p.grad for p in ctx.student.parameters() if p.grad is not None)])
     ctx.step += 1
+
+
+@torch.no_grad()
+def _zero_in_place(tensors) -> None:
+    for tensor in tensors:
+        tensor.zero_()

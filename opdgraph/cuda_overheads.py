@@ -1,0 +1,94 @@
+"""Device memory of a CUDA run that no stage's tensors account for, as planned buffers (build_buffers adds them).
+
+Measured on an H200, the tiny pipeline held ~70 MB at every plan step beyond its planned tensors: library
+workspaces allocated through PyTorch's caching allocator (so `torch.cuda.max_memory_allocated` sees them). They are:
+
+- cuBLAS workspaces (`cuda.cublas_workspace`, held): PyTorch gives every (cuBLAS handle, stream) pair its own
+  workspace, 32 MiB on Hopper and Blackwell when CUBLAS_WORKSPACE_CONFIG is unset (cuBLASLt shares it), and keeps it
+  for the life of the process. Handles are per thread, so a training run holds two: the main thread's and the
+  autograd engine's backward thread's. CUDA-graph decode adds two streams with matmuls: the graph capture stream and
+  the side stream of the eager warmup before each capture.
+- flashinfer workspaces (`<rollout>.flashinfer`, held: the engine keeps its attention backend for the
+  run): one 128 MiB float workspace shared by every wrapper, plus an 8 MiB int workspace per wrapper; a wrapper is
+  created per attention window (Gemma 3: sliding and global) for prefill, for eager decode, and for every captured
+  decode batch size.
+- the CUDA-graph memory pool of the decode graphs (`<rollout>.decode_graph_pool`, live during decode: the graphs
+  are dropped with the KV pool): the activations of one decode step at the largest captured batch (graphs are
+  captured largest first and the smaller ones reuse its pool). The pool's blocks are reserved for the graphs while
+  they exist; the allocator counts them as free (memory_reserved, not memory_allocated), so this buffer is device
+  memory a run needs that an allocated-bytes measurement does not show.
+
+Which apply: all need a CUDA target, i.e. pipeline.device other than "cpu" (the planner imports no torch and cannot
+probe; "auto" runs on CUDA wherever there is a GPU, and a plan is a worst case). The flashinfer and graph buffers
+need the flashinfer rollout path: a bfloat16 student and rollout.backend other than "torch" (the runtime also falls
+back to torch when flashinfer does not import; the plan then over-predicts by these buffers).
+"""
+
+from __future__ import annotations
+
+import math
+
+from opdgraph import sizing
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.plan import Buffer
+
+MIB = 1024 * 1024
+CUBLAS_WORKSPACE_BYTES = 32 * MIB  # PyTorch's default per (handle, stream) on sm90 / sm100 / sm120
+FLASHINFER_FLOAT_WORKSPACE_BYTES = 128 * MIB  # mirrors opdgraph.kernels.flashinfer_attention.WORKSPACE_BYTES
+FLASHINFER_INT_WORKSPACE_BYTES = 8 * MIB  # flashinfer allocates one per prefill / decode wrapper
+MAX_GRAPH_BATCH_SIZE = 256  # mirrors opdgraph.rollout.cuda_graphs.MAX_GRAPH_BATCH_SIZE (a test checks both)
+
+
+def targets_cuda(cfg: PipelineConfig) -> bool:
+    return cfg.pipeline.device != "cpu"
+
+
+def uses_flashinfer(cfg: PipelineConfig) -> bool:
+    """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context)."""
+    student = cfg.models[cfg.model_with_role("student")]
+    return targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
+
+
+def decode_graph_batch_sizes(max_num_seqs: int) -> int:
+    """How many decode batch sizes get a graph: powers of two below the cap, then the cap itself."""
+    cap = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
+    return math.ceil(math.log2(cap)) + 1
+
+
+def attention_windows(family: str) -> int:
+    """Distinct attention windows of a family's layers (flashinfer plans one wrapper per window)."""
+    return 2 if family == "gemma3" else 1
+
+
+def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list[Buffer]:
+    if not targets_cuda(cfg):
+        return []
+    rollout = cfg.stage("rollout")
+    graphs = uses_flashinfer(cfg)
+    handles = ("main thread", "autograd backward thread", *(("graph capture", "graph warmup") if graphs else ()))
+    buffers = [Buffer(name="cuda.cublas_workspace", category="workspace", bytes=CUBLAS_WORKSPACE_BYTES * len(handles),
+                      sized_by=("pipeline.device",), lifetime="held",
+                      formula=f"32 MiB x {len(handles)} cuBLAS (handle, stream) pairs: {', '.join(handles)}")]
+    if not graphs:
+        return buffers
+    student = cfg.model_with_role("student")
+    shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
+    max_num_seqs = rollout.config.max_num_seqs
+    windows, sizes = attention_windows(shape.family), decode_graph_batch_sizes(max_num_seqs)
+    wrappers = windows * (2 + sizes)
+    backend_keys = ("pipeline.device", f"{rollout.name}.backend", f"models.{student}.dtype")
+    buffers.append(Buffer(
+        name=f"{rollout.name}.flashinfer", category="workspace",
+        bytes=FLASHINFER_FLOAT_WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
+        sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="held",
+        formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
+                f"{sizes} graph batch sizes))"))
+    largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
+    buffers.append(Buffer(
+        name=f"{rollout.name}.decode_graph_pool", category="workspace",
+        bytes=sizing.forward_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(largest,
+                                                                                                      shape.vocab),
+        sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="transient",
+        formula=f"largest graph batch ({largest}) x ((h + q + 2 kv + 2 i) x d + V x 4): one decode step's "
+                "activations and fp32 logits, reserved by the graphs' private pool"))
+    return buffers

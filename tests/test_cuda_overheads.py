@@ -1,0 +1,87 @@
+"""The CUDA-side workspaces in the plan (opdgraph.cuda_overheads): when they apply, their sizes, where they live.
+
+What these protect: a GPU plan that leaves out the cuBLAS / flashinfer workspaces or the decode graphs' pool
+under-predicts every measured step (the tiny pipeline by ~70 MB on an H200); a CPU plan that includes them
+over-predicts; the mirrored constants drifting from the code that allocates them silently changes the sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opdgraph import cuda_overheads
+from opdgraph.compile import compile_plan
+from opdgraph.config import load_pipeline
+from opdgraph.render import render_html, render_json, render_text
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+MIB = 1024 * 1024
+OVERHEADS = ("cuda.cublas_workspace", "rollout.flashinfer", "rollout.decode_graph_pool")
+
+
+def _plan(pipeline: str, *overrides: str):
+    return compile_plan(load_pipeline(PIPELINES / pipeline, list(overrides)))
+
+
+def test_mirrored_constants_match_the_code_that_allocates():
+    """The planner's copies of the flashinfer workspace size or the graph ladder would drift from the runtime's."""
+    from opdgraph.kernels.flashinfer_attention import WORKSPACE_BYTES
+    from opdgraph.rollout.cuda_graphs import MAX_GRAPH_BATCH_SIZE, batch_size_ladder
+
+    assert cuda_overheads.FLASHINFER_FLOAT_WORKSPACE_BYTES == WORKSPACE_BYTES
+    assert cuda_overheads.MAX_GRAPH_BATCH_SIZE == MAX_GRAPH_BATCH_SIZE
+    for max_num_seqs in [*range(1, 70), 100, 127, 128, 129, 255, 256, 257, 1000]:
+        assert cuda_overheads.decode_graph_batch_sizes(max_num_seqs) == len(batch_size_ladder(max_num_seqs))
+
+
+@pytest.mark.parametrize("pipeline", ["qwen25_1b5_from_7b.toml", "tiny.toml", "qwen3_4b_from_14b.toml"])
+def test_cuda_plan_adds_exactly_the_overheads_at_each_step(pipeline):
+    """The overheads would be missing from some step's live bytes, counted twice, or change other buffers."""
+    cpu = _plan(pipeline, "pipeline.device=cpu", "pipeline.fit.enabled=false")
+    cuda = _plan(pipeline, "pipeline.device=cuda", "pipeline.fit.enabled=false")
+    assert not set(OVERHEADS) & set(cpu.buffers)
+    assert {name: b for name, b in cuda.buffers.items() if name not in OVERHEADS} == cpu.buffers
+    live = cuda.live_buffers()
+    for index, (on_cpu, on_cuda) in enumerate(zip(cpu.steps, cuda.steps)):
+        extra = sum(cuda.buffers[name].bytes for name in OVERHEADS if name in live[index])
+        assert on_cuda.live_bytes - on_cpu.live_bytes == extra
+    if "rollout.decode_graph_pool" in cuda.buffers:
+        assert [i for i, names in enumerate(live) if "rollout.decode_graph_pool" in names] == \
+            [[s.name for s in cuda.steps].index("rollout.decode")]
+
+
+def test_sizes_of_the_qwen_rollout_path():
+    """Hand-computed sizes for Qwen2.5-1.5B bf16, 128 concurrent sequences (graphs for 1, 2, ..., 128)."""
+    plan = _plan("qwen25_1b5_from_7b.toml")
+    assert plan.buffers["cuda.cublas_workspace"].bytes == 4 * 32 * MIB
+    assert plan.buffers["rollout.flashinfer"].bytes == 128 * MIB + (2 + 8) * 8 * MIB
+    hidden, q, kv, intermediate, vocab = 1536, 1536, 256, 8960, 151936
+    per_token = (hidden + q + 2 * kv + 2 * intermediate) * 2 + vocab * 4
+    assert plan.buffers["rollout.decode_graph_pool"].bytes == 128 * per_token
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (("pipeline.device=auto",), set(OVERHEADS)),
+    (("pipeline.device=cpu",), set()),
+    (("rollout.backend=torch",), {"cuda.cublas_workspace"}),
+    (("models.student.dtype=float32", "models.teacher.dtype=float32"), {"cuda.cublas_workspace"}),
+])
+def test_which_overheads_apply(overrides, expected):
+    """Workspaces of a path the run does not take would be planned, or those of one it takes left out."""
+    plan = _plan("qwen25_1b5_from_7b.toml", *overrides)
+    assert set(OVERHEADS) & set(plan.buffers) == expected
+    pairs = 4 if "rollout.flashinfer" in expected else 2
+    if expected:
+        assert plan.buffers["cuda.cublas_workspace"].bytes == pairs * 32 * MIB
+
+
+def test_every_renderer_shows_the_formulas():
+    """A reader of the text, JSON or HTML plan would not see where the workspace bytes come from."""
+    plan = _plan("qwen25_1b5_from_7b.toml")
+    for name in OVERHEADS:
+        formula = plan.buffers[name].formula
+        assert formula
+        assert name in render_text(plan) and name in render_html(plan)
+        assert formula in render_json(plan) and formula.split(":")[0] in render_html(plan)
