@@ -23,7 +23,7 @@ import attrs
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import StepCounts
-from opdgraph.cuda_overheads import overhead_buffers
+from opdgraph.cuda_overheads import overhead_buffers, stacked_qkv_bytes
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
@@ -72,9 +72,11 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         "P x d", cfg.models[teacher].offload_when_idle)
     add("prompts", "io", sizing.token_bytes(counts.sequences, counts.prompt_tokens), batch_keys[:3],
         formula="sequences x max_prompt_tokens x 4")
+    stacked_qkv = stacked_qkv_bytes(cfg)
     add(f"{rollout.name}.kv_cache", "kv_cache",
-        sizing.kv_cache_bytes(student_shape, counts.num_pages, counts.page_size, student_dtype),
-        (*pool_keys, *student_keys), between_phases, "num_pages x page_size x L x 2 x kv x d")
+        sizing.kv_cache_bytes(student_shape, counts.num_pages, counts.page_size, student_dtype) + stacked_qkv,
+        (*pool_keys, *student_keys), between_phases, "num_pages x page_size x L x 2 x kv x d" + (
+            " + L x (q + 2 kv) x (h + bias) x d (stacked q/k/v of the fused GPU rollout)" if stacked_qkv else ""))
     add(f"{rollout.name}.workspace", "workspace",
         sizing.forward_workspace_bytes(student_shape, rollout.config.prefill_token_budget, student_dtype)
         + sizing.decode_logits_bytes(counts.concurrent_seqs, student_shape.vocab),

@@ -49,6 +49,28 @@ def uses_flashinfer(cfg: PipelineConfig) -> bool:
     return targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
 
 
+def uses_decode_bursts(cfg: PipelineConfig) -> bool:
+    """Decode runs as bursts (rollout.decode_burst_steps, auto on the flashinfer path when the Triton decode kernel
+    takes the student's heads: opdgraph.runtime.context.decode_burst_steps). Bursts replay their own graphs, so the
+    per-batch-size flashinfer graph wrappers are never created."""
+    setting = cfg.stage("rollout").config.decode_burst_steps
+    if not uses_flashinfer(cfg) or setting == 1:
+        return False
+    shape = cfg.shapes[cfg.model_with_role("student")]
+    supported = shape.head_dim >= 16 and shape.head_dim & (shape.head_dim - 1) == 0
+    return setting > 1 or supported
+
+
+def stacked_qkv_bytes(cfg: PipelineConfig) -> int:
+    """The fused GPU rollout's stacked q/k/v projection copy (allocated with the KV pool, dropped with it)."""
+    if not (uses_flashinfer(cfg) and cfg.stage("rollout").config.fused_kernels):
+        return 0
+    student = cfg.model_with_role("student")
+    shape = cfg.shapes[student]
+    width = shape.q_dim + 2 * shape.kv_dim
+    return shape.layers * width * (shape.hidden + int(shape.qkv_bias)) * cfg.models[student].dtype_bytes
+
+
 def decode_graph_batch_sizes(max_num_seqs: int) -> int:
     """How many decode batch sizes get a graph: powers of two below the cap, then the cap itself."""
     cap = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
@@ -75,14 +97,15 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
     shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
     max_num_seqs = rollout.config.max_num_seqs
     windows, sizes = attention_windows(shape.family), decode_graph_batch_sizes(max_num_seqs)
-    wrappers = windows * (2 + sizes)
+    graph_wrappers = 0 if uses_decode_bursts(cfg) else sizes
+    wrappers = windows * (2 + graph_wrappers)
     backend_keys = ("pipeline.device", f"{rollout.name}.backend", f"models.{student}.dtype")
     buffers.append(Buffer(
         name=f"{rollout.name}.flashinfer", category="workspace",
         bytes=FLASHINFER_FLOAT_WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
         sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="held",
         formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
-                f"{sizes} graph batch sizes))"))
+                f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
     buffers.append(Buffer(
         name=f"{rollout.name}.decode_graph_pool", category="workspace",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from opdgraph import cuda_overheads
+from opdgraph.cuda_overheads import stacked_qkv_bytes
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
 from opdgraph.render import render_html, render_json, render_text
@@ -42,10 +43,15 @@ def test_cuda_plan_adds_exactly_the_overheads_at_each_step(pipeline):
     cpu = _plan(pipeline, "pipeline.device=cpu", "pipeline.fit.enabled=false")
     cuda = _plan(pipeline, "pipeline.device=cuda", "pipeline.fit.enabled=false")
     assert not set(OVERHEADS) & set(cpu.buffers)
-    assert {name: b for name, b in cuda.buffers.items() if name not in OVERHEADS} == cpu.buffers
+    # The fused GPU rollout's stacked q/k/v copy lives with the KV pool: only that buffer grows, by exactly it.
+    stacked = cuda.buffers["rollout.kv_cache"].bytes - cpu.buffers["rollout.kv_cache"].bytes
+    assert stacked == stacked_qkv_bytes(load_pipeline(PIPELINES / pipeline, ["pipeline.device=cuda"]))
+    others = {name: b for name, b in cuda.buffers.items() if name not in OVERHEADS and name != "rollout.kv_cache"}
+    assert others == {name: b for name, b in cpu.buffers.items() if name != "rollout.kv_cache"}
     live = cuda.live_buffers()
     for index, (on_cpu, on_cuda) in enumerate(zip(cpu.steps, cuda.steps)):
         extra = sum(cuda.buffers[name].bytes for name in OVERHEADS if name in live[index])
+        extra += stacked if "rollout.kv_cache" in live[index] else 0
         assert on_cuda.live_bytes - on_cpu.live_bytes == extra
     if "rollout.decode_graph_pool" in cuda.buffers:
         assert [i for i, names in enumerate(live) if "rollout.decode_graph_pool" in names] == \
@@ -56,8 +62,13 @@ def test_sizes_of_the_qwen_rollout_path():
     """Hand-computed sizes for Qwen2.5-1.5B bf16, 128 concurrent sequences (graphs for 1, 2, ..., 128)."""
     plan = _plan("qwen25_1b5_from_7b.toml")
     assert plan.buffers["cuda.cublas_workspace"].bytes == 4 * 32 * MIB
-    assert plan.buffers["rollout.flashinfer"].bytes == 128 * MIB + (2 + 8) * 8 * MIB
+    # Decode bursts replay their own graphs: flashinfer keeps only its prefill and eager-decode wrappers.
+    assert plan.buffers["rollout.flashinfer"].bytes == 128 * MIB + 2 * 8 * MIB
+    per_step_graphs = _plan("qwen25_1b5_from_7b.toml", "rollout.decode_burst_steps=1")
+    assert per_step_graphs.buffers["rollout.flashinfer"].bytes == 128 * MIB + (2 + 8) * 8 * MIB
     hidden, q, kv, intermediate, vocab = 1536, 1536, 256, 8960, 151936
+    stacked_qkv = 28 * (q + 2 * kv) * (hidden + 1) * 2  # Qwen2 has q/k/v biases
+    assert stacked_qkv_bytes(load_pipeline(PIPELINES / "qwen25_1b5_from_7b.toml", [])) == stacked_qkv
     per_token = (hidden + q + 2 * kv + 2 * intermediate) * 2 + vocab * 4
     assert plan.buffers["rollout.decode_graph_pool"].bytes == 128 * per_token
 

@@ -122,6 +122,7 @@ class FlashInferRollout:
         self._staging = DecodeStaging(self.ladder[-1], page_size, self.scratch_page, pin=True) if cuda_graphs else None
         self._graphs: dict[tuple, _CapturedDecode] = {}
         self._pool = None
+        self._warmup_stream = None
 
     # ----------------------------------------------------------------------------------------- engine protocol
     def allocate_kv_cache(self, num_pages, page_size, dtype=None, device=None) -> list[torch.Tensor]:
@@ -280,7 +281,10 @@ class FlashInferRollout:
         self.backend.plan(meta, plan_arrays([1] * size, [1] * size, [[self.scratch_page]] * size, self.page_size,
                                             pin=True), graph_batch_size=size)
         # Warm up outside the graph first (lazy allocations, cuBLAS handles, flashinfer's cached buffers).
-        side_stream = torch.cuda.Stream(self.device)
+        # One warmup stream per object: every new stream would get its own 32 MiB cuBLAS workspace, kept for good.
+        if self._warmup_stream is None:
+            self._warmup_stream = torch.cuda.Stream(self.device)
+        side_stream = self._warmup_stream
         side_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side_stream):
             decode_step()

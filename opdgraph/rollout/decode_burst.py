@@ -86,6 +86,7 @@ class DecodeBurst:
         self._state: dict[str, torch.Tensor] | None = None
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._warmup_stream = None
         self.capture_seconds = 0.0
         self.num_captures = 0
         self.records: list[BurstRecord] = []
@@ -233,7 +234,10 @@ class DecodeBurst:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # Warm up outside the graph first (Triton compiles, cuBLAS handles, lazily allocated buffers).
-        side_stream = torch.cuda.Stream(self.device)
+        # One warmup stream per object: every new stream would get its own 32 MiB cuBLAS workspace, kept for good.
+        if self._warmup_stream is None:
+            self._warmup_stream = torch.cuda.Stream(self.device)
+        side_stream = self._warmup_stream
         side_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side_stream):
             self._step(size, key, kv_cache)
