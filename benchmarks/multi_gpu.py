@@ -192,11 +192,17 @@ def _shape_b_pipeline(work: Path, steps: int) -> Path:
 
 
 def throughput(gpus: int, pipeline: Path, work: Path, warmup: int, measured: int, deadline: Deadline,
-               timeout: float) -> dict:
-    variant = f"throughput {gpus} GPU"
-    run_dir = work / f"throughput-{gpus}gpu"
-    launch = _launch(variant, pipeline, [*COMMON, f"pipeline.num_steps={warmup + measured}"], run_dir, gpus,
-                     min(timeout, deadline.left()), fixed_lengths=True)
+               timeout: float, weak: bool = False) -> dict:
+    """Shape B on `gpus` GPUs: the same global batch (strong scaling), or with `weak` the same batch per GPU
+    (data.prompts_per_step x gpus)."""
+    variant = f"throughput {gpus} GPU" + (" (same batch per GPU)" if weak else "")
+    run_dir = work / f"throughput-{gpus}gpu{'-weak' if weak else ''}"
+    overrides = [*COMMON, f"pipeline.num_steps={warmup + measured}"]
+    if weak:
+        from step import SHAPES
+
+        overrides.append(f"data.prompts_per_step={SHAPES['B'].sequences * gpus}")
+    launch = _launch(variant, pipeline, overrides, run_dir, gpus, min(timeout, deadline.left()), fixed_lengths=True)
     if launch["returncode"] != 0:
         row = _failed(variant, {gpus: launch})
         row["ranks_reached"] = {r["rank"]: r["phases"][-1] for r in launch["ranks"] if r["phases"]}
@@ -233,6 +239,12 @@ def _print_table(rows: list[dict], card: str) -> None:
             print(f"    {gpus} GPU run failed ({failure['returncode']} after {failure['seconds']:.0f} s):\n      "
                   + failure["output_tail"][-1500:].replace("\n", "\n      "))
     done = {row["variant"]: row for row in rows if row.get("verdict") == "ok"}
+    weak = done.get("throughput 2 GPU (same batch per GPU)")
+    if weak and "throughput 1 GPU" in done:
+        one = done["throughput 1 GPU"]
+        print(f"\n  shape B, same batch per GPU: 1 GPU {one['seconds_per_step']:.2f} s/step {one['tokens_per_s']:.0f} "
+              f"tok/s; 2 GPUs (2 x 128 prompts) {weak['seconds_per_step']:.2f} s/step {weak['tokens_per_s']:.0f} "
+              f"tok/s: scaling {weak['tokens_per_s'] / one['tokens_per_s']:.2f}x")
     if "throughput 1 GPU" in done and "throughput 2 GPU" in done:
         one, two = done["throughput 1 GPU"], done["throughput 2 GPU"]
         print(f"\n  shape B   {'GPUs':>4} {'s/step':>8} {'resp tok/s':>11} {'tok/s':>9}   per-rank peak GiB "
@@ -242,8 +254,9 @@ def _print_table(rows: list[dict], card: str) -> None:
                               for r in range(gpus) if f"rank{r}_peak_gib" in row)
             print(f"  {'':<9} {gpus:>4} {row['seconds_per_step']:>8.2f} {row['response_tokens_per_s']:>11.0f} "
                   f"{row['tokens_per_s']:>9.0f}   {peaks}")
-        print(f"  scaling (tokens/s on 2 GPUs / on 1 GPU): {two['tokens_per_s'] / one['tokens_per_s']:.2f}x "
-              "(target >= 1.8x)")
+        print(f"  scaling (tokens/s on 2 GPUs / on 1 GPU, same global batch): "
+              f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= 1.8x)")
+
 
 
 def _write(path: str | None, card: str, rows: list[dict]) -> None:
@@ -256,6 +269,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here (rewritten after every variant)")
     parser.add_argument("--skip-throughput", action="store_true", help="equivalence runs only")
     parser.add_argument("--only-throughput", action="store_true", help="throughput runs only")
+    parser.add_argument("--weak-scaling", action="store_true",
+                        help="2 GPUs with the same batch per GPU as the 1-GPU run (twice the global batch) instead "
+                             "of the same global batch")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="equivalence runs of these dtypes")
     parser.add_argument("--warmup", type=int, default=1, help="throughput: untimed training steps")
     parser.add_argument("--steps", type=int, default=2, help="throughput: measured training steps")
     parser.add_argument("--timeout", type=float, default=200, help="most seconds for one launch")
@@ -271,12 +288,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="multi_gpu_") as tmp:
         work = Path(tmp)
         if not args.skip_throughput:
-            pipeline = _shape_b_pipeline(work, args.warmup + args.steps)
+            pipeline = _shape_b_pipeline(work, 2 * (args.warmup + args.steps))  # prompts for 2 GPUs' batches
             jobs += [(f"throughput {gpus} GPU", lambda gpus=gpus: throughput(
-                gpus, pipeline, work, args.warmup, args.steps, deadline, args.timeout)) for gpus in (1, 2)]
+                gpus, pipeline, work, args.warmup, args.steps, deadline, args.timeout))
+                for gpus in ((1,) if args.weak_scaling else (1, 2))]
+            if args.weak_scaling:
+                jobs.append(("throughput 2 GPU (same batch per GPU)", lambda: throughput(
+                    2, pipeline, work, args.warmup, args.steps, deadline, args.timeout, weak=True)))
         if not args.only_throughput:
             jobs += [(f"equivalence {dtype}", lambda dtype=dtype: equivalence(dtype, work, deadline, args.timeout))
-                     for dtype in ("float32", "bfloat16")]
+                     for dtype in args.dtypes.split(",")]
         rows = []
         for variant, job in jobs:
             if deadline.left() < 60:

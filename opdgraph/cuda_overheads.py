@@ -36,6 +36,7 @@ MIB = 1024 * 1024
 CUBLAS_WORKSPACE_BYTES = 32 * MIB  # PyTorch's default per (handle, stream) on sm90 / sm100 / sm120
 FLASHINFER_FLOAT_WORKSPACE_BYTES = 128 * MIB  # mirrors opdgraph.kernels.flashinfer_attention.WORKSPACE_BYTES
 FLASHINFER_INT_WORKSPACE_BYTES = 8 * MIB  # flashinfer allocates one per prefill / decode wrapper
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # mirrors opdgraph.runtime.context.FLASHINFER_HEAD_DIMS
 MAX_GRAPH_BATCH_SIZE = 256  # mirrors opdgraph.rollout.cuda_graphs.MAX_GRAPH_BATCH_SIZE (a test checks both)
 
 
@@ -46,7 +47,9 @@ def targets_cuda(cfg: PipelineConfig) -> bool:
 def uses_flashinfer(cfg: PipelineConfig) -> bool:
     """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context)."""
     student = cfg.models[cfg.model_with_role("student")]
-    return targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
+    head_dim = cfg.shapes[cfg.model_with_role("student")].head_dim
+    return (targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
+            and head_dim in FLASHINFER_HEAD_DIMS)
 
 
 def uses_decode_bursts(cfg: PipelineConfig) -> bool:

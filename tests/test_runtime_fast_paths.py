@@ -27,6 +27,12 @@ def test_rollout_attention_choices_on_cpu():
     """'auto' must fall back to the torch engine off CUDA; an explicit 'flashinfer' there is a clear error."""
     cpu = torch.device("cpu")
     assert rollout_attention("auto", cpu, torch.bfloat16) == "torch"
+    from opdgraph import cuda_overheads
+    from opdgraph.runtime import context
+
+    assert cuda_overheads.FLASHINFER_HEAD_DIMS == context.FLASHINFER_HEAD_DIMS
+    if torch.cuda.is_available():  # head sizes flashinfer's kernels lack go to the torch path on CUDA too
+        assert rollout_attention("auto", torch.device("cuda"), torch.bfloat16, head_dim=16) == "torch"
     assert rollout_attention("torch", cpu, torch.bfloat16) == "torch"
     with pytest.raises(RuntimeError, match="rollout.backend = 'flashinfer' but the run is on cpu"):
         rollout_attention("flashinfer", cpu, torch.bfloat16)

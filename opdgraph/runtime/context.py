@@ -124,12 +124,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _flashinfer_problem(device: torch.device, model_dtype: torch.dtype) -> str | None:
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # head sizes flashinfer's FA2 paged kernels are built for
+
+
+def _flashinfer_problem(device: torch.device, model_dtype: torch.dtype, head_dim: int | None) -> str | None:
     """Why the flashinfer rollout path cannot run here (None: it can)."""
     if device.type != "cuda":
         return f"the run is on {device.type}"
     if model_dtype not in (torch.bfloat16, torch.float16):
         return f"the student is {model_dtype} (flashinfer takes bfloat16/float16)"
+    if head_dim is not None and head_dim not in FLASHINFER_HEAD_DIMS:
+        # Measured: flashinfer 0.6 rejects head_dim 16 at run time ("Invalid configuration ... NUM_MMA_D_QK=1").
+        return f"the student's head_dim is {head_dim} (flashinfer's kernels take {FLASHINFER_HEAD_DIMS})"
     try:
         import flashinfer  # noqa: F401
     except ImportError as error:
@@ -137,11 +143,12 @@ def _flashinfer_problem(device: torch.device, model_dtype: torch.dtype) -> str |
     return None
 
 
-def rollout_attention(setting: str, device: torch.device, model_dtype: torch.dtype) -> str:
+def rollout_attention(setting: str, device: torch.device, model_dtype: torch.dtype,
+                      head_dim: int | None = None) -> str:
     """The engine's attention for rollout.backend: 'auto' takes flashinfer wherever it can run."""
     if setting == "torch":
         return "torch"
-    problem = _flashinfer_problem(device, model_dtype)
+    problem = _flashinfer_problem(device, model_dtype, head_dim)
     if setting == "flashinfer" and problem is not None:
         raise RuntimeError(f"rollout.backend = 'flashinfer' but {problem}; use 'auto' or 'torch'")
     return "torch" if problem is not None else "flashinfer"
@@ -151,7 +158,7 @@ def build_engine(student, rollout, *, num_pages: int, device: torch.device, kv_d
     """The rollout engine; on the flashinfer path decode steps replay CUDA graphs."""
     from opdgraph.rollout import RolloutEngine
 
-    attention = rollout_attention(rollout.backend, device, student.dtype)
+    attention = rollout_attention(rollout.backend, device, student.dtype, student.config.head_dim)
     return RolloutEngine(student, page_size=rollout.page_size, num_pages=num_pages, max_num_seqs=rollout.max_num_seqs,
                          prefill_token_budget=rollout.prefill_token_budget, device=device, kv_dtype=kv_dtype,
                          attention=attention, cuda_graphs=attention == "flashinfer",
