@@ -12,29 +12,31 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
+# Single-GPU parts see one GPU (TRL's trainer refuses to run with several visible); multi sets its own.
+SINGLE=${CUDA_VISIBLE_DEVICES:-0}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 
 for part in "$@"; do
   started=$(date +%s)
   case $part in
     tests)
-      timeout 110 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py tests/test_kernel_fused_decode.py \
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 110 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py tests/test_kernel_fused_decode.py \
         tests/test_rollout_gpu.py -k "burst or paged or fused or stacked" -s 2>&1 | tee "$OUT/gpu_tests.txt" \
         | grep -E "passed|failed|agreement|FAILED|Error" | tail -25 ;;
     alltests)
       timeout 400 python3 -m pytest -q -rs -m gpu -s 2>&1 | tee "$OUT/gpu_tests_all.txt" | tail -15 ;;
     attn)
-      timeout 120 python3 benchmarks/decode_attention_bench.py --out "$OUT/decode_attention.json" 2>&1 \
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 120 python3 benchmarks/decode_attention_bench.py --out "$OUT/decode_attention.json" 2>&1 \
         | tee "$OUT/decode_attention.txt" | tail -40 ;;
     rollout)
-      (cd benchmarks && timeout 200 python3 rollout_gpu.py --only "bursts,transformers,flashinfer + graphs bs128" \
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 200 python3 rollout_gpu.py --only "bursts,transformers,flashinfer + graphs bs128" \
         --profile --out "$OUT/rollout_gpu.json" 2>&1 | tee "$OUT/rollout_gpu.txt" | tail -50) ;;
     step)
-      (cd benchmarks && timeout 270 python3 step.py --out "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" | tail -22) ;;
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 270 python3 step.py --out "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" | tail -22) ;;
     memory)
-      (cd benchmarks && timeout 130 python3 step.py --shapes A --no-trl --releases-off-compare \
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 130 python3 step.py --shapes A --no-trl --releases-off-compare \
         --out "$OUT/releases.json" 2>&1 | tee "$OUT/releases.txt" | tail -20)
-      timeout 80 python3 -m opdgraph run pipelines/tiny.toml --record-memory --set pipeline.device=cuda \
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 80 python3 -m opdgraph run pipelines/tiny.toml --record-memory --set pipeline.device=cuda \
         --set "pipeline.output_dir=\"$OUT/tiny_run\"" 2>&1 | tail -20 > "$OUT/tiny_memory.txt"
       cp "$OUT/tiny_run/memory.txt" "$OUT/tiny_memory_table.txt"
       rm -rf "$OUT/tiny_run" ;;
