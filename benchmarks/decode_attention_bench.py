@@ -82,7 +82,8 @@ def main():
         for block_n, warps, stages, splits in [(32, 4, 2, default_splits), (64, 4, 2, default_splits),
                                                (16, 2, 2, default_splits), (32, 4, 3, default_splits),
                                                (64, 8, 2, default_splits), (32, 4, 2, 2 * default_splits),
-                                               (64, 4, 3, 2 * default_splits)]:
+                                               (64, 4, 3, 2 * default_splits), (32, 4, 2, 1), (64, 4, 2, 1),
+                                               (64, 4, 2, 2), (128, 8, 2, default_splits)]:
             name = f"triton N{block_n} w{warps} s{stages} splits{splits}"
             variants[name] = (lambda b=block_n, w=warps, s=stages, n=splits: _triton_call(q, cache, kv_lens, table,
                                                                                             b, w, s, n))

@@ -26,6 +26,7 @@ variants whose names contain a or b.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import traceback
@@ -206,6 +207,25 @@ def transformers_row(model, config_dict, args, *, greedy, batch_size=64, new_tok
                 tokens_per_second_end_to_end=batch_size * new_tokens / seconds)
 
 
+@contextlib.contextmanager
+def decode_attention_setting(setting: str | None):
+    """Temporarily set the decode-attention kernel's BLOCK_N / NUM_WARPS / PROGRAMS_PER_SM ("64/4/4")."""
+    from opdgraph.kernels import paged_decode_attention as kernel
+
+    if not setting:
+        yield
+        return
+    names = ("BLOCK_N", "NUM_WARPS", "PROGRAMS_PER_SM")
+    saved = {name: getattr(kernel, name) for name in names}
+    for name, value in zip(names, setting.split("/"), strict=True):
+        setattr(kernel, name, int(value))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernel, name, value)
+
+
 def _ok(rows, name):
     return next((row for row in rows if row["name"] == name and "error" not in row), None)
 
@@ -266,6 +286,9 @@ def main():
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also profile 20 decode steps of bs128 graphs (sampled)")
     parser.add_argument("--burst", type=int, default=16, help="decode_burst_steps of the burst variants")
+    parser.add_argument("--attention-settings", default="",
+                        help="extra burst variants with decode-attention launch settings, comma list of "
+                             "BLOCK_N/NUM_WARPS/PROGRAMS_PER_SM, e.g. 64/4/4,32/4/2")
     parser.add_argument("--only", default="", help="run only variants whose name contains one of these (comma list)")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -299,6 +322,10 @@ def main():
     plans.append(dict(name=f"bursts{args.burst} + fp8 KV bs128", **bursts, batch_size=128,
                       new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
     plans.append(dict(name=f"bursts{args.burst} bs32", **bursts, batch_size=32, new_tokens=256))
+    for setting in args.attention_settings.split(",") if args.attention_settings else []:
+        for size in (32, 128):  # the decode-attention kernel's launch settings, end to end
+            plans.append(dict(name=f"bursts{args.burst} attn[{setting}] bs{size}", **bursts, batch_size=size,
+                              new_tokens=args.new_tokens if size == 128 else 256, attention_setting=setting))
     for size in batch_sizes[1:]:
         plans.append(dict(name=f"flashinfer + graphs + fp8 KV bs{size}", attention="flashinfer", cuda_graphs=True,
                           batch_size=size, new_tokens=args.new_tokens, kv_dtype=torch.float8_e4m3fn))
@@ -325,7 +352,8 @@ def main():
             elif special == "hf":
                 row = transformers_row(model, config_dict, args, greedy=plan["greedy"])
             else:
-                row = run_variant(model, args, bandwidth, weight_bytes, **plan)
+                with decode_attention_setting(plan.pop("attention_setting", None)):
+                    row = run_variant(model, args, bandwidth, weight_bytes, **plan)
         except Exception:  # noqa: BLE001 -- one failing variant must not hide the others' numbers
             row = dict(name=plan["name"], error=traceback.format_exc())
             print(row["error"], flush=True)

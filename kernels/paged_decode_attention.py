@@ -35,21 +35,25 @@ BLOCK_N = 32  # keys per tile
 NUM_WARPS = 4
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split until about this many programs per SM are in flight
+MAX_SPLITS = 64
 
 
 def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per (sequence, kv head): enough programs to fill the GPU, never more than tiles of the longest context."""
     programs = num_seqs * num_kv_heads
     wanted = -(-PROGRAMS_PER_SM * _num_sms(device) // max(programs, 1))
-    return max(1, min(wanted, -(-max_context // BLOCK_N), 64))
+    return max(1, min(wanted, -(-max_context // BLOCK_N), MAX_SPLITS))
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
-                           *, scale: float, sliding_window: int | None, num_splits: int, block_n: int = BLOCK_N,
-                           num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+                           *, scale: float, sliding_window: int | None, num_splits: int, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q [S, Hq, D] (one query per sequence, at position kv_lens[s] - 1) over the paged cache
     [2, pages, page_size, Hkv, D] -> [S, Hq, D] in q's dtype. kv_lens int32 [S] (>= 1), page_table int32 [S, W].
-    The launch settings are for benchmarks/decode_attention_bench.py; the defaults are what the engine uses."""
+    The launch settings are for benchmarks/decode_attention_bench.py; unset, the module's BLOCK_N / NUM_WARPS /
+    NUM_STAGES apply (what the engine uses; read at call time so a benchmark can try others)."""
+    block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
+    num_stages = num_stages or NUM_STAGES
     from opdgraph.kernels import paged_decode_attention_triton as body
 
     num_seqs, num_heads, head_dim = q.shape
@@ -58,20 +62,24 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: tor
     if q.stride(-1) != 1:
         q = q.contiguous()
     keys, values = kv_cache[0], kv_cache[1]
-    partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    # One split writes the output directly; the partial buffers are then unused placeholders.
+    partial_splits = num_splits if num_splits > 1 else 0
+    partial_out = torch.empty(num_seqs, num_heads, partial_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(num_seqs, num_heads, partial_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
     body.split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, keys, values, page_table, kv_lens, partial_out, partial_lse,
+        q, keys, values, page_table, kv_lens, partial_out, partial_lse, out,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), page_table.stride(0),
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0),
-        scale, 0 if sliding_window is None else sliding_window,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0), out.stride(0),
+        out.stride(1), scale, 0 if sliding_window is None else sliding_window,
         PAGE_SIZE=page_size, GROUP=group, BLOCK_H=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32, num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits == 1:
+        return out
     body.merge_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0), out.stride(0),

@@ -6,14 +6,15 @@ import triton.language as tl
 
 @triton.jit
 def split_kernel(
-    Q, K, V, PageTable, KvLens, PartialOut, PartialLse,
+    Q, K, V, PageTable, KvLens, PartialOut, PartialLse, Out,
     stride_q_seq, stride_q_head, stride_k_page, stride_k_token, stride_k_head, stride_table,
-    stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq,
+    stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq, stride_out_seq, stride_out_head,
     scale, window,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One (sequence, kv head, split): online softmax over its share of the visible keys -> partial out + lse."""
+    """One (sequence, kv head, split): online softmax over its share of the visible keys -> partial out + lse
+    (with one split: the normalised output itself)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,10 +59,14 @@ def split_kernel(
         running_max = new_max
     nonempty = running_sum > 0  # a split past the end of a short context saw no keys: lse -inf, weight 0
     out = tl.where(nonempty[:, None], acc / tl.where(nonempty, running_sum, 1.0)[:, None], 0.0)
-    lse = tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
-    base = seq * stride_po_seq + heads * stride_po_head + split * stride_po_split
-    tl.store(PartialOut + base[:, None] + dims[None, :], out, mask=head_mask[:, None])
-    tl.store(PartialLse + seq * stride_lse_seq + heads * NUM_SPLITS + split, lse, mask=head_mask)
+    if NUM_SPLITS == 1:  # the whole context in one program: this is the final output, no merge kernel
+        tl.store(Out + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
+                 out.to(Out.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        lse = tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
+        base = seq * stride_po_seq + heads * stride_po_head + split * stride_po_split
+        tl.store(PartialOut + base[:, None] + dims[None, :], out, mask=head_mask[:, None])
+        tl.store(PartialLse + seq * stride_lse_seq + heads * NUM_SPLITS + split, lse, mask=head_mask)
 
 
 @triton.jit
