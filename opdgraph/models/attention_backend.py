@@ -21,6 +21,7 @@ and matching the reference numerics (scores in the model dtype, softmax in float
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -86,3 +87,14 @@ class TorchReferenceBackend:
             outputs.append(attend_one_sequence(q[start:end], keys, values, positions,
                                                scale=scale, sliding_window=sliding_window))
         return torch.cat(outputs, dim=0)
+
+
+@contextlib.contextmanager
+def using_backend(model, backend: AttentionBackend):
+    """Give `model` this attention backend for the block (rollout paths); its own backend comes back afterwards."""
+    previous = model.backend
+    model.set_attention_backend(backend)
+    try:
+        yield model
+    finally:
+        model.set_attention_backend(previous)

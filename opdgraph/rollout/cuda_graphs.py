@@ -24,13 +24,13 @@ based on host-side flags.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
+from opdgraph.models.attention_backend import using_backend
 from opdgraph.models.attention_metadata import PagedMetadata
 from opdgraph.rollout.decode_staging import FLOAT_FIELDS, FLOAT_ROW, INT_FIELDS, INT_ROW, DecodeStaging
 from opdgraph.rollout.sampler import SamplingRows, sample_tokens
@@ -145,7 +145,7 @@ class FlashInferRollout:
         if padded is None:
             return None
         started = time.perf_counter()
-        with self._model_backend():
+        with using_backend(self.model, self.backend):  # the model keeps its own outside
             tokens, logprobs = self._replay(batch, kv_cache, padded)
         result = self._to_host(tokens, logprobs)
         self.stats.graph_steps += 1
@@ -155,7 +155,7 @@ class FlashInferRollout:
     def forward_and_sample(self, batch, inputs, kv_cache) -> tuple[list[int], list[float]]:
         """Run one scheduled step eagerly; returns the sampled tokens and raw log-probs as python lists (one sync)."""
         started = time.perf_counter()
-        with self._model_backend():
+        with using_backend(self.model, self.backend):  # the model keeps its own outside
             tokens, logprobs = self._eager(batch, inputs, kv_cache)
         result = self._to_host(tokens, logprobs)
         self.stats.eager_steps += 1
@@ -170,16 +170,6 @@ class FlashInferRollout:
         self.stats.steps.append(StepRecord(kind, len(batch.chunks), context, ended))
 
     # ------------------------------------------------------------------------------------------------- pieces
-    @contextlib.contextmanager
-    def _model_backend(self):
-        """The model keeps its own backend outside rollout steps (training uses the packed path)."""
-        previous = self.model.backend
-        self.model.set_attention_backend(self.backend)
-        try:
-            yield
-        finally:
-            self.model.set_attention_backend(previous)
-
     def _eager(self, batch, inputs, kv_cache):
         from opdgraph.kernels.flashinfer_attention import plan_arrays
 

@@ -21,12 +21,12 @@ burst advances exactly as the per-step path does; the host truncates each row at
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
+from opdgraph.models.attention_backend import using_backend
 from opdgraph.models.attention_metadata import PagedMetadata
 from opdgraph.rollout.cuda_graphs import batch_size_ladder
 from opdgraph.rollout.sampler import SamplingRows, sample_tokens
@@ -105,7 +105,7 @@ class DecodeBurst:
         width = max(len(chunk.sequence.pages) for chunk in batch.chunks)
         self._ensure_state(width)
         key = self._stage(batch, size)
-        with self._attention_backend(), torch.inference_mode():
+        with using_backend(self.model, self.attention), torch.inference_mode():
             if self.cuda_graphs and size in self.ladder:
                 if (size, key) not in self._graphs:
                     self._capture(size, key, kv_cache)
@@ -249,12 +249,3 @@ class DecodeBurst:
         torch.cuda.synchronize(self.device)
         self.num_captures += 1
         self.capture_seconds += time.perf_counter() - started
-
-    @contextlib.contextmanager
-    def _attention_backend(self):
-        previous = self.model.backend
-        self.model.set_attention_backend(self.attention)
-        try:
-            yield
-        finally:
-            self.model.set_attention_backend(previous)
