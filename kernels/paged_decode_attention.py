@@ -34,7 +34,10 @@ from opdgraph.models.attention_metadata import PagedMetadata
 BLOCK_N = 32  # keys per tile
 NUM_WARPS = 4
 NUM_STAGES = 2
-PROGRAMS_PER_SM = 4  # split until about this many programs per SM are in flight
+# Split until about this many programs per SM are in flight. Measured end to end on an H100 (Qwen2.5-1.5B decode,
+# benchmarks/results/rollout_attention_settings_h100.txt): 2 gives 3.74 ms/step at batch 128 against 3.82 with 4,
+# and the same 2.4-2.5 ms at batch 32.
+PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
 
 
