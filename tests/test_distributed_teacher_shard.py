@@ -151,6 +151,9 @@ def test_shard_on_one_process_is_an_error():
     with pytest.raises(ValueError, match=r"pipeline\.fit\.teacher_weights = 'shard' \(--set\).*--nproc-per-node"):
         _fit(1.0, 'pipeline.fit.teacher_weights="shard"', world_size=1)
     assert main(["plan", str(TINY), "--set", 'pipeline.fit.teacher_weights="shard"']) != 0
+    with pytest.raises(ValueError, match=r"pipeline\.fit\.forbid leaves only teacher_weights\.shard"):
+        _fit(1.0, 'pipeline.fit.forbid=["teacher_weights.keep", "teacher_weights.offload", "teacher_weights.stream"]',
+             world_size=1)
     assert main(["plan", str(TINY), "--set", 'pipeline.fit.teacher_weights="shard"', "--nproc-per-node", "2"]) == 0
 
 
