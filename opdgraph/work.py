@@ -31,7 +31,7 @@ class Hardware:
     matmul_tflops: float
     memory_bandwidth_gbps: float
     pcie_gbps: float
-    interconnect_gbps: float
+    interconnect_gbps: float = 360.0  # only a sharded teacher's all-gathers read it (pipeline.hardware sets it)
 
 
 @attrs.frozen
