@@ -9,11 +9,16 @@ N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
 On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
-The teacher is replicated: its full weights on every rank. The batch buffers are per rank (see counts.py).
+The teacher is replicated (its full weights on every rank) unless the placement shards it (below). The batch
+buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
 step, never released), the plan without the releases between rollout and training.
 `place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
-the device buffers that streaming needs (two teacher layers; one optimizer bucket).
+the device buffers that streaming needs (two teacher layers; one optimizer bucket). A sharded teacher keeps 1/N of
+its weights per rank and adds what FSDP gathers: `<teacher>.gathered_layer` (the running layer and the prefetched
+next one, during teacher_score), `<teacher>.gathered_root` (embedding, final norm and lm_head, from teacher_score
+until the loss has read the lm_head) and, with an eval stage, `<teacher>.gathered_weights` (the whole teacher, for
+eval's teacher generation).
 """
 
 from __future__ import annotations
@@ -138,13 +143,16 @@ def _ceil_div(size: int, parts: int) -> int:
     return -(-size // parts)
 
 
-def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Placement) -> dict[str, Buffer]:
+def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Placement,
+                  world_size: int = 1) -> dict[str, Buffer]:
     """The buffers with the placement applied (the input is not changed)."""
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
     placed = dict(buffers)
     teacher_weights = placed[f"{teacher}.weights"]
-    placed[teacher_weights.name] = attrs.evolve(teacher_weights,
-                                                offload_when_idle=placement.teacher_weights != "keep")
+    placed[teacher_weights.name] = attrs.evolve(
+        teacher_weights, offload_when_idle=placement.teacher_weights in ("offload", "stream"))
+    if placement.teacher_weights == "shard":
+        placed.update(_sharded_teacher_buffers(teacher_weights, cfg, world_size))
     if placement.teacher_weights == "stream":
         shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
         placed[teacher_weights.name] = attrs.evolve(
@@ -164,3 +172,25 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
             sized_by=placed[f"{student}.optimizer_state"].sized_by, lifetime="transient",
             formula="largest bucket x (state + fp32 grad + denominator) bytes per element")
     return placed
+
+
+def _sharded_teacher_buffers(weights: Buffer, cfg: PipelineConfig, world_size: int) -> dict[str, Buffer]:
+    """The teacher's FSDP2 shard and what its forwards gather (see the module docstring)."""
+    if world_size == 1:
+        raise ValueError("teacher_weights = 'shard' needs several ranks (world_size > 1); this plan is for one process")
+    teacher = cfg.model_with_role("teacher")
+    shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
+    full = sizing.parameter_bytes(shape, dtype_bytes)
+    sharded = {weights.name: attrs.evolve(weights, bytes=_ceil_div(full, world_size),
+                                          formula="P x d / N (FSDP2 shard)")}
+    gathered = [("gathered_layer", sizing.layer_stream_bytes(shape, dtype_bytes),
+                 "2 x layer params x d (the running layer + the prefetched next one)"),
+                ("gathered_root", sizing.teacher_resident_bytes(shape, dtype_bytes),
+                 "(P - L x layer) x d: embedding, final norm, lm_head, gathered until the loss is done")]
+    if cfg.stages_of_kind("eval"):
+        gathered.append(("gathered_weights", full, "P x d (all-gathered for eval's teacher generation)"))
+    for suffix, size, formula in gathered:
+        name = f"{teacher}.{suffix}"
+        sharded[name] = Buffer(name=name, category="weights", bytes=size, sized_by=weights.sized_by,
+                               lifetime="transient", formula=formula)
+    return sharded

@@ -51,14 +51,16 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
     counts = step_counts(cfg, world_size)
     hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
     placement = placement or configured_placement(cfg)
-    buffers = place_buffers(build_buffers(cfg, counts, fused, world_size), cfg, placement)
-    drafts = _place_drafts(_drafts(cfg, counts, hardware, fused, world_size), cfg, placement, buffers, hardware)
+    buffers = place_buffers(build_buffers(cfg, counts, fused, world_size), cfg, placement, world_size)
+    drafts = _place_drafts(_drafts(cfg, counts, hardware, fused, world_size), cfg, placement, buffers, hardware,
+                           world_size)
     on_device = [b for b in buffers.values() if b.device == "device"]  # host-resident state never takes device memory
     lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
                         [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle)
                          for b in on_device])
     written = {name for draft in drafts for name in draft.writes}
-    steps, transfers = [], list(_stream_transfers(drafts, buffers, placement, hardware))
+    steps, transfers = [], [*_stream_transfers(drafts, buffers, placement, hardware),
+                             *_gather_transfers(drafts, cfg, placement, hardware, world_size)]
     for index, draft in enumerate(drafts):
         moved = [name for name in lifetimes.allocates[index] if buffers[name].lifetime == "held"]
         releases = tuple(Release(buffer=name, action=action) for name, action in lifetimes.releases[index])
@@ -206,13 +208,20 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
 
 # --- Placement (opdgraph.placement): the streamed steps' extra reads, PCIe bytes and time --------------------------
 
-def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware) -> list[Draft]:
+def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware,
+                  world_size: int = 1) -> list[Draft]:
     """Streaming the teacher's layers: teacher_score also reads the layer buffer, and each micro-batch takes the
     longer of its compute and its copies (the next layer is copied while this one runs). Streaming the optimizer
-    state: the step copies every bucket in and back out, then updates it (copies and update do not overlap)."""
+    state: the step copies every bucket in and back out, then updates it (copies and update do not overlap).
+    Sharding the teacher: teacher_score gathers every layer and the root once per micro-batch, each micro-batch
+    taking the longer of its compute and its all-gathers (FSDP gathers the next layer while this one runs); the
+    root stays gathered until the loss has read the lm_head; eval gathers the whole teacher once."""
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    teacher_bytes = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
     placed = []
     for draft in drafts:
+        if placement.teacher_weights == "shard":
+            draft = _shard_teacher_draft(draft, teacher, teacher_bytes, hardware, world_size)
         if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
             streamed = _streamed_teacher_bytes(cfg)
             per_micro_batch = max(draft.work.seconds / draft.repeats, streamed / (hardware.pcie_gbps * 1e9))
@@ -225,6 +234,36 @@ def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement
                                  work=draft.work + W.transfer_work(moved, hardware))
         placed.append(draft)
     return placed
+
+
+def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardware, world_size: int) -> Draft:
+    if draft.kind == "teacher_score":
+        per_micro_batch = max(draft.work.seconds / draft.repeats,
+                              W.all_gather_seconds(teacher_bytes, world_size, hardware))
+        work = attrs.evolve(draft.work, seconds=per_micro_batch * draft.repeats)
+        return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_layer", f"{teacher}.gathered_root"),
+                            work=work)
+    if draft.kind == "loss" and f"{teacher}.weights" in draft.reads:  # the chunked loss reads the lm_head
+        return attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.gathered_root"))
+    if draft.kind == "eval":
+        seconds = W.all_gather_seconds(teacher_bytes, world_size, hardware)
+        return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_weights"),
+                            work=draft.work + W.Work(seconds=seconds))
+    return draft
+
+
+def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,
+                      world_size: int) -> list[Transfer]:
+    """A sharded teacher's all-gathers over the GPU interconnect: bytes each rank receives per training step."""
+    if placement.teacher_weights != "shard":
+        return []
+    teacher = cfg.model_with_role("teacher")
+    size = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
+    received = W.all_gather_bytes(size, world_size)
+    return [Transfer(step=draft.name, when="during", buffer=f"{teacher}.weights", direction="all_gather",
+                     bytes=int(received * draft.repeats),
+                     seconds=draft.repeats * W.all_gather_seconds(size, world_size, hardware))
+            for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
 
 
 def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:

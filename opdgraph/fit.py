@@ -1,16 +1,19 @@
 """The fit search: when a plan is over `memory_budget_gib`, find the cheapest plan of a small decision space that fits.
 
 A candidate is one explicit Decisions record:
-- teacher_weights: keep | offload | stream       (opdgraph.placement)
+- teacher_weights: keep | offload | stream | shard  (opdgraph.placement; shard only with several ranks)
 - optimizer_state: keep | offload                (fp32 masters + AdamW moments in host memory, streamed by the step)
 - activation_checkpointing: off | on             (backward.activation_checkpointing)
 - micro_batch_tokens, chunk_tokens, max_num_seqs (teacher_score / loss / rollout settings, each from a short ladder)
 Every candidate is compiled into a full plan (the decisions applied as config overrides plus the placement), so its
 peak and its predicted seconds per step come from the same lifetime analysis and roofline model as any plan:
 compute at the card's matmul rate and copy bandwidth, PCIe copies of offloads, reloads and streams at pcie_gbps,
-the extra forward of checkpointing, and more prefill/decode waves for fewer concurrent sequences. The choice is the
-fitting candidate with the least predicted step time; ties go to fewer offloads, then the configured-first order
-of each decision (a deterministic total order, so the same config always gives the same plan).
+the extra forward of checkpointing, the all-gathers of a sharded teacher at interconnect_gbps (overlapped with its
+compute, as FSDP prefetches), and more prefill/decode waves for fewer concurrent sequences. The choice is the
+fitting candidate with the least predicted step time; ties go to fewer offloads (a sharded teacher counts as one),
+then the configured-first order of each decision (a deterministic total order, so the same config always gives the
+same plan). A sharded teacher is never predicted faster than a replicated one (same compute, plus its gathers), so
+the search shards it only when replicating it does not fit.
 
 The search runs only when `[pipeline.fit] enabled` and the configured plan is over budget, or when the table forces
 something (a decision, a ladder or a forbidden value); otherwise the configured plan is returned untouched.
@@ -96,7 +99,7 @@ def apply_decisions(cfg: PipelineConfig, decisions: Decisions) -> PipelineConfig
             provenance[f"{stage.name}.{key}"] = "fit"
     teacher = cfg.model_with_role("teacher")
     models = dict(cfg.models)
-    offloaded = decisions.teacher_weights != "keep"
+    offloaded = decisions.teacher_weights in ("offload", "stream")
     if models[teacher].offload_when_idle != offloaded:
         models[teacher] = attrs.evolve(models[teacher], offload_when_idle=offloaded)
         provenance[f"models.{teacher}.offload_when_idle"] = "fit"
@@ -114,23 +117,39 @@ def _halvings(start: int, floor: int) -> list[int]:
     return values
 
 
-def _choices(fit, decision: str, configured: str) -> list[str]:
+def _choices(fit, decision: str, configured: str, unavailable: tuple[str, ...] = ()) -> list[str]:
     forced = getattr(fit, decision)
     if forced != "auto":
         return [forced]
     ordered = [configured, *(choice for choice in FIT_CHOICES[decision] if choice != configured)]
-    return [choice for choice in ordered if f"{decision}.{choice}" not in fit.forbid]
+    return [choice for choice in ordered if f"{decision}.{choice}" not in fit.forbid and choice not in unavailable]
 
 
-def search_space(cfg: PipelineConfig) -> list[Decisions]:
+def check_world_size(cfg: PipelineConfig, world_size: int) -> None:
+    """A teacher sharded across ranks needs more than one rank."""
+    fit = cfg.pipeline.fit
+    where = cfg.provenance.get("pipeline.fit.teacher_weights", "default")
+    if world_size == 1 and fit.teacher_weights == "shard":
+        raise ValueError(f"pipeline.fit.teacher_weights = 'shard' ({where}) splits the teacher across ranks, but this "
+                         "plan is for one process: plan with --nproc-per-node N / launch with torchrun "
+                         "--nproc-per-node N (N > 1), or choose 'keep', 'offload', 'stream' or 'auto'")
+    if world_size == 1 and fit.teacher_weights == "auto" and all(
+            f"teacher_weights.{choice}" in fit.forbid for choice in ("keep", "offload", "stream")):
+        raise ValueError("pipeline.fit.forbid leaves only teacher_weights.shard, which needs several ranks; allow "
+                         "one of keep, offload, stream for a one-process plan")
+
+
+def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:
     """Every candidate, in a fixed order: the configured value of each decision first (see the ladders' help)."""
+    check_world_size(cfg, world_size)
     fit, base = cfg.pipeline.fit, configured_decisions(cfg)
     sequence_tokens = cfg.data.max_prompt_tokens + cfg.stage("rollout").config.max_new_tokens
     micro = fit.micro_batch_tokens or _halvings(base.micro_batch_tokens, sequence_tokens)
     chunks = fit.chunk_tokens or _halvings(base.chunk_tokens, min(MIN_CHUNK_TOKENS, base.chunk_tokens))
     seqs = fit.max_num_seqs or _halvings(base.max_num_seqs, min(MIN_NUM_SEQS, base.max_num_seqs))
     checkpointing = _choices(fit, "activation_checkpointing", "on" if base.activation_checkpointing else "off")
-    product = itertools.product(_choices(fit, "teacher_weights", base.teacher_weights),
+    product = itertools.product(_choices(fit, "teacher_weights", base.teacher_weights,
+                                         ("shard",) if world_size == 1 else ()),
                                 _choices(fit, "optimizer_state", base.optimizer_state),
                                 checkpointing, micro, chunks, seqs)
     return [Decisions(teacher_weights=teacher, optimizer_state=optimizer, activation_checkpointing=ckpt == "on",
@@ -156,12 +175,13 @@ def _forced(fit) -> bool:
 def fit_plan(cfg: PipelineConfig, world_size: int = 1) -> FitResult:
     """Compile `cfg`; if it is over budget (or the fit table forces something), search and return the cheapest
     plan that fits, or -- when none does -- the candidate with the smallest peak (fits=False)."""
+    check_world_size(cfg, world_size)
     plan = compile_plan(cfg, world_size=world_size)
     decisions = configured_decisions(cfg)
     fit = cfg.pipeline.fit
     if not fit.enabled or (not plan.over_budget and not _forced(fit)):
         return FitResult(cfg=cfg, plan=plan, decisions=decisions, searched=False, fits=not plan.over_budget)
-    candidates = [Candidate(d, candidate_plan(cfg, d, world_size)) for d in search_space(cfg)]
+    candidates = [Candidate(d, candidate_plan(cfg, d, world_size)) for d in search_space(cfg, world_size)]
     chosen = choose(candidates, plan.budget_bytes)
     fits = chosen is not None
     if chosen is None:

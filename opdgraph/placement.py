@@ -3,7 +3,9 @@
 - teacher_weights: "keep" (on the device throughout), "offload" (pinned host memory outside the training loop:
   reloaded once before the first teacher_score, dropped after the loop; the host copy stays current because the
   teacher is never written), or "stream" (the embedding, final norm and lm_head are handled as "offload"; the layers
-  stay in host memory and are copied in one at a time during teacher scoring, the next one prefetched).
+  stay in host memory and are copied in one at a time during teacher scoring, the next one prefetched), or "shard"
+  (several ranks only: FSDP2 splits the weights N ways; teacher scoring all-gathers one layer at a time, the next
+  one prefetched, and the root -- embedding, final norm, lm_head -- until the loss has read the lm_head).
 - optimizer_state: "keep" (fp32 masters and AdamW moments on the device), or "offload" (they live in pinned host
   memory and the optimizer step streams them through the device bucket by bucket: copy in, update, copy out).
 
@@ -21,7 +23,7 @@ import attrs
 
 @attrs.frozen(kw_only=True)
 class Placement:
-    teacher_weights: Literal["keep", "offload", "stream"] = "keep"
+    teacher_weights: Literal["keep", "offload", "stream", "shard"] = "keep"
     optimizer_state: Literal["keep", "offload"] = "keep"
 
 

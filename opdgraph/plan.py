@@ -63,12 +63,13 @@ class Step:
 
 @attrs.frozen(kw_only=True)
 class Transfer:
-    """Bytes moved over PCIe by an offload decision (opdgraph.placement), with their predicted time."""
+    """Bytes moved over PCIe by an offload decision (opdgraph.placement), or received over the GPU interconnect by
+    a sharded teacher's all-gathers, with their predicted time."""
 
     step: str  # the step the transfer belongs to
     when: Literal["before", "during", "after"]
     buffer: str
-    direction: Literal["reload", "offload", "stream"]
+    direction: Literal["reload", "offload", "stream", "all_gather"]
     bytes: int  # per training step
     seconds: float
 

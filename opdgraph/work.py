@@ -12,6 +12,8 @@ lm_head, q = heads x head_dim, L = layers, S = sequence length, T = tokens.
                          (n running sequences at context c; one round per generated token per wave)
 - prefill                FLOPs  forward of all prompt tokens;  bytes  weights per prefill forward + KV written
 - optimizer step         bytes  P x (2 d + 2 x 4 + 2 x 8 + d)  (read+write weights, master, m and v; read grads)
+- all-gather             bytes received per rank  size x (N - 1) / N, at the interconnect's bus bandwidth
+                         (nccl-tests' busbw: time = size x (N - 1) / N / busbw for a ring all-gather)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Hardware:
     matmul_tflops: float
     memory_bandwidth_gbps: float
     pcie_gbps: float
+    interconnect_gbps: float = 360.0  # only a sharded teacher's all-gathers read it (pipeline.hardware sets it)
 
 
 @attrs.frozen
@@ -94,3 +97,12 @@ def optimizer_work(parameters: int, dtype_bytes: int, hardware: Hardware) -> Wor
 
 def transfer_work(pcie_bytes: int, hardware: Hardware) -> Work:
     return roofline(0, 0, pcie_bytes, hardware)
+
+
+def all_gather_bytes(size: int, world_size: int) -> float:
+    """Bytes each rank receives when a tensor of `size` bytes sharded over `world_size` ranks is all-gathered."""
+    return size * (world_size - 1) / world_size
+
+
+def all_gather_seconds(size: int, world_size: int, hardware: Hardware) -> float:
+    return all_gather_bytes(size, world_size) / (hardware.interconnect_gbps * 1e9)

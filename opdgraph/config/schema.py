@@ -25,10 +25,13 @@ class HardwareConfig:
     memory_bandwidth_gbps: float = setting(3350.0, help="device memory bandwidth in GB/s (H100 SXM: 3350)",
                                            check=positive)
     pcie_gbps: float = setting(50.0, help="host<->device bandwidth in GB/s, for offload and reload", check=positive)
+    interconnect_gbps: float = setting(360.0, help="GPU<->GPU all-gather bus bandwidth in GB/s (nccl-tests busbw; "
+                                                   "H100 SXM NVLink: about 360), for a sharded teacher's gathers",
+                                       check=positive)
 
 
 FIT_CHOICES = {  # decision -> its values, in the order the search tries them (see opdgraph.fit)
-    "teacher_weights": ("keep", "offload", "stream"),
+    "teacher_weights": ("keep", "offload", "stream", "shard"),
     "optimizer_state": ("keep", "offload"),
     "activation_checkpointing": ("off", "on"),
 }
@@ -53,9 +56,10 @@ class FitConfig:
 
     enabled: bool = setting(True, help="when the plan is over budget (or a decision below is forced), search "
                                        "releases, host offloads and sizes for the cheapest plan that fits")
-    teacher_weights: Literal["auto", "keep", "offload", "stream"] = setting(
-        "auto", help="keep on the device, offload to pinned host memory outside teacher scoring, or stream layer by "
-                     "layer during scoring; auto: let the search pick")
+    teacher_weights: Literal["auto", "keep", "offload", "stream", "shard"] = setting(
+        "auto", help="keep on the device, offload to pinned host memory outside teacher scoring, stream layer by "
+                     "layer during scoring, or shard across ranks (FSDP2; only with several ranks); auto: let the "
+                     "search pick")
     optimizer_state: Literal["auto", "keep", "offload"] = setting(
         "auto", help="fp32 masters + AdamW moments: keep on the device, or keep in host memory and stream them "
                      "through the optimizer step; auto: let the search pick")

@@ -102,14 +102,17 @@ def _transfer_lines(plan: Plan) -> list[str]:
     """Host transfers of the placement the plan uses (offloads, reloads, streams): bytes over PCIe and their time."""
     if not plan.transfers:
         return []
-    lines = ["Host transfers (PCIe; bytes and time per training step):"]
+    gathers = any(transfer.direction == "all_gather" for transfer in plan.transfers)
+    lines = ["Transfers (host copies over PCIe, all-gathers over the GPU interconnect; bytes received per rank and "
+             "time per training step):" if gathers else "Host transfers (PCIe; bytes and time per training step):"]
     for transfer in plan.transfers:
         note = "  (never written: the host copy is current, the device copy is dropped)" if not transfer.bytes else ""
         lines.append(f"  {transfer.when + ' ' + transfer.step:<28} {transfer.direction:<8} {transfer.buffer:<26} "
                      f"{gib(transfer.bytes):>8} GiB  {_seconds(transfer.seconds):>11}{note}")
     total = sum(transfer.seconds for transfer in plan.transfers)
-    return [*lines, f"  total PCIe time {_seconds(total)} (included in the step times above; a stream overlaps "
-                    "its step's compute)", ""]
+    kind = "transfer" if gathers else "PCIe"
+    return [*lines, f"  total {kind} time {_seconds(total)} (included in the step times above; a stream "
+                    f"{'or an all-gather ' if gathers else ''}overlaps its step's compute)", ""]
 
 
 def render_text(plan: Plan) -> str:
@@ -125,7 +128,9 @@ def render_text(plan: Plan) -> str:
            f"{facts['train.num_micro_batches']} micro-batches "
            f"of {facts['train.micro_batch_tokens']} tokens, {facts['loss.chunks_per_micro_batch']} loss chunks of "
            f"{facts['loss.chunk_tokens']} tokens each",
-           *([f"  ranks: {facts['world_size']} (data parallel, FSDP2-sharded student; every size here is per rank)"]
+           *([f"  ranks: {facts['world_size']} (data parallel, FSDP2-sharded student, "
+               f"{'sharded' if any(n.endswith('.gathered_root') for n in plan.buffers) else 'replicated'} teacher; "
+               "every size here is per rank)"]
              if "world_size" in facts else []), "",
            "Steps (in execution order; runs = per training step):", *_step_table(plan), "",
            f"Roofline time of one training step: {_seconds(plan.step_seconds)} (periodic steps not included)", "",

@@ -11,7 +11,11 @@ How a step runs on N ranks (see README, "Several GPUs"):
   sums (not averages) gradients, so N ranks apply the update one rank would on the same global batch;
 - every rank runs the same number of training micro-batches (`pad_micro_batches`): FSDP's all-gathers are
   collectives, so a rank with fewer samples runs zero-weight copies instead of waiting forever.
-The teacher is replicated on every rank (it has no optimizer state; the plan counts its full size per rank).
+The teacher is replicated on every rank (the plan counts its full size per rank), or, with the placement
+teacher_weights = "shard", sharded forward-only (`shard_teacher`): each rank holds 1/N of its weights, a layer is
+all-gathered for its own forward and resharded after it, and the root (embedding, final norm, lm_head) stays
+gathered from the teacher's forward until the loss has read the lm_head (the plan's `<teacher>.gathered_root`,
+whose release reshards it).
 """
 
 from __future__ import annotations
@@ -107,23 +111,48 @@ def _fsdp_modules(model) -> list:
     return [model, *model.layers]
 
 
-def shard_student(model) -> None:
-    """FSDP2: each decoder layer is one all-gather unit, the root holds embedding, final norm and lm_head.
-
-    Gradients are summed across ranks (divide factor 1): the loss weights already divide by the global token count.
-    A one-token forward through the root runs once here so FSDP initialises from the root; otherwise the rollout
-    engine, which calls the layers directly, would make a layer its own root.
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    from opdgraph.models.packing import pack
+def _fully_shard_units(model) -> None:
+    """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard
 
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
-    register_fsdp_forward_method(model, "forward_hidden")
+
+
+def shard_student(model) -> None:
+    """FSDP2: each decoder layer is one all-gather unit, the root holds embedding, final norm and lm_head.
+
+    Gradients are summed across ranks (divide factor 1): the loss weights already divide by the global token count.
+    """
+    _fully_shard_units(model)
     for module in _fsdp_modules(model):
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    _initialise_root(model)
+
+
+def shard_teacher(model) -> None:
+    """FSDP2 for the frozen teacher (no gradients, no optimizer): the same units as the student's.
+
+    A layer is all-gathered in its forward's pre-hook and resharded after it (FSDP's default for non-root units;
+    the next layer's all-gather is issued while this one computes, so about two layers are gathered at a time).
+    FSDP never reshards a root after its forward (in training the backward would gather it again at once), and the
+    teacher has no backward: after `forward_hidden` the root's parameters stay full, so the loss reads a full
+    `lm_head_weight`; `teacher.reshard()` (the release of the plan's `<teacher>.gathered_root`) frees them again.
+    Every rank runs the same number of teacher forwards (`pad_micro_batches`), so the all-gathers pair up.
+    """
+    _fully_shard_units(model)
+    _initialise_root(model)
+
+
+def _initialise_root(model) -> None:
+    """Make `forward_hidden` the root's forward and run it once on one token, so FSDP initialises from the root;
+    otherwise a rollout engine, which calls the layers directly, would make a layer its own root."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    from opdgraph.models.packing import pack
+
+    register_fsdp_forward_method(model, "forward_hidden")
     with torch.no_grad():
         model.forward_hidden(*pack([[0]], device=model.device))
     model.reshard()
@@ -135,6 +164,22 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def gather_all(model) -> None:
+    """All-gather every unit and keep it gathered, even across forwards (collective: all ranks call it)."""
+    for module in _fsdp_modules(model):
+        module.unshard()
+    for layer in model.layers:
+        layer.set_reshard_after_forward(False)
+
+
+def reshard_all(model) -> None:
+    """Undo `gather_all`: layers reshard after each forward again, and every unit drops its full weights now."""
+    for layer in model.layers:
+        layer.set_reshard_after_forward(True)
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+
 @contextlib.contextmanager
 def unsharded_for_rollout(model):
     """All-gather every parameter and keep it gathered until the block ends (collective: all ranks enter).
@@ -142,23 +187,32 @@ def unsharded_for_rollout(model):
     Inside, the module's parameters are plain full tensors, so the rollout engine's `forward_paged` (and
     `save_pretrained`) see an ordinary module. Layers do not reshard after their forward while inside: ranks decode
     different numbers of steps, and a per-forward all-gather would need every rank to take part. Costs the full
-    weights (P x dtype) per rank for the duration; the plan lists it as `<student>.unsharded_weights`.
+    weights (P x dtype) per rank for the duration; the plan lists it as `<student>.gathered_weights`.
     """
     if not is_sharded(model):
         yield model
         return
-    modules = _fsdp_modules(model)
-    for module in modules:
-        module.unshard()
-    for layer in model.layers:
-        layer.set_reshard_after_forward(False)
+    gather_all(model)
     try:
         yield model
     finally:
-        for layer in model.layers:
-            layer.set_reshard_after_forward(True)
-        for module in modules:
-            module.reshard()
+        reshard_all(model)
+
+
+class GatheredTeacher:
+    """The sharded teacher gathered whole for eval (the teacher generates its own answers with the rollout engine,
+    whose ranks decode different numbers of steps, so per-layer all-gathers would not pair up); the plan counts
+    it as `<teacher>.gathered_weights` of the eval step. Same calls as offload.ParameterSwap, which eval uses to
+    bring an offloaded teacher onto the device: `to_device()` gathers, `to_host()` reshards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def to_device(self) -> None:
+        gather_all(self.model)
+
+    def to_host(self) -> None:
+        reshard_all(self.model)
 
 
 class GatheredModel:

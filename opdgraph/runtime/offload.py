@@ -8,7 +8,9 @@
 - StreamedAdamW: MasterAdamW whose fp32 masters and moments live in pinned host memory; `step` streams them through
   the device one optimizer bucket at a time (copy in, the optimizer's own update, copy out), as the plan's cost
   model assumes (copies and update do not overlap).
-- HostOffloader: what the executor calls at the plan's reload / offload points, dispatching on the buffer.
+- HostOffloader: what the executor calls at the plan's reload / offload points, dispatching on the buffer. With
+  a sharded teacher (teacher_weights = "shard", opdgraph.runtime.distributed) nothing moves over PCIe; its `swap`
+  gathers the whole teacher for eval instead.
 
 On a CPU device every move is a no-op (host and device memory are the same), but the same calls run.
 """
@@ -156,8 +158,10 @@ def build_optimizer(placement: Placement, student, device: torch.device, **hyper
 def plan_placement(plan) -> Placement:
     """The placement a compiled plan was made with, read back from its buffers."""
     streamed = any(name.endswith(".layer_stream") for name in plan.buffers)
+    sharded = any(name.endswith(".gathered_root") for name in plan.buffers)
     teacher = _teacher_weights_buffer(plan)
-    teacher_weights = "stream" if streamed else ("offload" if plan.buffers[teacher].offload_when_idle else "keep")
+    teacher_weights = ("stream" if streamed else "shard" if sharded
+                       else "offload" if plan.buffers[teacher].offload_when_idle else "keep")
     host_state = any(buffer.device == "host" for buffer in plan.buffers.values())
     return Placement(teacher_weights=teacher_weights, optimizer_state="offload" if host_state else "keep")
 
@@ -185,9 +189,13 @@ class HostOffloader:
             self.swap = ParameterSwap(list(teacher.parameters()), device)
         if self.swap is not None:
             self.swap.to_host()  # the plan starts with the teacher off the device (rollout comes first)
+        if self.placement.teacher_weights == "shard":  # eval gathers the whole teacher through the same calls
+            from opdgraph.runtime.distributed import GatheredTeacher
+
+            self.swap = GatheredTeacher(teacher)
 
     def handles(self, name: str) -> bool:
-        return self.swap is not None and name == self.teacher_buffer
+        return self.placement.teacher_weights in ("offload", "stream") and name == self.teacher_buffer
 
     def offload(self, name: str) -> None:
         self.swap.to_host()

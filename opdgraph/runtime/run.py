@@ -108,6 +108,11 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     if distributed.world_size() > 1:
         distributed.shard_student(student)
         engine = distributed.UnshardingEngine(engine, student)
+    if plan_placement(plan).teacher_weights == "shard":
+        if distributed.world_size() == 1:
+            raise ValueError("the plan shards the teacher across ranks (teacher_weights = 'shard') but this run has "
+                             "one process; launch it with torchrun --nproc-per-node N (N > 1) or plan it for one")
+        distributed.shard_teacher(teacher)
     # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
     optimizer = build_optimizer(plan_placement(plan), student, device, lr=step.lr, betas=tuple(step.betas),
                                 eps=step.eps, weight_decay=step.weight_decay)
@@ -187,6 +192,8 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    if distributed.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
+        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = ctx.teacher.reshard
     recorder = None
     if record_memory:
         from opdgraph.runtime.memory_record import MemoryRecorder
