@@ -123,8 +123,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
-             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "kv_pool_held": plan.buffers[f"{cfg.stage('rollout').name}.kv_cache"].lifetime == "held"}
+             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held"}
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,
@@ -187,6 +186,10 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
+
+    for entry in cfg.stages_of_kind("eval"):
+        hooks.update(release_hooks(ctx, entry.name))
     recorder = None
     if record_memory:
         from opdgraph.runtime.memory_record import MemoryRecorder
@@ -194,12 +197,11 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
         recorder = MemoryRecorder(plan, ctx.device, run_dir)
     executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks, memory_recorder=recorder)
     ctx.teacher_offloader = executor.offloader  # eval needs the teacher on the device where the plan offloads it
-    from opdgraph.runtime.evaluation import print_before_after, run_eval
-
     log = cfg.stage("log")
     for entry in cfg.stages_of_kind("eval"):
         if ctx.step == 0 and ctx.eval_prompts is not None:
-            ctx.eval_records.append(run_eval(entry.config, ctx, label="before"))
+            ctx.eval_records.append(run_eval(entry.config, ctx, stage=entry.name, label="before"))
+            executor.apply_releases(plan.step(entry.name))  # the eval step's releases, as in a training step
     progress = ProgressLine(cfg.pipeline.num_steps, first_step=ctx.step,
                             enabled=bool(log is None or log.config.progress) and distributed.is_main())
     while ctx.step < cfg.pipeline.num_steps:
