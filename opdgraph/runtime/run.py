@@ -23,7 +23,8 @@ from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.metrics import MetricsLog, ProgressLine, truncate_metrics
+from opdgraph.runtime.metrics import MetricsLog, ProgressLine
+from opdgraph.runtime.run_logs import truncate_run_logs
 
 
 def run_directory(cfg) -> Path:
@@ -160,8 +161,6 @@ def restore(ctx: RunContext, checkpoint: Path) -> None:
     ctx.sampler.load_state_dict(state["sampler"])
     ckpt.set_rng_state(state["rng"])
     ctx.step = int(state["step"])
-    if distributed.is_main():
-        truncate_metrics(ctx.metrics.path, ctx.step)
 
 
 def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool = False) -> RunContext:
@@ -179,6 +178,9 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     if distributed.is_main():
         _write_plan_files(cfg, plan, run_dir)
     checkpoint = ckpt.latest_checkpoint(Path(resume)) if resume is not None else None
+    if checkpoint is not None and distributed.is_main():
+        # Lines logged after the checkpoint would repeat; cut before the logs are opened for appending again.
+        truncate_run_logs(run_dir, ckpt.checkpoint_step(checkpoint))
     ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
     if checkpoint is not None:
         restore(ctx, checkpoint)
