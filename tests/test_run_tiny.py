@@ -49,7 +49,8 @@ def test_plan_releases_really_free(full_run):
     """debug_memory checks each release with weak references; the run got through every release of every step."""
     _, ctx = full_run
     released = set(ctx.buffers.released)
-    assert {"rollout.kv_cache", "teacher_hidden", "student_activations", "hidden_grad", "student.grads"} <= released
+    assert {"rollout.kv_cache", "teacher_hidden", "student_activations", "hidden_grad", "student.grads",
+            "eval.kv_cache", "eval.teacher_kv_cache"} <= released
     assert ctx.engine.kv_cache is None  # the KV pool is gone outside rollout
     assert all(p.grad is None for p in ctx.student.parameters())  # gradient buffers are gone after the step
 
