@@ -19,6 +19,8 @@ its weights per rank and adds what FSDP gathers: `<teacher>.gathered_layer` (the
 next one, during teacher_score), `<teacher>.gathered_root` (embedding, final norm and lm_head, from teacher_score
 until the loss has read the lm_head) and, with an eval stage, `<teacher>.gathered_weights` (the whole teacher, for
 eval's teacher generation).
+An eval stage allocates its own KV pools (student and teacher, sized by counts.eval_counts) and a workspace, all
+freed after it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import attrs
 
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.counts import StepCounts
+from opdgraph.counts import EvalCounts, StepCounts, eval_counts
 from opdgraph.cuda_overheads import overhead_buffers, stacked_qkv_bytes
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
@@ -127,15 +129,52 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
             formula="root params x d + 3 x layer params x d (2 gathered + 1 unreduced grad)")
     buffers += overhead_buffers(cfg, student_keys)  # cuBLAS / flashinfer workspaces, CUDA-graph pool (CUDA only)
     for stage in cfg.stages_of_kind("eval"):
-        eval_seqs = min(stage.config.num_prompts, rollout.config.max_num_seqs)
-        pages = sizing.kv_pool_pages(concurrent_seqs=eval_seqs, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                     max_new_tokens=stage.config.max_new_tokens, page_size=counts.page_size,
-                                     kv_pool_tokens=0)
-        add(f"{stage.name}.kv_cache", "kv_cache",
-            sizing.kv_cache_bytes(student_shape, pages, counts.page_size, student_dtype),
-            (f"{stage.name}.num_prompts", f"{stage.name}.max_new_tokens", *student_keys),
-            formula="eval pages x page_size x L x 2 x kv x d")
+        buffers += _eval_buffers(cfg, eval_counts(cfg, stage.name), world_size)
     return {buffer.name: buffer for buffer in buffers}
+
+
+def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> list[Buffer]:
+    """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
+    student's answers and one for the teacher's (each engine's, sized by eval_counts), and one workspace for the
+    larger of its two phases: generating, and scoring both models' answers in micro-batches."""
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    shapes, dtypes = {}, {}
+    for role, name in (("student", student), ("teacher", teacher)):
+        shapes[role], dtypes[role] = cfg.shapes[name], cfg.models[name].dtype_bytes
+    rollout, stage = cfg.stage("rollout").name, counts.stage
+    pool_keys = (f"{stage}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
+                 f"{stage}.max_new_tokens", f"{rollout}.page_size")
+    budget = cfg.stage("rollout").config.prefill_token_budget
+    generate = max(sizing.forward_workspace_bytes(shapes[role], budget, dtypes[role])
+                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
+    score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
+             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role])
+                   for role in shapes)
+             + sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab, shapes["teacher"].vocab))
+    all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{cfg.stage('teacher_score').name}.micro_batch_tokens",
+                f"{cfg.stage('loss').name}.chunk_tokens", *model_keys(cfg, student), *model_keys(cfg, teacher))
+    eval_buffers = [
+        Buffer(name=f"{stage}.kv_cache", category="kv_cache", lifetime="transient",
+               bytes=sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"]),
+               sized_by=(*pool_keys, *model_keys(cfg, student)),
+               formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
+                       "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
+        Buffer(name=f"{stage}.teacher_kv_cache", category="kv_cache", lifetime="transient",
+               bytes=sizing.kv_cache_bytes(shapes["teacher"], counts.num_pages, counts.page_size, dtypes["teacher"]),
+               sized_by=(*pool_keys, *model_keys(cfg, teacher)),
+               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)"),
+        Buffer(name=f"{stage}.workspace", category="workspace", lifetime="transient", bytes=max(generate, score),
+               sized_by=all_keys,
+               formula="max(prefill_token_budget x (h + q + 2 kv + 2 i) x d + eval seqs x V x 4 of either model, "
+                       "eval micro-batch tokens x (h_s d_s + h_t d_t + larger forward workspace) + "
+                       "chunk x (2 V_student + V_teacher) x 4)"),
+    ]
+    if world_size > 1:  # the sharded student generates on gathered weights (scoring gathers one layer at a time)
+        eval_buffers.append(Buffer(
+            name=f"{stage}.gathered_weights", category="weights", lifetime="transient",
+            bytes=sizing.parameter_bytes(shapes["student"], dtypes["student"]), sized_by=model_keys(cfg, student),
+            formula="P x d (all-gathered for eval generation)"))
+    return eval_buffers
 
 
 def _ceil_div(size: int, parts: int) -> int:

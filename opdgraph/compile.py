@@ -15,7 +15,7 @@ import attrs
 from opdgraph import work as W
 from opdgraph.buffers import build_buffers, place_buffers
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.counts import StepCounts, step_counts
+from opdgraph.counts import StepCounts, eval_counts, step_counts
 from opdgraph.cuda_overheads import uses_flashinfer
 from opdgraph.graph import StageNode, build_stage_graph, stage_order
 from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
@@ -91,6 +91,8 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
                   if first <= lifetimes.peak_index <= last]
     contributors = sorted(((name, buffers[name].bytes) for name in live_there), key=lambda item: (-item[1], item[0]))
     facts = {**counts.facts(), **_model_facts(cfg)}
+    for stage in cfg.stages_of_kind("eval"):
+        facts.update(eval_counts(cfg, stage.name).facts())
     if world_size > 1:  # only then, so single-process plans (and their goldens) do not change
         facts["world_size"] = world_size
     return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
@@ -191,12 +193,13 @@ def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused
                                 (f"{student}.weights",), (), 1,
                                 W.optimizer_work(s_shape.parameter_count(), s_dtype, hardware)))
         elif kind == "eval":
-            eval_seqs = min(config.num_prompts, cfg.stage("rollout").config.max_num_seqs)
-            eval_work = W.decode_work(s_shape, sequences=config.num_prompts, concurrent_seqs=eval_seqs,
+            evaluated = eval_counts(cfg, stage_name)
+            eval_work = W.decode_work(s_shape, sequences=config.num_prompts, concurrent_seqs=evaluated.concurrent_seqs,
                                       prompt_tokens=counts.prompt_tokens, new_tokens=config.max_new_tokens,
                                       weight_bytes=s_weights, kv_bytes_per_token=s_kv, hardware=hardware)
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights",), (f"{stage_name}.kv_cache",),
-                                (), 1, eval_work))
+            allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
+                         *((f"{stage_name}.gathered_weights",) if world_size > 1 else ()))
+            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights",), allocated, (), 1, eval_work))
         elif kind == "checkpoint":
             saved = s_weights + (s_shape.parameter_count() * 12)
             drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", f"{student}.optimizer_state"),

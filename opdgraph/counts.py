@@ -5,6 +5,10 @@ hold for the worst step. Training packs whole sequences into micro-batches of at
 (a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
 With several ranks (data parallel) every count is per rank: each rank rolls out and trains on its share of the
 step's sequences.
+
+An eval stage has counts of its own (`eval_counts`): it generates with its own KV pools (the student's and the
+teacher's), sized for its prompts and its max_new_tokens, and scores in micro-batches of whole eval sequences.
+Every rank evaluates all eval prompts, so these are not divided by the number of ranks.
 """
 
 from __future__ import annotations
@@ -57,6 +61,45 @@ class StepCounts:
             "train.num_micro_batches": self.num_micro_batches, "loss.chunk_tokens": self.chunk_tokens,
             "loss.chunks_per_micro_batch": self.chunks_per_micro_batch,
         }
+
+
+@attrs.frozen(kw_only=True)
+class EvalCounts:
+    stage: str  # the eval stage's table name
+    prompts: int  # eval.num_prompts (an upper bound: the eval files may hold fewer)
+    prompt_tokens: int  # data.max_prompt_tokens
+    new_tokens: int  # eval.max_new_tokens
+    concurrent_seqs: int  # min(eval.num_prompts, rollout.max_num_seqs)
+    page_size: int  # rollout.page_size
+    num_pages: int  # enough for every concurrent eval sequence: eval never preempts
+    micro_batch_tokens: int  # whole eval sequences per scoring micro-batch x their length
+    chunk_tokens: int  # loss.chunk_tokens, at most one micro-batch
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+    def facts(self) -> dict[str, int]:
+        name = self.stage
+        return {f"{name}.concurrent_seqs": self.concurrent_seqs, f"{name}.num_pages": self.num_pages,
+                f"{name}.kv_pool_tokens": self.num_pages * self.page_size,
+                f"{name}.micro_batch_tokens": self.micro_batch_tokens, f"{name}.chunk_tokens": self.chunk_tokens}
+
+
+def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
+    """The eval stage's pool and batch sizes; the runtime builds its eval engines and micro-batches from these."""
+    config, rollout = cfg.stages[stage_name].config, cfg.stage("rollout").config
+    sequence_tokens = cfg.data.max_prompt_tokens + config.max_new_tokens
+    concurrent = min(config.num_prompts, rollout.max_num_seqs)
+    per_micro_batch = min(max(1, cfg.stage("teacher_score").config.micro_batch_tokens // sequence_tokens),
+                          config.num_prompts)
+    return EvalCounts(
+        stage=stage_name, prompts=config.num_prompts, prompt_tokens=cfg.data.max_prompt_tokens,
+        new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=rollout.page_size,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                max_new_tokens=config.max_new_tokens, page_size=rollout.page_size, kv_pool_tokens=0),
+        micro_batch_tokens=per_micro_batch * sequence_tokens,
+        chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens))
 
 
 def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:

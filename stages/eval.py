@@ -31,4 +31,5 @@ def execute(step, config: Config, ctx, loop) -> None:
     if final or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
         from opdgraph.runtime.evaluation import run_eval
 
-        ctx.eval_records.append(run_eval(config, ctx, label="final" if final else "periodic"))
+        label = "final" if final else "periodic"
+        ctx.eval_records.append(run_eval(config, ctx, stage=step.stage, label=label))

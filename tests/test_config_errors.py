@@ -88,6 +88,10 @@ CASES = {
     "missing sink stage": ([("[step]\nlr = 0.001", "")], []),
     "two producers": ([("[backward]", '[backward]\n\n[loss2]\nkind = "loss"\ndivergence = "forward_kl"')], []),
     "micro-batch smaller than a sequence": ([("micro_batch_tokens = 64", "micro_batch_tokens = 10")], []),
+    "eval answers longer than a micro-batch": ([("lr = 0.001", "lr = 0.001\n\n[eval]\nmax_new_tokens = 60")], []),
+    "eval answers longer than the teacher's positions": ([(TEACHER_CONFIG, TEACHER_CONFIG.replace(
+        "vocab_size = 64", "vocab_size = 64, max_position_embeddings = 20")),
+        ("lr = 0.001", "lr = 0.001\n\n[eval]\nnum_prompts = 2\nmax_new_tokens = 16")], []),
     "longer than the model's positions": ([("vocab_size = 64 }\n\n[models.teacher]",
                                            "vocab_size = 64, max_position_embeddings = 12 }\n\n[models.teacher]")], []),
     "toml syntax error": ([("num_steps = 2", "num_steps = = 2")], []),

@@ -113,11 +113,12 @@ def test_plan_of_a_sharded_teacher():
     assert not any(t.direction == "all_gather" for t in replicated.transfers)
 
 
-def _fit(budget_gib: float, *overrides: str, world_size: int = 2):
+def _fit(budget_gib: float, *overrides: str, world_size: int = 2, pipeline=None):
     from opdgraph.config import load_pipeline
     from opdgraph.fit import fit_plan
 
-    return fit_plan(load_pipeline(TINY, [f"pipeline.memory_budget_gib={budget_gib}", *overrides]), world_size)
+    return fit_plan(load_pipeline(pipeline or TINY, [f"pipeline.memory_budget_gib={budget_gib}", *overrides]),
+                    world_size)
 
 
 def test_fit_shards_only_when_replicating_does_not_fit():
@@ -127,16 +128,19 @@ def test_fit_shards_only_when_replicating_does_not_fit():
     from opdgraph.config import load_pipeline
     from opdgraph.fit import apply_decisions, search_space
 
+    # A pipeline without an eval stage: eval generates with the whole teacher gathered, so in the tiny pipeline
+    # (whose peak is its eval) a sharded teacher cannot lower the peak at all.
+    qwen = TINY.parent / "qwen25_1b5_from_7b.toml"
     only_keep_or_shard = 'pipeline.fit.forbid=["teacher_weights.offload", "teacher_weights.stream"]'  # also forces it
-    configured = compile_plan(load_pipeline(TINY, []), world_size=2)
-    roomy = _fit(configured.peak_bytes / 2**30, only_keep_or_shard)
+    configured = compile_plan(load_pipeline(qwen, []), world_size=2)
+    roomy = _fit(configured.peak_bytes / 2**30, only_keep_or_shard, pipeline=qwen)
     assert roomy.searched and roomy.fits and roomy.decisions.teacher_weights == "keep"
     assert any(c.decisions.teacher_weights == "shard" and c.plan.peak_bytes <= roomy.plan.budget_bytes
                for c in roomy.candidates)  # shard fit too: the roofline (then fewer offloads) decided
-    replicated = load_pipeline(TINY, ['pipeline.fit.teacher_weights="keep"'])
+    replicated = load_pipeline(qwen, ['pipeline.fit.teacher_weights="keep"'])
     smallest_replicated = min(compile_plan(apply_decisions(replicated, d), d.placement, 2).peak_bytes
                               for d in search_space(replicated, 2))
-    tight = _fit((smallest_replicated - 1) / 2**30, only_keep_or_shard)
+    tight = _fit((smallest_replicated - 1) / 2**30, only_keep_or_shard, pipeline=qwen)
     assert tight.fits and tight.decisions.teacher_weights == "shard"
     assert tight.cfg.models["teacher"].offload_when_idle is False
     forced = _fit(1.0, 'pipeline.fit.teacher_weights="shard"')

@@ -32,7 +32,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
-    ctx = _run(tmp, "full", "pipeline.debug_memory=true")
+    ctx = _run(tmp, "full", "pipeline.debug_memory=true", "log.sample_every_n_steps=1")
     return tmp, ctx
 
 
@@ -49,7 +49,8 @@ def test_plan_releases_really_free(full_run):
     """debug_memory checks each release with weak references; the run got through every release of every step."""
     _, ctx = full_run
     released = set(ctx.buffers.released)
-    assert {"rollout.kv_cache", "teacher_hidden", "student_activations", "hidden_grad", "student.grads"} <= released
+    assert {"rollout.kv_cache", "teacher_hidden", "student_activations", "hidden_grad", "student.grads",
+            "eval.kv_cache", "eval.teacher_kv_cache"} <= released
     assert ctx.engine.kv_cache is None  # the KV pool is gone outside rollout
     assert all(p.grad is None for p in ctx.student.parameters())  # gradient buffers are gone after the step
 
@@ -75,8 +76,13 @@ def test_metrics_every_step_and_checkpoint_loads_in_transformers(full_run):
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def _samples(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
 def test_kill_and_resume_equals_uninterrupted(full_run, tmp_path, monkeypatch):
-    """A run killed after its step-10 checkpoint and resumed must produce the uninterrupted run's metrics."""
+    """A run killed after its step-10 checkpoint (steps 11 to 13 already logged) and resumed must produce the
+    uninterrupted run's metrics and samples, every step exactly once: fails if resume repeats or loses log lines."""
     tmp, _ = full_run
     original = executor_module.PlanExecutor.run_training_step
 
@@ -87,11 +93,16 @@ def test_kill_and_resume_equals_uninterrupted(full_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(executor_module.PlanExecutor, "run_training_step", killed_at_step_13)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "killed", "pipeline.debug_memory=true")
+        _run(tmp_path, "killed", "pipeline.debug_memory=true", "log.sample_every_n_steps=1")
+    killed_at = [r["step"] for r in _samples(tmp_path / "killed") if r["label"] == "rollout"]
+    assert max(killed_at) == 13  # the kill left lines of steps 11-13 after the checkpoint: the case under test
     monkeypatch.setattr(executor_module.PlanExecutor, "run_training_step", original)
-    _run(tmp_path, "killed", "pipeline.debug_memory=true", resume=tmp_path / "killed")
+    _run(tmp_path, "killed", "pipeline.debug_memory=true", "log.sample_every_n_steps=1", resume=tmp_path / "killed")
     assert _records(tmp_path / "killed", "train") == _records(tmp / "full", "train")
-    assert _records(tmp_path / "killed", "eval")[-1] == _records(tmp / "full", "eval")[-1]
+    assert _records(tmp_path / "killed", "eval") == _records(tmp / "full", "eval")
+    resumed, full = _samples(tmp_path / "killed"), _samples(tmp / "full")
+    assert [r["step"] for r in full if r["label"] == "rollout"] == [step for step in range(1, 31) for _ in range(2)]
+    assert resumed == full
 
 
 def test_existing_run_directory_is_never_overwritten(full_run):

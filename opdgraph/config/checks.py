@@ -22,6 +22,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     _check_graph(stages, problem, problems)
     shapes = _resolve_shapes(models, base_dir, problem, problems)
     _check_shapes(models, shapes, data, stages, problem, problems)
+    _check_eval_lengths(models, shapes, data, stages, problem, problems)
     return shapes
 
 
@@ -129,3 +130,38 @@ def _check_shapes(models, shapes, data, stages, problem, problems):
                                     f"a micro-batch of {stage.config.micro_batch_tokens} tokens cannot hold one whole "
                                     f"sequence of data.max_prompt_tokens + {rollout.name}.max_new_tokens = {needed} "
                                     f"tokens; raise micro_batch_tokens to at least {needed}"))
+
+
+def _check_eval_lengths(models, shapes, data, stages, problem, problems):
+    """An eval response must fit where eval puts it: whole in one scoring micro-batch (teacher_score's), and within
+    the positions of the student and the teacher (both answer the eval prompts). Eval prompts are at most
+    data.max_prompt_tokens (the loader rejects longer ones) and eval's KV pools are sized from these same numbers
+    (opdgraph.counts.eval_counts), so these are the limits. What rollout's own checks already cover (eval answering
+    no longer than rollout) is not reported twice."""
+    rollout = next((stage for stage in stages.values() if stage.kind == "rollout"), None)
+    scorer = next((stage for stage in stages.values() if stage.kind == "teacher_score"), None)
+    for name, stage in stages.items():
+        if stage.kind != "eval" or rollout is None or stage.config.max_new_tokens is None:
+            continue
+        new_tokens = stage.config.max_new_tokens
+        needed = data.max_prompt_tokens + new_tokens
+        longer_than_rollout = new_tokens > rollout.config.max_new_tokens
+        if scorer is not None and longer_than_rollout and scorer.config.micro_batch_tokens < needed:
+            limit = scorer.config.micro_batch_tokens
+            problems.append(problem(f"{name}.max_new_tokens", _too_long(
+                name, new_tokens, data.max_prompt_tokens, f"a scoring micro-batch ({scorer.name}.micro_batch_tokens = {limit})",
+                limit - data.max_prompt_tokens, f"raise {scorer.name}.micro_batch_tokens to at least {needed}")))
+        for role in ("student", "teacher"):
+            model = next((model_name for model_name, model in models.items() if model.role == role), None)
+            limit = shapes[model].max_positions if model in shapes else 0
+            if limit and needed > limit and (role == "teacher" or longer_than_rollout):
+                problems.append(problem(f"{name}.max_new_tokens", _too_long(
+                    name, new_tokens, data.max_prompt_tokens, f"the {role}'s positions ([models.{model}] max_position_embeddings "
+                    f"= {limit})", limit - data.max_prompt_tokens, "lower data.max_prompt_tokens")))
+
+
+def _too_long(name: str, new_tokens: int, prompt_tokens: int, container: str, most: int, alternative: str) -> str:
+    fix = f"set {name}.max_new_tokens to at most {most}, or {alternative}" if most > 0 else alternative
+    return (f"{name}.max_new_tokens = {new_tokens} after prompts of up to data.max_prompt_tokens = {prompt_tokens} "
+            f"makes eval sequences of {prompt_tokens + new_tokens} tokens, more than {container} holds (nothing is "
+            f"truncated); {fix}")

@@ -112,7 +112,7 @@ class FlashInferRollout:
                                          q_dtype=model.dtype, use_tensor_cores=use_tensor_cores)
         self.ladder = batch_size_ladder(max_num_seqs, max_graph_batch_size) if cuda_graphs else []
         self.stats = GpuPathStats()
-        self.logits_fn = _float32_logits_fn(model, self.device)
+        self.logits_fn = float32_logits_fn(model, self.device)
         # RoPE inverse frequencies are computed on the CPU (exact bits) and copied to the device at every forward;
         # a host-to-device copy cannot be captured in a graph, so keep the (identical) device copies on the model.
         model._inv_freq = {kind: inv_freq.to(self.device) for kind, inv_freq in model._inv_freq.items()}
@@ -285,7 +285,7 @@ class FlashInferRollout:
         return _CapturedDecode(graph, meta, tokens, logprobs)
 
 
-def _float32_logits_fn(model, device):
+def float32_logits_fn(model, device):
     """hidden [R, H] -> float32 logits [R, V] without materialising a float32 copy of the output embedding.
 
     A bf16 x bf16 -> fp32 matmul (``torch.mm(..., out_dtype=float32)``) forms exact products of the same bf16

@@ -107,15 +107,20 @@ class RolloutEngine:
         self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
 
     def _build_burst(self, cuda_graphs: bool):
-        """Decode bursts (decode_burst.py): the Triton paged-decode kernel on CUDA, the torch reference elsewhere."""
+        """Decode bursts (decode_burst.py): the Triton paged-decode kernel on CUDA (graphs only on the flashinfer
+        path, whose scratch page and ladder they share), the torch reference elsewhere."""
         from opdgraph.rollout.decode_burst import DecodeBurst
 
-        if self.gpu_path is not None:
+        if self.device.type == "cuda":  # with or without the flashinfer path (prefill may run either way)
             from opdgraph.kernels.paged_decode_attention import TritonDecodeBackend
+            from opdgraph.rollout.cuda_graphs import float32_logits_fn
 
             attention = TritonDecodeBackend(num_kv_heads=self.model.config.num_kv_heads,
                                             max_context=self.kv_pool_tokens, device=self.device)
-            logits_fn, ladder = self.gpu_path.logits_fn, self.gpu_path.ladder or None
+            if self.gpu_path is not None:
+                logits_fn, ladder = self.gpu_path.logits_fn, self.gpu_path.ladder or None
+            else:
+                logits_fn, ladder = float32_logits_fn(self.model, self.device), None
         else:
             from opdgraph.models.attention_backend import TorchReferenceBackend
 

@@ -97,5 +97,10 @@ def latest_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The training steps a checkpoint covers (from state.json: readable without loading the trainer state)."""
+    return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=False)

@@ -6,6 +6,10 @@ student) (temperature 1, full vocabulary) and the student's top-1 agreement with
 student's responses and on the teacher's own responses (`teacher_text_*`), the mean response length, and, for
 prompts carrying a reference answer, the accuracy of student and teacher answers. A few responses are shown side by
 side with the teacher's own (the teacher answers with the same settings).
+
+Student and teacher generate with eval engines of their own, whose KV pools, micro-batches and loss chunks are the
+plan's eval facts (opdgraph.counts.eval_counts): the plan's `<eval>.kv_cache` and `<eval>.teacher_kv_cache`,
+allocated by the eval step and freed after it through `release_hooks`, like rollout's pool.
 """
 
 from __future__ import annotations
@@ -26,32 +30,69 @@ def _eval_prompts(ctx, count: int):
     return [SampledPrompt(record=r, prompt_index=i, index_in_step=i, epoch=0) for i, r in enumerate(records)]
 
 
-def _teacher_engine(ctx):
-    if "teacher" not in ctx.eval_engines:
+def _eval_engine(ctx, stage: str, role: str):
+    """The eval engine of `role` ("student" or "teacher"), built once with the plan's eval pool; its KV pool is
+    allocated by generate() and dropped by the plan's release of `<stage>.kv_cache` / `<stage>.teacher_kv_cache`."""
+    key = f"{stage}.{role}"
+    if key not in ctx.eval_engines:
         from opdgraph.rollout import RolloutEngine
+        from opdgraph.runtime import distributed
 
-        main = ctx.engine
-        ctx.eval_engines["teacher"] = RolloutEngine(ctx.teacher, page_size=main.page_size, num_pages=main.num_pages,
-                                                    max_num_seqs=main.max_num_seqs,
-                                                    prefill_token_budget=main.prefill_token_budget,
-                                                    device=ctx.device, kv_dtype=None)
-    return ctx.eval_engines["teacher"]
+        from opdgraph.runtime.context import AUTO_DECODE_BURST_STEPS, rollout_attention
+
+        facts, rollout = ctx.plan.facts, ctx.facts["rollout_config"]
+        model = ctx.student if role == "student" else ctx.teacher
+        # Torch attention (the flashinfer path's graphs, workspaces and stacked weights are planned for rollout
+        # only), but where rollout takes the GPU path, decode runs as eager bursts through the Triton decode kernel:
+        # no host sync per token, and no memory beyond the eval workspace the plan lists.
+        gpu = rollout_attention(rollout.backend, ctx.device, model.dtype, model.config.head_dim) == "flashinfer"
+        engine = RolloutEngine(model, page_size=rollout.page_size, num_pages=int(facts[f"{stage}.num_pages"]),
+                               max_num_seqs=int(facts[f"{stage}.concurrent_seqs"]),
+                               prefill_token_budget=rollout.prefill_token_budget, device=ctx.device, kv_dtype=None,
+                               decode_burst_steps=AUTO_DECODE_BURST_STEPS if gpu else 1)
+        if role == "student" and distributed.world_size() > 1:
+            engine = distributed.UnshardingEngine(engine, ctx.student)
+        ctx.eval_engines[key] = engine
+    return ctx.eval_engines[key]
+
+
+EVAL_POOLS = {"student": "kv_cache", "teacher": "teacher_kv_cache"}  # engine role -> the plan's buffer suffix
+
+
+def release_hooks(ctx, stage: str) -> dict:
+    """The executor's release hooks of an eval stage's KV pools (as rollout's pool is released with the engine)."""
+    def hook(role):
+        def release():
+            engine = ctx.eval_engines.get(f"{stage}.{role}")
+            if engine is not None:
+                engine.release()
+        return release
+
+    return {f"{stage}.{suffix}": hook(role) for role, suffix in EVAL_POOLS.items()}
+
+
+def _generate(ctx, stage: str, role: str, prompts, params, seed: int) -> list:
+    engine = _eval_engine(ctx, stage, role)
+    samples = generate_samples(engine, prompts, params, n=1, seed=seed, step=ctx.step,
+                               tag="eval" if role == "student" else "eval-teacher")
+    ctx.buffers.put(f"{stage}.{EVAL_POOLS[role]}", engine.kv_cache)
+    return samples
 
 
 @torch.no_grad()
-def _score(ctx, samples) -> dict[str, float]:
+def _score(ctx, stage: str, samples) -> dict[str, float]:
     from opdgraph.train.divergence import divergence_metrics
 
     tokens = sum(len(s.response_ids) for s in samples)
     sums = {"reverse_kl": 0.0, "forward_kl": 0.0, "top1_agreement": 0.0}
-    for batch in build_micro_batches(samples, micro_batch_tokens=ctx.facts["micro_batch_tokens"],
+    for batch in build_micro_batches(samples, micro_batch_tokens=int(ctx.plan.facts[f"{stage}.micro_batch_tokens"]),
                                      normalize="token", global_tokens=tokens, global_sequences=len(samples),
                                      device=ctx.device):
         student = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta)
         teacher = ctx.teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
         metrics = divergence_metrics(student.index_select(0, batch.loss_positions), ctx.student.lm_head_weight,
                                      teacher.index_select(0, batch.loss_positions), ctx.teacher.lm_head_weight,
-                                     chunk_tokens=ctx.facts["chunk_tokens"])
+                                     chunk_tokens=int(ctx.plan.facts[f"{stage}.chunk_tokens"]))
         sums["reverse_kl"] += float(metrics.reverse_kl.sum())
         sums["forward_kl"] += float(metrics.forward_kl.sum())
         sums["top1_agreement"] += float(metrics.top1_agree.float().sum())
@@ -80,13 +121,14 @@ def _teacher_on_device(ctx):
         swap.to_host()
 
 
-def run_eval(config, ctx, *, label: str) -> dict:
-    """Evaluate now; writes an `eval` record to metrics.jsonl and returns it."""
+def run_eval(config, ctx, *, stage: str, label: str) -> dict:
+    """Evaluate now; writes an `eval` record to metrics.jsonl and returns it. The plan's release of the eval step
+    (the executor's, or the caller's for the eval before training) frees the eval KV pools."""
     with _teacher_on_device(ctx):
-        return _run_eval(config, ctx, label=label)
+        return _run_eval(config, ctx, stage=stage, label=label)
 
 
-def _run_eval(config, ctx, *, label: str) -> dict:
+def _run_eval(config, ctx, *, stage: str, label: str) -> dict:
     from opdgraph.data.sampler import mix_seed
 
     # Eval draws its own randomness: training seeds come from (seed, step, prompt index) and must not repeat here.
@@ -94,18 +136,14 @@ def _run_eval(config, ctx, *, label: str) -> dict:
     prompts = _eval_prompts(ctx, config.num_prompts)
     params = sampling_params(ctx.facts["rollout_config"], max_new_tokens=config.max_new_tokens,
                              greedy=config.greedy, eos_token_ids=ctx.tokenizer.eos_token_ids)
-    student_samples = generate_samples(ctx.engine, prompts, params, n=1, seed=eval_seed, step=ctx.step, tag="eval")
-    if not ctx.facts["kv_pool_held"]:  # held (release_phase_buffers = false): the pool stays for the next rollout
-        ctx.engine.release()  # the eval KV pool lives only while eval generates (the plan's eval.kv_cache)
-    teacher_engine = _teacher_engine(ctx)
-    teacher_samples = generate_samples(teacher_engine, prompts, params, n=1, seed=eval_seed, step=ctx.step,
-                                       tag="eval-teacher")
-    teacher_engine.release()
+    student_samples = _generate(ctx, stage, "student", prompts, params, eval_seed)
+    teacher_samples = _generate(ctx, stage, "teacher", prompts, params, eval_seed)
     lengths = [len(s.response_ids) for s in student_samples]
     # On the student's own samples (what OPD optimises) and on the teacher's responses: a student that only learns
     # to produce text the teacher finds predictable improves the first but not the second.
-    on_teacher_text = {f"teacher_text_{key}": value for key, value in _score(ctx, teacher_samples).items()}
-    record = {"kind": "eval", "label": label, "step": ctx.step, **_score(ctx, student_samples), **on_teacher_text,
+    on_teacher_text = {f"teacher_text_{key}": value for key, value in _score(ctx, stage, teacher_samples).items()}
+    on_own_text = _score(ctx, stage, student_samples)
+    record = {"kind": "eval", "label": label, "step": ctx.step, **on_own_text, **on_teacher_text,
               "response_length_mean": sum(lengths) / len(lengths), "num_prompts": len(prompts)}
     student_accuracy, teacher_accuracy = _accuracy(ctx, student_samples), _accuracy(ctx, teacher_samples)
     if student_accuracy is not None:

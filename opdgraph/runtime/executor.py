@@ -89,6 +89,12 @@ class PlanExecutor:
         self.ctx.add_seconds(step.name, time.perf_counter() - started)
         if self.memory_recorder is not None:
             self.memory_recorder.after(step)
+        self.apply_releases(step, loop)
+
+    def apply_releases(self, step, loop: LoopState | None = None) -> None:
+        """Free or offload what the plan releases after `step` (also for a step run outside the training step: the
+        eval before training)."""
+        loop = loop or LoopState()
         last_iteration = loop.index == loop.count - 1
         for release in step.releases:
             per_iteration = bool(step.loops) and (step.loops[0], release.buffer) in self.allocated_in_loop

@@ -1,8 +1,8 @@
 """Run outputs a person watches: `metrics.jsonl`, TensorBoard events (when installed), samples, a progress line.
 
 `metrics.jsonl` gets one JSON object per training step (and one per eval), appended and flushed at once, so a killed
-run keeps every line it finished. On resume the file is cut back to the steps the checkpoint covers, so a resumed
-run's file equals an uninterrupted run's.
+run keeps every line it finished. On resume every such log is cut back to the steps the checkpoint covers
+(opdgraph.runtime.run_logs), so a resumed run's logs equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -13,17 +13,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only records with step <= last_step (used on resume; lines of later, lost steps are dropped)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= last_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

@@ -23,7 +23,8 @@ from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.metrics import MetricsLog, ProgressLine, truncate_metrics
+from opdgraph.runtime.metrics import MetricsLog, ProgressLine
+from opdgraph.runtime.run_logs import truncate_run_logs
 
 
 def run_directory(cfg) -> Path:
@@ -128,8 +129,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
-             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "kv_pool_held": plan.buffers[f"{cfg.stage('rollout').name}.kv_cache"].lifetime == "held"}
+             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held"}
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,
@@ -166,8 +166,6 @@ def restore(ctx: RunContext, checkpoint: Path) -> None:
     ctx.sampler.load_state_dict(state["sampler"])
     ckpt.set_rng_state(state["rng"])
     ctx.step = int(state["step"])
-    if distributed.is_main():
-        truncate_metrics(ctx.metrics.path, ctx.step)
 
 
 def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool = False) -> RunContext:
@@ -185,6 +183,9 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     if distributed.is_main():
         _write_plan_files(cfg, plan, run_dir)
     checkpoint = ckpt.latest_checkpoint(Path(resume)) if resume is not None else None
+    if checkpoint is not None and distributed.is_main():
+        # Lines logged after the checkpoint would repeat; cut before the logs are opened for appending again.
+        truncate_run_logs(run_dir, ckpt.checkpoint_step(checkpoint))
     ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
     if checkpoint is not None:
         restore(ctx, checkpoint)
@@ -194,6 +195,10 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
     if distributed.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
         hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = ctx.teacher.reshard
+    from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
+
+    for entry in cfg.stages_of_kind("eval"):
+        hooks.update(release_hooks(ctx, entry.name))
     recorder = None
     if record_memory:
         from opdgraph.runtime.memory_record import MemoryRecorder
@@ -201,12 +206,11 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
         recorder = MemoryRecorder(plan, ctx.device, run_dir)
     executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks, memory_recorder=recorder)
     ctx.teacher_offloader = executor.offloader  # eval needs the teacher on the device where the plan offloads it
-    from opdgraph.runtime.evaluation import print_before_after, run_eval
-
     log = cfg.stage("log")
     for entry in cfg.stages_of_kind("eval"):
         if ctx.step == 0 and ctx.eval_prompts is not None:
-            ctx.eval_records.append(run_eval(entry.config, ctx, label="before"))
+            ctx.eval_records.append(run_eval(entry.config, ctx, stage=entry.name, label="before"))
+            executor.apply_releases(plan.step(entry.name))  # the eval step's releases, as in a training step
     progress = ProgressLine(cfg.pipeline.num_steps, first_step=ctx.step,
                             enabled=bool(log is None or log.config.progress) and distributed.is_main())
     while ctx.step < cfg.pipeline.num_steps:
