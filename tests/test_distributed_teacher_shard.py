@@ -213,3 +213,45 @@ def _worker(mode: str, root: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+BOOKKEEPING_SCRIPT = """
+import torch, torch.distributed as dist
+from opdgraph.models import load_decoder
+from opdgraph.models.packing import pack
+from opdgraph.models.tiny_configs import tiny_config
+from opdgraph.runtime import distributed
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = load_decoder(tiny_config("llama"), dtype=torch.float32)
+distributed.shard_teacher(model)
+state = model._get_fsdp_state()
+def recorded():
+    return len(state._comm_ctx.post_forward_order)
+with torch.no_grad():
+    for _ in range(3):
+        model.forward_hidden(*pack([[1, 2, 3]]))
+grown = recorded()
+model.reshard()
+after_plain_reshard = recorded()
+distributed.reshard_forward_only(model)
+print(grown, after_plain_reshard, recorded())
+dist.destroy_process_group()
+"""
+
+
+def test_forward_only_reshard_drops_fsdp_backward_bookkeeping():
+    """FSDP2 records each unit's forward for a backward that a frozen teacher never runs: a plain reshard keeps the
+    record growing every micro-batch (host memory over a long run); reshard_forward_only must empty it."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the one-process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", BOOKKEEPING_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, after_plain_reshard, after_forward_only = map(int, done.stdout.split()[-3:])
+    assert grown > 0 and after_plain_reshard == grown  # the record really grows, and reshard() alone keeps it
+    assert after_forward_only == 0

@@ -139,7 +139,7 @@ def shard_teacher(model) -> None:
     the next layer's all-gather is issued while this one computes, so about two layers are gathered at a time).
     FSDP never reshards a root after its forward (in training the backward would gather it again at once), and the
     teacher has no backward: after `forward_hidden` the root's parameters stay full, so the loss reads a full
-    `lm_head_weight`; `teacher.reshard()` (the release of the plan's `<teacher>.gathered_root`) frees them again.
+    `lm_head_weight`; `reshard_forward_only` (the release of the plan's `<teacher>.gathered_root`) frees them again.
     Every rank runs the same number of teacher forwards (`pad_micro_batches`), so the all-gathers pair up.
     """
     _fully_shard_units(model)
@@ -162,6 +162,28 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard_forward_only(model) -> None:
+    """Reshard a forward-only FSDP model (the sharded teacher) and drop FSDP's per-forward backward bookkeeping.
+
+    FSDP2 records every unit's forward (for the backward's prefetch order) and clears the record only at the end of
+    a backward, which a frozen teacher never runs: without this the lists grow by a few entries per micro-batch for
+    the whole run (host memory). Attribute names differ across torch versions; what is missing is skipped.
+    """
+    model.reshard()
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    comm_ctx = getattr(state, "_comm_ctx", None)
+    if comm_ctx is not None and hasattr(comm_ctx, "post_forward_order"):
+        comm_ctx.post_forward_order.clear()
+    for unit_state in getattr(getattr(state, "_state_ctx", None), "all_states", []):
+        groups = getattr(unit_state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(unit_state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            if hasattr(group, "_post_forward_indices"):
+                group._post_forward_indices.clear()
 
 
 def gather_all(model) -> None:

@@ -11,6 +11,8 @@ writes the run directory, prints and shows progress, and checkpoints hold gather
 
 from __future__ import annotations
 
+import functools
+
 import time
 from pathlib import Path
 from typing import Any
@@ -194,7 +196,8 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
     if distributed.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
-        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = ctx.teacher.reshard
+        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = functools.partial(distributed.reshard_forward_only,
+                                                                                     ctx.teacher)
     from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
 
     for entry in cfg.stages_of_kind("eval"):
