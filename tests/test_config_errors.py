@@ -94,6 +94,8 @@ CASES = {
         ("lr = 0.001", "lr = 0.001\n\n[eval]\nnum_prompts = 2\nmax_new_tokens = 16")], []),
     "longer than the model's positions": ([("vocab_size = 64 }\n\n[models.teacher]",
                                            "vocab_size = 64, max_position_embeddings = 12 }\n\n[models.teacher]")], []),
+    "rollout longer than the teacher's positions": ([(TEACHER_CONFIG, TEACHER_CONFIG.replace(
+        "vocab_size = 64", "vocab_size = 64, max_position_embeddings = 12"))], []),
     "toml syntax error": ([("num_steps = 2", "num_steps = = 2")], []),
     "set unknown key": ([], ["rollout.max_new_token=16"]),
     "set bad type": ([], ["pipeline.num_steps=ten"]),

@@ -125,6 +125,14 @@ def _check_shapes(models, shapes, data, stages, problem, problems):
         if stage.kind != "teacher_score" or rollout is None:
             continue
         needed = data.max_prompt_tokens + rollout.config.max_new_tokens
+        scorer = stage.config.model
+        limit = shapes[scorer].max_positions if scorer in shapes else 0
+        if limit and needed > limit:  # the teacher scores every position the student may reach
+            problems.append(problem(f"{rollout.name}.max_new_tokens",
+                                    f"data.max_prompt_tokens + {rollout.name}.max_new_tokens = {needed} exceeds "
+                                    f"the scoring model's positions ([models.{scorer}] max_position_embeddings "
+                                    f"{limit}); set {rollout.name}.max_new_tokens to at most "
+                                    f"{limit - data.max_prompt_tokens}"))
         if stage.config.micro_batch_tokens < needed:
             problems.append(problem(f"{name}.micro_batch_tokens",
                                     f"a micro-batch of {stage.config.micro_batch_tokens} tokens cannot hold one whole "
