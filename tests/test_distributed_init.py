@@ -41,3 +41,28 @@ def test_cpu_group_is_gloo_without_a_device(recorded):
     """A CPU run under torchrun would ask for a CUDA device (and fail on machines without one)."""
     distributed.init_distributed("cpu")
     assert recorded == {"backend": "gloo"}
+
+
+def test_unsharding_engine_drops_graphs_before_each_rollout():
+    """FSDP re-creates the gathered weights at every gather, so graphs captured in one rollout may point at freed
+    memory in the next (review: with release_phase_buffers = false nothing else drops them). The wrapper must drop
+    them before every generate, and the engine's drop must reach both graph owners."""
+    import torch
+
+    from opdgraph.models import load_model
+    from opdgraph.models.tiny_configs import tiny_config
+    from opdgraph.rollout import Request, RolloutEngine, SamplingParams
+    from opdgraph.runtime.distributed import UnshardingEngine
+
+    model = load_model(tiny_config("qwen2"), dtype=torch.float32)[0]
+    engine = RolloutEngine(model, page_size=4, num_pages=32, max_num_seqs=4, prefill_token_budget=32, device="cpu",
+                           decode_burst_steps=4)
+    drops = []
+    original = engine.burst.release
+    engine.burst.release = lambda: (drops.append(1), original())
+    wrapped = UnshardingEngine(engine, model)
+    request = Request("r", [1, 2, 3], SamplingParams(max_new_tokens=6, greedy=True))
+    first = wrapped.generate([request])
+    after_first = len(drops)
+    second = wrapped.generate([request])  # the KV pool is kept: only the wrapper can drop the graphs now
+    assert len(drops) > after_first and first[0].token_ids == second[0].token_ids

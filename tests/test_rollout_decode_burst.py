@@ -95,3 +95,15 @@ def test_triton_decode_kernel_in_bursts(model):
     responses = engine.generate(requests)
     assert engine.stats.bursts > 0
     assert [_key(r) for r in responses] == [_key(r) for r in reference]
+
+
+def test_row_whose_share_ends_on_a_page_boundary(model):
+    """A row that has used its share keeps its position at the end of its pages; when that lands exactly on a page
+    boundary and the row has the most pages, its idle steps index one column past its page list (found in review:
+    an out-of-bounds page-table read). Tokens must still equal the per-step engine's."""
+    requests = [Request("a", [3] * 62, SamplingParams(max_new_tokens=3, greedy=True), seed=1),
+                Request("b", [5] * 5, SamplingParams(max_new_tokens=20, greedy=True), seed=2)]
+    reference, _ = _generate(model, 1, requests=requests, num_pages=64)
+    responses, stats = _generate(model, 4, requests=requests, num_pages=64)
+    assert stats.bursts > 0
+    assert [_key(r) for r in responses] == [_key(r) for r in reference]

@@ -75,3 +75,17 @@ def test_real_tensorboard_file_stays_readable(tmp_path):
     truncate_event_file(path, last_step=3)
     steps = [event.step for event in EventFileLoader(str(path)).Load() if event.HasField("summary")]
     assert steps == [1, 2, 3]
+
+
+def test_torn_last_line_is_dropped_and_a_damaged_middle_line_named(tmp_path):
+    """A kill in the middle of a write leaves half a JSON line at the end: resume must drop it rather than crash
+    (found in review); a bad line anywhere else is real damage and must be reported with its file and line."""
+    from opdgraph.runtime.run_logs import truncate_jsonl
+
+    log = tmp_path / "samples.jsonl"
+    log.write_text('{"step": 1, "text": "a"}\n{"step": 2, "text": "b"}\n{"step": 3, "te')
+    truncate_jsonl(log, last_step=2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: not valid JSON"):
+        truncate_jsonl(log, last_step=3)

@@ -86,3 +86,21 @@ def test_micro_batch_loop_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
     record = ctx.step_record
     assert isinstance(record["loss"], float) and isinstance(record["divergence"], float)
     assert record["loss"] > 0 and record["grad_norm"] > 0
+
+
+def test_explicit_bursts_on_cuda_need_the_kernels_head_sizes():
+    """An explicit decode_burst_steps > 1 on CUDA runs the Triton decode kernel even with torch attention; a head
+    size it cannot take must be refused with the key named, not fail inside Triton at the first burst (review)."""
+    from types import SimpleNamespace
+
+    from opdgraph.runtime.context import decode_burst_steps
+
+    heads96 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=96)
+    heads128 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=128)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with pytest.raises(ValueError, match="rollout.decode_burst_steps = 8"):
+        decode_burst_steps(8, "torch", heads96, cuda)
+    assert decode_burst_steps(8, "torch", heads96, cpu) == 8  # CPU bursts use the torch reference attention
+    assert decode_burst_steps(0, "torch", heads128, cuda) == 1
+    assert decode_burst_steps(0, "flashinfer", heads128, cuda) == 16
+    assert decode_burst_steps(0, "flashinfer", heads96, cuda) == 1

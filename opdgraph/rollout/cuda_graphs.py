@@ -290,18 +290,28 @@ def float32_logits_fn(model, device):
 
     A bf16 x bf16 -> fp32 matmul (``torch.mm(..., out_dtype=float32)``) forms exact products of the same bf16
     values and accumulates in fp32, like ``model.logits`` (which casts both to fp32 first) up to summation order.
-    Falls back to ``model.logits`` where this torch build lacks it.
+    Falls back to ``model.logits`` where this torch build lacks it. The check runs at the first call, not here:
+    an engine may be built while the model is still sharded (FSDP), and generate() sees the gathered weights.
     """
-    weight = model.lm_head_weight
-    if weight.dtype == torch.float32:
-        return model.logits
+    choice = {}
+
+    def logits(hidden):
+        weight = model.lm_head_weight
+        if "mixed" not in choice:
+            choice["mixed"] = weight.dtype != torch.float32 and _has_mixed_mm(weight, device)
+        if not choice["mixed"]:
+            return model.logits(hidden)
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+
+    return logits
+
+
+@torch.no_grad()
+def _has_mixed_mm(weight, device) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for this weight's dtype here (eager, outside any graph capture)."""
     try:
         probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=device)
         torch.mm(probe, weight[:8].T, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
-        return model.logits
-
-    def logits(hidden):
-        return torch.mm(hidden, model.lm_head_weight.T, out_dtype=torch.float32)
-
-    return logits
+        return False
+    return True

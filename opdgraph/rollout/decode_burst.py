@@ -102,7 +102,9 @@ class DecodeBurst:
         count, steps = len(batch.chunks), batch.burst_steps
         # Eager bursts pad like graphed ones, so both run the same kernels on the same shapes (same numbers).
         size = next((s for s in self.ladder if s >= count), count)
-        width = max(len(chunk.sequence.pages) for chunk in batch.chunks)
+        # One column more than the longest page list: a row whose share ran out keeps its position at the end of
+        # its pages, and its (ignored) attention then reads that padded column, the scratch page.
+        width = max(len(chunk.sequence.pages) for chunk in batch.chunks) + 1
         self._ensure_state(width)
         key = self._stage(batch, size)
         with using_backend(self.model, self.attention), torch.inference_mode():

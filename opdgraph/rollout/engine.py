@@ -134,6 +134,15 @@ class RolloutEngine:
     def kv_pool_tokens(self) -> int:
         return self.num_pages * self.page_size
 
+    def drop_graphs(self) -> None:
+        """Forget captured graphs (they are captured again when next needed): for callers whose weights may have
+        moved since the last generate, e.g. a sharded student gathered anew (the KV pool stays)."""
+        if self.gpu_path is not None:
+            self.gpu_path.release()
+        if self.burst is not None:
+            self.burst.release()
+        self._stacked_qkv = None
+
     def release(self) -> None:
         """Drop the KV tensors (their memory returns to the allocator for training); generate() re-creates them."""
         self.kv_cache = None

@@ -162,22 +162,23 @@ def build_engine(student, rollout, *, num_pages: int, device: torch.device, kv_d
     return RolloutEngine(student, page_size=rollout.page_size, num_pages=num_pages, max_num_seqs=rollout.max_num_seqs,
                          prefill_token_budget=rollout.prefill_token_budget, device=device, kv_dtype=kv_dtype,
                          attention=attention, cuda_graphs=attention == "flashinfer",
-                         decode_burst_steps=decode_burst_steps(rollout.decode_burst_steps, attention, student.config),
+                         decode_burst_steps=decode_burst_steps(rollout.decode_burst_steps, attention, student.config,
+                                                               device),
                          fused_kernels=attention == "flashinfer" and rollout.fused_kernels)
 
 
 AUTO_DECODE_BURST_STEPS = 16  # host round trips every 16 tokens: host time per token falls below the GPU's
 
 
-def decode_burst_steps(setting: int, attention: str, config) -> int:
+def decode_burst_steps(setting: int, attention: str, config, device: torch.device) -> int:
     """rollout.decode_burst_steps resolved: 0 (auto) bursts on the GPU path when the Triton decode kernel supports
-    the model's heads; an explicit value > 1 on the GPU path needs that support too."""
+    the model's heads; an explicit value > 1 on CUDA needs that support too (CUDA bursts always use the kernel)."""
     from opdgraph.kernels.paged_decode_attention import supports
 
     supported = supports(config.num_heads, config.num_kv_heads, config.head_dim)
     if setting == 0:
         return AUTO_DECODE_BURST_STEPS if attention == "flashinfer" and supported else 1
-    if setting > 1 and attention == "flashinfer" and not supported:
+    if setting > 1 and device.type == "cuda" and not supported:
         raise ValueError(f"rollout.decode_burst_steps = {setting} needs the Triton decode kernel, which takes a "
                          f"power-of-two head_dim >= 16 (this model has {config.head_dim}); set it to 0 or 1")
     return setting

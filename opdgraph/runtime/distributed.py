@@ -259,6 +259,10 @@ class UnshardingEngine:
 
     def generate(self, requests):
         with unsharded_for_rollout(self._model):
+            # FSDP re-creates the gathered weights' storage at every gather, so their addresses can change between
+            # rollouts; graphs captured on the last ones must go (with the plan's releases they already went with
+            # the KV pool; with release_phase_buffers = false they would survive).
+            self._engine.drop_graphs()
             return self._engine.generate(requests)
 
     def __getattr__(self, name):

@@ -34,8 +34,19 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """A JSON-lines log without the lines of steps after last_step (a line without a step belongs to step 0)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # a kill mid-write leaves a torn last line: it belongs to no complete step
+                print(f"resume: dropping the unfinished last line of {path}")
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({error}); the run log is damaged: fix or remove "
+                             "that line, then resume again") from error
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
