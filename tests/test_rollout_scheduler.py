@@ -200,3 +200,16 @@ def test_check_page_accounting_detects_leaks_and_double_frees():
     pool.free_pages.append(b)  # simulate a double free
     with pytest.raises(AssertionError, match="double free"):
         check_page_accounting(pool, [[a], [a]])
+
+
+def test_burst_goes_ahead_when_admission_would_fail_after_the_decodes_take_their_pages():
+    """A waiting sequence whose context fits the free pages only before the running decodes take the page of their
+    next token cannot be admitted by schedule(); schedule_burst must not wait for it (it used to, and fell back to
+    one step at a time), and must agree with what schedule() then does."""
+    scheduler = make_scheduler(page_size=4, num_pages=4, budget=64)
+    add(scheduler, prompt_len=4, max_new=10)  # one full page; its first decode token needs a second page
+    step(scheduler)  # prefill: 1 page used, the running sequence now decodes
+    add(scheduler, prompt_len=12, max_new=2)  # a 3-page context: fits the 3 free pages, not the 2 left after decode
+    burst = scheduler.schedule_burst(2)
+    assert burst is not None and burst.burst_steps >= 1
+    check_page_accounting(scheduler.pool, scheduler.live_page_tables())

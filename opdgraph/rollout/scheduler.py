@@ -120,13 +120,15 @@ class Scheduler:
         return batch
 
     def _could_admit(self) -> bool:
-        """Whether the next schedule() would admit the first waiting sequence (a slot and its pages are free)."""
+        """Whether the next schedule() would admit the first waiting sequence: a slot is free and, after the running
+        decodes take the pages of their next token, so are its context's pages (what _admit checks)."""
         if not self.waiting:
             return False
         first = min(self.waiting, key=lambda s: (s.num_tokens, s.arrival_order))
         slots_used = sum(len(s.sample_indices) for s in self.running)
+        decode_pages = self._pages_needed([(sequence, 1) for sequence in self.running])
         return (slots_used + len(first.sample_indices) <= self.max_num_seqs
-                and self.pages_for(first.num_tokens) <= self.pool.num_free)
+                and self.pages_for(first.num_tokens) <= self.pool.num_free - decode_pages)
 
     def _plan_running(self) -> tuple[list[tuple[Sequence, int]], int]:
         plan = []
