@@ -108,7 +108,7 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
     capture_seconds = 0.0
     if engine.gpu_path is not None:
         capture_seconds = engine.gpu_path.stats.capture_seconds
-        engine.gpu_path.stats = type(engine.gpu_path.stats)()
+        engine.gpu_path.stats = type(engine.gpu_path.stats)(steps=[])  # per-step records on for the timed run
     if engine.burst is not None:
         capture_seconds += engine.burst.capture_seconds
         engine.burst.records = []

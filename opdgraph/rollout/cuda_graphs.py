@@ -78,7 +78,8 @@ class GpuPathStats:
     eager_steps: int = 0
     num_captures: int = 0
     capture_seconds: float = 0.0
-    steps: list[StepRecord] = field(default_factory=list)
+    # Per-step timing records, for benchmarks only (a run would keep one per decode step forever): None = off.
+    steps: list[StepRecord] | None = None
     # Host seconds per phase of the GPU path (stage, copy_inputs, plan, replay_launch, sync; gpu_step_total).
     host_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -166,6 +167,8 @@ class FlashInferRollout:
     def _record(self, batch, kind: str, started: float) -> None:
         ended = time.perf_counter()
         self.stats.host_seconds["gpu_step_total"] += ended - started
+        if self.stats.steps is None:
+            return
         context = sum(chunk.start + chunk.num_tokens for chunk in batch.chunks)
         self.stats.steps.append(StepRecord(kind, len(batch.chunks), context, ended))
 
