@@ -40,11 +40,6 @@ FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
 
 
 @dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-
-
-@dataclass
 class BurstRecord:
     """One burst, for benchmarks: when the host had its tokens, how many steps and rows, and the summed context
     length of the rows at the first step (it grows by ``rows`` per step)."""
@@ -84,7 +79,7 @@ class DecodeBurst:
         self._host_logprobs = torch.zeros(max_steps, self.max_rows, dtype=torch.float32, pin_memory=pin)
         self._table_width = 0
         self._state: dict[str, torch.Tensor] | None = None
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._warmup_stream = None
         self.capture_seconds = 0.0
@@ -112,7 +107,7 @@ class DecodeBurst:
                 if (size, key) not in self._graphs:
                     self._capture(size, key, kv_cache)
                 self._copy_state_to_device()
-                graph = self._graphs[(size, key)].graph
+                graph = self._graphs[(size, key)]
                 for _ in range(steps):
                     graph.replay()
             else:
@@ -248,7 +243,7 @@ class DecodeBurst:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(size, key, kv_cache)
-        self._graphs[(size, key)] = _Captured(graph)
+        self._graphs[(size, key)] = graph
         torch.cuda.synchronize(self.device)
         self.num_captures += 1
         self.capture_seconds += time.perf_counter() - started

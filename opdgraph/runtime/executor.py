@@ -112,17 +112,16 @@ class PlanExecutor:
         self.ctx.buffers.release(name)
 
     def _offload(self, name: str) -> None:
-        if self.offloader.handles(name):
-            self.offloader.offload(name)
-            return
-        target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
-        if hasattr(target, "to"):
-            target.to("cpu")
+        self._move(name, to_host=True)
 
     def _reload(self, name: str) -> None:
+        self._move(name, to_host=False)
+
+    def _move(self, name: str, *, to_host: bool) -> None:
+        """Offload to / reload from host memory: through the offloader when it owns the buffer, else `.to()`."""
         if self.offloader.handles(name):
-            self.offloader.reload(name)
+            (self.offloader.offload if to_host else self.offloader.reload)(name)
             return
         target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
         if hasattr(target, "to"):
-            target.to(self.ctx.device)
+            target.to("cpu" if to_host else self.ctx.device)
