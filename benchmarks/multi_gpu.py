@@ -9,10 +9,12 @@ reported in the table and the others still run. The JSON (--out) is rewritten af
 
 - throughput (first; shape B of benchmarks/step.py: 128 prompts of 256 tokens, 1,024 response tokens each, Qwen2.5
   1.5B student <- 7B teacher, random weights drawn on the GPU, EOS ignored so both runs decode the same tokens):
-  1 warmup + 2 measured steps on 1 GPU, then on 2 GPUs (64 sequences per rank). Reported: seconds per step (median
-  of the measured steps), response and total tokens per second, scaling = tokens/s on 2 GPUs / tokens/s on 1 GPU
-  (target >= 1.8), and every rank's peak memory (torch.cuda.max_memory_allocated over the run's steps) against the
-  plan's per-rank predicted peak.
+  1 warmup + 2 measured steps on 1 GPU, then the --throughput variants on 2 GPUs: the plan as configured (64
+  sequences per rank, the student gathered once per step), the student gathered per layer (FSDP's default), a
+  sharded teacher, and the same batch per GPU (128 sequences per rank). Reported: seconds per step (median of the
+  measured steps) and rank 0's seconds per plan step, response and total tokens per second, scaling = tokens/s on 2
+  GPUs / tokens/s on 1 GPU (target >= 1.8), and every rank's peak memory (torch.cuda.max_memory_allocated over the
+  run's steps) against the plan's per-rank predicted peak.
 - equivalence (tiny pipeline, fp32 and bf16): one training step from the same weights on the same global batch;
   compares the gathered step-1 checkpoint (weights and AdamW exp_avg, which is proportional to the gradient) and the
   logged loss and gradient norm. The comparison is only meaningful when both runs sampled the same responses: the
@@ -20,7 +22,7 @@ reported in the table and the others still run. The JSON (--out) is rewritten af
   sampled token; the row then says "rollouts differ" instead of judging the update.
 
     python benchmarks/multi_gpu.py --out multi_gpu.json            # on a machine with 2 GPUs (under 9 minutes)
-    python benchmarks/multi_gpu.py --only-throughput --out tp.json
+    python benchmarks/multi_gpu.py --only-throughput --throughput 1,2,2:shard --out tp.json
     python benchmarks/multi_gpu.py --skip-throughput --out eq.json  # equivalence only (a few minutes)
 """
 
@@ -191,16 +193,27 @@ def _shape_b_pipeline(work: Path, steps: int) -> Path:
                           init_device="device")
 
 
-def throughput(gpus: int, pipeline: Path, work: Path, warmup: int, measured: int, deadline: Deadline,
-               timeout: float, weak: bool = False) -> dict:
-    """Shape B on `gpus` GPUs: the same global batch (strong scaling), or with `weak` the same batch per GPU
-    (data.prompts_per_step x gpus)."""
-    variant = f"throughput {gpus} GPU" + (" (same batch per GPU)" if weak else "")
-    run_dir = work / f"throughput-{gpus}gpu{'-weak' if weak else ''}"
-    overrides = [*COMMON, f"pipeline.num_steps={warmup + measured}"]
-    if weak:
-        from step import SHAPES
+VARIANTS = {  # --throughput tags: a 2-GPU run with one plan choice changed, or a twice larger global batch
+    "": ("", []),
+    "layer": (" (student gathered per layer)", ["pipeline.fit.student_gather=layer"]),
+    "shard": (" (sharded teacher)", ["pipeline.fit.teacher_weights=shard"]),
+    "weak": (" (same batch per GPU)", []),
+}
 
+
+def throughput(spec: str, pipeline: Path, work: Path, warmup: int, measured: int, deadline: Deadline,
+               timeout: float) -> dict:
+    """Shape B on `gpus` GPUs (spec "GPUS" or "GPUS:TAG", TAG one of VARIANTS): the same global batch (strong
+    scaling), or with "weak" the same batch per GPU (data.prompts_per_step x gpus)."""
+    from step import SHAPES
+
+    gpus_text, _, tag = spec.partition(":")
+    gpus = int(gpus_text)
+    suffix, extra = VARIANTS[tag]
+    variant = f"throughput {gpus} GPU{suffix}"
+    run_dir = work / f"throughput-{gpus}gpu-{tag or 'plain'}"
+    overrides = [*COMMON, f"pipeline.num_steps={warmup + measured}", *extra]
+    if tag == "weak":
         overrides.append(f"data.prompts_per_step={SHAPES['B'].sequences * gpus}")
     launch = _launch(variant, pipeline, overrides, run_dir, gpus, min(timeout, deadline.left()), fixed_lengths=True)
     if launch["returncode"] != 0:
@@ -211,14 +224,16 @@ def throughput(gpus: int, pipeline: Path, work: Path, warmup: int, measured: int
     seconds = statistics.median(r["seconds"] for r in records)
     response_tokens = statistics.median(r["response_tokens"] for r in records)
     sequences = statistics.median(r["response_tokens"] / r["response_length_mean"] for r in records)
-    from step import SHAPES
-
     prompt_tokens = SHAPES["B"].prompt_tokens  # write_pipeline makes every prompt exactly this long
-    row = {"variant": variant, "verdict": "ok", "steps_timed": len(records), "seconds_per_step": seconds,
-           "response_tokens_per_step": response_tokens,
+    stages = sorted({key for r in records for key in r if key.startswith("seconds/")})
+    row = {"variant": variant, "verdict": "ok", "gpus": gpus, "tag": tag, "steps_timed": len(records),
+           "seconds_per_step": seconds, "response_tokens_per_step": response_tokens,
            "response_tokens_per_s": response_tokens / seconds,
            "tokens_per_s": (response_tokens + sequences * prompt_tokens) / seconds,
            "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in records),
+           # rank 0's host seconds per plan step (the step's one read-back makes the optimizer absorb queued work)
+           "stage_seconds": {key.removeprefix("seconds/"): statistics.median(r.get(key, 0.0) for r in records)
+                             for key in stages},
            "launch_seconds": launch["seconds"]}
     for rank in launch["ranks"]:
         peak = max((step["peak_bytes"] for step in rank["steps"]), default=0)
@@ -238,25 +253,20 @@ def _print_table(rows: list[dict], card: str) -> None:
         for gpus, failure in row.get("failures", {}).items():
             print(f"    {gpus} GPU run failed ({failure['returncode']} after {failure['seconds']:.0f} s):\n      "
                   + failure["output_tail"][-1500:].replace("\n", "\n      "))
-    done = {row["variant"]: row for row in rows if row.get("verdict") == "ok"}
-    weak = done.get("throughput 2 GPU (same batch per GPU)")
-    if weak and "throughput 1 GPU" in done:
-        one = done["throughput 1 GPU"]
-        print(f"\n  shape B, same batch per GPU: 1 GPU {one['seconds_per_step']:.2f} s/step {one['tokens_per_s']:.0f} "
-              f"tok/s; 2 GPUs (2 x 128 prompts) {weak['seconds_per_step']:.2f} s/step {weak['tokens_per_s']:.0f} "
-              f"tok/s: scaling {weak['tokens_per_s'] / one['tokens_per_s']:.2f}x")
-    if "throughput 1 GPU" in done and "throughput 2 GPU" in done:
-        one, two = done["throughput 1 GPU"], done["throughput 2 GPU"]
-        print(f"\n  shape B   {'GPUs':>4} {'s/step':>8} {'resp tok/s':>11} {'tok/s':>9}   per-rank peak GiB "
-              "(measured / plan)")
-        for gpus, row in ((1, one), (2, two)):
-            peaks = "  ".join(f"r{r}: {row[f'rank{r}_peak_gib']:.2f} / {row[f'rank{r}_predicted_gib'] or 0:.2f}"
-                              for r in range(gpus) if f"rank{r}_peak_gib" in row)
-            print(f"  {'':<9} {gpus:>4} {row['seconds_per_step']:>8.2f} {row['response_tokens_per_s']:>11.0f} "
-                  f"{row['tokens_per_s']:>9.0f}   {peaks}")
-        print(f"  scaling (tokens/s on 2 GPUs / on 1 GPU, same global batch): "
-              f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= 1.8x)")
-
+    runs = [row for row in rows if row.get("verdict") == "ok" and "gpus" in row]
+    one = next((row for row in runs if row["gpus"] == 1), None)
+    if not runs:
+        return
+    print(f"\n  shape B{'':<44} {'s/step':>7} {'tok/s':>7} {'scaling':>8}   per-rank peak GiB (measured / plan)")
+    for row in runs:
+        peaks = "  ".join(f"r{r}: {row[f'rank{r}_peak_gib']:.2f} / {row[f'rank{r}_predicted_gib'] or 0:.2f}"
+                          for r in range(row["gpus"]) if f"rank{r}_peak_gib" in row)
+        scaling = f"{row['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
+        print(f"  {row['variant']:<51} {row['seconds_per_step']:>7.2f} {row['tokens_per_s']:>7.0f} {scaling:>8}   "
+              f"{peaks}")
+        print("      " + "  ".join(f"{name} {value:.2f}" for name, value in row["stage_seconds"].items()))
+    print("  scaling = tokens/s over the 1-GPU run's; target >= 1.8x on 2 GPUs. Same global batch (strong scaling) "
+          "unless the row says same batch per GPU (weak scaling).")
 
 
 def _write(path: str | None, card: str, rows: list[dict]) -> None:
@@ -269,9 +279,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here (rewritten after every variant)")
     parser.add_argument("--skip-throughput", action="store_true", help="equivalence runs only")
     parser.add_argument("--only-throughput", action="store_true", help="throughput runs only")
-    parser.add_argument("--weak-scaling", action="store_true",
-                        help="2 GPUs with the same batch per GPU as the 1-GPU run (twice the global batch) instead "
-                             "of the same global batch")
+    parser.add_argument("--throughput", default="1,2,2:layer,2:weak",
+                        help="throughput runs, in order: GPU counts, each optionally with a tag: 'layer' (student "
+                             "gathered per layer), 'shard' (sharded teacher), 'weak' (same batch per GPU, twice the "
+                             "global batch)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="equivalence runs of these dtypes")
     parser.add_argument("--warmup", type=int, default=1, help="throughput: untimed training steps")
     parser.add_argument("--steps", type=int, default=2, help="throughput: measured training steps")
@@ -289,12 +300,9 @@ def main() -> None:
         work = Path(tmp)
         if not args.skip_throughput:
             pipeline = _shape_b_pipeline(work, 2 * (args.warmup + args.steps))  # prompts for 2 GPUs' batches
-            jobs += [(f"throughput {gpus} GPU", lambda gpus=gpus: throughput(
-                gpus, pipeline, work, args.warmup, args.steps, deadline, args.timeout))
-                for gpus in ((1,) if args.weak_scaling else (1, 2))]
-            if args.weak_scaling:
-                jobs.append(("throughput 2 GPU (same batch per GPU)", lambda: throughput(
-                    2, pipeline, work, args.warmup, args.steps, deadline, args.timeout, weak=True)))
+            jobs += [(f"throughput {spec}", lambda spec=spec: throughput(
+                spec, pipeline, work, args.warmup, args.steps, deadline, args.timeout))
+                for spec in args.throughput.split(",")]
         if not args.only_throughput:
             jobs += [(f"equivalence {dtype}", lambda dtype=dtype: equivalence(dtype, work, deadline, args.timeout))
                      for dtype in args.dtypes.split(",")]

@@ -14,7 +14,11 @@ buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
 step, never released), the plan without the releases between rollout and training.
 `place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
-the device buffers that streaming needs (two teacher layers; one optimizer bucket). A sharded teacher keeps 1/N of
+the device buffers that streaming needs (two teacher layers; one optimizer bucket). With N ranks and the student
+gathered per step (placement.student_gather = "step"), `<student>.gathered_weights` stays from rollout through the
+training loop, the whole gradients accumulate in `<student>.unsharded_grads` (P x d, from the first backward to the
+last, which reduce-scatters them) and `<student>.fsdp_comm` is only that reduce-scatter's buffers; per layer, it is
+as described above. A sharded teacher keeps 1/N of
 its weights per rank and adds what FSDP gathers: `<teacher>.gathered_layer` (the running layer and the prefetched
 next one, during teacher_score), `<teacher>.gathered_root` (embedding, final norm and lm_head, from teacher_score
 until the loss has read the lm_head) and, with an eval stage, `<teacher>.gathered_weights` (the whole teacher, for
@@ -192,6 +196,8 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
         teacher_weights, offload_when_idle=placement.teacher_weights in ("offload", "stream"))
     if placement.teacher_weights == "shard":
         placed.update(_sharded_teacher_buffers(teacher_weights, cfg, world_size))
+    if world_size > 1 and placement.student_gather == "step":
+        placed.update(_gathered_student_buffers(placed[f"{student}.fsdp_comm"], cfg))
     if placement.teacher_weights == "stream":
         shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
         placed[teacher_weights.name] = attrs.evolve(
@@ -211,6 +217,18 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
             sized_by=placed[f"{student}.optimizer_state"].sized_by, lifetime="transient",
             formula="largest bucket x (state + fp32 grad + denominator) bytes per element")
     return placed
+
+
+def _gathered_student_buffers(comm: Buffer, cfg: PipelineConfig) -> dict[str, Buffer]:
+    """The student gathered for the whole step: whole gradients, and only the last backward's reduce-scatter."""
+    student = cfg.model_with_role("student")
+    shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
+    grads = f"{student}.unsharded_grads"
+    return {grads: Buffer(name=grads, category="grads", bytes=sizing.gradient_bytes(shape, dtype_bytes),
+                          sized_by=comm.sized_by, lifetime="transient", spans_loops=True,
+                          formula="P x d (whole gradients, reduce-scattered by the last micro-batch's backward)"),
+            comm.name: attrs.evolve(comm, bytes=2 * shape.layer_parameters() * dtype_bytes,
+                                    formula="2 x layer params x d (a layer's gradients reduce-scattered)")}
 
 
 def _sharded_teacher_buffers(weights: Buffer, cfg: PipelineConfig, world_size: int) -> dict[str, Buffer]:

@@ -56,11 +56,12 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
                            world_size)
     on_device = [b for b in buffers.values() if b.device == "device"]  # host-resident state never takes device memory
     lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
-                        [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle)
+                        [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle, b.spans_loops)
                          for b in on_device])
     written = {name for draft in drafts for name in draft.writes}
     steps, transfers = [], [*_stream_transfers(drafts, buffers, placement, hardware),
-                             *_gather_transfers(drafts, cfg, placement, hardware, world_size)]
+                             *_gather_transfers(drafts, cfg, placement, hardware, world_size),
+                             *_student_transfers(drafts, cfg, placement, hardware, world_size)]
     for index, draft in enumerate(drafts):
         moved = [name for name in lifetimes.allocates[index] if buffers[name].lifetime == "held"]
         releases = tuple(Release(buffer=name, action=action) for name, action in lifetimes.releases[index])
@@ -221,8 +222,12 @@ def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement
     root stays gathered until the loss has read the lm_head; eval gathers the whole teacher once."""
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
     teacher_bytes = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
+    student_bytes = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
     placed = []
     for draft in drafts:
+        if world_size > 1:
+            draft = _gather_student_draft(draft, student, student_bytes, placement.student_gather, hardware,
+                                          world_size)
         if placement.teacher_weights == "shard":
             draft = _shard_teacher_draft(draft, teacher, teacher_bytes, hardware, world_size)
         if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
@@ -237,6 +242,38 @@ def _place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement
                                  work=draft.work + W.transfer_work(moved, hardware))
         placed.append(draft)
     return placed
+
+
+def _gather_student_draft(draft: Draft, student: str, student_bytes: int, gather: str, hardware,
+                          world_size: int) -> Draft:
+    """The sharded student's exchanges (module docstring of opdgraph.placement): rollout's all-gather, exposed, for
+    both schedules; per layer, each micro-batch's forward gathers the student and its backward gathers it again and
+    reduce-scatters the gradients, each overlapped with that micro-batch's compute (FSDP prefetches the next layer);
+    per step, the training loop reads the weights gathered for rollout, the backward accumulates whole gradients and
+    the last one reduce-scatters them, overlapped with its compute."""
+    exchange = W.all_gather_seconds(student_bytes, world_size, hardware)  # a reduce-scatter moves as many bytes
+    per_step = gather == "step"
+    if draft.name.endswith(".prefill") and draft.kind == "rollout":
+        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange))
+    if draft.kind == "loss" and draft.name.endswith(".student_forward"):
+        if per_step:
+            return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
+                                writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
+        return _overlapped(draft, exchange)
+    if draft.kind == "backward":
+        if not per_step:
+            return _overlapped(draft, 2 * exchange)
+        compute = draft.work.seconds / draft.repeats
+        seconds = compute * (draft.repeats - 1) + max(compute, exchange)
+        return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
+                            writes=(*draft.writes, f"{student}.unsharded_grads"),
+                            work=attrs.evolve(draft.work, seconds=seconds))
+    return draft
+
+
+def _overlapped(draft: Draft, exchange_per_repeat: float) -> Draft:
+    per_repeat = max(draft.work.seconds / draft.repeats, exchange_per_repeat)
+    return attrs.evolve(draft, work=attrs.evolve(draft.work, seconds=per_repeat * draft.repeats))
 
 
 def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardware, world_size: int) -> Draft:
@@ -267,6 +304,31 @@ def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Place
                      bytes=int(received * draft.repeats),
                      seconds=draft.repeats * W.all_gather_seconds(size, world_size, hardware))
             for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
+
+
+def _student_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,
+                       world_size: int) -> list[Transfer]:
+    """The sharded student's all-gathers and reduce-scatters per training step (bytes each rank receives)."""
+    if world_size == 1:
+        return []
+    student = cfg.model_with_role("student")
+    size = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
+    received, seconds = W.all_gather_bytes(size, world_size), W.all_gather_seconds(size, world_size, hardware)
+    per_layer = placement.student_gather == "layer"
+    transfers = []
+    for draft in drafts:
+        exchanges = []
+        if draft.kind == "rollout" and draft.name.endswith(".prefill"):
+            exchanges = [("all_gather", 1)]
+        elif per_layer and draft.kind == "loss" and draft.name.endswith(".student_forward"):
+            exchanges = [("all_gather", draft.repeats)]
+        elif draft.kind == "backward":
+            exchanges = [("all_gather", draft.repeats), ("reduce_scatter", draft.repeats)] if per_layer else \
+                [("reduce_scatter", 1)]
+        transfers += [Transfer(step=draft.name, when="during", buffer=f"{student}.weights" if direction == "all_gather"
+                               else f"{student}.grads", direction=direction, bytes=int(received * times),
+                               seconds=seconds * times) for direction, times in exchanges]
+    return transfers
 
 
 def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:

@@ -4,6 +4,7 @@ A candidate is one explicit Decisions record:
 - teacher_weights: keep | offload | stream | shard  (opdgraph.placement; shard only with several ranks)
 - optimizer_state: keep | offload                (fp32 masters + AdamW moments in host memory, streamed by the step)
 - activation_checkpointing: off | on             (backward.activation_checkpointing)
+- student_gather: step | layer                   (several ranks: the student gathered once per step or per layer)
 - micro_batch_tokens, chunk_tokens, max_num_seqs (teacher_score / loss / rollout settings, each from a short ladder)
 Every candidate is compiled into a full plan (the decisions applied as config overrides plus the placement), so its
 peak and its predicted seconds per step come from the same lifetime analysis and roofline model as any plan:
@@ -13,7 +14,9 @@ compute, as FSDP prefetches), and more prefill/decode waves for fewer concurrent
 fitting candidate with the least predicted step time; ties go to fewer offloads (a sharded teacher counts as one),
 then the configured-first order of each decision (a deterministic total order, so the same config always gives the
 same plan). A sharded teacher is never predicted faster than a replicated one (same compute, plus its gathers), so
-the search shards it only when replicating it does not fit.
+the search shards it only when replicating it does not fit. The two student_gather schedules predict the same time
+where FSDP hides its exchanges behind compute (the roofline cannot see what that overlap costs), so "step", first in
+the order, is kept wherever it fits (measured faster: benchmarks/results/multi_gpu_*).
 
 The search runs only when `[pipeline.fit] enabled` and the configured plan is over budget, or when the table forces
 something (a decision, a ladder or a forbidden value); otherwise the configured plan is returned untouched.
@@ -44,10 +47,12 @@ class Decisions:
     micro_batch_tokens: int
     chunk_tokens: int
     max_num_seqs: int
+    student_gather: str = "step"
 
     @property
     def placement(self) -> Placement:
-        return Placement(teacher_weights=self.teacher_weights, optimizer_state=self.optimizer_state)
+        return Placement(teacher_weights=self.teacher_weights, optimizer_state=self.optimizer_state,
+                         student_gather=self.student_gather)
 
     @property
     def offloads(self) -> int:
@@ -57,7 +62,8 @@ class Decisions:
         return (f"teacher weights {self.teacher_weights}, optimizer state {self.optimizer_state}, activation "
                 f"checkpointing {'on' if self.activation_checkpointing else 'off'}, micro-batch "
                 f"{self.micro_batch_tokens} tokens, loss chunk {self.chunk_tokens} tokens, "
-                f"{self.max_num_seqs} sequences at a time")
+                f"{self.max_num_seqs} sequences at a time"
+                + (", student gathered per layer" if self.student_gather == "layer" else ""))
 
 
 @attrs.frozen
@@ -82,7 +88,7 @@ def configured_decisions(cfg: PipelineConfig) -> Decisions:
                      activation_checkpointing=cfg.stage("backward").config.activation_checkpointing,
                      micro_batch_tokens=cfg.stage("teacher_score").config.micro_batch_tokens,
                      chunk_tokens=cfg.stage("loss").config.chunk_tokens,
-                     max_num_seqs=cfg.stage("rollout").config.max_num_seqs)
+                     max_num_seqs=cfg.stage("rollout").config.max_num_seqs, student_gather=placement.student_gather)
 
 
 def apply_decisions(cfg: PipelineConfig, decisions: Decisions) -> PipelineConfig:
@@ -148,13 +154,16 @@ def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:
     chunks = fit.chunk_tokens or _halvings(base.chunk_tokens, min(MIN_CHUNK_TOKENS, base.chunk_tokens))
     seqs = fit.max_num_seqs or _halvings(base.max_num_seqs, min(MIN_NUM_SEQS, base.max_num_seqs))
     checkpointing = _choices(fit, "activation_checkpointing", "on" if base.activation_checkpointing else "off")
+    # One process has no FSDP schedule to choose: only the configured value (which nothing reads).
+    gathers = _choices(fit, "student_gather", base.student_gather) if world_size > 1 else [base.student_gather]
     product = itertools.product(_choices(fit, "teacher_weights", base.teacher_weights,
                                          ("shard",) if world_size == 1 else ()),
                                 _choices(fit, "optimizer_state", base.optimizer_state),
-                                checkpointing, micro, chunks, seqs)
+                                checkpointing, micro, chunks, seqs, gathers)
     return [Decisions(teacher_weights=teacher, optimizer_state=optimizer, activation_checkpointing=ckpt == "on",
-                      micro_batch_tokens=micro_tokens, chunk_tokens=chunk, max_num_seqs=num_seqs)
-            for teacher, optimizer, ckpt, micro_tokens, chunk, num_seqs in product]
+                      micro_batch_tokens=micro_tokens, chunk_tokens=chunk, max_num_seqs=num_seqs,
+                      student_gather=gather)
+            for teacher, optimizer, ckpt, micro_tokens, chunk, num_seqs, gather in product]
 
 
 def choose(candidates: list[Candidate], budget_bytes: int) -> Candidate | None:

@@ -10,6 +10,8 @@ Input: steps in execution order (each with its enclosing loops, outer first) and
   reloaded before it, offloaded after it, at most once per training step: their home is the step itself, so an
   interval inside a loop widens to the whole outermost loop (the teacher is reloaded before the first micro-batch
   and dropped after the last, not once per micro-batch).
+- A transient buffer that spans loops (an accumulator written inside a loop) has the step as its home too: it is
+  allocated before the loop's first iteration and freed after its last.
 - Live bytes per step come from a difference array (prefix sum); the peak is its first maximum.
 The order of steps is the caller's (the compiler sorts the stage graph deterministically).
 """
@@ -33,6 +35,7 @@ class ScheduleBuffer:
     bytes: int
     held: bool = False
     offload_when_idle: bool = False
+    spans_loops: bool = False
 
 
 @attrs.frozen
@@ -85,7 +88,7 @@ def analyze(steps: list[ScheduleStep], buffers: list[ScheduleBuffer]) -> Lifetim
             continue
         if not indices:  # never touched: never on the device (an idle offloaded buffer stays on the host)
             continue
-        home = () if buffer.held else _common_prefix(steps[index].loops for index in indices)
+        home = () if buffer.held or buffer.spans_loops else _common_prefix(steps[index].loops for index in indices)
         first = _widen(steps, indices[0], home, -1)
         last = _widen(steps, indices[-1], home, +1)
         intervals[buffer.name] = (first, last)

@@ -8,6 +8,12 @@
   one prefetched, and the root -- embedding, final norm, lm_head -- until the loss has read the lm_head).
 - optimizer_state: "keep" (fp32 masters and AdamW moments on the device), or "offload" (they live in pinned host
   memory and the optimizer step streams them through the device bucket by bucket: copy in, update, copy out).
+- student_gather (several ranks only; the student's FSDP2 schedule): "step" (the student is all-gathered once per
+  training step, for rollout, and stays whole through the training micro-batches; gradients accumulate whole and are
+  reduce-scattered once, in the last micro-batch's backward: per rank P x d of weights and P x d of gradients more
+  during training, and no communication inside the loop) or "layer" (FSDP's default: every micro-batch's forward
+  and backward all-gather one layer at a time and every backward reduce-scatters its gradients: least memory, three
+  exchanges of the student per micro-batch). One process ignores it.
 
 The compiler (opdgraph.compile, opdgraph.buffers) turns a Placement into buffers and transfers; the runtime
 (opdgraph.runtime.offload) executes the same placement. Without a fit search, the placement comes from the config
@@ -25,9 +31,12 @@ import attrs
 class Placement:
     teacher_weights: Literal["keep", "offload", "stream", "shard"] = "keep"
     optimizer_state: Literal["keep", "offload"] = "keep"
+    student_gather: Literal["step", "layer"] = "step"
 
 
 def configured_placement(cfg) -> Placement:
     """The placement a pipeline asks for without any search."""
     teacher = cfg.models[cfg.model_with_role("teacher")]
-    return Placement(teacher_weights="offload" if teacher.offload_when_idle else "keep")
+    gather = cfg.pipeline.fit.student_gather
+    return Placement(teacher_weights="offload" if teacher.offload_when_idle else "keep",
+                     student_gather="step" if gather == "auto" else gather)

@@ -26,6 +26,9 @@ class Buffer:
     lifetime: Literal["held", "transient"]  # held: kept across training steps; transient: allocated and freed
     device: Literal["device", "host"] = "device"  # where it lives while live
     offload_when_idle: bool = False  # held buffers only: moved to host between uses
+    # Transient only: an accumulator written inside a loop that lives from before the loop's first iteration to after
+    # its last (the sharded student's whole gradients under student_gather = "step"), not one iteration at a time.
+    spans_loops: bool = False
     formula: str = ""
 
 
@@ -63,13 +66,14 @@ class Step:
 
 @attrs.frozen(kw_only=True)
 class Transfer:
-    """Bytes moved over PCIe by an offload decision (opdgraph.placement), or received over the GPU interconnect by
-    a sharded teacher's all-gathers, with their predicted time."""
+    """Bytes moved over PCIe by an offload decision (opdgraph.placement), or exchanged over the GPU interconnect by
+    FSDP2 (the student's and a sharded teacher's all-gathers, the student's gradient reduce-scatters; bytes each
+    rank receives), with their predicted time."""
 
     step: str  # the step the transfer belongs to
     when: Literal["before", "during", "after"]
     buffer: str
-    direction: Literal["reload", "offload", "stream", "all_gather"]
+    direction: Literal["reload", "offload", "stream", "all_gather", "reduce_scatter"]
     bytes: int  # per training step
     seconds: float
 

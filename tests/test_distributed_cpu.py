@@ -28,12 +28,13 @@ OVERRIDES = ["step.warmup_steps=0", "step.eps=1e-6", "log.progress=false", "log.
 RELATIVE = 1e-5
 
 
-def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_size: int = 1):
+def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_size: int = 1, *extra: str):
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
     from opdgraph.runtime.run import run_pipeline
 
-    cfg = load_pipeline(TINY, [*OVERRIDES, f"pipeline.output_dir={output_dir}", f"pipeline.num_steps={num_steps}"])
+    cfg = load_pipeline(TINY, [*OVERRIDES, f"pipeline.output_dir={output_dir}", f"pipeline.num_steps={num_steps}",
+                               *extra])
     return run_pipeline(cfg, compile_plan(cfg, world_size=world_size), resume=resume)
 
 
@@ -104,6 +105,7 @@ def test_two_ranks_equal_one_process(runs):
     fails if the token normalisation is per rank, gradients are averaged instead of summed, clipping uses a local
     norm, or the optimizer's shards or gathered checkpoint are misaligned."""
     _assert_same_step(runs / "one", runs / "two", step=1)
+    _assert_same_step(runs / "one", runs / "two_per_layer", step=1)  # FSDP's default schedule, the plan's other one
     # The comparison is meaningful only if the step moved the weights far beyond the tolerance.
     initial, trained = _initial_student_weights(), _weights(_checkpoint(runs / "one", 1))
     moved = max((trained[f"model.{n}"] - t).abs().max().item() / t.abs().max().item() for n, t in initial.items())
@@ -136,6 +138,134 @@ def test_plan_per_rank_sizes():
         compile_plan(cfg, world_size=3)
 
 
+def test_plan_student_gather_schedules():
+    """Per step, the weights gathered for rollout stay through the backward and whole gradients span the
+    micro-batch loop, freed before the optimizer step; per layer, the gathered weights go after rollout and each
+    micro-batch gathers and reduces: fails if either schedule's memory or exchanges are planned wrong."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+    from opdgraph.placement import Placement
+
+    cfg = load_pipeline(TINY, ["models.student.dtype=bfloat16", "teacher_score.micro_batch_tokens=160"])
+    per_step, per_layer = (compile_plan(cfg, Placement(student_gather=gather), world_size=2)
+                           for gather in ("step", "layer"))
+    shape = cfg.shapes["student"]
+    weights = shape.parameter_count() * 2
+    assert per_step.buffers["student.unsharded_grads"].bytes == weights
+    assert per_step.buffers["student.unsharded_grads"].spans_loops
+    assert "student.unsharded_grads" not in per_layer.buffers
+    assert per_step.buffers["student.fsdp_comm"].bytes < per_layer.buffers["student.fsdp_comm"].bytes
+
+    def freed_after(plan, name):
+        return [step.name for step in plan.steps if any(r.buffer == name for r in step.releases)]
+
+    assert freed_after(per_step, "student.gathered_weights") == ["backward"]
+    assert freed_after(per_layer, "student.gathered_weights") == ["rollout.decode"]
+    first_in_loop = next(step for step in per_step.steps if step.loops)
+    assert "student.unsharded_grads" in first_in_loop.allocates  # before the first iteration, not per backward
+    assert freed_after(per_step, "student.unsharded_grads") == ["backward"]
+    loss_step = per_step.step("loss")
+    assert loss_step.live_bytes - per_layer.step("loss").live_bytes == weights + weights - (
+        per_layer.buffers["student.fsdp_comm"].bytes)  # whole weights + whole grads, minus the per-layer buffers
+    micro = per_step.facts["train.num_micro_batches"]
+    assert micro > 1
+
+    def exchanges(plan):
+        return sorted((t.step, t.direction, t.bytes) for t in plan.transfers if t.buffer.startswith("student."))
+
+    half = weights // 2
+    assert exchanges(per_step) == [("backward", "reduce_scatter", half), ("rollout.prefill", "all_gather", half)]
+    assert exchanges(per_layer) == [("backward", "all_gather", half * micro), ("backward", "reduce_scatter", half * micro),
+                                    ("loss.student_forward", "all_gather", half * micro),
+                                    ("rollout.prefill", "all_gather", half)]
+
+
+def test_fit_gathers_per_layer_only_when_per_step_does_not_fit():
+    """The per-step schedule is the default and the search keeps it wherever it fits (the roofline predicts both
+    the same); a budget between the two peaks must give the per-layer one, and one process never searches it."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+    from opdgraph.fit import fit_plan
+    from opdgraph.placement import Placement
+
+    qwen = TINY.parent / "qwen25_1b5_from_7b.toml"
+    cfg = load_pipeline(qwen, [])
+    per_step, per_layer = (compile_plan(cfg, Placement(student_gather=gather), world_size=2)
+                           for gather in ("step", "layer"))
+    assert per_step.step_seconds == pytest.approx(per_layer.step_seconds)
+    assert per_layer.peak_bytes < per_step.peak_bytes
+    tight_gib = (per_step.peak_bytes - 1) / 2**30
+    keep_only = ['pipeline.fit.forbid=["teacher_weights.offload", "teacher_weights.stream", "teacher_weights.shard", '
+                 '"optimizer_state.offload", "activation_checkpointing.on"]', "pipeline.fit.micro_batch_tokens=[8192]",
+                 "pipeline.fit.chunk_tokens=[1024]", "pipeline.fit.max_num_seqs=[128]"]
+    roomy = fit_plan(load_pipeline(qwen, keep_only), world_size=2)
+    assert roomy.decisions.student_gather == "step" and "student.unsharded_grads" in roomy.plan.buffers
+    tight = fit_plan(load_pipeline(qwen, [*keep_only, f"pipeline.memory_budget_gib={tight_gib}"]), world_size=2)
+    assert tight.fits and tight.decisions.student_gather == "layer"
+    assert "student.unsharded_grads" not in tight.plan.buffers
+    one = fit_plan(load_pipeline(qwen, keep_only), world_size=1)
+    assert {c.decisions.student_gather for c in one.candidates} == {"step"}
+
+
+def test_gradients_reduced_once_per_step(tmp_path):
+    """Under the per-step schedule the sharded gradients stay empty until the last micro-batch's backward, which
+    reduce-scatters the sum of all micro-batches: fails if an earlier backward reduces (the exchange the schedule
+    saves) or the accumulated gradients are lost or counted twice (checked against one unsharded process)."""
+    launched = _torchrun("schedule", str(tmp_path), timeout=120)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    report = json.loads((tmp_path / "schedule.json").read_text())
+    assert report["grads_before_last"] == [False, False]
+    assert report["max_relative_error"] < 1e-5
+
+
+def _schedule_worker(out: Path) -> None:
+    """Three micro-batches on a sharded tiny student (each rank its own) under begin_step_gather, against the sum of
+    the same six micro-batches' gradients in one unsharded copy."""
+    import copy
+
+    import torch.distributed as dist
+
+    from opdgraph.models.decoder import DecoderLM
+    from opdgraph.models.packing import pack
+    from opdgraph.models.tiny_configs import tiny_config
+    from opdgraph.models.config import decoder_config_from_hf
+    from opdgraph.runtime import distributed
+
+    distributed.init_distributed("cpu")
+    torch.manual_seed(0)
+    model = DecoderLM(decoder_config_from_hf(tiny_config("qwen2")))
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    batches = [[torch.randint(0, 200, (9,), generator=generator).tolist()] for _ in range(6)]
+
+    def loss_of(net, tokens):
+        hidden = net.forward_hidden(*pack(tokens, device=torch.device("cpu")))
+        return (hidden.float() ** 2).mean()
+
+    for tokens in batches:
+        loss_of(reference, tokens).backward()
+    distributed.shard_student(model)
+    distributed.begin_step_gather(model)
+    mine = batches[distributed.rank()::2]
+    seen = []
+    for index, tokens in enumerate(mine):
+        distributed.sync_gradients_if_last(model, index, len(mine))
+        loss_of(model, tokens).backward()
+        if index < len(mine) - 1:  # the sharded parameters (what the optimizer reads) get a gradient only by reduction
+            groups = [unit._get_fsdp_state()._fsdp_param_group for unit in (model, *model.layers)]
+            seen.append(any(p.sharded_param.grad is not None for group in groups for p in group.fsdp_params))
+    distributed.end_step_gather(model)
+    worst = 0.0
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        full = param.grad.full_tensor()
+        worst = max(worst, ((full - expected.grad).abs().max() / expected.grad.abs().max().clamp_min(1e-12)).item())
+    if distributed.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "schedule.json").write_text(json.dumps({"grads_before_last": seen, "max_relative_error": worst}))
+    dist.barrier()
+    distributed.shutdown()
+
+
 def test_failing_rank_is_named(tmp_path):
     """An exception on rank 1 only must surface as `[rank 1] ...` and end the whole job (rank 0 waits in a
     collective and must not hang): fails if errors lose their rank or a dead peer leaves the others blocked."""
@@ -155,8 +285,12 @@ def _worker(mode: str, *args: str) -> None:
                 raise ValueError("rank 1 read a bad shard")
             distributed.barrier()
         return
+    if mode == "schedule":
+        _schedule_worker(Path(args[0]))
+        return
     root, one_process_step_1 = Path(args[0]), Path(args[1])
     _run(root / "two", num_steps=1, world_size=2)
+    _run(root / "two_per_layer", 1, None, 2, "pipeline.fit.student_gather=layer")
     _run(root / "one_to_two", num_steps=2, resume=one_process_step_1, world_size=2)
     distributed.shutdown()
 

@@ -68,6 +68,14 @@ SCHEDULES = {
         [s("t", "mb", writes="h"), s("b", "mb", reads="h", writes="g"), s("opt", reads="g")],
         [ScheduleBuffer("h", 7), ScheduleBuffer("g", 300)],
         [307, 307, 300]),
+    "accumulator that spans loops: allocated before the loop, freed after its last iteration": (
+        [s("roll", writes="w"), s("t", "mb", reads="w"), s("b", "mb", reads="w", writes="g"), s("opt")],
+        [ScheduleBuffer("w", 1000), ScheduleBuffer("g", 300, spans_loops=True)],
+        [1000, 1300, 1300, 0]),
+    "the same accumulator without spans_loops is one iteration's buffer": (
+        [s("roll", writes="w"), s("t", "mb", reads="w"), s("b", "mb", reads="w", writes="g"), s("opt")],
+        [ScheduleBuffer("w", 1000), ScheduleBuffer("g", 300)],
+        [1000, 1000, 1300, 0]),
     "chunk buffer released at the end of the chunk loop": (
         [s("f", "mb", writes="h"), s("loss", "mb chunk", reads="h", writes="c"), s("b", "mb", reads="c")],
         [ScheduleBuffer("h", 2), ScheduleBuffer("c", 20)],
@@ -106,7 +114,8 @@ def test_random_schedules_hold_invariants():
             writes = tuple(name for name in names if generator.random() < 0.3)
             steps.append(ScheduleStep(f"s{index}", loops[index], reads, writes))
         buffers = [ScheduleBuffer(name, generator.randint(1, 100), held=generator.random() < 0.2,
-                                  offload_when_idle=generator.random() < 0.5) for name in names]
+                                  offload_when_idle=generator.random() < 0.5, spans_loops=generator.random() < 0.3)
+                   for name in names]
         check_invariants(steps, buffers)
 
 

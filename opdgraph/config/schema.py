@@ -34,6 +34,7 @@ FIT_CHOICES = {  # decision -> its values, in the order the search tries them (s
     "teacher_weights": ("keep", "offload", "stream", "shard"),
     "optimizer_state": ("keep", "offload"),
     "activation_checkpointing": ("off", "on"),
+    "student_gather": ("step", "layer"),
 }
 
 
@@ -63,6 +64,12 @@ class FitConfig:
     optimizer_state: Literal["auto", "keep", "offload"] = setting(
         "auto", help="fp32 masters + AdamW moments: keep on the device, or keep in host memory and stream them "
                      "through the optimizer step; auto: let the search pick")
+    student_gather: Literal["auto", "step", "layer"] = setting(
+        "auto", help="several ranks: gather the FSDP2-sharded student once per step and keep it whole through "
+                     "training (step: gradients reduced once per step; P x d of weights and of gradients more per "
+                     "rank), or one layer at a time in every micro-batch (layer: least memory, the student's weights "
+                     "gathered twice and its gradients reduced once per micro-batch); auto: step unless it does not "
+                     "fit")
     activation_checkpointing: Literal["auto", "on", "off"] = setting(
         "auto", help="force backward.activation_checkpointing on or off; auto: let the search pick")
     micro_batch_tokens: list[int] = setting([], help="teacher_score.micro_batch_tokens values to try ([] = the "

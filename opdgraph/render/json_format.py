@@ -1,7 +1,7 @@
 """`opdgraph plan --format json`: the whole Plan as JSON with sorted keys, integers for FLOPs and bytes, and
 seconds rounded to nanoseconds, so golden files and diffs stay stable across machines. The fit search's fields
-(`transfers`, `fit`) appear only when it placed something off the device, so plans that fit as configured keep
-their JSON."""
+(`transfers`, `fit`) appear only when it placed something off the device, and a buffer's `spans_loops` only when
+true, so plans that fit as configured keep their JSON."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def plan_to_dict(plan: Plan) -> dict:
     for key in ("transfers", "fit"):
         if not data[key]:
             del data[key]
+    for buffer in data["buffers"].values():
+        if not buffer["spans_loops"]:
+            del buffer["spans_loops"]
     return _stable(data)
 
 

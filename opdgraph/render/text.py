@@ -103,16 +103,17 @@ def _transfer_lines(plan: Plan) -> list[str]:
     if not plan.transfers:
         return []
     gathers = any(transfer.direction == "all_gather" for transfer in plan.transfers)
-    lines = ["Transfers (host copies over PCIe, all-gathers over the GPU interconnect; bytes received per rank and "
-             "time per training step):" if gathers else "Host transfers (PCIe; bytes and time per training step):"]
+    lines = ["Transfers (host copies over PCIe, FSDP exchanges over the GPU interconnect; bytes received per rank "
+             "and time per training step):" if gathers else "Host transfers (PCIe; bytes and time per training step):"]
+    width = max(8, *(len(transfer.direction) for transfer in plan.transfers))
     for transfer in plan.transfers:
         note = "  (never written: the host copy is current, the device copy is dropped)" if not transfer.bytes else ""
-        lines.append(f"  {transfer.when + ' ' + transfer.step:<28} {transfer.direction:<8} {transfer.buffer:<26} "
+        lines.append(f"  {transfer.when + ' ' + transfer.step:<28} {transfer.direction:<{width}} {transfer.buffer:<26} "
                      f"{gib(transfer.bytes):>8} GiB  {_seconds(transfer.seconds):>11}{note}")
     total = sum(transfer.seconds for transfer in plan.transfers)
     kind = "transfer" if gathers else "PCIe"
     return [*lines, f"  total {kind} time {_seconds(total)} (included in the step times above; a stream "
-                    f"{'or an all-gather ' if gathers else ''}overlaps its step's compute)", ""]
+                    f"{'or an FSDP exchange ' if gathers else ''}overlaps its step's compute)", ""]
 
 
 def render_text(plan: Plan) -> str:
@@ -128,7 +129,8 @@ def render_text(plan: Plan) -> str:
            f"{facts['train.num_micro_batches']} micro-batches "
            f"of {facts['train.micro_batch_tokens']} tokens, {facts['loss.chunks_per_micro_batch']} loss chunks of "
            f"{facts['loss.chunk_tokens']} tokens each",
-           *([f"  ranks: {facts['world_size']} (data parallel, FSDP2-sharded student, "
+           *([f"  ranks: {facts['world_size']} (data parallel, FSDP2-sharded student gathered per "
+               f"{'step' if any(n.endswith('.unsharded_grads') for n in plan.buffers) else 'layer'}, "
                f"{'sharded' if any(n.endswith('.gathered_root') for n in plan.buffers) else 'replicated'} teacher; "
                "every size here is per rank)"]
              if "world_size" in facts else []), "",

@@ -10,7 +10,12 @@ How a step runs on N ranks (see README, "Several GPUs"):
 - the loss weights divide by the *global* response-token (or sequence) count, all-reduced in rollout, and FSDP
   sums (not averages) gradients, so N ranks apply the update one rank would on the same global batch;
 - every rank runs the same number of training micro-batches (`pad_micro_batches`): FSDP's all-gathers are
-  collectives, so a rank with fewer samples runs zero-weight copies instead of waiting forever.
+  collectives, so a rank with fewer samples runs zero-weight copies instead of waiting forever;
+- the plan's student_gather (opdgraph.placement) sets FSDP's schedule in training: "layer" is FSDP's default (each
+  micro-batch gathers layer by layer and reduce-scatters its gradients); "step" keeps the weights gathered for
+  rollout through the micro-batch loop (`begin_step_gather`), lets whole gradients accumulate without reduction
+  until the last micro-batch's backward (`sync_gradients_if_last`), and reshards at the plan's release of
+  `<student>.gathered_weights` (`end_step_gather`), before the optimizer step.
 The teacher is replicated on every rank (the plan counts its full size per rank), or, with the placement
 teacher_weights = "shard", sharded forward-only (`shard_teacher`): each rank holds 1/N of its weights, a layer is
 all-gathered for its own forward and resharded after it, and the root (embedding, final norm, lm_head) stays
@@ -202,6 +207,32 @@ def reshard_all(model) -> None:
         module.reshard()
 
 
+def begin_step_gather(model) -> None:
+    """Gather the student for the rest of the training step (collective): no reshard after a forward or a backward,
+    no gradient reduction until `sync_gradients_if_last` says so. Gathering twice is a no-op."""
+    gather_all(model)
+    for module in _fsdp_modules(model):
+        module.set_reshard_after_backward(False, recurse=False)
+        module.set_requires_gradient_sync(False, recurse=False)
+
+
+def sync_gradients_if_last(model, index: int, count: int) -> None:
+    """Before micro-batch `index` of `count`'s backward: only the last one reduce-scatters the accumulated whole
+    gradients (every rank runs the same count, `pad_micro_batches`, so the reduce-scatters pair up)."""
+    last = index == count - 1
+    for module in _fsdp_modules(model):
+        module.set_requires_gradient_sync(last, recurse=False)
+
+
+def end_step_gather(model) -> None:
+    """The release of `<student>.gathered_weights` under student_gather = "step": back to FSDP's per-layer defaults,
+    and every unit drops its full weights (the reduce-scattered gradients stay, sharded, for the optimizer)."""
+    for module in _fsdp_modules(model):
+        module.set_reshard_after_backward(True, recurse=False)
+        module.set_requires_gradient_sync(True, recurse=False)
+    reshard_all(model)
+
+
 @contextlib.contextmanager
 def unsharded_for_rollout(model):
     """All-gather every parameter and keep it gathered until the block ends (collective: all ranks enter).
@@ -251,17 +282,23 @@ class GatheredModel:
 
 
 class UnshardingEngine:
-    """The rollout engine of a sharded student: gathers the weights around each `generate`; else the engine itself."""
+    """The rollout engine of a sharded student: gathers the weights around each `generate` (with `keep_gathered`,
+    the student_gather = "step" schedule, they stay gathered after it: `begin_step_gather`); else the engine."""
 
-    def __init__(self, engine, model):
+    def __init__(self, engine, model, *, keep_gathered: bool = False):
         self._engine = engine
         self._model = model
+        self._keep_gathered = keep_gathered
 
     def generate(self, requests):
+        # FSDP re-creates the gathered weights' storage at every gather, so their addresses can change between
+        # rollouts; graphs captured on the last ones must go (with the plan's releases they already went with the KV
+        # pool; with release_phase_buffers = false they would survive).
+        if self._keep_gathered:
+            begin_step_gather(self._model)
+            self._engine.drop_graphs()
+            return self._engine.generate(requests)
         with unsharded_for_rollout(self._model):
-            # FSDP re-creates the gathered weights' storage at every gather, so their addresses can change between
-            # rollouts; graphs captured on the last ones must go (with the plan's releases they already went with
-            # the KV pool; with release_phase_buffers = false they would survive).
             self._engine.drop_graphs()
             return self._engine.generate(requests)
 

@@ -57,8 +57,9 @@ class PlanExecutor:
         self.release_hooks = release_hooks  # buffer name -> callable that drops what holds it (e.g. the KV pool)
         self.segments = _segments(plan.steps)
         # Buffers first allocated inside a loop are freed per iteration; a buffer from outside the loop that is last
-        # read inside it is freed once, after the loop's last iteration.
-        self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates}
+        # read inside it, or an accumulator that spans the loop, is freed once, after the loop's last iteration.
+        self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates
+                                  if not plan.buffers[name].spans_loops}
         self.offloader = HostOffloader(plan, ctx.teacher, ctx.device)
 
     def run_training_step(self) -> None:

@@ -163,7 +163,9 @@ def plan_placement(plan) -> Placement:
     teacher_weights = ("stream" if streamed else "shard" if sharded
                        else "offload" if plan.buffers[teacher].offload_when_idle else "keep")
     host_state = any(buffer.device == "host" for buffer in plan.buffers.values())
-    return Placement(teacher_weights=teacher_weights, optimizer_state="offload" if host_state else "keep")
+    per_step = any(name.endswith(".unsharded_grads") for name in plan.buffers) or "world_size" not in plan.facts
+    return Placement(teacher_weights=teacher_weights, optimizer_state="offload" if host_state else "keep",
+                     student_gather="step" if per_step else "layer")
 
 
 def _teacher_weights_buffer(plan) -> str:

@@ -108,9 +108,11 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     step = cfg.stage("step").config
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    student_name = cfg.model_with_role("student")
+    gather_per_step = f"{student_name}.unsharded_grads" in plan.buffers  # the plan's student_gather = "step"
     if distributed.world_size() > 1:
         distributed.shard_student(student)
-        engine = distributed.UnshardingEngine(engine, student)
+        engine = distributed.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
     if plan_placement(plan).teacher_weights == "shard":
         if distributed.world_size() == 1:
             raise ValueError("the plan shards the teacher across ranks (teacher_weights = 'shard') but this run has "
@@ -124,14 +126,14 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     log = cfg.stage("log")
     metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
                else SilentMetrics(run_dir))
-    student_name = cfg.model_with_role("student")
     facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
              "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
-             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held"}
+             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
+             "gather_per_step": gather_per_step and distributed.world_size() > 1}
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,
@@ -195,6 +197,9 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    if ctx.facts["gather_per_step"]:  # the training loop ran on the weights gathered for rollout
+        hooks[f"{cfg.model_with_role('student')}.gathered_weights"] = functools.partial(distributed.end_step_gather,
+                                                                                        ctx.student)
     if distributed.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
         hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = functools.partial(distributed.reshard_forward_only,
                                                                                      ctx.teacher)

@@ -99,6 +99,10 @@ def read_back_step_scalars(record: dict) -> None:
 def backward(ctx, loop) -> None:
     """Second stage: one backward with the hidden-state gradient scattered to the trained rows."""
     batch = _micro_batch(loop)
+    if ctx.facts.get("gather_per_step"):
+        from opdgraph.runtime.distributed import sync_gradients_if_last
+
+        sync_gradients_if_last(ctx.student, loop.index, loop.count)
     activations = ctx.buffers.get_item("student_activations", loop.index)
     hidden_grad = ctx.buffers.get_item("hidden_grad", loop.index)
     full_grad = torch.zeros_like(activations)
