@@ -4,7 +4,9 @@
 # Parts: tests (GPU-marked tests of the rollout, kernels and runtime fast paths), attn (decode attention kernel vs
 # flashinfer), rollout (decode bursts vs the per-step graphs and transformers, with a profile), step (one OPD step,
 # shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
-# multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs), alltests (every GPU-marked test).
+# multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (every
+# GPU-marked test), tpprobe (what a 2-way tensor-parallel rollout would cost: the small all-reduces on 2 GPUs, and
+# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two).
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -41,8 +43,16 @@ for part in "$@"; do
       cp "$OUT/tiny_run/memory.txt" "$OUT/tiny_memory_table.txt"
       rm -rf "$OUT/tiny_run" ;;
     multi)
-      timeout 380 python3 benchmarks/multi_gpu.py --time-budget 360 --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.txt" \
-        | tail -30 ;;
+      timeout 560 python3 benchmarks/multi_gpu.py --time-budget 540 $MULTI_ARGS --out "$OUT/multi_gpu.json" 2>&1 \
+        | tee "$OUT/multi_gpu.txt" | tail -30 ;;
+    tpprobe)
+      timeout 100 torchrun --standalone --nproc-per-node 2 benchmarks/allreduce_probe.py 2>&1 | tee "$OUT/allreduce.txt" | tail -4
+      (cd benchmarks && for shapes in full half; do
+        set -- ; [ $shapes = half ] && set -- --config-set num_attention_heads=6 --config-set num_key_value_heads=1 \
+          --config-set intermediate_size=4480 --config-set head_dim=128
+        CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 rollout_gpu.py --only "bursts16 bs" --batch-sizes 64,128 \
+          --skip-transformers "$@" --out "$OUT/rollout_$shapes.json" 2>&1 | tee "$OUT/rollout_$shapes.txt" | tail -8
+      done) ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

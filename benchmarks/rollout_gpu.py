@@ -290,6 +290,9 @@ def main():
                         help="extra burst variants with decode-attention launch settings, comma list of "
                              "BLOCK_N/NUM_WARPS/PROGRAMS_PER_SM, e.g. 64/4/4,32/4/2")
     parser.add_argument("--only", default="", help="run only variants whose name contains one of these (comma list)")
+    parser.add_argument("--config-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a key of the model config (JSON value), e.g. intermediate_size=4480 for the "
+                             "per-GPU shapes of a 2-way tensor-parallel split")
     args = parser.parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     short_tokens = 32 + args.timed_steps
@@ -298,6 +301,9 @@ def main():
 
     device = torch.device("cuda")
     config_dict = json.loads(CONFIG.read_text())
+    for item in args.config_set:
+        key, _, value = item.partition("=")
+        config_dict[key] = json.loads(value)
     model = load_decoder(config_dict, dtype=torch.bfloat16, device=device, init_seed=0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
