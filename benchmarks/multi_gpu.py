@@ -61,6 +61,16 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative to each tensor's lar
 EPS = {"float32": "1e-6", "bfloat16": "1e-2"}
 GIB = 2**30
 
+# A forced decision makes the fit search run, and it may then also change sizes the roofline cannot tell apart:
+# the variants pin them to shape B's, so that only the named choice differs.
+PINNED = ["pipeline.fit.micro_batch_tokens=[8192]", "pipeline.fit.chunk_tokens=[2048]", "pipeline.fit.max_num_seqs=[128]"]
+VARIANTS = {  # --throughput tags: a 2-GPU run with one plan choice changed, or a twice larger global batch
+    "": ("", []),
+    "layer": (" (student gathered per layer)", ["pipeline.fit.student_gather=layer", *PINNED]),
+    "shard": (" (sharded teacher)", ["pipeline.fit.teacher_weights=shard", *PINNED]),
+    "weak": (" (same batch per GPU)", []),
+}
+
 
 class Deadline:
     """The script's whole time budget: each launch gets at most what is left, minus a margin for the report."""
@@ -169,17 +179,22 @@ def _failed(variant: str, launches: dict) -> dict:
     return {"variant": variant, "verdict": "FAILED", "failures": failures}
 
 
-def equivalence(dtype: str, work: Path, deadline: Deadline, timeout: float) -> dict:
+def equivalence(spec: str, work: Path, deadline: Deadline, timeout: float) -> dict:
+    """spec "DTYPE" or "DTYPE:TAG": with TAG "layer" or "shard" the 2-GPU run gathers the student per layer or
+    shards the teacher (the 1-GPU reference is the same), so that plan choice is checked for the same update too."""
+    dtype, _, tag = spec.partition(":")
     overrides = [*EQUIVALENCE, f"models.student.dtype={dtype}", f"models.teacher.dtype={dtype}",
                  f"step.eps={EPS[dtype]}"]
-    runs = {gpus: work / f"eq-{dtype}-{gpus}gpu" for gpus in (1, 2)}
+    variant = f"equivalence {dtype}{VARIANTS[tag][0]}"
+    runs = {gpus: work / f"eq-{dtype}-{tag or 'plain'}-{gpus}gpu" for gpus in (1, 2)}
     launches = {}
     for gpus, run_dir in runs.items():
-        launches[gpus] = _launch(f"equivalence {dtype} {gpus} GPU", TINY, overrides, run_dir, gpus,
+        extra = [VARIANTS[tag][1][0]] if tag and gpus == 2 else []  # the decision alone, not shape B's pinned sizes
+        launches[gpus] = _launch(f"{variant} {gpus} GPU", TINY, [*overrides, *extra], run_dir, gpus,
                                  min(timeout, deadline.left()))
         if launches[gpus]["returncode"] != 0:
-            return _failed(f"equivalence {dtype}", launches)
-    return {"variant": f"equivalence {dtype}", **_compare_step_one(runs[1], runs[2], dtype)}
+            return _failed(variant, launches)
+    return {"variant": variant, **_compare_step_one(runs[1], runs[2], dtype)}
 
 
 def _shape_b_pipeline(work: Path, steps: int) -> Path:
@@ -191,17 +206,6 @@ def _shape_b_pipeline(work: Path, steps: int) -> Path:
     directory.mkdir()
     return write_pipeline(directory, shape, tiny=False, micro_batch_tokens=8192, chunk_tokens=2048,
                           init_device="device")
-
-
-# A forced decision makes the fit search run, and it may then also change sizes the roofline cannot tell apart:
-# the variants pin them to shape B's, so that only the named choice differs.
-PINNED = ["pipeline.fit.micro_batch_tokens=[8192]", "pipeline.fit.chunk_tokens=[2048]", "pipeline.fit.max_num_seqs=[128]"]
-VARIANTS = {  # --throughput tags: a 2-GPU run with one plan choice changed, or a twice larger global batch
-    "": ("", []),
-    "layer": (" (student gathered per layer)", ["pipeline.fit.student_gather=layer", *PINNED]),
-    "shard": (" (sharded teacher)", ["pipeline.fit.teacher_weights=shard", *PINNED]),
-    "weak": (" (same batch per GPU)", []),
-}
 
 
 def throughput(spec: str, pipeline: Path, work: Path, warmup: int, measured: int, deadline: Deadline,
@@ -286,7 +290,9 @@ def main() -> None:
                         help="throughput runs, in order: GPU counts, each optionally with a tag: 'layer' (student "
                              "gathered per layer), 'shard' (sharded teacher), 'weak' (same batch per GPU, twice the "
                              "global batch)")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="equivalence runs of these dtypes")
+    parser.add_argument("--dtypes", default="float32,bfloat16,bfloat16:shard",
+                        help="equivalence runs: dtypes, each optionally with a tag of the 2-GPU run: 'layer' "
+                             "(student gathered per layer) or 'shard' (sharded teacher)")
     parser.add_argument("--warmup", type=int, default=1, help="throughput: untimed training steps")
     parser.add_argument("--steps", type=int, default=2, help="throughput: measured training steps")
     parser.add_argument("--timeout", type=float, default=200, help="most seconds for one launch")
@@ -307,8 +313,8 @@ def main() -> None:
                 spec, pipeline, work, args.warmup, args.steps, deadline, args.timeout))
                 for spec in args.throughput.split(",")]
         if not args.only_throughput:
-            jobs += [(f"equivalence {dtype}", lambda dtype=dtype: equivalence(dtype, work, deadline, args.timeout))
-                     for dtype in args.dtypes.split(",")]
+            jobs += [(f"equivalence {spec}", lambda spec=spec: equivalence(spec, work, deadline, args.timeout))
+                     for spec in args.dtypes.split(",")]
         rows = []
         for variant, job in jobs:
             if deadline.left() < 60:
