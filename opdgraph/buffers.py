@@ -224,11 +224,16 @@ def _gathered_student_buffers(comm: Buffer, cfg: PipelineConfig) -> dict[str, Bu
     student = cfg.model_with_role("student")
     shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
     grads = f"{student}.unsharded_grads"
+    layer = shape.layer_parameters()
+    root = shape.parameter_count() - shape.layers * layer
     return {grads: Buffer(name=grads, category="grads", bytes=sizing.gradient_bytes(shape, dtype_bytes),
                           sized_by=comm.sized_by, lifetime="transient", spans_loops=True,
                           formula="P x d (whole gradients, reduce-scattered by the last micro-batch's backward)"),
-            comm.name: attrs.evolve(comm, bytes=2 * shape.layer_parameters() * dtype_bytes,
-                                    formula="2 x layer params x d (a layer's gradients reduce-scattered)")}
+            # The root (embedding, final norm, lm_head) is reduce-scattered last: its copy for the exchange beside the
+            # previous layer's (a big vocabulary's root can be larger than several layers).
+            comm.name: attrs.evolve(comm, bytes=(max(root, layer) + layer) * dtype_bytes,
+                                    formula="(max(root, layer) + layer) params x d (the gradients being "
+                                            "reduce-scattered)")}
 
 
 def _sharded_teacher_buffers(weights: Buffer, cfg: PipelineConfig, world_size: int) -> dict[str, Buffer]:

@@ -176,9 +176,12 @@ def choose(candidates: list[Candidate], budget_bytes: int) -> Candidate | None:
     return min(fitting, key=lambda item: (item[1].plan.step_seconds, item[1].decisions.offloads, item[0]))[1]
 
 
-def _forced(fit) -> bool:
-    return (any(getattr(fit, decision) != "auto" for decision in FIT_CHOICES)
-            or bool(fit.micro_batch_tokens or fit.chunk_tokens or fit.max_num_seqs or fit.forbid))
+def _forced(fit, world_size: int) -> bool:
+    """Whether the table asks for a search; the FSDP schedule (student_gather) means nothing to one process."""
+    decisions = [d for d in FIT_CHOICES if world_size > 1 or d != "student_gather"]
+    forbid = [item for item in fit.forbid if world_size > 1 or not item.startswith("student_gather.")]
+    return (any(getattr(fit, decision) != "auto" for decision in decisions)
+            or bool(fit.micro_batch_tokens or fit.chunk_tokens or fit.max_num_seqs or forbid))
 
 
 def fit_plan(cfg: PipelineConfig, world_size: int = 1) -> FitResult:
@@ -188,7 +191,7 @@ def fit_plan(cfg: PipelineConfig, world_size: int = 1) -> FitResult:
     plan = compile_plan(cfg, world_size=world_size)
     decisions = configured_decisions(cfg)
     fit = cfg.pipeline.fit
-    if not fit.enabled or (not plan.over_budget and not _forced(fit)):
+    if not fit.enabled or (not plan.over_budget and not _forced(fit, world_size)):
         return FitResult(cfg=cfg, plan=plan, decisions=decisions, searched=False, fits=not plan.over_budget)
     candidates = [Candidate(d, candidate_plan(cfg, d, world_size)) for d in search_space(cfg, world_size)]
     chosen = choose(candidates, plan.budget_bytes)

@@ -155,6 +155,15 @@ def test_plan_student_gather_schedules():
     assert per_step.buffers["student.unsharded_grads"].spans_loops
     assert "student.unsharded_grads" not in per_layer.buffers
     assert per_step.buffers["student.fsdp_comm"].bytes < per_layer.buffers["student.fsdp_comm"].bytes
+    # The root is reduce-scattered last, beside the previous layer's buffer: both must fit in the exchange buffer
+    # (Qwen2.5-1.5B: the 151,936-token embedding is 5 layers' worth).
+    qwen = load_pipeline(TINY.parent / "qwen25_1b5_from_7b.toml", [])
+    big_root = compile_plan(qwen, Placement(student_gather="step"), world_size=2)
+    qwen_shape, dtype_bytes = qwen.shapes["student"], qwen.models["student"].dtype_bytes
+    layer_bytes = qwen_shape.layer_parameters() * dtype_bytes
+    root_bytes = qwen_shape.parameter_count() * dtype_bytes - qwen_shape.layers * layer_bytes
+    assert root_bytes > 2 * layer_bytes
+    assert big_root.buffers["student.fsdp_comm"].bytes >= root_bytes + layer_bytes
 
     def freed_after(plan, name):
         return [step.name for step in plan.steps if any(r.buffer == name for r in step.releases)]
@@ -205,6 +214,23 @@ def test_fit_gathers_per_layer_only_when_per_step_does_not_fit():
     assert "student.unsharded_grads" not in tight.plan.buffers
     one = fit_plan(load_pipeline(qwen, keep_only), world_size=1)
     assert {c.decisions.student_gather for c in one.candidates} == {"step"}
+
+
+@pytest.mark.parametrize("pinned", ["pipeline.fit.student_gather=layer", "pipeline.fit.student_gather=step",
+                                    'pipeline.fit.forbid=["student_gather.step"]'])
+def test_one_process_plan_ignores_student_gather(pinned):
+    """Pinning (or forbidding) the FSDP schedule of a multi-rank run must leave a one-process plan as configured:
+    fails if the pin counts as a forced fit decision there, which starts the fit search and lets it change the
+    micro-batch size, loss chunk or rollout concurrency of a plan that already fits."""
+    from opdgraph.config import load_pipeline
+    from opdgraph.fit import fit_plan
+
+    pipeline = TINY.parent / "qwen25_1b5_from_7b.toml"
+    configured = fit_plan(load_pipeline(pipeline, []), world_size=1)
+    assert not configured.searched and not configured.plan.over_budget  # the premise: it fits as configured
+    pinned_result = fit_plan(load_pipeline(pipeline, [pinned]), world_size=1)
+    assert not pinned_result.searched
+    assert pinned_result.plan.facts == configured.plan.facts
 
 
 def test_gradients_reduced_once_per_step(tmp_path):

@@ -1,7 +1,7 @@
 """`opdgraph plan --format json`: the whole Plan as JSON with sorted keys, integers for FLOPs and bytes, and
 seconds rounded to nanoseconds, so golden files and diffs stay stable across machines. The fit search's fields
-(`transfers`, `fit`) appear only when it placed something off the device, and a buffer's `spans_loops` only when
-true, so plans that fit as configured keep their JSON."""
+(`transfers`, `fit`) appear only when it ran or the plan moves data (offloads, streams, the exchanges of several
+ranks), and a buffer's `spans_loops` only when true, so one-process plans that fit as configured keep their JSON."""
 
 from __future__ import annotations
 

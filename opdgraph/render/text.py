@@ -113,7 +113,8 @@ def _transfer_lines(plan: Plan) -> list[str]:
     total = sum(transfer.seconds for transfer in plan.transfers)
     kind = "transfer" if gathers else "PCIe"
     return [*lines, f"  total {kind} time {_seconds(total)} (included in the step times above; a stream "
-                    f"{'or an FSDP exchange ' if gathers else ''}overlaps its step's compute)", ""]
+                    f"{'or an FSDP exchange in the training loop ' if gathers else ''}overlaps its step's compute"
+                    f"{', the all-gather before rollout does not' if gathers else ''})", ""]
 
 
 def render_text(plan: Plan) -> str:
