@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opdgraph.models.attention_backend import TorchReferenceBackend
+from opdgraph.models.attention_backend import TorchReferenceBackend, to_cache_dtype
 from opdgraph.models.attention_metadata import PagedMetadata
 from opdgraph.models.config import SLIDING_ATTENTION, DecoderConfig
 
@@ -90,7 +90,7 @@ def window_left(sliding_window: int | None) -> int:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, kv_heads, D] at cache slots slot_mapping [T] of a [2, pages, page_size, kv_heads, D] cache."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    k, v = to_cache_dtype(k, kv_cache.dtype), to_cache_dtype(v, kv_cache.dtype)
     if kv_cache.element_size() == 1:
         # index_copy_ has no float8 kernels; the bytes are what matter, so move them as uint8.
         kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)

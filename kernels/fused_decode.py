@@ -17,7 +17,9 @@ Numerics match the plain path: float32 math, rounded to the model dtype after ea
 except where the two sides compute a float32 function differently (RMSNorm's sum order and rsqrt; cos/sin/exp;
 interpreter numpy vs torch's CPU kernels; GELU's tanh from exp), which moves float32 results by an ulp or so and,
 rarely, a bfloat16 result by one ulp (the tiny models' bfloat16 forwards are bit-identical in the interpreter).
-Float8 caches store what torch's cast stores (nearest even, saturating at +-448, inf included).
+Float8 caches store a saturating cast (nearest even, +-448 for anything larger, inf included), like the plain
+cache writes (opdgraph.models.attention_backend.to_cache_dtype); torch's own cast makes NaN past 448 on some
+devices and versions.
 Kernel bodies live in fused_decode_triton.py.
 
 Every wrapper launches without host syncs (CUDA-graph capturable): ``positions``, ``inv_freq``, ``slot_mapping``

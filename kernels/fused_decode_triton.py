@@ -18,7 +18,7 @@ HALF = D / 2, I = MLP inner size. ROUNDING: 0 float32, 1 bfloat16, 2 float16 (th
 import triton
 import triton.language as tl
 
-FLOAT8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn; torch saturates larger values (inf too) to it
+FLOAT8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn; larger values (inf too) saturate to it
 FLOAT8_MIN_NORMAL = tl.constexpr(0.015625)  # 2**-6
 
 
@@ -37,7 +37,7 @@ def _round(x, ROUNDING: tl.constexpr):
 
 @triton.jit
 def _float8_e4m3fn_bits(x):
-    """float32 -> uint8 float8_e4m3fn pattern as torch's cast makes it: nearest even, saturating at 448 (inf
+    """float32 -> uint8 float8_e4m3fn pattern of a saturating cast: nearest even, saturating at 448 (inf
     included), NaN 0x7F with its sign."""
     sign = (x.to(tl.uint32, bitcast=True) >> 24) & 0x80
     magnitude = tl.minimum(tl.abs(x), FLOAT8_MAX)

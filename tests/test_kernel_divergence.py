@@ -199,9 +199,10 @@ def test_fused_chunk_matches_float64_pipeline(dtype, divergence, temperature, be
 @needs_triton
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
 def test_gradient_in_student_rows_is_bitwise_the_separate_buffer(divergence):
-    """Writing the bf16 gradient into the first half of each fp32 student row gives exactly (bitwise) the hidden
-    and lm_head gradients of the separate bf16 buffer, over several ragged vocabulary blocks. Fails if a block's
-    gradient lands on student entries that a later block still has to read, or on the wrong row/stride."""
+    """Writing the bf16 gradient into the first half of each fp32 student row gives the loss and per-token terms
+    bitwise and the hidden and lm_head gradients of the separate bf16 buffer (bitwise on CPU; on CUDA up to the
+    matmuls' summation order), over several ragged vocabulary blocks. Fails if a block's gradient lands on student
+    entries that a later block still has to read, or on the wrong row/stride."""
     generator = torch.Generator().manual_seed(5)
     num_rows, hidden_size, vocab = 9, 16, 203  # 203 = 6 blocks of 32 + a ragged 11
     hidden = torch.randn(num_rows, hidden_size, generator=generator).bfloat16().to(DEVICE)
@@ -218,9 +219,16 @@ def test_gradient_in_student_rows_is_bitwise_the_separate_buffer(divergence):
             hidden, lm_head, teacher_hidden, teacher_lm_head, weights, divergence=divergence, beta=0.3,
             sampled_ids=sampled_ids, lm_head_grad=lm_head_grad, block_v=32, grad_in_student_logits=in_row)
         results.append((loss, hidden_grad, per_token, lm_head_grad))
-    for separate, in_row in zip(*results):
-        assert torch.equal(separate, in_row)
-    assert results[0][1].abs().max() > 0  # a zero gradient would pass the equality trivially
+    (loss, hidden_grad, per_token, lm_head_grad), in_row = results
+    assert torch.equal(loss, in_row[0]) and torch.equal(per_token, in_row[2])  # the kernel's own outputs
+    if DEVICE == "cpu":
+        assert torch.equal(hidden_grad, in_row[1]) and torch.equal(lm_head_grad, in_row[3])
+    else:
+        # The gradient matmuls read the in-row gradient with a row stride of 2V instead of V, and cuBLAS picks its
+        # kernel (so its summation order) by that stride: equal up to rounding, which a misplaced block is not.
+        torch.testing.assert_close(in_row[1], hidden_grad, rtol=2**-7, atol=2**-7 * hidden_grad.abs().max().item())
+        torch.testing.assert_close(in_row[3], lm_head_grad, rtol=1e-5, atol=1e-5 * lm_head_grad.abs().max().item())
+    assert hidden_grad.abs().max() > 0  # a zero gradient would pass the equality trivially
 
 
 @needs_triton

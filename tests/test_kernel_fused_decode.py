@@ -110,11 +110,15 @@ def fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, seed=4):
 
 
 def reference_cache_write(cache, k, v, slots):
-    cache = cache.clone()
+    """The plain cache write; a float8 cache saturates at +-448 (clamped, then torch's cast on the CPU: past 448
+    torch's casts differ by device and version, NaN or 448, while in range they all round to nearest even)."""
+    device, cache = cache.device, cache.clone().cpu()
     num_kv_heads, head_dim = cache.shape[-2:]
-    cache[0].view(-1, num_kv_heads, head_dim)[slots] = k.to(cache.dtype)
-    cache[1].view(-1, num_kv_heads, head_dim)[slots] = v.to(cache.dtype)
-    return cache
+    if cache.dtype == torch.float8_e4m3fn:
+        k, v = k.clamp(-448.0, 448.0), v.clamp(-448.0, 448.0)
+    cache[0].view(-1, num_kv_heads, head_dim)[slots.cpu()] = k.cpu().to(cache.dtype)
+    cache[1].view(-1, num_kv_heads, head_dim)[slots.cpu()] = v.cpu().to(cache.dtype)
+    return cache.to(device)
 
 
 ROPE_CASES = [  # (tokens, query heads, kv heads, head_dim)
@@ -155,8 +159,10 @@ def test_rope_and_store_kv_matches_rotary_and_cache_write(dtype, tokens, num_hea
 
 
 def test_float8_cache_stores_what_torch_cast_stores():
-    """The float8_e4m3fn encoding differs from torch's cast (rounding of ties, subnormals, saturation at 448,
-    inf, NaN, negative zero), or k is cast before its rotation instead of after."""
+    """The float8_e4m3fn encoding differs from a saturating cast (rounding of ties, subnormals, saturation at 448,
+    inf, NaN, negative zero), k is cast before its rotation instead of after, or the plain cache writes (the torch
+    reference backend and flashinfer's write_kv) encode differently: torch's own cast makes NaN of values past 448
+    on some devices and versions (a NaN in the cache poisons every later attention), so they clamp first."""
     tokens, num_kv_heads, head_dim = 4, 2, 16
     q, k, v = fused_qkv(tokens, 2, num_kv_heads, head_dim, torch.float32, seed=6)
     specials = torch.tensor([448.0, 449.0, 464.0, 480.0, 1e6, float("inf"), -float("inf"), float("nan"), -0.0,
@@ -174,6 +180,14 @@ def test_float8_cache_stores_what_torch_cast_stores():
     expected = reference_cache_write(torch.zeros_like(cache), apply_rotary(k, cos, sin), v, slots)
     # V is stored as given: its bytes test the encoding alone and must be torch's exactly, on every device.
     assert torch.equal(cache[1].view(torch.uint8), expected[1].view(torch.uint8))
+    from opdgraph.kernels.flashinfer_attention import write_kv
+    from opdgraph.models.attention_backend import to_cache_dtype
+
+    plain = torch.zeros_like(cache)
+    write_kv(plain, k, v, slots)
+    assert torch.equal(plain[1].view(torch.uint8), expected[1].view(torch.uint8))
+    assert torch.equal(to_cache_dtype(v, cache.dtype).view(torch.uint8).cpu(),
+                       v.cpu().clamp(-448.0, 448.0).to(cache.dtype).view(torch.uint8))
     got_k, want_k = cache[0].view(torch.uint8), expected[0].view(torch.uint8)
     if not torch.cuda.is_available():
         assert torch.equal(got_k, want_k)

@@ -56,6 +56,16 @@ def attend_one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query
     return torch.matmul(probabilities, values).transpose(0, 1)  # [L, Hq, D]
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V in the KV cache's dtype. A float8_e4m3fn cache saturates at +-448 (infinities included) on every
+    device, as the fused rope-and-store kernel does: torch's CPU cast saturates, but its CUDA cast turns values past
+    the range into NaN, and one NaN in the cache poisons every later attention over it."""
+    if dtype == torch.float8_e4m3fn:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)  # NaN stays NaN
+    return x.to(dtype)
+
+
 class TorchReferenceBackend:
     """Plain-torch attention for any device; the default backend and the reference faster ones are tested against."""
 
@@ -72,8 +82,8 @@ class TorchReferenceBackend:
     def paged(self, q, k, v, meta: PagedMetadata, kv_cache, *, scale, sliding_window, kv_written=False):
         _, _, page_size, num_kv_heads, head_dim = kv_cache.shape
         if not kv_written:
-            kv_cache[0].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(kv_cache.dtype)
-            kv_cache[1].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(kv_cache.dtype)
+            kv_cache[0].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = to_cache_dtype(k, kv_cache.dtype)
+            kv_cache[1].view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = to_cache_dtype(v, kv_cache.dtype)
 
         outputs = []
         query_bounds = meta.cu_query_lens.tolist()
