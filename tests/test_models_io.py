@@ -145,15 +145,16 @@ def write_tiny_gguf(path, hf_model, extra_tensor: str | None = None) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.head_dim)
-    # A byte-level BPE vocabulary that transformers can turn into a tokenizer: bytes, specials, one merge.
+    # A byte-level BPE vocabulary that transformers can turn into a tokenizer: bytes, specials, two merges (some
+    # transformers versions read a one-entry GGUF array back as its single value, a string, not a list).
     byte_chars = bytes_to_unicode()
-    tokens = [byte_chars[i] for i in range(256)] + ["<|endoftext|>", "<|bos|>", "<|pad|>", "\u0120t"]
+    tokens = [byte_chars[i] for i in range(256)] + ["<|endoftext|>", "<|bos|>", "<|pad|>", "\u0120t", "\u0120a"]
     tokens += [f"<|extra{i}|>" for i in range(config.vocab_size - len(tokens))]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([1] * 256 + [3, 3, 3, 1] + [3] * (config.vocab_size - 260))
-    writer.add_token_merges(["\u0120 t"])
+    writer.add_token_types([1] * 256 + [3, 3, 3, 1, 1] + [3] * (config.vocab_size - 261))
+    writer.add_token_merges(["\u0120 t", "\u0120 a"])
     writer.add_bos_token_id(257)
     writer.add_eos_token_id(256)
     writer.add_pad_token_id(258)

@@ -117,12 +117,16 @@ def _fsdp_modules(model) -> list:
 
 
 def _fully_shard_units(model) -> None:
-    """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head)."""
+    """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head), over a mesh of the model's
+    device type: FSDP's default mesh is CUDA wherever CUDA exists, even for a CPU run (which then fails on a machine
+    with fewer GPUs than ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(model.device.type, (world_size(),))
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def shard_student(model) -> None:
