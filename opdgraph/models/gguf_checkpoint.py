@@ -50,6 +50,15 @@ def _read_fields(reader: Any) -> dict[str, Any]:
     return values
 
 
+def special_token_ids(path: str | Path) -> dict[str, int]:
+    """The file's own special-token ids, {"bos" | "eos" | "padding": id}, for the keys it has."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return {name: int(fields[f"tokenizer.ggml.{name}_token_id"].contents())
+            for name in ("bos", "eos", "padding") if f"tokenizer.ggml.{name}_token_id" in fields}
+
+
 def _hf_config(fields: dict[str, Any], has_output: bool, embedding_rows: int, where: str) -> dict[str, Any]:
     arch = fields.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:

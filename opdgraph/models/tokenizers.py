@@ -141,8 +141,15 @@ def load_tokenizer_from_dir(directory: Path, model_vocab_size: int) -> Tokenizer
 def load_tokenizer_from_gguf(path: Path) -> Tokenizer:
     import transformers
 
+    from opdgraph.models.gguf_checkpoint import special_token_ids
+
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"{path}: cannot build a tokenizer from the GGUF metadata: {error}") from error
+    # The file's own bos / eos / pad ids win: transformers' GGUF conversion has mapped them wrongly in some versions
+    # (5.17 gave the bos id as eos, so responses would never end at the real eos).
+    attributes = {"bos": "bos_token", "eos": "eos_token", "padding": "pad_token"}
+    for name, token_id in special_token_ids(path).items():
+        setattr(tokenizer, attributes[name], tokenizer.convert_ids_to_tokens(token_id))
     return HFTokenizer(tokenizer)
