@@ -255,7 +255,7 @@ def _schedule_worker(out: Path) -> None:
     from opdgraph.models.packing import pack
     from opdgraph.models.tiny_configs import tiny_config
     from opdgraph.models.config import decoder_config_from_hf
-    from opdgraph.runtime import distributed
+    from opdgraph.runtime import distributed, fsdp
 
     distributed.init_distributed("cpu")
     torch.manual_seed(0)
@@ -270,17 +270,17 @@ def _schedule_worker(out: Path) -> None:
 
     for tokens in batches:
         loss_of(reference, tokens).backward()
-    distributed.shard_student(model)
-    distributed.begin_step_gather(model)
+    fsdp.shard_student(model)
+    fsdp.begin_step_gather(model)
     mine = batches[distributed.rank()::2]
     seen = []
     for index, tokens in enumerate(mine):
-        distributed.sync_gradients_if_last(model, index, len(mine))
+        fsdp.sync_gradients_if_last(model, index, len(mine))
         loss_of(model, tokens).backward()
         if index < len(mine) - 1:  # the sharded parameters (what the optimizer reads) get a gradient only by reduction
             groups = [unit._get_fsdp_state()._fsdp_param_group for unit in (model, *model.layers)]
             seen.append(any(p.sharded_param.grad is not None for group in groups for p in group.fsdp_params))
-    distributed.end_step_gather(model)
+    fsdp.end_step_gather(model)
     worst = 0.0
     for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
         full = param.grad.full_tensor()

@@ -52,7 +52,7 @@ def test_unsharding_engine_drops_graphs_before_each_rollout():
     from opdgraph.models import load_model
     from opdgraph.models.tiny_configs import tiny_config
     from opdgraph.rollout import Request, RolloutEngine, SamplingParams
-    from opdgraph.runtime.distributed import UnshardingEngine
+    from opdgraph.runtime.fsdp import UnshardingEngine
 
     model = load_model(tiny_config("qwen2"), dtype=torch.float32)[0]
     engine = RolloutEngine(model, page_size=4, num_pages=32, max_num_seqs=4, prefill_token_budget=32, device="cpu",

@@ -220,11 +220,11 @@ import torch, torch.distributed as dist
 from opdgraph.models import load_decoder
 from opdgraph.models.packing import pack
 from opdgraph.models.tiny_configs import tiny_config
-from opdgraph.runtime import distributed
+from opdgraph.runtime import fsdp
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 model = load_decoder(tiny_config("llama"), dtype=torch.float32)
-distributed.shard_teacher(model)
+fsdp.shard_teacher(model)
 state = model._get_fsdp_state()
 def recorded():
     return len(state._comm_ctx.post_forward_order)
@@ -234,7 +234,7 @@ with torch.no_grad():
 grown = recorded()
 model.reshard()
 after_plain_reshard = recorded()
-distributed.reshard_forward_only(model)
+fsdp.reshard_forward_only(model)
 print(grown, after_plain_reshard, recorded())
 dist.destroy_process_group()
 """

@@ -36,8 +36,7 @@ def _eval_engine(ctx, stage: str, role: str):
     key = f"{stage}.{role}"
     if key not in ctx.eval_engines:
         from opdgraph.rollout import RolloutEngine
-        from opdgraph.runtime import distributed
-
+        from opdgraph.runtime import distributed, fsdp
         from opdgraph.runtime.context import AUTO_DECODE_BURST_STEPS, rollout_attention
 
         facts, rollout = ctx.plan.facts, ctx.facts["rollout_config"]
@@ -51,7 +50,7 @@ def _eval_engine(ctx, stage: str, role: str):
                                prefill_token_budget=rollout.prefill_token_budget, device=ctx.device, kv_dtype=None,
                                decode_burst_steps=AUTO_DECODE_BURST_STEPS if gpu else 1)
         if role == "student" and distributed.world_size() > 1:
-            engine = distributed.UnshardingEngine(engine, ctx.student)
+            engine = fsdp.UnshardingEngine(engine, ctx.student)
         ctx.eval_engines[key] = engine
     return ctx.eval_engines[key]
 

@@ -192,7 +192,7 @@ class HostOffloader:
         if self.swap is not None:
             self.swap.to_host()  # the plan starts with the teacher off the device (rollout comes first)
         if self.placement.teacher_weights == "shard":  # eval gathers the whole teacher through the same calls
-            from opdgraph.runtime.distributed import GatheredTeacher
+            from opdgraph.runtime.fsdp import GatheredTeacher
 
             self.swap = GatheredTeacher(teacher)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from opdgraph.runtime import checkpoint as ckpt
-from opdgraph.runtime import distributed
+from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
@@ -111,13 +111,13 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     student_name = cfg.model_with_role("student")
     gather_per_step = f"{student_name}.unsharded_grads" in plan.buffers  # the plan's student_gather = "step"
     if distributed.world_size() > 1:
-        distributed.shard_student(student)
-        engine = distributed.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
+        fsdp.shard_student(student)
+        engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
     if plan_placement(plan).teacher_weights == "shard":
         if distributed.world_size() == 1:
             raise ValueError("the plan shards the teacher across ranks (teacher_weights = 'shard') but this run has "
                              "one process; launch it with torchrun --nproc-per-node N (N > 1) or plan it for one")
-        distributed.shard_teacher(teacher)
+        fsdp.shard_teacher(teacher)
     # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
     optimizer = build_optimizer(plan_placement(plan), student, device, lr=step.lr, betas=tuple(step.betas),
                                 eps=step.eps, weight_decay=step.weight_decay)
@@ -150,7 +150,7 @@ def save_run_checkpoint(ctx: RunContext, *, keep_last: int) -> Path:
     from opdgraph.models import save_pretrained
 
     state = trainer_state(ctx)
-    student = distributed.GatheredModel(ctx.student) if distributed.world_size() > 1 else ctx.student
+    student = fsdp.GatheredModel(ctx.student) if distributed.world_size() > 1 else ctx.student
     path = ckpt.checkpoint_dir(ctx.run_dir, ctx.step)
     if distributed.is_main():
         path = ckpt.save_checkpoint(ctx.run_dir, ctx.step,
@@ -198,10 +198,10 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
     if ctx.facts["gather_per_step"]:  # the training loop ran on the weights gathered for rollout
-        hooks[f"{cfg.model_with_role('student')}.gathered_weights"] = functools.partial(distributed.end_step_gather,
+        hooks[f"{cfg.model_with_role('student')}.gathered_weights"] = functools.partial(fsdp.end_step_gather,
                                                                                         ctx.student)
-    if distributed.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
-        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = functools.partial(distributed.reshard_forward_only,
+    if fsdp.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
+        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = functools.partial(fsdp.reshard_forward_only,
                                                                                      ctx.teacher)
     from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
 

@@ -100,7 +100,7 @@ def backward(ctx, loop) -> None:
     """Second stage: one backward with the hidden-state gradient scattered to the trained rows."""
     batch = _micro_batch(loop)
     if ctx.facts.get("gather_per_step"):
-        from opdgraph.runtime.distributed import sync_gradients_if_last
+        from opdgraph.runtime.fsdp import sync_gradients_if_last
 
         sync_gradients_if_last(ctx.student, loop.index, loop.count)
     activations = ctx.buffers.get_item("student_activations", loop.index)
@@ -115,7 +115,7 @@ def optimizer_step(config, ctx) -> None:
     from opdgraph.train.optimizer import clip_grad_norm
     from opdgraph.train.schedule import lr_at
 
-    from opdgraph.runtime.distributed import add_full_grad
+    from opdgraph.runtime.fsdp import add_full_grad
 
     add_full_grad(ctx.student.lm_head_weight, _grads(ctx)["lm_head"])  # summed over ranks when sharded
     params = [p for p in ctx.student.parameters() if p.grad is not None]

@@ -1,0 +1,185 @@
+"""What a placement (opdgraph.placement) and several ranks change in the compiler's draft steps: extra reads, the
+time of streams and FSDP exchanges, and the transfers each step lists. `opdgraph.compile` drafts the steps of the
+plain plan, then hands them here.
+
+- Streaming the teacher's layers: teacher_score also reads the layer buffer, and each micro-batch takes the longer
+  of its compute and its copies (the next layer is copied while this one runs).
+- Streaming the optimizer state: the step copies every bucket in and back out, then updates it (copies and update
+  do not overlap).
+- Sharding the teacher: teacher_score gathers every layer and the root once per micro-batch, each micro-batch
+  taking the longer of its compute and its all-gathers (FSDP gathers the next layer while this one runs); the root
+  stays gathered until the loss has read the lm_head; eval gathers the whole teacher once.
+- The sharded student (several ranks): rollout's all-gather, exposed; then per step or per layer (student_gather).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from opdgraph import work as W
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.placement import Placement
+from opdgraph.plan import Transfer
+
+
+@attrs.frozen
+class Draft:
+    """A step before lifetime analysis."""
+
+    name: str
+    stage: str
+    kind: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    loops: tuple[str, ...]
+    repeats: int
+    work: W.Work
+
+
+def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware,
+                  world_size: int = 1) -> list[Draft]:
+    """The drafts with the placement's and the ranks' reads and times (see the module docstring)."""
+    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    teacher_bytes = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
+    student_bytes = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
+    placed = []
+    for draft in drafts:
+        if world_size > 1:
+            draft = _gather_student_draft(draft, student, student_bytes, placement.student_gather, hardware,
+                                          world_size)
+        if placement.teacher_weights == "shard":
+            draft = _shard_teacher_draft(draft, teacher, teacher_bytes, hardware, world_size)
+        if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
+            streamed = _streamed_teacher_bytes(cfg)
+            per_micro_batch = max(draft.work.seconds / draft.repeats, streamed / (hardware.pcie_gbps * 1e9))
+            work = W.Work(draft.work.flops, draft.work.device_bytes, streamed * draft.repeats,
+                          per_micro_batch * draft.repeats)
+            draft = attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.layer_stream"), work=work)
+        if draft.kind == "step" and placement.optimizer_state == "offload":
+            moved = 2 * _host_state_bytes(buffers, student)
+            draft = attrs.evolve(draft, reads=(*draft.reads, f"{student}.optimizer_stream"),
+                                 work=draft.work + W.transfer_work(moved, hardware))
+        placed.append(draft)
+    return placed
+
+
+def _gather_student_draft(draft: Draft, student: str, student_bytes: int, gather: str, hardware,
+                          world_size: int) -> Draft:
+    """The sharded student's exchanges (module docstring of opdgraph.placement): rollout's all-gather, exposed, for
+    both schedules; per layer, each micro-batch's forward gathers the student and its backward gathers it again and
+    reduce-scatters the gradients, each overlapped with that micro-batch's compute (FSDP prefetches the next layer);
+    per step, the training loop reads the weights gathered for rollout, the backward accumulates whole gradients and
+    the last one reduce-scatters them, overlapped with its compute."""
+    exchange = W.all_gather_seconds(student_bytes, world_size, hardware)  # a reduce-scatter moves as many bytes
+    per_step = gather == "step"
+    if draft.name.endswith(".prefill") and draft.kind == "rollout":
+        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange))
+    if draft.kind == "loss" and draft.name.endswith(".student_forward"):
+        if per_step:
+            return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
+                                writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
+        return _overlapped(draft, exchange)
+    if draft.kind == "backward":
+        if not per_step:
+            return _overlapped(draft, 2 * exchange)
+        compute = draft.work.seconds / draft.repeats
+        seconds = compute * (draft.repeats - 1) + max(compute, exchange)
+        return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
+                            writes=(*draft.writes, f"{student}.unsharded_grads"),
+                            work=attrs.evolve(draft.work, seconds=seconds))
+    return draft
+
+
+def _overlapped(draft: Draft, exchange_per_repeat: float) -> Draft:
+    per_repeat = max(draft.work.seconds / draft.repeats, exchange_per_repeat)
+    return attrs.evolve(draft, work=attrs.evolve(draft.work, seconds=per_repeat * draft.repeats))
+
+
+def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardware, world_size: int) -> Draft:
+    if draft.kind == "teacher_score":
+        per_micro_batch = max(draft.work.seconds / draft.repeats,
+                              W.all_gather_seconds(teacher_bytes, world_size, hardware))
+        work = attrs.evolve(draft.work, seconds=per_micro_batch * draft.repeats)
+        return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_layer", f"{teacher}.gathered_root"),
+                            work=work)
+    if draft.kind == "loss" and f"{teacher}.weights" in draft.reads:  # the chunked loss reads the lm_head
+        return attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.gathered_root"))
+    if draft.kind == "eval":
+        seconds = W.all_gather_seconds(teacher_bytes, world_size, hardware)
+        return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_weights"),
+                            work=draft.work + W.Work(seconds=seconds))
+    return draft
+
+
+def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,
+                      world_size: int) -> list[Transfer]:
+    """A sharded teacher's all-gathers over the GPU interconnect: bytes each rank receives per training step."""
+    if placement.teacher_weights != "shard":
+        return []
+    teacher = cfg.model_with_role("teacher")
+    size = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
+    received = W.all_gather_bytes(size, world_size)
+    return [Transfer(step=draft.name, when="during", buffer=f"{teacher}.weights", direction="all_gather",
+                     bytes=int(received * draft.repeats),
+                     seconds=draft.repeats * W.all_gather_seconds(size, world_size, hardware))
+            for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
+
+
+def _student_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,
+                       world_size: int) -> list[Transfer]:
+    """The sharded student's all-gathers and reduce-scatters per training step (bytes each rank receives)."""
+    if world_size == 1:
+        return []
+    student = cfg.model_with_role("student")
+    size = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
+    received, seconds = W.all_gather_bytes(size, world_size), W.all_gather_seconds(size, world_size, hardware)
+    per_layer = placement.student_gather == "layer"
+    transfers = []
+    for draft in drafts:
+        exchanges = []
+        if draft.kind == "rollout" and draft.name.endswith(".prefill"):
+            exchanges = [("all_gather", 1)]
+        elif per_layer and draft.kind == "loss" and draft.name.endswith(".student_forward"):
+            exchanges = [("all_gather", draft.repeats)]
+        elif draft.kind == "backward":
+            exchanges = [("all_gather", draft.repeats), ("reduce_scatter", draft.repeats)] if per_layer else \
+                [("reduce_scatter", 1)]
+        transfers += [Transfer(step=draft.name, when="during", buffer=f"{student}.weights" if direction == "all_gather"
+                               else f"{student}.grads", direction=direction, bytes=int(received * times),
+                               seconds=seconds * times) for direction, times in exchanges]
+    return transfers
+
+
+def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:
+    teacher = cfg.model_with_role("teacher")
+    shape = cfg.shapes[teacher]
+    return shape.layers * shape.layer_parameters() * cfg.models[teacher].dtype_bytes
+
+
+def _host_state_bytes(buffers, student: str) -> int:
+    return sum(buffer.bytes for buffer in buffers.values() if buffer.device == "host" and buffer.name.startswith(
+        f"{student}."))
+
+
+def _stream_transfers(drafts: list[Draft], buffers, placement: Placement, hardware) -> list[Transfer]:
+    transfers = []
+    for draft in drafts:
+        for name in draft.reads:
+            if name.endswith(".layer_stream"):
+                streamed = draft.work.pcie_bytes
+                transfers.append(Transfer(step=draft.name, when="during", buffer=name, direction="stream",
+                                          bytes=int(streamed), seconds=streamed / (hardware.pcie_gbps * 1e9)))
+            if name.endswith(".optimizer_stream"):
+                for state in (b for b in buffers.values() if b.device == "host"):
+                    transfers.append(Transfer(step=draft.name, when="during", buffer=state.name, direction="stream",
+                                              bytes=2 * state.bytes,
+                                              seconds=2 * state.bytes / (hardware.pcie_gbps * 1e9)))
+    return transfers
+
+
+def placement_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware,
+                        world_size: int) -> list[Transfer]:
+    """Streams over PCIe, then the FSDP exchanges of a sharded teacher and of a sharded student."""
+    return [*_stream_transfers(drafts, buffers, placement, hardware),
+            *_gather_transfers(drafts, cfg, placement, hardware, world_size),
+            *_student_transfers(drafts, cfg, placement, hardware, world_size)]
