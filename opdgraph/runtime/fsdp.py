@@ -29,13 +29,15 @@ def _fsdp_modules(model) -> list:
 
 
 def _fully_shard_units(model) -> None:
-    """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head), over a mesh of the model's
-    device type: FSDP's default mesh is CUDA wherever CUDA exists, even for a CPU run (which then fails on a machine
-    with fewer GPUs than ranks)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head). FSDP's default mesh is CUDA
+    wherever CUDA exists, so a CPU run there (under torchrun, with fewer GPUs than ranks it fails) gets a CPU mesh."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(model.device.type, (world_size(),))
+    mesh = None
+    if model.device.type == "cpu" and torch.cuda.is_available():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world_size(),))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
