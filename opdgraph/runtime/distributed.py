@@ -60,7 +60,11 @@ def init_distributed(device_setting: str) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: every rank first waits for the others, so none tears its communicator
+    down while a peer's last collective still uses it."""
     if dist.is_available() and dist.is_initialized():
+        if world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
