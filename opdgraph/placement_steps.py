@@ -40,8 +40,7 @@ def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement,
                   world_size: int = 1) -> list[Draft]:
     """The drafts with the placement's and the ranks' reads and times (see the module docstring)."""
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
-    teacher_bytes = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
-    student_bytes = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
+    teacher_bytes, student_bytes = _weight_bytes(cfg, teacher), _weight_bytes(cfg, student)
     placed = []
     for draft in drafts:
         if world_size > 1:
@@ -63,45 +62,54 @@ def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement,
     return placed
 
 
+def _student_exchanges(draft: Draft, per_layer: bool) -> list[tuple[str, int]]:
+    """The sharded student's exchanges in one step of the plan, (direction, times per training step): rollout's
+    all-gather; per layer, each micro-batch's forward gathers the student and its backward gathers it again and
+    reduce-scatters the gradients; per step, only the last backward reduce-scatters (the whole gradients)."""
+    if draft.kind == "rollout" and draft.name.endswith(".prefill"):
+        return [("all_gather", 1)]
+    if per_layer and draft.kind == "loss" and draft.name.endswith(".student_forward"):
+        return [("all_gather", draft.repeats)]
+    if draft.kind == "backward":
+        return [("all_gather", draft.repeats), ("reduce_scatter", draft.repeats)] if per_layer else \
+            [("reduce_scatter", 1)]
+    return []
+
+
 def _gather_student_draft(draft: Draft, student: str, student_bytes: int, gather: str, hardware,
                           world_size: int) -> Draft:
-    """The sharded student's exchanges (module docstring of opdgraph.placement): rollout's all-gather, exposed, for
-    both schedules; per layer, each micro-batch's forward gathers the student and its backward gathers it again and
-    reduce-scatters the gradients, each overlapped with that micro-batch's compute (FSDP prefetches the next layer);
-    per step, the training loop reads the weights gathered for rollout, the backward accumulates whole gradients and
-    the last one reduce-scatters them, overlapped with its compute."""
+    """The sharded student's exchanges (`_student_exchanges`) in the draft's time: rollout's all-gather exposed; the
+    training loop's overlapped with compute (FSDP prefetches the next layer; the last backward reduce-scatters
+    while it computes). Per step, the training loop also reads the weights gathered for rollout and the backward
+    accumulates whole gradients."""
     exchange = W.all_gather_seconds(student_bytes, world_size, hardware)  # a reduce-scatter moves as many bytes
     per_step = gather == "step"
-    if draft.name.endswith(".prefill") and draft.kind == "rollout":
-        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange))
-    if draft.kind == "loss" and draft.name.endswith(".student_forward"):
-        if per_step:
-            return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
-                                writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
-        return _overlapped(draft, exchange)
-    if draft.kind == "backward":
-        if not per_step:
-            return _overlapped(draft, 2 * exchange)
+    times = sum(count for _, count in _student_exchanges(draft, per_layer=not per_step))
+    if draft.kind == "rollout":
+        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange * times)) if times else draft
+    if draft.kind == "loss" and draft.name.endswith(".student_forward") and per_step:
+        return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
+                            writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
+    if draft.kind == "backward" and per_step:
         compute = draft.work.seconds / draft.repeats
         seconds = compute * (draft.repeats - 1) + max(compute, exchange)
         return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
                             writes=(*draft.writes, f"{student}.unsharded_grads"),
                             work=attrs.evolve(draft.work, seconds=seconds))
-    return draft
+    return _overlapped(draft, exchange * times / draft.repeats) if times else draft
 
 
 def _overlapped(draft: Draft, exchange_per_repeat: float) -> Draft:
+    """Each repeat takes the longer of its compute and its exchanges."""
     per_repeat = max(draft.work.seconds / draft.repeats, exchange_per_repeat)
     return attrs.evolve(draft, work=attrs.evolve(draft.work, seconds=per_repeat * draft.repeats))
 
 
 def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardware, world_size: int) -> Draft:
     if draft.kind == "teacher_score":
-        per_micro_batch = max(draft.work.seconds / draft.repeats,
-                              W.all_gather_seconds(teacher_bytes, world_size, hardware))
-        work = attrs.evolve(draft.work, seconds=per_micro_batch * draft.repeats)
-        return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_layer", f"{teacher}.gathered_root"),
-                            work=work)
+        gathered = _overlapped(draft, W.all_gather_seconds(teacher_bytes, world_size, hardware))
+        return attrs.evolve(gathered, writes=(*draft.writes, f"{teacher}.gathered_layer",
+                                              f"{teacher}.gathered_root"))
     if draft.kind == "loss" and f"{teacher}.weights" in draft.reads:  # the chunked loss reads the lm_head
         return attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.gathered_root"))
     if draft.kind == "eval":
@@ -111,17 +119,22 @@ def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardwar
     return draft
 
 
+def _exchange(draft: Draft, buffer: str, direction: str, size: int, times: int, world_size: int,
+              hardware) -> Transfer:
+    """`times` FSDP exchanges of a tensor set of `size` bytes during `draft`: bytes each rank receives."""
+    return Transfer(step=draft.name, when="during", buffer=buffer, direction=direction,
+                    bytes=int(W.all_gather_bytes(size, world_size) * times),
+                    seconds=times * W.all_gather_seconds(size, world_size, hardware))
+
+
 def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,
                       world_size: int) -> list[Transfer]:
     """A sharded teacher's all-gathers over the GPU interconnect: bytes each rank receives per training step."""
     if placement.teacher_weights != "shard":
         return []
     teacher = cfg.model_with_role("teacher")
-    size = cfg.shapes[teacher].parameter_count() * cfg.models[teacher].dtype_bytes
-    received = W.all_gather_bytes(size, world_size)
-    return [Transfer(step=draft.name, when="during", buffer=f"{teacher}.weights", direction="all_gather",
-                     bytes=int(received * draft.repeats),
-                     seconds=draft.repeats * W.all_gather_seconds(size, world_size, hardware))
+    size = _weight_bytes(cfg, teacher)
+    return [_exchange(draft, f"{teacher}.weights", "all_gather", size, draft.repeats, world_size, hardware)
             for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
 
 
@@ -131,23 +144,14 @@ def _student_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Plac
     if world_size == 1:
         return []
     student = cfg.model_with_role("student")
-    size = cfg.shapes[student].parameter_count() * cfg.models[student].dtype_bytes
-    received, seconds = W.all_gather_bytes(size, world_size), W.all_gather_seconds(size, world_size, hardware)
-    per_layer = placement.student_gather == "layer"
-    transfers = []
-    for draft in drafts:
-        exchanges = []
-        if draft.kind == "rollout" and draft.name.endswith(".prefill"):
-            exchanges = [("all_gather", 1)]
-        elif per_layer and draft.kind == "loss" and draft.name.endswith(".student_forward"):
-            exchanges = [("all_gather", draft.repeats)]
-        elif draft.kind == "backward":
-            exchanges = [("all_gather", draft.repeats), ("reduce_scatter", draft.repeats)] if per_layer else \
-                [("reduce_scatter", 1)]
-        transfers += [Transfer(step=draft.name, when="during", buffer=f"{student}.weights" if direction == "all_gather"
-                               else f"{student}.grads", direction=direction, bytes=int(received * times),
-                               seconds=seconds * times) for direction, times in exchanges]
-    return transfers
+    size, per_layer = _weight_bytes(cfg, student), placement.student_gather == "layer"
+    return [_exchange(draft, f"{student}.weights" if direction == "all_gather" else f"{student}.grads", direction,
+                      size, times, world_size, hardware)
+            for draft in drafts for direction, times in _student_exchanges(draft, per_layer)]
+
+
+def _weight_bytes(cfg: PipelineConfig, model: str) -> int:
+    return cfg.shapes[model].parameter_count() * cfg.models[model].dtype_bytes
 
 
 def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:
