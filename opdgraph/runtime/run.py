@@ -109,17 +109,18 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
     student_name = cfg.model_with_role("student")
-    gather_per_step = f"{student_name}.unsharded_grads" in plan.buffers  # the plan's student_gather = "step"
+    placement = plan_placement(plan)
+    gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
     if distributed.world_size() > 1:
         fsdp.shard_student(student)
         engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
-    if plan_placement(plan).teacher_weights == "shard":
+    if placement.teacher_weights == "shard":
         if distributed.world_size() == 1:
             raise ValueError("the plan shards the teacher across ranks (teacher_weights = 'shard') but this run has "
                              "one process; launch it with torchrun --nproc-per-node N (N > 1) or plan it for one")
         fsdp.shard_teacher(teacher)
     # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
-    optimizer = build_optimizer(plan_placement(plan), student, device, lr=step.lr, betas=tuple(step.betas),
+    optimizer = build_optimizer(placement, student, device, lr=step.lr, betas=tuple(step.betas),
                                 eps=step.eps, weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
@@ -133,7 +134,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "gather_per_step": gather_per_step and distributed.world_size() > 1}
+             "gather_per_step": gather_per_step}
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan,
