@@ -1,7 +1,10 @@
 """The `opdgraph` command line: `opdgraph plan P.toml` and `opdgraph config P.toml` (more subcommands plug in).
 
 Each subcommand is one entry in SUBCOMMANDS: a help line, a function that adds its arguments, and a function that
-runs it and returns the exit code. Exit codes: 0 ok, 1 config error, 2 plan over the memory budget.
+runs it and returns the exit code. Exit codes: 0 ok; 2 bad input (config, model or data files, run directory,
+checkpoint, device) or a plan over the memory budget; 130 / 143 stopped by SIGINT / SIGTERM. Every user-facing error
+is an OpdgraphError (opdgraph.errors): `main` prints it without a traceback (`--debug` shows one); any other
+exception is a bug and keeps its traceback.
 
 Several GPUs: `torchrun --nproc-per-node N -m opdgraph run P.toml` (the plan is compiled for WORLD_SIZE ranks);
 `opdgraph plan P.toml --nproc-per-node N` shows that per-rank plan without launching anything.
@@ -12,8 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_CONFIG_ERROR = 1
-EXIT_OVER_BUDGET = 2
+from opdgraph.errors import EXIT_USER_ERROR, OpdgraphError
+
+EXIT_CONFIG_ERROR = EXIT_USER_ERROR
+EXIT_OVER_BUDGET = EXIT_USER_ERROR
 
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,14 +57,26 @@ def run_plan(args) -> int:
     plan = fitted.plan  # the configured plan, or the fit search's choice when that is over budget
     output = RENDERERS[args.format](plan)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(output)
+        _write_output(args.out, output)
     else:
         sys.stdout.write(output)
     if plan.over_budget:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET
     return 0
+
+
+def _write_output(path: str, text: str) -> None:
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OpdgraphError(f"--out {path}: the folder {folder} does not exist; create it first or choose another path")
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as error:
+        raise OpdgraphError(f"--out {path}: cannot write there ({error.strerror}); choose another path") from error
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,10 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdgraph", description="On-policy distillation pipeline compiler")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _run) in SUBCOMMANDS.items():
-        add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+        subparser = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        subparser.add_argument("--debug", action="store_true",
+                               help="show the Python traceback of a user-facing error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.command][2](args)
+    try:
+        return SUBCOMMANDS[args.command][2](args)
+    except OpdgraphError as error:
+        if args.debug:
+            raise
+        print(f"opdgraph: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -12,6 +12,8 @@ the parameter formula lives; it matches the published counts (Qwen2.5-1.5B: 1,54
 
 from __future__ import annotations
 
+from opdgraph.errors import OpdgraphError
+
 import importlib.util
 import json
 import os
@@ -25,7 +27,7 @@ FAMILY_OF_MODEL_TYPE = {
 FAMILY_OF_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 
 
-class ShapeError(ValueError):
+class ShapeError(OpdgraphError):
     """A model's shape could not be read; the message says which file or key and what to do."""
 
 

@@ -38,8 +38,8 @@ def test_over_budget_exits_2_and_names_the_peak(capsys):
     assert "exceeds pipeline.memory_budget_gib" in err and "at step '" in err and "sized by" in err
 
 
-def test_config_error_exits_1_listing_every_problem(capsys):
-    """If this fails, config mistakes stop being reported together on stderr with exit code 1."""
+def test_config_error_exits_2_listing_every_problem(capsys):
+    """If this fails, config mistakes stop being reported together on stderr with exit code 2."""
     code = main(["plan", TINY, "--set", "rollout.max_new_tokns=3", "--set", "pipeline.seed=1.5"])
     err = capsys.readouterr().err
     assert code == EXIT_CONFIG_ERROR

@@ -6,6 +6,8 @@ A Problem is `location  dotted.path: message`, where location is `file.toml:LINE
 
 from __future__ import annotations
 
+from opdgraph.errors import OpdgraphError
+
 import difflib
 
 import attrs
@@ -22,7 +24,7 @@ class Problem:
         return f"{self.location}  {self.path}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(OpdgraphError):
     """Raised by load_pipeline; str() lists every problem, one per line, in file order."""
 
     def __init__(self, problems: list[Problem]):

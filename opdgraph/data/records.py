@@ -8,6 +8,8 @@ counted in the ``LoadSummary`` when the pipeline asks to skip them.
 
 from __future__ import annotations
 
+from opdgraph.errors import OpdgraphError
+
 from collections import Counter
 from typing import Union
 
@@ -20,7 +22,7 @@ MAX_SUMMARY_BAD_ROWS = 5
 Answer = Union[str, int, float, None]
 
 
-class PromptDataError(ValueError):
+class PromptDataError(OpdgraphError):
     """A prompt file (or a set of them) cannot be used; the message names every problem found."""
 
 
