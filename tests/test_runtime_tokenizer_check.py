@@ -1,9 +1,16 @@
-"""The run refuses a student/teacher pair whose tokenizers map text to different ids."""
+"""The run refuses a student/teacher pair whose tokenizers map text to different ids, before loading weights."""
+
+from pathlib import Path
 
 import pytest
+import torch
 
-from opdgraph.models import ByteTokenizer
+from opdgraph.config import load_pipeline
+from opdgraph.models import ByteTokenizer, ModelLoadError
+from opdgraph.runtime import context
 from opdgraph.runtime.context import check_same_tokenizer
+
+TINY = Path(__file__).parent.parent / "pipelines" / "tiny.toml"
 
 
 class ShiftedTokenizer(ByteTokenizer):
@@ -18,5 +25,22 @@ class ShiftedTokenizer(ByteTokenizer):
 def test_same_tokenizer_passes_and_different_one_is_refused():
     """Without this check a mismatched pair would train silently on meaningless targets."""
     check_same_tokenizer(ByteTokenizer(), ByteTokenizer())
-    with pytest.raises(RuntimeError, match="tokenizers differ"):
+    with pytest.raises(ModelLoadError, match="different tokenizers"):
         check_same_tokenizer(ByteTokenizer(), ShiftedTokenizer())
+
+
+def test_mismatch_is_reported_before_any_weights_are_loaded(monkeypatch):
+    """If this fails, a mismatched pair is found only after both models' weights were read (17 s on real models)."""
+    cfg = load_pipeline(str(TINY))
+    teacher = next(name for name, model in cfg.models.items() if model.role == "teacher")
+    import opdgraph.models.loading as loading
+
+    real = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda source, vocab: (
+        ShiftedTokenizer() if source == dict(cfg.models[teacher].config) else real(source, vocab)))
+    weights_read = []
+    monkeypatch.setattr("opdgraph.models.load_decoder", lambda *a, **k: weights_read.append(1))
+    with pytest.raises(ModelLoadError, match=rf"\[models.{teacher}\].*different tokenizers"):
+        context.load_models(cfg.models, Path(cfg.base_dir), torch.device("cpu"),
+                            vocab_sizes={name: shape.vocab for name, shape in cfg.shapes.items()})
+    assert weights_read == []

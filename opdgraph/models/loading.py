@@ -26,7 +26,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+        raise ModelLoadError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
 
 
 def _read_config_json(directory: Path) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def build_random(hf_config: dict[str, Any], *, dtype: torch.dtype, device="cpu",
     """A freshly initialised model, seeded. init_device "cpu": the same seed and config give the same weights on any
     device; "device": drawn on `device` with the same distribution (fast for large models on a GPU)."""
     if init_device not in INIT_DEVICES:
-        raise ValueError(f"init_device must be one of {INIT_DEVICES}, got {init_device!r}")
+        raise ModelLoadError(f"init_device must be one of {INIT_DEVICES}, got {init_device!r}")
     _check_dtype(dtype)
     config = decoder_config_from_hf(hf_config, where)
     with torch.device("meta"):
@@ -83,18 +83,27 @@ def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
                          f"dict ({'not found' if not path.exists() else 'unrecognised file'})")
 
 
+def load_tokenizer(source: str | Path | dict, vocab_size: int) -> Tokenizer:
+    """The tokenizer of a model source, without its weights (cheap: runs before any weights are read).
+    `vocab_size` is the model's (from its config), which a byte tokenizer and the bounds check need."""
+    if isinstance(source, dict):
+        return ByteTokenizer(vocab_size)
+    path = Path(source)
+    if path.is_dir():
+        tokenizer = load_tokenizer_from_dir(path, vocab_size)
+    elif path.is_file() and path.suffix == ".gguf":
+        tokenizer = load_tokenizer_from_gguf(path)
+    else:
+        raise ModelLoadError(f"{path}: model source must be an HF model directory, a .gguf file or an inline "
+                             f"config dict ({'not found' if not path.exists() else 'unrecognised file'})")
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelLoadError(f"{source}: tokenizer produces {tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{vocab_size}")
+    return tokenizer
+
+
 def load_model(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
                init_seed: int = 0, init_device: str = "cpu") -> tuple[DecoderLM, Tokenizer]:
     """(model, tokenizer) from an HF directory, a .gguf file, or an inline HF-style config dict (random init)."""
     model = load_decoder(source, dtype=dtype, device=device, init_seed=init_seed, init_device=init_device)
-    vocab_size = model.config.vocab_size
-    if isinstance(source, dict):
-        tokenizer = ByteTokenizer(vocab_size)
-    elif Path(source).is_dir():
-        tokenizer = load_tokenizer_from_dir(Path(source), vocab_size)
-    else:
-        tokenizer = load_tokenizer_from_gguf(Path(source))
-    if tokenizer.vocab_size > vocab_size:
-        raise ModelLoadError(f"{source}: tokenizer produces {tokenizer.vocab_size} ids but the model's vocab_size is "
-                             f"{vocab_size}")
-    return model, tokenizer
+    return model, load_tokenizer(source, model.config.vocab_size)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from opdgraph.errors import DeviceError
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.metrics import MetricsLog
 
@@ -59,7 +60,8 @@ def pick_device(setting: str) -> torch.device:
         return torch.device("cpu")
     if setting == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("pipeline.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+            raise DeviceError("pipeline.device = 'cuda' but no CUDA device is available on this machine; set "
+                              "pipeline.device = 'auto' or 'cpu' (e.g. --set pipeline.device=cpu)")
         return torch.device("cuda")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -81,10 +83,23 @@ def model_source(model_cfg, base_dir: Path) -> str | dict:
     return path
 
 
-def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[str, tuple[Any, Any]]:
-    """Load every model of the pipeline; `init_from` models start from a copy of another, pruned to keep_layers."""
-    from opdgraph.models import load_model, prune_layers
+def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
+                vocab_sizes: dict[str, int] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Load every model of the pipeline; `init_from` models start from a copy of another, pruned to keep_layers.
 
+    With `vocab_sizes` (each model's, from the plan's shapes) the tokenizers are loaded and the student's and the
+    teacher's compared first, so a mismatch is reported before any weights are read."""
+    from opdgraph.models import load_decoder, prune_layers
+    from opdgraph.models.loading import load_tokenizer
+
+    tokenizers: dict[str, Any] = {}
+    if vocab_sizes is not None:
+        for name, model_cfg in models_cfg.items():
+            if model_cfg.init_from is None:
+                tokenizers[name] = load_tokenizer(model_source(model_cfg, base_dir), vocab_sizes[name])
+        roles = {model_cfg.role: name for name, model_cfg in models_cfg.items()}
+        check_same_tokenizer(*(tokenizers[_root(models_cfg, roles[role])] for role in ("student", "teacher")),
+                             names=(roles["student"], roles["teacher"]))
     loaded: dict[str, tuple[Any, Any]] = {}
     pending = dict(models_cfg)
     while pending:
@@ -92,8 +107,11 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[
         for name, model_cfg in list(pending.items()):
             dtype = TORCH_DTYPES[model_cfg.dtype]
             if model_cfg.init_from is None:
-                loaded[name] = load_model(model_source(model_cfg, base_dir), dtype=dtype, device=device,
-                                          init_seed=model_cfg.init_seed, init_device=model_cfg.init_device)
+                source = model_source(model_cfg, base_dir)
+                model = load_decoder(source, dtype=dtype, device=device, init_seed=model_cfg.init_seed,
+                                     init_device=model_cfg.init_device)
+                tokenizer = tokenizers.get(name) or _load_tokenizer(source, model.config.vocab_size)
+                loaded[name] = (model, tokenizer)
             elif model_cfg.init_from in loaded:
                 source_model, tokenizer = loaded[model_cfg.init_from]
                 layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))
@@ -107,15 +125,31 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[
     return loaded
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+def _load_tokenizer(source, vocab_size: int):
+    from opdgraph.models.loading import load_tokenizer
+
+    return load_tokenizer(source, vocab_size)
+
+
+def _root(models_cfg: dict, name: str) -> str:
+    """The model whose files an init_from model comes from (its tokenizer is that model's)."""
+    while models_cfg[name].init_from is not None:
+        name = models_cfg[name].init_from
+    return name
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, names: tuple[str, str] = ("student", "teacher")) -> None:
     """Distillation over the vocabulary needs one token <-> id mapping for both models."""
+    from opdgraph.models.errors import ModelLoadError
+
     probe = "Hello, world! 12345 The quick brown fox; def f(x): return x**2\n"
     same = (student_tokenizer is teacher_tokenizer
             or student_tokenizer.encode(probe) == teacher_tokenizer.encode(probe))
     if not same:
-        raise RuntimeError(
-            f"student and teacher tokenizers differ ({student_tokenizer.name!r} vs {teacher_tokenizer.name!r}): "
-            "full-vocabulary distillation needs the same tokenizer; pick a teacher of the student's family"
+        raise ModelLoadError(
+            f"[models.{names[0]}] and [models.{names[1]}] have different tokenizers ({student_tokenizer.name!r} vs "
+            f"{teacher_tokenizer.name!r}): full-vocabulary distillation needs one token <-> id mapping; pick a "
+            "teacher of the student's family (checked before any weights were loaded)"
         )
 
 
@@ -150,7 +184,7 @@ def rollout_attention(setting: str, device: torch.device, model_dtype: torch.dty
         return "torch"
     problem = _flashinfer_problem(device, model_dtype, head_dim)
     if setting == "flashinfer" and problem is not None:
-        raise RuntimeError(f"rollout.backend = 'flashinfer' but {problem}; use 'auto' or 'torch'")
+        raise DeviceError(f"rollout.backend = 'flashinfer' but {problem}; set rollout.backend = 'auto' or 'torch'")
     return "torch" if problem is not None else "flashinfer"
 
 
@@ -179,7 +213,7 @@ def decode_burst_steps(setting: int, attention: str, config, device: torch.devic
     if setting == 0:
         return AUTO_DECODE_BURST_STEPS if attention == "flashinfer" and supported else 1
     if setting > 1 and device.type == "cuda" and not supported:
-        raise ValueError(f"rollout.decode_burst_steps = {setting} needs the Triton decode kernel, which takes a "
+        raise DeviceError(f"rollout.decode_burst_steps = {setting} needs the Triton decode kernel, which takes a "
                          f"power-of-two head_dim >= 16 (this model has {config.head_dim}); set it to 0 or 1")
     return setting
 

@@ -91,7 +91,8 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
 
     device = pick_device(cfg.pipeline.device)
     seed_everything(cfg.pipeline.seed)
-    models = load_models(cfg.models, Path(cfg.base_dir), device)
+    models = load_models(cfg.models, Path(cfg.base_dir), device,
+                         vocab_sizes={name: shape.vocab for name, shape in cfg.shapes.items()})
     student, tokenizer = models[cfg.model_with_role("student")]
     teacher, teacher_tokenizer = models[cfg.model_with_role("teacher")]
     check_same_tokenizer(tokenizer, teacher_tokenizer)
