@@ -69,9 +69,10 @@ class AllocationTrace(contextlib.AbstractContextManager):
         return peak
 
 
-def saved_bytes(model, forward) -> dict[str, int]:
-    """{"layer0": bytes, ..., "outside": bytes} saved for backward by ``forward()`` (module docstring)."""
-    excluded = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+def saved_bytes(model, forward, inputs=()) -> dict:
+    """{"layer0": bytes, ..., "outside": bytes, "output": what forward() returned} saved for backward by
+    ``forward()`` (module docstring)."""
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *inputs)}
     shared_inputs: set[int] = set()
     region = ["outside"]
     handles = []

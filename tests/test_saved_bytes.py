@@ -118,7 +118,7 @@ def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
         training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
         return ctx.buffers.get_item("student_activations", 0)
 
-    measured = saved_bytes(model, forward)
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, 2, repeated)
     for layer in ("layer0", "layer1"):
         assert_close(measured[layer] / tokens, per_layer, f"{family} {layer} bytes per token")
@@ -143,7 +143,7 @@ def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
         training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
         return ctx.buffers.get_item("student_activations", 0)
 
-    measured = saved_bytes(model, forward)
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     total = sum(measured[region] for region in ("layer0", "layer1", "outside"))
     total += measured["output"].untyped_storage().nbytes()
     # The plan adds one recomputed layer's activations, alive only while that layer's backward runs.
