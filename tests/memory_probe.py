@@ -1,9 +1,10 @@
 """Measuring memory on the CPU without the planner's formulas: saved-for-backward bytes, and allocation peaks.
 
 - ``saved_bytes``: runs a forward under ``torch.autograd.graph.saved_tensors_hooks`` and sums the storages autograd
-  keeps for backward, each storage once (untyped_storage().data_ptr(), nbytes), parameters and the forward's inputs
-  left out, per decoder layer (the layer that saved it) and outside the layers. The RoPE tables (cos/sin, inputs of
-  every layer, computed once per forward) count as outside.
+  keeps for backward, each storage once (untyped_storage().data_ptr(), nbytes), per decoder layer (the layer that
+  saved it) and outside the layers. The RoPE tables (cos/sin, inputs of every layer, computed once per forward)
+  count as outside. Parameters are left out, and so are the tensors given as ``inputs`` (the micro-batch's token
+  ids, which the embedding saves: they exist before the forward and are not activations).
 - ``AllocationTrace``: the CPU allocator's own record (torch.profiler with profile_memory): every allocation and
   free in order, so its peak is the most bytes alive at once above what was alive when the trace began. Matmuls
   and ``opaque()`` blocks count by what they leave allocated (their outputs), not by scratch inside them.
