@@ -9,6 +9,8 @@ N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
 On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
+The student's activations, the logit chunk and the workspaces follow the path that runs on the target
+(pipeline.device, loss.kernel, loss.divergence): see sizing.py and kv_heads_repeated below.
 The teacher is replicated (its full weights on every rank) unless the placement shards it (below). The batch
 buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
@@ -34,7 +36,7 @@ import attrs
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts
-from opdgraph.cuda_overheads import overhead_buffers, stacked_qkv_bytes
+from opdgraph.cuda_overheads import overhead_buffers, stacked_qkv_bytes, targets_cuda
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 
@@ -92,7 +94,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         sizing.forward_workspace_bytes(student_shape, rollout.config.prefill_token_budget, student_dtype)
         + sizing.decode_logits_bytes(counts.concurrent_seqs, student_shape.vocab),
         (f"{rollout.name}.prefill_token_budget", f"{rollout.name}.max_num_seqs", *student_keys),
-        formula="prefill forward workspace + running seqs x V x 4")
+        formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs x V x 4")
     add("responses", "io", sizing.token_bytes(counts.sequences, counts.sequence_tokens, 2 * sizing.TOKEN_ID_BYTES),
         batch_keys, formula="sequences x (prompt + new tokens) x (4 id + 4 logprob)")
     hidden_tokens, hidden_keys = (micro_tokens, micro_keys) if fused else (batch_tokens, batch_keys)
@@ -100,21 +102,24 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         (*hidden_keys, *teacher_keys), formula="tokens x h_teacher x d")
     add(f"{scorer.name}.workspace", "workspace",
         sizing.forward_workspace_bytes(teacher_shape, micro_tokens, teacher_dtype), (*micro_keys, *teacher_keys),
-        formula="micro-batch tokens x (h + q + 2 kv + 2 i) x d")
+        formula="micro-batch tokens x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward, inside an MLP)")
     add("student_hidden", "activations", sizing.hidden_state_bytes(student_shape, micro_tokens, student_dtype),
         (*micro_keys, *student_keys), formula="micro-batch tokens x h x d")
+    kv_repeated = kv_heads_repeated(cfg, student)
+    per_layer = "a (K/V heads repeated)" if kv_repeated else "a"
     add("student_activations", "activations",
-        sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing),
-        (*hidden_keys, f"{backward.name}.activation_checkpointing", *student_keys),
-        formula="tokens x L x h x d + tokens x a" if checkpointing else "tokens x L x a")
+        sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing, kv_repeated),
+        (*hidden_keys, f"{backward.name}.activation_checkpointing", "pipeline.device", *student_keys),
+        formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing else f"tokens x (L x {per_layer} + o)")
     add("hidden_grad", "activations", sizing.hidden_state_bytes(student_shape, hidden_tokens, student_dtype),
         (*hidden_keys, *student_keys), formula="tokens x h x d")
-    add("logit_chunk", "logit_chunk",
-        sizing.logit_chunk_bytes(counts.chunk_tokens, student_shape.vocab, teacher_shape.vocab),
-        (f"{loss.name}.chunk_tokens", *student_keys, *teacher_keys), formula="chunk x (2 V_student + V_teacher) x 4")
+    logit_bytes, logit_formula = _loss_logit_chunk(cfg, counts.chunk_tokens)
+    add("logit_chunk", "logit_chunk", logit_bytes,
+        (f"{loss.name}.chunk_tokens", f"{loss.name}.kernel", f"{loss.name}.divergence", "pipeline.device",
+         *student_keys, *teacher_keys), formula=logit_formula)
     add(f"{backward.name}.workspace", "workspace",
-        micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype),
-        (*micro_keys, *student_keys), formula="micro-batch tokens x a (one layer's activation grads)")
+        micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype, kv_repeated),
+        (*micro_keys, *student_keys), formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")
     # The loss accumulates the lm_head gradient in fp32 across micro-batches (opdgraph.runtime.training).
     lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
     if world_size == 1:
@@ -137,6 +142,38 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     return {buffer.name: buffer for buffer in buffers}
 
 
+def kv_heads_repeated(cfg: PipelineConfig, name: str) -> bool:
+    """Whether the training forward of model `name` repeats its K/V heads before attention. The GPU's packed
+    attention (kernels/varlen_attention.py) does so when FlashAttention varlen runs (a CUDA target, a 16-bit model,
+    head_dim a multiple of 8 up to 256, fewer K/V heads than query heads) on a torch whose varlen_attn has no
+    enable_gqa (before 2.12; the GPU machines run 2.11). The planner imports no torch and cannot know the run's
+    torch: it plans the repeat, the larger of the two."""
+    shape = cfg.shapes[name]
+    return (targets_cuda(cfg) and cfg.models[name].dtype != "float32" and shape.kv_heads < shape.heads
+            and shape.head_dim <= sizing.FLASH_MAX_HEAD_DIM and shape.head_dim % 8 == 0)
+
+
+def _loss_logit_chunk(cfg: PipelineConfig, chunk_tokens: int) -> tuple[int, str]:
+    """(bytes, formula) of the loss's per-chunk peak for the path that runs (sizing.py: Logit chunk). On a CUDA target
+    loss.kernel "auto" is planned as the fused Triton kernel: the GPU install has triton (the gpu extra)."""
+    vocab, loss = cfg.shapes[cfg.model_with_role("student")].vocab, cfg.stage("loss").config
+    if targets_cuda(cfg) and loss.kernel != "torch":
+        return (sizing.logit_chunk_bytes(chunk_tokens, vocab, sizing.FUSED_LOSS_LOGIT_BUFFERS, fused=True),
+                "chunk x (2 V_student + 2) x 4 (fused kernel: student and teacher fp32 logits)")
+    buffers = sizing.TORCH_LOSS_LOGIT_BUFFERS[loss.divergence]
+    upcast = _cpu_upcast_hidden(cfg)
+    formula = f"chunk x V_student x {buffers} x 4 (torch {loss.divergence}: fp32 logits and temporaries)"
+    return (sizing.logit_chunk_bytes(chunk_tokens, vocab, buffers, upcast_hidden=upcast),
+            formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
+
+
+def _cpu_upcast_hidden(cfg: PipelineConfig) -> int:
+    """h_student + h_teacher where the loss upcasts both lm_heads to fp32 (a CPU target), else 0."""
+    if targets_cuda(cfg):
+        return 0
+    return sum(cfg.shapes[cfg.model_with_role(role)].hidden for role in ("student", "teacher"))
+
+
 def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> list[Buffer]:
     """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
     student's answers and one for the teacher's (each engine's, sized by eval_counts), and one workspace for the
@@ -151,10 +188,14 @@ def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> l
     budget = cfg.stage("rollout").config.prefill_token_budget
     generate = max(sizing.forward_workspace_bytes(shapes[role], budget, dtypes[role])
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
+    upcast = _cpu_upcast_hidden(cfg)
+    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,
+                                       sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=upcast)
+    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics)" + (
+        " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
     score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
              + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role])
-                   for role in shapes)
-             + sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab, shapes["teacher"].vocab))
+                   for role in shapes) + metrics)
     all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{cfg.stage('teacher_score').name}.micro_batch_tokens",
                 f"{cfg.stage('loss').name}.chunk_tokens", *model_keys(cfg, student), *model_keys(cfg, teacher))
     eval_buffers = [
@@ -169,9 +210,9 @@ def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> l
                formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)"),
         Buffer(name=f"{stage}.workspace", category="workspace", lifetime="transient", bytes=max(generate, score),
                sized_by=all_keys,
-               formula="max(prefill_token_budget x (h + q + 2 kv + 2 i) x d + eval seqs x V x 4 of either model, "
-                       "eval micro-batch tokens x (h_s d_s + h_t d_t + larger forward workspace) + "
-                       "chunk x (2 V_student + V_teacher) x 4)"),
+               formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
+                       "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
+                       f"{metrics_formula})"),
     ]
     if world_size > 1:  # the sharded student generates on gathered weights (scoring gathers one layer at a time)
         eval_buffers.append(Buffer(

@@ -115,6 +115,6 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         bytes=sizing.forward_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(largest,
                                                                                                       shape.vocab),
         sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="transient",
-        formula=f"largest graph batch ({largest}) x ((h + q + 2 kv + 2 i) x d + V x 4): one decode step's "
+        formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "
                 "activations and fp32 logits, reserved by the graphs' private pool"))
     return buffers

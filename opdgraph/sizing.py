@@ -8,11 +8,11 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
 - AdamW state             P x 8       (exp_avg and exp_avg_sq, fp32 each)
 - gradients               P x d       (model dtype; accumulated over micro-batches)
 - KV-cache pool           num_pages x page_size x L x 2 x kv x d
-- training activations    T x L x a,  a = per-token-per-layer bytes saved for backward (see below)
-  with checkpointing      T x L x h x d (layer inputs) + T x a (one layer recomputed at a time)
+- training activations    T x (L x a + o), a = per-token-per-layer bytes saved for backward, o = outside the layers
+  with checkpointing      T x (L x h x d + a + o)  (layer inputs; one layer recomputed at a time)
 - hidden states           T x h x d   (student final hidden, teacher hidden, and their gradient)
-- logit chunk             chunk_tokens x (V_student + V_teacher + V_student) x 4 (student, teacher, grad; fp32)
-- forward workspace       T x (h + q + 2 kv + 2 i) x d  (no-grad forward: one layer's largest transient set)
+- logit chunk             chunk_tokens x V_student x 4 x (fp32 [chunk, V] buffers alive at the loss's peak), see below
+- forward workspace       T x ((4 h + 3 i) x d + 4 x head_dim x d)  (no-grad forward, see below)
 
 Placements chosen by the fit search (opdgraph.fit):
 - streamed teacher        resident: embedding, final norm, lm_head (V h (x 2 untied) + h) x d;
@@ -21,11 +21,35 @@ Placements chosen by the fit search (opdgraph.fit):
                           P) elements, s = state bytes per element (4 master + 8 moments; 8 without separate
                           masters), + 8 for the fp32 gradient copy and the update's denominators
 
-Per-token-per-layer activation bytes a, for the decoder as autograd saves it (flash attention, SiLU-gated MLP):
-    a = d x (2 n h + 2 q + 2 kv + 4 i) + 4 x heads
-where n = norms per layer (2; Gemma 3: 4): each norm saves its input and output (2 n h); attention saves q, k, v
-(q + 2 kv) and its output for o_proj (q); the MLP saves gate, up, silu(gate) and their product (4 i); the fp32
-log-sum-exp of flash attention is 4 bytes per head.
+Per-token-per-layer activation bytes a, as autograd saves them in the training forward (models/layers.py with the
+norms of models/norms.py, FlashAttention varlen; counted storage by storage in tests/test_saved_bytes.py):
+    a = d x ((n + 2) h + 2 q + 2 kv' + 4 i [+ q + kv]) + 4 x (n + heads [+ heads + kv_heads])
+- each of the n hidden-size norms (2; Gemma 3: 4) saves its input (h x d) and its fp32 rstd (4 bytes); the outputs
+  of the two pre-norms are saved by the projections that read them (2 h x d); Gemma's post-norms feed a residual
+  add, which saves nothing;
+- the q/k norms (Qwen3, Gemma 3) save q_proj's and k_proj's outputs ((q + kv) x d) and an rstd per head;
+- attention saves q, k, v and its output ((2 q + 2 kv') x d; o_proj reads the same output) and the fp32 log-sum-exp
+  per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv, or q where the GPU path
+  repeats K/V heads before FlashAttention (torch < 2.12's varlen_attn has no enable_gqa: kernels/varlen_attention.py);
+- the gated MLP saves gate, up, act(gate) and their product (4 i x d).
+Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
+student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
+(Gemma 3: sliding and global, 2; others 1). The embedding saves only the token ids of the micro-batch. The
+plain-torch reference attention (CPU runs, fp32 models, head_dim > 256) saves its score matrices as well, per
+sequence; they are not planned.
+
+Forward workspace, the no-grad forward's peak (teacher scoring; also the rollout's prefill and decode steps): inside
+a layer's MLP, the layer's input (held by the caller), the residual after attention, the attention output, the
+MLP's input (4 h x d), and gate, act(gate) and up or their product (3 i x d), plus the cos/sin tables of both RoPE
+kinds the model computes (4 x head_dim x d). For every supported family that is the largest set of one layer
+(attention's q, k, v, out and the norms' fp32 copies are smaller: measured in tests/test_saved_bytes.py).
+
+Logit chunk, the loss's peak per chunk beyond its inputs and outputs (measured in tests/test_saved_bytes.py):
+- fused Triton path (CUDA target, loss.kernel auto or triton): the student's and the teacher's fp32 logits over the
+  student vocabulary (2 buffers) and 2 x 4 bytes per row;
+- torch path (loss.kernel = "torch", or a CPU target): the two logit buffers and the divergence's [chunk, V]
+  temporaries: forward_kl 4 buffers, reverse_kl 3, jsd 5, sampled_token 3; eval's metrics 6;
+- on a CPU target also the lm_heads upcast to fp32 once per call: V_student x (h_student + h_teacher) x 4.
 """
 
 from __future__ import annotations
@@ -36,6 +60,9 @@ from opdgraph.model_shapes import ModelShape
 
 FP32_BYTES = 4
 TOKEN_ID_BYTES = 4
+# FlashAttention varlen takes head_dim up to this, in multiples of 8; mirrors kernels/varlen_attention.MAX_HEAD_DIM
+# (tests/test_saved_bytes.py checks they agree).
+FLASH_MAX_HEAD_DIM = 256
 
 
 def parameter_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -67,16 +94,36 @@ def kv_cache_bytes(shape: ModelShape, num_pages: int, page_size: int, dtype_byte
     return num_pages * page_size * shape.layers * 2 * shape.kv_dim * dtype_bytes
 
 
-def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int) -> int:
-    elements = 2 * shape.norms_per_layer * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.intermediate
-    return elements * dtype_bytes + FP32_BYTES * shape.heads
+def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False) -> int:
+    """a of the module docstring; kv_repeated: K/V heads repeated to the query heads before attention."""
+    norms = shape.norms_per_layer
+    attention_kv = shape.q_dim if kv_repeated else shape.kv_dim
+    elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 4 * shape.intermediate
+    rows = norms + shape.heads  # one fp32 rstd per norm row, one fp32 log-sum-exp per head
+    if shape.qk_norm:
+        elements += shape.q_dim + shape.kv_dim
+        rows += shape.heads + shape.kv_heads
+    return elements * dtype_bytes + rows * FP32_BYTES
 
 
-def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
-    per_layer = activation_bytes_per_token_per_layer(shape, dtype_bytes)
+def rope_table_kinds(shape: ModelShape) -> int:
+    """RoPE kinds the layers use: Gemma 3's sliding and global layers have their own (as attention_windows in
+    cuda_overheads.py)."""
+    return 2 if shape.family == "gemma3" else 1
+
+
+def activation_bytes_outside_layers_per_token(shape: ModelShape, dtype_bytes: int) -> int:
+    """o of the module docstring: final norm input, rstd and output; the RoPE tables the layers saved."""
+    return (2 * shape.hidden + 2 * shape.head_dim * rope_table_kinds(shape)) * dtype_bytes + FP32_BYTES
+
+
+def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool,
+                     kv_repeated: bool = False) -> int:
+    per_layer = activation_bytes_per_token_per_layer(shape, dtype_bytes, kv_repeated)
+    outside = tokens * activation_bytes_outside_layers_per_token(shape, dtype_bytes)
     if checkpointing:
-        return tokens * shape.layers * shape.hidden * dtype_bytes + tokens * per_layer
-    return tokens * shape.layers * per_layer
+        return tokens * shape.layers * shape.hidden * dtype_bytes + tokens * per_layer + outside
+    return tokens * shape.layers * per_layer + outside
 
 
 def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
@@ -84,11 +131,24 @@ def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 
 
 def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
-    return tokens * (shape.hidden + shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate) * dtype_bytes
+    """The no-grad forward's peak over its inputs and weights (module docstring)."""
+    return tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
 
 
-def logit_chunk_bytes(chunk_tokens: int, student_vocab: int, teacher_vocab: int) -> int:
-    return chunk_tokens * (2 * student_vocab + teacher_vocab) * FP32_BYTES
+# fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries
+# (opdgraph.train.losses.divergence_chunk_grad; logsumexp and linalg.vecdot each allocate one inside).
+TORCH_LOSS_LOGIT_BUFFERS = {"forward_kl": 4, "reverse_kl": 3, "jsd": 5, "sampled_token": 3}
+EVAL_METRICS_LOGIT_BUFFERS = 6  # train.losses.chunk_metrics: logits, log-softmaxes, their difference, a product
+FUSED_LOSS_LOGIT_BUFFERS = 2  # kernels/divergence.py: student and teacher logits; the gradient goes in place
+
+
+def logit_chunk_bytes(chunk_tokens: int, vocab: int, logit_buffers: int, *, fused: bool = False,
+                      upcast_hidden: int = 0) -> int:
+    """The loss's (or eval's metrics') per-chunk peak (module docstring): `logit_buffers` fp32 [chunk, V] buffers,
+    the fused kernel's two fp32 values per row, and V x upcast_hidden x 4 for the lm_heads the CPU path upcasts
+    (upcast_hidden = h_student + h_teacher on a CPU target, 0 elsewhere)."""
+    size = chunk_tokens * vocab * logit_buffers * FP32_BYTES + vocab * upcast_hidden * FP32_BYTES
+    return size + (chunk_tokens * 2 * FP32_BYTES if fused else 0)
 
 
 def decode_logits_bytes(concurrent_seqs: int, vocab: int) -> int:

@@ -1,5 +1,9 @@
 """Golden-file comparison for tests: `check_golden(name, text)` compares with tests/golden/<name>, or rewrites it
-when the environment has OPDGRAPH_REGEN_GOLDEN=1 (review the diff before committing)."""
+when the environment has OPDGRAPH_REGEN_GOLDEN=1 (review the diff before committing).
+
+A regenerated golden records what the code prints now; it is not a check by itself. The plan goldens' memory
+numbers are checked by tests/test_saved_bytes.py (measured on CPU) and tests/test_sizing.py (hand-computed):
+regenerate a plan golden only together with those."""
 
 from __future__ import annotations
 

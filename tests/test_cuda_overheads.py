@@ -20,6 +20,9 @@ from opdgraph.render import render_html, render_json, render_text
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 MIB = 1024 * 1024
 OVERHEADS = ("cuda.cublas_workspace", "rollout.flashinfer", "rollout.decode_graph_pool")
+# Sized for the path that runs on the target (K/V heads repeated for FlashAttention, the fused loss kernel, no fp32
+# lm_head copies on CUDA): tests/test_saved_bytes.py measures both paths, tests/test_sizing.py pins the numbers.
+DEVICE_PATH_BUFFERS = ("student_activations", "backward.workspace", "logit_chunk", "eval.workspace")
 
 
 def _plan(pipeline: str, *overrides: str):
@@ -46,12 +49,15 @@ def test_cuda_plan_adds_exactly_the_overheads_at_each_step(pipeline):
     # The fused GPU rollout's stacked q/k/v copy lives with the KV pool: only that buffer grows, by exactly it.
     stacked = cuda.buffers["rollout.kv_cache"].bytes - cpu.buffers["rollout.kv_cache"].bytes
     assert stacked == stacked_qkv_bytes(load_pipeline(PIPELINES / pipeline, ["pipeline.device=cuda"]))
-    others = {name: b for name, b in cuda.buffers.items() if name not in OVERHEADS and name != "rollout.kv_cache"}
-    assert others == {name: b for name, b in cpu.buffers.items() if name != "rollout.kv_cache"}
+    skipped = (*OVERHEADS, *DEVICE_PATH_BUFFERS, "rollout.kv_cache")
+    others = {name: b for name, b in cuda.buffers.items() if name not in skipped}
+    assert others == {name: b for name, b in cpu.buffers.items() if name not in skipped}
     live = cuda.live_buffers()
     for index, (on_cpu, on_cuda) in enumerate(zip(cpu.steps, cuda.steps)):
         extra = sum(cuda.buffers[name].bytes for name in OVERHEADS if name in live[index])
         extra += stacked if "rollout.kv_cache" in live[index] else 0
+        extra += sum(cuda.buffers[name].bytes - cpu.buffers[name].bytes for name in DEVICE_PATH_BUFFERS
+                     if name in live[index])
         assert on_cuda.live_bytes - on_cpu.live_bytes == extra
     if "rollout.decode_graph_pool" in cuda.buffers:
         assert [i for i, names in enumerate(live) if "rollout.decode_graph_pool" in names] == \
@@ -66,10 +72,11 @@ def test_sizes_of_the_qwen_rollout_path():
     assert plan.buffers["rollout.flashinfer"].bytes == 128 * MIB + 2 * 8 * MIB
     per_step_graphs = _plan("qwen25_1b5_from_7b.toml", "rollout.decode_burst_steps=1")
     assert per_step_graphs.buffers["rollout.flashinfer"].bytes == 128 * MIB + (2 + 8) * 8 * MIB
-    hidden, q, kv, intermediate, vocab = 1536, 1536, 256, 8960, 151936
+    hidden, q, kv, intermediate, head_dim, vocab = 1536, 1536, 256, 8960, 128, 151936
     stacked_qkv = 28 * (q + 2 * kv) * (hidden + 1) * 2  # Qwen2 has q/k/v biases
     assert stacked_qkv_bytes(load_pipeline(PIPELINES / "qwen25_1b5_from_7b.toml", [])) == stacked_qkv
-    per_token = (hidden + q + 2 * kv + 2 * intermediate) * 2 + vocab * 4
+    # one decode step's no-grad forward peak (inside an MLP: sizing.forward_workspace_bytes) and fp32 logits
+    per_token = (4 * hidden + 3 * intermediate + 4 * head_dim) * 2 + vocab * 4
     assert plan.buffers["rollout.decode_graph_pool"].bytes == 128 * per_token
 
 

@@ -1,4 +1,9 @@
-"""Compiled plans of the shipped pipelines: goldens (text and json), memory invariants, fusion, facts and HTML."""
+"""Compiled plans of the shipped pipelines: goldens (text and json), memory invariants, fusion, facts and HTML.
+
+Goldens are regenerated with OPDGRAPH_REGEN_GOLDEN=1 (tests/golden_helpers.py) from the planner's own output, so a
+regenerated golden checks nothing by itself: the buffer sizes in it are checked by tests/test_saved_bytes.py and
+tests/test_sizing.py, and a golden changes only together with them.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """Sizing and work formulas against hand-computed values for the real Qwen2.5-1.5B / 7B and SmolLM2-135M configs.
 
 Every expected number below is written out from the published architecture (hidden, layers, heads, ...) by hand in
-the comment beside it, not produced by the code under test.
+the comment beside it, not produced by the code under test. The activation, workspace and logit-chunk numbers are
+the ones tests/test_saved_bytes.py measures at these widths (e.g. 91,192 bytes per token per layer for Qwen2.5-1.5B).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import pathlib
 
 import pytest
 
@@ -69,21 +71,57 @@ def test_kv_cache_qwen():
 
 
 def test_activation_bytes_qwen_1b5():
-    """If this fails, the documented per-token-per-layer activation formula and the code disagree."""
+    """If this fails, the per-token activation bytes moved away from the numbers tests/test_saved_bytes.py measured
+    for Qwen2.5-1.5B (bf16) with the autograd RMSNorm and FlashAttention's saves."""
     small = shape(QWEN_1B5)
-    # a = 2 bytes x (2*2*1536 norms + 2*1536 q + 2*256 kv + 4*8960 mlp) + 4 bytes x 12 heads
-    #   = 2 x (6144 + 3072 + 512 + 35840) + 48 = 91,184 bytes per token per layer
-    assert sizing.activation_bytes_per_token_per_layer(small, 2) == 91_184
-    assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 1000 * 28 * 91_184
-    # checkpointing: layer inputs 1000 x 28 x 1536 x 2 plus one recomputed layer 1000 x 91,184
-    assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 86_016_000 + 91_184_000
+    # a = 2 bytes x ((2 norms + 2) x 1536 norm inputs and pre-norm outputs + 2 x 1536 q and out + 2 x 256 k, v
+    #     + 4 x 8960 mlp) + 4 bytes x (2 rstd + 12 lse) = 2 x (6144 + 3072 + 512 + 35840) + 56 = 91,192
+    assert sizing.activation_bytes_per_token_per_layer(small, 2) == 91_192
+    # K/V repeated to the 12 query heads: k and v are 1536 wide each, 2 x 2 x (1536 - 256) = 5,120 more
+    assert sizing.activation_bytes_per_token_per_layer(small, 2, kv_repeated=True) == 96_312
+    # o = 2 bytes x (2 x 1536 final norm input and output + 2 x 128 cos/sin) + 4 bytes rstd = 6,660
+    assert sizing.activation_bytes_outside_layers_per_token(small, 2) == 6_660
+    # 1000 tokens x (28 layers x 91,192 + 6,660) = 1000 x 2,560,036
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 2_560_036_000
+    # checkpointing: 1000 x (28 x 1536 x 2 layer inputs + one recomputed layer 91,192 + 6,660) = 1000 x 183,868
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 183_868_000
 
 
-def test_hidden_and_logit_chunks():
-    """If this fails, teacher-hidden or logit-chunk sizing changed."""
+def test_forward_workspace_and_logit_chunks():
+    """If this fails, the no-grad forward workspace or the loss's logit chunk moved away from the numbers
+    tests/test_saved_bytes.py measured."""
+    # inside an MLP: 2 bytes x (4 x 3584 hidden-size tensors + 3 x 18944 + 4 x 128 cos/sin) = 143,360 per token
+    assert sizing.forward_workspace_bytes(shape(QWEN_7B), 1000, 2) == 143_360_000
     assert sizing.hidden_state_bytes(shape(QWEN_7B), 8192, 2) == 8192 * 3584 * 2
-    # 1024 positions x (151936 + 152064 + 151936) columns x 4 bytes
-    assert sizing.logit_chunk_bytes(1024, 151936, 152064) == 1_867_513_856
+    # 1024 positions x 151,936 student columns = 155,582,464 logits
+    # fused kernel: x 2 buffers x 4 bytes + 1024 x 2 x 4 per-row values
+    assert sizing.logit_chunk_bytes(1024, 151936, 2, fused=True) == 1_244_667_904
+    # torch reverse_kl: x 3 buffers x 4 bytes; on CPU + 151,936 x (1536 + 3584) x 4 fp32 lm_heads = 3,111,649,280
+    assert sizing.logit_chunk_bytes(1024, 151936, 3) == 1_866_989_568
+    assert sizing.logit_chunk_bytes(1024, 151936, 3, upcast_hidden=1536 + 3584) == 4_978_638_848
+
+
+@pytest.mark.parametrize("overrides, activations, logit_chunk", [
+    # CUDA: K/V repeated (96,312 per layer), the fused loss kernel. 7,680 micro-batch tokens (5 x 1536) x
+    # (28 x 96,312 + 6,660) = 20,762,081,280.
+    (["pipeline.device=cuda"], 20_762_081_280, 1_244_667_904),
+    # CPU: no K/V repeat (91,192): 7,680 x (28 x 91,192 + 6,660); torch reverse_kl and the fp32 lm_heads.
+    (["pipeline.device=cpu"], 19_661_076_480, 4_978_638_848),
+    # CUDA with loss.kernel = torch, jsd: 1024 x 151,936 x 5 x 4.
+    (["pipeline.device=cuda", "loss.kernel=torch", "loss.divergence=jsd"], 20_762_081_280, 3_111_649_280),
+])
+def test_plan_follows_the_path_that_runs(overrides, activations, logit_chunk):
+    """If this fails, the plan sizes the student's activations or the logit chunk for a path its target does not run
+    (K/V repeat of the GPU attention, fused or torch loss, CPU fp32 lm_head copies)."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+
+    pipeline = load_pipeline(str(pathlib.Path(__file__).parent.parent / "pipelines" / "qwen25_1b5_from_7b.toml"),
+                             overrides)
+    plan = compile_plan(pipeline)
+    assert plan.facts["train.micro_batch_tokens"] == 7680
+    assert plan.buffers["student_activations"].bytes == activations
+    assert plan.buffers["logit_chunk"].bytes == logit_chunk
 
 
 def test_gemma3_counts_extra_norms():

@@ -4,6 +4,8 @@ Family differences are the explicit options of DecoderConfig (see config.py); th
 Submodule and parameter names follow the Hugging Face checkpoints (q_proj, input_layernorm, ...) so a state dict
 maps onto HF tensor names by adding a prefix. Tensors are packed: [T, ...] with no batch dimension.
 
+The training forward's norms are the autograd Functions of norms.py (they save only the input and the fp32 rstd);
+the norm that follows a residual add takes (x, residual) and returns (normed, x + residual).
 The ``forward_fused`` methods are the rollout forward's variant (DecoderLM.use_fused_decode_kernels): the same math
 through the Triton kernels of kernels/fused_decode.py, with RoPE and the K/V cache write in one kernel.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from opdgraph.kernels import fused_decode
 from opdgraph.models.config import SLIDING_ATTENTION, DecoderConfig
+from opdgraph.models.norms import add_rms_norm, rms_norm
 from opdgraph.models.rope import apply_rotary
 
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], sliding_window) -> [T, Hq, D]; the model binds metadata, cache, scale.
@@ -46,11 +49,11 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.one_plus:
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.one_plus)
+
+    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x), the add inside the norm's autograd Function."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.one_plus)
 
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Triton: (RMSNorm(residual + x), residual + x); without a residual, (RMSNorm(x), x)."""
@@ -174,11 +177,11 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         attention_out = self.self_attn(self.input_layernorm(hidden), cos, sin, attend)
         if self.sandwich_norms:
-            hidden = hidden + self.post_attention_layernorm(attention_out)
-            mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden))
-            return hidden + self.post_feedforward_layernorm(mlp_out)
-        hidden = hidden + attention_out
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+            normed, hidden = self.pre_feedforward_layernorm.forward_with_residual(
+                self.post_attention_layernorm(attention_out), hidden)
+            return hidden + self.post_feedforward_layernorm(self.mlp(normed))
+        normed, hidden = self.post_attention_layernorm.forward_with_residual(attention_out, hidden)
+        return hidden + self.mlp(normed)
 
     def forward_fused(self, pending: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                       inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

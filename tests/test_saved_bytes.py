@@ -1,0 +1,235 @@
+"""The memory plan's activation, forward-workspace and logit-chunk bytes against what the runtime really keeps.
+
+Nothing here uses the planner's formulas to get an expected value: each test runs the runtime's own function
+(runtime/training.py: student_forward, teacher_score, chunked_loss; train/divergence.py: divergence_metrics) at the
+real widths of a supported family (2 layers, a small vocabulary, bf16), measures with tests/memory_probe.py (bytes
+saved for backward, storage by storage; the CPU allocator's peak), and compares with the number the planner uses
+(opdgraph.sizing, the functions buffers.py calls) within 2%. Attention runs as the GPU's packed path with a
+FlashAttention stand-in that saves what the kernel saves, with K/V heads repeated (torch < 2.12) or not.
+
+The plan goldens (tests/golden/plan_*) are regenerated from the planner's own output with OPDGRAPH_REGEN_GOLDEN=1
+(tests/golden_helpers.py): a regenerated golden is not a check by itself. When a sizing formula changes, this file
+is what says the new numbers are true; change a golden only together with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import types
+
+import pytest
+import torch
+
+import opdgraph
+from memory_probe import AllocationTrace, cuda_fused_loss, cuda_torch_loss, flash_backend, saved_bytes
+from opdgraph import sizing
+from opdgraph.kernels import varlen_attention
+from opdgraph.model_shapes import shape_from_hf_config
+from opdgraph.models.attention_metadata import PackedMetadata
+from opdgraph.models.loading import build_random
+from opdgraph.runtime import training
+from opdgraph.runtime.batches import MicroBatch
+from opdgraph.runtime.buffers import BufferTable
+from opdgraph.train.divergence import divergence_metrics
+
+CONFIGS = pathlib.Path(opdgraph.__file__).parent / "model_configs"
+# Published widths of the two families without a shipped config.json.
+LLAMA_3_2_1B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+                "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                "max_position_embeddings": 131072,
+                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+GEMMA_3_1B = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 1152,
+              "intermediate_size": 6912, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+              "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1_000_000.0,
+              "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+              "tie_word_embeddings": True, "max_position_embeddings": 32768,
+              # the real model's two kinds of layer (5 sliding : 1 global), one of each
+              "layer_types": ["sliding_attention", "full_attention"]}
+FAMILIES = {
+    "qwen2.5-1.5b": "qwen2.5-1.5b-instruct.json",
+    "qwen3-4b": "qwen3-4b.json",
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    "gemma-3-1b": GEMMA_3_1B,
+    "smollm2-135m": "smollm2-135m-instruct.json",
+}
+VOCAB = 512
+SEQUENCE_LENGTHS = (40, 17, 7)  # one micro-batch of three packed sequences, 64 tokens
+TOLERANCE = 0.02
+
+
+def family_config(family: str) -> dict:
+    source = FAMILIES[family]
+    config = json.loads((CONFIGS / source).read_text()) if isinstance(source, str) else dict(source)
+    return {**config, "num_hidden_layers": 2, "vocab_size": VOCAB}
+
+
+@functools.lru_cache(maxsize=None)
+def family_model(family: str):
+    """One bf16 model per family for the whole file (building real widths takes seconds; no test changes it)."""
+    return build_random(family_config(family), dtype=torch.bfloat16)
+
+
+def micro_batch(vocab: int = VOCAB) -> MicroBatch:
+    generator = torch.Generator().manual_seed(0)
+    bounds = [0]
+    for length in SEQUENCE_LENGTHS:
+        bounds.append(bounds[-1] + length)
+    input_ids = torch.randint(0, vocab, (bounds[-1],), generator=generator)
+    loss_positions = torch.cat([torch.arange(start + 2, end) for start, end in zip(bounds, bounds[1:])])
+    return MicroBatch(
+        input_ids=input_ids, positions=torch.cat([torch.arange(length) for length in SEQUENCE_LENGTHS]),
+        meta=PackedMetadata(cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(SEQUENCE_LENGTHS)),
+        loss_positions=loss_positions, target_ids=input_ids[loss_positions],
+        weights=torch.full((len(loss_positions),), 1.0 / len(loss_positions)),
+        sample_of_position=torch.zeros(len(loss_positions), dtype=torch.long), samples=[])
+
+
+def runtime_context(model, checkpointing: bool = False):
+    batch = micro_batch()
+    ctx = types.SimpleNamespace(student=model, teacher=model, buffers=BufferTable(),
+                                facts={"activation_checkpointing": checkpointing})
+    return ctx, types.SimpleNamespace(micro_batch=batch, index=0), batch.num_tokens
+
+
+def assert_close(measured: float, planned: float, what: str) -> None:
+    assert abs(measured - planned) <= TOLERANCE * measured, f"{what}: measured {measured:,.0f}, plan {planned:,.0f}"
+
+
+KV_PATHS = {"kv_repeated": True, "native_gqa": False}
+
+
+@pytest.mark.parametrize("kv_path", list(KV_PATHS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
+    """If this fails, the training forward saves for backward a different number of bytes per token per layer (or
+    outside the layers) than the plan's student_activations assume: the plan would under- or over-predict every
+    training step."""
+    config = family_config(family)
+    shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
+    ctx, loop, tokens = runtime_context(model)
+
+    def forward():
+        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
+        return ctx.buffers.get_item("student_activations", 0)
+
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    per_layer = sizing.activation_bytes_per_token_per_layer(shape, 2, repeated)
+    for layer in ("layer0", "layer1"):
+        assert_close(measured[layer] / tokens, per_layer, f"{family} {layer} bytes per token")
+    # The forward's output is the tensor student_activations holds for the backward: alive, though not saved.
+    outside = measured["outside"] + measured["output"].untyped_storage().nbytes()
+    assert_close(outside / tokens, sizing.activation_bytes_outside_layers_per_token(shape, 2), f"{family} outside")
+    total = measured["layer0"] + measured["layer1"] + outside
+    assert_close(total, sizing.activation_bytes(shape, tokens, 2, False, repeated), f"{family} total")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
+    """If this fails, activation checkpointing keeps more (or less) than each layer's input between forward and
+    backward; the plan's checkpointed activations would be wrong."""
+    config = family_config(family)
+    shape = shape_from_hf_config(config)
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    ctx, loop, tokens = runtime_context(model, checkpointing=True)
+
+    def forward():
+        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
+        return ctx.buffers.get_item("student_activations", 0)
+
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    total = sum(measured[region] for region in ("layer0", "layer1", "outside"))
+    total += measured["output"].untyped_storage().nbytes()
+    # The plan adds one recomputed layer's activations, alive only while that layer's backward runs.
+    recomputed = tokens * sizing.activation_bytes_per_token_per_layer(shape, 2, True)
+    assert_close(total, sizing.activation_bytes(shape, tokens, 2, True, True) - recomputed, family)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_teacher_forward_peak_matches_the_workspace(family, monkeypatch):
+    """If this fails, the no-grad forward (teacher scoring) peaks above or below the plan's forward workspace.
+    K/V heads repeated: the larger attention of the two paths (the peak is inside an MLP either way)."""
+    shape = shape_from_hf_config(family_config(family))
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    ctx, loop, tokens = runtime_context(model)
+    with AllocationTrace() as trace:
+        training.teacher_score(ctx, loop)
+    assert_close(trace.peak(), sizing.forward_workspace_bytes(shape, tokens, 2), family)
+
+
+# Loss test sizes: a student vocabulary not a multiple of the chunk, a larger teacher vocabulary, a last chunk
+# shorter than the others.
+LOSS_VOCAB, TEACHER_VOCAB, STUDENT_HIDDEN, TEACHER_HIDDEN, POSITIONS, CHUNK = 4000, 4064, 256, 384, 150, 64
+LOSS_PATHS = {  # name -> (emulation of the device path, fused kernel, fp32 lm_head copies)
+    "cpu_torch": (None, False, True),
+    "cuda_torch": (cuda_torch_loss, False, False),
+    "cuda_fused": (cuda_fused_loss, True, False),
+}
+
+
+def _loss_context(divergence: str, kernel: str):
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(size, generator=generator) * scale).to(torch.bfloat16)
+
+    student = types.SimpleNamespace(lm_head_weight=randn(LOSS_VOCAB, STUDENT_HIDDEN, scale=0.05))
+    teacher = types.SimpleNamespace(lm_head_weight=randn(TEACHER_VOCAB, TEACHER_HIDDEN, scale=0.05))
+    buffers = BufferTable()
+    buffers.put_item("student_hidden", 0, randn(POSITIONS, STUDENT_HIDDEN))
+    buffers.put_item("teacher_hidden", 0, randn(POSITIONS, TEACHER_HIDDEN))
+    buffers.put("student.grads", {"lm_head": torch.zeros(LOSS_VOCAB, STUDENT_HIDDEN)})
+    batch = types.SimpleNamespace(weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
+                                  target_ids=torch.randint(0, LOSS_VOCAB, (POSITIONS,), generator=generator))
+    ctx = types.SimpleNamespace(student=student, teacher=teacher, buffers=buffers, step_record={},
+                                facts={"grads_buffer": "student.grads"})
+    config = types.SimpleNamespace(divergence=divergence, beta=0.5, temperature=1.3, chunk_tokens=CHUNK,
+                                   kernel=kernel)
+    return config, ctx, types.SimpleNamespace(micro_batch=batch, index=0)
+
+
+@pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
+@pytest.mark.parametrize("path", list(LOSS_PATHS))
+def test_loss_chunk_peak_matches_the_logit_chunk(path, divergence, monkeypatch):
+    """If this fails, the chunked loss's peak (beyond its inputs and the planned hidden_grad) differs from the plan's
+    logit_chunk for the path that runs on that device."""
+    emulate, fused, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    config, ctx, loop = _loss_context(divergence, kernel="auto" if fused else "torch")
+    with AllocationTrace() as trace:
+        training.chunked_loss(config, ctx, loop)
+    hidden_grad = POSITIONS * STUDENT_HIDDEN * 2  # the planned hidden_grad buffer, allocated by the loss
+    buffers = sizing.FUSED_LOSS_LOGIT_BUFFERS if fused else sizing.TORCH_LOSS_LOGIT_BUFFERS[divergence]
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, buffers, fused=fused,
+                                       upcast_hidden=STUDENT_HIDDEN + TEACHER_HIDDEN if upcast else 0)
+    assert_close(trace.peak() - hidden_grad, planned, f"{path} {divergence}")
+
+
+@pytest.mark.parametrize("path", ["cpu_torch", "cuda_torch"])
+def test_eval_metrics_peak_matches_the_plan(path, monkeypatch):
+    """If this fails, eval's chunked divergence metrics peak differently from the eval workspace's metrics term."""
+    emulate, _, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    _, ctx, _ = _loss_context("forward_kl", kernel="torch")
+    hidden = ctx.buffers.get_item("student_hidden", 0), ctx.buffers.get_item("teacher_hidden", 0)
+    with AllocationTrace() as trace:
+        divergence_metrics(hidden[0], ctx.student.lm_head_weight, hidden[1], ctx.teacher.lm_head_weight,
+                           chunk_tokens=CHUNK)
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, sizing.EVAL_METRICS_LOGIT_BUFFERS,
+                                       upcast_hidden=STUDENT_HIDDEN + TEACHER_HIDDEN if upcast else 0)
+    assert_close(trace.peak(), planned, path)
+
+
+def test_flash_head_dim_limit_mirrors_the_kernel():
+    """If this fails, the planner's FlashAttention head_dim limit (whether K/V heads are repeated) drifted from the
+    kernel module's."""
+    assert sizing.FLASH_MAX_HEAD_DIM == varlen_attention.MAX_HEAD_DIM
