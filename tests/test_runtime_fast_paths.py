@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from opdgraph.errors import DeviceError
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
 from opdgraph.models.attention_backend import TorchReferenceBackend
@@ -34,7 +35,7 @@ def test_rollout_attention_choices_on_cpu():
     if torch.cuda.is_available():  # head sizes flashinfer's kernels lack go to the torch path on CUDA too
         assert rollout_attention("auto", torch.device("cuda"), torch.bfloat16, head_dim=16) == "torch"
     assert rollout_attention("torch", cpu, torch.bfloat16) == "torch"
-    with pytest.raises(RuntimeError, match="rollout.backend = 'flashinfer' but the run is on cpu"):
+    with pytest.raises(DeviceError, match="rollout.backend = 'flashinfer' but the run is on cpu"):
         rollout_attention("flashinfer", cpu, torch.bfloat16)
 
 
@@ -98,7 +99,7 @@ def test_explicit_bursts_on_cuda_need_the_kernels_head_sizes():
     heads96 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=96)
     heads128 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=128)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    with pytest.raises(ValueError, match="rollout.decode_burst_steps = 8"):
+    with pytest.raises(DeviceError, match="rollout.decode_burst_steps = 8"):
         decode_burst_steps(8, "torch", heads96, cuda)
     assert decode_burst_steps(8, "torch", heads96, cpu) == 8  # CPU bursts use the torch reference attention
     assert decode_burst_steps(0, "torch", heads128, cuda) == 1
