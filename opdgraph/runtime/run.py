@@ -191,9 +191,10 @@ def _resume_command(rerun_args: list[str], run_dir: Path) -> str:
 def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record_memory: bool,
                   rerun_args: list[str]) -> RunContext:
     run_config = config_record(cfg) if distributed.is_main() else None  # what each checkpoint records of the config
-    directory = open_run_directory(cfg, request, config_record=run_config) if distributed.is_main() else None
-    run_dir = directory.path if directory is not None else resolve(cfg, request)[0]
+    directory, run_dir = None, resolve(cfg, request)[0]
     try:
+        if distributed.is_main():  # locks and checks; raises (leaving the directory as it was) when refused
+            directory = open_run_directory(cfg, request, config_record=run_config)
         # Rank 0 chose the checkpoint (falling back past damaged ones); the others learn its step here.
         resumed_step = distributed.all_reduce_max(directory.step if directory and directory.checkpoint else -1,
                                                   pick_device(cfg.pipeline.device))
@@ -292,7 +293,8 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
     stops.graceful = False
     progress.close()
     ctx.metrics.close()
-    if ctx.stopped_by is None and len(ctx.eval_records) >= 2 and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
+    finished = ctx.stopped_by is None and len(ctx.eval_records) >= 2
+    if finished and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
         print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())

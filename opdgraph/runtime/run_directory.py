@@ -186,39 +186,47 @@ def open_run_directory(cfg, request: RunRequest, *, config_record: dict) -> RunD
 
 
 def _check(directory: RunDirectory, chosen: Path | None, config_record: dict) -> None:
-    run_dir, request = directory.path, directory.request
-    if request.resume is not None:
-        directory.step, checkpoint, messages = ckpt.resumable_checkpoint(run_dir, chosen)
-        for message in messages:
-            print(message)
-        old_record = ckpt.read_config_record(checkpoint)
-        kinds = {**old_record.get("stage_kinds", {}), **config_record["stage_kinds"]}
-        directory.changes = [(change, is_cadence(change[0], kinds))
-                             for change in differences(old_record, config_record)]
-        blocking = [change for change, cadence in directory.changes if not cadence]
-        if blocking and not request.allow_config_change:
-            listed = "\n".join(f"  {describe(change)}" for change in blocking)
-            raise CheckpointError(
-                f"--resume {run_dir}: the config differs from the one {checkpoint} was trained with, in settings that "
-                f"change the math or the data order:\n{listed}\nrestore them to continue the run exactly, or pass "
-                f"{ALLOW_CHANGE_FLAG} to continue with these changes on purpose (they are then recorded in "
-                "config.toml)")
-        for change, cadence in directory.changes:
-            print(f"resume: config change {describe(change)}"
-                  f"{'' if cadence else ' (accepted by ' + ALLOW_CHANGE_FLAG + ')'}")
-        return
+    if directory.request.resume is not None:
+        _check_resume(directory, chosen, config_record)
+    else:
+        _check_new_run(directory)
+
+
+def _check_resume(directory: RunDirectory, chosen: Path | None, config_record: dict) -> None:
+    """The checkpoint to resume (the newest intact one, or `chosen`), and the config changes since it."""
+    run_dir = directory.path
+    directory.step, checkpoint, messages = ckpt.resumable_checkpoint(run_dir, chosen)
+    for message in messages:
+        print(message)
+    old_record = ckpt.read_config_record(checkpoint)
+    kinds = {**old_record.get("stage_kinds", {}), **config_record["stage_kinds"]}
+    directory.changes = [(change, is_cadence(change[0], kinds)) for change in differences(old_record, config_record)]
+    blocking = [change for change, cadence in directory.changes if not cadence]
+    if blocking and not directory.request.allow_config_change:
+        listed = "\n".join(f"  {describe(change)}" for change in blocking)
+        raise CheckpointError(
+            f"--resume {run_dir}: the config differs from the one {checkpoint} was trained with, in settings that "
+            f"change the math or the data order:\n{listed}\nrestore them to continue the run exactly, or pass "
+            f"{ALLOW_CHANGE_FLAG} to continue with these changes on purpose (they are then recorded in config.toml)")
+    for change, cadence in directory.changes:
+        print(f"resume: config change {describe(change)}{'' if cadence else f' (accepted by {ALLOW_CHANGE_FLAG})'}")
+
+
+def _check_new_run(directory: RunDirectory) -> None:
+    """A new run needs a directory without a run; --restart one without an intact checkpoint."""
+    run_dir = directory.path
     outputs = _holds_run(run_dir)
     if not outputs:
         return
-    steps = ckpt.complete_steps(run_dir)
-    if not request.restart:
+    if not directory.request.restart:
+        steps = ckpt.complete_steps(run_dir)
         then = (f"it has a checkpoint (step {steps[-1]}): pass --resume {run_dir} to continue it" if steps else
                 "it has no complete checkpoint: pass --restart to start it over (its files move to "
                 f"{run_dir}/{PREVIOUS_ATTEMPTS}/)")
         raise RunDirectoryError(f"{run_dir} already holds a run ({', '.join(outputs)}); {then}, or set "
                                 "pipeline.output_dir (e.g. --set pipeline.output_dir=runs/other) for a new run")
     try:
-        step, checkpoint, _ = ckpt.resumable_checkpoint(run_dir)
+        _, checkpoint, _ = ckpt.resumable_checkpoint(run_dir)
     except CheckpointError:
         return  # nothing intact to lose: the restart may go ahead
     raise RunDirectoryError(f"--restart {run_dir}: it has an intact checkpoint ({checkpoint}), so it is not a run "
