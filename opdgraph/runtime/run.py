@@ -139,7 +139,7 @@ def trainer_state(ctx: RunContext) -> dict[str, Any]:
             "rng": ckpt.rng_state()}
 
 
-def save_run_checkpoint(ctx: RunContext, *, keep_last: int, record: dict | None) -> Path:
+def save_run_checkpoint(ctx: RunContext, *, keep_last: int, run_config: dict | None) -> Path:
     """Every rank takes part (the weights and optimizer state are gathered); rank 0 writes, after making the logs of
     every step so far durable (a checkpoint never covers a step whose records could still be lost)."""
     from opdgraph.models import save_pretrained
@@ -153,7 +153,7 @@ def save_run_checkpoint(ctx: RunContext, *, keep_last: int, record: dict | None)
                                     save_student=lambda d: save_pretrained(student, d, tokenizer=ctx.tokenizer),
                                     trainer_state=state, summary={"num_steps": ctx.num_steps,
                                                                   "world_size": distributed.world_size()},
-                                    config_record=record, keep_last=keep_last)
+                                    config_record=run_config, keep_last=keep_last)
     distributed.barrier()  # nobody moves on (or reads the directory) before the checkpoint is whole
     return path
 
@@ -181,11 +181,12 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None, restart: bool = False
                              rerun_args=rerun_args or ["run", cfg.source_file])
 
 
-def _resume_command(rerun_args: list[str], run_dir: Path) -> str:
+def _command(rerun_args: list[str], *flags: str) -> str:
+    """The command line that runs this pipeline again with `flags` (torchrun's when this run is one)."""
     program = ["opdgraph"]
     if distributed.world_size() > 1:
         program = ["torchrun", f"--nproc-per-node={distributed.world_size()}", "-m", "opdgraph"]
-    return shlex.join([*program, *rerun_args, "--resume", str(run_dir)])
+    return shlex.join([*program, *rerun_args, *flags])
 
 
 def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record_memory: bool,
@@ -223,10 +224,11 @@ def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, ru
     elif steps:
         where = f"the newest checkpoint is step {steps[-1]}"
     else:
-        print(f"\nopdgraph: {how}; no checkpoint yet. Start it over with:\n  "
-              f"{shlex.join(['opdgraph', *rerun_args, '--restart'])}", file=sys.stderr)
+        print(f"\nopdgraph: {how}; no checkpoint yet. Start it over with:\n  {_command(rerun_args, '--restart')}",
+              file=sys.stderr)
         return
-    print(f"\nopdgraph: {how}; {where}. Resume with:\n  {_resume_command(rerun_args, run_dir)}", file=sys.stderr)
+    print(f"\nopdgraph: {how}; {where}. Resume with:\n  {_command(rerun_args, '--resume', str(run_dir))}",
+          file=sys.stderr)
 
 
 def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: StopRequests,
@@ -286,7 +288,7 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
                                        if record.get(k) is not None})
         stop = chosen_signal(own_signal, stop_votes) if ctx.step < cfg.pipeline.num_steps else None
         if saving is not None and (ctx.checkpoint_due or (stop is not None and saving.on_signal)):
-            save_run_checkpoint(ctx, keep_last=saving.keep_last, record=run_config)
+            save_run_checkpoint(ctx, keep_last=saving.keep_last, run_config=run_config)
         if stop is not None:
             ctx.stopped_by = stop
             break
