@@ -1,4 +1,9 @@
-"""The `opdgraph` command line: `opdgraph plan P.toml` and `opdgraph config P.toml` (more subcommands plug in).
+"""The `opdgraph` command line: `opdgraph plan P.toml`, `opdgraph config P.toml` and `opdgraph run P.toml`.
+
+`run` takes the run-directory flags (their policy: opdgraph.runtime.run_directory): `--resume DIR` continues the run
+in DIR, `--restart` starts over a run stopped before its first checkpoint, `--allow-config-change` accepts a resume
+whose config changes the math, `--take-over-lock` takes over the lock a killed run left. SIGINT / SIGTERM stop a run
+at the end of its current step, with a checkpoint and the command that resumes it.
 
 Each subcommand is one entry in SUBCOMMANDS: a help line, a function that adds its arguments, and a function that
 runs it and returns the exit code. Exit codes: 0 ok; 2 bad input (config, model or data files, run directory,
@@ -19,6 +24,7 @@ from opdgraph.errors import EXIT_USER_ERROR, OpdgraphError
 
 EXIT_CONFIG_ERROR = EXIT_USER_ERROR
 EXIT_OVER_BUDGET = EXIT_USER_ERROR
+EXIT_SIGNAL_BASE = 128  # stopped by signal N: exit 128 + N (SIGINT 130, SIGTERM 143), as shells report it
 
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +101,19 @@ def run_config(args) -> int:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pipeline_arguments(parser)
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR (a run directory or one checkpoint) from its newest checkpoint")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR (its run directory, or one checkpoint DIR/checkpoints/step-N) "
+                            "from its newest intact checkpoint; DIR is where the run goes on writing")
+    start.add_argument("--restart", action="store_true",
+                       help="start over a run stopped before its first checkpoint: its files move to "
+                            "previous-attempts/<time>/ inside its directory (refused when it has a checkpoint)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: accept config changes that alter the math or the data order (each is "
+                             "listed and recorded in config.toml)")
+    parser.add_argument("--take-over-lock", action="store_true",
+                        help="take over the run directory's lock when its holder is gone (a killed run) or on "
+                             "another host; never from a live run on this host")
     parser.add_argument("--record-memory", action="store_true",
                         help="measure device memory per plan step against the plan (memory.txt, memory.json and a "
                              "PyTorch memory snapshot in the run directory; CUDA only)")
@@ -145,9 +162,12 @@ def run_run(args) -> int:
     from opdgraph.runtime import distributed
     from opdgraph.runtime.run import run_pipeline
 
-    run_pipeline(cfg, plan, resume=args.resume, record_memory=args.record_memory)
+    rerun_args = ["run", args.pipeline, *(word for override in args.overrides for word in ("--set", override))]
+    ctx = run_pipeline(cfg, plan, resume=args.resume, restart=args.restart,
+                       allow_config_change=args.allow_config_change, take_over_lock=args.take_over_lock,
+                       record_memory=args.record_memory, rerun_args=rerun_args)
     distributed.shutdown()
-    return 0
+    return EXIT_SIGNAL_BASE + ctx.stopped_by if ctx.stopped_by is not None else 0
 
 
 SUBCOMMANDS = {
@@ -177,3 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opdgraph: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as error:  # Ctrl-C, or a second signal during a run (opdgraph.runtime.signals)
+        if args.debug:
+            raise
+        import signal
+
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"opdgraph: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signum

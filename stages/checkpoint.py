@@ -1,6 +1,8 @@
 """Checkpoint stage: saves the student (HF safetensors layout) and the optimizer state.
 
-Reads `student_weights`, writes `checkpoint`.
+Reads `student_weights`, writes `checkpoint`. The stage decides that this step is saved; the run loop saves it at
+the very end of the step, after the step's metrics and samples records are written and fsynced
+(opdgraph.runtime.run), so a checkpoint never exists without every record of the steps it covers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ WRITES = ("checkpoint",)
 class Config:
     every_n_steps: int = setting(0, help="save every n steps (0 = at the end only)", check=non_negative)
     keep_last: int = setting(2, help="checkpoints kept on disk", check=positive)
+    on_signal: bool = setting(True, help="on SIGINT / SIGTERM, save the step being finished before stopping")
 
 
 def execute(step, config: Config, ctx, loop) -> None:
     """Periodic: every `every_n_steps` training steps and after the last one."""
     if ctx.step == ctx.num_steps or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
-        from opdgraph.runtime.run import save_run_checkpoint
-
-        save_run_checkpoint(ctx, keep_last=config.keep_last)
+        ctx.checkpoint_due = True

@@ -28,14 +28,25 @@ OVERRIDES = ["step.warmup_steps=0", "step.eps=1e-6", "log.progress=false", "log.
 RELATIVE = 1e-5
 
 
-def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_size: int = 1, *extra: str):
+def _run(output_dir: Path, num_steps: int, resume: Path | None = None, world_size: int = 1, *extra: str,
+         allow_config_change: bool = False):
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
     from opdgraph.runtime.run import run_pipeline
 
     cfg = load_pipeline(TINY, [*OVERRIDES, f"pipeline.output_dir={output_dir}", f"pipeline.num_steps={num_steps}",
                                *extra])
-    return run_pipeline(cfg, compile_plan(cfg, world_size=world_size), resume=resume)
+    return run_pipeline(cfg, compile_plan(cfg, world_size=world_size), resume=resume,
+                        allow_config_change=allow_config_change)
+
+
+def _copy_run(source: Path, target: Path) -> Path:
+    """A copy of a run directory, to resume one of its checkpoints without continuing the source run itself (a
+    resume writes into the directory it resumes)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
 
 
 def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -95,7 +106,7 @@ def _initial_student_weights() -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     _run(root / "one", num_steps=2)
-    launched = _torchrun("train", str(root), str(_checkpoint(root / "one", 1)))
+    launched = _torchrun("train", str(root), str(_checkpoint(_copy_run(root / "one", root / "one_to_two"), 1)))
     assert launched.returncode == 0, launched.stderr[-4000:]
     return root
 
@@ -116,7 +127,9 @@ def test_resume_across_world_sizes(runs):
     """A 1-process checkpoint resumed on 2 ranks, and a 2-rank checkpoint resumed on 1 process, must both continue
     exactly as the uninterrupted 1-process run: fails if checkpoints hold per-rank shards or resume re-shards wrong."""
     _assert_same_step(runs / "one", runs / "one_to_two", step=2)
-    _run(runs / "two_to_one", num_steps=2, resume=_checkpoint(runs / "two", 1))
+    # The 2-rank run was configured for 1 step: going on to 2 is a config change, accepted on purpose.
+    _run(runs / "two_to_one", 2, _checkpoint(_copy_run(runs / "two", runs / "two_to_one"), 1),
+         allow_config_change=True)
     _assert_same_step(runs / "one", runs / "two_to_one", step=2)
 
 

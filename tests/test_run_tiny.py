@@ -9,6 +9,7 @@ import pytest
 
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
+from opdgraph.errors import RunDirectoryError
 from opdgraph.runtime import executor as executor_module
 from opdgraph.runtime.run import run_pipeline
 
@@ -110,7 +111,7 @@ def test_kill_and_resume_equals_uninterrupted(full_run, tmp_path, monkeypatch):
 def test_existing_run_directory_is_never_overwritten(full_run):
     """Starting a new run over finished results must refuse, naming --resume, rather than lose them."""
     tmp, _ = full_run
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunDirectoryError, match="--resume"):
         _run(tmp, "full")
 
 

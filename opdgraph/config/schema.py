@@ -93,9 +93,17 @@ class FitConfig:
                 yield "forbid", f"every value of {decision} is forbidden; allow at least one"
 
 
+def _run_name(value) -> str | None:
+    """The name is a folder name (runs/<name>): a path in it would write outside runs/, an empty one into it."""
+    if value.strip() in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
+        return (f"must be a plain folder name (no '/' or '\\', not empty, '.' or '..'), got {value!r}; to write "
+                "elsewhere set pipeline.output_dir")
+    return None
+
+
 @attrs.frozen(kw_only=True)
 class PipelineSection:
-    name: str = setting(help="pipeline name; also names the default output directory")
+    name: str = setting(help="pipeline name; also names the default output directory", check=_run_name)
     num_steps: int = setting(help="number of training steps", check=positive)
     seed: int = setting(0, help="random seed for data order, sampling and initialisation")
     output_dir: str | None = setting(None, help="where checkpoints and logs go (default: runs/<name>)")

@@ -50,6 +50,8 @@ class RunContext:
     teacher_offloader: Any = None  # the executor's HostOffloader (moves the teacher where the plan says)
     eval_records: list[dict[str, Any]] = field(default_factory=list)
     last_samples: list[Any] = field(default_factory=list)  # a few token lists of the last rollout, for the log
+    checkpoint_due: bool = False  # set by the checkpoint stage; the run loop saves at the step's end
+    stopped_by: int | None = None  # the signal that stopped the run early (opdgraph.runtime.signals)
 
     def add_seconds(self, name: str, seconds: float) -> None:
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds

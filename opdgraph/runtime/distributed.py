@@ -70,17 +70,25 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def report_rank_failure():
-    """Any exception on a rank is printed as `[rank r] ...` and the whole group is torn down (no hanging peers)."""
+    """Any exception on a rank is printed as `[rank r] ...` and the whole group is torn down (no hanging peers); an
+    OpdgraphError without its traceback (exit 2), as the CLI prints it for one process."""
+    from opdgraph.errors import EXIT_USER_ERROR, OpdgraphError
+
     try:
         yield
     except BaseException as error:
         if world_size() > 1 and not isinstance(error, SystemExit):
-            text = "".join(traceback.format_exception(error))
+            # A user-facing error, or a signal that stopped the run at once, is its message; anything else a bug.
+            code, text = 1, "".join(traceback.format_exception(error))
+            if isinstance(error, OpdgraphError):
+                code, text = EXIT_USER_ERROR, f"opdgraph: error: {error}"
+            elif isinstance(error, KeyboardInterrupt) and hasattr(error, "signum"):
+                code, text = 128 + error.signum, f"opdgraph: interrupted by {error}"
             prefix = f"[rank {rank()}] "
             sys.stderr.write("".join(prefix + line + "\n" for line in text.rstrip().splitlines()))
             sys.stderr.flush()
             dist.destroy_process_group()  # aborts pending collectives, so the peers fail instead of waiting
-            os._exit(1)  # torchrun then stops the other ranks and reports this one as the first failure
+            os._exit(code)  # torchrun then stops the other ranks and reports this one as the first failure
         raise
 
 

@@ -1,8 +1,14 @@
 """Run outputs a person watches: `metrics.jsonl`, TensorBoard events (when installed), samples, a progress line.
 
 `metrics.jsonl` gets one JSON object per training step (and one per eval), appended and flushed at once, so a killed
-run keeps every line it finished. On resume every such log is cut back to the steps the checkpoint covers
-(opdgraph.runtime.run_logs), so a resumed run's logs equal an uninterrupted run's.
+run keeps every line it finished. Before a checkpoint is written the run calls `sync`, which fsyncs every log: a
+checkpoint of step S exists only once every record of steps up to S is on disk. On resume every log is cut back to
+the steps the checkpoint covers (opdgraph.runtime.run_logs), so a resumed run's logs equal an uninterrupted run's
+(on the same device), except for the fields that measure this process: keys containing `seconds` or
+`tokens_per_s` (wall-clock time) and `peak_memory_gib` (CUDA memory).
+
+Nothing is written into the run directory before the first record (the TensorBoard writer, which creates its event
+file when built, is built then): a run that fails while starting leaves no log behind.
 """
 
 from __future__ import annotations
@@ -14,28 +20,35 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from opdgraph.runtime.durable import fsync_dir, fsync_file
+
 
 class MetricsLog:
     """Appends step records to metrics.jsonl and mirrors scalars to TensorBoard if it is importable."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
         self._writer = None
-        if tensorboard:
+        self._tensorboard = tensorboard
+
+    def _tensorboard_writer(self):
+        if self._tensorboard and self._writer is None:
+            self._tensorboard = False
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return self._writer
 
     def write(self, record: dict[str, Any]) -> None:
         # NaN / inf are not JSON: a skipped step's loss is written as null so strict readers (jq, JS) still parse.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
-        if self._writer is not None:
+        if self._tensorboard_writer() is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -46,6 +59,15 @@ class MetricsLog:
         with open(self.samples_path, "a") as handle:
             for sample in samples:
                 handle.write(json.dumps({"step": step, **sample}, sort_keys=True) + "\n")
+
+    def sync(self) -> None:
+        """Make every record written so far durable (files and their folders)."""
+        logs = [self.path, self.samples_path, *sorted((self.run_dir / "tensorboard").glob("events.out.tfevents.*"))]
+        for path in logs:
+            if path.is_file():
+                fsync_file(path)
+        for folder in {path.parent for path in logs if path.exists()}:
+            fsync_dir(folder)
 
     def close(self) -> None:
         if self._writer is not None:

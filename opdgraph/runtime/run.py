@@ -1,18 +1,28 @@
 """`opdgraph run`: build the run context, then execute the compiled plan for `pipeline.num_steps` steps.
 
-Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the resolved config with provenance),
-`plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`, `samples.jsonl`, `checkpoints/`,
-`tensorboard/` (when installed). A run directory that already holds results is never overwritten: pass `--resume`
-to continue it or choose another output_dir.
+Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the resolved config with provenance, and
+what each resume changed), `plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`,
+`samples.jsonl`, `checkpoints/`, `tensorboard/` (when installed), `run.lock` while a run holds it. Which directory a
+run may use, its lock, and what a resume checks and writes are one policy: opdgraph.runtime.run_directory. A run
+directory that already holds results is never overwritten: `--resume` continues it, `--restart` starts over one that
+has no checkpoint yet.
 
-Under torchrun every rank runs this same loop on its share of the prompts (see distributed.py); rank 0 alone
-writes the run directory, prints and shows progress, and checkpoints hold gathered (world-size-free) state.
+The end of a training step, in this order: its metrics record is written, the step's logs are fsynced, then (when the
+checkpoint stage asked for it, or a signal stops the run) its checkpoint is saved. So a kill at any instant leaves
+every record of the steps the newest checkpoint covers, and a resume cuts the logs back to that checkpoint: the
+resumed run's logs equal an uninterrupted run's. SIGINT / SIGTERM stop at the end of the current step
+(opdgraph.runtime.signals); `ctx.stopped_by` then holds the signal (the CLI exits 128 + signal).
+
+Under torchrun every rank runs this same loop on its share of the prompts (see distributed.py); rank 0 alone locks,
+checks and writes the run directory, prints and shows progress, and checkpoints hold gathered (world-size-free)
+state.
 """
 
 from __future__ import annotations
 
 import functools
-
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,33 +32,13 @@ import torch
 from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
+from opdgraph.runtime.config_record import config_record
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
-from opdgraph.runtime.run_logs import truncate_run_logs
-
-
-def run_directory(cfg) -> Path:
-    return Path(cfg.pipeline.output_dir or f"runs/{cfg.pipeline.name}")
-
-
-def _refuse_to_overwrite(run_dir: Path) -> None:
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl or checkpoints/); pass --resume {run_dir} to continue "
-            "it, or set pipeline.output_dir (e.g. --set pipeline.output_dir=runs/other) for a new run"
-        )
-
-
-def _write_plan_files(cfg, plan, run_dir: Path) -> None:
-    from opdgraph.config import render_resolved
-    from opdgraph.render import render_json, render_text
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(render_resolved(cfg))
-    (run_dir / "plan.txt").write_text(render_text(plan))
-    (run_dir / "plan.json").write_text(render_json(plan))
+from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
+from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, signal_name
 
 
 def _load_prompts(cfg, files: list[str], tokenizer):
@@ -71,6 +61,9 @@ class SilentMetrics:
         pass
 
     def write_samples(self, step, samples) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:
@@ -147,19 +140,21 @@ def trainer_state(ctx: RunContext) -> dict[str, Any]:
             "rng": ckpt.rng_state()}
 
 
-def save_run_checkpoint(ctx: RunContext, *, keep_last: int) -> Path:
-    """Every rank takes part (the weights and optimizer state are gathered); rank 0 writes."""
+def save_run_checkpoint(ctx: RunContext, *, keep_last: int, run_config: dict | None) -> Path:
+    """Every rank takes part (the weights and optimizer state are gathered); rank 0 writes, after making the logs of
+    every step so far durable (a checkpoint never covers a step whose records could still be lost)."""
     from opdgraph.models import save_pretrained
 
     state = trainer_state(ctx)
     student = fsdp.GatheredModel(ctx.student) if distributed.world_size() > 1 else ctx.student
     path = ckpt.checkpoint_dir(ctx.run_dir, ctx.step)
     if distributed.is_main():
+        ctx.metrics.sync()
         path = ckpt.save_checkpoint(ctx.run_dir, ctx.step,
                                     save_student=lambda d: save_pretrained(student, d, tokenizer=ctx.tokenizer),
                                     trainer_state=state, summary={"num_steps": ctx.num_steps,
                                                                   "world_size": distributed.world_size()},
-                                    keep_last=keep_last)
+                                    config_record=run_config, keep_last=keep_last)
     distributed.barrier()  # nobody moves on (or reads the directory) before the checkpoint is whole
     return path
 
@@ -174,28 +169,78 @@ def restore(ctx: RunContext, checkpoint: Path) -> None:
     ctx.step = int(state["step"])
 
 
-def run_pipeline(cfg, plan, *, resume: Path | None = None, record_memory: bool = False) -> RunContext:
-    """Train; under torchrun (RANK/WORLD_SIZE set) every rank calls this, and a failing rank names itself."""
+def run_pipeline(cfg, plan, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
+                 take_over_lock: bool = False, record_memory: bool = False,
+                 rerun_args: list[str] | None = None) -> RunContext:
+    """Train; under torchrun (RANK/WORLD_SIZE set) every rank calls this, and a failing rank names itself.
+    `rerun_args` (the CLI's `run P.toml --set ...`) are shown in the command that resumes a stopped run."""
     distributed.init_distributed(cfg.pipeline.device)
-    with distributed.report_rank_failure():
-        return _run_pipeline(cfg, plan, resume=resume, record_memory=record_memory)
+    request = RunRequest(resume=Path(resume) if resume is not None else None, restart=restart,
+                         allow_config_change=allow_config_change, take_over_lock=take_over_lock)
+    with distributed.report_rank_failure(), StopRequests() as stops:
+        return _run_pipeline(cfg, plan, request, stops, record_memory=record_memory,
+                             rerun_args=rerun_args or ["run", cfg.source_file])
 
 
-def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> RunContext:
-    run_dir = run_directory(cfg)
-    if resume is None:
-        _refuse_to_overwrite(run_dir)
-    distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
-    if distributed.is_main():
-        _write_plan_files(cfg, plan, run_dir)
-    checkpoint = ckpt.latest_checkpoint(Path(resume)) if resume is not None else None
-    if checkpoint is not None and distributed.is_main():
-        # Lines logged after the checkpoint would repeat; cut before the logs are opened for appending again.
-        truncate_run_logs(run_dir, ckpt.checkpoint_step(checkpoint))
+def _command(rerun_args: list[str], *flags: str) -> str:
+    """The command line that runs this pipeline again with `flags` (torchrun's when this run is one)."""
+    program = ["opdgraph"]
+    if distributed.world_size() > 1:
+        program = ["torchrun", f"--nproc-per-node={distributed.world_size()}", "-m", "opdgraph"]
+    return shlex.join([*program, *rerun_args, *flags])
+
+
+def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record_memory: bool,
+                  rerun_args: list[str]) -> RunContext:
+    run_config = config_record(cfg) if distributed.is_main() else None  # what each checkpoint records of the config
+    directory, run_dir = None, resolve(cfg, request)[0]
+    try:
+        if distributed.is_main():  # locks and checks; raises (leaving the directory as it was) when refused
+            directory = open_run_directory(cfg, request, config_record=run_config)
+        # Rank 0 chose the checkpoint (falling back past damaged ones); the others learn its step here.
+        resumed_step = distributed.all_reduce_max(directory.step if directory and directory.checkpoint else -1,
+                                                  pick_device(cfg.pipeline.device))
+        checkpoint = ckpt.checkpoint_dir(run_dir, resumed_step) if resumed_step >= 0 else None
+        ctx = _train(cfg, plan, run_dir, directory, checkpoint, stops, run_config, record_memory=record_memory)
+        if ctx.stopped_by is not None and distributed.is_main():
+            _report_stop(ctx, signal_name(ctx.stopped_by), rerun_args)
+        return ctx
+    except Interrupted as stopped:
+        if distributed.is_main():
+            _report_stop(None, signal_name(stopped.signum), rerun_args, run_dir=run_dir)
+        raise
+    finally:
+        if directory is not None:
+            directory.close()
+
+
+def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, run_dir: Path | None = None) -> None:
+    """Say where a stopped run stands and the command that continues it (ctx None: stopped at once)."""
+    run_dir = ctx.run_dir if ctx is not None else run_dir
+    steps = ckpt.complete_steps(run_dir)
+    saved = ctx is not None and bool(steps) and steps[-1] == ctx.step
+    how = f"stopped by {name} after step {ctx.step}" if ctx is not None else f"stopped at once by {name}"
+    if saved:
+        where = f"checkpoint {ckpt.checkpoint_dir(run_dir, ctx.step)} written"
+    elif steps:
+        where = f"the newest checkpoint is step {steps[-1]}"
+    else:
+        print(f"\nopdgraph: {how}; no checkpoint yet. Start it over with:\n  {_command(rerun_args, '--restart')}",
+              file=sys.stderr)
+        return
+    print(f"\nopdgraph: {how}; {where}. Resume with:\n  {_command(rerun_args, '--resume', str(run_dir))}",
+          file=sys.stderr)
+
+
+def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: StopRequests,
+           run_config: dict | None, *, record_memory: bool) -> RunContext:
     ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
+    if directory is not None:
+        directory.begin(cfg, plan)  # the first writes into the run directory: every check has passed
+    distributed.barrier()
     if checkpoint is not None:
         restore(ctx, checkpoint)
-        print(f"resumed at step {ctx.step} from {resume}")
+        print(f"resumed at step {ctx.step} from {checkpoint}")
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
     hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
     hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
@@ -223,13 +268,16 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
             executor.apply_releases(plan.step(entry.name))  # the eval step's releases, as in a training step
     progress = ProgressLine(cfg.pipeline.num_steps, first_step=ctx.step,
                             enabled=bool(log is None or log.config.progress) and distributed.is_main())
+    saving = cfg.stage("checkpoint").config if cfg.stage("checkpoint") else None
+    stops.graceful = True  # from here a signal stops at the end of the step
     while ctx.step < cfg.pipeline.num_steps:
         started = time.perf_counter()
-        ctx.stage_seconds, ctx.step_record = {}, {}
+        ctx.stage_seconds, ctx.step_record, ctx.checkpoint_due = {}, {}, False
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         executor.run_training_step()
-        _sum_over_ranks(ctx.step_record, ("loss", "divergence"), ctx.device)
+        own_signal, flags = stops.signum, stops.flags()  # what this rank sends; a later signal counts next step
+        stop_votes = _sum_over_ranks(ctx.step_record, ("loss", "divergence"), ctx.device, extra=flags)
         record = {"kind": "train", "step": ctx.step, **ctx.step_record,
                   "seconds": time.perf_counter() - started,
                   **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}
@@ -239,17 +287,28 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
         if log is None or ctx.step % log.config.every_n_steps == 0 or ctx.step == cfg.pipeline.num_steps:
             progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr")
                                        if record.get(k) is not None})
+        stop = chosen_signal(own_signal, stop_votes) if ctx.step < cfg.pipeline.num_steps else None
+        if saving is not None and (ctx.checkpoint_due or (stop is not None and saving.on_signal)):
+            save_run_checkpoint(ctx, keep_last=saving.keep_last, run_config=run_config)
+        if stop is not None:
+            ctx.stopped_by = stop
+            break
+    stops.graceful = False
     progress.close()
     ctx.metrics.close()
-    if len(ctx.eval_records) >= 2 and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
+    finished = ctx.stopped_by is None and len(ctx.eval_records) >= 2
+    if finished and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
         print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
 
 
-def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device) -> None:
-    """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss."""
+def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device, *, extra: list[float]) -> list[float]:
+    """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss. The
+    `extra` numbers (the stop requests) ride in the same all-reduce; their sums are returned."""
     present = [key for key in keys if key in record]
-    for key, value in zip(present, distributed.all_reduce_sum([record[key] for key in present], device)):
+    summed = distributed.all_reduce_sum([record[key] for key in present] + list(extra), device)
+    for key, value in zip(present, summed):
         record[key] = value
+    return summed[len(present):]

@@ -8,6 +8,10 @@ exactly the records of steps 0..S (everything written for a covered step stays) 
 - TensorBoard event files (`tensorboard/events.out.tfevents.*`, when TensorBoard wrote any): TFRecord files of
   Event protos. Records are copied byte for byte (their checksums stay valid); only each record's step field is
   parsed. A record cut short by the kill is dropped, as it never was whole.
+
+Each log is rewritten beside itself and renamed over the old one (opdgraph.runtime.durable.replace_text), so a kill
+during the cut leaves the old log or the cut one, never a partial file. A log damaged before its last line is a
+RunDirectoryError naming the line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+
+from opdgraph.errors import RunDirectoryError
+from opdgraph.runtime.durable import replace_bytes, replace_text
 
 JSON_LOGS = ("metrics.jsonl", "samples.jsonl")
 TENSORBOARD_DIR = "tensorboard"
@@ -43,11 +50,11 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             if number == len(lines):  # a kill mid-write leaves a torn last line: it belongs to no complete step
                 print(f"resume: dropping the unfinished last line of {path}")
                 break
-            raise ValueError(f"{path}:{number}: not valid JSON ({error}); the run log is damaged: fix or remove "
-                             "that line, then resume again") from error
+            raise RunDirectoryError(f"{path}:{number}: not valid JSON ({error}); the run log is damaged: fix or "
+                                    "remove that line, then resume again") from error
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    replace_text(path, "".join(line + "\n" for line in kept))
 
 
 def truncate_event_file(path: Path, last_step: int) -> None:
@@ -62,7 +69,7 @@ def truncate_event_file(path: Path, last_step: int) -> None:
         if _event_step(data[offset + 12:offset + 12 + length]) <= last_step:
             kept += data[offset:end]
         offset = end
-    path.write_bytes(bytes(kept))
+    replace_bytes(path, bytes(kept))
 
 
 def _varint(data: bytes, offset: int) -> tuple[int, int]:

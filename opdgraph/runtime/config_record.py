@@ -1,0 +1,99 @@
+"""What a checkpoint records of its run's config, and which changes a resume may make without saying so.
+
+`config_record(cfg)` is the resolved config as flat dotted keys (`step.lr`, `models.student.config.hidden_size`),
+plus what a key alone does not show: each model's resolved shape (a model file changed under the same path) and a
+checksum of every prompt file's content (`data.file_checksum["data/train.jsonl"]`). Model weight files are not
+hashed (they can be many GB); their path and resolved architecture are compared. Each checkpoint stores the record
+(opdgraph.runtime.checkpoint, `config.json`); `--resume` compares it with the new run's (`differences`).
+
+A difference is fine when its key is in CADENCE: settings that change when things are logged, evaluated or saved,
+what is shown, or where and in how much memory it runs, but not what is computed nor the order of the data:
+- pipeline: name, device (a resume on another device differs from the uninterrupted run at rounding level),
+  debug_memory, memory_budget_gib, release_phase_buffers, hardware.* (roofline estimates), fit.* (the search's
+  limits; a micro-batch or chunk size it picks differently is compared as such); output_dir is not recorded (the
+  resumed run writes into the directory it resumes, opdgraph.runtime.run_directory);
+- models.<name>.offload_when_idle;
+- stages of kind log: every key; eval: every_n_steps, num_samples_to_show; checkpoint: every_n_steps, keep_last,
+  on_signal.
+Every other difference (models, data and file contents, seed, lr and its schedule, num_steps, divergence, batch
+and micro-batch shapes, rollout sampling, eval prompts, ...) stops the resume unless --allow-config-change.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from opdgraph.config.strict import unstructure
+from opdgraph.runtime.durable import DIGEST_NAME, file_digest
+
+PIPELINE_CADENCE = ("name", "device", "debug_memory", "memory_budget_gib", "release_phase_buffers",
+                    "hardware.", "fit.")
+MODEL_CADENCE = ("offload_when_idle",)
+STAGE_CADENCE = {"log": None, "eval": ("every_n_steps", "num_samples_to_show"),  # None: every key of that kind
+                 "checkpoint": ("every_n_steps", "keep_last", "on_signal")}
+ABSENT = "(absent)"
+
+
+def config_record(cfg) -> dict[str, Any]:
+    """{"values": flat dotted key -> JSON value, "stage_kinds": table -> kind} of a loaded pipeline."""
+    values: dict[str, Any] = {}
+    _flatten("pipeline", unstructure(cfg.pipeline), values)
+    del values["pipeline.output_dir"]  # where a run writes is the run directory's business, not the config's
+    for name, model in cfg.models.items():
+        _flatten(f"models.{name}", unstructure(model), values)
+        _flatten(f"models.{name}.resolved_shape", attrs.asdict(cfg.shapes[name]), values)
+    _flatten("data", unstructure(cfg.data), values)
+    for name, stage in cfg.stages.items():
+        values[f"{name}.kind"] = stage.kind
+        _flatten(name, unstructure(stage.config), values)
+    for file in _prompt_files(cfg):
+        path = Path(cfg.base_dir) / file
+        values[f'data.file_checksum["{file}"]'] = file_digest(path) if path.is_file() else "missing"
+    return {"format": DIGEST_NAME, "values": values,
+            "stage_kinds": {name: stage.kind for name, stage in cfg.stages.items()}}
+
+
+def _prompt_files(cfg) -> list[str]:
+    files = list(cfg.data.train_files) + list(cfg.data.eval_files)
+    for stage in cfg.stages_of_kind("eval"):
+        files += list(stage.config.files or [])
+    return sorted(set(files))
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    else:
+        out[prefix] = json.loads(json.dumps(value))  # tuples -> lists, as the JSON file will hold them
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs; a key on one side only pairs with ABSENT."""
+    before, after = old["values"], new["values"]
+    return [(key, before.get(key, ABSENT), after.get(key, ABSENT)) for key in sorted(set(before) | set(after))
+            if before.get(key, ABSENT) != after.get(key, ABSENT)]
+
+
+def is_cadence(key: str, stage_kinds: dict[str, str]) -> bool:
+    table, _, rest = key.partition(".")
+    if table == "pipeline":
+        return any(rest == name or (name.endswith(".") and rest.startswith(name)) for name in PIPELINE_CADENCE)
+    if table == "models":
+        return rest.partition(".")[2] in MODEL_CADENCE
+    kind = stage_kinds.get(table)
+    if kind not in STAGE_CADENCE or rest == "kind":
+        return False
+    allowed = STAGE_CADENCE[kind]
+    return allowed is None or rest in allowed
+
+
+def describe(difference: tuple[str, Any, Any]) -> str:
+    key, old, new = difference
+    show = lambda value: value if value == ABSENT else json.dumps(value)  # noqa: E731
+    return f"{key}: {show(old)} -> {show(new)}"
