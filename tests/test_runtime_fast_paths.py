@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdgraph.errors import DeviceError
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
+from opdgraph.errors import DeviceError
 from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.runtime.context import rollout_attention, use_packed_attention
 from opdgraph.runtime.executor import PlanExecutor
