@@ -75,9 +75,10 @@ def model_source(model_cfg, base_dir: Path) -> str | dict:
 
     path = resolve_path(model_cfg.path, str(base_dir))
     if path.endswith(".json"):
-        import json
+        from opdgraph.model_config_check import read_config_file
+        from opdgraph.models import ModelLoadError
 
-        return json.loads(Path(path).read_text())
+        return read_config_file(path, ModelLoadError)
     return path
 
 
@@ -94,6 +95,7 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[
             if model_cfg.init_from is None:
                 loaded[name] = load_model(model_source(model_cfg, base_dir), dtype=dtype, device=device,
                                           init_seed=model_cfg.init_seed, init_device=model_cfg.init_device)
+                _note_ignored_keys(name, loaded[name][0].config.hf)
             elif model_cfg.init_from in loaded:
                 source_model, tokenizer = loaded[model_cfg.init_from]
                 layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))
@@ -105,6 +107,15 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device) -> dict[
         if not progressed:  # the config checks reject cycles and unknown names; this guards the loop
             raise RuntimeError(f"models {sorted(pending)} name an init_from that cannot be loaded")
     return loaded
+
+
+def _note_ignored_keys(name: str, hf_config: dict) -> None:
+    from opdgraph.model_config_check import ignored_keys
+
+    ignored = ignored_keys(hf_config)
+    if ignored:
+        print(f"note: [models.{name}] config keys accepted but ignored (metadata, or set by the pipeline and the "
+              f"tokenizer instead): {', '.join(ignored)}")
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:

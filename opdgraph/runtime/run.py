@@ -124,6 +124,8 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
                                 eps=step.eps, weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
+    if sampler.repeat_note() and distributed.is_main():
+        print(sampler.repeat_note())
     log = cfg.stage("log")
     metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
                else SilentMetrics(run_dir))
