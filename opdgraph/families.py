@@ -106,11 +106,11 @@ FAMILIES = {family.model_type: family for family in (
     Family(name="qwen2", model_type="qwen2", architecture="Qwen2ForCausalLM", one_plus_norm=False,
            sandwich_norms=False, qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False,
            activation_key="hidden_act", embedding_scale=False, rope_per_layer_type=False,
-           sliding_windows="max_window_layers", hidden_divisible_by_heads=True,
+           sliding_windows="max_window_layers", hidden_divisible_by_heads=False,
            nullable=frozenset({"num_key_value_heads"}),
            defaults=MappingProxyType({"head_dim": DERIVED, "num_key_value_heads": 32, "tie_word_embeddings": False,
                                       "hidden_act": "silu", "max_position_embeddings": 32768}),
-           keys=_keys("hidden_act", *_QWEN_SLIDING)),
+           keys=_keys("hidden_act", "head_dim", *_QWEN_SLIDING)),  # Qwen2Config lacks head_dim; its modules read it
     Family(name="qwen3", model_type="qwen3", architecture="Qwen3ForCausalLM", one_plus_norm=False,
            sandwich_norms=False, qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False,
            activation_key="hidden_act", embedding_scale=False, rope_per_layer_type=False,

@@ -74,7 +74,7 @@ def _unsupported(key, value, why: str) -> str:
 
 
 def _activation(key, value):
-    if value not in SUPPORTED_ACTIVATIONS or type(value) is not str:
+    if type(value) is not str or value not in SUPPORTED_ACTIVATIONS:
         return _unsupported(key, value, f"supported activations are {', '.join(SUPPORTED_ACTIVATIONS)}")
 
 
@@ -209,10 +209,10 @@ def _shape_problems(family: Family, config: dict) -> list[tuple[str, str]]:
     heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
     kv_heads = family.default("num_key_value_heads", config)
     if heads % kv_heads:
-        given = "" if "num_key_value_heads" in config else (f" (absent, so transformers' {family.model_type} "
-                                                              f"default {kv_heads})")
+        given = "" if "num_key_value_heads" in config else (f"; the key is absent, so this is transformers' "
+                                                              f"{family.model_type} default: give it")
         problems.append(("num_key_value_heads", f"num_attention_heads ({heads}) must be a multiple of "
-                                                f"num_key_value_heads ({kv_heads}{given})"))
+                                                f"num_key_value_heads ({kv_heads}){given}"))
     derived_head_dim = config.get("head_dim") is None and family.defaults.get("head_dim") == "derived"
     if hidden % heads and (derived_head_dim or family.hidden_divisible_by_heads):
         why = "head_dim is hidden_size // num_attention_heads" if derived_head_dim else (

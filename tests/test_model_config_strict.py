@@ -60,8 +60,8 @@ BAD_CONFIGS = {
     "heads not divisible by kv heads": (changed("llama", num_key_value_heads=3),
                                         "num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
     "absent kv heads take transformers' default": (changed("qwen2", drop=("num_key_value_heads",)),
-                                                   "multiple of num_key_value_heads (32 (absent, so transformers' "
-                                                   "qwen2 default 32))"),
+                                                   "multiple of num_key_value_heads (32); the key is absent, so "
+                                                   "this is transformers' qwen2 default: give it"),
     "hidden not divisible by heads": (changed("llama", hidden_size=66),
                                       "hidden_size (66) must be a multiple of num_attention_heads (4): head_dim is "
                                       "hidden_size // num_attention_heads"),
