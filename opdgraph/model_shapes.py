@@ -6,8 +6,10 @@ The planner never loads a tensor. It reads a model's shape from (in order of wha
 - `path` to a .gguf file (header only; needs the optional `gguf` package, imported lazily),
 and `pkg:<package>/<file>` names a file inside an installed Python package (found with importlib, never imported).
 
-Supported families: llama (also mistral), qwen2, qwen3, gemma3 (text). `ModelShape.parameter_count` is the one place
-the parameter formula lives; it matches the published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512).
+Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text), the same table the runtime builds
+from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config `plan` accepts
+is one `run` can build. `ModelShape.parameter_count` is the one place the parameter formula lives; it matches the
+published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512).
 """
 
 from __future__ import annotations
@@ -15,16 +17,13 @@ from __future__ import annotations
 from opdgraph.errors import OpdgraphError
 
 import importlib.util
-import json
 import os
 
 import attrs
 
-FAMILY_OF_MODEL_TYPE = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-    "gemma3_text": "gemma3", "gemma3": "gemma3",
-}
-FAMILY_OF_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+from opdgraph.families import FAMILY_BY_NAME
+from opdgraph.gguf_header import hf_config_from_gguf, open_gguf
+from opdgraph.model_config_check import check_model_config, read_config_file
 
 
 class ShapeError(OpdgraphError):
@@ -60,8 +59,8 @@ class ModelShape:
 
     @property
     def norms_per_layer(self) -> int:
-        # Gemma 3 has pre- and post- norms around both attention and MLP; the others have two pre-norms.
-        return 4 if self.family == "gemma3" else 2
+        # Sandwich norms (Gemma 3): pre- and post- norms around both attention and MLP; else two pre-norms.
+        return 4 if FAMILY_BY_NAME[self.family].sandwich_norms else 2
 
     def layer_linear_parameters(self) -> int:
         """Matmul weights of one layer: q, k, v, o projections and the gated MLP (gate, up, down)."""
@@ -109,81 +108,30 @@ def resolve_path(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
 
-def _need(config: dict, key: str, source: str):
-    if key not in config:
-        raise ShapeError(f"{source}: missing key {key!r} in the model config")
-    return config[key]
-
-
 def shape_from_hf_config(config: dict, source: str = "config") -> ModelShape:
-    """Read a ModelShape from an HF-style config dict (Gemma 3 multimodal configs: their text_config)."""
-    if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
-        config = {"model_type": "gemma3_text", **config["text_config"]}
-    model_type = config.get("model_type", "llama")
-    family = FAMILY_OF_MODEL_TYPE.get(model_type)
-    if family is None:
-        raise ShapeError(f"{source}: model_type {model_type!r} is not supported "
-                         f"(supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))})")
-    hidden = _need(config, "hidden_size", source)
-    heads = _need(config, "num_attention_heads", source)
-    attention_bias = bool(config.get("attention_bias", False))
+    """Read a ModelShape from an HF-style config dict, checked and defaulted exactly as the runtime reads it."""
+    family = check_model_config(config, source, ShapeError)
     return ModelShape(
-        family=family,
-        layers=_need(config, "num_hidden_layers", source),
-        hidden=hidden,
-        intermediate=_need(config, "intermediate_size", source),
-        heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or hidden // heads,
-        vocab=_need(config, "vocab_size", source),
-        tied=bool(config.get("tie_word_embeddings", family == "gemma3")),
-        qkv_bias=True if family == "qwen2" else attention_bias,
-        o_bias=attention_bias and family == "llama",
-        mlp_bias=bool(config.get("mlp_bias", False)) and family == "llama",
-        qk_norm=family in ("qwen3", "gemma3"),
-        max_positions=config.get("max_position_embeddings", 0),
+        family=family.name,
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        intermediate=config["intermediate_size"],
+        heads=config["num_attention_heads"],
+        kv_heads=family.default("num_key_value_heads", config),
+        head_dim=family.default("head_dim", config),
+        vocab=config["vocab_size"],
+        tied=family.default("tie_word_embeddings", config),
+        qkv_bias=family.flag(family.qkv_bias, config),
+        o_bias=family.flag(family.o_bias, config),
+        mlp_bias=family.flag(family.mlp_bias, config),
+        qk_norm=family.qk_norm,
+        max_positions=family.default("max_position_embeddings", config),
     )
-
-
-def _gguf_value(reader, key: str, source: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is not None:
-            return default
-        raise ShapeError(f"{source}: GGUF header has no {key!r}")
-    return field.contents()
 
 
 def shape_from_gguf(path: str) -> ModelShape:
     """Read a ModelShape from a GGUF file's header (the tensors are memory-mapped, not read)."""
-    try:
-        import gguf  # optional and torch-free; only GGUF paths need it
-    except ImportError as error:
-        raise ShapeError(f"{path}: reading a GGUF header needs the 'gguf' package (pip install gguf)") from error
-    reader = gguf.GGUFReader(path)
-    arch = _gguf_value(reader, "general.architecture", path)
-    family = FAMILY_OF_GGUF_ARCH.get(arch)
-    if family is None:
-        raise ShapeError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(FAMILY_OF_GGUF_ARCH)})")
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    hidden = _gguf_value(reader, f"{arch}.embedding_length", path)
-    heads = _gguf_value(reader, f"{arch}.attention.head_count", path)
-    vocab = reader.fields.get(f"{arch}.vocab_size")
-    return ModelShape(
-        family=family,
-        layers=_gguf_value(reader, f"{arch}.block_count", path),
-        hidden=hidden,
-        intermediate=_gguf_value(reader, f"{arch}.feed_forward_length", path),
-        heads=heads,
-        kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", path, heads),
-        head_dim=_gguf_value(reader, f"{arch}.attention.key_length", path, hidden // heads),
-        vocab=vocab.contents() if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data),
-        tied="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        o_bias="blk.0.attn_output.bias" in tensor_names,
-        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-        max_positions=_gguf_value(reader, f"{arch}.context_length", path, 0),
-    )
+    return shape_from_hf_config(hf_config_from_gguf(open_gguf(path, ShapeError), path, ShapeError), path)
 
 
 def shape_from_path(path: str, base_dir: str) -> ModelShape:
@@ -198,9 +146,4 @@ def shape_from_path(path: str, base_dir: str) -> ModelShape:
         raise ShapeError(f"no config.json at {path!r} (relative paths start at the pipeline file's directory; "
                          f"the planner needs a local model directory or config .json; "
                          f"download hub models first, e.g. `huggingface-cli download <id> --local-dir <dir>`)")
-    with open(config_file, encoding="utf-8") as handle:
-        try:
-            config = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ShapeError(f"{config_file}: not valid JSON ({error})") from error
-    return shape_from_hf_config(config, config_file)
+    return shape_from_hf_config(read_config_file(config_file, ShapeError), config_file)

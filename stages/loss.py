@@ -10,7 +10,7 @@ from typing import Literal
 
 import attrs
 
-from opdgraph.config.fields import positive, setting
+from opdgraph.config.fields import positive, setting, unit_interval
 
 READS = ("responses", "teacher_hidden")
 WRITES = ("hidden_grad",)
@@ -21,11 +21,14 @@ class Config:
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = setting(
         help="forward_kl: KL(teacher||student); reverse_kl: KL(student||teacher); jsd: generalised JSD(beta); "
              "sampled_token: reverse KL estimated on the sampled token only")
-    beta: float = setting(0.5, help="jsd only: mixture weight, strictly between 0 and 1")
+    beta: float = setting(0.5, help="jsd only: mixture weight, strictly between 0 and 1", check=unit_interval)
     temperature: float = setting(1.0, help="softmax temperature applied to both logits", check=positive)
     chunk_tokens: int = setting(1024, help="positions whose logits are materialised at once", check=positive)
     normalize: Literal["token", "sequence"] = setting("token", help="average over all tokens, or per sequence first")
     kernel: Literal["auto", "torch", "triton"] = setting("auto", help="divergence implementation")
+    allow_biased_estimate: bool = setting(
+        False, help="sampled_token only: accept rollouts that are not plain samples at the loss temperature (top_k, "
+                    "top_p, min_p, greedy, another temperature), knowing the estimate is then biased")
 
     def cross_problems(self):
         if self.divergence == "jsd" and not 0 < self.beta < 1:

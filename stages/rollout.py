@@ -10,11 +10,24 @@ from typing import Literal
 
 import attrs
 
-from opdgraph.config.fields import non_negative, positive, setting, unit_interval
+from opdgraph.config.fields import non_negative, positive, setting
 
 READS = ("prompts",)
 WRITES = ("responses",)
 MODEL_FIELDS = ("model",)
+
+
+def _top_p(value) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1] (1.0 = off; 0 would keep no token), got {value!r}"
+
+
+def _min_p(value) -> str | None:
+    return None if 0 <= value < 1 else f"must be in [0, 1) (0.0 = off; 1 would keep only exact ties), got {value!r}"
+
+
+def _token_ids(value) -> str | None:
+    bad = [token for token in value if token < 0]
+    return f"token ids must be >= 0, got {bad}" if bad else None
 
 
 @attrs.frozen(kw_only=True)
@@ -22,12 +35,12 @@ class Config:
     max_new_tokens: int = setting(help="most tokens generated per response", check=positive)
     model: str = setting("student", help="the [models.<name>] entry that samples")
     temperature: float = setting(1.0, help="sampling temperature (> 0; use greedy for argmax)", check=positive)
-    top_p: float = setting(1.0, help="nucleus sampling mass (1.0 = off)", check=unit_interval)
+    top_p: float = setting(1.0, help="nucleus sampling mass (1.0 = off)", check=_top_p)
     top_k: int = setting(0, help="keep the k most likely tokens (0 = off)", check=non_negative)
-    min_p: float = setting(0.0, help="drop tokens below min_p x the top probability (0.0 = off)",
-                           check=unit_interval)
+    min_p: float = setting(0.0, help="drop tokens below min_p x the top probability (0.0 = off)", check=_min_p)
     greedy: bool = setting(False, help="take the argmax instead of sampling")
-    stop_token_ids: list[int] = setting([], help="extra token ids that end a response (EOS always does)")
+    stop_token_ids: list[int] = setting([], help="extra token ids that end a response (EOS always does)",
+                                        check=_token_ids)
     page_size: int = setting(16, help="tokens per KV-cache page", check=positive)
     max_num_seqs: int = setting(64, help="most sequences decoded concurrently; sizes the KV pool", check=positive)
     prefill_token_budget: int = setting(2048, help="most prompt tokens prefilled in one forward", check=positive)

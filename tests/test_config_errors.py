@@ -22,12 +22,12 @@ num_steps = 2
 [models.student]
 role = "student"
 dtype = "float32"
-config = { hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2, num_attention_heads = 2, vocab_size = 64 }
+config = { model_type = "llama", hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2, num_attention_heads = 2, vocab_size = 64 }
 
 [models.teacher]
 role = "teacher"
 dtype = "float32"
-config = { hidden_size = 16, intermediate_size = 32, num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 64 }
+config = { model_type = "llama", hidden_size = 16, intermediate_size = 32, num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 64 }
 
 [data]
 train_files = ["train.jsonl"]
@@ -49,7 +49,7 @@ divergence = "reverse_kl"
 lr = 0.001
 """
 
-TEACHER_CONFIG = "config = { hidden_size = 16, intermediate_size = 32, num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 64 }"
+TEACHER_CONFIG = 'config = { model_type = "llama", hidden_size = 16, intermediate_size = 32, num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 64 }'
 
 # name -> (edits as (old, new) text replacements on BASE, --set overrides)
 CASES = {
@@ -74,9 +74,9 @@ CASES = {
     "two students": ([('role = "teacher"', 'role = "student"')], []),
     "unknown model reference": ([("max_new_tokens = 8", 'max_new_tokens = 8\nmodel = "studnet"')], []),
     "rollout with the teacher": ([("max_new_tokens = 8", 'max_new_tokens = 8\nmodel = "teacher"')], []),
-    "init_from unknown model": ([('config = { hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2',
+    "init_from unknown model": ([('config = { model_type = "llama", hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2',
                                   'init_from = "teachr"\n#'), ], []),
-    "keep_layers out of range": ([('config = { hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2',
+    "keep_layers out of range": ([('config = { model_type = "llama", hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2',
                                    'init_from = "teacher"\nkeep_layers = [0, 3]\n#')], []),
     "teacher vocab too small": ([("num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 64",
                                   "num_hidden_layers = 3, num_attention_heads = 2, vocab_size = 32")], []),
@@ -88,10 +88,10 @@ CASES = {
     "missing sink stage": ([("[step]\nlr = 0.001", "")], []),
     "two producers": ([("[backward]", '[backward]\n\n[loss2]\nkind = "loss"\ndivergence = "forward_kl"')], []),
     "micro-batch smaller than a sequence": ([("micro_batch_tokens = 64", "micro_batch_tokens = 10")], []),
-    "eval answers longer than a micro-batch": ([("lr = 0.001", "lr = 0.001\n\n[eval]\nmax_new_tokens = 60")], []),
+    "eval answers longer than a micro-batch": ([("lr = 0.001", "lr = 0.001\n\n[eval]\nmax_new_tokens = 60\nfiles = [\"train.jsonl\"]")], []),
     "eval answers longer than the teacher's positions": ([(TEACHER_CONFIG, TEACHER_CONFIG.replace(
         "vocab_size = 64", "vocab_size = 64, max_position_embeddings = 20")),
-        ("lr = 0.001", "lr = 0.001\n\n[eval]\nnum_prompts = 2\nmax_new_tokens = 16")], []),
+        ("lr = 0.001", "lr = 0.001\n\n[eval]\nnum_prompts = 2\nmax_new_tokens = 16\nfiles = [\"train.jsonl\"]")], []),
     "longer than the model's positions": ([("vocab_size = 64 }\n\n[models.teacher]",
                                            "vocab_size = 64, max_position_embeddings = 12 }\n\n[models.teacher]")], []),
     "rollout longer than the teacher's positions": ([(TEACHER_CONFIG, TEACHER_CONFIG.replace(
@@ -113,6 +113,7 @@ def write_case(tmp_path: pathlib.Path, edits) -> pathlib.Path:
         text = text.replace(old, new, 1)
     path = tmp_path / "case.toml"
     path.write_text(text, encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "hi"}\n', encoding="utf-8")  # plan checks data files exist
     return path
 
 

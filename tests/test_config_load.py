@@ -40,12 +40,12 @@ def test_demo_student_keeps_every_other_layer():
 def test_set_wins_over_file_and_parses_toml_literals():
     """If this fails, --set no longer overrides the file, or its value parsing changed."""
     cfg = load_pipeline(str(PIPELINES / "tiny.toml"), [
-        "rollout.max_new_tokens=48", "rollout.backend=torch", "data.train_files=[\"a.jsonl\", \"b.jsonl\"]",
+        "rollout.max_new_tokens=48", "rollout.backend=torch", "data.train_files=[\"data/tiny_train.jsonl\", \"data/tiny_eval.jsonl\"]",
         "pipeline.memory_budget_gib=2", "rollout.max_new_tokens=40"])
     rollout = cfg.stage("rollout").config
     assert rollout.max_new_tokens == 40  # the last --set wins
     assert rollout.backend == "torch"  # a bare word is a string
-    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.data.train_files == ["data/tiny_train.jsonl", "data/tiny_eval.jsonl"]
     assert cfg.pipeline.memory_budget_gib == 2.0
     assert cfg.provenance["rollout.max_new_tokens"] == "--set"
     assert cfg.provenance["rollout.page_size"] == "tiny.toml:30"

@@ -50,7 +50,6 @@ def _run_cli(argv, capsys, mutation, seed, failures: list[str]) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the strict model-config checks have not landed yet", strict=False)
 def test_generated_bad_inputs_never_give_a_traceback(tmp_path, capsys):
     """If this fails, some bad config, model config or data file reaches the user as a Python traceback, or as an
     error that does not say where the problem is (the failure names the seed and the edit to reproduce it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
@@ -44,7 +45,7 @@ def test_table_order_does_not_change_the_plan(tmp_path):
     tables += ["[" + table for table in stages.split("\n[")[1:]]
     reordered = tmp_path / "tiny.toml"
     reordered.write_text(head + "\n".join(reversed(tables)) + "\n")
-    (tmp_path / "data").mkdir()
+    shutil.copytree(pathlib.Path(__file__).parent.parent / "pipelines" / "data", tmp_path / "data")  # must exist
     original = compile_plan(load_pipeline(str(pathlib.Path(__file__).parent.parent / "pipelines" / "tiny.toml")))
     shuffled = compile_plan(load_pipeline(str(reordered)))
     assert [step.name for step in shuffled.steps] == [step.name for step in original.steps]

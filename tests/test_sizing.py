@@ -140,8 +140,8 @@ def test_roofline_and_decode_work():
     hardware = W.Hardware(matmul_tflops=1.0, memory_bandwidth_gbps=1.0, pcie_gbps=1.0)
     assert W.roofline(2e12, 1e9, 0, hardware).seconds == pytest.approx(2.0)  # compute bound
     assert W.roofline(1e12, 3e9, 1e9, hardware, repeats=2).seconds == pytest.approx(8.0)  # (3 + 1) x 2
-    tiny = shape_from_hf_config({"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
-                                 "num_attention_heads": 2, "vocab_size": 10})
+    tiny = shape_from_hf_config({"model_type": "llama", "hidden_size": 4, "intermediate_size": 8,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10})
     # one sequence, prompt 3, two new tokens: contexts 4 and 5; bytes per round = weights 100 + context x kv 8
     work = W.decode_work(tiny, sequences=1, concurrent_seqs=1, prompt_tokens=3, new_tokens=2, weight_bytes=100,
                          kv_bytes_per_token=8, hardware=hardware)

@@ -1,14 +1,20 @@
-"""Checks that need more than one field: model roles and references, the stage graph, shapes and vocabularies.
+"""Checks that need more than one field: model roles and references, the stage graph, shapes and vocabularies,
+the data files, and whether the loss's estimator fits the way rollout samples.
 
 They run after every section is typed, so they see well-typed values. Each problem names both ends (the stage and
-the model it references, the reader and the missing producer, the student and the teacher vocabularies).
+the model it references, the reader and the missing producer, the student and the teacher vocabularies). An inline
+model config is checked key by key (opdgraph.model_config_check, the check `run` makes too), each problem at the
+TOML line of its key.
 """
 
 from __future__ import annotations
 
+import os
+
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
 from opdgraph.graph import StageNode, build_stage_graph, graph_problems
+from opdgraph.model_config_check import config_problems
 from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
 from opdgraph.stages import KIND_NAMES, REQUIRED_KINDS, stage_kind
 
@@ -23,6 +29,8 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     shapes = _resolve_shapes(models, base_dir, problem, problems)
     _check_shapes(models, shapes, data, stages, problem, problems)
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
+    _check_data_files(data, stages, base_dir, problem, problems)
+    _check_estimator(stages, problem, problems)
     return shapes
 
 
@@ -83,7 +91,11 @@ def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape
     for name, model in models.items():
         try:
             if model.config is not None:
-                shapes[name] = shape_from_hf_config(model.config, f"[models.{name}].config")
+                _, found = config_problems(model.config)
+                problems += [problem(f"models.{name}.config" + (f".{key}" if key else ""), message)
+                             for key, message in found]
+                if not found:
+                    shapes[name] = shape_from_hf_config(model.config, f"[models.{name}].config")
             elif model.path is not None:
                 shapes[name] = shape_from_path(model.path, base_dir)
         except ShapeError as error:
@@ -113,6 +125,12 @@ def _check_shapes(models, shapes, data, stages, problem, problems):
     for name, stage in stages.items():
         if stage.kind != "rollout" or stage.config.model not in shapes:
             continue
+        vocab = shapes[stage.config.model].vocab
+        outside = [token for token in stage.config.stop_token_ids if token >= vocab]
+        if outside:
+            problems.append(problem(f"{name}.stop_token_ids",
+                                    f"token ids {outside} are outside the vocabulary of [models.{stage.config.model}] "
+                                    f"(ids 0..{vocab - 1}); no sampled token can ever match them"))
         limit = shapes[stage.config.model].max_positions
         needed = data.max_prompt_tokens + stage.config.max_new_tokens
         if limit and needed > limit:
@@ -173,3 +191,47 @@ def _too_long(name: str, new_tokens: int, prompt_tokens: int, container: str, mo
     return (f"{name}.max_new_tokens = {new_tokens} after prompts of up to data.max_prompt_tokens = {prompt_tokens} "
             f"makes eval sequences of {prompt_tokens + new_tokens} tokens, more than {container} holds (nothing is "
             f"truncated); {fix}")
+
+
+def _check_data_files(data, stages, base_dir, problem, problems):
+    """Every prompt file exists before anything runs (the runtime reads them only after loading the models)."""
+    listed = [(f"data.train_files[{index}]", file) for index, file in enumerate(data.train_files)]
+    listed += [(f"data.eval_files[{index}]", file) for index, file in enumerate(data.eval_files)]
+    for name, stage in stages.items():
+        if stage.kind == "eval" and not stage.config.files:
+            problems.append(problem(f"{name}.files" if stage.config.files != data.eval_files else "data.eval_files",
+                                    f"[{name}] has no prompt files to evaluate on: set data.eval_files (or "
+                                    f"{name}.files), or remove the [{name}] table"))
+        elif stage.kind == "eval" and stage.config.files != data.eval_files:
+            listed += [(f"{name}.files[{index}]", file) for index, file in enumerate(stage.config.files)]
+    for path, file in listed:
+        real = os.path.normpath(os.path.join(base_dir, os.path.expanduser(file)))
+        if not os.path.isfile(real):
+            what = "is a directory, not a file" if os.path.isdir(real) else "does not exist"
+            problems.append(problem(path, f"prompt file {file!r} {what} (looked at {real}; relative paths start "
+                                          f"at the pipeline file's directory)"))
+
+
+def _check_estimator(stages, problem, problems):
+    """sampled_token estimates reverse KL from the sampled token alone: log p_s(y) - log p_t(y) averages to
+    KL(p_s || p_t) only when y is drawn from p_s itself, the student's softmax at the loss temperature. A filtered
+    (top_k, top_p, min_p), greedy or differently tempered rollout draws y from another distribution, and the
+    estimate is biased by an amount nothing reports."""
+    rollout = next((stage for stage in stages.values() if stage.kind == "rollout"), None)
+    if rollout is None:
+        return
+    sampling = rollout.config
+    for name, stage in stages.items():
+        if stage.kind != "loss" or stage.config.divergence != "sampled_token" or stage.config.allow_biased_estimate:
+            continue
+        reasons = [reason for reason, applies in (
+            ("greedy = true", sampling.greedy), (f"top_k = {sampling.top_k}", sampling.top_k > 0),
+            (f"top_p = {sampling.top_p}", sampling.top_p < 1), (f"min_p = {sampling.min_p}", sampling.min_p > 0),
+            (f"temperature = {sampling.temperature} (the loss uses {stage.config.temperature})",
+             sampling.temperature != stage.config.temperature)) if applies]
+        if reasons:
+            problems.append(problem(f"{name}.divergence",
+                                    f"divergence = \"sampled_token\" is an unbiased estimate of reverse KL only for "
+                                    f"tokens sampled from the student at the loss temperature, but [{rollout.name}] "
+                                    f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
+                                    f"the vocabulary), or set {name}.allow_biased_estimate = true to accept the bias"))

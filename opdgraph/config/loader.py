@@ -63,10 +63,17 @@ def load_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
     """Load and check a pipeline; raises ConfigError listing every problem."""
     file_name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as error:
         raise ConfigError([Problem(file_name, "<file>", f"cannot read pipeline file: {error.strerror}")]) from None
+    try:
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError([Problem(f"{file_name}:{line}", "<file>", f"not UTF-8 text (byte {data[error.start]:#04x} "
+                                                                    f"at offset {error.start}); TOML files are UTF-8: "
+                                                                    f"save the file as UTF-8", line)]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import attrs
 
 from opdgraph.config.errors import did_you_mean
-from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.config.fields import non_negative, not_empty, positive, setting, valid_seed
 from opdgraph.model_shapes import ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -105,7 +105,7 @@ def _run_name(value) -> str | None:
 class PipelineSection:
     name: str = setting(help="pipeline name; also names the default output directory", check=_run_name)
     num_steps: int = setting(help="number of training steps", check=positive)
-    seed: int = setting(0, help="random seed for data order, sampling and initialisation")
+    seed: int = setting(0, help="random seed for data order, sampling and initialisation", check=valid_seed)
     output_dir: str | None = setting(None, help="where checkpoints and logs go (default: runs/<name>)")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where to run: auto picks cuda when available")
     memory_budget_gib: float = setting(80.0, help="device memory budget; `plan` fails when the peak exceeds it",
@@ -129,7 +129,7 @@ class ModelConfig:
     init_from: str | None = setting(None, help="name of another model to start from (e.g. the teacher)")
     keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
     tokenizer: str | None = setting(None, help="tokenizer path (default: the model's own)")
-    init_seed: int = setting(0, help="seed for random initialisation of inline-config models")
+    init_seed: int = setting(0, help="seed for random initialisation of inline-config models", check=valid_seed)
     init_device: Literal["cpu", "device"] = setting(
         "cpu", help="where random initial weights are drawn: cpu (the same seed gives the same weights on every "
                     "machine; minutes for billions of parameters) or device (on the run's device, same distribution "
@@ -154,7 +154,7 @@ class ModelConfig:
 
 @attrs.frozen(kw_only=True)
 class DataConfig:
-    train_files: list[str] = setting(help="prompt files (.jsonl), relative to the pipeline file")
+    train_files: list[str] = setting(help="prompt files (.jsonl), relative to the pipeline file", check=not_empty)
     prompts_per_step: int = setting(help="prompts drawn per training step", check=positive)
     eval_files: list[str] = setting([], help="held-out prompt files for [eval]")
     prompt_field: str = setting("auto", help="row field holding the prompt; auto: first of prompt/question/problem, "

@@ -94,6 +94,16 @@ class PromptSampler:
         self._order_epoch = -1
         self._order: list[int] = []
 
+    def repeat_note(self) -> str | None:
+        """The note a run prints at its start when every step must hold some prompts more than once, because the
+        data has fewer prompts than a step draws (prompts_per_step counts all ranks together); None otherwise."""
+        available, drawn = len(self.prompt_set), self.prompts_per_step
+        if available >= drawn:
+            return None
+        return (f"note: the training data holds {available} prompt(s) but every step draws prompts_per_step = "
+                f"{drawn}, so each step repeats prompts (each about {drawn / available:.1f} times, not a sample of "
+                f"distinct prompts); add prompts or lower data.prompts_per_step to at most {available}")
+
     @property
     def prompts_per_rank(self) -> int:
         return self.prompts_per_step // self.world_size

@@ -2,9 +2,10 @@
 
 Loading turns an HF-style config dict (config.json, an inline dict, or one synthesised from GGUF metadata) into a
 ``DecoderConfig``. Per-family differences become a handful of explicit options (norm style, q/k norm, biases,
-embedding scale, sandwich norms, activation, per-layer sliding windows and RoPE). Everything a config of these
-families can switch on either maps onto one of those options or is rejected here with an error naming the key, so
-the layers never meet a setting they would silently ignore.
+embedding scale, sandwich norms, activation, per-layer sliding windows and RoPE), read from the family table
+(opdgraph.families) that the planner reads too. Everything a config of these families can switch on either maps onto
+one of those options or is rejected with an error naming the key, by opdgraph.model_config_check (the check `plan`
+makes too), so the layers never meet a setting they would silently ignore.
 
 The dict is first normalised by the matching transformers config class (it fills defaults, converts legacy
 ``rope_theta``/``rope_scaling``/``rope_local_base_freq`` keys into ``rope_parameters`` and derives ``layer_types``),
@@ -17,20 +18,10 @@ from typing import Any
 
 import attrs
 
+from opdgraph.families import (FAMILIES, FULL_ATTENTION, SLIDING_ATTENTION, SUPPORTED_ACTIVATIONS,
+                               SUPPORTED_ROPE_TYPES)
+from opdgraph.model_config_check import check_model_config
 from opdgraph.models.errors import ModelLoadError
-
-# model_type -> (family, the causal-LM architecture name transformers writes into config.json)
-SUPPORTED_MODEL_TYPES = {
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "llama": ("llama", "LlamaForCausalLM"),
-    "gemma3_text": ("gemma3", "Gemma3ForCausalLM"),
-}
-SUPPORTED_ARCHITECTURES = sorted(arch for _, arch in SUPPORTED_MODEL_TYPES.values())
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# HF activation names -> the name our MLP uses
-SUPPORTED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 @attrs.frozen(kw_only=True)
@@ -76,32 +67,19 @@ class DecoderConfig:
 
     @property
     def architecture(self) -> str:
-        return SUPPORTED_MODEL_TYPES[self.hf["model_type"]][1]
+        return FAMILIES[self.hf["model_type"]].architecture
 
 
 def normalize_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """The dict as transformers reads it: defaults filled in, legacy RoPE keys converted, layer_types derived."""
+    """The dict as transformers reads it: defaults filled in, legacy RoPE keys converted, layer_types derived.
+    `hf` has passed check_model_config, the check `plan` makes too."""
     import transformers
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5's typed config validation
 
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        architectures = hf.get("architectures")
-        raise ModelLoadError(
-            f"{where}: unsupported architecture (model_type={model_type!r}, architectures={architectures!r}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            f"(model_type one of {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
-        )
-    expected_arch = SUPPORTED_MODEL_TYPES[model_type][1]
-    for arch in hf.get("architectures") or []:
-        if arch != expected_arch:
-            raise ModelLoadError(
-                f"{where}: unsupported architecture {arch!r} for model_type {model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
     try:
         return transformers.AutoConfig.for_model(**hf).to_dict()
-    except (TypeError, ValueError) as error:
-        raise ModelLoadError(f"{where}: invalid {model_type} config: {error}") from error
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ModelLoadError(f"{where}: invalid {hf['model_type']} config: {error}") from error
 
 
 def _reject_if(condition: bool, where: str, key: str, value: Any, why: str) -> None:
@@ -128,24 +106,12 @@ def _rope_spec(params: dict[str, Any], key: str, where: str) -> RopeSpec:
 
 
 def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> DecoderConfig:
-    """Read an HF-style config dict; ``where`` names its origin (a file path or 'inline config') in errors."""
+    """Read an HF-style config dict; ``where`` names its origin (a file path or 'inline config') in errors. The
+    keys, types, sizes and unsupported options were checked by check_model_config (the same check `plan` makes);
+    what is read here is the normalised dict, in the family's terms (opdgraph.families)."""
+    family = check_model_config(hf, where, ModelLoadError)
     norm = normalize_hf_config(hf, where)
-    family = SUPPORTED_MODEL_TYPES[norm["model_type"]][0]
-    is_gemma = family == "gemma3"
-
-    activation_key = "hidden_activation" if is_gemma else "hidden_act"
-    activation = norm.get(activation_key)
-    _reject_if(
-        activation not in SUPPORTED_ACTIVATIONS, where, activation_key, activation,
-        f"supported activations are {', '.join(SUPPORTED_ACTIVATIONS)}",
-    )
-    _reject_if(bool(norm.get("attention_dropout")), where, "attention_dropout", norm.get("attention_dropout"),
-               "dropout is not implemented (set it to 0.0)")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        _reject_if(norm.get(key) is not None, where, key, norm.get(key),
-                   "logit softcapping is not implemented (the loss applies lm_head outside the model)")
-    _reject_if(bool(norm.get("use_bidirectional_attention")), where, "use_bidirectional_attention",
-               norm.get("use_bidirectional_attention"), "only causal attention is implemented")
+    activation = norm[family.activation_key]
 
     num_layers = int(norm["num_hidden_layers"])
     layer_types = tuple(norm.get("layer_types") or [FULL_ATTENTION] * num_layers)
@@ -159,7 +125,7 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
                "sliding layers need a positive window")
 
     rope_parameters = norm["rope_parameters"]
-    if is_gemma:
+    if family.rope_per_layer_type:
         rope = {kind: _rope_spec(rope_parameters[kind], f"rope_parameters.{kind}", where)
                 for kind in (FULL_ATTENTION, SLIDING_ATTENTION)}
     else:
@@ -168,10 +134,9 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
 
     num_heads = int(norm["num_attention_heads"])
     head_dim = int(norm.get("head_dim") or norm["hidden_size"] // num_heads)
-    attention_bias = bool(norm.get("attention_bias"))
     hidden_size = int(norm["hidden_size"])
     return DecoderConfig(
-        family=family,
+        family=family.name,
         vocab_size=int(norm["vocab_size"]),
         hidden_size=hidden_size,
         intermediate_size=int(norm["intermediate_size"]),
@@ -181,16 +146,18 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
         head_dim=head_dim,
         rms_norm_eps=float(norm["rms_norm_eps"]),
         tie_word_embeddings=bool(norm["tie_word_embeddings"]),
-        # Qwen2 always has q/k/v bias and no o bias; the other families follow attention_bias for all four.
-        qkv_bias=True if family == "qwen2" else attention_bias,
-        o_bias=False if family == "qwen2" else attention_bias,
-        mlp_bias=bool(norm.get("mlp_bias")) if family == "llama" else False,
-        qk_norm=family in ("qwen3", "gemma3"),
-        one_plus_norm=is_gemma,
-        sandwich_norms=is_gemma,
-        embedding_scale=hidden_size**0.5 if is_gemma else None,
+        # One bias rule per family, read from its transformers modules (families.py): Qwen2 always has q/k/v bias
+        # and never an o bias; Llama, Qwen3 and Gemma 3 follow attention_bias for all four; only Llama has mlp_bias.
+        qkv_bias=family.flag(family.qkv_bias, norm),
+        o_bias=family.flag(family.o_bias, norm),
+        mlp_bias=family.flag(family.mlp_bias, norm),
+        qk_norm=family.qk_norm,
+        one_plus_norm=family.one_plus_norm,
+        sandwich_norms=family.sandwich_norms,
+        embedding_scale=hidden_size**0.5 if family.embedding_scale else None,
         activation=SUPPORTED_ACTIVATIONS[activation],
-        attention_scale=float(norm["query_pre_attn_scalar"]) ** -0.5 if is_gemma else head_dim**-0.5,
+        # Gemma scales the softmax by query_pre_attn_scalar, the others by head_dim
+        attention_scale=float(norm.get("query_pre_attn_scalar") or head_dim) ** -0.5,
         layer_types=layer_types,
         sliding_window=int(sliding_window) if sliding_window else None,
         rope=rope,

@@ -7,12 +7,12 @@ init of a large model) or are materialised and seeded (inline configs).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from opdgraph.model_config_check import check_model_config, read_config_file
 from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
 from opdgraph.models.config import decoder_config_from_hf
 from opdgraph.models.decoder import DecoderLM
@@ -33,10 +33,7 @@ def _read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.exists():
         raise ModelLoadError(f"{directory}: no config.json (expected an HF model directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    return read_config_file(str(path), ModelLoadError)
 
 
 def _from_checkpoint(hf_config: dict, tensors: dict[str, torch.Tensor], where: str, dtype, device) -> DecoderLM:
@@ -78,7 +75,9 @@ def load_decoder(source: str | Path | dict, *, dtype: torch.dtype, device="cpu",
         hf_config, tensors = read_gguf_checkpoint(path)
         return _from_checkpoint(hf_config, tensors, str(path), dtype, device)
     if path.is_dir():
-        return _from_checkpoint(_read_config_json(path), read_safetensors_dir(path), str(path), dtype, device)
+        hf_config = _read_config_json(path)
+        check_model_config(hf_config, str(path / "config.json"), ModelLoadError)  # before any weight is read
+        return _from_checkpoint(hf_config, read_safetensors_dir(path), str(path), dtype, device)
     raise ModelLoadError(f"{path}: model source must be an HF model directory, a .gguf file or an inline config "
                          f"dict ({'not found' if not path.exists() else 'unrecognised file'})")
 

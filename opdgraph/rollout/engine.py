@@ -14,6 +14,10 @@ their memory can serve training (the plan's release point); the next ``generate`
 ``attention="flashinfer"`` (CUDA, bf16/fp16 model) hands the forward + sampling part of a step to the GPU path in
 ``cuda_graphs.py`` (flashinfer paged attention, optional CUDA-graph decode with ``cuda_graphs=True``, one host sync
 per step); scheduling, batch building and sampling semantics are the same.
+
+``vocab_limit`` restricts sampling to ids below it (the logits beyond are dropped before the sampler): eval's teacher
+answers in the student's vocabulary when its own has extra (padding) rows, as the loss compares them (the teacher's
+extra columns never enter its softmax there either).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class RolloutEngine:
         cuda_graphs: bool = False,
         decode_burst_steps: int = 1,
         fused_kernels: bool = False,
+        vocab_limit: int | None = None,
     ):
         for name, value in [
             ("page_size", page_size),
@@ -84,7 +89,10 @@ class RolloutEngine:
             raise ValueError(f"RolloutEngine: attention must be 'torch' or 'flashinfer', got {attention!r}")
         if cuda_graphs and attention != "flashinfer":
             raise ValueError("RolloutEngine: cuda_graphs=True needs attention='flashinfer'")
+        if vocab_limit is not None and attention != "torch":
+            raise ValueError("RolloutEngine: vocab_limit needs attention='torch'")
         self.model = model
+        self.vocab_limit = vocab_limit
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_num_seqs = max_num_seqs
@@ -125,6 +133,8 @@ class RolloutEngine:
             from opdgraph.models.attention_backend import TorchReferenceBackend
 
             attention, logits_fn, ladder = TorchReferenceBackend(), None, None
+        if self.vocab_limit is not None:
+            logits_fn = self._limited(logits_fn or self.model.logits)
         return DecodeBurst(self.model, attention=attention, device=self.device, page_size=self.page_size,
                            scratch_page=self.num_pages, max_rows=self.max_num_seqs,
                            max_steps=self.decode_burst_steps, logits_fn=logits_fn, cuda_graphs=cuda_graphs,
@@ -253,9 +263,14 @@ class RolloutEngine:
         hidden = self.model.forward_paged(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         if inputs.sampling is None:
             return [], []
-        logits = self.model.logits(hidden.index_select(0, inputs.logit_rows))
+        logits_fn = self.model.logits if self.vocab_limit is None else self._limited(self.model.logits)
+        logits = logits_fn(hidden.index_select(0, inputs.logit_rows))
         sampled, sampled_logprobs = sample_tokens(logits, inputs.sampling)
         return sampled.tolist(), sampled_logprobs.tolist()
+
+    def _limited(self, logits_fn):
+        limit = self.vocab_limit
+        return lambda hidden: logits_fn(hidden)[:, :limit].contiguous()
 
     def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
         sources = torch.tensor([source for source, _ in copies], device=self.device)

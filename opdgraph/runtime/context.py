@@ -79,9 +79,10 @@ def model_source(model_cfg, base_dir: Path) -> str | dict:
 
     path = resolve_path(model_cfg.path, str(base_dir))
     if path.endswith(".json"):
-        import json
+        from opdgraph.model_config_check import read_config_file
+        from opdgraph.models import ModelLoadError
 
-        return json.loads(Path(path).read_text())
+        return read_config_file(path, ModelLoadError)
     return path
 
 
@@ -112,8 +113,9 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
                 source = model_source(model_cfg, base_dir)
                 model = load_decoder(source, dtype=dtype, device=device, init_seed=model_cfg.init_seed,
                                      init_device=model_cfg.init_device)
-                tokenizer = tokenizers.get(name) or _load_tokenizer(source, model.config.vocab_size)
+                tokenizer = tokenizers.get(name) or load_tokenizer(source, model.config.vocab_size)
                 loaded[name] = (model, tokenizer)
+                _note_ignored_keys(name, model.config.hf)
             elif model_cfg.init_from in loaded:
                 source_model, tokenizer = loaded[model_cfg.init_from]
                 layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))
@@ -127,17 +129,20 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
     return loaded
 
 
-def _load_tokenizer(source, vocab_size: int):
-    from opdgraph.models.loading import load_tokenizer
-
-    return load_tokenizer(source, vocab_size)
-
-
 def _root(models_cfg: dict, name: str) -> str:
     """The model whose files an init_from model comes from (its tokenizer is that model's)."""
     while models_cfg[name].init_from is not None:
         name = models_cfg[name].init_from
     return name
+
+
+def _note_ignored_keys(name: str, hf_config: dict) -> None:
+    from opdgraph.model_config_check import ignored_keys
+
+    ignored = ignored_keys(hf_config)
+    if ignored:
+        print(f"note: [models.{name}] config keys accepted but ignored (metadata, or set by the pipeline and the "
+              f"tokenizer instead): {', '.join(ignored)}")
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer, names: tuple[str, str] = ("student", "teacher")) -> None:

@@ -45,10 +45,14 @@ def _eval_engine(ctx, stage: str, role: str):
         # only), but where rollout takes the GPU path, decode runs as eager bursts through the Triton decode kernel:
         # no host sync per token, and no memory beyond the eval workspace the plan lists.
         gpu = rollout_attention(rollout.backend, ctx.device, model.dtype, model.config.head_dim) == "flashinfer"
+        # A teacher with more vocabulary rows than the student (padding, as Qwen2.5-7B's 152064 vs 1.5B's 151936)
+        # answers in the shared vocabulary: ids beyond it are no tokens of the student's and never enter the loss.
+        student_vocab = ctx.student.config.vocab_size
+        vocab_limit = student_vocab if role == "teacher" and model.config.vocab_size > student_vocab else None
         engine = RolloutEngine(model, page_size=rollout.page_size, num_pages=int(facts[f"{stage}.num_pages"]),
                                max_num_seqs=int(facts[f"{stage}.concurrent_seqs"]),
                                prefill_token_budget=rollout.prefill_token_budget, device=ctx.device, kv_dtype=None,
-                               decode_burst_steps=AUTO_DECODE_BURST_STEPS if gpu else 1)
+                               decode_burst_steps=AUTO_DECODE_BURST_STEPS if gpu else 1, vocab_limit=vocab_limit)
         if role == "student" and distributed.world_size() > 1:
             engine = fsdp.UnshardingEngine(engine, ctx.student)
         ctx.eval_engines[key] = engine

@@ -33,7 +33,7 @@ from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.config_record import config_record
-from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
+from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
@@ -87,8 +87,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     models = load_models(cfg.models, Path(cfg.base_dir), device,
                          vocab_sizes={name: shape.vocab for name, shape in cfg.shapes.items()})
     student, tokenizer = models[cfg.model_with_role("student")]
-    teacher, teacher_tokenizer = models[cfg.model_with_role("teacher")]
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    teacher, _ = models[cfg.model_with_role("teacher")]  # load_models compared the tokenizers before any weights
     teacher.requires_grad_(False)
     print(use_packed_attention([student, teacher], device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
@@ -118,6 +117,8 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
                                 eps=step.eps, weight_decay=step.weight_decay)
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
+    if sampler.repeat_note() and distributed.is_main():
+        print(sampler.repeat_note())
     log = cfg.stage("log")
     metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
                else SilentMetrics(run_dir))
