@@ -153,7 +153,7 @@ def test_clip_matches_torch(max_norm):
     ours, theirs = make_params(), make_params()
     set_grads(ours, 0)
     set_grads(theirs, 0)
-    norm, finite = clip_grad_norm(ours.values(), max_norm)
+    norm, finite = clip_grad_norm([param.grad for param in ours.values()], max_norm)
     expected = torch.nn.utils.clip_grad_norm_(list(theirs.values()), max_norm if max_norm > 0 else float("inf"))
     assert finite and norm.dtype == torch.float32
     assert torch.allclose(norm, expected, rtol=1e-6)
@@ -166,7 +166,7 @@ def test_clip_bf16_grads_norm_in_fp32():
     params = make_params(torch.bfloat16)
     set_grads(params, 0)
     expected = torch.cat([param.grad.double().flatten() for param in params.values()]).norm()
-    norm, _ = clip_grad_norm(params.values(), 0.0)
+    norm, _ = clip_grad_norm([param.grad for param in params.values()], 0.0)
     assert abs(norm.double() - expected) <= 1e-6 * expected
 
 
@@ -177,7 +177,7 @@ def test_clip_non_finite_leaves_grads_untouched(bad):
     set_grads(params, 0)
     params["layer.weight"].grad[1, 2] = bad
     before = {name: param.grad.clone() for name, param in params.items()}
-    norm, finite = clip_grad_norm(params.values(), 1.0)
+    norm, finite = clip_grad_norm([param.grad for param in params.values()], 1.0)
     assert not finite and not torch.isfinite(norm)
     for name, param in params.items():
         assert torch.equal(param.grad.nan_to_num(), before[name].nan_to_num()), name

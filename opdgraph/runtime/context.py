@@ -21,6 +21,7 @@ import torch
 
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.metrics import MetricsLog
+from opdgraph.runtime.skipped_steps import SkippedSteps
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -49,6 +50,8 @@ class RunContext:
     teacher_offloader: Any = None  # the executor's HostOffloader (moves the teacher where the plan says)
     eval_records: list[dict[str, Any]] = field(default_factory=list)
     last_samples: list[Any] = field(default_factory=list)  # a few token lists of the last rollout, for the log
+    gradients: Any = None  # opdgraph.runtime.gradients.StudentGradients: the accumulators of <student>.grads
+    skipped_steps: SkippedSteps = field(default_factory=SkippedSteps)
 
     def add_seconds(self, name: str, seconds: float) -> None:
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds

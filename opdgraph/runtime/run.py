@@ -25,7 +25,9 @@ from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, check_same_tokenizer, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
+from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
+from opdgraph.runtime.skipped_steps import stop_if_stuck
 from opdgraph.runtime.run_logs import truncate_run_logs
 
 
@@ -111,8 +113,10 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     student_name = cfg.model_with_role("student")
     placement = plan_placement(plan)
     gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
+    # fp32 gradient sums for a low-precision student (opdgraph.runtime.gradients); an fp32 one has them anyway
+    fp32_grads = cfg.stage("backward").config.grad_accumulation_dtype == "float32" and student.dtype != torch.float32
     if distributed.world_size() > 1:
-        fsdp.shard_student(student)
+        fsdp.shard_student(student, reduce_dtype=torch.float32 if fp32_grads and gather_per_step else None)
         engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
     if placement.teacher_weights == "shard":
         if distributed.world_size() == 1:
@@ -135,10 +139,12 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
              "gather_per_step": gather_per_step}
+    buffers = BufferTable(debug=cfg.pipeline.debug_memory)
+    gradients = StudentGradients(student, buffers, facts["grads_buffer"], fp32=fp32_grads)
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
-                      sampler=sampler, eval_prompts=eval_prompts, plan=plan,
-                      buffers=BufferTable(debug=cfg.pipeline.debug_memory), metrics=metrics)
+                      sampler=sampler, eval_prompts=eval_prompts, plan=plan, buffers=buffers, metrics=metrics,
+                      gradients=gradients)
 
 
 def trainer_state(ctx: RunContext) -> dict[str, Any]:
@@ -235,6 +241,7 @@ def _run_pipeline(cfg, plan, *, resume: Path | None, record_memory: bool) -> Run
         if ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         ctx.metrics.write(record)
+        stop_if_stuck(ctx, last_step=ctx.step == cfg.pipeline.num_steps)  # too many skipped steps: TrainingStopped
         if log is None or ctx.step % log.config.every_n_steps == 0 or ctx.step == cfg.pipeline.num_steps:
             progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr")
                                        if record.get(k) is not None})
