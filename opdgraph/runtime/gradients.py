@@ -85,7 +85,9 @@ class StudentGradients:
     @torch.no_grad()
     def finish(self) -> dict[str, torch.Tensor]:
         """Before the optimizer step (once per step): add the separate lm_head accumulator in, and return the
-        gradients the optimizer reads, by parameter name (fp32 accumulators, or `param.grad` in the model dtype)."""
+        gradients the optimizer reads, by parameter name (fp32 accumulators, or `param.grad` in the model dtype),
+        each shaped like `param.grad` (a DTensor of this rank's shard when sharded, so the clipping norm is summed
+        over ranks)."""
         from opdgraph.runtime.fsdp import add_full_grad
 
         tensors = self.accumulators()
@@ -94,8 +96,18 @@ class StudentGradients:
             add_full_grad(self.params[self.lm_head_name], tensors[LM_HEAD], into=into)
             self.touched.add(self.lm_head_name)
         if self.fp32:
-            return {name: tensors[name] for name in self.params if name in self.touched}
+            return {name: self._like_grad(name, tensors[name]) for name in self.params if name in self.touched}
         return {name: param.grad for name, param in self.params.items() if param.grad is not None}
+
+    def _like_grad(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 accumulator as the parameter's gradient would be: a DTensor view when sharded."""
+        param = self.params[name]
+        if not hasattr(param, "device_mesh"):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride(), run_check=False)
 
     @torch.no_grad()
     def zero(self) -> None:

@@ -20,7 +20,8 @@ gradient is read in place, never copied).
 A step is all or nothing: pass 1 computes every bucket's new master weights into temporaries, in pieces of at most
 ``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments, its fp32 gradient and denominators: less
 than the update's own per-bucket temporaries), and checks them, writing nothing; only if every new weight is finite on every rank (one all-reduced flag)
-does pass 2 apply the update. So a learning rate that would blow the weights up leaves weights, masters, moments and
+does pass 2 apply the update (a step size, decay factor or eps beyond fp32, which torch would refuse as a scalar,
+fails the check before any tensor work). So a learning rate that would blow the weights up leaves weights, masters, moments and
 step counts exactly as they were, with no copy of the optimizer state (a per-bucket commit could not undo the buckets
 before a bad one). The cost is a second read of the state (the optimizer step is a few percent of a training step;
 an offloaded state is streamed in twice, out once). The two passes run the same foreach ops on the same values, but
@@ -43,6 +44,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 _BUCKET_ELEMENTS = 1 << 26
+_FP32_MAX = torch.finfo(torch.float32).max
 _CHECK_ELEMENTS = 1 << 23  # pass 1's piece: at most 5 fp32 temporaries of 32 MiB, under the update's 2 x 256 MiB
 
 
@@ -166,6 +168,16 @@ class MasterAdamW:
         """Pass 1: would every new weight be finite (with the module docstring's factor-2 margin)? Writes nothing;
         one host read (and, sharded, one all-reduce) for the whole step."""
         next_steps = {name: self.steps[name] + 1 for bucket in buckets for name in bucket}
+        if not grads:
+            return True
+        device = next(iter(grads.values())).device
+        bad = torch.zeros((), dtype=torch.int32, device=device)  # a rank whose shards are empty still votes
+        names = list(next_steps)
+        step_sizes, _ = self._bias_corrections(names, next_steps, lr)
+        scalars = [*step_sizes, self.eps, 1.0 - lr * self.weight_decay]
+        if not all(abs(value) <= _FP32_MAX for value in scalars):  # inf, NaN, or beyond fp32: so is the update
+            bad += 1
+            buckets = []  # torch refuses a python scalar that overflows fp32; nothing left to compute
         flags = []
         for bucket in buckets:
             with self.staging(bucket, write_back=False):
@@ -182,10 +194,6 @@ class MasterAdamW:
                     torch._foreach_mul_(new, 2.0)  # the margin: inf where a weight exceeds half the largest value
                     flags += [torch.isfinite(tensor).all() for tensor in new]
                     del new
-        if not grads:
-            return True
-        device = next(iter(grads.values())).device
-        bad = torch.zeros((), dtype=torch.int32, device=device)  # a rank whose shards are empty still votes
         if flags:
             bad += ~torch.stack([flag.to(device) for flag in flags]).all()
         if any(hasattr(param, "device_mesh") for param in self.params.values()):
