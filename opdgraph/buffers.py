@@ -149,10 +149,10 @@ def _gib(size: int) -> str:
 def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer:
     """`<student>.grads`, per rank: what the gradients of a step's micro-batches are summed in.
 
-    fp32 (see fp32_grads): an fp32 accumulator per parameter (its shard with N ranks) plus one bf16 gradient being
-    folded in: one parameter's unsharded, one FSDP unit's reduced shard sharded. Unsharded the lm_head's analytic
-    gradient adds into its own accumulator; sharded it has a full [V, h] fp32 one (each rank's contribution, summed
-    over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
+    fp32 (see fp32_grads): an fp32 accumulator per parameter (its shard with N ranks) plus the one bf16 gradient
+    being folded in (unsharded: one parameter's; sharded: one FSDP unit's reduced shard). Unsharded, the lm_head's
+    analytic gradient adds into its own accumulator; sharded, it has a full [V, h] fp32 one (each rank's
+    contribution, summed over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
     formula of the fp32 buffer also gives the size in the model dtype: what grad_accumulation_dtype = "model" saves.
     """
     student, backward = cfg.model_with_role("student"), cfg.stage("backward").name
@@ -161,7 +161,7 @@ def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer
     if cfg.models[student].dtype != "float32":
         keys = (*keys, f"{backward}.grad_accumulation_dtype")
     lm_head = shape.vocab * shape.hidden * sizing.FP32_BYTES
-    model_dtype = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
+    model_size = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
     if world_size == 1:
         model_formula = "P x d + V x h x 4 (fp32 lm_head grad accumulator)"
         fp32_size = sizing.fp32_gradient_bytes(shape, dtype_bytes)
@@ -177,11 +177,11 @@ def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer
                         "max(root, layer) params x d / N (one unit's reduced gradient being folded in)")
     name = f"{student}.grads"
     if not fp32_grads(cfg):
-        return Buffer(name=name, category="grads", bytes=model_dtype, sized_by=keys, lifetime=lifetime,
+        return Buffer(name=name, category="grads", bytes=model_size, sized_by=keys, lifetime=lifetime,
                       formula=model_formula)
     return Buffer(name=name, category="grads", bytes=fp32_size, sized_by=keys, lifetime=lifetime,
                   formula=f"{fp32_formula}; {backward}.grad_accumulation_dtype = \"model\" would hold "
-                          f"{model_formula} = {_gib(model_dtype)}")
+                          f"{model_formula} = {_gib(model_size)}")
 
 
 def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> list[Buffer]:

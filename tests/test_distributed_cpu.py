@@ -146,7 +146,10 @@ def test_plan_student_gather_schedules():
     from opdgraph.config import load_pipeline
     from opdgraph.placement import Placement
 
-    cfg = load_pipeline(TINY, ["models.student.dtype=bfloat16", "teacher_score.micro_batch_tokens=160"])
+    # Gradient sums in the model dtype, so whole gradients are P x d like the weights (the fp32 sums' sizes:
+    # tests/test_grad_accumulation.py).
+    cfg = load_pipeline(TINY, ["models.student.dtype=bfloat16", "teacher_score.micro_batch_tokens=160",
+                               "backward.grad_accumulation_dtype=model"])
     per_step, per_layer = (compile_plan(cfg, Placement(student_gather=gather), world_size=2)
                            for gather in ("step", "layer"))
     shape = cfg.shapes["student"]

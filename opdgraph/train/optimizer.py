@@ -17,17 +17,18 @@ fp32 copies of low-precision grads never exceed one bucket (256 MiB) at a time. 
 ``.grad`` or, when given, a mapping name -> gradient (the fp32 accumulators of opdgraph.runtime.gradients; an fp32
 gradient is read in place, never copied).
 
-A step is all or nothing: pass 1 computes every bucket's new master weights into temporaries, in pieces of at most
-``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments, its fp32 gradient and denominators: less
-than the update's own per-bucket temporaries), and checks them, writing nothing; only if every new weight is finite on every rank (one all-reduced flag)
-does pass 2 apply the update (a step size, decay factor or eps beyond fp32, which torch would refuse as a scalar,
-fails the check before any tensor work). So a learning rate that would blow the weights up leaves weights, masters, moments and
-step counts exactly as they were, with no copy of the optimizer state (a per-bucket commit could not undo the buckets
-before a bad one). The cost is a second read of the state (the optimizer step is a few percent of a training step;
-an offloaded state is streamed in twice, out once). The two passes run the same foreach ops on the same values, but
-a piece's last elements can go through a kernel's scalar tail where the update's vectorised loop fuses a multiply-add,
-so the check requires each new weight to be at most half the dtype's largest value (doubling it stays finite): a
-last-bit difference can then never overflow in pass 2 where pass 1 did not.
+A step is all or nothing. Pass 1 computes every bucket's new master weights into temporaries, in pieces of at most
+``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments, its fp32 gradient and denominators: less than
+the update's own per-bucket temporaries), and checks them, writing nothing; only if every new weight is finite on
+every rank (one all-reduced flag) does pass 2 apply the update. A step size, decay factor or eps beyond fp32 (which
+torch would refuse as a scalar) fails the check before any tensor work. So a learning rate that would blow the
+weights up leaves weights, masters, moments and step counts exactly as they were, with no copy of the optimizer
+state: a per-bucket commit could not undo the buckets before a bad one, and keeping their old values would cost a
+copy of the state. The price is a second read of the state (a few percent of a training step; an offloaded state is
+streamed in twice, out once). Both passes run the same foreach ops on the same values, but a piece's last elements
+may take a kernel's scalar tail where the update's vectorised loop fuses a multiply-add; so the check asks each new
+weight to be at most half the largest fp32 value (doubled, it stays finite), and a last-bit difference can never
+overflow in pass 2 where pass 1 did not (nor round to inf in bf16, whose largest value is above half fp32's).
 
 Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard
 only; the clipping norm and the finiteness flag are reduced over ranks, so every rank takes the same decision;
@@ -167,40 +168,39 @@ class MasterAdamW:
     def _update_is_finite(self, buckets: list[list[str]], grads: Mapping[str, torch.Tensor], lr: float) -> bool:
         """Pass 1: would every new weight be finite (with the module docstring's factor-2 margin)? Writes nothing;
         one host read (and, sharded, one all-reduce) for the whole step."""
-        next_steps = {name: self.steps[name] + 1 for bucket in buckets for name in bucket}
         if not grads:
             return True
+        steps = {name: self.steps[name] + 1 for bucket in buckets for name in bucket}
         device = next(iter(grads.values())).device
         bad = torch.zeros((), dtype=torch.int32, device=device)  # a rank whose shards are empty still votes
-        names = list(next_steps)
-        step_sizes, _ = self._bias_corrections(names, next_steps, lr)
-        scalars = [*step_sizes, self.eps, 1.0 - lr * self.weight_decay]
-        if not all(abs(value) <= _FP32_MAX for value in scalars):  # inf, NaN, or beyond fp32: so is the update
-            bad += 1
-            buckets = []  # torch refuses a python scalar that overflows fp32; nothing left to compute
-        flags = []
-        for bucket in buckets:
-            with self.staging(bucket, write_back=False):
-                for piece in _pieces(bucket, self.masters, _CHECK_ELEMENTS):
-                    names = [name for name, _ in piece]
-
-                    def flat(tensors, copy):
-                        views = [tensors[name].reshape(-1)[span] for name, span in piece]
-                        return [view.clone() for view in views] if copy else views
-
-                    new = flat(self.masters, copy=True)
-                    self._adamw(names, flat(grads, copy=False), next_steps, lr, masters=new,
-                                exp_avgs=flat(self.exp_avg, copy=True), exp_avg_sqs=flat(self.exp_avg_sq, copy=True))
-                    torch._foreach_mul_(new, 2.0)  # the margin: inf where a weight exceeds half the largest value
-                    flags += [torch.isfinite(tensor).all() for tensor in new]
-                    del new
-        if flags:
-            bad += ~torch.stack([flag.to(device) for flag in flags]).all()
+        step_sizes, _ = self._bias_corrections(list(steps), steps, lr)
+        if not all(abs(value) <= _FP32_MAX for value in (*step_sizes, self.eps, 1.0 - lr * self.weight_decay)):
+            bad += 1  # inf, NaN or beyond fp32: so is the update (and torch would refuse the scalar)
+        else:
+            flags = [flag for bucket in buckets for flag in self._bucket_flags(bucket, grads, steps, lr)]
+            if flags:
+                bad += ~torch.stack([flag.to(device) for flag in flags]).all()
         if any(hasattr(param, "device_mesh") for param in self.params.values()):
             import torch.distributed as dist
 
             dist.all_reduce(bad)  # every rank skips, or none does
         return not bool(bad)
+
+    def _bucket_flags(self, bucket: list[str], grads, steps: dict[str, int], lr: float) -> list[torch.Tensor]:
+        """0-dim bools, one per tensor of each piece: its new weights, computed on copies, within the margin."""
+        flags = []
+        with self.staging(bucket, write_back=False):
+            for piece in _pieces(bucket, self.masters, _CHECK_ELEMENTS):
+                def flat(tensors, copy):
+                    views = [tensors[name].reshape(-1)[span] for name, span in piece]
+                    return [view.clone() for view in views] if copy else views
+
+                new = flat(self.masters, copy=True)
+                self._adamw([name for name, _ in piece], flat(grads, copy=False), steps, lr, masters=new,
+                            exp_avgs=flat(self.exp_avg, copy=True), exp_avg_sqs=flat(self.exp_avg_sq, copy=True))
+                torch._foreach_mul_(new, 2.0)  # the margin: inf where a weight exceeds half the largest value
+                flags += [torch.isfinite(tensor).all() for tensor in new]
+        return flags
 
     def zero_grad(self) -> None:
         """Drop every grad (set to None) so its memory can be released."""
