@@ -4,6 +4,10 @@ Fusion changes three sizes: fused, the teacher hidden states, the student's save
 gradient exist for one micro-batch at a time; unfused, for the whole batch (they cross from one stage's loop to
 the next). Everything else is the same in both plans.
 
+The student's gradients (`<student>.grads`) are summed over a step's micro-batches in fp32 accumulators when the
+student is not fp32 (backward.grad_accumulation_dtype = "float32", the default: P x 4 plus one gradient being folded
+in), else in param.grad (P x d) beside a full fp32 lm_head accumulator; the fp32 buffer's formula shows the size
+the other choice would have.
 With N ranks (FSDP2 data parallel) the student's weights, fp32 masters, AdamW moments and gradients are divided by
 N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for the engine) and training adds
 `<student>.fsdp_comm` (the root's gathered embedding/norm/lm_head, two layers' gathered weights for the current and
@@ -18,9 +22,9 @@ step, never released), the plan without the releases between rollout and trainin
 `place_buffers` then applies a Placement (opdgraph.placement): it marks buffers offloaded or host-resident and adds
 the device buffers that streaming needs (two teacher layers; one optimizer bucket). With N ranks and the student
 gathered per step (placement.student_gather = "step"), `<student>.gathered_weights` stays from rollout through the
-training loop, the whole gradients accumulate in `<student>.unsharded_grads` (P x d, from the first backward to the
-last, which reduce-scatters them) and `<student>.fsdp_comm` is only that reduce-scatter's buffers; per layer, it is
-as described above. A sharded teacher keeps 1/N of
+training loop, the whole gradients accumulate in `<student>.unsharded_grads` (P x d, or P x 4 with fp32 gradient
+sums, from the first backward to the last, which reduce-scatters them) and `<student>.fsdp_comm` is only that
+reduce-scatter's buffers; per layer, it is as described above. A sharded teacher keeps 1/N of
 its weights per rank and adds what FSDP gathers: `<teacher>.gathered_layer` (the running layer and the prefetched
 next one, during teacher_score), `<teacher>.gathered_root` (embedding, final norm and lm_head, from teacher_score
 until the loss has read the lm_head) and, with an eval stage, `<teacher>.gathered_weights` (the whole teacher, for
@@ -120,15 +124,8 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     add(f"{backward.name}.workspace", "workspace",
         micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype, kv_repeated),
         (*micro_keys, *student_keys), formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")
-    # The loss accumulates the lm_head gradient in fp32 across micro-batches (opdgraph.runtime.training).
-    lm_head_grad = student_shape.vocab * student_shape.hidden * sizing.FP32_BYTES
-    if world_size == 1:
-        add(f"{student}.grads", "grads", sizing.gradient_bytes(student_shape, student_dtype) + lm_head_grad,
-            student_keys, between_phases, "P x d + V x h x 4 (fp32 lm_head grad accumulator)")
-    else:
-        add(f"{student}.grads", "grads",
-            _ceil_div(sizing.gradient_bytes(student_shape, student_dtype), shards) + lm_head_grad, student_keys,
-            between_phases, "P x d / N + V x h x 4 (full fp32 lm_head grad)")
+    buffers.append(_grads_buffer(cfg, world_size, between_phases))
+    if world_size > 1:
         add(f"{student}.gathered_weights", "weights", sizing.parameter_bytes(student_shape, student_dtype),
             student_keys, formula="P x d (all-gathered for rollout)")
         layer = student_shape.layer_parameters() * student_dtype
@@ -172,6 +169,56 @@ def _cpu_upcast_hidden(cfg: PipelineConfig) -> int:
     if targets_cuda(cfg):
         return 0
     return sum(cfg.shapes[cfg.model_with_role(role)].hidden for role in ("student", "teacher"))
+
+
+def fp32_grads(cfg: PipelineConfig) -> bool:
+    """Whether the student's gradients are summed in fp32 accumulators of their own (opdgraph.runtime.gradients):
+    backward.grad_accumulation_dtype = "float32" and a student that is not fp32 already."""
+    student = cfg.model_with_role("student")
+    return (cfg.stage("backward").config.grad_accumulation_dtype == "float32"
+            and cfg.models[student].dtype != "float32")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer:
+    """`<student>.grads`, per rank: what the gradients of a step's micro-batches are summed in.
+
+    fp32 (see fp32_grads): an fp32 accumulator per parameter (its shard with N ranks) plus the one bf16 gradient
+    being folded in (unsharded: one parameter's; sharded: one FSDP unit's reduced shard). Unsharded, the lm_head's
+    analytic gradient adds into its own accumulator; sharded, it has a full [V, h] fp32 one (each rank's
+    contribution, summed over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
+    formula of the fp32 buffer also gives the size in the model dtype: what grad_accumulation_dtype = "model" saves.
+    """
+    student, backward = cfg.model_with_role("student"), cfg.stage("backward").name
+    shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
+    keys = model_keys(cfg, student)
+    if cfg.models[student].dtype != "float32":
+        keys = (*keys, f"{backward}.grad_accumulation_dtype")
+    lm_head = shape.vocab * shape.hidden * sizing.FP32_BYTES
+    model_size = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
+    if world_size == 1:
+        model_formula = "P x d + V x h x 4 (fp32 lm_head grad accumulator)"
+        fp32_size = sizing.fp32_gradient_bytes(shape, dtype_bytes)
+        fp32_formula = ("P x 4 (fp32 accumulators; the lm_head grad adds into its own) + largest param x d (one "
+                        "gradient being folded in)")
+    else:
+        model_formula = "P x d / N + V x h x 4 (full fp32 lm_head grad)"
+        layer = shape.layer_parameters()
+        unit = max(shape.parameter_count() - shape.layers * layer, layer)
+        fp32_size = (_ceil_div(shape.parameter_count() * sizing.FP32_BYTES, world_size) + lm_head
+                     + _ceil_div(unit * dtype_bytes, world_size))
+        fp32_formula = ("P x 4 / N (fp32 accumulators of the shards) + V x h x 4 (full fp32 lm_head grad) + "
+                        "max(root, layer) params x d / N (one unit's reduced gradient being folded in)")
+    name = f"{student}.grads"
+    if not fp32_grads(cfg):
+        return Buffer(name=name, category="grads", bytes=model_size, sized_by=keys, lifetime=lifetime,
+                      formula=model_formula)
+    return Buffer(name=name, category="grads", bytes=fp32_size, sized_by=keys, lifetime=lifetime,
+                  formula=f"{fp32_formula}; {backward}.grad_accumulation_dtype = \"model\" would hold "
+                          f"{model_formula} = {_gib(model_size)}")
 
 
 def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> list[Buffer]:
@@ -238,7 +285,7 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
     if placement.teacher_weights == "shard":
         placed.update(_sharded_teacher_buffers(teacher_weights, cfg, world_size))
     if world_size > 1 and placement.student_gather == "step":
-        placed.update(_gathered_student_buffers(placed[f"{student}.fsdp_comm"], cfg))
+        placed.update(_gathered_student_buffers(placed[f"{student}.fsdp_comm"], cfg, world_size))
     if placement.teacher_weights == "stream":
         shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
         placed[teacher_weights.name] = attrs.evolve(
@@ -260,19 +307,36 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
     return placed
 
 
-def _gathered_student_buffers(comm: Buffer, cfg: PipelineConfig) -> dict[str, Buffer]:
-    """The student gathered for the whole step: whole gradients, and only the last backward's reduce-scatter."""
+def _gathered_student_buffers(comm: Buffer, cfg: PipelineConfig, world_size: int) -> dict[str, Buffer]:
+    """The student gathered for the whole step: whole gradients, and only the last backward's reduce-scatter.
+
+    With fp32 gradient sums (fp32_grads) FSDP keeps the whole gradients in fp32 (P x 4, plus one unit's gradient
+    in the model dtype before FSDP adds it in) and reduce-scatters them in fp32 (its inputs x 4, and a shard-sized
+    fp32 output that becomes the d-byte gradient `<student>.grads` folds in)."""
     student = cfg.model_with_role("student")
     shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
     grads = f"{student}.unsharded_grads"
     layer = shape.layer_parameters()
     root = shape.parameter_count() - shape.layers * layer
+    unit = max(root, layer)
+    # The root (embedding, final norm, lm_head) is reduce-scattered last: its copy for the exchange beside the
+    # previous layer's (a big vocabulary's root can be larger than several layers).
+    if fp32_grads(cfg):
+        whole = Buffer(name=grads, category="grads",
+                       bytes=shape.parameter_count() * sizing.FP32_BYTES + unit * dtype_bytes,
+                       sized_by=comm.sized_by + (f"{cfg.stage('backward').name}.grad_accumulation_dtype",),
+                       lifetime="transient", spans_loops=True,
+                       formula="P x 4 + max(root, layer) params x d (whole gradients summed in fp32 and one unit's "
+                               "being added; reduce-scattered by the last micro-batch's backward)")
+        exchange = attrs.evolve(comm, bytes=(unit + layer) * sizing.FP32_BYTES
+                                + _ceil_div(unit * sizing.FP32_BYTES, world_size),
+                                formula="(max(root, layer) + layer) params x 4 + max(root, layer) params x 4 / N (the "
+                                        "fp32 gradients being reduce-scattered, and a unit's fp32 output)")
+        return {grads: whole, comm.name: exchange}
     return {grads: Buffer(name=grads, category="grads", bytes=sizing.gradient_bytes(shape, dtype_bytes),
                           sized_by=comm.sized_by, lifetime="transient", spans_loops=True,
                           formula="P x d (whole gradients, reduce-scattered by the last micro-batch's backward)"),
-            # The root (embedding, final norm, lm_head) is reduce-scattered last: its copy for the exchange beside the
-            # previous layer's (a big vocabulary's root can be larger than several layers).
-            comm.name: attrs.evolve(comm, bytes=(max(root, layer) + layer) * dtype_bytes,
+            comm.name: attrs.evolve(comm, bytes=(unit + layer) * dtype_bytes,
                                     formula="(max(root, layer) + layer) params x d (the gradients being "
                                             "reduce-scattered)")}
 

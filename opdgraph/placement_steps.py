@@ -4,8 +4,8 @@ plain plan, then hands them here.
 
 - Streaming the teacher's layers: teacher_score also reads the layer buffer, and each micro-batch takes the longer
   of its compute and its copies (the next layer is copied while this one runs).
-- Streaming the optimizer state: the step copies every bucket in and back out, then updates it (copies and update
-  do not overlap).
+- Streaming the optimizer state: the step copies every bucket in for the optimizer's finiteness check, then in
+  and back out for the update (copies and update do not overlap): three times the host state over PCIe.
 - Sharding the teacher: teacher_score gathers every layer and the root once per micro-batch, each micro-batch
   taking the longer of its compute and its all-gathers (FSDP gathers the next layer while this one runs); the root
   stays gathered until the loss has read the lm_head; eval gathers the whole teacher once.
@@ -17,9 +17,14 @@ from __future__ import annotations
 import attrs
 
 from opdgraph import work as W
+from opdgraph.buffers import fp32_grads
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.placement import Placement
 from opdgraph.plan import Transfer
+from opdgraph.sizing import FP32_BYTES
+
+# Host state bytes a streamed optimizer step moves per byte: check pass in, update pass in and out (train.optimizer).
+OPTIMIZER_STATE_TRIPS = 3
 
 
 @attrs.frozen
@@ -44,8 +49,8 @@ def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement,
     placed = []
     for draft in drafts:
         if world_size > 1:
-            draft = _gather_student_draft(draft, student, student_bytes, placement.student_gather, hardware,
-                                          world_size)
+            draft = _gather_student_draft(draft, student, student_bytes, _reduced_bytes(cfg, placement),
+                                          placement.student_gather, hardware, world_size)
         if placement.teacher_weights == "shard":
             draft = _shard_teacher_draft(draft, teacher, teacher_bytes, hardware, world_size)
         if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
@@ -55,7 +60,7 @@ def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement,
                           per_micro_batch * draft.repeats)
             draft = attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.layer_stream"), work=work)
         if draft.kind == "step" and placement.optimizer_state == "offload":
-            moved = 2 * _host_state_bytes(buffers, student)
+            moved = OPTIMIZER_STATE_TRIPS * _host_state_bytes(buffers, student)
             draft = attrs.evolve(draft, reads=(*draft.reads, f"{student}.optimizer_stream"),
                                  work=draft.work + W.transfer_work(moved, hardware))
         placed.append(draft)
@@ -76,8 +81,8 @@ def _student_exchanges(draft: Draft, per_layer: bool) -> list[tuple[str, int]]:
     return []
 
 
-def _gather_student_draft(draft: Draft, student: str, student_bytes: int, gather: str, hardware,
-                          world_size: int) -> Draft:
+def _gather_student_draft(draft: Draft, student: str, student_bytes: int, reduced_bytes: int, gather: str,
+                          hardware, world_size: int) -> Draft:
     """The sharded student's exchanges (`_student_exchanges`) in the draft's time: rollout's all-gather exposed; the
     training loop's overlapped with compute (FSDP prefetches the next layer; the last backward reduce-scatters
     while it computes). Per step, the training loop also reads the weights gathered for rollout and the backward
@@ -92,7 +97,8 @@ def _gather_student_draft(draft: Draft, student: str, student_bytes: int, gather
                             writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
     if draft.kind == "backward" and per_step:
         compute = draft.work.seconds / draft.repeats
-        seconds = compute * (draft.repeats - 1) + max(compute, exchange)
+        reduce_scatter = W.all_gather_seconds(reduced_bytes, world_size, hardware)
+        seconds = compute * (draft.repeats - 1) + max(compute, reduce_scatter)
         return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
                             writes=(*draft.writes, f"{student}.unsharded_grads"),
                             work=attrs.evolve(draft.work, seconds=seconds))
@@ -144,10 +150,20 @@ def _student_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Plac
     if world_size == 1:
         return []
     student = cfg.model_with_role("student")
-    size, per_layer = _weight_bytes(cfg, student), placement.student_gather == "layer"
+    per_layer = placement.student_gather == "layer"
+    sizes = {"all_gather": _weight_bytes(cfg, student), "reduce_scatter": _reduced_bytes(cfg, placement)}
     return [_exchange(draft, f"{student}.weights" if direction == "all_gather" else f"{student}.grads", direction,
-                      size, times, world_size, hardware)
+                      sizes[direction], times, world_size, hardware)
             for draft in drafts for direction, times in _student_exchanges(draft, per_layer)]
+
+
+def _reduced_bytes(cfg: PipelineConfig, placement: Placement) -> int:
+    """Bytes of the student's gradients one reduce-scatter moves: fp32 when gathered per step with fp32 gradient
+    sums (FSDP reduces the fp32 whole gradients, opdgraph.runtime.gradients), else the model dtype."""
+    student = cfg.model_with_role("student")
+    if placement.student_gather == "step" and fp32_grads(cfg):
+        return cfg.shapes[student].parameter_count() * FP32_BYTES
+    return _weight_bytes(cfg, student)
 
 
 def _weight_bytes(cfg: PipelineConfig, model: str) -> int:
@@ -176,8 +192,9 @@ def _stream_transfers(drafts: list[Draft], buffers, placement: Placement, hardwa
             if name.endswith(".optimizer_stream"):
                 for state in (b for b in buffers.values() if b.device == "host"):
                     transfers.append(Transfer(step=draft.name, when="during", buffer=state.name, direction="stream",
-                                              bytes=2 * state.bytes,
-                                              seconds=2 * state.bytes / (hardware.pcie_gbps * 1e9)))
+                                              bytes=OPTIMIZER_STATE_TRIPS * state.bytes,
+                                              seconds=OPTIMIZER_STATE_TRIPS * state.bytes
+                                              / (hardware.pcie_gbps * 1e9)))
     return transfers
 
 

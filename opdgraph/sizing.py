@@ -6,7 +6,9 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
 - weights                 P x d
 - fp32 master weights     P x 4       (only when the trained model is not already fp32)
 - AdamW state             P x 8       (exp_avg and exp_avg_sq, fp32 each)
-- gradients               P x d       (model dtype; accumulated over micro-batches)
+- gradients               P x 4       (fp32 sums over the micro-batches, the default for a non-fp32 model) + the
+                                      largest parameter x d (its gradient in the model dtype, being folded in);
+                          P x d       with backward.grad_accumulation_dtype = "model" (sums in the model dtype)
 - KV-cache pool           num_pages x page_size x L x 2 x kv x d
 - training activations    T x (L x a + o), a = per-token-per-layer bytes saved for backward, o = outside the layers
   with checkpointing      T x (L x h x d + a + o)  (layer inputs; one layer recomputed at a time)
@@ -79,6 +81,17 @@ def adamw_state_bytes(shape: ModelShape) -> int:
 
 def gradient_bytes(shape: ModelShape, dtype_bytes: int) -> int:
     return shape.parameter_count() * dtype_bytes
+
+
+def largest_parameter_elements(shape: ModelShape) -> int:
+    """The largest single parameter tensor: the [V, h] embedding / lm_head, or an MLP or attention projection."""
+    return max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate, shape.hidden * shape.q_dim)
+
+
+def fp32_gradient_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    """fp32 accumulators for every parameter, plus one parameter's gradient in the model dtype (autograd writes
+    it, a hook adds it into its accumulator and drops it: opdgraph.runtime.gradients)."""
+    return shape.parameter_count() * FP32_BYTES + largest_parameter_elements(shape) * dtype_bytes
 
 
 def kv_pool_pages(*, concurrent_seqs: int, max_prompt_tokens: int, max_new_tokens: int, page_size: int,
@@ -177,8 +190,7 @@ def layer_stream_bytes(shape: ModelShape, dtype_bytes: int) -> int:
 def optimizer_bucket_elements(shape: ModelShape) -> int:
     """The largest optimizer bucket: 2^26 elements, or one parameter larger than that (it goes alone); never more
     than the whole model."""
-    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate, shape.hidden * shape.q_dim)
-    return min(max(OPTIMIZER_BUCKET_ELEMENTS, largest), shape.parameter_count())
+    return min(max(OPTIMIZER_BUCKET_ELEMENTS, largest_parameter_elements(shape)), shape.parameter_count())
 
 
 def optimizer_stream_bytes(shape: ModelShape, separate_masters: bool) -> int:

@@ -1,6 +1,8 @@
 """Optimizer step: AdamW on fp32 master weights, with gradient clipping and a learning-rate schedule.
 
-Reads `grads`, writes `student_weights`.
+Reads `grads`, writes `student_weights`. A step whose gradient norm is not finite, or whose update would make a weight
+non-finite, is skipped (nothing changes; the step's record says why); `max_consecutive_skipped_steps` skips in a row
+stop the run with opdgraph.errors.TrainingStopped, and so does a run none of whose steps was applied.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ class Config:
     schedule: Literal["constant", "cosine", "linear"] = setting("constant", help="learning-rate schedule after warmup")
     warmup_steps: int = setting(0, help="linear warmup steps from 0 to lr", check=non_negative)
     min_lr_ratio: float = setting(0.0, help="cosine/linear decay floor as a fraction of lr", check=unit_interval)
+    max_consecutive_skipped_steps: int = setting(
+        3, help="stop the run after this many optimizer steps in a row were skipped (non-finite gradient norm or "
+                "update); 0 = never stop for that (a run none of whose steps was applied still stops)",
+        check=non_negative)
 
 
 def execute(step, config: Config, ctx, loop) -> None:
     from opdgraph.runtime import training
 
-    training.optimizer_step(config, ctx)
+    training.optimizer_step(config, ctx, stage=step.stage)

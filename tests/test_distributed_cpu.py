@@ -159,7 +159,10 @@ def test_plan_student_gather_schedules():
     from opdgraph.config import load_pipeline
     from opdgraph.placement import Placement
 
-    cfg = load_pipeline(TINY, ["models.student.dtype=bfloat16", "teacher_score.micro_batch_tokens=160"])
+    # Gradient sums in the model dtype, so whole gradients are P x d like the weights (the fp32 sums' sizes:
+    # tests/test_grad_accumulation.py).
+    cfg = load_pipeline(TINY, ["models.student.dtype=bfloat16", "teacher_score.micro_batch_tokens=160",
+                               "backward.grad_accumulation_dtype=model"])
     per_step, per_layer = (compile_plan(cfg, Placement(student_gather=gather), world_size=2)
                            for gather in ("step", "layer"))
     shape = cfg.shapes["student"]
@@ -246,15 +249,42 @@ def test_one_process_plan_ignores_student_gather(pinned):
     assert pinned_result.plan.facts == configured.plan.facts
 
 
-def test_gradients_reduced_once_per_step(tmp_path):
+@pytest.fixture(scope="module")
+def schedule_report(tmp_path_factory):
+    """One torchrun launch for the gradient checks of `_schedule_worker` (a launch costs seconds)."""
+    out = tmp_path_factory.mktemp("schedule")
+    launched = _torchrun("schedule", str(out), timeout=180)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    return json.loads((out / "schedule.json").read_text())
+
+
+def test_gradients_reduced_once_per_step(schedule_report):
     """Under the per-step schedule the sharded gradients stay empty until the last micro-batch's backward, which
     reduce-scatters the sum of all micro-batches: fails if an earlier backward reduces (the exchange the schedule
     saves) or the accumulated gradients are lost or counted twice (checked against one unsharded process)."""
-    launched = _torchrun("schedule", str(tmp_path), timeout=120)
-    assert launched.returncode == 0, launched.stderr[-4000:]
-    report = json.loads((tmp_path / "schedule.json").read_text())
-    assert report["grads_before_last"] == [False, False]
-    assert report["max_relative_error"] < 1e-5
+    assert schedule_report["grads_before_last"] == [False, False]
+    assert schedule_report["max_relative_error"] < 1e-5
+
+
+@pytest.mark.parametrize("gather", ["step", "layer"])
+def test_sharded_fp32_accumulation(schedule_report, gather):
+    """A bf16 student sharded over 2 ranks, 32 micro-batches of the runtime's two-stage backward (StudentGradients
+    folding FSDP's reduced shards, the lm_head's analytic gradient in its full fp32 accumulator): the gathered fp32
+    sums must match the float64 gradient about as well as one unsharded process summing in fp32 does, clearly better
+    than bf16 sums, and give the same global clipping norm. Fails if a schedule sums micro-batches in bf16, the
+    sharded lm_head gradient is rounded before it is added, or the norm misses the other rank's shard."""
+    errors = schedule_report["fp32_accumulation"]
+    print(f"relative L2 error vs float64: {errors}")
+    assert errors[f"{gather}/float32"] < 1.5 * errors["one/float32"], errors
+    assert errors[f"{gather}/float32"] < 0.8 * errors[f"{gather}/model"], errors
+    assert errors[f"norm/{gather}"] < 1e-3, errors
+    assert schedule_report["lm_head_fold_exact"], "the sharded lm_head gradient was not added in fp32"
+
+
+def test_ranks_skip_a_non_finite_update_together(schedule_report):
+    """An update that is non-finite on one rank's shard only must be skipped by every rank, none of which changes its
+    state: fails if the finiteness check is not all-reduced (ranks would then hold different models)."""
+    assert schedule_report["skip_decision"] == {"any_rank_applied": False, "any_rank_changed": False}
 
 
 def _schedule_worker(out: Path) -> None:
@@ -298,11 +328,139 @@ def _schedule_worker(out: Path) -> None:
     for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
         full = param.grad.full_tensor()
         worst = max(worst, ((full - expected.grad).abs().max() / expected.grad.abs().max().clamp_min(1e-12)).item())
+    report = {"grads_before_last": seen, "max_relative_error": worst, "fp32_accumulation": _fp32_sums(),
+              "lm_head_fold_exact": _lm_head_fold_is_exact(), "skip_decision": _skip_decision()}
     if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "schedule.json").write_text(json.dumps({"grads_before_last": seen, "max_relative_error": worst}))
+        (out / "schedule.json").write_text(json.dumps(report))
     dist.barrier()
     distributed.shutdown()
+
+
+FP32_MICRO_BATCHES, FP32_TOKENS = 32, 12
+
+
+def _two_stage_micro_batch(model, tokens, gradients, count) -> None:
+    """What the runtime does per micro-batch: the backbone forward, the loss on detached final hidden states and
+    lm_head with the lm_head gradient added into StudentGradients.lm_head(), one backward with dLoss/dhidden."""
+    from opdgraph.models.packing import pack
+
+    hidden = model.forward_hidden(*pack([tokens], device=torch.device("cpu")))
+    detached = hidden.detach().float().requires_grad_()
+    head = model.lm_head_weight.detach().float().requires_grad_()
+    targets = torch.tensor(tokens[1:] + tokens[:1])
+    loss = -torch.log_softmax(detached @ head.T, dim=-1)[torch.arange(len(tokens)), targets].sum() / count
+    loss.backward()
+    gradients.lm_head().add_(head.grad)
+    hidden.backward(detached.grad.to(hidden.dtype))
+
+
+def _fp32_sums() -> dict[str, float]:
+    """Relative L2 error vs float64 of the gathered gradient sums: each schedule with fp32 and with model-dtype
+    (bf16) sums, one unsharded process for comparison, and the clipping norm's relative error."""
+    import copy
+
+    from opdgraph.models.loading import load_decoder
+    from opdgraph.models.packing import pack
+    from opdgraph.models.tiny_configs import tiny_config
+    from opdgraph.runtime import distributed, fsdp
+    from opdgraph.runtime.buffers import BufferTable
+    from opdgraph.runtime.gradients import StudentGradients
+    from opdgraph.train.optimizer import _gathered, clip_grad_norm
+
+    base = load_decoder(tiny_config("qwen2"), dtype=torch.bfloat16)  # tied: the lm_head joins the embedding
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 8, (FP32_TOKENS,), generator=generator).tolist() for _ in range(FP32_MICRO_BATCHES)]
+    count = FP32_MICRO_BATCHES * FP32_TOKENS
+    reference = copy.deepcopy(base).double()
+    for tokens in batches:
+        hidden = reference.forward_hidden(*pack([tokens], device=torch.device("cpu")))
+        targets = torch.tensor(tokens[1:] + tokens[:1])
+        logp = torch.log_softmax(hidden @ reference.lm_head_weight.T, dim=-1)
+        (-logp[torch.arange(len(tokens)), targets].sum() / count).backward()
+    expected = {name: param.grad for name, param in reference.named_parameters()}
+    scale = sum((grad ** 2).sum() for grad in expected.values()).sqrt()
+
+    def error(got):
+        return float(sum(((got[name].double() - want) ** 2).sum() for name, want in expected.items()).sqrt() / scale)
+
+    report = {}
+    mine = batches[distributed.rank()::2]
+    for gather in ("step", "layer"):
+        for fp32 in (True, False):
+            model = copy.deepcopy(base)
+            fsdp.shard_student(model, reduce_dtype=torch.float32 if fp32 and gather == "step" else None)
+            gradients = StudentGradients(model, BufferTable(), "student.grads", fp32=fp32)
+            if gather == "step":
+                fsdp.begin_step_gather(model)
+            for index, tokens in enumerate(mine):
+                if gather == "step":
+                    fsdp.sync_gradients_if_last(model, index, len(mine))
+                _two_stage_micro_batch(model, tokens, gradients, count)
+            if gather == "step":
+                fsdp.end_step_gather(model)
+            grads = gradients.finish()
+            params = dict(model.named_parameters())
+            report[f"{gather}/{'float32' if fp32 else 'model'}"] = error(
+                {name: _gathered(params[name], grad.to_local()) for name, grad in grads.items()})
+            if fp32:
+                norm, _ = clip_grad_norm(list(grads.values()), 0.0)
+                report[f"norm/{gather}"] = abs(float(norm) / float(scale) - 1.0)
+    model = copy.deepcopy(base)
+    gradients = StudentGradients(model, BufferTable(), "student.grads", fp32=True)
+    for tokens in batches:
+        _two_stage_micro_batch(model, tokens, gradients, count)
+    report["one/float32"] = error(gradients.finish())
+    return report
+
+
+def _skip_decision() -> dict[str, bool]:
+    """An update that would overflow one weight of rank 1's shard only: every rank must skip the step and keep its
+    masters, moments and step counts bit for bit (the finiteness flag is all-reduced)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from opdgraph.models.loading import load_decoder
+    from opdgraph.models.tiny_configs import tiny_config
+    from opdgraph.runtime import distributed, fsdp
+    from opdgraph.train.optimizer import MasterAdamW
+
+    model = copy.deepcopy(load_decoder(tiny_config("qwen2"), dtype=torch.bfloat16))
+    fsdp.shard_student(model)
+    optimizer = MasterAdamW(list(model.named_parameters()), lr=1e-3)
+    for param in model.parameters():
+        param.grad = torch.distributed.tensor.DTensor.from_local(torch.ones_like(param.to_local()),
+                                                                 param.device_mesh, param.placements,
+                                                                 shape=param.shape, stride=param.stride())
+    if distributed.rank() == 1:
+        optimizer.masters["norm.weight"][0] = 3e38  # finite; the check's margin flags anything over half the max
+    before = copy.deepcopy((optimizer.masters, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.steps))
+    applied = optimizer.step()
+    after = (optimizer.masters, optimizer.exp_avg, optimizer.exp_avg_sq)
+    unchanged = optimizer.steps == before[3] and all(torch.equal(a[name], b[name]) for a, b in zip(after, before)
+                                                      for name in a)
+    votes = torch.tensor([int(applied), int(not unchanged)])
+    dist.all_reduce(votes)
+    return {"any_rank_applied": bool(votes[0]), "any_rank_changed": bool(votes[1])}
+
+
+def _lm_head_fold_is_exact() -> bool:
+    """add_full_grad into a sharded fp32 accumulator: the all-reduced full fp32 gradient's rows, added without
+    rounding (1 + 2^-12 per rank is not a bf16 value; the sum over 2 ranks must arrive exactly)."""
+    import copy
+
+    from opdgraph.models.loading import load_decoder
+    from opdgraph.models.tiny_configs import tiny_config
+    from opdgraph.runtime import fsdp
+    from opdgraph.train.optimizer import _gathered
+
+    model = copy.deepcopy(load_decoder(tiny_config("qwen2"), dtype=torch.bfloat16))
+    fsdp.shard_student(model)
+    param = model.embed_tokens.weight
+    accumulator = torch.zeros(param.to_local().shape, dtype=torch.float32)
+    fsdp.add_full_grad(param, torch.full(param.shape, 1 + 2.0 ** -12), into=accumulator)
+    return bool((_gathered(param, accumulator) == 2 * (1 + 2.0 ** -12)).all())
 
 
 def test_failing_rank_is_named(tmp_path):

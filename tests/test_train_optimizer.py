@@ -153,7 +153,7 @@ def test_clip_matches_torch(max_norm):
     ours, theirs = make_params(), make_params()
     set_grads(ours, 0)
     set_grads(theirs, 0)
-    norm, finite = clip_grad_norm(ours.values(), max_norm)
+    norm, finite = clip_grad_norm([param.grad for param in ours.values()], max_norm)
     expected = torch.nn.utils.clip_grad_norm_(list(theirs.values()), max_norm if max_norm > 0 else float("inf"))
     assert finite and norm.dtype == torch.float32
     assert torch.allclose(norm, expected, rtol=1e-6)
@@ -166,7 +166,7 @@ def test_clip_bf16_grads_norm_in_fp32():
     params = make_params(torch.bfloat16)
     set_grads(params, 0)
     expected = torch.cat([param.grad.double().flatten() for param in params.values()]).norm()
-    norm, _ = clip_grad_norm(params.values(), 0.0)
+    norm, _ = clip_grad_norm([param.grad for param in params.values()], 0.0)
     assert abs(norm.double() - expected) <= 1e-6 * expected
 
 
@@ -177,7 +177,110 @@ def test_clip_non_finite_leaves_grads_untouched(bad):
     set_grads(params, 0)
     params["layer.weight"].grad[1, 2] = bad
     before = {name: param.grad.clone() for name, param in params.items()}
-    norm, finite = clip_grad_norm(params.values(), 1.0)
+    norm, finite = clip_grad_norm([param.grad for param in params.values()], 1.0)
     assert not finite and not torch.isfinite(norm)
     for name, param in params.items():
         assert torch.equal(param.grad.nan_to_num(), before[name].nan_to_num()), name
+
+
+def _state(optimizer, params):
+    """Everything a step may change, copied: weights, masters, both moments, step counts."""
+    return ({name: param.detach().clone() for name, param in params.items()},
+            *({name: tensor.clone() for name, tensor in table.items()}
+              for table in (optimizer.masters, optimizer.exp_avg, optimizer.exp_avg_sq)),
+            dict(optimizer.steps))
+
+
+def _bits(tensor):
+    return tensor.view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+
+
+def _assert_same_state(before, after):
+    for table_before, table_after in zip(before[:4], after[:4]):
+        for name, tensor in table_before.items():
+            assert torch.equal(_bits(tensor), _bits(table_after[name])), name  # bit for bit, NaN included
+    assert before[4] == after[4]
+
+
+def _blow_up_master(name, value):
+    def change(optimizer, params):
+        optimizer.masters[name].view(-1)[-1] = value  # the last element: the last piece of the check
+    return change
+
+
+# (case, hyperparameters, state change before the step): each step's update would make some weight non-finite.
+NON_FINITE_UPDATES = [
+    ("lr inf", dict(lr=float("inf")), None),
+    ("lr so large the step size overflows fp32", dict(lr=1e38), None),
+    ("weight decay factor overflows", dict(lr=1e-3, weight_decay=1e36), None),
+    ("a weight beyond half the largest fp32 in the last bucket", dict(lr=1e-3), _blow_up_master("norm.weight", 2e38)),
+    ("a NaN master", dict(lr=1e-3), _blow_up_master("embed.weight", float("nan"))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case, hyper, change", NON_FINITE_UPDATES, ids=[case[0] for case in NON_FINITE_UPDATES])
+def test_non_finite_update_is_rolled_back_bit_for_bit(monkeypatch, dtype, case, hyper, change):
+    """A step whose update would leave any weight non-finite applies nothing (one bucket per parameter and pieces of
+    a few elements, so the bad value is in the last bucket and piece): weights, fp32 masters, moments and step counts
+    stay bit for bit, and step() says so. Fails if buckets before the bad one are committed, or a check misses it."""
+    monkeypatch.setattr(optimizer_module, "_BUCKET_ELEMENTS", 8)
+    monkeypatch.setattr(optimizer_module, "_CHECK_ELEMENTS", 3)
+    params = make_params(dtype)
+    optimizer = MasterAdamW(params.items(), **{**HYPER, **hyper})
+    set_grads(params, 0)
+    assert optimizer.step(HYPER["lr"]) is True  # one good step first: moments and step counts are not trivial
+    if change is not None:
+        change(optimizer, params)
+    set_grads(params, 1)
+    before = _state(optimizer, params)
+    assert optimizer.step(hyper["lr"]) is False
+    _assert_same_state(before, _state(optimizer, params))
+
+
+def test_check_pass_does_not_change_a_good_update(monkeypatch):
+    """The finiteness check runs the update on copies in small pieces: a step it accepts must equal, bit for bit,
+    the update applied without any check pieces (pass 2 alone). Fails if pass 1 writes into the state."""
+    reference, checked = make_params(torch.bfloat16), make_params(torch.bfloat16)
+    reference_opt, checked_opt = MasterAdamW(reference.items(), **HYPER), MasterAdamW(checked.items(), **HYPER)
+    monkeypatch.setattr(reference_opt, "_update_is_finite", lambda buckets, grads, lr: True)
+    monkeypatch.setattr(optimizer_module, "_CHECK_ELEMENTS", 4)
+    for step in range(3):
+        set_grads(reference, step)
+        set_grads(checked, step)
+        assert reference_opt.step() and checked_opt.step()
+    _assert_same_state(_state(reference_opt, reference), _state(checked_opt, checked))
+
+
+def test_gradients_given_by_name_are_read_like_param_grads():
+    """step(lr, grads) with fp32 gradients (the accumulators of opdgraph.runtime.gradients) updates exactly as the
+    same values in param.grad, and leaves param.grad alone. Fails if the mapping is ignored or misread."""
+    from_grads, from_mapping = make_params(torch.bfloat16), make_params(torch.bfloat16)
+    grad_opt, mapping_opt = MasterAdamW(from_grads.items(), **HYPER), MasterAdamW(from_mapping.items(), **HYPER)
+    for step in range(3):
+        set_grads(from_grads, step)
+        set_grads(from_mapping, step)
+        mapping = {name: param.grad.float() for name, param in from_mapping.items()}
+        for param in from_mapping.values():
+            param.grad = None
+        assert grad_opt.step() and mapping_opt.step(None, mapping)
+    assert all(param.grad is None for param in from_mapping.values())
+    _assert_same_state(_state(grad_opt, from_grads), _state(mapping_opt, from_mapping))
+
+
+def test_streamed_optimizer_rolls_back_its_host_state(monkeypatch):
+    """With the state in host memory (the offload placement) both passes stream each bucket through the device; a
+    rejected update must leave the host masters and moments bit for bit. Fails if the check pass writes back."""
+    from opdgraph.placement import Placement
+    from opdgraph.runtime import offload
+
+    monkeypatch.setattr(optimizer_module, "_BUCKET_ELEMENTS", 8)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    optimizer = offload.build_optimizer(Placement(optimizer_state="offload"), model, torch.device("cpu"), lr=1e-3)
+    params = dict(model.named_parameters())
+    for step, lr in enumerate((1e-3, 1e38)):
+        for param in params.values():
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)).to(param.dtype)
+        before = _state(optimizer, params)
+        assert optimizer.step(lr) is (lr == 1e-3)
+    _assert_same_state(before, _state(optimizer, params))

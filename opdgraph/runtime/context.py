@@ -22,6 +22,7 @@ import torch
 from opdgraph.errors import DeviceError
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.metrics import MetricsLog
+from opdgraph.runtime.skipped_steps import SkippedSteps
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,6 +53,8 @@ class RunContext:
     last_samples: list[Any] = field(default_factory=list)  # a few token lists of the last rollout, for the log
     checkpoint_due: bool = False  # set by the checkpoint stage; the run loop saves at the step's end
     stopped_by: int | None = None  # the signal that stopped the run early (opdgraph.runtime.signals)
+    gradients: Any = None  # opdgraph.runtime.gradients.StudentGradients: the accumulators of <student>.grads
+    skipped_steps: SkippedSteps = field(default_factory=SkippedSteps)
 
     def add_seconds(self, name: str, seconds: float) -> None:
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds

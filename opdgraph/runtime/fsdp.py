@@ -7,6 +7,8 @@ gathers layer by layer and reduce-scatters its gradients); "step" keeps the weig
 micro-batch loop (`begin_step_gather`), lets whole gradients accumulate without reduction until the last
 micro-batch's backward (`sync_gradients_if_last`), and reshards at the plan's release of `<student>.gathered_weights`
 (`end_step_gather`), before the optimizer step.
+Gradients: opdgraph.runtime.gradients folds each reduced bf16 shard into fp32 accumulators (per layer, once per
+micro-batch; per step, FSDP accumulates the whole gradients in fp32 itself, `shard_student(reduce_dtype=float32)`).
 The teacher is replicated on every rank (the plan counts its full size per rank), or, with the placement
 teacher_weights = "shard", sharded forward-only (`shard_teacher`): each rank holds 1/N of its weights, a layer is
 all-gathered for its own forward and resharded after it, and the root (embedding, final norm, lm_head) stays
@@ -28,27 +30,33 @@ def _fsdp_modules(model) -> list:
     return [model, *model.layers]
 
 
-def _fully_shard_units(model) -> None:
+def _fully_shard_units(model, reduce_dtype: torch.dtype | None = None) -> None:
     """FSDP2 units: each decoder layer, then the root (embedding, final norm, lm_head). FSDP's default mesh is CUDA
-    wherever CUDA exists, so a CPU run there (under torchrun, with fewer GPUs than ranks it fails) gets a CPU mesh."""
-    from torch.distributed.fsdp import fully_shard
+    wherever CUDA exists, so a CPU run there (under torchrun, with fewer GPUs than ranks it fails) gets a CPU mesh.
+    `reduce_dtype`: the dtype FSDP accumulates unreduced gradients in and reduce-scatters them in (None: the
+    parameter dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = None
     if model.device.type == "cpu" and torch.cuda.is_available():
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world_size(),))
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def shard_student(model) -> None:
+def shard_student(model, *, reduce_dtype: torch.dtype | None = None) -> None:
     """FSDP2: each decoder layer is one all-gather unit, the root holds embedding, final norm and lm_head.
 
     Gradients are summed across ranks (divide factor 1): the loss weights already divide by the global token count.
+    `reduce_dtype` float32 (fp32 gradient accumulation under student_gather = "step"): the whole gradients that FSDP
+    sums over the step's micro-batches before its one reduce-scatter are fp32, and so is that reduce-scatter
+    (opdgraph.runtime.gradients); None keeps both in the parameter dtype.
     """
-    _fully_shard_units(model)
+    _fully_shard_units(model, reduce_dtype)
     for module in _fsdp_modules(model):
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
@@ -225,13 +233,18 @@ class UnshardingEngine:
 
 
 @torch.no_grad()
-def add_full_grad(param, full_grad: torch.Tensor) -> None:
-    """Add a gradient held as a full [V, H] tensor (the fp32 lm_head accumulator) to `param.grad`.
+def add_full_grad(param, full_grad: torch.Tensor, *, into: torch.Tensor | None = None) -> None:
+    """Add a gradient held as a full [V, H] fp32 tensor (the lm_head accumulator) to this rank's gradient of `param`:
+    into `into` (this rank's fp32 accumulator of it, opdgraph.runtime.gradients) when given, else into `param.grad`,
+    summed in fp32 and rounded once to the parameter dtype (never rounded before the add).
 
-    Sharded: the accumulators of all ranks are summed (all-reduce) and each rank adds its own rows (FSDP2 shards
-    dimension 0 in `torch.chunk` pieces). Unsharded: a plain add.
+    Sharded: the accumulators of all ranks are summed (all-reduce, in fp32) and each rank takes its own rows (FSDP2
+    shards dimension 0 in `torch.chunk` pieces). Unsharded: the tensor as it is.
     """
     if not hasattr(param, "device_mesh"):
+        if into is not None:
+            into.add_(full_grad)
+            return
         from opdgraph.train.two_stage import add_lm_head_grad
 
         add_lm_head_grad(param, full_grad)
@@ -239,8 +252,11 @@ def add_full_grad(param, full_grad: torch.Tensor) -> None:
     from torch.distributed.tensor import distribute_tensor
 
     dist.all_reduce(full_grad)
-    local = distribute_tensor(full_grad.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-    if param.grad is None:
-        param.grad = local
+    rows = distribute_tensor(full_grad, param.device_mesh, param.placements, src_data_rank=None)
+    if into is not None:
+        into.add_(rows.to_local())
+    elif param.grad is None:
+        param.grad = rows.to(param.dtype)
     else:
-        param.grad.to_local().add_(local.to_local())
+        local = param.grad.to_local()
+        local.copy_(local.float() + rows.to_local())

@@ -7,7 +7,8 @@
   is prefetched on a side CUDA stream) and a post-forward hook drops it, so two layers are on the device at a time.
 - StreamedAdamW: MasterAdamW whose fp32 masters and moments live in pinned host memory; `step` streams them through
   the device one optimizer bucket at a time (copy in, the optimizer's own update, copy out), as the plan's cost
-  model assumes (copies and update do not overlap).
+  model assumes (copies and update do not overlap); the optimizer's finiteness check before the update streams
+  each bucket in once more (no copy out).
 - HostOffloader: what the executor calls at the plan's reload / offload points, dispatching on the buffer. With
   a sharded teacher (teacher_weights = "shard", opdgraph.runtime.distributed) nothing moves over PCIe; its `swap`
   gathers the whole teacher for eval instead.
@@ -16,6 +17,8 @@ On a CPU device every move is a no-op (host and device memory are the same), but
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -110,30 +113,38 @@ class StreamedAdamW:
                 state[name] = _pinned_copy(state[name], self.device)
         for name in self.separate_masters:
             optimizer.masters[name] = _pinned_copy(optimizer.masters[name], self.device)
+        optimizer.staging = self._staged  # both optimizer passes bring each bucket onto the device this way
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     @torch.no_grad()
-    def step(self, lr: float | None = None) -> None:
-        from opdgraph.train.optimizer import _buckets
-
-        inner = self.inner
-        lr = inner.lr if lr is None else lr
-        names = [name for name, param in inner.params.items() if param.grad is not None]
-        separate = set(self.separate_masters)
-        for bucket in _buckets(names, inner.params):
-            held = [(state, name) for state in self.state_dicts for name in bucket]
-            held += [(inner.masters, name) for name in bucket if name in separate]
-            host = [state[name] for state, name in held]
-            for state, name in held:
-                state[name] = state[name].to(self.device, non_blocking=True)
-            inner._update(bucket, lr)
-            for (state, name), host_tensor in zip(held, host):
-                host_tensor.copy_(state[name], non_blocking=True)
-                state[name] = host_tensor
+    def step(self, lr: float | None = None, grads=None) -> bool:
+        """MasterAdamW.step with each bucket's state streamed through the device (`_staged`): both of its passes
+        (the finiteness check, then the update) copy a bucket in; only the update copies it back."""
+        applied = self.inner.step(lr, grads)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the host copies are read by checkpoints
+        return applied
+
+    @contextlib.contextmanager
+    def _staged(self, bucket: list[str], *, write_back: bool):
+        inner = self.inner
+        separate = set(self.separate_masters)
+        held = [(state, name) for state in self.state_dicts for name in bucket]
+        held += [(inner.masters, name) for name in bucket if name in separate]
+        host = [state[name] for state, name in held]
+        for state, name in held:
+            state[name] = state[name].to(self.device, non_blocking=True)
+        updated = False
+        try:
+            yield
+            updated = write_back
+        finally:  # the host tensors are the state again, updated only by a completed update
+            for (state, name), host_tensor in zip(held, host):
+                if updated:
+                    host_tensor.copy_(state[name], non_blocking=True)
+                state[name] = host_tensor
 
 
 def build_optimizer(placement: Placement, student, device: torch.device, **hyperparameters):

@@ -36,8 +36,10 @@ from opdgraph.runtime.config_record import config_record
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
+from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
+from opdgraph.runtime.skipped_steps import stop_if_stuck
 from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, signal_name
 
 
@@ -104,8 +106,10 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
     student_name = cfg.model_with_role("student")
     placement = plan_placement(plan)
     gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
+    # fp32 gradient sums for a low-precision student (opdgraph.runtime.gradients); an fp32 one has them anyway
+    fp32_grads = cfg.stage("backward").config.grad_accumulation_dtype == "float32" and student.dtype != torch.float32
     if distributed.world_size() > 1:
-        fsdp.shard_student(student)
+        fsdp.shard_student(student, reduce_dtype=torch.float32 if fp32_grads and gather_per_step else None)
         engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
     if placement.teacher_weights == "shard":
         if distributed.world_size() == 1:
@@ -130,10 +134,12 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
              "gather_per_step": gather_per_step}
+    buffers = BufferTable(debug=cfg.pipeline.debug_memory)
+    gradients = StudentGradients(student, buffers, facts["grads_buffer"], fp32=fp32_grads)
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
                       student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
-                      sampler=sampler, eval_prompts=eval_prompts, plan=plan,
-                      buffers=BufferTable(debug=cfg.pipeline.debug_memory), metrics=metrics)
+                      sampler=sampler, eval_prompts=eval_prompts, plan=plan, buffers=buffers, metrics=metrics,
+                      gradients=gradients)
 
 
 def trainer_state(ctx: RunContext) -> dict[str, Any]:
@@ -291,6 +297,7 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         stop = chosen_signal(own_signal, stop_votes) if ctx.step < cfg.pipeline.num_steps else None
         if saving is not None and (ctx.checkpoint_due or (stop is not None and saving.on_signal)):
             save_run_checkpoint(ctx, keep_last=saving.keep_last, run_config=run_config)
+        stop_if_stuck(ctx, last_step=ctx.step == cfg.pipeline.num_steps)  # too many skipped steps: TrainingStopped
         if stop is not None:
             ctx.stopped_by = stop
             break

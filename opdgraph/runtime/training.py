@@ -5,8 +5,10 @@ Two-stage backward: the student backbone runs forward once per micro-batch and k
 (`student_activations`); the loss then works on the *detached* final hidden states at the trained positions
 (`student_hidden`) in fixed chunks (logits of one chunk at a time, never [tokens x vocab]), producing dLoss/dhidden
 (`hidden_grad`) and the lm_head gradient analytically; then one backward through the backbone with that gradient.
-The lm_head gradient is accumulated in fp32 across micro-batches (part of `<student>.grads`) and folded into the
-parameter's gradient before the optimizer step (for tied embeddings it joins the embedding's own gradient).
+The gradients of the step's micro-batches are summed in `<student>.grads` (opdgraph.runtime.gradients: fp32
+accumulators by default; the lm_head's analytic gradient joins the lm_head's, for tied embeddings the embedding's).
+The optimizer step skips a step whose gradient norm or update is not finite (the record says which; see
+opdgraph.runtime.skipped_steps for when skips stop the run).
 
 No host synchronisation inside the micro-batch loop: loss and divergence are summed as device tensors in the step
 record and read back once, by the optimizer step (which reads the gradient norm anyway).
@@ -40,15 +42,6 @@ def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
         ctx.buffers.put_item("student_hidden", loop.index, hidden.detach().index_select(0, batch.loss_positions))
 
 
-def _grads(ctx) -> dict:
-    """`<student>.grads`: the fp32 lm_head accumulator (the backbone's grads live in param.grad)."""
-    name = ctx.facts["grads_buffer"]
-    if not ctx.buffers.has(name):
-        weight = ctx.student.lm_head_weight
-        ctx.buffers.put(name, {"lm_head": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)})
-    return ctx.buffers.get(name)
-
-
 def _use_triton(kernel: str, device: torch.device) -> bool:
     if kernel == "torch":
         return False
@@ -64,7 +57,7 @@ def chunked_loss(config, ctx, loop) -> None:
     batch = _micro_batch(loop)
     hidden = ctx.buffers.get_item("student_hidden", loop.index)
     teacher_hidden = ctx.buffers.get_item("teacher_hidden", loop.index)
-    lm_head_grad = _grads(ctx)["lm_head"]
+    lm_head_grad = ctx.gradients.lm_head()
     args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden, ctx.teacher.lm_head_weight.detach(),
             batch.weights)
     common = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
@@ -110,31 +103,27 @@ def backward(ctx, loop) -> None:
     activations.backward(full_grad)
 
 
-def optimizer_step(config, ctx) -> None:
-    """Fold in the lm_head grad, clip, and apply AdamW on fp32 masters; a non-finite step is skipped and logged."""
+def optimizer_step(config, ctx, *, stage: str = "step") -> None:
+    """Clip and apply AdamW on fp32 masters; a step whose gradient norm or update is not finite changes nothing and
+    is logged (`skipped` names the reason); `stage` names the step stage in what a stopped run prints."""
     from opdgraph.train.optimizer import clip_grad_norm
     from opdgraph.train.schedule import lr_at
 
-    from opdgraph.runtime.fsdp import add_full_grad
+    from opdgraph.runtime.skipped_steps import NON_FINITE_GRADIENT, NON_FINITE_UPDATE
 
-    add_full_grad(ctx.student.lm_head_weight, _grads(ctx)["lm_head"])  # summed over ranks when sharded
-    params = [p for p in ctx.student.parameters() if p.grad is not None]
-    norm, finite = clip_grad_norm(params, config.max_grad_norm)
+    grads = ctx.gradients.finish()  # the lm_head gradient added (summed over ranks when sharded)
+    norm, finite = clip_grad_norm(grads.values(), config.max_grad_norm)
     read_back_step_scalars(ctx.step_record)
     lr = lr_at(ctx.step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=ctx.num_steps,
                schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
-    record = ctx.step_record
-    record.update({"grad_norm": float(norm) if finite else None, "lr": lr, "skipped": not finite})
-    if finite:
-        ctx.optimizer.step(lr)
-    else:
-        print(f"step {ctx.step + 1}: non-finite gradient norm, update skipped")
+    skipped = None if finite else NON_FINITE_GRADIENT
+    if skipped is None and not ctx.optimizer.step(lr, grads):
+        skipped = NON_FINITE_UPDATE
+    del grads
+    ctx.step_record.update({"grad_norm": float(norm) if finite else None, "lr": lr, "skipped": skipped})
+    if skipped is not None:
+        print(f"step {ctx.step + 1}: {skipped}, update skipped (weights, fp32 masters and moments unchanged)")
+    ctx.skipped_steps.record(ctx.step + 1, skipped, config, stage)
     if ctx.facts["grads_held"]:  # the plan keeps the gradients for the run: next step accumulates into zeros
-        _zero_in_place([_grads(ctx)["lm_head"], *(p.grad for p in ctx.student.parameters() if p.grad is not None)])
+        ctx.gradients.zero()
     ctx.step += 1
-
-
-@torch.no_grad()
-def _zero_in_place(tensors) -> None:
-    for tensor in tensors:
-        tensor.zero_()

@@ -1,7 +1,8 @@
 """AdamW with fp32 master weights and fp32 moments, plus global-norm gradient clipping.
 
 The ``step`` stage of the pipeline runs, per optimizer step: ``clip_grad_norm`` (skip the step when the norm is not
-finite), ``MasterAdamW.step(lr_at(...))``, ``zero_grad()`` (grads become None, so the plan can free their buffers).
+finite), ``MasterAdamW.step(lr_at(...), grads)`` (skipped when the update would make a weight non-finite), then the
+plan frees the gradients (``zero_grad()`` drops any ``param.grad``).
 
 Why master weights: a bf16 weight has 8 mantissa bits, so an update smaller than ~2^-9 of the weight rounds away
 and a long run of small updates is lost entirely. Each non-fp32 parameter gets an fp32 master copy; the update is
@@ -12,21 +13,40 @@ Update (decoupled AdamW with bias correction, as torch.optim.AdamW), per paramet
     m = beta1 m + (1 - beta1) g ;  v = beta2 v + (1 - beta2) g^2          (g = grad upcast to fp32)
     master -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 Parameters are updated with torch's foreach kernels, in buckets of at most ``_BUCKET_ELEMENTS`` elements so the
-fp32 copies of low-precision grads never exceed one bucket (256 MiB) at a time.
+fp32 copies of low-precision grads never exceed one bucket (256 MiB) at a time. The gradients are the parameters'
+``.grad`` or, when given, a mapping name -> gradient (the fp32 accumulators of opdgraph.runtime.gradients; an fp32
+gradient is read in place, never copied).
+
+A step is all or nothing. Pass 1 computes every bucket's new master weights into temporaries, in pieces of at most
+``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments, its fp32 gradient and denominators: less than
+the update's own per-bucket temporaries), and checks them, writing nothing; only if every new weight is finite on
+every rank (one all-reduced flag) does pass 2 apply the update. A step size, decay factor or eps beyond fp32 (which
+torch would refuse as a scalar) fails the check before any tensor work. So a learning rate that would blow the
+weights up leaves weights, masters, moments and step counts exactly as they were, with no copy of the optimizer
+state: a per-bucket commit could not undo the buckets before a bad one, and keeping their old values would cost a
+copy of the state. The price is a second read of the state (a few percent of a training step; an offloaded state is
+streamed in twice, out once). Both passes run the same foreach ops on the same values, but a piece's last elements
+may take a kernel's scalar tail where the update's vectorised loop fuses a multiply-add; so the check asks each new
+weight to be at most half the largest fp32 value (doubled, it stays finite), and a last-bit difference can never
+overflow in pass 2 where pass 1 did not (nor round to inf in bf16, whose largest value is above half fp32's).
 
 Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard
-only; the clipping norm is summed over ranks; ``state_dict`` gathers full tensors (to the CPU, one at a time) and
-``load_state_dict`` takes full tensors and keeps this rank's rows, so a run resumes on any number of ranks.
+only; the clipping norm and the finiteness flag are reduced over ranks, so every rank takes the same decision;
+``state_dict`` gathers full tensors (to the CPU, one at a time) and ``load_state_dict`` takes full tensors and keeps
+this rank's rows, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 _BUCKET_ELEMENTS = 1 << 26
+_FP32_MAX = torch.finfo(torch.float32).max
+_CHECK_ELEMENTS = 1 << 23  # pass 1's piece: at most 5 fp32 temporaries of 32 MiB, under the update's 2 x 256 MiB
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -91,36 +111,96 @@ class MasterAdamW:
         return self.params[name].dtype != torch.float32
 
     @torch.no_grad()
-    def step(self, lr: float | None = None) -> None:
-        """One AdamW update of every parameter that has a grad; grads are read, not cleared."""
+    def step(self, lr: float | None = None, grads: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """One AdamW update of every parameter with a gradient (``grads`` by name, else each ``param.grad``), applied
+        only if every new weight is finite on every rank; returns whether it was applied. Grads are read, not
+        cleared."""
         lr = self.lr if lr is None else lr
-        names = [name for name, param in self.params.items() if param.grad is not None]
-        for bucket in _buckets(names, self.params):
-            self._update(bucket, lr)
+        if grads is None:
+            grads = {name: param.grad for name, param in self.params.items() if param.grad is not None}
+        grads = {name: _local(grad) for name, grad in grads.items()}
+        buckets = list(_buckets(list(grads), self.params))
+        if not self._update_is_finite(buckets, grads, lr):
+            return False
+        for bucket in buckets:
+            with self.staging(bucket, write_back=True):
+                self._update(bucket, grads, lr)
+        return True
 
-    def _update(self, names: list[str], lr: float) -> None:
+    def staging(self, names: list[str], *, write_back: bool):
+        """Where a bucket's state is while it is read (and, with write_back, updated): in place here; an offloaded
+        optimizer (opdgraph.runtime.offload.StreamedAdamW) replaces this to stream it through the device."""
+        return contextlib.nullcontext()
+
+    def _bias_corrections(self, names: list[str], steps: dict[str, int], lr: float) -> tuple[list, list]:
         beta1, beta2 = self.betas
+        step_sizes = [-lr / (1.0 - beta1 ** steps[name]) for name in names]
+        second = [math.sqrt(1.0 - beta2 ** steps[name]) for name in names]
+        return step_sizes, second
+
+    def _update(self, names: list[str], grads: Mapping[str, torch.Tensor], lr: float) -> None:
         for name in names:
             self.steps[name] += 1
-        grads = [_local(self.params[name].grad).float() for name in names]
-        masters = [self.masters[name] for name in names]
-        exp_avgs = [self.exp_avg[name] for name in names]
-        exp_avg_sqs = [self.exp_avg_sq[name] for name in names]
-        decayed = [self.masters[name] for name in names if self.decays[name]]
+        self._adamw(names, [grads[name] for name in names], self.steps, lr,
+                    masters=[self.masters[name] for name in names], exp_avgs=[self.exp_avg[name] for name in names],
+                    exp_avg_sqs=[self.exp_avg_sq[name] for name in names])
+        for name in names:
+            if self._has_separate_master(name):
+                _local(self.params[name]).copy_(self.masters[name])
+
+    def _adamw(self, names, grads, steps, lr, *, masters, exp_avgs, exp_avg_sqs) -> None:
+        """The AdamW math, in place on the given masters and moments (pass 2: the state; pass 1: copies)."""
+        beta1, beta2 = self.betas
+        grads = [grad.float() for grad in grads]  # a copy only for low-precision grads
+        decayed = [master for name, master in zip(names, masters) if self.decays[name]]
         if self.weight_decay != 0.0 and decayed:
             torch._foreach_mul_(decayed, 1.0 - lr * self.weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         del grads
+        step_sizes, second = self._bias_corrections(names, steps, lr)
         denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2 ** self.steps[name]) for name in names])
+        torch._foreach_div_(denominators, second)
         torch._foreach_add_(denominators, self.eps)
-        step_sizes = [-lr / (1.0 - beta1 ** self.steps[name]) for name in names]
         torch._foreach_addcdiv_(masters, exp_avgs, denominators, step_sizes)
-        for name in names:
-            if self._has_separate_master(name):
-                _local(self.params[name]).copy_(self.masters[name])
+
+    def _update_is_finite(self, buckets: list[list[str]], grads: Mapping[str, torch.Tensor], lr: float) -> bool:
+        """Pass 1: would every new weight be finite (with the module docstring's factor-2 margin)? Writes nothing;
+        one host read (and, sharded, one all-reduce) for the whole step."""
+        if not grads:
+            return True
+        steps = {name: self.steps[name] + 1 for bucket in buckets for name in bucket}
+        device = next(iter(grads.values())).device
+        bad = torch.zeros((), dtype=torch.int32, device=device)  # a rank whose shards are empty still votes
+        step_sizes, _ = self._bias_corrections(list(steps), steps, lr)
+        if not all(abs(value) <= _FP32_MAX for value in (*step_sizes, self.eps, 1.0 - lr * self.weight_decay)):
+            bad += 1  # inf, NaN or beyond fp32: so is the update (and torch would refuse the scalar)
+        else:
+            flags = [flag for bucket in buckets for flag in self._bucket_flags(bucket, grads, steps, lr)]
+            if flags:
+                bad += ~torch.stack([flag.to(device) for flag in flags]).all()
+        if any(hasattr(param, "device_mesh") for param in self.params.values()):
+            import torch.distributed as dist
+
+            dist.all_reduce(bad)  # every rank skips, or none does
+        return not bool(bad)
+
+    def _bucket_flags(self, bucket: list[str], grads, steps: dict[str, int], lr: float) -> list[torch.Tensor]:
+        """0-dim bools, one per tensor of each piece: its new weights, computed on copies, within the margin."""
+        flags = []
+        with self.staging(bucket, write_back=False):
+            for piece in _pieces(bucket, self.masters, _CHECK_ELEMENTS):
+                def flat(tensors, copy):
+                    views = [tensors[name].reshape(-1)[span] for name, span in piece]
+                    return [view.clone() for view in views] if copy else views
+
+                new = flat(self.masters, copy=True)
+                self._adamw([name for name, _ in piece], flat(grads, copy=False), steps, lr, masters=new,
+                            exp_avgs=flat(self.exp_avg, copy=True), exp_avg_sqs=flat(self.exp_avg_sq, copy=True))
+                torch._foreach_mul_(new, 2.0)  # the margin: inf where a weight exceeds half the largest value
+                flags += [torch.isfinite(tensor).all() for tensor in new]
+        return flags
 
     def zero_grad(self) -> None:
         """Drop every grad (set to None) so its memory can be released."""
@@ -170,6 +250,23 @@ class MasterAdamW:
             _local(self.params[name]).copy_(self.masters[name])
 
 
+def _pieces(names: list[str], tensors: dict[str, torch.Tensor], limit: int) -> Iterable[list[tuple[str, slice]]]:
+    """The elements of `names`' tensors in groups of at most `limit`: (name, flat slice) pairs; a tensor larger than
+    `limit` is split across groups."""
+    group, size = [], 0
+    for name in names:
+        numel = tensors[name].numel()
+        for start in range(0, numel, limit):
+            stop = min(numel, start + limit)
+            if group and size + stop - start > limit:
+                yield group
+                group, size = [], 0
+            group.append((name, slice(start, stop)))
+            size += stop - start
+    if group:
+        yield group
+
+
 def _buckets(names: list[str], params: dict[str, torch.Tensor]) -> Iterable[list[str]]:
     """Consecutive groups of parameter names with at most _BUCKET_ELEMENTS elements (a bigger one goes alone)."""
     bucket, size = [], 0
@@ -185,14 +282,15 @@ def _buckets(names: list[str], params: dict[str, torch.Tensor]) -> Iterable[list
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, bool]:
-    """Global fp32 L2 norm of all grads; if finite and max_norm > 0, scale grads by min(1, max_norm / (norm + 1e-6)).
+def clip_grad_norm(grads: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, bool]:
+    """Global fp32 L2 norm of the gradients; if finite and max_norm > 0, scale them in place by
+    min(1, max_norm / (norm + 1e-6)).
 
     Returns (norm as a 0-dim fp32 tensor, finite). A non-finite norm leaves every grad untouched: the caller skips
     the optimizer step. Sharded grads (DTensors) contribute their local shards and the squared norm is summed over
     ranks, so every rank clips by the same global norm.
     """
-    grads = [param.grad for param in params if param.grad is not None]
+    grads = [grad for grad in grads if grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32), True
     sharded = any(hasattr(grad, "device_mesh") for grad in grads)
