@@ -185,11 +185,13 @@ def _loss_context(divergence: str, kernel: str):
     buffers = BufferTable()
     buffers.put_item("student_hidden", 0, randn(POSITIONS, STUDENT_HIDDEN))
     buffers.put_item("teacher_hidden", 0, randn(POSITIONS, TEACHER_HIDDEN))
-    buffers.put("student.grads", {"lm_head": torch.zeros(LOSS_VOCAB, STUDENT_HIDDEN)})
+    lm_head_grad = torch.zeros(LOSS_VOCAB, STUDENT_HIDDEN)  # the fp32 accumulator the loss adds into
+    buffers.put("student.grads", {"lm_head": lm_head_grad})
     batch = types.SimpleNamespace(weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
                                   target_ids=torch.randint(0, LOSS_VOCAB, (POSITIONS,), generator=generator))
     ctx = types.SimpleNamespace(student=student, teacher=teacher, buffers=buffers, step_record={},
-                                facts={"grads_buffer": "student.grads"})
+                                facts={"grads_buffer": "student.grads"},
+                                gradients=types.SimpleNamespace(lm_head=lambda: lm_head_grad))
     config = types.SimpleNamespace(divergence=divergence, beta=0.5, temperature=1.3, chunk_tokens=CHUNK,
                                    kernel=kernel)
     return config, ctx, types.SimpleNamespace(micro_batch=batch, index=0)
