@@ -114,6 +114,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--take-over-lock", action="store_true",
                         help="take over the run directory's lock when its holder is gone (a killed run) or on "
                              "another host; never from a live run on this host")
+    parser.add_argument("--check", action="store_true",
+                        help="run every startup check (config, plan, run directory, device, tokenizers, every "
+                             "prompt row) without loading weights or writing anything, then exit")
     parser.add_argument("--record-memory", action="store_true",
                         help="measure device memory per plan step against the plan (memory.txt, memory.json and a "
                              "PyTorch memory snapshot in the run directory; CUDA only)")
@@ -159,6 +162,14 @@ def run_run(args) -> int:
     if plan.over_budget:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET
+    if args.check:
+        from opdgraph.runtime.run import check_run
+
+        startup = check_run(cfg, resume=args.resume, restart=args.restart,
+                            allow_config_change=args.allow_config_change, take_over_lock=args.take_over_lock)
+        print(f"opdgraph run --check: every startup check passed ({len(startup.train_prompts)} train prompts, "
+              f"device {startup.device.type}); nothing was written")
+        return 0
     from opdgraph.runtime import distributed
     from opdgraph.runtime.run import run_pipeline
 

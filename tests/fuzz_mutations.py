@@ -163,12 +163,14 @@ def pipelines_reading(data_file: str) -> list[str]:
     return sorted(path.name for path in PIPELINES.glob("*.toml") if name in path.read_text())
 
 
-def make_mutation(scratch: Path, rng: random.Random) -> Mutation:
-    """Copy pipelines/ into `scratch` and apply one mutation there."""
+def make_mutation(scratch: Path, rng: random.Random, pipelines: list[str]) -> Mutation:
+    """Copy pipelines/ into `scratch` and apply one mutation there, to one of `pipelines` (the shipped pipelines
+    that plan cleanly here: one whose model package is not installed would fail before the edit is reached) or to a
+    data file one of them reads."""
     shutil.copytree(PIPELINES, scratch, dirs_exist_ok=True)
-    tomls = sorted(path.name for path in PIPELINES.glob("*.toml"))
-    data_files = sorted(f"data/{path.name}" for path in (PIPELINES / "data").glob("*.jsonl") if pipelines_reading(
-        f"data/{path.name}"))
+    tomls = sorted(pipelines)
+    data_files = sorted(f"data/{path.name}" for path in (PIPELINES / "data").glob("*.jsonl")
+                        if set(pipelines_reading(f"data/{path.name}")) & set(pipelines))
     if rng.random() < 0.7 or not data_files:
         file = rng.choice(tomls)
         kind, detail, content = mutate_toml((scratch / file).read_text(), rng)
@@ -176,7 +178,7 @@ def make_mutation(scratch: Path, rng: random.Random) -> Mutation:
     else:
         file = rng.choice(data_files)
         kind, detail, content = mutate_jsonl((scratch / file).read_text(), rng)
-        pipeline = rng.choice(pipelines_reading(file))
+        pipeline = rng.choice(sorted(set(pipelines_reading(file)) & set(pipelines)))
     target = scratch / file
     if isinstance(content, bytes):
         target.write_bytes(content)

@@ -3,11 +3,9 @@
 from pathlib import Path
 
 import pytest
-import torch
-
 from opdgraph.config import load_pipeline
 from opdgraph.models import ByteTokenizer, ModelLoadError
-from opdgraph.runtime import context
+from opdgraph.runtime import run
 from opdgraph.runtime.context import check_same_tokenizer
 
 TINY = Path(__file__).parent.parent / "pipelines" / "tiny.toml"
@@ -40,7 +38,7 @@ def test_mismatch_is_reported_before_any_weights_are_loaded(monkeypatch):
         ShiftedTokenizer() if source == dict(cfg.models[teacher].config) else real(source, vocab)))
     weights_read = []
     monkeypatch.setattr("opdgraph.models.load_decoder", lambda *a, **k: weights_read.append(1))
+    monkeypatch.setattr(run, "_load_prompts", lambda *a, **k: pytest.fail("prompts loaded before the tokenizers"))
     with pytest.raises(ModelLoadError, match=rf"\[models.{teacher}\].*different tokenizers"):
-        context.load_models(cfg.models, Path(cfg.base_dir), torch.device("cpu"),
-                            vocab_sizes={name: shape.vocab for name, shape in cfg.shapes.items()})
+        run.check_startup(cfg)
     assert weights_read == []

@@ -97,3 +97,32 @@ def test_cli_stops_a_run_whose_updates_are_all_non_finite(tmp_path, capsys, monk
         assert torch.equal(param, fresh), name
     assert all(count == 0 for count in ctx.optimizer.steps.values())
     assert all(not moment.any() for moment in (*ctx.optimizer.exp_avg.values(), *ctx.optimizer.exp_avg_sq.values()))
+
+
+@pytest.mark.parametrize("before, after, stops_at", [
+    ([UPDATE, UPDATE], [UPDATE], 3),  # a streak cut by the resume still counts as one
+    ([OK, GRAD], [GRAD], None),  # applied before the resume: not "all skipped" after it
+])
+def test_skip_counts_survive_a_resume(tmp_path, before, after, stops_at):
+    """If this fails, a resumed run stops (or fails to stop) differently from an uninterrupted one: the counts are
+    not carried in the checkpoint's trainer state, which run.trainer_state writes and run.restore reads."""
+    from opdgraph.runtime.run import restore, trainer_state
+
+    config = SimpleNamespace(max_consecutive_skipped_steps=3, lr=1.0)
+    stub = SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None)
+    first = SimpleNamespace(step=len(before), optimizer=stub, sampler=stub, skipped_steps=SkippedSteps())
+    for step, outcome in enumerate(before, start=1):
+        first.skipped_steps.record(step, outcome, config, "step")
+    checkpoint = tmp_path / "step"
+    checkpoint.mkdir()
+    torch.save(trainer_state(first), checkpoint / "trainer.pt")
+    resumed = SimpleNamespace(optimizer=stub, sampler=stub, skipped_steps=SkippedSteps(), run_dir=tmp_path)
+    restore(resumed, checkpoint)
+    stopped = None
+    for step, outcome in enumerate(after, start=len(before) + 1):
+        resumed.skipped_steps.record(step, outcome, config, "step")
+        try:
+            stop_if_stuck(resumed, last_step=step == len(before) + len(after))
+        except TrainingStopped:
+            stopped = step
+    assert stopped == stops_at

@@ -1,6 +1,7 @@
 """Everything a run holds while it executes the plan, built once from the typed config and the plan's facts.
 
-`build_context` loads the models (an `init_from` student is built from its source model with `keep_layers`), checks
+`check_startup` (opdgraph.runtime.run) first does every check that needs no weights: the device, the tokenizers
+(`load_tokenizers`: the student's and the teacher's must agree) and the prompt files. `build_context` then loads the models (an `init_from` student is built from its source model with `keep_layers`), checks
 that student and teacher share a tokenizer, loads the prompt sets, creates the rollout engine with the KV pool size
 the plan derived, and the optimizer with fp32 master weights. Stage `execute` functions receive this context plus
 their own Config; they never see the whole pipeline config.
@@ -89,23 +90,31 @@ def model_source(model_cfg, base_dir: Path) -> str | dict:
     return path
 
 
-def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
-                vocab_sizes: dict[str, int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """Load every model of the pipeline; `init_from` models start from a copy of another, pruned to keep_layers.
+def load_tokenizers(models_cfg: dict, base_dir: Path, vocab_sizes: dict[str, int]) -> dict[str, Any]:
+    """Every model's tokenizer, without its weights (an init_from model shares its source's), with the student's
+    and the teacher's compared: a mismatch is reported in seconds, before any weights are read. `vocab_sizes` are
+    the models' vocabularies from the plan's shapes."""
+    from opdgraph.models.loading import load_tokenizer
 
-    With `vocab_sizes` (each model's, from the plan's shapes) the tokenizers are loaded and the student's and the
-    teacher's compared first, so a mismatch is reported before any weights are read."""
+    tokenizers = {name: load_tokenizer(model_source(model_cfg, base_dir), vocab_sizes[name])
+                  for name, model_cfg in models_cfg.items() if model_cfg.init_from is None}
+    for name in models_cfg:
+        tokenizers.setdefault(name, tokenizers[_root(models_cfg, name)])
+    roles = {model_cfg.role: name for name, model_cfg in models_cfg.items()}
+    if "student" in roles and "teacher" in roles:
+        check_same_tokenizer(tokenizers[roles["student"]], tokenizers[roles["teacher"]],
+                             names=(roles["student"], roles["teacher"]))
+    return tokenizers
+
+
+def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
+                tokenizers: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Load every model of the pipeline; `init_from` models start from a copy of another, pruned to keep_layers.
+    `tokenizers` (from load_tokenizers) are used as they are; without them each is loaded beside its weights."""
     from opdgraph.models import load_decoder, prune_layers
     from opdgraph.models.loading import load_tokenizer
 
-    tokenizers: dict[str, Any] = {}
-    if vocab_sizes is not None:
-        for name, model_cfg in models_cfg.items():
-            if model_cfg.init_from is None:
-                tokenizers[name] = load_tokenizer(model_source(model_cfg, base_dir), vocab_sizes[name])
-        roles = {model_cfg.role: name for name, model_cfg in models_cfg.items()}
-        check_same_tokenizer(*(tokenizers[_root(models_cfg, roles[role])] for role in ("student", "teacher")),
-                             names=(roles["student"], roles["teacher"]))
+    tokenizers = tokenizers or {}
     loaded: dict[str, tuple[Any, Any]] = {}
     pending = dict(models_cfg)
     while pending:

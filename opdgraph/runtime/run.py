@@ -21,6 +21,7 @@ state.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import shlex
 import sys
 import time
@@ -33,7 +34,7 @@ from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.config_record import config_record
-from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models,
+from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models, load_tokenizers,
                                       pick_device, seed_everything, use_packed_attention)
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.gradients import StudentGradients
@@ -80,25 +81,61 @@ def _load_student_weights(student, checkpoint: Path) -> None:
                                                        student.dtype, student.device))
 
 
-def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> RunContext:
-    from opdgraph.data import PromptSampler
-    from opdgraph.runtime.offload import build_optimizer, plan_placement
+@dataclass(frozen=True)
+class Startup:
+    """What the checks that need no weights produce: the device, the tokenizers and the prompt sets."""
 
+    device: torch.device
+    tokenizers: dict[str, Any]
+    train_prompts: Any
+    eval_prompts: Any
+
+
+def check_startup(cfg) -> Startup:
+    """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
+    minutes of loading): the device, the student's and the teacher's tokenizers, every row of every prompt file.
+    `opdgraph run --check` stops here."""
     device = pick_device(cfg.pipeline.device)
-    seed_everything(cfg.pipeline.seed)
-    models = load_models(cfg.models, Path(cfg.base_dir), device,
-                         vocab_sizes={name: shape.vocab for name, shape in cfg.shapes.items()})
-    student, tokenizer = models[cfg.model_with_role("student")]
-    teacher, _ = models[cfg.model_with_role("teacher")]  # load_models compared the tokenizers before any weights
-    teacher.requires_grad_(False)
-    print(use_packed_attention([student, teacher], device))
-    if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
-        _load_student_weights(student, resume_from)
+    tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
+                                 {name: shape.vocab for name, shape in cfg.shapes.items()})
+    tokenizer = tokenizers[cfg.model_with_role("student")]
     train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
     print(f"train prompts: {train_prompts.summary.describe()}")
     eval_stage = cfg.stage("eval")
     eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
     eval_prompts = _load_prompts(cfg, eval_files, tokenizer) if eval_files else None
+    return Startup(device=device, tokenizers=tokenizers, train_prompts=train_prompts, eval_prompts=eval_prompts)
+
+
+def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
+              take_over_lock: bool = False) -> Startup:
+    """`opdgraph run --check`: every check a run makes before it trains (the run directory and its lock, the
+    checkpoint and config changes of a resume, the device, the tokenizers, every prompt row), then stop. Nothing is
+    written: the lock is released and a directory this check created is removed again."""
+    request = RunRequest(resume=Path(resume) if resume is not None else None, restart=restart,
+                         allow_config_change=allow_config_change, take_over_lock=take_over_lock)
+    directory = open_run_directory(cfg, request, config_record=config_record(cfg))
+    try:
+        return check_startup(cfg)
+    finally:
+        directory.close()
+
+
+def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
+                  startup: Startup | None = None) -> RunContext:
+    from opdgraph.data import PromptSampler
+    from opdgraph.runtime.offload import build_optimizer, plan_placement
+
+    startup = startup or check_startup(cfg)
+    device, train_prompts, eval_prompts = startup.device, startup.train_prompts, startup.eval_prompts
+    seed_everything(cfg.pipeline.seed)
+    models = load_models(cfg.models, Path(cfg.base_dir), device, startup.tokenizers)
+    student, tokenizer = models[cfg.model_with_role("student")]
+    teacher, _ = models[cfg.model_with_role("teacher")]
+    teacher.requires_grad_(False)
+    print(use_packed_attention([student, teacher], device))
+    if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
+        _load_student_weights(student, resume_from)
     rollout = cfg.stage("rollout").config
     step = cfg.stage("step").config
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
@@ -144,6 +181,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None) -> 
 
 def trainer_state(ctx: RunContext) -> dict[str, Any]:
     return {"step": ctx.step, "optimizer": ctx.optimizer.state_dict(), "sampler": ctx.sampler.state_dict(),
+            "skipped_steps": ctx.skipped_steps.state_dict(),
             "rng": ckpt.rng_state()}
 
 
@@ -172,6 +210,7 @@ def restore(ctx: RunContext, checkpoint: Path) -> None:
     state = ckpt.load_trainer_state(checkpoint)
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.sampler.load_state_dict(state["sampler"])
+    ctx.skipped_steps.load_state_dict(state["skipped_steps"])
     ckpt.set_rng_state(state["rng"])
     ctx.step = int(state["step"])
 

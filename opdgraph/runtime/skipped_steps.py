@@ -7,7 +7,7 @@ skips in a row (the step stage's setting; 0 = never for that reason), or a run o
 means training is broken (a learning rate that blows the weights up, weights that already diverged, bad data) and
 must not end as a success: `stop_if_stuck`, called after the step's record is written, raises TrainingStopped (the
 CLI exits 2). Every rank takes the same decision: the norm and the finiteness of the update are reduced over ranks.
-The count covers this process: a resumed run starts it again.
+The counts travel in checkpoints (`state_dict`), so a resumed run stops exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ class SkippedSteps:
         else:
             self.skipped += 1
             self.in_a_row.append((step, reason))
+
+    def state_dict(self) -> dict:
+        return {"in_a_row": [list(item) for item in self.in_a_row], "applied": self.applied, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row = [(int(step), str(reason)) for step, reason in state["in_a_row"]]
+        self.applied, self.skipped = int(state["applied"]), int(state["skipped"])
 
     def stop_reason(self, *, last_step: bool) -> str | None:
         """Why the run must stop now (None: it goes on)."""
