@@ -55,3 +55,17 @@ def test_missing_data_files_fail_plan(override, path):
         return
     assert "does not exist" in problem.message or "is a directory" in problem.message
     assert str(TINY.parent) in problem.message  # says where it looked
+
+
+def test_triton_loss_kernel_on_cpu_fails_plan():
+    """If this fails, loss.kernel = "triton" with pipeline.device = "cpu" passes `plan` and the run fails at its first
+    loss, after the models are loaded; or the check also rejects device = "auto" (decided where the run runs) or the
+    other kernels."""
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(str(TINY), ["pipeline.device=cpu", "loss.kernel=triton"])
+    [problem] = caught.value.problems
+    assert problem.path == "loss.kernel" and problem.location == "--set loss.kernel=triton"
+    assert "runs on CUDA only" in problem.message and 'set loss.kernel = "auto" or "torch"' in problem.message
+    for overrides in (["pipeline.device=auto", "loss.kernel=triton"], ["pipeline.device=cuda", "loss.kernel=triton"],
+                      ["pipeline.device=cpu", "loss.kernel=auto"], ["pipeline.device=cpu", "loss.kernel=torch"]):
+        load_pipeline(str(TINY), overrides)

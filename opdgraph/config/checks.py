@@ -31,6 +31,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
     _check_data_files(data, stages, base_dir, problem, problems)
     _check_estimator(stages, problem, problems)
+    _check_loss_kernel(pipeline, stages, problem, problems)
     return shapes
 
 
@@ -235,3 +236,16 @@ def _check_estimator(stages, problem, problems):
                                     f"tokens sampled from the student at the loss temperature, but [{rollout.name}] "
                                     f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
                                     f"the vocabulary), or set {name}.allow_biased_estimate = true to accept the bias"))
+
+
+def _check_loss_kernel(pipeline, stages, problem, problems):
+    """The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
+    the models are loaded. device = "auto" is decided on the machine that runs (the runtime checks it at startup,
+    opdgraph.runtime.training.check_loss_kernel)."""
+    if pipeline.device != "cpu":
+        return
+    for name, stage in stages.items():
+        if stage.kind == "loss" and stage.config.kernel == "triton":
+            problems.append(problem(f"{name}.kernel",
+                                    f"{name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
+                                    f"set {name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
