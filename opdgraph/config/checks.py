@@ -13,6 +13,7 @@ import os
 
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
+from opdgraph.config.paths import data_file_path
 from opdgraph.graph import StageNode, build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
 from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
@@ -206,7 +207,7 @@ def _check_data_files(data, stages, base_dir, problem, problems):
         elif stage.kind == "eval" and stage.config.files != data.eval_files:
             listed += [(f"{name}.files[{index}]", file) for index, file in enumerate(stage.config.files)]
     for path, file in listed:
-        real = os.path.normpath(os.path.join(base_dir, os.path.expanduser(file)))
+        real = data_file_path(base_dir, file)
         if not os.path.isfile(real):
             what = "is a directory, not a file" if os.path.isdir(real) else "does not exist"
             problems.append(problem(path, f"prompt file {file!r} {what} (looked at {real}; relative paths start "
