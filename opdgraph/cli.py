@@ -136,17 +136,15 @@ def _over_budget_message(plan) -> str:
 
 
 def _compile(cfg, world_size: int):
-    """The fitted plan of one of `world_size` ranks, or None after printing why the batch cannot be split that way."""
+    """The fitted plan of one of `world_size` ranks, or None after printing why there cannot be that many. A setting
+    that cannot be planned for that many ranks raises an OpdgraphError, which main prints; any other exception is a
+    bug and keeps its traceback."""
     from opdgraph.fit import fit_plan
 
     if world_size < 1:
         print(f"opdgraph: --nproc-per-node must be at least 1, got {world_size}", file=sys.stderr)
         return None
-    try:
-        return fit_plan(cfg, world_size=world_size)
-    except ValueError as error:
-        print(f"opdgraph: {error}", file=sys.stderr)
-        return None
+    return fit_plan(cfg, world_size=world_size)
 
 
 def run_run(args) -> int:

@@ -18,6 +18,7 @@ import math
 import attrs
 
 from opdgraph.config.schema import PipelineConfig
+from opdgraph.errors import OpdgraphError
 from opdgraph.sizing import kv_pool_pages
 
 
@@ -106,9 +107,11 @@ def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
     rollout = cfg.stage("rollout").config
     micro_batch_tokens = cfg.stage("teacher_score").config.micro_batch_tokens
     if cfg.data.prompts_per_step % world_size:
-        raise ValueError(
-            f"data.prompts_per_step = {cfg.data.prompts_per_step} is not divisible by {world_size} ranks; every "
-            "rank must get the same number of prompts, so choose a multiple of the number of ranks"
+        where = cfg.provenance.get("data.prompts_per_step", "default")
+        raise OpdgraphError(
+            f"data.prompts_per_step = {cfg.data.prompts_per_step} ({where}) is not divisible by {world_size} ranks "
+            f"(--nproc-per-node / torchrun's WORLD_SIZE); every rank must get the same number of prompts, so choose "
+            f"a multiple of the number of ranks"
         )
     sequences = cfg.data.sequences_per_step // world_size
     sequence_tokens = cfg.data.max_prompt_tokens + rollout.max_new_tokens

@@ -30,6 +30,7 @@ import attrs
 
 from opdgraph.compile import compile_plan
 from opdgraph.config.schema import FIT_CHOICES, PipelineConfig
+from opdgraph.errors import OpdgraphError
 from opdgraph.placement import Placement, configured_placement
 from opdgraph.plan import Plan
 
@@ -136,13 +137,13 @@ def check_world_size(cfg: PipelineConfig, world_size: int) -> None:
     fit = cfg.pipeline.fit
     where = cfg.provenance.get("pipeline.fit.teacher_weights", "default")
     if world_size == 1 and fit.teacher_weights == "shard":
-        raise ValueError(f"pipeline.fit.teacher_weights = 'shard' ({where}) splits the teacher across ranks, but this "
-                         "plan is for one process: plan with --nproc-per-node N / launch with torchrun "
-                         "--nproc-per-node N (N > 1), or choose 'keep', 'offload', 'stream' or 'auto'")
+        raise OpdgraphError(f"pipeline.fit.teacher_weights = 'shard' ({where}) splits the teacher across ranks, but "
+                            "this plan is for one process: plan with --nproc-per-node N / launch with torchrun "
+                            "--nproc-per-node N (N > 1), or choose 'keep', 'offload', 'stream' or 'auto'")
     if world_size == 1 and fit.teacher_weights == "auto" and all(
             f"teacher_weights.{choice}" in fit.forbid for choice in ("keep", "offload", "stream")):
-        raise ValueError("pipeline.fit.forbid leaves only teacher_weights.shard, which needs several ranks; allow "
-                         "one of keep, offload, stream for a one-process plan")
+        raise OpdgraphError("pipeline.fit.forbid leaves only teacher_weights.shard, which needs several ranks; allow "
+                            "one of keep, offload, stream for a one-process plan")
 
 
 def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:

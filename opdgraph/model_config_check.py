@@ -111,11 +111,17 @@ def _optional(check):
     return lambda key, value: None if value is None else check(key, value)
 
 
-ROPE_NUMBERS = {"rope_theta": _positive, "factor": _positive, "low_freq_factor": _positive,
-                "high_freq_factor": _positive, "original_max_position_embeddings": _size,
-                "partial_rotary_factor": _full_rotary}
-ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")}
+ROPE_VALUES = {"rope_theta": _positive, "factor": _positive, "low_freq_factor": _positive,
+               "high_freq_factor": _positive, "original_max_position_embeddings": _size,
+               "partial_rotary_factor": _full_rotary}
+# Per rope type: (keys it needs, keys it may also hold), as transformers' rope validation reads them
+# (modeling_rope_utils); any type may name itself (rope_type, or the older `type`) and give partial_rotary_factor.
+# transformers only warns about other keys and then ignores them, so a typo'd factor would train with a default.
+ROPE_KEYS = {"default": ((), ("rope_theta",)), "linear": (("factor",), ("rope_theta",)),
+             "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                        ("rope_theta",))}
+ROPE_ANY_TYPE = ("rope_type", "type", "partial_rotary_factor")
+LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 
 
 def _rope(key, value):
@@ -124,16 +130,42 @@ def _rope(key, value):
         return None
     if not isinstance(value, dict):
         return f"{key!r} must be an object (or null), got {_shown(value)}"
-    if value and all(name in (FULL_ATTENTION, SLIDING_ATTENTION) for name in value):
-        return "; ".join(filter(None, (_rope(f"{key}.{name}", inner) for name, inner in value.items()))) or None
-    rope_type = value.get("rope_type", value.get("type", "default"))
-    type_key = f"{key}.{'rope_type' if 'rope_type' in value or 'type' not in value else 'type'}"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        return _unsupported(type_key, rope_type, f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}")
-    messages = [check(f"{key}.{name}", value[name]) for name, check in ROPE_NUMBERS.items() if name in value]
-    missing = [name for name in ROPE_NEEDS.get(rope_type, ()) if name not in value]
+    if any(name in LAYER_TYPES or isinstance(inner, dict) for name, inner in value.items()):
+        messages = [_rope(f"{key}.{name}", inner) if name in LAYER_TYPES else
+                    f"unknown key '{key}.{name}': a per-layer-type RoPE object is keyed by "
+                    f"{' / '.join(map(repr, LAYER_TYPES))}{_close(name, LAYER_TYPES)}" for name, inner in value.items()]
+        return "; ".join(filter(None, messages)) or None
+    return _rope_object(key, value)
+
+
+def _rope_object(key: str, value: dict):
+    if "rope_type" in value and "type" in value and value["rope_type"] != value["type"]:
+        return (f"{key!r} names two rope types (rope_type {value['rope_type']!r}, type {value['type']!r}); "
+                f"keep rope_type")
+    type_key = "rope_type" if "rope_type" in value or "type" not in value else "type"
+    rope_type = value.get(type_key, "default")
+    if type(rope_type) is not str or rope_type not in SUPPORTED_ROPE_TYPES:
+        return _unsupported(f"{key}.{type_key}", rope_type,
+                            f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}")
+    needs, optional = ROPE_KEYS[rope_type]
+    allowed = (*ROPE_ANY_TYPE, *needs, *optional)
+    messages = []
+    for name, inner in value.items():
+        if name in allowed:
+            messages.append(ROPE_VALUES[name](f"{key}.{name}", inner) if name in ROPE_VALUES else None)
+            continue
+        owners = [other for other, keys in ROPE_KEYS.items() if name in keys[0] + keys[1]]
+        hint = (f" (a key of rope_type {' / '.join(map(repr, owners))}, which this object is not; it would be "
+                f"ignored)"
+                if owners else _close(name, allowed) or f" (rope_type {rope_type!r} takes {', '.join(allowed)})")
+        messages.append(f"unknown key '{key}.{name}' for rope_type {rope_type!r}{hint}")
+    missing = [name for name in needs if name not in value]
     if missing:
         messages.append(f"{key!r}: rope_type {rope_type!r} needs {', '.join(missing)}")
+    low, high = value.get("low_freq_factor"), value.get("high_freq_factor")
+    if rope_type == "llama3" and _is_number(low) and _is_number(high) and high <= low:
+        messages.append(f"'{key}.high_freq_factor' ({high}) must be greater than low_freq_factor ({low}): llama3 "
+                        f"RoPE blends over the band between them")
     return "; ".join(filter(None, messages)) or None
 
 

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from opdgraph.cli import EXIT_CONFIG_ERROR, EXIT_OVER_BUDGET, SUBCOMMANDS, main
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -88,3 +90,29 @@ def test_compiler_core_imports_without_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", BLOCKED_TORCH, TINY, str(tmp_path / "plan.json")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_exits_2(capsys, monkeypatch):
+    """If this fails, a world size that does not divide data.prompts_per_step (plan --nproc-per-node, or torchrun's
+    WORLD_SIZE for run) ends in a traceback, or its message no longer names the key, its line and the rank count."""
+    fragment = "data.prompts_per_step = 8 (tiny.toml:24) is not divisible by 3 ranks"
+    assert main(["plan", TINY, "--nproc-per-node", "3"]) == EXIT_CONFIG_ERROR
+    assert fragment in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["run", TINY]) == EXIT_CONFIG_ERROR  # refused before anything is loaded or written
+    assert fragment in capsys.readouterr().err
+    assert main(["plan", TINY, "--nproc-per-node", "0"]) == EXIT_CONFIG_ERROR
+    assert "--nproc-per-node must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_internal_error_while_compiling_keeps_its_traceback(monkeypatch):
+    """If this fails, a bug inside fit or compile (a plain ValueError) is printed as if the user had made a mistake,
+    and its traceback is lost."""
+    import opdgraph.fit
+
+    def broken(cfg, world_size=1):
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr(opdgraph.fit, "fit_plan", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["plan", TINY])

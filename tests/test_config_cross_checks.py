@@ -55,3 +55,35 @@ def test_missing_data_files_fail_plan(override, path):
         return
     assert "does not exist" in problem.message or "is a directory" in problem.message
     assert str(TINY.parent) in problem.message  # says where it looked
+
+
+def test_triton_loss_kernel_on_cpu_fails_plan():
+    """If this fails, loss.kernel = "triton" with pipeline.device = "cpu" passes `plan` and the run fails at its first
+    loss, after the models are loaded; or the check also rejects device = "auto" (decided where the run runs) or the
+    other kernels."""
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(str(TINY), ["pipeline.device=cpu", "loss.kernel=triton"])
+    [problem] = caught.value.problems
+    assert problem.path == "loss.kernel" and problem.location == "--set loss.kernel=triton"
+    assert "runs on CUDA only" in problem.message and 'set loss.kernel = "auto" or "torch"' in problem.message
+    for overrides in (["pipeline.device=auto", "loss.kernel=triton"], ["pipeline.device=cuda", "loss.kernel=triton"],
+                      ["pipeline.device=cpu", "loss.kernel=auto"], ["pipeline.device=cpu", "loss.kernel=torch"]):
+        load_pipeline(str(TINY), overrides)
+
+
+def test_plan_and_the_config_record_find_a_home_relative_prompt_file(tmp_path, monkeypatch):
+    """If this fails, `~/x.jsonl` passes `plan` (which looks in the home directory) while the run looks for a folder
+    named `~` next to the pipeline file, or the checkpoint records the file as missing."""
+    from opdgraph.config.paths import data_file_path
+    from opdgraph.runtime.config_record import config_record
+    from opdgraph.runtime.durable import file_digest
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prompts = tmp_path / "prompts" / "x.jsonl"
+    prompts.parent.mkdir()
+    prompts.write_bytes((TINY.parent / "data" / "tiny_train.jsonl").read_bytes())
+    cfg = load_pipeline(str(TINY), ['data.train_files=["~/prompts/x.jsonl"]'])
+    assert data_file_path(cfg.base_dir, "~/prompts/x.jsonl") == str(prompts)
+    assert data_file_path(cfg.base_dir, "data/../data/a.jsonl") == str(TINY.parent / "data" / "a.jsonl")
+    recorded = config_record(cfg)["values"]['data.file_checksum["~/prompts/x.jsonl"]']
+    assert recorded == file_digest(prompts)

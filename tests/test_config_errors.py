@@ -165,3 +165,14 @@ def test_all_problems_reported_in_one_pass(tmp_path):
     assert len(caught.value.problems) == 5
     assert {problem.path for problem in caught.value.problems} == {
         "pipeline.num_steps", "pipeline.seeed", "models.student.dtype", "backwrd", "loss.chunk_tokens"}
+
+
+def test_model_tokenizer_key_is_unknown(tmp_path):
+    """If this fails, `[models.X] tokenizer = ...` is accepted again though nothing reads it: the run would use the
+    model's own tokenizer while the file says otherwise."""
+    path = write_case(tmp_path, [('role = "student"', 'role = "student"\ntokenizer = "tok"')])
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(str(path))
+    [problem] = caught.value.problems
+    assert problem.path == "models.student.tokenizer" and problem.location == "case.toml:7"
+    assert problem.message.startswith("unknown key (valid keys: dtype, role, path, config, init_from")

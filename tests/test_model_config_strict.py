@@ -76,6 +76,46 @@ BAD_CONFIGS = {
     "quantized": (changed("llama", quantization_config={"quant_method": "gptq"}), "quantized HF checkpoints"),
     "llama3 rope without its factors": (changed("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}),
                                         "rope_type 'llama3' needs low_freq_factor, high_freq_factor"),
+    "rope key typo": (changed("qwen3", rope_parameters={"rope_type": "default", "rope_thetaa": 1e6}),
+                      "unknown key 'rope_parameters.rope_thetaa' for rope_type 'default'; did you mean 'rope_theta'?"),
+    "rope factor typo": (changed("llama", rope_scaling={"rope_type": "linear", "facter": 2.0}),
+                         "unknown key 'rope_scaling.facter' for rope_type 'linear'; did you mean 'factor'?"),
+    "llama3 key in a linear rope": (changed("llama", rope_scaling={"type": "linear", "factor": 2.0,
+                                                                   "low_freq_factor": 1.0}),
+                                    "unknown key 'rope_scaling.low_freq_factor' for rope_type 'linear' (a key of "
+                                    "rope_type 'llama3'"),
+    "factor in a default rope": (changed("qwen2", rope_scaling={"rope_type": "default", "factor": 4.0}),
+                                 "unknown key 'rope_scaling.factor' for rope_type 'default' (a key of rope_type "
+                                 "'linear' / 'llama3'"),
+    "string rope factor": (changed("llama", rope_scaling={"rope_type": "linear", "factor": "2"}),
+                           "'rope_scaling.factor' must be a finite number > 0, got a string ('2')"),
+    "zero rope factor": (changed("llama", rope_scaling={"rope_type": "linear", "factor": 0.0}),
+                         "'rope_scaling.factor' must be a finite number > 0, got a number (0.0)"),
+    "negative rope theta inside": (changed("llama", rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+                                   "'rope_parameters.rope_theta' must be a finite number > 0"),
+    "float original positions": (changed("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                "original_max_position_embeddings": 64.0}),
+                                 "'rope_scaling.original_max_position_embeddings' must be a positive integer"),
+    "llama3 band upside down": (changed("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                               "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                                                               "original_max_position_embeddings": 32}),
+                                "'rope_scaling.high_freq_factor' (1.0) must be greater than low_freq_factor (4.0)"),
+    "two rope types": (changed("llama", rope_scaling={"rope_type": "linear", "type": "llama3", "factor": 2.0}),
+                       "'rope_scaling' names two rope types (rope_type 'linear', type 'llama3')"),
+    "unsupported rope type": (changed("llama", rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+                              "config key 'rope_scaling.rope_type' = 'yarn' is not supported"),
+    "gemma per-layer rope key typo": (changed("gemma3", rope_parameters={
+                                          "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "default", "rope_thet": 1e4}}),
+                                      "unknown key 'rope_parameters.sliding_attention.rope_thet' for rope_type "
+                                      "'default'; did you mean 'rope_theta'?"),
+    "gemma per-layer rope layer typo": (changed("gemma3", rope_parameters={
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                            "sliding_attentoin": {"rope_type": "default", "rope_theta": 1e4}}),
+                                        "unknown key 'rope_parameters.sliding_attentoin': a per-layer-type RoPE "
+                                        "object is keyed by 'full_attention' / 'sliding_attention'; did you mean "
+                                        "'sliding_attention'?"),
     "layer_types of the wrong length": (changed("gemma3", layer_types=["full_attention"]),
                                         "'layer_types' needs one entry per layer (num_hidden_layers = 3), got 1"),
     "sliding layers without a window": (changed("qwen3", layer_types=["sliding_attention"] * 3),
@@ -116,6 +156,28 @@ def test_valid_configs_and_ignored_keys_are_accepted(family):
     assert shape_from_hf_config(config).family == decoder_config_from_hf(config).family
     assert {"torch_dtype", "use_cache", "transformers_version", "bos_token_id"} <= set(ignored_keys(config))
     assert "hidden_size" not in ignored_keys(config)
+
+
+GOOD_ROPES = {  # rope dicts as real config.json files write them (Llama 2 / 3.1, Gemma 3, transformers 5)
+    "llama2 linear, old `type` key": ("llama", "rope_scaling", {"type": "linear", "factor": 2.0}),
+    "llama 3.1": ("llama", "rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "both type keys, agreeing": ("llama", "rope_scaling", {"rope_type": "linear", "type": "linear", "factor": 2.0}),
+    "transformers 5 rope_parameters": ("qwen3", "rope_parameters", {"rope_type": "default", "rope_theta": 1e6,
+                                                                     "partial_rotary_factor": 1.0}),
+    "gemma3 per layer type": ("gemma3", "rope_parameters", {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_ROPES))
+def test_real_rope_dicts_are_accepted(name):
+    """If this fails, the per-type RoPE key check rejects a RoPE dict that real checkpoints carry (and transformers
+    and the runtime build)."""
+    family, key, rope = GOOD_ROPES[name]
+    config = changed(family, **{key: rope})
+    assert shape_from_hf_config(config).family == decoder_config_from_hf(config).family
 
 
 def test_qwen3_head_dim_need_not_divide_hidden():

@@ -13,6 +13,7 @@ import os
 
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
+from opdgraph.config.paths import data_file_path
 from opdgraph.graph import StageNode, build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
 from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
@@ -31,6 +32,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
     _check_data_files(data, stages, base_dir, problem, problems)
     _check_estimator(stages, problem, problems)
+    _check_loss_kernel(pipeline, stages, problem, problems)
     return shapes
 
 
@@ -205,7 +207,7 @@ def _check_data_files(data, stages, base_dir, problem, problems):
         elif stage.kind == "eval" and stage.config.files != data.eval_files:
             listed += [(f"{name}.files[{index}]", file) for index, file in enumerate(stage.config.files)]
     for path, file in listed:
-        real = os.path.normpath(os.path.join(base_dir, os.path.expanduser(file)))
+        real = data_file_path(base_dir, file)
         if not os.path.isfile(real):
             what = "is a directory, not a file" if os.path.isdir(real) else "does not exist"
             problems.append(problem(path, f"prompt file {file!r} {what} (looked at {real}; relative paths start "
@@ -235,3 +237,16 @@ def _check_estimator(stages, problem, problems):
                                     f"tokens sampled from the student at the loss temperature, but [{rollout.name}] "
                                     f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
                                     f"the vocabulary), or set {name}.allow_biased_estimate = true to accept the bias"))
+
+
+def _check_loss_kernel(pipeline, stages, problem, problems):
+    """The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
+    the models are loaded. device = "auto" is decided on the machine that runs (the runtime checks it at startup,
+    opdgraph.runtime.training.check_loss_kernel)."""
+    if pipeline.device != "cpu":
+        return
+    for name, stage in stages.items():
+        if stage.kind == "loss" and stage.config.kernel == "triton":
+            problems.append(problem(f"{name}.kernel",
+                                    f"{name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
+                                    f"set {name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))

@@ -128,7 +128,6 @@ class ModelConfig:
     config: dict[str, Any] | None = setting(None, help="inline HF-style config dict: a randomly initialised model")
     init_from: str | None = setting(None, help="name of another model to start from (e.g. the teacher)")
     keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
-    tokenizer: str | None = setting(None, help="tokenizer path (default: the model's own)")
     init_seed: int = setting(0, help="seed for random initialisation of inline-config models", check=valid_seed)
     init_device: Literal["cpu", "device"] = setting(
         "cpu", help="where random initial weights are drawn: cpu (the same seed gives the same weights on every "

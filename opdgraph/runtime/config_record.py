@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 
+from opdgraph.config.paths import data_file_path
 from opdgraph.config.strict import unstructure
 from opdgraph.runtime.durable import DIGEST_NAME, file_digest
 
@@ -52,7 +53,7 @@ def config_record(cfg) -> dict[str, Any]:
         values[f"{name}.kind"] = stage.kind
         _flatten(name, unstructure(stage.config), values)
     for file in _prompt_files(cfg):
-        path = Path(cfg.base_dir) / file
+        path = Path(data_file_path(cfg.base_dir, file))
         values[f'data.file_checksum["{file}"]'] = file_digest(path) if path.is_file() else "missing"
     return {"format": DIGEST_NAME, "values": values,
             "stage_kinds": {name: stage.kind for name, stage in cfg.stages.items()}}

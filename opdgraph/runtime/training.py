@@ -42,15 +42,30 @@ def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
         ctx.buffers.put_item("student_hidden", loop.index, hidden.detach().index_select(0, batch.loss_positions))
 
 
+def check_loss_kernel(kernel: str, device, where: str = "loss.kernel") -> None:
+    """Raises DeviceError when the loss kernel asked for cannot run on `device` (a torch.device or its name): call it
+    at startup, before the weights load, so the run does not fail at its first loss."""
+    from opdgraph.errors import DeviceError
+    from opdgraph.kernels.divergence import triton_available
+
+    if kernel != "triton":
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise DeviceError(f"{where} = 'triton' needs a CUDA device, but this run is on {device.type}; set {where} "
+                          f"= 'auto' or 'torch'")
+    if not triton_available():
+        raise DeviceError(f"{where} = 'triton' needs triton, which does not import here (pip install triton); set "
+                          f"{where} = 'auto' or 'torch'")
+
+
 def _use_triton(kernel: str, device: torch.device) -> bool:
     if kernel == "torch":
         return False
     from opdgraph.kernels.divergence import triton_available
 
-    available = device.type == "cuda" and triton_available()
-    if kernel == "triton" and not available:
-        raise RuntimeError("loss.kernel = 'triton' needs a CUDA device with triton installed; use 'auto' or 'torch'")
-    return available
+    check_loss_kernel(kernel, device)
+    return device.type == "cuda" and triton_available()
 
 
 def chunked_loss(config, ctx, loop) -> None:
