@@ -114,7 +114,7 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         (*micro_keys, *student_keys), formula="micro-batch tokens x h x d")
     kv_repeated = kv_heads_repeated(cfg, student)
     student_reference = reference_sequence_tokens(cfg, student, counts.sequence_tokens)
-    per_layer = ("a_reference (torch attention: S x S scores, S = prompt + new tokens)" if student_reference
+    per_layer = (f"a_reference (torch attention's S x S scores, S = {student_reference})" if student_reference
                  else "a (K/V heads repeated)" if kv_repeated else "a")
     add("student_activations", "activations",
         sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing, kv_repeated,
