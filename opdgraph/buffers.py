@@ -14,7 +14,8 @@ N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
 On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
 The student's activations, the logit chunk and the workspaces follow the path that runs on the target
-(pipeline.device, loss.kernel, loss.divergence): see sizing.py and kv_heads_repeated below.
+(pipeline.device, loss.kernel, loss.divergence): see sizing.py, kv_heads_repeated and attention_fallback below
+(the plain-torch attention's S x S scores in the activations and the no-grad forward workspaces).
 The teacher is replicated (its full weights on every rank) unless the placement shards it (below). The batch
 buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
@@ -104,15 +105,20 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
     hidden_tokens, hidden_keys = (micro_tokens, micro_keys) if fused else (batch_tokens, batch_keys)
     add("teacher_hidden", "teacher_hidden", sizing.hidden_state_bytes(teacher_shape, hidden_tokens, teacher_dtype),
         (*hidden_keys, *teacher_keys), formula="tokens x h_teacher x d")
+    teacher_reference = reference_sequence_tokens(cfg, teacher, counts.sequence_tokens)
     add(f"{scorer.name}.workspace", "workspace",
-        sizing.forward_workspace_bytes(teacher_shape, micro_tokens, teacher_dtype), (*micro_keys, *teacher_keys),
-        formula="micro-batch tokens x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward, inside an MLP)")
+        sizing.forward_workspace_bytes(teacher_shape, micro_tokens, teacher_dtype, teacher_reference),
+        (*micro_keys, "pipeline.device", *teacher_keys),
+        formula=_workspace_formula("micro-batch tokens", teacher_reference))
     add("student_hidden", "activations", sizing.hidden_state_bytes(student_shape, micro_tokens, student_dtype),
         (*micro_keys, *student_keys), formula="micro-batch tokens x h x d")
     kv_repeated = kv_heads_repeated(cfg, student)
-    per_layer = "a (K/V heads repeated)" if kv_repeated else "a"
+    student_reference = reference_sequence_tokens(cfg, student, counts.sequence_tokens)
+    per_layer = (f"a_reference (torch attention's S x S scores, S = {student_reference})" if student_reference
+                 else "a (K/V heads repeated)" if kv_repeated else "a")
     add("student_activations", "activations",
-        sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing, kv_repeated),
+        sizing.activation_bytes(student_shape, hidden_tokens, student_dtype, checkpointing, kv_repeated,
+                                student_reference),
         (*hidden_keys, f"{backward.name}.activation_checkpointing", "pipeline.device", *student_keys),
         formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing else f"tokens x (L x {per_layer} + o)")
     add("hidden_grad", "activations", sizing.hidden_state_bytes(student_shape, hidden_tokens, student_dtype),
@@ -122,7 +128,8 @@ def build_buffers(cfg: PipelineConfig, counts: StepCounts, fused: bool, world_si
         (f"{loss.name}.chunk_tokens", f"{loss.name}.kernel", f"{loss.name}.divergence", "pipeline.device",
          *student_keys, *teacher_keys), formula=logit_formula)
     add(f"{backward.name}.workspace", "workspace",
-        micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype, kv_repeated),
+        micro_tokens * sizing.activation_bytes_per_token_per_layer(student_shape, student_dtype, kv_repeated,
+                                                                   student_reference),
         (*micro_keys, *student_keys), formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")
     buffers.append(_grads_buffer(cfg, world_size, between_phases))
     if world_size > 1:
@@ -148,6 +155,30 @@ def kv_heads_repeated(cfg: PipelineConfig, name: str) -> bool:
     shape = cfg.shapes[name]
     return (targets_cuda(cfg) and cfg.models[name].dtype != "float32" and shape.kv_heads < shape.heads
             and shape.head_dim <= sizing.FLASH_MAX_HEAD_DIM and shape.head_dim % 8 == 0)
+
+
+def attention_fallback(cfg: PipelineConfig, name: str) -> bool:
+    """Whether model `name`'s packed attention (training, teacher scoring, eval scoring) runs as the plain-torch
+    reference rather than FlashAttention varlen (kernels/varlen_attention.py unsupported_reason): a CPU target, an
+    fp32 model, or head_dim over 256 or not a multiple of 8. A CUDA torch without a usable varlen_attn falls back
+    too; the planner imports no torch and cannot see that (it plans the GPU machines' torch, which has one)."""
+    head_dim = cfg.shapes[name].head_dim
+    return (not targets_cuda(cfg) or cfg.models[name].dtype == "float32" or head_dim > sizing.FLASH_MAX_HEAD_DIM
+            or head_dim % 8 != 0)
+
+
+def reference_sequence_tokens(cfg: PipelineConfig, name: str, sequence_tokens: int) -> int:
+    """S for sizing.py's reference-attention terms when model `name` falls back to it (the longest sequence a
+    micro-batch can hold: max_prompt_tokens + max_new_tokens), else 0 (FlashAttention)."""
+    return sequence_tokens if attention_fallback(cfg, name) else 0
+
+
+def _workspace_formula(tokens: str, reference: int) -> str:
+    mlp = f"{tokens} x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward, inside an MLP)"
+    if not reference:
+        return mlp
+    return (f"max({mlp}, {tokens} x (2 h + 2 q + 2 kv + 4 head_dim) x d + S x q x d + S^2 x (heads x w + 1) "
+            f"(torch attention's scores, S = {reference}; w = d + 8, fp32: 8))")
 
 
 def _loss_logit_chunk(cfg: PipelineConfig, chunk_tokens: int) -> tuple[int, str]:
@@ -226,9 +257,9 @@ def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> l
     student's answers and one for the teacher's (each engine's, sized by eval_counts), and one workspace for the
     larger of its two phases: generating, and scoring both models' answers in micro-batches."""
     student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
-    shapes, dtypes = {}, {}
-    for role, name in (("student", student), ("teacher", teacher)):
-        shapes[role], dtypes[role] = cfg.shapes[name], cfg.models[name].dtype_bytes
+    names = {"student": student, "teacher": teacher}
+    shapes = {role: cfg.shapes[name] for role, name in names.items()}
+    dtypes = {role: cfg.models[name].dtype_bytes for role, name in names.items()}
     rollout, stage = cfg.stage("rollout").name, counts.stage
     pool_keys = (f"{stage}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage}.max_new_tokens", f"{rollout}.page_size")
@@ -241,10 +272,12 @@ def _eval_buffers(cfg: PipelineConfig, counts: EvalCounts, world_size: int) -> l
     metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics)" + (
         " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
     score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
-             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role])
+             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role],
+                                                  reference_sequence_tokens(cfg, names[role], counts.sequence_tokens))
                    for role in shapes) + metrics)
     all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{cfg.stage('teacher_score').name}.micro_batch_tokens",
-                f"{cfg.stage('loss').name}.chunk_tokens", *model_keys(cfg, student), *model_keys(cfg, teacher))
+                f"{cfg.stage('loss').name}.chunk_tokens", "pipeline.device", *model_keys(cfg, student),
+                *model_keys(cfg, teacher))
     eval_buffers = [
         Buffer(name=f"{stage}.kv_cache", category="kv_cache", lifetime="transient",
                bytes=sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"]),

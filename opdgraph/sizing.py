@@ -36,15 +36,31 @@ norms of models/norms.py, FlashAttention varlen; counted storage by storage in t
 - the gated MLP saves gate, up, act(gate) and their product (4 i x d).
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
 student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
-(Gemma 3: sliding and global, 2; others 1). The embedding saves only the token ids of the micro-batch. The
-plain-torch reference attention (CPU runs, fp32 models, head_dim > 256) saves its score matrices as well, per
-sequence; they are not planned.
+(Gemma 3: sliding and global, 2; others 1). The embedding saves only the token ids of the micro-batch.
+
+Where packed attention falls back to the plain-torch reference (models/attention_backend.py attend_one_sequence: a
+CPU target, an fp32 model, head_dim over 256 or not a multiple of 8; buffers.attention_fallback), it saves, per
+sequence of L tokens, its [heads, L, L] score matrices instead of the log-sum-exp:
+    a_reference = a(kv' = q) - 4 x heads + S x (heads x s + 1)
+- K/V heads are always repeated to the query heads (kv' = q); no log-sum-exp;
+- the fp32 softmax output (softmax backward reads it) and the probabilities cast back to the model dtype (the
+  product with V reads them): s = 4 + d bytes per score (fp32 models: s = 4, the cast is the same tensor);
+- the causal (or sliding) mask, one bool per query-key pair shared by the heads: 1 byte.
+A micro-batch of T tokens whose sequences are at most S tokens holds at most T / S sequences of S^2 pairs each,
+T x S pairs in all: S x (heads x s + 1) bytes per token per layer, S = max_prompt_tokens + max_new_tokens.
 
 Forward workspace, the no-grad forward's peak (teacher scoring; also the rollout's prefill and decode steps): inside
 a layer's MLP, the layer's input (held by the caller), the residual after attention, the attention output, the
 MLP's input (4 h x d), and gate, act(gate) and up or their product (3 i x d), plus the cos/sin tables of both RoPE
-kinds the model computes (4 x head_dim x d). For every supported family that is the largest set of one layer
-(attention's q, k, v, out and the norms' fp32 copies are smaller: measured in tests/test_saved_bytes.py).
+kinds the model computes (4 x head_dim x d). With FlashAttention that is the largest set of one layer for every
+supported family (attention's q, k, v, out and the norms' fp32 copies are smaller: measured in
+tests/test_saved_bytes.py). The reference attention materialises one sequence's scores at a time, and its peak
+(inside the softmax of the last sequence) can be larger:
+    T x (2 h + 2 q + 2 kv + 4 x head_dim) x d + S x q x d + S^2 x (heads x w + 1)
+the layer's input and its norm, q, k, v, the earlier sequences' outputs (T x q x d at most), the cos/sin tables,
+this sequence's K/V repeated to the query heads (2 S x q x d, of which the S x q above is the part beyond T x q),
+and its scores: w = d (masked scores) + 4 (their fp32 copy; none for fp32 models) + 4 (fp32 softmax output), and
+the bool mask. The forward workspace is the larger of the two peaks.
 
 Logit chunk, the loss's peak per chunk beyond its inputs and outputs (measured in tests/test_saved_bytes.py):
 - fused Triton path (CUDA target, loss.kernel auto or triton): the student's and the teacher's fp32 logits over the
@@ -62,6 +78,7 @@ from opdgraph.model_shapes import ModelShape
 
 FP32_BYTES = 4
 TOKEN_ID_BYTES = 4
+MASK_BYTES = 1  # a bool per query-key pair: the reference attention's causal mask
 # FlashAttention varlen takes head_dim up to this, in multiples of 8; mirrors kernels/varlen_attention.MAX_HEAD_DIM
 # (tests/test_saved_bytes.py checks they agree).
 FLASH_MAX_HEAD_DIM = 256
@@ -107,16 +124,25 @@ def kv_cache_bytes(shape: ModelShape, num_pages: int, page_size: int, dtype_byte
     return num_pages * page_size * shape.layers * 2 * shape.kv_dim * dtype_bytes
 
 
-def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False) -> int:
-    """a of the module docstring; kv_repeated: K/V heads repeated to the query heads before attention."""
+def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False,
+                                         reference_sequence_tokens: int = 0) -> int:
+    """a of the module docstring; kv_repeated: K/V heads repeated to the query heads before attention.
+    reference_sequence_tokens: S when the plain-torch reference attention runs (a_reference), 0 for FlashAttention."""
     norms = shape.norms_per_layer
-    attention_kv = shape.q_dim if kv_repeated else shape.kv_dim
+    reference = reference_sequence_tokens > 0
+    attention_kv = shape.q_dim if kv_repeated or reference else shape.kv_dim
     elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 4 * shape.intermediate
-    rows = norms + shape.heads  # one fp32 rstd per norm row, one fp32 log-sum-exp per head
+    rows = norms + (0 if reference else shape.heads)  # one fp32 rstd per norm row, one fp32 log-sum-exp per head
     if shape.qk_norm:
         elements += shape.q_dim + shape.kv_dim
         rows += shape.heads + shape.kv_heads
-    return elements * dtype_bytes + rows * FP32_BYTES
+    scores = reference_sequence_tokens * (shape.heads * reference_saved_score_bytes(dtype_bytes) + MASK_BYTES)
+    return elements * dtype_bytes + rows * FP32_BYTES + scores
+
+
+def reference_saved_score_bytes(dtype_bytes: int) -> int:
+    """s of the module docstring: the fp32 softmax output and, for a 16-bit model, its cast to the model dtype."""
+    return FP32_BYTES + (dtype_bytes if dtype_bytes != FP32_BYTES else 0)
 
 
 def rope_table_kinds(shape: ModelShape) -> int:
@@ -131,8 +157,8 @@ def activation_bytes_outside_layers_per_token(shape: ModelShape, dtype_bytes: in
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool,
-                     kv_repeated: bool = False) -> int:
-    per_layer = activation_bytes_per_token_per_layer(shape, dtype_bytes, kv_repeated)
+                     kv_repeated: bool = False, reference_sequence_tokens: int = 0) -> int:
+    per_layer = activation_bytes_per_token_per_layer(shape, dtype_bytes, kv_repeated, reference_sequence_tokens)
     outside = tokens * activation_bytes_outside_layers_per_token(shape, dtype_bytes)
     if checkpointing:
         return tokens * shape.layers * shape.hidden * dtype_bytes + tokens * per_layer + outside
@@ -143,9 +169,18 @@ def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     return tokens * shape.hidden * dtype_bytes
 
 
-def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
-    """The no-grad forward's peak over its inputs and weights (module docstring)."""
-    return tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
+                            reference_sequence_tokens: int = 0) -> int:
+    """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
+    the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention."""
+    mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+    if reference_sequence_tokens == 0:
+        return mlp
+    sequence = min(reference_sequence_tokens, tokens)
+    held = tokens * (2 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.head_dim) * dtype_bytes
+    score_bytes = dtype_bytes + (FP32_BYTES if dtype_bytes != FP32_BYTES else 0) + FP32_BYTES
+    scores = sequence * sequence * (shape.heads * score_bytes + MASK_BYTES)
+    return max(mlp, held + sequence * shape.q_dim * dtype_bytes + scores)
 
 
 # fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries

@@ -21,8 +21,10 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 MIB = 1024 * 1024
 OVERHEADS = ("cuda.cublas_workspace", "rollout.flashinfer", "rollout.decode_graph_pool")
 # Sized for the path that runs on the target (K/V heads repeated for FlashAttention, the fused loss kernel, no fp32
-# lm_head copies on CUDA): tests/test_saved_bytes.py measures both paths, tests/test_sizing.py pins the numbers.
-DEVICE_PATH_BUFFERS = ("student_activations", "backward.workspace", "logit_chunk", "eval.workspace")
+# lm_head copies on CUDA; the plain-torch attention's S x S scores on CPU, in the activations and the no-grad
+# forward workspaces): tests/test_saved_bytes.py measures both paths, tests/test_sizing.py pins the numbers.
+DEVICE_PATH_BUFFERS = ("student_activations", "backward.workspace", "logit_chunk", "teacher_score.workspace",
+                       "eval.workspace")
 
 
 def _plan(pipeline: str, *overrides: str):

@@ -5,7 +5,9 @@ Nothing here uses the planner's formulas to get an expected value: each test run
 real widths of a supported family (2 layers, a small vocabulary, bf16), measures with tests/memory_probe.py (bytes
 saved for backward, storage by storage; the CPU allocator's peak), and compares with the number the planner uses
 (opdgraph.sizing, the functions buffers.py calls) within 2%. Attention runs as the GPU's packed path with a
-FlashAttention stand-in that saves what the kernel saves, with K/V heads repeated (torch < 2.12) or not.
+FlashAttention stand-in that saves what the kernel saves, with K/V heads repeated (torch < 2.12) or not, or as the
+plain-torch reference a CPU run (or an fp32 model) falls back to, itself, at a few sequence lengths (its S x S
+scores make the bytes per token grow with the sequence length).
 
 The plan goldens (tests/golden/plan_*) are regenerated from the planner's own output with OPDGRAPH_REGEN_GOLDEN=1
 (tests/golden_helpers.py): a regenerated golden is not a check by itself. When a sizing formula changes, this file
@@ -25,8 +27,10 @@ import torch
 import opdgraph
 from memory_probe import AllocationTrace, cuda_fused_loss, cuda_torch_loss, flash_backend, saved_bytes
 from opdgraph import sizing
+from opdgraph.buffers import attention_fallback
 from opdgraph.kernels import varlen_attention
 from opdgraph.model_shapes import shape_from_hf_config
+from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.models.attention_metadata import PackedMetadata
 from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
@@ -73,23 +77,23 @@ def family_model(family: str):
     return build_random(family_config(family), dtype=torch.bfloat16)
 
 
-def micro_batch(vocab: int = VOCAB) -> MicroBatch:
+def micro_batch(vocab: int = VOCAB, lengths: tuple[int, ...] = SEQUENCE_LENGTHS) -> MicroBatch:
     generator = torch.Generator().manual_seed(0)
     bounds = [0]
-    for length in SEQUENCE_LENGTHS:
+    for length in lengths:
         bounds.append(bounds[-1] + length)
     input_ids = torch.randint(0, vocab, (bounds[-1],), generator=generator)
     loss_positions = torch.cat([torch.arange(start + 2, end) for start, end in zip(bounds, bounds[1:])])
     return MicroBatch(
-        input_ids=input_ids, positions=torch.cat([torch.arange(length) for length in SEQUENCE_LENGTHS]),
-        meta=PackedMetadata(cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(SEQUENCE_LENGTHS)),
+        input_ids=input_ids, positions=torch.cat([torch.arange(length) for length in lengths]),
+        meta=PackedMetadata(cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(lengths)),
         loss_positions=loss_positions, target_ids=input_ids[loss_positions],
         weights=torch.full((len(loss_positions),), 1.0 / len(loss_positions)),
         sample_of_position=torch.zeros(len(loss_positions), dtype=torch.long), samples=[])
 
 
-def runtime_context(model, checkpointing: bool = False):
-    batch = micro_batch()
+def runtime_context(model, checkpointing: bool = False, lengths: tuple[int, ...] = SEQUENCE_LENGTHS):
+    batch = micro_batch(lengths=lengths)
     ctx = types.SimpleNamespace(student=model, teacher=model, buffers=BufferTable(),
                                 facts={"activation_checkpointing": checkpointing})
     return ctx, types.SimpleNamespace(micro_batch=batch, index=0), batch.num_tokens
@@ -235,3 +239,102 @@ def test_flash_head_dim_limit_mirrors_the_kernel():
     """If this fails, the planner's FlashAttention head_dim limit (whether K/V heads are repeated) drifted from the
     kernel module's."""
     assert sizing.FLASH_MAX_HEAD_DIM == varlen_attention.MAX_HEAD_DIM
+
+
+# The plain-torch reference attention (every CPU run; on CUDA fp32 models and head_dims FlashAttention cannot take):
+# (family, dtype, sequence lengths of one micro-batch). Sequences of one length are the plan's worst case (T / S
+# sequences of S tokens), so the plan must match them; a batch of mixed lengths must stay under it.
+REFERENCE_ACTIVATION_CASES = [
+    ("qwen2.5-1.5b", torch.bfloat16, (64, 64, 64)),
+    ("qwen2.5-1.5b", torch.bfloat16, (320,)),
+    ("gemma-3-1b", torch.bfloat16, (96, 96)),  # head_dim 256, 4 norms, q/k norms, a sliding layer
+    ("qwen3-4b", torch.bfloat16, (128,)),
+    ("smollm2-135m", torch.float32, (256, 256)),  # fp32: the softmax output is the probabilities, saved once
+    ("llama-3.2-1b", torch.bfloat16, SEQUENCE_LENGTHS),  # mixed lengths: at most the plan
+]
+# The no-grad peak: sequences long enough that the attention's scores, not the MLP, set it (all but gemma's, the
+# MLP's case, which the plan's max must still pick); two sequences: the first one's output is held meanwhile.
+REFERENCE_WORKSPACE_CASES = [
+    ("qwen2.5-1.5b", torch.bfloat16, (512,)),
+    ("qwen3-4b", torch.bfloat16, (256,)),
+    ("smollm2-135m", torch.float32, (1024, 1024)),
+    ("gemma-3-1b", torch.bfloat16, (96, 96)),
+    ("llama-3.2-1b", torch.bfloat16, SEQUENCE_LENGTHS),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model(family: str, dtype: torch.dtype):
+    """The family's model in `dtype` (bf16: the shared one of family_model)."""
+    return family_model(family) if dtype == torch.bfloat16 else build_random(family_config(family), dtype=dtype)
+
+
+def _reference_case(family, dtype, lengths):
+    """The model with the packed backend a CPU run selects (the reference), its runtime context over `lengths`."""
+    shape = shape_from_hf_config(family_config(family))
+    model = reference_model(family, dtype)
+    model.set_attention_backend(varlen_attention.select_packed_backend("cpu"))
+    assert isinstance(model.backend, TorchReferenceBackend)
+    ctx, loop, tokens = runtime_context(model, lengths=lengths)
+    return shape, model, ctx, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
+
+
+@pytest.mark.parametrize("family, dtype, lengths", REFERENCE_ACTIVATION_CASES)
+def test_reference_attention_saved_activations_match_the_plan(family, dtype, lengths):
+    """If this fails, the plain-torch attention fallback saves for backward a different number of bytes per token
+    per layer (its score and probability matrices, its mask, K/V repeated) than the plan's student_activations
+    assume for a CPU target or an fp32 model: CPU runs would be under- (or over-) planned, more so the longer the
+    sequences."""
+    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+
+    def forward():
+        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
+        return ctx.buffers.get_item("student_activations", 0)
+
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    per_layer = sizing.activation_bytes_per_token_per_layer(shape, dtype_bytes, reference_sequence_tokens=longest)
+    for layer in ("layer0", "layer1"):
+        if uniform:
+            assert_close(measured[layer] / tokens, per_layer, f"{family} {lengths} {layer} bytes per token")
+        else:
+            assert measured[layer] / tokens <= per_layer, f"{family} {lengths} {layer} above the worst case"
+    outside = measured["outside"] + measured["output"].untyped_storage().nbytes()
+    planned = sizing.activation_bytes(shape, tokens, dtype_bytes, False, reference_sequence_tokens=longest)
+    total = measured["layer0"] + measured["layer1"] + outside
+    if uniform:
+        assert_close(total, planned, f"{family} {lengths} total")
+    else:
+        assert total <= planned
+
+
+@pytest.mark.parametrize("family, dtype, lengths", REFERENCE_WORKSPACE_CASES)
+def test_reference_attention_forward_peak_matches_the_workspace(family, dtype, lengths):
+    """If this fails, the no-grad forward (teacher scoring, eval scoring) through the plain-torch attention peaks
+    above or below the plan's forward workspace: one sequence's scores, their fp32 copy and softmax output can
+    exceed the MLP's peak, and the plan would miss it."""
+    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+    with AllocationTrace() as trace:
+        training.teacher_score(ctx, loop)
+    planned = sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, reference_sequence_tokens=longest)
+    if uniform:
+        assert_close(trace.peak(), planned, f"{family} {lengths}")
+    else:
+        assert trace.peak() <= planned * (1 + TOLERANCE)
+
+
+def test_planned_fallback_mirrors_the_kernel():
+    """If this fails, the planner's rule for when packed attention falls back to plain torch
+    (buffers.attention_fallback) drifted from the kernel module's (varlen_attention.unsupported_reason): a plan would
+    size FlashAttention's saves for a run that saves S x S scores, or the reverse."""
+    support = varlen_attention.VarlenSupport(True, native_gqa=True)
+    for device in ("cpu", "cuda"):
+        for dtype, dtype_name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
+                                  (torch.float32, "float32")):
+            for head_dim in (64, 100, 128, 256, 260, 512):
+                q = types.SimpleNamespace(is_cuda=device == "cuda", device=torch.device(device), dtype=dtype,
+                                          shape=(8, 4, head_dim))
+                cfg = types.SimpleNamespace(pipeline=types.SimpleNamespace(device=device),
+                                            shapes={"m": types.SimpleNamespace(head_dim=head_dim)},
+                                            models={"m": types.SimpleNamespace(dtype=dtype_name)})
+                kernel_falls_back = varlen_attention.unsupported_reason(q, None, support) is not None
+                assert attention_fallback(cfg, "m") == kernel_falls_back, (device, dtype_name, head_dim)

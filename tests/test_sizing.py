@@ -85,6 +85,12 @@ def test_activation_bytes_qwen_1b5():
     assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 2_560_036_000
     # checkpointing: 1000 x (28 x 1536 x 2 layer inputs + one recomputed layer 91,192 + 6,660) = 1000 x 183,868
     assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 183_868_000
+    # plain-torch attention, sequences of 512 tokens: K/V repeated 96,312, no lse - 12 x 4, and per token 512 pairs
+    # x (12 heads x (4 fp32 softmax + 2 bf16 probabilities) + 1 mask byte) = 37,376: 133,640 (measured)
+    assert sizing.activation_bytes_per_token_per_layer(small, 2, reference_sequence_tokens=512) == 133_640
+    # fp32, 256 tokens: 45,568 elements x 4 + 56 = 182,328, K/V repeated + 2 x 4 x 1280 = 192,568;
+    # - 48 + 256 x (12 x 4 (the softmax output is the probabilities) + 1) = 12,544: 205,064
+    assert sizing.activation_bytes_per_token_per_layer(small, 4, reference_sequence_tokens=256) == 205_064
 
 
 def test_forward_workspace_and_logit_chunks():
@@ -93,6 +99,14 @@ def test_forward_workspace_and_logit_chunks():
     # inside an MLP: 2 bytes x (4 x 3584 hidden-size tensors + 3 x 18944 + 4 x 128 cos/sin) = 143,360 per token
     assert sizing.forward_workspace_bytes(shape(QWEN_7B), 1000, 2) == 143_360_000
     assert sizing.hidden_state_bytes(shape(QWEN_7B), 8192, 2) == 8192 * 3584 * 2
+    # plain-torch attention, one 512-token sequence of Qwen2.5-1.5B: 512 x (2 x 1536 input and norm + 2 x 1536 q and
+    # earlier outputs + 2 x 256 k, v + 4 x 128 cos/sin) x 2 = 7,340,032, + 512 x 1536 x 2 (K/V repeated beyond
+    # that) = 1,572,864, + 512^2 x (12 heads x (2 + 4 + 4) + 1 mask) = 31,719,424: 40,632,320, above the MLP's
+    # 512 x (4 x 1536 + 3 x 8960 + 4 x 128) x 2 = 34,340,864
+    assert sizing.forward_workspace_bytes(shape(QWEN_1B5), 512, 2) == 34_340_864
+    assert sizing.forward_workspace_bytes(shape(QWEN_1B5), 512, 2, reference_sequence_tokens=512) == 40_632_320
+    # 128-token sequences: the scores (128^2 x 121 = 1,982,464) stay under the MLP's peak
+    assert sizing.forward_workspace_bytes(shape(QWEN_1B5), 512, 2, reference_sequence_tokens=128) == 34_340_864
     # 1024 positions x 151,936 student columns = 155,582,464 logits
     # fused kernel: x 2 buffers x 4 bytes + 1024 x 2 x 4 per-row values
     assert sizing.logit_chunk_bytes(1024, 151936, 2, fused=True) == 1_244_667_904
@@ -105,8 +119,10 @@ def test_forward_workspace_and_logit_chunks():
     # CUDA: K/V repeated (96,312 per layer), the fused loss kernel. 7,680 micro-batch tokens (5 x 1536) x
     # (28 x 96,312 + 6,660) = 20,762,081,280.
     (["pipeline.device=cuda"], 20_762_081_280, 1_244_667_904),
-    # CPU: no K/V repeat (91,192): 7,680 x (28 x 91,192 + 6,660); torch reverse_kl and the fp32 lm_heads.
-    (["pipeline.device=cpu"], 19_661_076_480, 4_978_638_848),
+    # CPU: the plain-torch attention, sequences of S = 512 + 1024 = 1,536 tokens: a_reference = 96,312 (K/V
+    # repeated) - 48 (no lse) + 1,536 x (12 heads x 6 + 1) = 208,392 per layer; 7,680 x (28 x 208,392 + 6,660);
+    # torch reverse_kl and the fp32 lm_heads.
+    (["pipeline.device=cpu"], 44_863_764_480, 4_978_638_848),
     # CUDA with loss.kernel = torch, jsd: 1024 x 151,936 x 5 x 4.
     (["pipeline.device=cuda", "loss.kernel=torch", "loss.divergence=jsd"], 20_762_081_280, 3_111_649_280),
 ])
