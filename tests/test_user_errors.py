@@ -82,3 +82,16 @@ def test_cuda_device_without_cuda_exits_2_before_loading_anything(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA device" in err and "pipeline.device" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_triton_loss_kernel_without_cuda_exits_2_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """If this fails, `loss.kernel = "triton"` on a machine without CUDA is found only at the first loss, after the
+    weights loaded and the run directory was written (a traceback there, and a run left to --restart)."""
+    monkeypatch.setattr("opdgraph.models.load_decoder", lambda *a, **k: pytest.fail("weights loaded"))
+    tiny = _copy_tiny(tmp_path)
+    code = main(["run", str(tiny), "--set", "loss.kernel=triton",
+                 "--set", f"pipeline.output_dir={json.dumps(str(tmp_path / 'run'))}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss.kernel" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -45,10 +45,11 @@ from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, s
 
 
 def _load_prompts(cfg, files: list[str], tokenizer):
+    from opdgraph.config.paths import data_file_path
     from opdgraph.data import load_prompt_set
 
     data = cfg.data
-    return load_prompt_set([str(Path(cfg.base_dir) / f) for f in files], tokenizer=tokenizer,
+    return load_prompt_set([data_file_path(cfg.base_dir, f) for f in files], tokenizer=tokenizer,
                            prompt_field=data.prompt_field, answer_field=data.answer_field,
                            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
                            on_bad_row=data.on_bad_row)
@@ -93,9 +94,14 @@ class Startup:
 
 def check_startup(cfg) -> Startup:
     """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device, the student's and the teacher's tokenizers, every row of every prompt file.
+    minutes of loading): the device (and the loss kernel it can run), the student's and the teacher's tokenizers,
+    every row of every prompt file.
     `opdgraph run --check` stops here."""
+    from opdgraph.runtime.training import check_loss_kernel
+
     device = pick_device(cfg.pipeline.device)
+    for stage in cfg.stages_of_kind("loss"):
+        check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
                                  {name: shape.vocab for name, shape in cfg.shapes.items()})
     tokenizer = tokenizers[cfg.model_with_role("student")]
