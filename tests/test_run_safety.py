@@ -204,15 +204,18 @@ def _dead_pid() -> int:
     ({"pid": "own", "host": "this"}, True, "in use by pid"),
     ({"pid": "dead", "host": "this"}, False, "stale"),
     ({"pid": 1, "host": "elsewhere.example"}, False, "another host"),
-    (None, False, "unknown process"),
+    ("", True, "empty or unreadable"),
+    ('{"pid": 12', True, "empty or unreadable"),
+    ("[1]", True, "empty or unreadable"),
 ])
 def test_lock_of_another_run(run_copy, capsys, holder, refused_with_flag, words):
     """A live run's lock must always refuse a second run (exit 2, naming the lock and the pid); a stale lock (its
-    process gone), one from another host, or an unreadable one, only until --take-over-lock is passed."""
+    process gone) or one from another host only until --take-over-lock is passed. An empty or cut-short lock may be
+    one being written right now: it must never be taken over (it was called stale and deleted under a live run)."""
     pipeline, run_dir = run_copy
     lock = run_dir / "run.lock"
-    if holder is None:
-        lock.write_text("")
+    if isinstance(holder, str):
+        lock.write_text(holder)
     else:
         pid = {"own": os.getpid(), "dead": _dead_pid()}.get(holder["pid"], holder["pid"])
         host = socket.gethostname() if holder["host"] == "this" else holder["host"]
