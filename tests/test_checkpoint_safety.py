@@ -203,3 +203,14 @@ def test_differences_name_keys_on_either_side():
     new = {"values": {"a.x": 1, "a.y": [1, 3], "new.z": json.loads("null")}}
     assert differences(old, new) == [("a.y", [1, 2], [1, 3]), ("gone.z", True, "(absent)"),
                                      ("new.z", "(absent)", None)]
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_restart_hint_is_the_one_given(tmp_path, damaged):
+    """No checkpoint, or every one damaged: the error must suggest the restart flags it was given (which name the
+    resumed directory when that is not the configured one), not a bare --restart that restarts another directory."""
+    if damaged:
+        (_save(tmp_path, 1) / "trainer.pt").write_bytes(b"")
+    words = "--restart --set 'pipeline.output_dir=/some where'"
+    with pytest.raises(CheckpointError, match=f"pass {words} instead of --resume"):
+        ckpt.resumable_checkpoint(tmp_path, restart=words)

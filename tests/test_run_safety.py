@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from opdgraph.cli import main
 from opdgraph.config import ConfigError, load_pipeline
 from opdgraph.errors import RunDirectoryError
 from opdgraph.runtime import checkpoint as ckpt
+from opdgraph.runtime import run_directory
 from opdgraph.runtime.run_logs import truncate_jsonl
 from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal
 
@@ -204,15 +206,18 @@ def _dead_pid() -> int:
     ({"pid": "own", "host": "this"}, True, "in use by pid"),
     ({"pid": "dead", "host": "this"}, False, "stale"),
     ({"pid": 1, "host": "elsewhere.example"}, False, "another host"),
-    (None, False, "unknown process"),
+    ("", True, "empty or unreadable"),
+    ('{"pid": 12', True, "empty or unreadable"),
+    ("[1]", True, "empty or unreadable"),
 ])
 def test_lock_of_another_run(run_copy, capsys, holder, refused_with_flag, words):
     """A live run's lock must always refuse a second run (exit 2, naming the lock and the pid); a stale lock (its
-    process gone), one from another host, or an unreadable one, only until --take-over-lock is passed."""
+    process gone) or one from another host only until --take-over-lock is passed. An empty or cut-short lock may be
+    one being written right now: it must never be taken over (it was called stale and deleted under a live run)."""
     pipeline, run_dir = run_copy
     lock = run_dir / "run.lock"
-    if holder is None:
-        lock.write_text("")
+    if isinstance(holder, str):
+        lock.write_text(holder)
     else:
         pid = {"own": os.getpid(), "dead": _dead_pid()}.get(holder["pid"], holder["pid"])
         host = socket.gethostname() if holder["host"] == "this" else holder["host"]
@@ -246,13 +251,55 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     assert f"{target} is a file" in capsys.readouterr().err and target.read_text() == "not a directory"
 
 
-def test_damaged_log_line_is_a_run_directory_error(tmp_path):
-    """A log damaged before its last line must be a RunDirectoryError naming file:line (it was a bare
-    ValueError, a traceback)."""
+@pytest.mark.parametrize("line", ['{"step": 2', "[1]", "7", '"text"', "null", '{"step": "2"}', '{"step": true}',
+                                  '{"step": 2.5}'])
+def test_damaged_log_line_is_a_run_directory_error(tmp_path, line):
+    """A log line before the last that is not JSON, not an object, or has a step that is not an integer must be a
+    RunDirectoryError naming file:line, and leave the log as it was (they were a ValueError, AttributeError or
+    TypeError traceback)."""
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    text = f'{{"step": 1}}\n{line}\n{{"step": 3}}\n'
+    log.write_text(text)
     with pytest.raises(RunDirectoryError, match=f"{log}:2"):
         truncate_jsonl(log, 3)
+    assert log.read_text() == text
+
+
+def test_two_restarts_in_one_second_keep_both_attempts(run_copy, monkeypatch, capsys):
+    """previous-attempts/ folders are named to the second: a second --restart within that second must move its
+    files to a new folder, not fail on (or merge into) the first one."""
+    pipeline, run_dir = run_copy
+    shutil.rmtree(run_dir / "checkpoints")
+    monkeypatch.setattr(run_directory.time, "strftime", lambda pattern, *when: "20250101-120000")
+    settings = [*SETTINGS, f"pipeline.output_dir={run_dir}", "pipeline.num_steps=1"]
+    first = (run_dir / "metrics.jsonl").read_text()
+    assert _run(pipeline, "--restart", settings=settings) == 0
+    second = (run_dir / "metrics.jsonl").read_text()
+    shutil.rmtree(run_dir / "checkpoints")  # the run ended with one: stopped before it again
+    assert _run(pipeline, "--restart", settings=settings) == 0
+    attempts = run_dir / "previous-attempts"
+    assert sorted(p.name for p in attempts.iterdir()) == ["20250101-120000", "20250101-120000-2"]
+    assert (attempts / "20250101-120000" / "metrics.jsonl").read_text() == first
+    assert (attempts / "20250101-120000-2" / "metrics.jsonl").read_text() == second
+
+
+def test_restart_hint_of_a_failed_resume_names_that_directory(run_copy, tmp_path, monkeypatch, capsys):
+    """`--resume DIR` of a run without a checkpoint suggests --restart; with no output_dir set that restarted the
+    default runs/<name>, not DIR. The hint must carry DIR (shell-quoted), and running it must restart DIR."""
+    pipeline, run_dir = run_copy
+    spaced = tmp_path / "run with space"
+    run_dir.rename(spaced)
+    shutil.rmtree(spaced / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    settings = [*SETTINGS, "pipeline.num_steps=1"]
+    assert _run(pipeline, "--resume", str(spaced), settings=settings) == 2
+    message = capsys.readouterr().err
+    hint = f"--restart --set {shlex.quote(f'pipeline.output_dir={spaced}')}"
+    assert f"pass {hint} instead of --resume" in message, message
+    assert _run(pipeline, *shlex.split(hint), settings=settings) == 0
+    assert "--restart: moved" in capsys.readouterr().out
+    assert (spaced / "previous-attempts").is_dir() and not (tmp_path / "runs").exists()
+    assert _train_steps(spaced) == [1]
 
 
 def test_first_signal_asks_second_stops_at_once():

@@ -194,9 +194,11 @@ def damage(checkpoint: Path) -> str | None:
     return "; ".join(problems) or None
 
 
-def resumable_checkpoint(run_dir: Path, chosen: Path | None = None) -> tuple[int, Path, list[str]]:
+def resumable_checkpoint(run_dir: Path, chosen: Path | None = None, *,
+                         restart: str = "--restart") -> tuple[int, Path, list[str]]:
     """(step, path, messages) of the checkpoint to resume: `chosen` when given and intact, else the newest intact one;
-    each damaged one skipped is named in a message. CheckpointError when there is none."""
+    each damaged one skipped is named in a message. CheckpointError when there is none, naming `restart`, the
+    flags that start `run_dir` over (opdgraph.runtime.run_directory)."""
     if chosen is not None:
         problem = damage(chosen)
         if problem:
@@ -208,7 +210,7 @@ def resumable_checkpoint(run_dir: Path, chosen: Path | None = None) -> tuple[int
     if not candidates:
         raise CheckpointError(
             f"--resume {run_dir}: no complete checkpoint in {root} (the run stopped before its first checkpoint, or "
-            "this is not a run directory); pass --restart instead of --resume to start it over (its files move to "
+            f"this is not a run directory); pass {restart} instead of --resume to start it over (its files move to "
             f"{run_dir}/previous-attempts/)")
     skipped = []
     for step, path in sorted(candidates.items(), reverse=True):
@@ -219,7 +221,7 @@ def resumable_checkpoint(run_dir: Path, chosen: Path | None = None) -> tuple[int
         skipped.append((path, problem))
     listed = "\n".join(f"  {where}: {why}" for where, why in skipped)
     raise CheckpointError(f"--resume {run_dir}: every checkpoint is damaged:\n{listed}\nrestore one from a backup, "
-                          "or pass --restart to start the run over")
+                          f"or pass {restart} instead of --resume to start the run over")
 
 
 def set_aside_newer(run_dir: Path, step: int) -> list[str]:

@@ -25,6 +25,7 @@ only if it changed (plan-resumed-step-N.txt/json). Under torchrun only rank 0 do
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,11 @@ class RunDirectory:
         moved = [p for p in sorted(self.path.iterdir()) if p.name not in (LOCK_NAME, PREVIOUS_ATTEMPTS)]
         if not moved:
             return
-        target = self.path / PREVIOUS_ATTEMPTS / time.strftime("%Y%m%d-%H%M%S")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target, number = self.path / PREVIOUS_ATTEMPTS / stamp, 1
+        while target.exists():  # two restarts within one second
+            number += 1
+            target = self.path / PREVIOUS_ATTEMPTS / f"{stamp}-{number}"
         target.mkdir(parents=True)
         for path in moved:
             os.replace(path, target / path.name)
@@ -143,8 +148,17 @@ class RunDirectory:
     def close(self) -> None:
         """Release the lock; remove the directory again if this run created it and wrote nothing."""
         self.lock.release()
-        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        if self.created:
+            _remove_if_empty(self.path)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a directory this run created and left empty; one that another run has begun to use meanwhile (its
+    lock is in it) stays, and so does any error this removal would otherwise hide."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _write_start_files(cfg, plan, run_dir: Path) -> None:
@@ -160,20 +174,22 @@ def open_run_directory(cfg, request: RunRequest, *, config_record: dict) -> RunD
     """Lock and check the run directory the request names (see the module docstring); raises RunDirectoryError or
     CheckpointError, saying what to do, when it cannot be used."""
     run_dir, chosen = resolve(cfg, request)
-    created = not run_dir.exists()
-    if created:
+    try:
         run_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:  # it was there, or another run starting at the same time made it: the lock decides
+        created = False
     try:
         lock = RunLock(run_dir, take_over=request.take_over_lock)
     except BaseException:
         if created:
-            run_dir.rmdir()
+            _remove_if_empty(run_dir)
         raise
     directory = RunDirectory(path=run_dir, lock=lock, created=created, request=request)
     for message in lock.messages:
         print(f"{run_dir}: {message}")
     try:
-        _check(directory, chosen, config_record)
+        _check(directory, chosen, config_record, _restart_words(cfg, run_dir))
     except BaseException:
         directory.close()
         raise
@@ -185,17 +201,25 @@ def open_run_directory(cfg, request: RunRequest, *, config_record: dict) -> RunD
     return directory
 
 
-def _check(directory: RunDirectory, chosen: Path | None, config_record: dict) -> None:
+def _restart_words(cfg, run_dir: Path) -> str:
+    """The flags that restart `run_dir`: --restart starts over the configured directory, which a `--resume DIR`
+    need not be."""
+    if Path(run_dir).resolve() == configured_directory(cfg).resolve():
+        return "--restart"
+    return f"--restart --set {shlex.quote(f'pipeline.output_dir={run_dir}')}"
+
+
+def _check(directory: RunDirectory, chosen: Path | None, config_record: dict, restart: str) -> None:
     if directory.request.resume is not None:
-        _check_resume(directory, chosen, config_record)
+        _check_resume(directory, chosen, config_record, restart)
     else:
         _check_new_run(directory)
 
 
-def _check_resume(directory: RunDirectory, chosen: Path | None, config_record: dict) -> None:
+def _check_resume(directory: RunDirectory, chosen: Path | None, config_record: dict, restart: str) -> None:
     """The checkpoint to resume (the newest intact one, or `chosen`), and the config changes since it."""
     run_dir = directory.path
-    directory.step, checkpoint, messages = ckpt.resumable_checkpoint(run_dir, chosen)
+    directory.step, checkpoint, messages = ckpt.resumable_checkpoint(run_dir, chosen, restart=restart)
     for message in messages:
         print(message)
     old_record = ckpt.read_config_record(checkpoint)

@@ -52,7 +52,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
                 break
             raise RunDirectoryError(f"{path}:{number}: not valid JSON ({error}); the run log is damaged: fix or "
                                     "remove that line, then resume again") from error
-        if record.get("step", 0) <= last_step:
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunDirectoryError(f"{path}:{number}: not a record of this log (a JSON object with an integer "
+                                    f"\"step\"): {line[:80]}; the run log is damaged: fix or remove that line, then "
+                                    "resume again")
+        if step <= last_step:
             kept.append(line)
     replace_text(path, "".join(line + "\n" for line in kept))
 
