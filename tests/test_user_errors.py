@@ -95,3 +95,14 @@ def test_triton_loss_kernel_without_cuda_exits_2_before_loading_anything(tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and "loss.kernel" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """If this fails, `pipeline.output_dir = "~/runs/x"` writes into a folder literally named `~` (data paths
+    expand `~`; the run directory must too)."""
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime.run_directory import configured_directory
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_pipeline(str(_copy_tiny(tmp_path)), ['pipeline.output_dir="~/runs/x"'])
+    assert configured_directory(cfg) == tmp_path / "home" / "runs" / "x"

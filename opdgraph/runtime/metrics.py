@@ -77,13 +77,13 @@ class MetricsLog:
 class ProgressLine:
     """A one-line progress bar on stderr with live metrics; plain lines when stderr is not a terminal."""
 
-    def __init__(self, total: int, *, enabled: bool, first_step: int = 0, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, *, enabled: bool, first_step: int = 0, stream: TextIO | None = None):
         self.total = total
         self.first_step = first_step  # steps done before this process started (resume): not part of its speed
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream or sys.stderr  # looked up now: a default bound at import would outlive a redirect
         self.start = time.perf_counter()
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def update(self, done: int, fields: dict[str, float]) -> None:
         if not self.enabled:

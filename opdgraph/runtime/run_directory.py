@@ -53,7 +53,8 @@ class RunRequest:
 
 
 def configured_directory(cfg) -> Path:
-    return Path(cfg.pipeline.output_dir or f"runs/{cfg.pipeline.name}")
+    """pipeline.output_dir (`~` expanded, as data paths are), else runs/<name> under the working directory."""
+    return Path(os.path.expanduser(cfg.pipeline.output_dir or f"runs/{cfg.pipeline.name}"))
 
 
 def resolve(cfg, request: RunRequest) -> tuple[Path, Path | None]:
@@ -72,7 +73,7 @@ def resolve(cfg, request: RunRequest) -> tuple[Path, Path | None]:
     chosen = given if ckpt.STEP_NAME.fullmatch(given.name) and given.parent.name == "checkpoints" else None
     run_dir = given.parent.parent if chosen is not None else given
     explicit = cfg.provenance.get("pipeline.output_dir", "default") != "default"  # the loader fills the default in
-    if explicit and Path(cfg.pipeline.output_dir).resolve() != run_dir.resolve():
+    if explicit and configured_directory(cfg).resolve() != run_dir.resolve():
         raise RunDirectoryError(f"--resume {given} continues the run in {run_dir}, but pipeline.output_dir is "
                                 f"{cfg.pipeline.output_dir}; a resumed run writes where it was resumed from: drop "
                                 f"pipeline.output_dir or set it to {run_dir}")
