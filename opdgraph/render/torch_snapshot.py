@@ -36,9 +36,10 @@ def _frames(plan: Plan, name: str, where: str) -> list[dict]:
              "filename": f"opdgraph plan {plan.name}: {where}", "line": 0}]
 
 
-def _event(action: str, address: int, size: int, frames: list[dict], time_us: int) -> dict:
+def _event(action: str, address: int, size: int, frames: list[dict], time_us: int, category: str) -> dict:
+    # category: the viewer colors the timeline by it (as for profiler-made snapshots), like the plan page's bars
     return {"action": action, "addr": address, "size": size, "stream": 0, "frames": frames, "time_us": time_us,
-            "device_free": 0}
+            "category": category}
 
 
 def snapshot_dict(plan: Plan) -> dict:
@@ -49,14 +50,14 @@ def snapshot_dict(plan: Plan) -> dict:
     def alloc(name: str, where: str) -> None:
         if name in addresses:
             trace.append(_event("alloc", addresses[name], plan.buffers[name].bytes, _frames(plan, name, where),
-                                time_us))
+                                time_us, plan.buffers[name].category))
             live.add(name)
 
     def free(name: str, where: str) -> None:
         if name in addresses:
             for action in ("free_requested", "free_completed"):
                 trace.append(_event(action, addresses[name], plan.buffers[name].bytes, _frames(plan, name, where),
-                                    time_us))
+                                    time_us, plan.buffers[name].category))
             live.discard(name)
 
     for name, buffer in plan.buffers.items():
