@@ -1,6 +1,6 @@
 """The plan page in a real headless Chromium (skipped where none is installed, as in CI): no two text boxes overlap
 (the budget label once ran into the legend, rotated step names into each other) and the browser requests no
-resource. A script added to a copy of the page writes the laid-out boxes of every piece of text into the DOM;
+resource, and pointing at a buffer shows its details. A script added to a copy of the page writes the laid-out boxes of every piece of text into the DOM;
 `chromium --dump-dom` prints that DOM and the check runs here."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed"
 # Boxes of rendered text: SVG <text> by its element box (rotation included), HTML text by the line boxes of each
 # text node. Hidden text (the closed hover box, <title>) has no boxes.
 MEASURE = """<script>
-(function () {
+document.addEventListener("DOMContentLoaded", function () {  // after the page's own handler: hover is wired
   var boxes = [];
   function keep(label, rect) {
     if (rect.width > 0.5 && rect.height > 0.5) {
@@ -51,11 +51,16 @@ MEASURE = """<script>
     node = walker.nextNode();
   }
   var resources = performance.getEntriesByType("resource").map(function (entry) { return entry.name; });
+  var shape = document.querySelector("rect[data-buffer]");
+  shape.dispatchEvent(new MouseEvent("mousemove", {bubbles: true, clientX: 20, clientY: 20}));
+  var tip = document.getElementById("tip");
+  var hover = {buffer: shape.getAttribute("data-buffer"), text: tip ? tip.innerText : "",
+               titles_left: document.querySelectorAll("[data-buffer] title").length};
   var out = document.createElement("pre");
   out.id = "measured-boxes";
-  out.textContent = JSON.stringify({boxes: boxes, resources: resources});
+  out.textContent = JSON.stringify({boxes: boxes, resources: resources, hover: hover});
   document.body.appendChild(out);
-})();
+});
 </script>"""
 
 
@@ -97,11 +102,15 @@ def test_no_text_overlaps_in_a_real_browser(tmp_path, pipeline, overrides, measu
     texts = " ".join(box["text"] for box in result["boxes"])
     assert "budget" in texts and "peak" in texts and plan.steps[-1].name in texts  # the measurement saw the page
     assert _overlaps(result["boxes"]) == []
+    hover, buffer = result["hover"], plan.buffers[result["hover"]["buffer"]]  # pointing at a buffer shows details
+    assert f"formula: {buffer.formula}" in hover["text"] and f"{buffer.bytes:,} bytes" in hover["text"]
+    assert hover["titles_left"] == 0  # the <title> fallbacks are gone, so the browser's tooltip does not cover it
 
 
 def test_the_overlap_check_sees_overlaps(tmp_path):
     """If this fails, the browser test passes vacuously: text drawn on top of other text is not reported."""
     page = ('<!DOCTYPE html><html><body><svg width="300" height="100"><text x="10" y="40">budget 72.00 GiB</text>'
-            '<text x="30" y="44">weights</text></svg><p>fine</p></body></html>')
+            '<text x="30" y="44">weights</text><rect data-buffer="x" width="5" height="5"/></svg><p>fine</p>'
+            "</body></html>")
     overlaps = _overlaps(_render_in_browser(page, tmp_path)["boxes"])
     assert len(overlaps) == 1 and "budget" in overlaps[0] and "weights" in overlaps[0]

@@ -117,6 +117,8 @@ def lifetime_chart(plan: Plan, live: list[tuple[str, ...]]) -> str:
     width = NAME_COLUMN + STEP_WIDTH * len(plan.steps) + 20
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="lifetime-chart" width="{width}" '
              f'height="{TOP + ROW_HEIGHT * len(names) + 10}" font-family="sans-serif">']
+    parts.append(f'<text x="6" y="{TOP - 8}" font-size="10" fill="#555">buffer</text>'
+                 f'<text x="{NAME_COLUMN - 8}" y="{TOP - 8}" font-size="10" fill="#555" text-anchor="end">GiB</text>')
     for index, step in enumerate(plan.steps):
         parts.append(f'<text x="{NAME_COLUMN + (index + 0.5) * STEP_WIDTH:.1f}" y="{TOP - 8}" font-size="10" '
                      f'text-anchor="middle">{index}<title>{escape(step.name)}</title></text>')
