@@ -45,8 +45,13 @@ def _load(args):
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pipeline_arguments(parser)
-    parser.add_argument("--format", choices=("text", "json", "html"), default="text", help="output format")
+    parser.add_argument("--format", choices=("text", "json", "html", "torch-snapshot"), default="text",
+                        help="output format; torch-snapshot: the predicted schedule as a PyTorch memory snapshot "
+                             "(a pickle for https://pytorch.org/memory_viz; needs --out)")
     parser.add_argument("--out", help="write to this file instead of stdout")
+    parser.add_argument("--measured", metavar="RUN_DIR",
+                        help="with --format html: draw the predicted-vs-measured memory of a run recorded with "
+                             "`opdgraph run --record-memory` (RUN_DIR/memory.json) on the same page")
     parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                         help="plan one rank of an N-rank data-parallel run (sharded student, per-rank batch)")
 
@@ -54,6 +59,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args) -> int:
     from opdgraph.fit import fit_plan
     from opdgraph.render import RENDERERS
+    if args.measured and args.format != "html":
+        raise OpdgraphError(f"--measured {args.measured}: only the html page draws a recorded run; add --format html")
+    if args.format == "torch-snapshot" and not args.out:
+        raise OpdgraphError("--format torch-snapshot writes a binary pickle: name the file with --out plan.pickle")
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
@@ -61,7 +70,12 @@ def run_plan(args) -> int:
     if fitted is None:
         return EXIT_CONFIG_ERROR
     plan = fitted.plan  # the configured plan, or the fit search's choice when that is over budget
-    output = RENDERERS[args.format](plan)
+    if args.measured:
+        from opdgraph.render.measured import read_measured
+
+        output = RENDERERS["html"](plan, read_measured(args.measured))
+    else:
+        output = RENDERERS[args.format](plan)
     if args.out:
         _write_output(args.out, output)
     else:
@@ -72,15 +86,19 @@ def run_plan(args) -> int:
     return 0
 
 
-def _write_output(path: str, text: str) -> None:
+def _write_output(path: str, text: str | bytes) -> None:
     import os
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OpdgraphError(f"--out {path}: the folder {folder} does not exist; create it first or choose another path")
     try:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        if isinstance(text, bytes):
+            with open(path, "wb") as handle:
+                handle.write(text)
+        else:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
     except OSError as error:
         raise OpdgraphError(f"--out {path}: cannot write there ({error.strerror}); choose another path") from error
 

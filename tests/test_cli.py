@@ -81,6 +81,7 @@ for kind in KIND_NAMES:
     stage_kind(kind)
 from opdgraph.cli import main
 assert main(["plan", sys.argv[1], "--format", "json", "--out", sys.argv[2]]) == 0
+assert main(["plan", sys.argv[1], "--format", "torch-snapshot", "--out", sys.argv[2] + ".pickle"]) == 0
 assert main(["config", sys.argv[1]]) == 0
 """
 
