@@ -19,14 +19,15 @@ import os
 import re
 from pathlib import Path
 
-TOKENIZER_PATTERNS = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+BYTE_TOKENIZER_FILE = "opdgraph_byte_tokenizer.json"  # opdgraph.models.tokenizers' marker (a saved byte tokenizer)
+TOKENIZER_PATTERNS = ["tokenizer*", BYTE_TOKENIZER_FILE, "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "chat_template.json", "chat_template.jinja", "generation_config.json"]
 FILE_PATTERNS = {  # what each caller needs from the repository
     "config": ["config.json"],
     "tokenizer": ["config.json", *TOKENIZER_PATTERNS],
     "weights": ["config.json", *TOKENIZER_PATTERNS, "*.safetensors", "model.safetensors.index.json"],
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", BYTE_TOKENIZER_FILE)
 # owner/name of the Hub's repo ids: letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
 HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
 TRUE_VALUES = {"1", "on", "yes", "true"}
