@@ -169,6 +169,6 @@ def shape_from_path(path: str, base_dir: str, revision: str | None = None) -> Mo
         return shape_from_gguf(real)
     config_file = os.path.join(real, "config.json") if os.path.isdir(real) else real
     if not os.path.isfile(config_file):
-        raise ShapeError(f"no config.json at {path!r} (looked at {real}; relative paths start at the pipeline "
-                         f"file's directory; a Hub id is owner/name, e.g. Qwen/Qwen3-1.7B)")
+        raise ShapeError(f"no config.json at {path!r} (relative paths start at the pipeline file's directory; a "
+                         f"Hub id such as Qwen/Qwen3-1.7B is one owner/name, looked up when no such local path exists)")
     return shape_from_hf_config(read_config_file(config_file, ShapeError), config_file)
