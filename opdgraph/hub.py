@@ -50,7 +50,10 @@ def hub_cache_dir() -> Path:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES
+    """HF_HUB_OFFLINE now, or when huggingface_hub was imported (it then refuses every request)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES or bool(constants.HF_HUB_OFFLINE)
 
 
 def download_command(repo_id: str, revision: str | None) -> str:
