@@ -28,8 +28,10 @@ FILE_PATTERNS = {  # what each caller needs from the repository
     "weights": ["config.json", *TOKENIZER_PATTERNS, "*.safetensors", "model.safetensors.index.json"],
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", BYTE_TOKENIZER_FILE)
-# owner/name of the Hub's repo ids: letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
-HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
+# owner/name of the Hub's repo ids: letters, digits, '-', '_', '.'; each part starts and ends with a letter, digit or
+# '_' (huggingface_hub's validate_repo_id), at most 96 characters.
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"^{_PART}/{_PART}$")
 TRUE_VALUES = {"1", "on", "yes", "true"}
 
 
@@ -96,6 +98,8 @@ def hub_snapshot(repo_id: str, revision: str | None, files: str, error: type[Exc
         missing = missing_files(Path(directory), files)
     except LocalEntryNotFoundError:
         missing = ["the snapshot"]
+    except HFValidationError as problem:  # e.g. a revision the Hub cannot name
+        raise error(f"{where}: {problem}; fix the id or the revision") from problem
     if not missing:
         return directory
     if hub_offline():

@@ -74,7 +74,8 @@ def hub_pipeline(tmp_path: Path, teacher_lines: str) -> str:
     ("Qwen3-1.7B", False),  # no owner: a relative directory name, never guessed to be a Hub id
     ("models/org/name", False), ("org/name.json", False), ("org/name.gguf", False),
     ("pkg:opdgraph/model_configs", False), ("org/../name", False), ("org--x/name", False), ("/abs/path", False),
-    ("-org/name", False), ("org/", False),
+    ("-org/name", False), ("org/", False), ("org/name.", False), ("org-/name", False), ("o/" + "n" * 96, True),
+    ("o/" + "n" * 97, False),
 ])
 def test_hub_id_form(path, is_hub_form):
     """If this fails, a local file name is sent to the Hub, or a valid owner/name id is read as a missing file."""
@@ -140,3 +141,30 @@ def test_run_check_reads_the_same_snapshot(cache, tmp_path, monkeypatch):
         model_source(cfg.models["teacher"], Path(cfg.base_dir), "weights")
     (Path(planned) / "model.safetensors").write_bytes(b"")  # present is all the resolution looks at
     assert model_source(cfg.models["teacher"], Path(cfg.base_dir), "weights") == planned
+
+
+def test_online_and_not_cached_downloads_only_what_is_needed(cache, monkeypatch):
+    """If this fails, an online plan does not download a missing model, or downloads more than config.json for
+    plan (a plan would fetch many GB of weights), or the weights are not asked for by run."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    real = huggingface_hub.snapshot_download
+    requests = []
+
+    def fake_download(**options):  # stands in for the network: puts the snapshot into the cache, then reads it
+        if not options.get("local_files_only"):
+            requests.append(options["allow_patterns"])
+            add_snapshot(cache, options["repo_id"], "c" * 40, {"config.json": json.dumps(teacher_config(4)),
+                                                               "model.safetensors": ""}, refs=("main",))
+        return real(**options)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    directory = model_location("testorg/online", "/nonexistent", None, "config", ShapeError)
+    assert Path(directory) == cache / "models--testorg--online" / "snapshots" / ("c" * 40)
+    assert requests == [["config.json"]]
+    with pytest.raises(ModelLoadError, match="has no tokenizer.json"):  # downloaded, but no tokenizer in the repo
+        model_location("testorg/online", "/nonexistent", None, "weights", ModelLoadError)
+    assert "*.safetensors" in requests[-1] and "tokenizer*" in requests[-1]
