@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 BYTE_TOKENIZER_FILE = "opdgraph_byte_tokenizer.json"  # opdgraph.models.tokenizers' marker (a saved byte tokenizer)
-TOKENIZER_PATTERNS = ["tokenizer*", BYTE_TOKENIZER_FILE, "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                      "chat_template.json", "chat_template.jinja", "generation_config.json"]
+TOKENIZER_PATTERNS = ["tokenizer*", BYTE_TOKENIZER_FILE, "vocab.json", "merges.txt", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json"]
 FILE_PATTERNS = {  # what each caller needs from the repository
     "config": ["config.json"],
     "tokenizer": ["config.json", *TOKENIZER_PATTERNS],

@@ -4,8 +4,9 @@
 plus what a key alone does not show: each model's resolved shape (a model file changed under the same path) and a
 checksum of every prompt file's content (`data.file_checksum["data/train.jsonl"]`), the commit a Hub-id model
 resolved to (`models.<name>.resolved_revision`: `main` moved on) and a chat template file's checksum. Model weight
-files are not hashed (they can be many GB); their path and resolved architecture are compared. Each checkpoint stores the record
-(opdgraph.runtime.checkpoint, `config.json`); `--resume` compares it with the new run's (`differences`).
+files are not hashed (they can be many GB); their path and resolved architecture are compared. Each checkpoint
+stores the record (opdgraph.runtime.checkpoint, `config.json`); `--resume` compares it with the new run's
+(`differences`).
 
 A difference is fine when its key is in CADENCE: settings that change when things are logged, evaluated or saved,
 what is shown, or where and in how much memory it runs, but not what is computed nor the order of the data:
