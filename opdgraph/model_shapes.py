@@ -4,7 +4,10 @@ The planner never loads a tensor. It reads a model's shape from (in order of wha
 - an inline HF-style `config = {...}` dict,
 - `path` to a config .json file, or to a model directory holding `config.json`,
 - `path` to a .gguf file (header only; needs the optional `gguf` package, imported lazily),
+- `path` = a Hugging Face Hub id `owner/name` (+ optional `revision`): its config.json from the Hub cache, downloaded
+  when missing (opdgraph.hub),
 and `pkg:<package>/<file>` names a file inside an installed Python package (found with importlib, never imported).
+`model_location` is the one rule, shared with the runtime, that turns a model `path` into a file or directory.
 
 Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text), the same table the runtime builds
 from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config `plan` accepts
@@ -22,6 +25,7 @@ import os
 import attrs
 
 from opdgraph.families import FAMILY_BY_NAME
+from opdgraph.hub import hub_snapshot, looks_like_hub_id, snapshot_commit
 from opdgraph.gguf_header import hf_config_from_gguf, open_gguf
 from opdgraph.model_config_check import check_model_config, read_config_file
 
@@ -134,16 +138,37 @@ def shape_from_gguf(path: str) -> ModelShape:
     return shape_from_hf_config(hf_config_from_gguf(open_gguf(path, ShapeError), path, ShapeError), path)
 
 
-def shape_from_path(path: str, base_dir: str) -> ModelShape:
-    """A model `path` (config .json, model directory, .gguf, or pkg:...) -> its ModelShape."""
+def model_location(path: str, base_dir: str, revision: str | None, files: str, error: type[Exception]) -> str:
+    """A model `path` -> the file or directory to read, for plan and run alike. A path is a Hub id only when it
+    does not exist locally (relative to base_dir), has the form owner/name and is not pkg:, .gguf or .json; its
+    snapshot folder then holds `files` ("config", "tokenizer" or "weights", opdgraph.hub). `revision` is for Hub
+    ids only."""
     real = resolve_path(path, base_dir)
+    if not path.startswith("pkg:") and not os.path.exists(real) and looks_like_hub_id(path):
+        return hub_snapshot(path, revision, files, error)
+    if revision is not None:
+        found = "exists locally" if os.path.exists(real) else "is not of the Hub id form owner/name"
+        raise error(f"revision = {revision!r} is set but path {path!r} {found} ({real}); revision applies to Hub "
+                    "ids only: remove it, or name the model by its Hub id")
+    return real
+
+
+def hub_commit(path: str | None, base_dir: str, revision: str | None) -> str | None:
+    """The commit a Hub-id model resolved to (None for local paths and inline configs)."""
+    if path is None:
+        return None
+    return snapshot_commit(model_location(path, base_dir, revision, "config", ShapeError))
+
+
+def shape_from_path(path: str, base_dir: str, revision: str | None = None) -> ModelShape:
+    """A model `path` (config .json, model directory, .gguf, pkg:..., or Hub id) -> its ModelShape."""
+    real = model_location(path, base_dir, revision, "config", ShapeError)
     if path.endswith(".gguf"):
         if not os.path.isfile(real):
             raise ShapeError(f"GGUF file not found: {path!r} (looked at {real})")
         return shape_from_gguf(real)
     config_file = os.path.join(real, "config.json") if os.path.isdir(real) else real
     if not os.path.isfile(config_file):
-        raise ShapeError(f"no config.json at {path!r} (relative paths start at the pipeline file's directory; "
-                         f"the planner needs a local model directory or config .json; "
-                         f"download hub models first, e.g. `huggingface-cli download <id> --local-dir <dir>`)")
+        raise ShapeError(f"no config.json at {path!r} (relative paths start at the pipeline file's directory; a "
+                         f"Hub id such as Qwen/Qwen3-1.7B is one owner/name, looked up when no such local path exists)")
     return shape_from_hf_config(read_config_file(config_file, ShapeError), config_file)

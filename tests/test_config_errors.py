@@ -175,4 +175,4 @@ def test_model_tokenizer_key_is_unknown(tmp_path):
         load_pipeline(str(path))
     [problem] = caught.value.problems
     assert problem.path == "models.student.tokenizer" and problem.location == "case.toml:7"
-    assert problem.message.startswith("unknown key (valid keys: dtype, role, path, config, init_from")
+    assert problem.message.startswith("unknown key (valid keys: dtype, role, path, revision, config, init_from")

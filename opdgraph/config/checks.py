@@ -99,7 +99,7 @@ def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape
                 if not found:
                     shapes[name] = shape_from_hf_config(model.config, f"[models.{name}].config")
             elif model.path is not None:
-                shapes[name] = shape_from_path(model.path, base_dir)
+                shapes[name] = shape_from_path(model.path, base_dir, model.revision)
         except ShapeError as error:
             problems.append(problem(f"models.{name}.{'config' if model.config is not None else 'path'}", str(error)))
     for name, model in models.items():

@@ -120,11 +120,34 @@ class PipelineSection:
     fit: FitConfig = setting(FitConfig(), help="the search that makes an over-budget plan fit (opdgraph.fit)")
 
 
+# apply_chat_template's own parameters and the template's conversation: a template variable of these names would
+# change how the prompt is tokenised or replace the messages, not set an option of the template.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "conversation", "tools", "documents", "chat_template",
+                               "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
+                               "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                               "tokenizer_kwargs")
+
+
+def _template_variables(value) -> str | None:
+    reserved = [key for key in value if key in RESERVED_TEMPLATE_VARIABLES]
+    if reserved:
+        return (f"{', '.join(reserved)} cannot be template variables (opdgraph sets them when it renders a prompt); "
+                "remove them")
+    return None
+
+
+def _revision(value) -> str | None:
+    return None if value.strip() and value == value.strip() else f"must be a branch, tag or commit hash, got {value!r}"
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = setting(help="dtype the model's weights are held in on the device")
     role: Literal["student", "teacher"] = setting(help="student (trained, samples rollouts) or teacher (scores)")
-    path: str | None = setting(None, help="HF model directory or hub id, config .json, .gguf file, or pkg:<pkg>/<file>")
+    path: str | None = setting(None, help="HF model directory, Hub id owner/name (used when no such local path "
+                                          "exists), config .json, .gguf file, or pkg:<pkg>/<file>")
+    revision: str | None = setting(None, help="with a Hub id path: the branch, tag or commit hash (default main)",
+                                   check=_revision)
     config: dict[str, Any] | None = setting(None, help="inline HF-style config dict: a randomly initialised model")
     init_from: str | None = setting(None, help="name of another model to start from (e.g. the teacher)")
     keep_layers: list[int] | None = setting(None, help="with init_from: indices of the source layers to keep")
@@ -135,6 +158,14 @@ class ModelConfig:
                     "normal(0, initializer_range), values depend on the device's RNG)")
     offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
                                                   "memory, costs PCIe transfers)")
+    chat_template_kwargs: dict[str, Any] = setting(
+        {}, help="extra variables for this model's chat template, e.g. { enable_thinking = false } (Qwen3)",
+        check=_template_variables)
+    chat_template: str | None = setting(None, help="a Jinja chat template file (relative to the pipeline file) "
+                                                   "used instead of the tokenizer's own")
+    allow_template_mismatch: bool = setting(
+        False, help="teacher only: run even when this teacher's chat template renders the first prompts to other "
+                    "token ids than the student's (the teacher scores the student's ids; a mismatch biases it)")
 
     def cross_problems(self):
         sources = [name for name in ("path", "config", "init_from") if getattr(self, name) is not None]
@@ -143,6 +174,11 @@ class ModelConfig:
             yield "path", f"give exactly one of path, config, init_from (found: {found})"
         if self.keep_layers is not None and self.init_from is None:
             yield "keep_layers", "keep_layers needs init_from (the model whose layers are kept)"
+        if self.revision is not None and self.path is None:
+            yield "revision", "revision needs path = a Hub id (owner/name)"
+        if self.allow_template_mismatch and self.role != "teacher":
+            yield "allow_template_mismatch", ("allow_template_mismatch belongs on the teacher (it scores the "
+                                              "student's ids with its own template's view of them)")
         if self.keep_layers is not None and not self.keep_layers:
             yield "keep_layers", "keep_layers is empty; keep at least one layer"
 

@@ -7,6 +7,7 @@ from GGUF metadata); inline-config models get ``ByteTokenizer``, which needs no 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -76,6 +77,13 @@ class ByteTokenizer:
             ids.append(self.special_ids["<|assistant|>"])
         return ids
 
+    def with_chat_options(self, template: str | None, variables: dict) -> "ByteTokenizer":
+        """The byte format has no template to replace and reads no variables (the caller notes ignored ones)."""
+        if template is not None:
+            raise ModelLoadError("the built-in byte tokenizer (inline-config models) has a fixed chat format and "
+                                 "takes no chat_template file; remove chat_template, or use an HF tokenizer")
+        return self
+
     def save(self, directory: str | Path) -> None:
         (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"name": self.name}) + "\n")
 
@@ -95,6 +103,15 @@ class HFTokenizer:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=True)
         self.name = f"hf:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
+        self.chat_template: str | None = None  # replaces the tokenizer's own template when set
+        self.chat_variables: dict[str, Any] = {}  # extra template variables, e.g. enable_thinking
+
+    def with_chat_options(self, template: str | None, variables: dict) -> "HFTokenizer":
+        """A copy (same transformers tokenizer) that renders chats with `template` (Jinja source; None keeps the
+        tokenizer's own) and the extra template `variables`."""
+        configured = copy.copy(self)
+        configured.chat_template, configured.chat_variables = template, dict(variables)
+        return configured
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -103,14 +120,25 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelLoadError(f"tokenizer {self.tokenizer.name_or_path!r} has no chat template")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True, return_dict=False)
+        if not self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ModelLoadError(f"tokenizer {self.tokenizer.name_or_path!r} has no chat template (give the model "
+                                 "a chat_template file)")
+        ids = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                 add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                 return_dict=False, **self.chat_variables)
         return list(ids)
 
     def save(self, directory: str | Path) -> None:
-        self.tokenizer.save_pretrained(str(directory))
+        """Saved with the template the model was run with (template variables are not part of a tokenizer)."""
+        if self.chat_template is None:
+            self.tokenizer.save_pretrained(str(directory))
+            return
+        own = self.tokenizer.chat_template  # the transformers tokenizer is shared with the unconfigured adapter
+        self.tokenizer.chat_template = self.chat_template
+        try:
+            self.tokenizer.save_pretrained(str(directory))
+        finally:
+            self.tokenizer.chat_template = own
 
 
 def _generation_eos_ids(directory: Path) -> list[int]:

@@ -2,9 +2,11 @@
 
 `config_record(cfg)` is the resolved config as flat dotted keys (`step.lr`, `models.student.config.hidden_size`),
 plus what a key alone does not show: each model's resolved shape (a model file changed under the same path) and a
-checksum of every prompt file's content (`data.file_checksum["data/train.jsonl"]`). Model weight files are not
-hashed (they can be many GB); their path and resolved architecture are compared. Each checkpoint stores the record
-(opdgraph.runtime.checkpoint, `config.json`); `--resume` compares it with the new run's (`differences`).
+checksum of every prompt file's content (`data.file_checksum["data/train.jsonl"]`), the commit a Hub-id model
+resolved to (`models.<name>.resolved_revision`: `main` moved on) and a chat template file's checksum. Model weight
+files are not hashed (they can be many GB); their path and resolved architecture are compared. Each checkpoint
+stores the record (opdgraph.runtime.checkpoint, `config.json`); `--resume` compares it with the new run's
+(`differences`).
 
 A difference is fine when its key is in CADENCE: settings that change when things are logged, evaluated or saved,
 what is shown, or where and in how much memory it runs, but not what is computed nor the order of the data:
@@ -30,6 +32,7 @@ import attrs
 
 from opdgraph.config.paths import data_file_path
 from opdgraph.config.strict import unstructure
+from opdgraph.model_shapes import hub_commit
 from opdgraph.runtime.durable import DIGEST_NAME, file_digest
 
 PIPELINE_CADENCE = ("name", "device", "debug_memory", "memory_budget_gib", "release_phase_buffers",
@@ -48,6 +51,12 @@ def config_record(cfg) -> dict[str, Any]:
     for name, model in cfg.models.items():
         _flatten(f"models.{name}", unstructure(model), values)
         _flatten(f"models.{name}.resolved_shape", attrs.asdict(cfg.shapes[name]), values)
+        commit = hub_commit(model.path, cfg.base_dir, model.revision)
+        if commit is not None:
+            values[f"models.{name}.resolved_revision"] = commit
+        if model.chat_template is not None:
+            template = Path(data_file_path(cfg.base_dir, model.chat_template))
+            values[f"models.{name}.chat_template_checksum"] = file_digest(template) if template.is_file() else "missing"
     _flatten("data", unstructure(cfg.data), values)
     for name, stage in cfg.stages.items():
         values[f"{name}.kind"] = stage.kind

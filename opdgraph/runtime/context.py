@@ -72,19 +72,21 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_source(model_cfg, base_dir: Path) -> str | dict:
-    """What `load_model` takes: an inline config dict, or a resolved path (pkg: paths name a file in a package).
+def model_source(model_cfg, base_dir: Path, files: str = "weights") -> str | dict:
+    """What `load_model` takes: an inline config dict, or a resolved path (pkg: paths name a file in a package; a
+    Hub id is its snapshot folder in the Hub cache holding `files`, "tokenizer" or "weights", downloaded if needed:
+    opdgraph.model_shapes.model_location, the rule `plan` follows too).
 
     A path to a config .json (e.g. the shipped real configs) means: that architecture, randomly initialised.
     """
     if model_cfg.config is not None:
         return dict(model_cfg.config)
-    from opdgraph.model_shapes import resolve_path
+    from opdgraph.model_shapes import model_location
+    from opdgraph.models.errors import ModelLoadError
 
-    path = resolve_path(model_cfg.path, str(base_dir))
+    path = model_location(model_cfg.path, str(base_dir), model_cfg.revision, files, ModelLoadError)
     if path.endswith(".json"):
         from opdgraph.model_config_check import read_config_file
-        from opdgraph.models import ModelLoadError
 
         return read_config_file(path, ModelLoadError)
     return path
@@ -96,7 +98,7 @@ def load_tokenizers(models_cfg: dict, base_dir: Path, vocab_sizes: dict[str, int
     the models' vocabularies from the plan's shapes."""
     from opdgraph.models.loading import load_tokenizer
 
-    tokenizers = {name: load_tokenizer(model_source(model_cfg, base_dir), vocab_sizes[name])
+    tokenizers = {name: load_tokenizer(model_source(model_cfg, base_dir, "tokenizer"), vocab_sizes[name])
                   for name, model_cfg in models_cfg.items() if model_cfg.init_from is None}
     for name in models_cfg:
         tokenizers.setdefault(name, tokenizers[_root(models_cfg, name)])

@@ -33,6 +33,7 @@ import torch
 from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
+from opdgraph.runtime.chat_templates import check_template_agreement, configure_chat_templates
 from opdgraph.runtime.config_record import config_record
 from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models, load_tokenizers,
                                       pick_device, seed_everything, use_packed_attention)
@@ -104,8 +105,10 @@ def check_startup(cfg) -> Startup:
         check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
                                  {name: shape.vocab for name, shape in cfg.shapes.items()})
+    tokenizers = configure_chat_templates(cfg, tokenizers)  # each model's template file and variables
     tokenizer = tokenizers[cfg.model_with_role("student")]
     train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
+    check_template_agreement(cfg, tokenizers, train_prompts)
     print(f"train prompts: {train_prompts.summary.describe()}")
     eval_stage = cfg.stage("eval")
     eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
