@@ -1,5 +1,10 @@
 """Every buffer of a training step, sized with opdgraph.sizing and tagged with the config keys that size it.
 
+Each stage kind sizes its own buffers (opdgraph.stages.<kind>.plan_buffers, given opdgraph.stage_plan.StageFacts);
+`build_buffers` collects them in stage-graph order around what no stage owns: the models' weights and optimizer
+state and the data source's prompts first, then the training stages' buffers, the gradients, the sharded student's
+exchange buffers and the CUDA library overheads, and last the periodic stages' (eval's pools).
+
 Fusion changes three sizes: fused, the teacher hidden states, the student's saved activations and its hidden-state
 gradient exist for one micro-batch at a time; unfused, for the whole batch (they cross from one stage's loop to
 the next). Everything else is the same in both plans.
@@ -14,8 +19,8 @@ N; rollout adds `<student>.gathered_weights` (the full weights, all-gathered for
 the prefetched layer, one layer's unreduced gradient, and the full fp32 lm_head gradient that is all-reduced).
 On a CUDA target the library workspaces and the decode graphs' pool are planned too (opdgraph.cuda_overheads).
 The student's activations, the logit chunk and the workspaces follow the path that runs on the target
-(pipeline.device, loss.kernel, loss.divergence): see sizing.py, kv_heads_repeated and attention_fallback below
-(the plain-torch attention's S x S scores in the activations and the no-grad forward workspaces).
+(pipeline.device, loss.kernel, loss.divergence): see sizing.py and opdgraph.planned_paths (the plain-torch
+attention's S x S scores in the activations and the no-grad forward workspaces).
 The teacher is replicated (its full weights on every rank) unless the placement shards it (below). The batch
 buffers are per rank (see counts.py).
 With pipeline.release_phase_buffers = false the rollout KV pool and the student's gradients are held (live at every
@@ -44,22 +49,25 @@ from opdgraph.cuda_overheads import overhead_buffers
 from opdgraph.drafts import buffer
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
-from opdgraph.planned_paths import fp32_grads, model_keys
+from opdgraph.planned_paths import fp32_grads
 from opdgraph.stage_plan import StageFacts, ordered_stages
 from opdgraph.stages import stage_kind
 
 
 def build_buffers(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Buffer]:
-    """The model state's buffers, the data source's, each stage's (opdgraph.stages.<kind>.plan_buffers, in
-    stage-graph order), then the gradients, the sharded student's exchange buffers and the CUDA library overheads."""
+    """The model state's buffers, the data source's, each training stage's (opdgraph.stages.<kind>.plan_buffers, in
+    stage-graph order), the gradients, the sharded student's exchange buffers and the CUDA library overheads, then
+    what the periodic stages (eval) allocate."""
     buffers = [*_model_state(cfg, facts),
                Buffer(name="prompts", category="io", bytes=sizing.token_bytes(facts.counts.sequences,
                                                                                 facts.counts.prompt_tokens),
                       sized_by=facts.batch_keys[:3], lifetime="transient", formula="sequences x max_prompt_tokens x 4")]
+    periodic = []
     for name in ordered_stages(cfg):
         stage = cfg.stages[name]
-        buffers += stage_kind(stage.kind).plan_buffers(name, stage.config, facts)
-    buffers += _training_state(cfg, facts)
+        kind = stage_kind(stage.kind)
+        (periodic if kind.periodic else buffers).extend(kind.plan_buffers(name, stage.config, facts))
+    buffers += [*_training_state(cfg, facts), *periodic]
     return {buffer.name: buffer for buffer in buffers}
 
 
@@ -85,7 +93,7 @@ def _model_state(cfg: PipelineConfig, facts: StageFacts) -> list[Buffer]:
 def _training_state(cfg: PipelineConfig, facts: StageFacts) -> list[Buffer]:
     """The student's gradients, with several ranks its gathered weights and FSDP's exchange buffers, and the CUDA
     library workspaces and decode-graph pool (opdgraph.cuda_overheads)."""
-    state = [_grads_buffer(cfg, facts.world_size, facts.between_phases)]
+    state = [_grads_buffer(facts)]
     if facts.world_size > 1:
         shape, dtype_bytes = facts.student_shape, facts.student_dtype_bytes
         state.append(buffer(f"{facts.student}.gathered_weights", "weights", sizing.parameter_bytes(shape, dtype_bytes),
@@ -101,7 +109,7 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer:
+def _grads_buffer(facts: StageFacts) -> Buffer:
     """`<student>.grads`, per rank: what the gradients of a step's micro-batches are summed in.
 
     fp32 (see fp32_grads): an fp32 accumulator per parameter (its shard with N ranks) plus the one bf16 gradient
@@ -110,10 +118,9 @@ def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer
     contribution, summed over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
     formula of the fp32 buffer also gives the size in the model dtype: what grad_accumulation_dtype = "model" saves.
     """
-    student, backward = cfg.model_with_role("student"), cfg.stage("backward").name
-    shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
-    keys = model_keys(cfg, student)
-    if cfg.models[student].dtype != "float32":
+    backward, shape, dtype_bytes = facts.stage_names["backward"], facts.student_shape, facts.student_dtype_bytes
+    world_size, lifetime, keys = facts.world_size, facts.between_phases, facts.student_keys
+    if not facts.student_fp32:
         keys = (*keys, f"{backward}.grad_accumulation_dtype")
     lm_head = shape.vocab * shape.hidden * sizing.FP32_BYTES
     model_size = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
@@ -130,8 +137,8 @@ def _grads_buffer(cfg: PipelineConfig, world_size: int, lifetime: str) -> Buffer
                      + _ceil_div(unit * dtype_bytes, world_size))
         fp32_formula = ("P x 4 / N (fp32 accumulators of the shards) + V x h x 4 (full fp32 lm_head grad) + "
                         "max(root, layer) params x d / N (one unit's reduced gradient being folded in)")
-    name = f"{student}.grads"
-    if not fp32_grads(cfg):
+    name = f"{facts.student}.grads"
+    if not facts.fp32_grads:
         return Buffer(name=name, category="grads", bytes=model_size, sized_by=keys, lifetime=lifetime,
                       formula=model_formula)
     return Buffer(name=name, category="grads", bytes=fp32_size, sized_by=keys, lifetime=lifetime,
@@ -224,7 +231,7 @@ def _sharded_teacher_buffers(weights: Buffer, cfg: PipelineConfig, world_size: i
                  "2 x layer params x d (the running layer + the prefetched next one)"),
                 ("gathered_root", sizing.teacher_resident_bytes(shape, dtype_bytes),
                  "(P - L x layer) x d: embedding, final norm, lm_head, gathered until the loss is done")]
-    if cfg.stages_of_kind("eval"):
+    if any(stage_kind(stage.kind).gathers_teacher for stage in cfg.stages.values()):
         gathered.append(("gathered_weights", full, "P x d (all-gathered for eval's teacher generation)"))
     for suffix, size, formula in gathered:
         name = f"{teacher}.{suffix}"

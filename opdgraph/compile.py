@@ -1,6 +1,10 @@
 """`compile_plan(cfg)`: typed config -> Plan. Orders the stage graph, expands each stage into plan steps, sizes the
 buffers, runs lifetime analysis and attaches each step's roofline work.
 
+The compiler is generic: each stage kind's module (opdgraph.stages.<kind>) drafts its own steps and buffers from its
+Config and one StageFacts record (opdgraph.stage_plan); here they are collected in stage-graph order, placed
+(opdgraph.placement_steps), and analysed.
+
 Fusion (pipeline.fuse_training, default on): teacher_score -> loss -> backward become one micro-batch loop, with
 the loss in a chunk loop inside it, so teacher hidden states live for one micro-batch and logits for one chunk.
 Unfused: each stage runs over the whole batch before the next: teacher_score over every micro-batch (its hidden

@@ -44,12 +44,6 @@ def attention_fallback(cfg: PipelineConfig, name: str) -> bool:
             or head_dim % 8 != 0)
 
 
-def reference_sequence_tokens(cfg: PipelineConfig, name: str, sequence_tokens: int) -> int:
-    """S for sizing.py's reference-attention terms when model `name` falls back to it (the longest sequence a
-    micro-batch can hold: max_prompt_tokens + max_new_tokens), else 0 (FlashAttention)."""
-    return sequence_tokens if attention_fallback(cfg, name) else 0
-
-
 def fp32_grads(cfg: PipelineConfig) -> bool:
     """Whether the student's gradients are summed in fp32 accumulators of their own (opdgraph.runtime.gradients):
     backward.grad_accumulation_dtype = "float32" and a student that is not fp32 already."""

@@ -16,7 +16,7 @@ from typing import Callable
 import attrs
 
 from opdgraph import work as W
-from opdgraph.planned_paths import attention_fallback, kv_heads_repeated, model_keys
+from opdgraph.planned_paths import attention_fallback, fp32_grads, kv_heads_repeated, model_keys
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
@@ -45,6 +45,7 @@ class StageFacts:
     stage_names: dict[str, str]  # kind -> the table name of the (first) stage of that kind
     prefill_token_budget: int  # the rollout's; eval generates with the same engine settings
     activation_checkpointing: bool  # the backward's; it sets what the student forward saves
+    fp32_grads: bool  # planned_paths.fp32_grads: the gradients are summed in fp32 accumulators of their own
     between_phases: str  # lifetime of the rollout KV pool and the gradients: "transient", or "held" (no releases)
     targets_cuda: bool
     uses_flashinfer: bool  # the rollout decodes with flashinfer (and captures decode graphs)
@@ -66,6 +67,14 @@ class StageFacts:
         """S of sizing.py's reference-attention terms for the student or teacher (0: FlashAttention runs)."""
         fallback = self.student_attention_fallback if role == "student" else self.teacher_attention_fallback
         return sequence_tokens if fallback else 0
+
+    @property
+    def activation_label(self) -> str:
+        """The per-layer term of the student's saved activations in buffer formulas (sizing.py)."""
+        reference = self.reference_tokens("student", self.counts.sequence_tokens)
+        if reference:
+            return f"a_reference (torch attention's S x S scores, S = {reference})"
+        return "a (K/V heads repeated)" if self.student_kv_repeated else "a"
 
     @property
     def cpu_upcast_hidden(self) -> int:
@@ -109,7 +118,7 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         teacher_keys=model_keys(cfg, teacher), counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
         prefill_token_budget=cfg.stage("rollout").config.prefill_token_budget,
-        activation_checkpointing=cfg.stage("backward").config.activation_checkpointing,
+        activation_checkpointing=cfg.stage("backward").config.activation_checkpointing, fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
         student_kv_repeated=kv_heads_repeated(cfg, student),

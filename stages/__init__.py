@@ -6,7 +6,8 @@ A stage module defines `Config` (attrs frozen, kw_only, help on every field), `R
 stage graph is built from) and `MODEL_FIELDS` (Config fields that name a `[models.<name>]` entry).
 Its plan contribution (opdgraph.stage_plan): `plan_steps(stage_name, config, facts)`, the Drafts it adds to a
 training step; optionally `plan_buffers(...)` (the Buffers it allocates), `plan_facts(...)` (entries of the plan's
-facts) and `PERIODIC = True` (it runs every n steps, outside one training step's time).
+facts), `PERIODIC = True` (it runs every n steps, outside one training step's time) and `GATHERS_TEACHER = True`
+(it needs the whole teacher at once, so a sharded teacher is all-gathered for it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class StageKind:
     plan_buffers: Callable  # (stage_name, config, facts) -> list[Buffer]
     plan_facts: Callable  # (stage_name, config, facts) -> dict[str, object]
     periodic: bool
+    gathers_teacher: bool
 
 
 def stage_kind(name: str) -> StageKind:
@@ -41,7 +43,7 @@ def stage_kind(name: str) -> StageKind:
     return StageKind(name, module.Config, tuple(module.READS), tuple(module.WRITES),
                      tuple(getattr(module, "MODEL_FIELDS", ())), module.plan_steps,
                      getattr(module, "plan_buffers", _nothing(list)), getattr(module, "plan_facts", _nothing(dict)),
-                     getattr(module, "PERIODIC", False))
+                     getattr(module, "PERIODIC", False), getattr(module, "GATHERS_TEACHER", False))
 
 
 def _nothing(empty: type) -> Callable:

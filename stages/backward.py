@@ -54,8 +54,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     """One layer's activation gradients at a time."""
     reference = facts.reference_tokens("student", facts.counts.sequence_tokens)
     repeated = facts.student_kv_repeated
-    per_layer = (f"a_reference (torch attention's S x S scores, S = {reference})" if reference
-                 else "a (K/V heads repeated)" if repeated else "a")
+    per_layer = facts.activation_label
     per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
                                                             repeated, reference)
     return [buffer(f"{stage_name}.workspace", "workspace", facts.counts.micro_batch_tokens * per_token,

@@ -33,8 +33,8 @@ class Config:
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """Writes the weights and the optimizer state (12 bytes a parameter: fp32 masters and two moments)."""
     saved = facts.student_weight_bytes + facts.student_shape.parameter_count() * 12
-    return [Draft(stage_name, stage_name, "checkpoint", (f"{facts.student}.weights", f"{facts.student}.optimizer_state"),
-                  (), (), 1, W.transfer_work(saved, facts.hardware))]
+    reads = (f"{facts.student}.weights", f"{facts.student}.optimizer_state")
+    return [Draft(stage_name, stage_name, "checkpoint", reads, (), (), 1, W.transfer_work(saved, facts.hardware))]
 
 
 def execute(step, config: Config, ctx, loop) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage sta
 READS = ("student_weights",)
 WRITES = ("eval_metrics",)
 PERIODIC = True  # runs every n steps: not part of one training step's time
+GATHERS_TEACHER = True  # generates with the whole teacher: a sharded teacher is all-gathered for it
 
 
 @attrs.frozen(kw_only=True)
@@ -42,7 +43,8 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                          concurrent_seqs=facts.eval_counts(stage_name).concurrent_seqs,
                          prompt_tokens=counts.prompt_tokens, new_tokens=config.max_new_tokens,
                          weight_bytes=facts.student_weight_bytes,
-                         kv_bytes_per_token=shape.kv_bytes_per_token(facts.student_dtype_bytes), hardware=facts.hardware)
+                         kv_bytes_per_token=shape.kv_bytes_per_token(facts.student_dtype_bytes),
+                         hardware=facts.hardware)
     allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
                  *((f"{stage_name}.gathered_weights",) if facts.world_size > 1 else ()))
     return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work)]

@@ -77,8 +77,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     tokens, keys = facts.crossing_tokens
     checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
     reference = facts.reference_tokens("student", counts.sequence_tokens)
-    per_layer = (f"a_reference (torch attention's S x S scores, S = {reference})" if reference
-                 else "a (K/V heads repeated)" if repeated else "a")
+    per_layer = facts.activation_label
     logit_bytes, logit_formula = _logit_chunk(config, facts)
     return [
         buffer("student_hidden", "activations",
