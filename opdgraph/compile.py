@@ -79,11 +79,9 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
                   if first <= lifetimes.peak_index <= last]
     contributors = sorted(((name, buffers[name].bytes) for name in live_there), key=lambda item: (-item[1], item[0]))
     facts = {**counts.facts(), **_model_facts(cfg)}
-    periodic = set()
     for name in ordered_stages(cfg):
-        stage, kind = cfg.stages[name], stage_kind(cfg.stages[name].kind)
-        facts.update(kind.plan_facts(name, stage.config, for_stages))
-        periodic |= {name} if kind.periodic else set()
+        facts.update(stage_kind(cfg.stages[name].kind).plan_facts(name, cfg.stages[name].config, for_stages))
+    periodic = {name for name, stage in cfg.stages.items() if stage_kind(stage.kind).periodic}
     if world_size > 1:  # only then, so single-process plans (and their goldens) do not change
         facts["world_size"] = world_size
     return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
