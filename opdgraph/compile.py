@@ -1,6 +1,10 @@
 """`compile_plan(cfg)`: typed config -> Plan. Orders the stage graph, expands each stage into plan steps, sizes the
 buffers, runs lifetime analysis and attaches each step's roofline work.
 
+The compiler is generic: each stage kind's module (opdgraph.stages.<kind>) drafts its own steps and buffers from its
+Config and one StageFacts record (opdgraph.stage_plan); here they are collected in stage-graph order, placed
+(opdgraph.placement_steps), and analysed.
+
 Fusion (pipeline.fuse_training, default on): teacher_score -> loss -> backward become one micro-batch loop, with
 the loss in a chunk loop inside it, so teacher hidden states live for one micro-batch and logits for one chunk.
 Unfused: each stage runs over the whole batch before the next: teacher_score over every micro-batch (its hidden
@@ -15,17 +19,15 @@ import attrs
 from opdgraph import work as W
 from opdgraph.buffers import build_buffers, place_buffers
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.counts import StepCounts, eval_counts, step_counts
-from opdgraph.cuda_overheads import uses_flashinfer
-from opdgraph.graph import StageNode, build_stage_graph, stage_order
+from opdgraph.counts import step_counts
+from opdgraph.drafts import Draft
 from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
 from opdgraph.placement import Placement, configured_placement
-from opdgraph.placement_steps import Draft, place_drafts, placement_transfers
+from opdgraph.placement_steps import place_drafts, placement_transfers
 from opdgraph.plan import Peak, Plan, Release, Step, StepWork, Transfer
-from opdgraph.stages import KIND_NAMES, stage_kind
+from opdgraph.stage_plan import FUSED_LOOP, StageFacts, ordered_stages, stage_facts
+from opdgraph.stages import stage_kind
 
-PERIODIC_KINDS = ("eval", "checkpoint", "log")  # run every n steps; not part of one training step's time
-FUSED_LOOP = "train_micro_batch"
 GIB = 1024**3
 WHEN = ("before", "during", "after")
 
@@ -38,9 +40,9 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
     counts = step_counts(cfg, world_size)
     hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
     placement = placement or configured_placement(cfg)
-    buffers = place_buffers(build_buffers(cfg, counts, fused, world_size), cfg, placement, world_size)
-    drafts = place_drafts(_drafts(cfg, counts, hardware, fused, world_size), cfg, placement, buffers, hardware,
-                          world_size)
+    for_stages = stage_facts(cfg, counts, hardware, world_size)
+    buffers = place_buffers(build_buffers(cfg, for_stages), cfg, placement, world_size)
+    drafts = place_drafts(_drafts(cfg, for_stages), cfg, placement, buffers, hardware, world_size)
     on_device = [b for b in buffers.values() if b.device == "device"]  # host-resident state never takes device memory
     lifetimes = analyze([ScheduleStep(d.name, d.loops, d.reads, d.writes) for d in drafts],
                         [ScheduleBuffer(b.name, b.bytes, b.lifetime == "held", b.offload_when_idle, b.spans_loops)
@@ -77,14 +79,15 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
                   if first <= lifetimes.peak_index <= last]
     contributors = sorted(((name, buffers[name].bytes) for name in live_there), key=lambda item: (-item[1], item[0]))
     facts = {**counts.facts(), **_model_facts(cfg)}
-    for stage in cfg.stages_of_kind("eval"):
-        facts.update(eval_counts(cfg, stage.name).facts())
+    for name in ordered_stages(cfg):
+        facts.update(stage_kind(cfg.stages[name].kind).plan_facts(name, cfg.stages[name].config, for_stages))
+    periodic = {name for name, stage in cfg.stages.items() if stage_kind(stage.kind).periodic}
     if world_size > 1:  # only then, so single-process plans (and their goldens) do not change
         facts["world_size"] = world_size
     return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
                 peak=Peak(bytes=peak_step.live_bytes, step=peak_step.name, contributors=tuple(contributors)),
                 budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),
-                step_seconds=sum(step.work.seconds for step in steps if step.kind not in PERIODIC_KINDS),
+                step_seconds=sum(step.work.seconds for step in steps if step.stage not in periodic),
                 facts=facts, transfers=tuple(sorted(transfers, key=lambda t: (order[t.step], WHEN.index(t.when)))))
 
 
@@ -103,93 +106,10 @@ def _model_facts(cfg: PipelineConfig) -> dict[str, object]:
     return facts
 
 
-def _ordered_stages(cfg: PipelineConfig) -> list[str]:
-    nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
-             for name, stage in cfg.stages.items()]
-    return stage_order(build_stage_graph(nodes), {kind: rank for rank, kind in enumerate(KIND_NAMES)})
-
-
-def _drafts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, fused: bool,
-            world_size: int = 1) -> list[Draft]:
-    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
-    s_shape, t_shape = cfg.shapes[student], cfg.shapes[teacher]
-    s_dtype, t_dtype = cfg.models[student].dtype_bytes, cfg.models[teacher].dtype_bytes
-    s_weights, t_weights = s_shape.parameter_count() * s_dtype, t_shape.parameter_count() * t_dtype
-    optimizer_reads = tuple(name for name in (f"{student}.master_weights", f"{student}.optimizer_state")
-                            if cfg.models[student].dtype != "float32" or not name.endswith("master_weights"))
-    micro, chunks, seq = counts.num_micro_batches, counts.num_micro_batches * counts.chunks_per_micro_batch, \
-        counts.sequence_tokens
-    micro_tokens, chunk_tokens = counts.micro_batch_tokens, counts.chunk_tokens
-    s_kv = s_shape.kv_bytes_per_token(s_dtype)
+def _drafts(cfg: PipelineConfig, facts: StageFacts) -> list[Draft]:
+    """The data source's step, then each stage's steps in stage-graph order (opdgraph.stages.<kind>.plan_steps)."""
     drafts = [Draft("data.load", "data", "data", (), ("prompts",), (), 1, W.Work())]
-    # Sharded: rollout runs on the all-gathered weights, training holds FSDP's all-gather / reduce-scatter buffers.
-    gathered = (f"{student}.gathered_weights",) if world_size > 1 else ()
-    comm = (f"{student}.fsdp_comm",) if world_size > 1 else ()
-
-    def loop(name):
-        return (FUSED_LOOP,) if fused else (f"{name}.micro_batch",)
-
-    for stage_name in _ordered_stages(cfg):
-        stage = cfg.stages[stage_name]
-        kind, config = stage.kind, stage.config
-        if kind == "rollout":
-            kv, workspace = f"{stage_name}.kv_cache", f"{stage_name}.workspace"
-            graph_pool = (f"{stage_name}.decode_graph_pool",) if uses_flashinfer(cfg) else ()
-            drafts.append(Draft(f"{stage_name}.prefill", stage_name, kind, (f"{student}.weights", "prompts"),
-                                (kv, workspace, *gathered), (), 1, W.prefill_work(
-                                    s_shape, sequences=counts.sequences, prompt_tokens=counts.prompt_tokens,
-                                    token_budget=config.prefill_token_budget, weight_bytes=s_weights,
-                                    kv_bytes_per_token=s_kv, hardware=hardware)))
-            drafts.append(Draft(f"{stage_name}.decode", stage_name, kind,
-                                (f"{student}.weights", kv, workspace, *graph_pool, *gathered),
-                                ("responses",), (), counts.decode_rounds, W.decode_work(
-                                    s_shape, sequences=counts.sequences, concurrent_seqs=counts.concurrent_seqs,
-                                    prompt_tokens=counts.prompt_tokens, new_tokens=counts.new_tokens,
-                                    weight_bytes=s_weights, kv_bytes_per_token=s_kv, hardware=hardware)))
-        elif kind == "teacher_score":
-            flops = W.forward_flops(t_shape, micro_tokens, seq)
-            moved = t_weights + micro_tokens * t_shape.hidden * t_dtype
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{teacher}.weights", "responses"),
-                                ("teacher_hidden", f"{stage_name}.workspace"), loop(stage_name), micro,
-                                W.roofline(flops, moved, 0, hardware, micro)))
-        elif kind == "loss":
-            forward_bytes = s_weights + (micro_tokens * s_shape.hidden * s_dtype)
-            drafts.append(Draft(f"{stage_name}.student_forward", stage_name, kind, (f"{student}.weights", "responses"),
-                                ("student_hidden", "student_activations", *comm), loop(stage_name), micro, W.roofline(
-                                    W.forward_flops(s_shape, micro_tokens, seq), forward_bytes, 0, hardware, micro)))
-            flops = 3 * W.lm_head_flops(s_shape, chunk_tokens) + W.lm_head_flops(t_shape, chunk_tokens)
-            moved = (s_shape.vocab * s_shape.hidden * s_dtype + t_shape.vocab * t_shape.hidden * t_dtype
-                     + 2 * chunk_tokens * (2 * s_shape.vocab + t_shape.vocab) * 4)
-            drafts.append(Draft(stage_name, stage_name, kind,
-                                (f"{student}.weights", f"{teacher}.weights", "student_hidden", "teacher_hidden",
-                                 "responses"), ("logit_chunk", "hidden_grad", f"{student}.grads"),
-                                (*loop(stage_name), f"{stage_name}.chunk"), chunks,
-                                W.roofline(flops, moved, 0, hardware, chunks)))
-        elif kind == "backward":
-            checkpointing = config.activation_checkpointing
-            flops = W.forward_flops(s_shape, micro_tokens, seq) * (3 if checkpointing else 2)
-            moved = s_weights + 2 * s_weights  # read weights; read+write gradient accumulators
-            # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", "hidden_grad",
-                                                               "student_activations", "responses", *comm),
-                                (f"{student}.grads", f"{stage_name}.workspace"), loop(stage_name), micro,
-                                W.roofline(flops, moved, 0, hardware, micro)))
-        elif kind == "step":
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.grads", *optimizer_reads),
-                                (f"{student}.weights",), (), 1,
-                                W.optimizer_work(s_shape.parameter_count(), s_dtype, hardware)))
-        elif kind == "eval":
-            evaluated = eval_counts(cfg, stage_name)
-            eval_work = W.decode_work(s_shape, sequences=config.num_prompts, concurrent_seqs=evaluated.concurrent_seqs,
-                                      prompt_tokens=counts.prompt_tokens, new_tokens=config.max_new_tokens,
-                                      weight_bytes=s_weights, kv_bytes_per_token=s_kv, hardware=hardware)
-            allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
-                         *((f"{stage_name}.gathered_weights",) if world_size > 1 else ()))
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights",), allocated, (), 1, eval_work))
-        elif kind == "checkpoint":
-            saved = s_weights + (s_shape.parameter_count() * 12)
-            drafts.append(Draft(stage_name, stage_name, kind, (f"{student}.weights", f"{student}.optimizer_state"),
-                                (), (), 1, W.transfer_work(saved, hardware)))
-        elif kind == "log":
-            drafts.append(Draft(stage_name, stage_name, kind, (), (), (), 1, W.Work()))
+    for name in ordered_stages(cfg):
+        stage = cfg.stages[name]
+        drafts += stage_kind(stage.kind).plan_steps(name, stage.config, facts)
     return drafts

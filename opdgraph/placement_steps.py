@@ -17,28 +17,15 @@ from __future__ import annotations
 import attrs
 
 from opdgraph import work as W
-from opdgraph.buffers import fp32_grads
+from opdgraph.planned_paths import fp32_grads
 from opdgraph.config.schema import PipelineConfig
+from opdgraph.drafts import Draft
 from opdgraph.placement import Placement
 from opdgraph.plan import Transfer
 from opdgraph.sizing import FP32_BYTES
 
 # Host state bytes a streamed optimizer step moves per byte: check pass in, update pass in and out (train.optimizer).
 OPTIMIZER_STATE_TRIPS = 3
-
-
-@attrs.frozen
-class Draft:
-    """A step before lifetime analysis."""
-
-    name: str
-    stage: str
-    kind: str
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
-    loops: tuple[str, ...]
-    repeats: int
-    work: W.Work
 
 
 def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware,

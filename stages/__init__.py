@@ -4,11 +4,16 @@ The registry is lazy: `stage_kind("loss")` imports `opdgraph.stages.loss` only w
 no torch at import time (their runtime glue imports it inside functions), so the compiler stays torch-free.
 A stage module defines `Config` (attrs frozen, kw_only, help on every field), `READS` and `WRITES` (value names the
 stage graph is built from) and `MODEL_FIELDS` (Config fields that name a `[models.<name>]` entry).
+Its plan contribution (opdgraph.stage_plan): `plan_steps(stage_name, config, facts)`, the Drafts it adds to a
+training step; optionally `plan_buffers(...)` (the Buffers it allocates), `plan_facts(...)` (entries of the plan's
+facts), `PERIODIC = True` (it runs every n steps, outside one training step's time) and `GATHERS_TEACHER = True`
+(it needs the whole teacher at once, so a sharded teacher is all-gathered for it).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import attrs
 
@@ -23,6 +28,11 @@ class StageKind:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     model_fields: tuple[str, ...]
+    plan_steps: Callable  # (stage_name, config, facts) -> list[Draft]
+    plan_buffers: Callable  # (stage_name, config, facts) -> list[Buffer]
+    plan_facts: Callable  # (stage_name, config, facts) -> dict[str, object]
+    periodic: bool
+    gathers_teacher: bool
 
 
 def stage_kind(name: str) -> StageKind:
@@ -31,4 +41,11 @@ def stage_kind(name: str) -> StageKind:
         raise KeyError(name)
     module = importlib.import_module(f"opdgraph.stages.{name}")
     return StageKind(name, module.Config, tuple(module.READS), tuple(module.WRITES),
-                     tuple(getattr(module, "MODEL_FIELDS", ())))
+                     tuple(getattr(module, "MODEL_FIELDS", ())), module.plan_steps,
+                     getattr(module, "plan_buffers", _nothing(list)), getattr(module, "plan_facts", _nothing(dict)),
+                     getattr(module, "PERIODIC", False), getattr(module, "GATHERS_TEACHER", False))
+
+
+def _nothing(empty: type) -> Callable:
+    """A plan function of a kind that contributes nothing of that sort."""
+    return lambda stage_name, config, facts: empty()

@@ -9,11 +9,18 @@ instead of rounding to 8 mantissa bits at every add.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from opdgraph import sizing
+from opdgraph import work as W
 from opdgraph.config.fields import setting
+from opdgraph.drafts import Draft, buffer
+from opdgraph.plan import Buffer
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("hidden_grad",)
 WRITES = ("grads",)
@@ -27,6 +34,32 @@ class Config:
         "float32", help="dtype the gradients of a step's micro-batches are summed in: float32 (P x 4 bytes, exact "
                         "sums) or the model's dtype (bf16: P x 2 bytes, but every micro-batch's add rounds to 8 "
                         "mantissa bits); an fp32 student sums in fp32 either way")
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """One backward per micro-batch (recomputing the forward with activation checkpointing)."""
+    counts, student = facts.counts, facts.student
+    comm = (f"{student}.fsdp_comm",) if facts.world_size > 1 else ()
+    forward = W.forward_flops(facts.student_shape, counts.micro_batch_tokens, counts.sequence_tokens)
+    flops = forward * (3 if config.activation_checkpointing else 2)
+    moved = 3 * facts.student_weight_bytes  # read weights; read+write gradient accumulators
+    # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
+    return [Draft(stage_name, stage_name, "backward",
+                  (f"{student}.weights", "hidden_grad", "student_activations", "responses", *comm),
+                  (f"{student}.grads", f"{stage_name}.workspace"), facts.loop(stage_name), counts.num_micro_batches,
+                  W.roofline(flops, moved, 0, facts.hardware, counts.num_micro_batches))]
+
+
+def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
+    """One layer's activation gradients at a time."""
+    reference = facts.reference_tokens("student", facts.counts.sequence_tokens)
+    repeated = facts.student_kv_repeated
+    per_layer = facts.activation_label
+    per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
+                                                            repeated, reference)
+    return [buffer(f"{stage_name}.workspace", "workspace", facts.counts.micro_batch_tokens * per_token,
+                   (*facts.micro_keys, *facts.student_keys),
+                   formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]
 
 
 def execute(step, config: Config, ctx, loop) -> None:

@@ -5,12 +5,23 @@ Reads `student_weights` (after the optimizer step), writes `eval_metrics`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
+from opdgraph import sizing
+from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.drafts import Draft, buffer
+from opdgraph.plan import Buffer
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
 WRITES = ("eval_metrics",)
+PERIODIC = True  # runs every n steps: not part of one training step's time
+GATHERS_TEACHER = True  # generates with the whole teacher: a sharded teacher is all-gathered for it
 
 
 @attrs.frozen(kw_only=True)
@@ -23,6 +34,70 @@ class Config:
                                          check=positive)
     greedy: bool = setting(True, help="argmax decoding (false: sample like rollout)")
     num_samples_to_show: int = setting(3, help="responses printed/logged per evaluation", check=non_negative)
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """One step that generates and scores; it allocates its own pools and workspace and frees them after."""
+    shape, counts = facts.student_shape, facts.counts
+    work = W.decode_work(shape, sequences=config.num_prompts,
+                         concurrent_seqs=facts.eval_counts(stage_name).concurrent_seqs,
+                         prompt_tokens=counts.prompt_tokens, new_tokens=config.max_new_tokens,
+                         weight_bytes=facts.student_weight_bytes,
+                         kv_bytes_per_token=shape.kv_bytes_per_token(facts.student_dtype_bytes),
+                         hardware=facts.hardware)
+    allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
+                 *((f"{stage_name}.gathered_weights",) if facts.world_size > 1 else ()))
+    return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work)]
+
+
+def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:
+    """The eval pool and batch sizes the runtime builds its engines from, shown in the plan."""
+    return facts.eval_counts(stage_name).facts()
+
+
+def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
+    """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
+    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts), and one workspace for
+    the larger of its two phases: generating, and scoring both models' answers in micro-batches."""
+    counts, names = facts.eval_counts(stage_name), facts.stage_names
+    shapes = {"student": facts.student_shape, "teacher": facts.teacher_shape}
+    dtypes = {"student": facts.student_dtype_bytes, "teacher": facts.teacher_dtype_bytes}
+    rollout = names["rollout"]
+    pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
+                 f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
+    generate = max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role])
+                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
+    upcast = facts.cpu_upcast_hidden
+    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,
+                                       sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=upcast)
+    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics)" + (
+        " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
+    score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
+             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role],
+                                                  facts.reference_tokens(role, counts.sequence_tokens))
+                   for role in shapes) + metrics)
+    all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
+                f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *facts.teacher_keys)
+    buffers = [
+        buffer(f"{stage_name}.kv_cache", "kv_cache",
+               sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"]),
+               (*pool_keys, *facts.student_keys),
+               formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
+                       "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
+        buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
+               sizing.kv_cache_bytes(shapes["teacher"], counts.num_pages, counts.page_size, dtypes["teacher"]),
+               (*pool_keys, *facts.teacher_keys),
+               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)"),
+        buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
+               formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
+                       "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
+                       f"{metrics_formula})"),
+    ]
+    if facts.world_size > 1:  # the sharded student generates on gathered weights (scoring gathers one layer at a time)
+        buffers.append(buffer(f"{stage_name}.gathered_weights", "weights",
+                              sizing.parameter_bytes(shapes["student"], dtypes["student"]), facts.student_keys,
+                              formula="P x d (all-gathered for eval generation)"))
+    return buffers
 
 
 def execute(step, config: Config, ctx, loop) -> None:

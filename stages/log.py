@@ -5,12 +5,20 @@ Reads `student_weights` (so it runs at the end of a step), writes `log_record`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
+from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.drafts import Draft
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
 WRITES = ("log_record",)
+PERIODIC = True  # runs every n steps: not part of one training step's time
 
 
 @attrs.frozen(kw_only=True)
@@ -19,6 +27,11 @@ class Config:
     sample_every_n_steps: int = setting(0, help="print a rollout sample every n steps (0 = off)", check=non_negative)
     tensorboard: bool = setting(True, help="write TensorBoard event files under output_dir")
     progress: bool = setting(True, help="show a progress bar")
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """A step of no modelled cost."""
+    return [Draft(stage_name, stage_name, "log", (), (), (), 1, W.Work())]
 
 
 def execute(step, config: Config, ctx, loop) -> None:

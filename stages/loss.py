@@ -6,11 +6,18 @@ states). Logits exist only for `chunk_tokens` positions at a time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from opdgraph import sizing
+from opdgraph import work as W
 from opdgraph.config.fields import positive, setting, unit_interval
+from opdgraph.drafts import Draft, buffer
+from opdgraph.plan import Buffer
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("responses", "teacher_hidden")
 WRITES = ("hidden_grad",)
@@ -38,6 +45,70 @@ class Config:
                                f"to zero -- use divergence = \"{limit}\" for that limit")
             else:
                 yield "beta", f"jsd needs 0 < beta < 1, got {self.beta!r}"
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """The student forward once per micro-batch, then the divergence chunk by chunk inside it."""
+    student, teacher, counts = facts.student_shape, facts.teacher_shape, facts.counts
+    s_dtype, t_dtype, micro = facts.student_dtype_bytes, facts.teacher_dtype_bytes, counts.num_micro_batches
+    chunks, chunk_tokens = micro * counts.chunks_per_micro_batch, counts.chunk_tokens
+    weights = f"{facts.student}.weights"
+    comm = (f"{facts.student}.fsdp_comm",) if facts.world_size > 1 else ()
+    forward_bytes = facts.student_weight_bytes + counts.micro_batch_tokens * student.hidden * s_dtype
+    forward = W.roofline(W.forward_flops(student, counts.micro_batch_tokens, counts.sequence_tokens), forward_bytes,
+                         0, facts.hardware, micro)
+    flops = 3 * W.lm_head_flops(student, chunk_tokens) + W.lm_head_flops(teacher, chunk_tokens)
+    moved = (student.vocab * student.hidden * s_dtype + teacher.vocab * teacher.hidden * t_dtype
+             + 2 * chunk_tokens * (2 * student.vocab + teacher.vocab) * 4)
+    return [Draft(f"{stage_name}.student_forward", stage_name, "loss", (weights, "responses"),
+                  ("student_hidden", "student_activations", *comm), facts.loop(stage_name), micro, forward),
+            Draft(stage_name, stage_name, "loss",
+                  (weights, f"{facts.teacher}.weights", "student_hidden", "teacher_hidden", "responses"),
+                  ("logit_chunk", "hidden_grad", f"{facts.student}.grads"),
+                  (*facts.loop(stage_name), f"{stage_name}.chunk"), chunks,
+                  W.roofline(flops, moved, 0, facts.hardware, chunks))]
+
+
+def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
+    """The student's final hidden states, its saved activations (for backward), the hidden-state gradient and
+    the chunk's logits; the activations and the gradient cross to backward (a micro-batch's fused, else the
+    batch's)."""
+    shape, dtype_bytes, counts = facts.student_shape, facts.student_dtype_bytes, facts.counts
+    tokens, keys = facts.crossing_tokens
+    checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
+    reference = facts.reference_tokens("student", counts.sequence_tokens)
+    per_layer = facts.activation_label
+    logit_bytes, logit_formula = _logit_chunk(config, facts)
+    return [
+        buffer("student_hidden", "activations",
+               sizing.hidden_state_bytes(shape, counts.micro_batch_tokens, dtype_bytes),
+               (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d"),
+        buffer("student_activations", "activations",
+               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing, repeated, reference),
+               (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
+                *facts.student_keys),
+               formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
+               else f"tokens x (L x {per_layer} + o)"),
+        buffer("hidden_grad", "activations", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
+               (*keys, *facts.student_keys), formula="tokens x h x d"),
+        buffer("logit_chunk", "logit_chunk", logit_bytes,
+               (f"{stage_name}.chunk_tokens", f"{stage_name}.kernel", f"{stage_name}.divergence", "pipeline.device",
+                *facts.student_keys, *facts.teacher_keys), formula=logit_formula),
+    ]
+
+
+def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
+    """(bytes, formula) of the per-chunk peak for the path that runs (sizing.py: Logit chunk). On a CUDA target
+    kernel "auto" is planned as the fused Triton kernel: the GPU install has triton (the gpu extra)."""
+    vocab, chunk_tokens = facts.student_shape.vocab, facts.counts.chunk_tokens
+    if facts.targets_cuda and config.kernel != "torch":
+        return (sizing.logit_chunk_bytes(chunk_tokens, vocab, sizing.FUSED_LOSS_LOGIT_BUFFERS, fused=True),
+                "chunk x (2 V_student + 2) x 4 (fused kernel: student and teacher fp32 logits)")
+    buffers = sizing.TORCH_LOSS_LOGIT_BUFFERS[config.divergence]
+    upcast = facts.cpu_upcast_hidden
+    formula = f"chunk x V_student x {buffers} x 4 (torch {config.divergence}: fp32 logits and temporaries)"
+    return (sizing.logit_chunk_bytes(chunk_tokens, vocab, buffers, upcast_hidden=upcast),
+            formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
 def execute(step, config: Config, ctx, loop) -> None:

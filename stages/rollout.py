@@ -6,11 +6,18 @@ limits (see opdgraph.sizing); the pool is freed when rollout ends, before any tr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from opdgraph import sizing
+from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.drafts import Draft, buffer
+from opdgraph.plan import Buffer
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("prompts",)
 WRITES = ("responses",)
@@ -52,6 +59,49 @@ class Config:
                                              "activation as fused Triton kernels (same numerics)")
     kv_pool_tokens: int = setting(0, help="KV pool capacity in tokens (0 = max_num_seqs x (max_prompt_tokens + "
                                           "max_new_tokens), rounded up to pages)", check=non_negative)
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """Prefill once, then `decode_rounds` decode steps; with several ranks both run on the gathered weights."""
+    shape, weights = facts.student_shape, f"{facts.student}.weights"
+    kv, workspace, counts = f"{stage_name}.kv_cache", f"{stage_name}.workspace", facts.counts
+    gathered = (f"{facts.student}.gathered_weights",) if facts.world_size > 1 else ()
+    graph_pool = (f"{stage_name}.decode_graph_pool",) if facts.uses_flashinfer else ()
+    kv_per_token = shape.kv_bytes_per_token(facts.student_dtype_bytes)
+    prefill = W.prefill_work(shape, sequences=counts.sequences, prompt_tokens=counts.prompt_tokens,
+                             token_budget=config.prefill_token_budget, weight_bytes=facts.student_weight_bytes,
+                             kv_bytes_per_token=kv_per_token, hardware=facts.hardware)
+    decode = W.decode_work(shape, sequences=counts.sequences, concurrent_seqs=counts.concurrent_seqs,
+                           prompt_tokens=counts.prompt_tokens, new_tokens=counts.new_tokens,
+                           weight_bytes=facts.student_weight_bytes, kv_bytes_per_token=kv_per_token,
+                           hardware=facts.hardware)
+    return [Draft(f"{stage_name}.prefill", stage_name, "rollout", (weights, "prompts"), (kv, workspace, *gathered),
+                  (), 1, prefill),
+            Draft(f"{stage_name}.decode", stage_name, "rollout", (weights, kv, workspace, *graph_pool, *gathered),
+                  ("responses",), (), counts.decode_rounds, decode)]
+
+
+def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
+    """The paged KV pool (plus the fused GPU rollout's stacked q/k/v), the engine's workspace, and `responses`."""
+    shape, dtype_bytes, counts = facts.student_shape, facts.student_dtype_bytes, facts.counts
+    pool_keys = (f"{stage_name}.max_num_seqs", "data.max_prompt_tokens", f"{stage_name}.max_new_tokens",
+                 f"{stage_name}.page_size", f"{stage_name}.kv_pool_tokens")
+    stacked = facts.stacked_qkv_bytes
+    return [
+        buffer(f"{stage_name}.kv_cache", "kv_cache",
+               sizing.kv_cache_bytes(shape, counts.num_pages, counts.page_size, dtype_bytes) + stacked,
+               (*pool_keys, *facts.student_keys), facts.between_phases, "num_pages x page_size x L x 2 x kv x d" + (
+                   " + L x (q + 2 kv) x (h + bias) x d (stacked q/k/v of the fused GPU rollout)" if stacked else "")),
+        buffer(f"{stage_name}.workspace", "workspace",
+               sizing.forward_workspace_bytes(shape, config.prefill_token_budget, dtype_bytes)
+               + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
+               (f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs", *facts.student_keys),
+               formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs "
+                       "x V x 4"),
+        buffer("responses", "io", sizing.token_bytes(counts.sequences, counts.sequence_tokens,
+                                                     2 * sizing.TOKEN_ID_BYTES),
+               facts.batch_keys, formula="sequences x (prompt + new tokens) x (4 id + 4 logprob)"),
+    ]
 
 
 def execute(step, config: Config, ctx, loop) -> None:

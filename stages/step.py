@@ -7,11 +7,16 @@ stop the run with opdgraph.errors.TrainingStopped, and so does a run none of who
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
+from opdgraph.drafts import Draft
+
+if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+    from opdgraph.stage_plan import StageFacts
 
 READS = ("grads",)
 WRITES = ("student_weights",)
@@ -35,6 +40,15 @@ class Config:
         3, help="stop the run after this many optimizer steps in a row were skipped (non-finite gradient norm or "
                 "update); 0 = never stop for that (a run none of whose steps was applied still stops)",
         check=non_negative)
+
+
+def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
+    """One AdamW update per training step (an fp32 student has no separate master weights)."""
+    student = facts.student
+    state = (*(() if facts.student_fp32 else (f"{student}.master_weights",)), f"{student}.optimizer_state")
+    return [Draft(stage_name, stage_name, "step", (f"{student}.grads", *state), (f"{student}.weights",), (), 1,
+                  W.optimizer_work(facts.student_shape.parameter_count(), facts.student_dtype_bytes,
+                                   facts.hardware))]
 
 
 def execute(step, config: Config, ctx, loop) -> None:

@@ -27,7 +27,7 @@ import torch
 import opdgraph
 from memory_probe import AllocationTrace, cuda_fused_loss, cuda_torch_loss, flash_backend, saved_bytes
 from opdgraph import sizing
-from opdgraph.buffers import attention_fallback
+from opdgraph.planned_paths import attention_fallback
 from opdgraph.kernels import varlen_attention
 from opdgraph.model_shapes import shape_from_hf_config
 from opdgraph.models.attention_backend import TorchReferenceBackend

@@ -1,0 +1,52 @@
+"""Which code path the planner assumes runs on the target, and which config keys size a model: the booleans that
+opdgraph.stage_plan turns into StageFacts and opdgraph.buffers uses for the model state. No torch.
+
+The student's activations, the logit chunk and the workspaces follow the path that runs on the target
+(pipeline.device, loss.kernel, loss.divergence): see sizing.py, kv_heads_repeated and attention_fallback below (the
+plain-torch attention's S x S scores in the activations and the no-grad forward workspaces).
+"""
+
+from __future__ import annotations
+
+from opdgraph import sizing
+from opdgraph.config.schema import PipelineConfig
+from opdgraph.cuda_overheads import targets_cuda
+
+
+def model_keys(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
+    """The config keys that decide a model's shape and dtype."""
+    model = cfg.models[name]
+    keys = [f"models.{name}.{key}" for key in ("path", "config", "init_from", "keep_layers")
+            if getattr(model, key) is not None]
+    if model.init_from is not None:
+        keys += [key for key in model_keys(cfg, model.init_from) if not key.endswith(".dtype")]
+    return (*keys, f"models.{name}.dtype")
+
+
+def kv_heads_repeated(cfg: PipelineConfig, name: str) -> bool:
+    """Whether the training forward of model `name` repeats its K/V heads before attention. The GPU's packed
+    attention (kernels/varlen_attention.py) does so when FlashAttention varlen runs (a CUDA target, a 16-bit model,
+    head_dim a multiple of 8 up to 256, fewer K/V heads than query heads) on a torch whose varlen_attn has no
+    enable_gqa (before 2.12; the GPU machines run 2.11). The planner imports no torch and cannot know the run's
+    torch: it plans the repeat, the larger of the two."""
+    shape = cfg.shapes[name]
+    return (targets_cuda(cfg) and cfg.models[name].dtype != "float32" and shape.kv_heads < shape.heads
+            and shape.head_dim <= sizing.FLASH_MAX_HEAD_DIM and shape.head_dim % 8 == 0)
+
+
+def attention_fallback(cfg: PipelineConfig, name: str) -> bool:
+    """Whether model `name`'s packed attention (training, teacher scoring, eval scoring) runs as the plain-torch
+    reference rather than FlashAttention varlen (kernels/varlen_attention.py unsupported_reason): a CPU target, an
+    fp32 model, or head_dim over 256 or not a multiple of 8. A CUDA torch without a usable varlen_attn falls back
+    too; the planner imports no torch and cannot see that (it plans the GPU machines' torch, which has one)."""
+    head_dim = cfg.shapes[name].head_dim
+    return (not targets_cuda(cfg) or cfg.models[name].dtype == "float32" or head_dim > sizing.FLASH_MAX_HEAD_DIM
+            or head_dim % 8 != 0)
+
+
+def fp32_grads(cfg: PipelineConfig) -> bool:
+    """Whether the student's gradients are summed in fp32 accumulators of their own (opdgraph.runtime.gradients):
+    backward.grad_accumulation_dtype = "float32" and a student that is not fp32 already."""
+    student = cfg.model_with_role("student")
+    return (cfg.stage("backward").config.grad_accumulation_dtype == "float32"
+            and cfg.models[student].dtype != "float32")

@@ -1,0 +1,59 @@
+"""The compiler stays generic: every stage kind plans its own steps and buffers (opdgraph.stages.<kind>), and
+opdgraph.compile / opdgraph.buffers only walk the ordered stages."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from opdgraph.compile import compile_plan
+from opdgraph.config import load_pipeline
+from opdgraph.stages import KIND_NAMES, stage_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py")
+
+
+def _kind_branches(path: Path) -> list[str]:
+    """Comparisons of a `kind` with a kind's name, and stages_of_kind calls: the branches a kind's module should own
+    (other settings that share a kind's name, such as student_gather = "step", are not kind branches)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            on_kind = any(isinstance(n, ast.Attribute) and n.attr == "kind" or isinstance(n, ast.Name) and n.id == "kind"
+                          for o in operands for n in ast.walk(o))
+            names = [n.value for o in operands for n in ast.walk(o) if isinstance(n, ast.Constant)]
+            found += [f"line {node.lineno}: compares a kind with {name!r}" for name in names
+                      if on_kind and name in KIND_NAMES]
+        if isinstance(node, ast.Attribute) and node.attr == "stages_of_kind":
+            found.append(f"line {node.lineno}: stages_of_kind")
+    return found
+
+
+@pytest.mark.parametrize("module", GENERIC_MODULES)
+def test_generic_modules_have_no_kind_branch(module):
+    """A branch on a stage kind crept back into the generic compiler: a new kind (or a second stage of one kind)
+    would then need edits there instead of only in its own module and the registry."""
+    assert _kind_branches(ROOT / module) == []
+
+
+def test_every_kind_plans_its_own_steps():
+    """A registered kind lacks its plan functions (the compiler would fail on the first pipeline that uses it)."""
+    for kind in KIND_NAMES:
+        registered = stage_kind(kind)
+        assert callable(registered.plan_steps) and callable(registered.plan_buffers), kind
+
+
+def test_plan_steps_come_from_each_stage_in_order():
+    """The compiler dropped, reordered or renamed a stage's steps: the tiny plan's steps, after the data source, are
+    exactly its stages' steps in graph order, each tagged with its own stage and kind."""
+    cfg = load_pipeline(ROOT / "pipelines" / "tiny.toml", [])
+    plan = compile_plan(cfg)
+    expected = ["data.load", "rollout.prefill", "rollout.decode", "teacher_score", "loss.student_forward", "loss",
+                "backward", "step", "eval", "checkpoint", "log"]
+    assert [step.name for step in plan.steps] == expected
+    assert all(step.kind == cfg.stages[step.stage].kind for step in plan.steps[1:])
+    # periodic kinds (eval, checkpoint, log) declare it and stay out of the step time
+    periodic = sum(step.work.seconds for step in plan.steps if step.kind in ("eval", "checkpoint", "log"))
+    assert plan.step_seconds == pytest.approx(sum(step.work.seconds for step in plan.steps) - periodic)
