@@ -205,6 +205,21 @@ def test_differences_name_keys_on_either_side():
                                      ("new.z", "(absent)", None)]
 
 
+def test_a_setting_newer_than_the_checkpoint_passes_only_at_its_default():
+    """If this fails, every setting added to opdgraph stops the resume of every older run (absent before, at its
+    default now), or a new setting set on purpose to a non-default value slips through unannounced."""
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime.config_record import config_record, is_newer_default
+
+    tiny = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+    for overrides, expected in (([], True), (["backward.grad_accumulation_dtype=\"model\""], False)):
+        new = config_record(load_pipeline(str(tiny), overrides))
+        old = {"values": {key: value for key, value in new["values"].items()
+                          if key != "backward.grad_accumulation_dtype"}}
+        change, = differences(old, new)
+        assert change[0] == "backward.grad_accumulation_dtype" and is_newer_default(change, new) is expected
+
+
 @pytest.mark.parametrize("damaged", [False, True])
 def test_restart_hint_is_the_one_given(tmp_path, damaged):
     """No checkpoint, or every one damaged: the error must suggest the restart flags it was given (which name the

@@ -64,7 +64,8 @@ def config_record(cfg) -> dict[str, Any]:
     for file in _prompt_files(cfg):
         path = Path(data_file_path(cfg.base_dir, file))
         values[f'data.file_checksum["{file}"]'] = file_digest(path) if path.is_file() else "missing"
-    return {"format": DIGEST_NAME, "values": values,
+    defaults = sorted(key for key in values if cfg.provenance.get(key) == "default")
+    return {"format": DIGEST_NAME, "values": values, "defaults": defaults,
             "stage_kinds": {name: stage.kind for name, stage in cfg.stages.items()}}
 
 
@@ -88,6 +89,14 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     before, after = old["values"], new["values"]
     return [(key, before.get(key, ABSENT), after.get(key, ABSENT)) for key in sorted(set(before) | set(after))
             if before.get(key, ABSENT) != after.get(key, ABSENT)]
+
+
+def is_newer_default(difference: tuple[str, Any, Any], new: dict[str, Any]) -> bool:
+    """A setting the checkpoint's record does not have (it was added to opdgraph after the checkpoint was written)
+    left at its default: accepted without --allow-config-change (and listed), or every new setting would stop the
+    resume of every older run. A new setting's default keeps the old behaviour unless its release notes say not."""
+    key, old, _ = difference
+    return old == ABSENT and key in new.get("defaults", ())
 
 
 def is_cadence(key: str, stage_kinds: dict[str, str]) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from opdgraph.errors import CheckpointError, RunDirectoryError
 from opdgraph.runtime import checkpoint as ckpt
-from opdgraph.runtime.config_record import describe, differences, is_cadence
+from opdgraph.runtime.config_record import describe, differences, is_cadence, is_newer_default
 from opdgraph.runtime.durable import append_text, fsync_dir, replace_text
 from opdgraph.runtime.run_lock import LOCK_NAME, RunLock
 from opdgraph.runtime.run_logs import truncate_run_logs
@@ -225,7 +225,8 @@ def _check_resume(directory: RunDirectory, chosen: Path | None, config_record: d
         print(message)
     old_record = ckpt.read_config_record(checkpoint)
     kinds = {**old_record.get("stage_kinds", {}), **config_record["stage_kinds"]}
-    directory.changes = [(change, is_cadence(change[0], kinds)) for change in differences(old_record, config_record)]
+    directory.changes = [(change, is_cadence(change[0], kinds) or is_newer_default(change, config_record))
+                         for change in differences(old_record, config_record)]
     blocking = [change for change, cadence in directory.changes if not cadence]
     if blocking and not directory.request.allow_config_change:
         listed = "\n".join(f"  {describe(change)}" for change in blocking)
