@@ -76,26 +76,34 @@ def missing_files(directory: Path, files: str) -> list[str]:
     if files == "weights":
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return [f"a readable {index.name} (it is damaged: delete the snapshot and download it again)"]
             missing += [shard for shard in shards if not (directory / shard).is_file()]
         elif not (directory / "model.safetensors").is_file():
             missing.append("model.safetensors")
     return missing
 
 
-def hub_snapshot(repo_id: str, revision: str | None, files: str, error: type[Exception]) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, files: str, error: type[Exception], local: str = "") -> str:
     """The local snapshot folder of `repo_id` at `revision` (None: main) holding `files` ("config", "tokenizer"
     or "weights"): the cache when it has them, else a download (huggingface_hub's progress bars on stderr).
     Failures raise `error` (an OpdgraphError subclass) naming the id, the cache and what to do."""
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     cache = hub_cache_dir()
     where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if local:  # the same words could have meant a local folder: say that none exists
+        where += f" (no local path {local} exists either; write ./{repo_id} to mean a local folder)"
     options = dict(repo_id=repo_id, revision=revision, cache_dir=str(cache), allow_patterns=FILE_PATTERNS[files])
     try:
         directory = huggingface_hub.snapshot_download(**options, local_files_only=True)
         missing = missing_files(Path(directory), files)
+        # The rest of a partly cached snapshot comes from the same commit: plan (config.json) and run (weights)
+        # must not read two commits of a branch that moved in between.
+        options["revision"] = snapshot_commit(directory) or revision
     except LocalEntryNotFoundError:
         missing = ["the snapshot"]
     except HFValidationError as problem:  # e.g. a revision the Hub cannot name
@@ -108,7 +116,7 @@ def hub_snapshot(repo_id: str, revision: str | None, files: str, error: type[Exc
                     f"`{download_command(repo_id, revision)}` (with HF_HUB_CACHE={cache}), or unset HF_HUB_OFFLINE")
     try:
         directory = huggingface_hub.snapshot_download(**options)
-    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as problem:
+    except Exception as problem:  # noqa: BLE001 -- any failure of the download (HTTP, proxy, disk) is the user's to fix
         raise error(f"{where}: cannot download it into {cache}: {problem}; check the id and revision on "
                     f"huggingface.co (gated models need `huggingface-cli login`), or download it with "
                     f"`{download_command(repo_id, revision)}`") from problem

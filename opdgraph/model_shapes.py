@@ -144,8 +144,10 @@ def model_location(path: str, base_dir: str, revision: str | None, files: str, e
     snapshot folder then holds `files` ("config", "tokenizer" or "weights", opdgraph.hub). `revision` is for Hub
     ids only."""
     real = resolve_path(path, base_dir)
-    if not path.startswith("pkg:") and not os.path.exists(real) and looks_like_hub_id(path):
-        return hub_snapshot(path, revision, files, error)
+    # A first folder that exists locally means a local path (a checkpoint not written yet, a typo): never the Hub.
+    local_parent = os.path.isdir(os.path.join(base_dir, os.path.expanduser(path).split("/")[0]))
+    if not path.startswith("pkg:") and not os.path.exists(real) and not local_parent and looks_like_hub_id(path):
+        return hub_snapshot(path, revision, files, error, local=real)
     if revision is not None:
         found = "exists locally" if os.path.exists(real) else "is not of the Hub id form owner/name"
         raise error(f"revision = {revision!r} is set but path {path!r} {found} ({real}); revision applies to Hub "

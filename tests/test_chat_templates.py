@@ -165,3 +165,16 @@ def test_chat_option_config_errors(override, message):
 def _first_train_prompt() -> str:
     row = json.loads((PIPELINES / "data" / "tiny_train.jsonl").read_text().splitlines()[0])
     return row.get("prompt") or row.get("question") or row["problem"]
+
+
+def test_template_errors_are_user_errors(tmp_path):
+    """If this fails, a syntax error in a chat_template file, or a template's own raise_exception (Gemma's "System
+    role not supported"), reaches the user as a jinja2 traceback instead of an error naming the template."""
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }\n{% endfor %}")
+    with pytest.raises(ModelLoadError, match=r"broken.jinja:\d+"):
+        run.check_startup(load(template_pipeline(tmp_path, f'chat_template = "{broken}"')))
+    tokenizer = load_tokenizer_from_dir(write_model_dir(tmp_path / "m", {}), 384)
+    refusing = tokenizer.with_chat_options("{{ raise_exception('System role not supported') }}", {})
+    with pytest.raises(ModelLoadError, match="System role not supported"):
+        refusing.chat_ids(MESSAGES)

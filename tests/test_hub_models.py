@@ -168,3 +168,18 @@ def test_online_and_not_cached_downloads_only_what_is_needed(cache, monkeypatch)
     with pytest.raises(ModelLoadError, match="has no tokenizer.json"):  # downloaded, but no tokenizer in the repo
         model_location("testorg/online", "/nonexistent", None, "weights", ModelLoadError)
     assert "*.safetensors" in requests[-1] and "tokenizer*" in requests[-1]
+
+
+def test_a_missing_folder_under_an_existing_one_is_local_not_the_hub(cache, tmp_path):
+    """If this fails, `path = "models/student"` (a checkpoint not written yet, or a typo) is looked up on the Hub
+    and the error talks about downloading 'models/student' instead of the missing local folder."""
+    (tmp_path / "models").mkdir()
+    located = model_location("models/student", str(tmp_path), None, "config", ShapeError)
+    assert located == str(tmp_path / "models" / "student")
+    from opdgraph.model_shapes import shape_from_path
+
+    with pytest.raises(ShapeError, match="no config.json") as caught:
+        shape_from_path("models/student", str(tmp_path))
+    assert "huggingface-cli" not in str(caught.value)
+    with pytest.raises(ShapeError, match=r"no local path .* exists either; write \./org/absent"):
+        model_location("org/absent", str(tmp_path), None, "config", ShapeError)

@@ -125,7 +125,7 @@ class PipelineSection:
 RESERVED_TEMPLATE_VARIABLES = ("messages", "conversation", "tools", "documents", "chat_template",
                                "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
                                "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-                               "tokenizer_kwargs")
+                               "tokenizer_kwargs", "sanitize_control_tokens")
 
 
 def _template_variables(value) -> str | None:

@@ -123,9 +123,16 @@ class HFTokenizer:
         if not self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"tokenizer {self.tokenizer.name_or_path!r} has no chat template (give the model "
                                  "a chat_template file)")
-        ids = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                                 add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                 return_dict=False, **self.chat_variables)
+        import jinja2
+
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                     add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                     return_dict=False, **self.chat_variables)
+        except jinja2.TemplateError as problem:  # a template's syntax error or its own raise_exception(...)
+            source = "the chat_template file" if self.chat_template else "its chat template"
+            raise ModelLoadError(f"tokenizer {self.tokenizer.name_or_path!r}: {source} fails on this prompt: "
+                                 f"{problem}") from problem
         return list(ids)
 
     def save(self, directory: str | Path) -> None:

@@ -43,7 +43,17 @@ def _read_template(name: str, file: str, base_dir: str) -> str:
     if not path.is_file():
         raise ModelLoadError(f"[models.{name}] chat_template: no file {path} (relative paths start at the "
                              "pipeline file's directory)")
-    return path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as problem:
+        raise ModelLoadError(f"[models.{name}] chat_template: {path} is not UTF-8 text ({problem})") from problem
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)  # a syntax error is named now, with its line, not at the first prompt
+    except jinja2.TemplateSyntaxError as problem:
+        raise ModelLoadError(f"[models.{name}] chat_template: {path}:{problem.lineno}: {problem.message}") from problem
+    return text
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

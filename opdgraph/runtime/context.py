@@ -132,6 +132,7 @@ def load_models(models_cfg: dict, base_dir: Path, device: torch.device,
                 _note_ignored_keys(name, model.config.hf)
             elif model_cfg.init_from in loaded:
                 source_model, tokenizer = loaded[model_cfg.init_from]
+                tokenizer = tokenizers.get(name) or tokenizer  # its own chat options (load_tokenizers configured it)
                 layers = model_cfg.keep_layers or list(range(source_model.config.num_layers))
                 loaded[name] = (prune_layers(source_model, layers).to(dtype=dtype), tokenizer)
             else:
