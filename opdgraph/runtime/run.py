@@ -121,8 +121,12 @@ def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_c
     """`opdgraph run --check`: every check a run makes before it trains (the run directory and its lock, the
     checkpoint and config changes of a resume, the device, the tokenizers, every prompt row), then stop. Nothing is
     written: the lock is released and a directory this check created is removed again."""
+    import os
+
     request = RunRequest(resume=Path(resume) if resume is not None else None, restart=restart,
                          allow_config_change=allow_config_change, take_over_lock=take_over_lock)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone holds the directory, as in a run
+        return check_startup(cfg)
     directory = open_run_directory(cfg, request, config_record=config_record(cfg))
     try:
         return check_startup(cfg)
