@@ -125,13 +125,13 @@ def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_c
 
     request = RunRequest(resume=Path(resume) if resume is not None else None, restart=restart,
                          allow_config_change=allow_config_change, take_over_lock=take_over_lock)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone holds the directory, as in a run
-        return check_startup(cfg)
-    directory = open_run_directory(cfg, request, config_record=config_record(cfg))
+    holds_directory = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone holds it, as in a run
+    directory = open_run_directory(cfg, request, config_record=config_record(cfg)) if holds_directory else None
     try:
         return check_startup(cfg)
     finally:
-        directory.close()
+        if directory is not None:
+            directory.close()
 
 
 def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
