@@ -50,7 +50,9 @@ from opdgraph.drafts import buffer
 from opdgraph.placement import Placement
 from opdgraph.plan import Buffer
 from opdgraph.planned_paths import fp32_grads
-from opdgraph.stage_plan import StageFacts, ordered_stages
+from opdgraph.errors import OpdgraphError
+from opdgraph.stage_plan import StageFacts, planned_stages
+from opdgraph.teachers import teacher_weights
 from opdgraph.stages import stage_kind
 
 
@@ -63,17 +65,17 @@ def build_buffers(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Buffer]:
                                                                                 facts.counts.prompt_tokens),
                       sized_by=facts.batch_keys[:3], lifetime="transient", formula="sequences x max_prompt_tokens x 4")]
     periodic = []
-    for name in ordered_stages(cfg):
+    for name, stage_facts in planned_stages(cfg, facts):
         stage = cfg.stages[name]
         kind = stage_kind(stage.kind)
-        (periodic if kind.periodic else buffers).extend(kind.plan_buffers(name, stage.config, facts))
+        (periodic if kind.periodic else buffers).extend(kind.plan_buffers(name, stage.config, stage_facts))
     buffers += [*_training_state(cfg, facts), *periodic]
     return {buffer.name: buffer for buffer in buffers}
 
 
 def _model_state(cfg: PipelineConfig, facts: StageFacts) -> list[Buffer]:
     """The models' weights and the student's optimizer state, held across steps (the student's sharded N ways)."""
-    student, teacher, shards = facts.student, facts.teacher, facts.world_size
+    student, shards = facts.student, facts.world_size
     shape, per_rank = facts.student_shape, (" / N" if shards > 1 else "")
     state = [buffer(f"{student}.weights", "weights",
                     _ceil_div(sizing.parameter_bytes(shape, facts.student_dtype_bytes), shards), facts.student_keys,
@@ -82,12 +84,18 @@ def _model_state(cfg: PipelineConfig, facts: StageFacts) -> list[Buffer]:
         state.append(buffer(f"{student}.master_weights", "master_weights",
                             _ceil_div(sizing.master_weight_bytes(shape), shards), facts.student_keys, "held",
                             "P x 4" + per_rank))
-    return [*state,
-            buffer(f"{student}.optimizer_state", "optimizer_state", _ceil_div(sizing.adamw_state_bytes(shape), shards),
-                   facts.student_keys, "held", "P x 2 x 4" + per_rank),
-            buffer(f"{teacher}.weights", "weights",
-                   sizing.parameter_bytes(facts.teacher_shape, facts.teacher_dtype_bytes), facts.teacher_keys,
-                   "held", "P x d", cfg.models[teacher].offload_when_idle)]
+    state.append(buffer(f"{student}.optimizer_state", "optimizer_state",
+                        _ceil_div(sizing.adamw_state_bytes(shape), shards), facts.student_keys, "held",
+                        "P x 2 x 4" + per_rank))
+    held = {}  # one weights buffer per teacher that has its own (a model named by two stages is held once)
+    for teacher in facts.teachers:
+        if teacher.spec.own_weights and teacher.weights_buffer not in held:
+            offload = cfg.models[teacher.spec.model].offload_when_idle and not teacher.spec.self_teacher
+            formula = "P x d" if not teacher.spec.self_teacher else "P x d (a frozen copy of the initial student)"
+            held[teacher.weights_buffer] = buffer(teacher.weights_buffer, "weights",
+                                                  sizing.parameter_bytes(teacher.shape, teacher.dtype_bytes),
+                                                  teacher.keys, "held", formula, offload)
+    return [*state, *held.values()]
 
 
 def _training_state(cfg: PipelineConfig, facts: StageFacts) -> list[Buffer]:
@@ -154,23 +162,29 @@ def _ceil_div(size: int, parts: int) -> int:
 def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Placement,
                   world_size: int = 1) -> dict[str, Buffer]:
     """The buffers with the placement applied (the input is not changed)."""
-    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    student = cfg.model_with_role("student")
     placed = dict(buffers)
-    teacher_weights = placed[f"{teacher}.weights"]
-    placed[teacher_weights.name] = attrs.evolve(
-        teacher_weights, offload_when_idle=placement.teacher_weights in ("offload", "stream"))
-    if placement.teacher_weights == "shard":
-        placed.update(_sharded_teacher_buffers(teacher_weights, cfg, world_size))
+    owners = teacher_weights(cfg)
+    if placement.teacher_weights == "shard" and len(owners) > 1:
+        raise OpdgraphError(f"teacher_weights = 'shard' takes one teacher, but this pipeline holds {len(owners)} "
+                            f"({', '.join(owners)}); keep, offload or stream them (pipeline.fit.teacher_weights)")
+    for teacher, model in owners.items():
+        weights = placed[f"{teacher}.weights"]
+        placed[weights.name] = attrs.evolve(weights,
+                                            offload_when_idle=placement.teacher_weights in ("offload", "stream"))
+        if placement.teacher_weights == "shard":
+            placed.update(_sharded_teacher_buffers(weights, cfg, world_size))
+        if placement.teacher_weights == "stream":
+            shape, dtype_bytes = cfg.shapes[model], cfg.models[model].dtype_bytes
+            placed[weights.name] = attrs.evolve(
+                placed[weights.name], bytes=sizing.teacher_resident_bytes(shape, dtype_bytes),
+                formula="(P - L x layer) x d: embedding, final norm, lm_head; layers streamed")
+            placed[f"{teacher}.layer_stream"] = Buffer(
+                name=f"{teacher}.layer_stream", category="weights",
+                bytes=sizing.layer_stream_bytes(shape, dtype_bytes), sized_by=weights.sized_by, lifetime="transient",
+                formula="2 x layer params x d (running + next)")
     if world_size > 1 and placement.student_gather == "step":
         placed.update(_gathered_student_buffers(placed[f"{student}.fsdp_comm"], cfg, world_size))
-    if placement.teacher_weights == "stream":
-        shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
-        placed[teacher_weights.name] = attrs.evolve(
-            placed[teacher_weights.name], bytes=sizing.teacher_resident_bytes(shape, dtype_bytes),
-            formula="(P - L x layer) x d: embedding, final norm, lm_head; layers streamed")
-        placed[f"{teacher}.layer_stream"] = Buffer(
-            name=f"{teacher}.layer_stream", category="weights", bytes=sizing.layer_stream_bytes(shape, dtype_bytes),
-            sized_by=teacher_weights.sized_by, lifetime="transient", formula="2 x layer params x d (running + next)")
     if placement.optimizer_state == "offload":
         state_names = [name for name in (f"{student}.master_weights", f"{student}.optimizer_state") if name in placed]
         for name in state_names:
@@ -222,8 +236,8 @@ def _sharded_teacher_buffers(weights: Buffer, cfg: PipelineConfig, world_size: i
     """The teacher's FSDP2 shard and what its forwards gather (see the module docstring)."""
     if world_size == 1:
         raise ValueError("teacher_weights = 'shard' needs several ranks (world_size > 1); this plan is for one process")
-    teacher = cfg.model_with_role("teacher")
-    shape, dtype_bytes = cfg.shapes[teacher], cfg.models[teacher].dtype_bytes
+    (teacher, model), = teacher_weights(cfg).items()
+    shape, dtype_bytes = cfg.shapes[model], cfg.models[model].dtype_bytes
     full = sizing.parameter_bytes(shape, dtype_bytes)
     sharded = {weights.name: attrs.evolve(weights, bytes=_ceil_div(full, world_size),
                                           formula="P x d / N (FSDP2 shard)")}

@@ -25,7 +25,7 @@ from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
 from opdgraph.placement import Placement, configured_placement
 from opdgraph.placement_steps import place_drafts, placement_transfers
 from opdgraph.plan import Peak, Plan, Release, Step, StepWork, Transfer
-from opdgraph.stage_plan import FUSED_LOOP, StageFacts, ordered_stages, stage_facts
+from opdgraph.stage_plan import FUSED_LOOP, StageFacts, ordered_stages, planned_stages, stage_facts
 from opdgraph.stages import stage_kind
 
 GIB = 1024**3
@@ -68,7 +68,7 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
         steps.append(Step(
             name=draft.name, stage=draft.stage, kind=draft.kind, reads=draft.reads, writes=draft.writes,
             loops=draft.loops, scope=_scope(draft.loops), repeats=draft.repeats,
-            fused_group=FUSED_LOOP if FUSED_LOOP in draft.loops else None,
+            fused_group=draft.loops[0] if draft.loops and draft.loops[0].endswith(FUSED_LOOP) else None,
             work=StepWork(flops=total.flops, device_bytes=total.device_bytes, pcie_bytes=total.pcie_bytes,
                           seconds=total.seconds),
             allocates=tuple(name for name in lifetimes.allocates[index] if name not in moved),
@@ -109,7 +109,7 @@ def _model_facts(cfg: PipelineConfig) -> dict[str, object]:
 def _drafts(cfg: PipelineConfig, facts: StageFacts) -> list[Draft]:
     """The data source's step, then each stage's steps in stage-graph order (opdgraph.stages.<kind>.plan_steps)."""
     drafts = [Draft("data.load", "data", "data", (), ("prompts",), (), 1, W.Work())]
-    for name in ordered_stages(cfg):
+    for name, stage_facts_ in planned_stages(cfg, facts):
         stage = cfg.stages[name]
-        drafts += stage_kind(stage.kind).plan_steps(name, stage.config, facts)
+        drafts += stage_kind(stage.kind).plan_steps(name, stage.config, stage_facts_)
     return drafts

@@ -100,16 +100,17 @@ def apply_decisions(cfg: PipelineConfig, decisions: Decisions) -> PipelineConfig
                 ("rollout", "max_num_seqs"): decisions.max_num_seqs}
     stages, provenance = dict(cfg.stages), dict(cfg.provenance)
     for (kind, key), value in settings.items():
-        stage = cfg.stage(kind)
-        if getattr(stage.config, key) != value:
-            stages[stage.name] = attrs.evolve(stage, config=attrs.evolve(stages[stage.name].config, **{key: value}))
-            provenance[f"{stage.name}.{key}"] = "fit"
-    teacher = cfg.model_with_role("teacher")
+        for stage in cfg.stages_of_kind(kind):  # every teacher stage shares the micro-batch
+            if getattr(stage.config, key) != value:
+                stages[stage.name] = attrs.evolve(stage, config=attrs.evolve(stages[stage.name].config,
+                                                                             **{key: value}))
+                provenance[f"{stage.name}.{key}"] = "fit"
     models = dict(cfg.models)
     offloaded = decisions.teacher_weights in ("offload", "stream")
-    if models[teacher].offload_when_idle != offloaded:
-        models[teacher] = attrs.evolve(models[teacher], offload_when_idle=offloaded)
-        provenance[f"models.{teacher}.offload_when_idle"] = "fit"
+    for teacher in (name for name, model in cfg.models.items() if model.role == "teacher"):
+        if models[teacher].offload_when_idle != offloaded:
+            models[teacher] = attrs.evolve(models[teacher], offload_when_idle=offloaded)
+            provenance[f"models.{teacher}.offload_when_idle"] = "fit"
     return attrs.evolve(cfg, stages=stages, models=models, provenance=provenance)
 
 

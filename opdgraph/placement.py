@@ -36,7 +36,8 @@ class Placement:
 
 def configured_placement(cfg) -> Placement:
     """The placement a pipeline asks for without any search."""
-    teacher = cfg.models[cfg.model_with_role("teacher")]
+    teachers = [model for model in cfg.models.values() if model.role == "teacher"]
     gather = cfg.pipeline.fit.student_gather
-    return Placement(teacher_weights="offload" if teacher.offload_when_idle else "keep",
+    offload = bool(teachers) and all(teacher.offload_when_idle for teacher in teachers)
+    return Placement(teacher_weights="offload" if offload else "keep",
                      student_gather="step" if gather == "auto" else gather)

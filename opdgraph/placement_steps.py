@@ -23,6 +23,7 @@ from opdgraph.drafts import Draft
 from opdgraph.placement import Placement
 from opdgraph.plan import Transfer
 from opdgraph.sizing import FP32_BYTES
+from opdgraph.teachers import teacher_weights
 
 # Host state bytes a streamed optimizer step moves per byte: check pass in, update pass in and out (train.optimizer).
 OPTIMIZER_STATE_TRIPS = 3
@@ -31,17 +32,19 @@ OPTIMIZER_STATE_TRIPS = 3
 def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, buffers, hardware,
                   world_size: int = 1) -> list[Draft]:
     """The drafts with the placement's and the ranks' reads and times (see the module docstring)."""
-    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
-    teacher_bytes, student_bytes = _weight_bytes(cfg, teacher), _weight_bytes(cfg, student)
+    student, owners = cfg.model_with_role("student"), teacher_weights(cfg)
+    student_bytes = _weight_bytes(cfg, student)
     placed = []
     for draft in drafts:
         if world_size > 1:
             draft = _gather_student_draft(draft, student, student_bytes, _reduced_bytes(cfg, placement),
                                           placement.student_gather, hardware, world_size)
         if placement.teacher_weights == "shard":
-            draft = _shard_teacher_draft(draft, teacher, teacher_bytes, hardware, world_size)
-        if draft.kind == "teacher_score" and placement.teacher_weights == "stream":
-            streamed = _streamed_teacher_bytes(cfg)
+            (teacher, model), = owners.items()
+            draft = _shard_teacher_draft(draft, teacher, _weight_bytes(cfg, model), hardware, world_size)
+        teacher = next((name[:-len(".weights")] for name in draft.reads if name[:-len(".weights")] in owners), None)
+        if draft.kind == "teacher_score" and placement.teacher_weights == "stream" and teacher is not None:
+            streamed = _streamed_teacher_bytes(cfg, owners[teacher])
             per_micro_batch = max(draft.work.seconds / draft.repeats, streamed / (hardware.pcie_gbps * 1e9))
             work = W.Work(draft.work.flops, draft.work.device_bytes, streamed * draft.repeats,
                           per_micro_batch * draft.repeats)
@@ -125,8 +128,8 @@ def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Place
     """A sharded teacher's all-gathers over the GPU interconnect: bytes each rank receives per training step."""
     if placement.teacher_weights != "shard":
         return []
-    teacher = cfg.model_with_role("teacher")
-    size = _weight_bytes(cfg, teacher)
+    (teacher, model), = teacher_weights(cfg).items()
+    size = _weight_bytes(cfg, model)
     return [_exchange(draft, f"{teacher}.weights", "all_gather", size, draft.repeats, world_size, hardware)
             for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
 
@@ -157,8 +160,7 @@ def _weight_bytes(cfg: PipelineConfig, model: str) -> int:
     return cfg.shapes[model].parameter_count() * cfg.models[model].dtype_bytes
 
 
-def _streamed_teacher_bytes(cfg: PipelineConfig) -> int:
-    teacher = cfg.model_with_role("teacher")
+def _streamed_teacher_bytes(cfg: PipelineConfig, teacher: str) -> int:
     shape = cfg.shapes[teacher]
     return shape.layers * shape.layer_parameters() * cfg.models[teacher].dtype_bytes
 

@@ -187,6 +187,9 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
 # (opdgraph.train.losses.divergence_chunk_grad; logsumexp and linalg.vecdot each allocate one inside).
 TORCH_LOSS_LOGIT_BUFFERS = {"forward_kl": 4, "reverse_kl": 3, "jsd": 5, "sampled_token": 3}
 EVAL_METRICS_LOGIT_BUFFERS = 6  # train.losses.chunk_metrics: logits, log-softmaxes, their difference, a product
+# A mixture of teachers (train.divergence.mixture_teacher_logits): the running mixture and the next teacher's
+# log-probs beside the single-teacher path's buffers.
+MIXTURE_EXTRA_LOGIT_BUFFERS = 2
 FUSED_LOSS_LOGIT_BUFFERS = 2  # kernels/divergence.py: student and teacher logits; the gradient goes in place
 
 

@@ -11,6 +11,7 @@ single-loop compiler read from the config (computed here, once). No torch.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import attrs
@@ -20,17 +21,36 @@ from opdgraph.planned_paths import attention_fallback, fp32_grads, kv_heads_repe
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
-from opdgraph.graph import StageNode, build_stage_graph, stage_order
+from opdgraph.graph import build_stage_graph, stage_order
 from opdgraph.model_shapes import ModelShape
-from opdgraph.stages import KIND_NAMES, stage_kind
+from opdgraph.stages import KIND_NAMES, stage_kind, stage_nodes
+from opdgraph.teachers import FUSED_LOOP, TeacherSpec, TrainGroup, route_field, teacher_specs, train_groups
 
-FUSED_LOOP = "train_micro_batch"  # the one micro-batch loop of the fused stages (pipeline.fuse_training)
+
+
+@attrs.frozen(kw_only=True)
+class TeacherFacts:
+    """One teacher stage as its plan functions and the loss's see it (opdgraph.teachers.TeacherSpec + sizes)."""
+
+    spec: TeacherSpec
+    shape: ModelShape
+    dtype_bytes: int
+    keys: tuple[str, ...]  # the config keys that size its weights (the student's for a self-teacher)
+    attention_fallback: bool
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.shape.parameter_count() * self.dtype_bytes
+
+    @property
+    def weights_buffer(self) -> str:
+        return f"{self.spec.weights}.weights"
 
 
 @attrs.frozen(kw_only=True)
 class StageFacts:
-    student: str  # the [models.<name>] of the student and of the teacher
-    teacher: str
+    student: str  # the [models.<name>] of the student
+    teacher: str  # the first teacher stage's weights prefix (its model; `<student>.initial` for a frozen self-teacher)
     student_shape: ModelShape
     teacher_shape: ModelShape
     student_dtype_bytes: int
@@ -54,6 +74,38 @@ class StageFacts:
     student_attention_fallback: bool  # buffers.attention_fallback per model
     teacher_attention_fallback: bool
     eval_counts: Callable[[str], EvalCounts]  # an eval stage's pool and batch sizes (counts.eval_counts)
+    teachers: tuple[TeacherFacts, ...] = ()  # every teacher stage, in stage-graph order
+    groups: tuple[TrainGroup, ...] = ()  # the fused plan's micro-batch loops (one unless rows are routed)
+    group: TrainGroup = TrainGroup(name="", teachers=())  # the loop a micro-batch stage is being planned for
+
+    def in_group(self, group: TrainGroup) -> "StageFacts":
+        return attrs.evolve(self, group=group)
+
+    def local(self, name: str) -> str:
+        """A group-local step or buffer name (unchanged unless a routed fused plan has several loops)."""
+        return self.group.local(name) if self.fused else name
+
+    def teacher_stage(self, stage_name: str) -> TeacherFacts:
+        return next(teacher for teacher in self.teachers if teacher.spec.stage == stage_name)
+
+    @property
+    def group_teachers(self) -> tuple[TeacherFacts, ...]:
+        """The teachers whose outputs the loss reads in the micro-batches being planned (all, unfused)."""
+        if not self.fused or not self.group.teachers:
+            return self.teachers
+        return tuple(teacher for teacher in self.teachers if teacher.spec.stage in self.group.teachers)
+
+    @property
+    def group_micro_batches(self) -> int:
+        """Micro-batches per step in the loop being planned; routed rows are counted as split evenly across the
+        teachers (the loop's time; its buffers are sized per micro-batch, whatever the split)."""
+        if len(self.groups) <= 1:
+            return self.counts.num_micro_batches
+        return math.ceil(self.counts.sequences / len(self.groups) / self.counts.sequences_per_micro_batch)
+
+    def teacher_micro_batch_tokens(self, teacher: TeacherFacts) -> int:
+        """Tokens of one teacher forward: the micro-batch's sequences with the teacher's own prompts."""
+        return self.counts.sequences_per_micro_batch * (teacher.spec.prompt_tokens + self.counts.new_tokens)
 
     @property
     def student_weight_bytes(self) -> int:
@@ -78,8 +130,10 @@ class StageFacts:
 
     @property
     def cpu_upcast_hidden(self) -> int:
-        """h_student + h_teacher where the loss upcasts both lm_heads to fp32 (a CPU target), else 0."""
-        return 0 if self.targets_cuda else self.student_shape.hidden + self.teacher_shape.hidden
+        """h_student + h_teacher where the loss upcasts both lm_heads to fp32 (a CPU target), else 0 (the teacher
+        of the loop being planned; a mixture's are summed by the loss itself)."""
+        teacher = self.group_teachers[0].shape if self.group_teachers else self.teacher_shape
+        return 0 if self.targets_cuda else self.student_shape.hidden + teacher.hidden
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -103,19 +157,38 @@ class StageFacts:
 
     def loop(self, stage_name: str) -> tuple[str, ...]:
         """The micro-batch loop a training stage's steps run in."""
-        return (FUSED_LOOP,) if self.fused else (f"{stage_name}.micro_batch",)
+        return (self.group.loop,) if self.fused else (f"{stage_name}.micro_batch",)
+
+
+def teacher_facts(cfg: PipelineConfig) -> tuple[TeacherFacts, ...]:
+    """Every teacher stage with its model's shape, dtype and sizing keys, in stage-graph order."""
+    specs = {spec.stage: spec for spec in teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)}
+    facts = []
+    for name in ordered_stages(cfg):
+        if name not in specs:
+            continue
+        spec = specs[name]
+        keys = model_keys(cfg, spec.model)
+        if spec.self_teacher:
+            keys = (*keys, f"{name}.model", f"{name}.frozen")
+        facts.append(TeacherFacts(spec=spec, shape=cfg.shapes[spec.model], dtype_bytes=cfg.models[spec.model].dtype_bytes,
+                                  keys=keys, attention_fallback=attention_fallback(cfg, spec.model)))
+    return tuple(facts)
 
 
 def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, world_size: int) -> StageFacts:
-    student, teacher = cfg.model_with_role("student"), cfg.model_with_role("teacher")
+    teachers = teacher_facts(cfg)
+    groups = tuple(train_groups([t.spec for t in teachers], bool(route_field(cfg.stages)) and len(teachers) > 1))
+    student, teacher = cfg.model_with_role("student"), teachers[0].spec.weights
+    teacher_model = teachers[0].spec.model
     names = {}
     for name, stage in cfg.stages.items():
         names.setdefault(stage.kind, name)
     return StageFacts(
-        student=student, teacher=teacher, student_shape=cfg.shapes[student], teacher_shape=cfg.shapes[teacher],
-        student_dtype_bytes=cfg.models[student].dtype_bytes, teacher_dtype_bytes=cfg.models[teacher].dtype_bytes,
+        student=student, teacher=teacher, student_shape=cfg.shapes[student], teacher_shape=teachers[0].shape,
+        student_dtype_bytes=cfg.models[student].dtype_bytes, teacher_dtype_bytes=teachers[0].dtype_bytes,
         student_fp32=cfg.models[student].dtype == "float32", student_keys=model_keys(cfg, student),
-        teacher_keys=model_keys(cfg, teacher), counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
+        teacher_keys=teachers[0].keys, counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
         prefill_token_budget=cfg.stage("rollout").config.prefill_token_budget,
         activation_checkpointing=cfg.stage("backward").config.activation_checkpointing, fp32_grads=fp32_grads(cfg),
@@ -123,13 +196,26 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
         student_kv_repeated=kv_heads_repeated(cfg, student),
         student_attention_fallback=attention_fallback(cfg, student),
-        teacher_attention_fallback=attention_fallback(cfg, teacher),
-        eval_counts=functools.partial(eval_counts, cfg))
+        teacher_attention_fallback=attention_fallback(cfg, teacher_model),
+        eval_counts=functools.partial(eval_counts, cfg), teachers=teachers, groups=groups, group=groups[0])
 
 
 def ordered_stages(cfg: PipelineConfig) -> list[str]:
     """The stage table names in execution order (opdgraph.graph.stage_order)."""
-    nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
-             for name, stage in cfg.stages.items()]
-    return stage_order(build_stage_graph(nodes), {kind: rank for rank, kind in enumerate(KIND_NAMES)})
+    return stage_order(build_stage_graph(stage_nodes(cfg.stages)), {kind: rank for rank, kind in enumerate(KIND_NAMES)})
 
+
+
+def planned_stages(cfg: PipelineConfig, facts: StageFacts):
+    """(stage name, facts to plan it with) in execution order. Fused with routed rows, the micro-batch stages are
+    planned once per teacher loop (TrainGroup), each loop holding only its own teacher's stage; otherwise once."""
+    names = ordered_stages(cfg)
+    micro = [name for name in names if stage_kind(cfg.stages[name].kind).micro_batch]
+    for name in names:
+        if name not in micro or not facts.fused or len(facts.groups) <= 1:
+            yield name, facts
+        elif name == micro[0]:
+            for group in facts.groups:
+                for member in micro:
+                    if cfg.stages[member].kind != "teacher_score" or member in group.teachers:
+                        yield member, facts.in_group(group)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage sta
 
 READS = ("hidden_grad",)
 WRITES = ("grads",)
+MICRO_BATCH = True  # runs once per training micro-batch (fused with the other such stages into one loop)
 
 
 @attrs.frozen(kw_only=True)
@@ -44,10 +45,11 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     flops = forward * (3 if config.activation_checkpointing else 2)
     moved = 3 * facts.student_weight_bytes  # read weights; read+write gradient accumulators
     # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
-    return [Draft(stage_name, stage_name, "backward",
-                  (f"{student}.weights", "hidden_grad", "student_activations", "responses", *comm),
-                  (f"{student}.grads", f"{stage_name}.workspace"), facts.loop(stage_name), counts.num_micro_batches,
-                  W.roofline(flops, moved, 0, facts.hardware, counts.num_micro_batches))]
+    local, micro = facts.local, facts.group_micro_batches if facts.fused else counts.num_micro_batches
+    return [Draft(local(stage_name), stage_name, "backward",
+                  (f"{student}.weights", local("hidden_grad"), local("student_activations"), "responses", *comm),
+                  (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
+                  W.roofline(flops, moved, 0, facts.hardware, micro))]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
@@ -57,7 +59,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     per_layer = facts.activation_label
     per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
                                                             repeated, reference)
-    return [buffer(f"{stage_name}.workspace", "workspace", facts.counts.micro_batch_tokens * per_token,
+    return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", facts.counts.micro_batch_tokens * per_token,
                    (*facts.micro_keys, *facts.student_keys),
                    formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage sta
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses", "teacher_hidden")
+MICRO_BATCH = True  # runs once per training micro-batch (fused with the other such stages into one loop)
 WRITES = ("hidden_grad",)
 
 
@@ -36,6 +37,8 @@ class Config:
     allow_biased_estimate: bool = setting(
         False, help="sampled_token only: accept rollouts that are not plain samples at the loss temperature (top_k, "
                     "top_p, min_p, greedy, another temperature), knowing the estimate is then biased")
+    route_field: str = setting("", help="with several teacher stages: the prompt-row field whose value picks the "
+                                        "teacher that scores the row (see teacher_score.route); '' = no routing")
 
     def cross_problems(self):
         if self.divergence == "jsd" and not 0 < self.beta < 1:
@@ -47,24 +50,38 @@ class Config:
                 yield "beta", f"jsd needs 0 < beta < 1, got {self.beta!r}"
 
 
+def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Reads every teacher stage's hidden states."""
+    from opdgraph.teachers import HIDDEN, TEACHER_KIND, derived_value
+
+    teachers = [derived_value(HIDDEN, name) for name, stage in stages.items() if stage.kind == TEACHER_KIND]
+    return ("responses", *(teachers or ["teacher_hidden"])), WRITES
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
-    """The student forward once per micro-batch, then the divergence chunk by chunk inside it."""
-    student, teacher, counts = facts.student_shape, facts.teacher_shape, facts.counts
-    s_dtype, t_dtype, micro = facts.student_dtype_bytes, facts.teacher_dtype_bytes, counts.num_micro_batches
+    """The student forward once per micro-batch, then the divergence chunk by chunk inside it (against the loop's
+    teachers: a routed loop's one, or every teacher of a mixture)."""
+    student, counts, teachers = facts.student_shape, facts.counts, facts.group_teachers
+    s_dtype, local = facts.student_dtype_bytes, facts.local
+    micro = facts.group_micro_batches if facts.fused else counts.num_micro_batches
     chunks, chunk_tokens = micro * counts.chunks_per_micro_batch, counts.chunk_tokens
     weights = f"{facts.student}.weights"
     comm = (f"{facts.student}.fsdp_comm",) if facts.world_size > 1 else ()
     forward_bytes = facts.student_weight_bytes + counts.micro_batch_tokens * student.hidden * s_dtype
     forward = W.roofline(W.forward_flops(student, counts.micro_batch_tokens, counts.sequence_tokens), forward_bytes,
                          0, facts.hardware, micro)
-    flops = 3 * W.lm_head_flops(student, chunk_tokens) + W.lm_head_flops(teacher, chunk_tokens)
-    moved = (student.vocab * student.hidden * s_dtype + teacher.vocab * teacher.hidden * t_dtype
-             + 2 * chunk_tokens * (2 * student.vocab + teacher.vocab) * 4)
-    return [Draft(f"{stage_name}.student_forward", stage_name, "loss", (weights, "responses"),
-                  ("student_hidden", "student_activations", *comm), facts.loop(stage_name), micro, forward),
-            Draft(stage_name, stage_name, "loss",
-                  (weights, f"{facts.teacher}.weights", "student_hidden", "teacher_hidden", "responses"),
-                  ("logit_chunk", "hidden_grad", f"{facts.student}.grads"),
+    flops = 3 * W.lm_head_flops(student, chunk_tokens) + sum(W.lm_head_flops(t.shape, chunk_tokens) for t in teachers)
+    moved = (student.vocab * student.hidden * s_dtype
+             + sum(t.shape.vocab * t.shape.hidden * t.dtype_bytes for t in teachers)
+             + 2 * chunk_tokens * (2 * student.vocab + sum(t.shape.vocab for t in teachers)) * 4)
+    teacher_weights = tuple(dict.fromkeys(t.weights_buffer for t in teachers if t.weights_buffer != weights))
+    return [Draft(local(f"{stage_name}.student_forward"), stage_name, "loss", (weights, "responses"),
+                  (local("student_hidden"), local("student_activations"), *comm), facts.loop(stage_name), micro,
+                  forward),
+            Draft(local(stage_name), stage_name, "loss",
+                  (weights, *teacher_weights, local("student_hidden"), *(t.spec.hidden for t in teachers),
+                   "responses"),
+                  (local("logit_chunk"), local("hidden_grad"), f"{facts.student}.grads"),
                   (*facts.loop(stage_name), f"{stage_name}.chunk"), chunks,
                   W.roofline(flops, moved, 0, facts.hardware, chunks))]
 
@@ -72,35 +89,49 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """The student's final hidden states, its saved activations (for backward), the hidden-state gradient and
     the chunk's logits; the activations and the gradient cross to backward (a micro-batch's fused, else the
-    batch's)."""
-    shape, dtype_bytes, counts = facts.student_shape, facts.student_dtype_bytes, facts.counts
+    batch's). A routed fused plan has these once per teacher loop (group-local names)."""
+    shape, dtype_bytes, counts, local = facts.student_shape, facts.student_dtype_bytes, facts.counts, facts.local
     tokens, keys = facts.crossing_tokens
     checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     per_layer = facts.activation_label
     logit_bytes, logit_formula = _logit_chunk(config, facts)
     return [
-        buffer("student_hidden", "activations",
+        buffer(local("student_hidden"), "activations",
                sizing.hidden_state_bytes(shape, counts.micro_batch_tokens, dtype_bytes),
                (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d"),
-        buffer("student_activations", "activations",
+        buffer(local("student_activations"), "activations",
                sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing, repeated, reference),
                (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
                else f"tokens x (L x {per_layer} + o)"),
-        buffer("hidden_grad", "activations", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
+        buffer(local("hidden_grad"), "activations", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
                (*keys, *facts.student_keys), formula="tokens x h x d"),
-        buffer("logit_chunk", "logit_chunk", logit_bytes,
+        buffer(local("logit_chunk"), "logit_chunk", logit_bytes,
                (f"{stage_name}.chunk_tokens", f"{stage_name}.kernel", f"{stage_name}.divergence", "pipeline.device",
-                *facts.student_keys, *facts.teacher_keys), formula=logit_formula),
+                *facts.student_keys, *(key for t in facts.group_teachers for key in t.keys)), formula=logit_formula),
     ]
+
+
+def mixes_teachers(facts: StageFacts) -> bool:
+    """A mixture: the loss reads several teachers on every row (the torch path: the kernel takes one teacher)."""
+    return len(facts.group_teachers) > 1
 
 
 def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
     """(bytes, formula) of the per-chunk peak for the path that runs (sizing.py: Logit chunk). On a CUDA target
     kernel "auto" is planned as the fused Triton kernel: the GPU install has triton (the gpu extra)."""
     vocab, chunk_tokens = facts.student_shape.vocab, facts.counts.chunk_tokens
+    if mixes_teachers(facts):
+        mixed = len(facts.group_teachers)
+        buffers = sizing.TORCH_LOSS_LOGIT_BUFFERS[config.divergence] + sizing.MIXTURE_EXTRA_LOGIT_BUFFERS
+        upcast = 0 if facts.targets_cuda else facts.student_shape.hidden + sum(
+            t.shape.hidden for t in facts.group_teachers)
+        formula = (f"chunk x V_student x {buffers} x 4 (torch {config.divergence} against a mixture of {mixed} "
+                   f"teachers: fp32 logits, the running mixture and one teacher's log-probs)")
+        return (sizing.logit_chunk_bytes(chunk_tokens, vocab, buffers, upcast_hidden=upcast),
+                formula + (" + V_student x (h_student + sum h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
     if facts.targets_cuda and config.kernel != "torch":
         return (sizing.logit_chunk_bytes(chunk_tokens, vocab, sizing.FUSED_LOSS_LOGIT_BUFFERS, fused=True),
                 "chunk x (2 V_student + 2) x 4 (fused kernel: student and teacher fp32 logits)")

@@ -12,7 +12,7 @@ import attrs
 
 from opdgraph import sizing
 from opdgraph import work as W
-from opdgraph.config.fields import positive, setting
+from opdgraph.config.fields import non_negative, positive, setting, unit_interval
 from opdgraph.drafts import Draft, buffer
 from opdgraph.plan import Buffer
 
@@ -20,39 +20,95 @@ if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage sta
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses",)
+MICRO_BATCH = True  # runs once per training micro-batch (fused with the other such stages into one loop)
 WRITES = ("teacher_hidden",)
 MODEL_FIELDS = ("model",)
 
 
+def _template(value) -> str | None:
+    if "{context}" not in value:
+        return "must contain {context} (where the row's context_field goes); {prompt} places the student's prompt"
+    try:
+        value.format(context="", prompt="")
+    except (KeyError, IndexError, ValueError) as error:
+        return (f"only {{context}} and {{prompt}} may appear in braces (write {{{{ and }}}} for literal braces): "
+                f"{error!r}")
+    return None
+
+
 @attrs.frozen(kw_only=True)
 class Config:
-    model: str = setting("teacher", help="the [models.<name>] entry that scores")
+    model: str = setting("teacher", help="the [models.<name>] entry that scores; the student's name scores with the "
+                                         "student itself (self-distillation, see frozen)")
     micro_batch_tokens: int = setting(4096, help="packed tokens per teacher forward (and per training micro-batch)",
                                       check=positive)
+    frozen: bool | None = setting(None, help="model = the student only: true (default) scores with a frozen copy of "
+                                             "the initial student (weights of its own); false with the live student "
+                                             "under no_grad, before its forward (no extra weights)")
+    system_prompt: str = setting("", help="the teacher sees this system message instead of the student's (the "
+                                          "student's prompt is otherwise the same); '' = the student's")
+    context_field: str = setting("", help="a prompt-row field placed into the teacher's last user message with "
+                                          "context_template (e.g. a reference solution the student does not see)")
+    context_template: str = setting("{prompt}\n\n{context}", help="how the teacher's last user message is built: "
+                                    "{prompt} = the student's message, {context} = the row's context_field",
+                                    check=_template)
+    max_prompt_tokens: int = setting(0, help="most tokens of the teacher's prompt (0 = data.max_prompt_tokens); a "
+                                             "longer teacher prompt is an error naming the row", check=non_negative)
+    route: list[str] = setting([], help="with loss.route_field: the route values whose rows this teacher scores "
+                                        "(default: the table's short name, math for [teacher_score.math])")
+    mixture_weight: float | None = setting(None, help="with several teachers and no routing: this teacher's weight "
+                                                      "w_k in p_T = sum_k w_k p_Tk (the weights sum to 1)",
+                                           check=unit_interval)
+
+    def cross_problems(self):
+        if self.context_field == "" and self.context_template != "{prompt}\n\n{context}":
+            yield "context_template", "context_template needs context_field (the row field it places)"
+        if len(set(self.route)) != len(self.route):
+            yield "route", f"route lists a value twice: {self.route}"
+
+
+def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Writes `teacher_hidden` (the stage named after its kind) or `teacher_hidden.<short name>`."""
+    from opdgraph.teachers import HIDDEN, derived_value
+
+    return READS, (derived_value(HIDDEN, stage_name),)
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
-    """One teacher forward per micro-batch, in the training micro-batch loop."""
-    shape, counts = facts.teacher_shape, facts.counts
-    flops = W.forward_flops(shape, counts.micro_batch_tokens, counts.sequence_tokens)
-    moved = facts.teacher_weight_bytes + counts.micro_batch_tokens * shape.hidden * facts.teacher_dtype_bytes
-    return [Draft(stage_name, stage_name, "teacher_score", (f"{facts.teacher}.weights", "responses"),
-                  ("teacher_hidden", f"{stage_name}.workspace"), facts.loop(stage_name), counts.num_micro_batches,
-                  W.roofline(flops, moved, 0, facts.hardware, counts.num_micro_batches))]
+    """One teacher forward per micro-batch of its loop (a routed teacher: only its own rows' micro-batches)."""
+    teacher, counts = facts.teacher_stage(stage_name), facts.counts
+    tokens = facts.teacher_micro_batch_tokens(teacher)
+    sequence_tokens = teacher.spec.prompt_tokens + counts.new_tokens
+    repeats = facts.group_micro_batches if facts.fused else _unfused_micro_batches(facts)
+    flops = W.forward_flops(teacher.shape, tokens, sequence_tokens)
+    moved = teacher.weight_bytes + tokens * teacher.shape.hidden * teacher.dtype_bytes
+    return [Draft(stage_name, stage_name, "teacher_score", (teacher.weights_buffer, "responses"),
+                  (teacher.spec.hidden, f"{stage_name}.workspace"), facts.loop(stage_name), repeats,
+                  W.roofline(flops, moved, 0, facts.hardware, repeats))]
+
+
+def _unfused_micro_batches(facts: StageFacts) -> int:
+    """Unfused, a routed teacher's loop runs over its share of the micro-batches."""
+    return facts.in_group(facts.groups[0]).group_micro_batches if len(facts.groups) > 1 else \
+        facts.counts.num_micro_batches
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """The teacher's hidden states (a micro-batch's fused, the batch's unfused) and its forward's workspace."""
-    shape, dtype_bytes, counts = facts.teacher_shape, facts.teacher_dtype_bytes, facts.counts
+    teacher, counts = facts.teacher_stage(stage_name), facts.counts
+    shape, dtype_bytes = teacher.shape, teacher.dtype_bytes
     tokens, keys = facts.crossing_tokens
-    reference = facts.reference_tokens("teacher", counts.sequence_tokens)
+    reference = (teacher.spec.prompt_tokens + counts.new_tokens) if teacher.attention_fallback else 0
+    prompt_keys = (f"{stage_name}.max_prompt_tokens",) if config.max_prompt_tokens else ()
     return [
-        buffer("teacher_hidden", "teacher_hidden", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
-               (*keys, *facts.teacher_keys), formula="tokens x h_teacher x d"),
+        buffer(teacher.spec.hidden, "teacher_hidden", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
+               (*keys, *teacher.keys), formula="tokens x h_teacher x d"),
         buffer(f"{stage_name}.workspace", "workspace",
-               sizing.forward_workspace_bytes(shape, counts.micro_batch_tokens, dtype_bytes, reference),
-               (*facts.micro_keys, "pipeline.device", *facts.teacher_keys),
-               formula=_workspace_formula("micro-batch tokens", reference)),
+               sizing.forward_workspace_bytes(shape, facts.teacher_micro_batch_tokens(teacher), dtype_bytes,
+                                              reference),
+               (*facts.micro_keys, *prompt_keys, "pipeline.device", *teacher.keys),
+               formula=_workspace_formula("micro-batch tokens" if not prompt_keys else
+                                          "micro-batch sequences x (teacher prompt + new tokens)", reference)),
     ]
 
 

@@ -14,10 +14,11 @@ import os
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
 from opdgraph.config.paths import data_file_path
-from opdgraph.graph import StageNode, build_stage_graph, graph_problems
+from opdgraph.config.teacher_checks import check_teacher_stages
+from opdgraph.graph import build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
 from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
-from opdgraph.stages import KIND_NAMES, REQUIRED_KINDS, stage_kind
+from opdgraph.stages import KIND_NAMES, REQUIRED_KINDS, stage_kind, stage_nodes
 
 value_problems = field_problems
 
@@ -26,6 +27,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     """Append every cross-section problem (via `problem(path, message)`) and return the resolved model shapes."""
     _check_roles(models, problem, problems)
     _check_stage_models(models, stages, problem, problems)
+    check_teacher_stages(models, data, stages, problem, problems)
     _check_graph(stages, problem, problems)
     shapes = _resolve_shapes(models, base_dir, problem, problems)
     _check_shapes(models, shapes, data, stages, problem, problems)
@@ -37,12 +39,11 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
 
 
 def _check_roles(models, problem, problems):
-    for role in ("student", "teacher"):
-        holders = [name for name, model in models.items() if model.role == role]
-        if len(holders) != 1:
-            where = f"models.{holders[1]}.role" if len(holders) > 1 else "models"
-            found = ", ".join(holders) if holders else "none"
-            problems.append(problem(where, f"need exactly one model with role = \"{role}\" (found: {found})"))
+    holders = [name for name, model in models.items() if model.role == "student"]
+    if len(holders) != 1:
+        where = f"models.{holders[1]}.role" if len(holders) > 1 else "models"
+        found = ", ".join(holders) if holders else "none"
+        problems.append(problem(where, f"need exactly one model with role = \"student\" (found: {found})"))
     for name, model in models.items():
         if model.init_from is None:
             continue
@@ -59,7 +60,7 @@ def _check_roles(models, problem, problems):
 
 
 def _check_stage_models(models, stages, problem, problems):
-    expected_role = {"rollout": "student", "teacher_score": "teacher"}
+    expected_role = {"rollout": "student"}
     for name, stage in stages.items():
         for field in stage_kind(stage.kind).model_fields:
             model_name = getattr(stage.config, field)
@@ -74,8 +75,7 @@ def _check_stage_models(models, stages, problem, problems):
 
 
 def _check_graph(stages, problem, problems):
-    nodes = [StageNode(name, stage.kind, stage_kind(stage.kind).reads, stage_kind(stage.kind).writes)
-             for name, stage in stages.items()]
+    nodes = stage_nodes(stages)
     writers = {kind: stage_kind(kind).writes for kind in KIND_NAMES}
     for name, message in graph_problems(build_stage_graph(nodes), writers):
         problems.append(problem(name, message))
@@ -118,12 +118,12 @@ def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape
 
 def _check_shapes(models, shapes, data, stages, problem, problems):
     student = next((name for name, model in models.items() if model.role == "student"), None)
-    teacher = next((name for name, model in models.items() if model.role == "teacher"), None)
-    if student in shapes and teacher in shapes and shapes[teacher].vocab < shapes[student].vocab:
-        problems.append(problem(f"models.{teacher}",
-                                f"the teacher's vocabulary ({shapes[teacher].vocab}) must cover the student's "
-                                f"({shapes[student].vocab}, [models.{student}]); extra teacher columns are "
-                                f"dropped, missing ones cannot be made up"))
+    for teacher in (name for name, model in models.items() if model.role == "teacher"):
+        if student in shapes and teacher in shapes and shapes[teacher].vocab < shapes[student].vocab:
+            problems.append(problem(f"models.{teacher}",
+                                    f"the teacher's vocabulary ({shapes[teacher].vocab}) must cover the student's "
+                                    f"({shapes[student].vocab}, [models.{student}]); extra teacher columns are "
+                                    f"dropped, missing ones cannot be made up"))
     for name, stage in stages.items():
         if stage.kind != "rollout" or stage.config.model not in shapes:
             continue
@@ -147,7 +147,14 @@ def _check_shapes(models, shapes, data, stages, problem, problems):
         needed = data.max_prompt_tokens + rollout.config.max_new_tokens
         scorer = stage.config.model
         limit = shapes[scorer].max_positions if scorer in shapes else 0
-        if limit and needed > limit:  # the teacher scores every position the student may reach
+        prompt_limit = stage.config.max_prompt_tokens
+        if prompt_limit and limit and prompt_limit + rollout.config.max_new_tokens > limit:
+            problems.append(problem(f"{name}.max_prompt_tokens",
+                                    f"{name}.max_prompt_tokens + {rollout.name}.max_new_tokens = "
+                                    f"{prompt_limit + rollout.config.max_new_tokens} exceeds the scoring model's "
+                                    f"positions ([models.{scorer}] max_position_embeddings {limit}); the teacher's "
+                                    f"prompts may take at most {limit - rollout.config.max_new_tokens} tokens"))
+        elif limit and needed > limit:  # the teacher scores every position the student may reach
             problems.append(problem(f"{rollout.name}.max_new_tokens",
                                     f"data.max_prompt_tokens + {rollout.name}.max_new_tokens = {needed} exceeds "
                                     f"the scoring model's positions ([models.{scorer}] max_position_embeddings "
@@ -179,8 +186,8 @@ def _check_eval_lengths(models, shapes, data, stages, problem, problems):
             problems.append(problem(f"{name}.max_new_tokens", _too_long(
                 name, new_tokens, data.max_prompt_tokens, f"a scoring micro-batch ({scorer.name}.micro_batch_tokens = {limit})",
                 limit - data.max_prompt_tokens, f"raise {scorer.name}.micro_batch_tokens to at least {needed}")))
-        for role in ("student", "teacher"):
-            model = next((model_name for model_name, model in models.items() if model.role == role), None)
+        for model, model_config in models.items():
+            role = model_config.role
             limit = shapes[model].max_positions if model in shapes else 0
             if limit and needed > limit and (role == "teacher" or longer_than_rollout):
                 problems.append(problem(f"{name}.max_new_tokens", _too_long(

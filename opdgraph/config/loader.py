@@ -143,6 +143,12 @@ def _type_sections(raw: dict, locator: Locator, problems: list[Problem]):
             problems.append(locator.problem(name, f"unknown top-level key{hint} (top-level keys are tables)"))
             continue
         table = dict(table)
+        nested = _nested_stage_tables(name, table, locator, problems)
+        if nested is not None:
+            for sub, sub_table in nested.items():
+                config = _type_section(sub_table, stage_kind(name).config_class, f"{name}.{sub}", locator, problems)
+                stages[f"{name}.{sub}"] = StageEntry(name=f"{name}.{sub}", kind=name, config=config)
+            continue
         kind = table.pop("kind", name)
         if not isinstance(kind, str) or kind not in KIND_NAMES:
             where = f"{name}.kind" if "kind" in raw[name] else name
@@ -155,6 +161,30 @@ def _type_sections(raw: dict, locator: Locator, problems: list[Problem]):
         config = _type_section(table, stage_kind(kind).config_class, name, locator, problems)
         stages[name] = StageEntry(name=name, kind=kind, config=config)
     return pipeline, models, data, stages
+
+
+def _nested_stage_tables(name: str, table: dict, locator: Locator, problems: list[Problem]) -> dict | None:
+    """`[teacher_score.math]` tables: several stages of the kind `name`, each named `<kind>.<sub>`; None when the
+    table is one stage. A sub-table is a stage when its key is not a field of the kind's Config."""
+    if name not in KIND_NAMES or "kind" in table:
+        return None
+    fields = attrs.fields_dict(stage_kind(name).config_class)
+    subs = {key: value for key, value in table.items() if isinstance(value, dict) and key not in fields}
+    if not subs:
+        return None
+    settings = [key for key in table if key not in subs]
+    if settings:
+        problems.append(locator.problem(f"{name}.{settings[0]}", (
+            f"[{name}] holds settings ({', '.join(settings)}) beside stage tables "
+            f"({', '.join(f'[{name}.{sub}]' for sub in subs)}); put each setting into the stage tables")))
+        return {}
+    for sub, sub_table in subs.items():
+        if "kind" in sub_table and sub_table["kind"] != name:
+            problems.append(locator.problem(f"{name}.{sub}.kind", (
+                f"[{name}.{sub}] is a stage of kind {name!r} (its table's parent); remove kind = "
+                f"{sub_table['kind']!r} or move the table out of [{name}]")))
+            return {}
+    return {sub: {key: value for key, value in sub_table.items() if key != "kind"} for sub, sub_table in subs.items()}
 
 
 def _resolve_stage_defaults(stages: dict[str, StageEntry], data: DataConfig) -> dict[str, StageEntry]:
