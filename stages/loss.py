@@ -147,6 +147,6 @@ def execute(step, config: Config, ctx, loop) -> None:
 
     if step.name.endswith(".student_forward"):
         # Fused plan: this forward keeps the graph for the backward; unfused: the backward stage re-runs it.
-        training.student_forward(ctx, loop, keep_graph="student_activations" in step.writes, write_hidden=True)
+        training.student_forward(ctx, loop, keep_graph=loop.local("student_activations") in step.writes, write_hidden=True)
     else:
         training.chunked_loss(config, ctx, loop)

@@ -123,4 +123,4 @@ def _workspace_formula(tokens: str, reference: int) -> str:
 def execute(step, config: Config, ctx, loop) -> None:
     from opdgraph.runtime import training
 
-    training.teacher_score(ctx, loop)
+    training.teacher_score(step.stage, ctx, loop)

@@ -6,7 +6,9 @@ already resolved to paths and a tokenizer; the result feeds the ``PromptSampler`
 Every unusable row (unparseable, missing or mistyped field, empty prompt, assistant-last messages, prompt longer
 than ``max_prompt_tokens``) is a ``BadRow`` naming its file and row. With ``on_bad_row = "error"`` (the default)
 all bad rows of all files are raised together in one ``PromptDataError``; with ``"skip"`` they are left out and
-counted in the summary. Nothing is truncated: a prompt that is too long is a bad row, not a shortened prompt.
+counted in the summary. Teachers that see another prompt and routed rows (opdgraph.data.teacher_prompts) add
+their own bad rows (a missing context or route field, an unknown route, a teacher prompt over its limit).
+Nothing is truncated: a prompt that is too long is a bad row, not a shortened prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Protocol, Sequence, Union
 
 from opdgraph.data.fields import RowProblem, row_answer, row_to_messages
 from opdgraph.data.readers import RawRow, read_rows
+from opdgraph.data.teacher_prompts import Routing, TeacherPrompt, route_of, teacher_prompt_ids
 from opdgraph.data.records import BadRow, LoadSummary, PromptDataError, PromptRecord, PromptSet, format_bad_rows
 
 ON_BAD_ROW_CHOICES = ("error", "skip")
@@ -51,7 +54,7 @@ def _check_options(files, prompt_field, on_bad_row, max_prompt_tokens) -> list[P
 
 
 def _build_record(raw: RawRow, source: str, *, tokenizer, prompt_field, answer_field, system_prompt,
-                  max_prompt_tokens) -> PromptRecord:
+                  max_prompt_tokens, teacher_prompts=(), routing=None) -> PromptRecord:
     messages = row_to_messages(raw.value, prompt_field, system_prompt)
     answer = row_answer(raw.value, answer_field)
     prompt_ids = tuple(tokenizer.chat_ids(messages, add_generation_prompt=True))
@@ -59,8 +62,10 @@ def _build_record(raw: RawRow, source: str, *, tokenizer, prompt_field, answer_f
         raise RowProblem("too_long", f"prompt is {len(prompt_ids)} tokens, over max_prompt_tokens = "
                                      f"{max_prompt_tokens} (prompts are never truncated: shorten it or raise "
                                      "the limit)")
+    teacher_ids = {rule.stage: teacher_prompt_ids(messages, raw.value, rule) for rule in teacher_prompts}
     return PromptRecord(source=source, row=raw.row, location=raw.location, messages=tuple(messages),
-                        prompt_ids=prompt_ids, answer=answer)
+                        prompt_ids=prompt_ids, answer=answer, teacher_prompt_ids=teacher_ids,
+                        route=route_of(raw.value, routing))
 
 
 def load_prompt_set(
@@ -72,6 +77,8 @@ def load_prompt_set(
     system_prompt: str = "",
     max_prompt_tokens: Optional[int] = None,
     on_bad_row: str = "error",
+    teacher_prompts: Sequence[TeacherPrompt] = (),
+    routing: Optional[Routing] = None,
 ) -> PromptSet:
     """Read, check and tokenise every row of ``files`` (in order); see the module docstring for the rules."""
     paths = _check_options(files, prompt_field, on_bad_row, max_prompt_tokens)
@@ -85,7 +92,8 @@ def load_prompt_set(
             try:
                 records.append(_build_record(raw, str(path), tokenizer=tokenizer, prompt_field=prompt_field,
                                              answer_field=answer_field, system_prompt=system_prompt,
-                                             max_prompt_tokens=max_prompt_tokens))
+                                             max_prompt_tokens=max_prompt_tokens,
+                                             teacher_prompts=teacher_prompts, routing=routing))
             except RowProblem as problem:
                 bad_rows.append(BadRow(location=raw.location, kind=problem.kind, reason=problem.reason))
 

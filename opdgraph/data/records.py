@@ -48,6 +48,9 @@ class PromptRecord:
     messages: tuple[dict[str, str], ...] = attrs.field()  # [{"role", "content"}], ends with a user turn
     prompt_ids: tuple[int, ...] = attrs.field()  # chat-templated ids ending with the generation prompt
     answer: Answer = attrs.field(default=None)  # reference answer for eval scoring, as written in the file
+    # teacher stage -> the ids of the prompt it sees, for teachers that see another prompt than the student's
+    teacher_prompt_ids: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
+    route: str | None = attrs.field(default=None)  # the row's loss.route_field value (routed pipelines only)
 
 
 @attrs.frozen(kw_only=True)

@@ -7,6 +7,12 @@ included when it was sampled). Prompt positions are never trained.
 
 Micro-batches are filled greedily in sample order up to `micro_batch_tokens`; a sample never straddles two
 micro-batches (attention needs the whole sequence), so one longer than the budget is an error naming the setting.
+Routed rows (opdgraph.teachers) are grouped by teacher first: each micro-batch holds one teacher's rows, the
+groups in the plan's loop order, and every micro-batch keeps its index over the whole step.
+
+A teacher that sees another prompt (opdgraph.data.teacher_prompts) scores a packed view of its own
+(`TeacherView`): each sample's teacher prompt + the same response, with the positions that predict the response
+tokens, in the same order as the student's loss positions, so position i of both views predicts the same token.
 """
 
 from __future__ import annotations
@@ -30,6 +36,18 @@ class Sample:
     finish_reason: str = ""
     logprobs: list[float] = field(default_factory=list)
     answer: str | None = None
+    teacher_prompt_ids: dict[str, list[int]] = field(default_factory=dict)  # teacher stage -> the prompt it sees
+    route: str | None = None
+
+
+@dataclass
+class PackedView:
+    """Packed sequences and the positions whose next token is a response token."""
+
+    input_ids: torch.Tensor  # long [T]
+    positions: torch.Tensor  # long [T]
+    meta: PackedMetadata
+    loss_positions: torch.Tensor  # long [N]
 
 
 @dataclass
@@ -42,48 +60,82 @@ class MicroBatch:
     weights: torch.Tensor  # fp32 [N], normalisation (token or sequence mean over the global batch)
     sample_of_position: torch.Tensor  # long [N], which sample of this micro-batch each loss position belongs to
     samples: list[Sample]
+    index: int = 0  # over the step's micro-batches
+    group: str = ""  # the teacher loop it belongs to ('' unless rows are routed)
+    teacher_views: dict[str, PackedView] = field(default_factory=dict)  # teachers that see another prompt
+
+    def view_for(self, teacher_stage: str) -> "PackedView | MicroBatch":
+        """What `teacher_stage` scores: its own view, or the student's sequences."""
+        return self.teacher_views.get(teacher_stage, self)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
 
-def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_sequences: int,
-          device: torch.device) -> MicroBatch:
-    ids, positions, cu, loss_pos, targets, owner = [], [], [0], [], [], []
-    for index, sample in enumerate(samples):
+def _packed(prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> tuple[PackedView, list]:
+    """Prompt + response sequences laid end to end, and the positions predicting each response token."""
+    ids, positions, cu, loss_pos = [], [], [0], []
+    for prompt, response in zip(prompts, responses):
         offset = cu[-1]
-        sequence = sample.prompt_ids + sample.response_ids
-        ids.extend(sequence)
-        positions.extend(range(len(sequence)))
-        cu.append(offset + len(sequence))
-        first = offset + len(sample.prompt_ids) - 1
-        count = len(sample.response_ids)
-        loss_pos.extend(range(first, first + count))
-        targets.extend(sample.response_ids)
-        owner.extend([index] * count)
+        ids.extend(prompt + response)
+        positions.extend(range(len(prompt) + len(response)))
+        cu.append(offset + len(prompt) + len(response))
+        first = offset + len(prompt) - 1
+        loss_pos.extend(range(first, first + len(response)))
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     long = dict(dtype=torch.long, device=device)
-    loss_positions = torch.tensor(loss_pos, **long)
     cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-    loss_mask = torch.zeros(cu[-1], dtype=torch.bool, device=device).index_fill_(0, loss_positions, True)
-    weights = position_weights(loss_mask, cu_seqlens, normalize=normalize, global_token_count=global_tokens,
-                               global_seq_count=global_sequences).index_select(0, loss_positions)
+    return PackedView(input_ids=torch.tensor(ids, **long), positions=torch.tensor(positions, **long),
+                      meta=PackedMetadata(cu_seqlens=cu_seqlens, max_seqlen=max(lengths)),
+                      loss_positions=torch.tensor(loss_pos, **long)), cu
+
+
+def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_sequences: int,
+          device: torch.device, index: int = 0, group: str = "") -> MicroBatch:
+    responses = [sample.response_ids for sample in samples]
+    view, cu = _packed([sample.prompt_ids for sample in samples], responses, device)
+    long = dict(dtype=torch.long, device=device)
+    targets = [token for response in responses for token in response]
+    owner = [position for position, response in enumerate(responses) for _ in response]
+    loss_mask = torch.zeros(cu[-1], dtype=torch.bool, device=device).index_fill_(0, view.loss_positions, True)
+    weights = position_weights(loss_mask, view.meta.cu_seqlens, normalize=normalize,
+                               global_token_count=global_tokens,
+                               global_seq_count=global_sequences).index_select(0, view.loss_positions)
+    teacher_views = {stage: _packed([sample.teacher_prompt_ids[stage] for sample in samples], responses, device)[0]
+                     for stage in (samples[0].teacher_prompt_ids if samples else {})}
     return MicroBatch(
-        input_ids=torch.tensor(ids, **long),
-        positions=torch.tensor(positions, **long),
-        meta=PackedMetadata(cu_seqlens=cu_seqlens, max_seqlen=max(lengths)),
-        loss_positions=loss_positions,
+        input_ids=view.input_ids,
+        positions=view.positions,
+        meta=view.meta,
+        loss_positions=view.loss_positions,
         target_ids=torch.tensor(targets, **long),
         weights=weights,
         sample_of_position=torch.tensor(owner, **long),
         samples=samples,
+        index=index,
+        group=group,
+        teacher_views=teacher_views,
     )
 
 
 def build_micro_batches(samples: list[Sample], *, micro_batch_tokens: int, normalize: str, global_tokens: int,
-                        global_sequences: int, device: torch.device) -> list[MicroBatch]:
-    """Pack samples greedily into micro-batches of at most `micro_batch_tokens` tokens."""
+                        global_sequences: int, device: torch.device,
+                        route_groups: dict[str, str] | None = None, group_order: tuple[str, ...] = ("",)
+                        ) -> list[MicroBatch]:
+    """Pack samples greedily into micro-batches of at most `micro_batch_tokens` tokens; with `route_groups`
+    (route value -> group name) each group's samples separately, in `group_order`."""
+    batches: list[MicroBatch] = []
+    for group in group_order:
+        members = [s for s in samples if route_groups is None or route_groups[s.route] == group]
+        for members_of_batch in _greedy(members, micro_batch_tokens):
+            batches.append(_pack(members_of_batch, normalize=normalize, global_tokens=global_tokens,
+                                 global_sequences=global_sequences, device=device, index=len(batches),
+                                 group=group))
+    return batches
+
+
+def _greedy(samples: list[Sample], micro_batch_tokens: int) -> list[list[Sample]]:
     groups: list[list[Sample]] = []
     current: list[Sample] = []
     current_tokens = 0
@@ -102,5 +154,4 @@ def build_micro_batches(samples: list[Sample], *, micro_batch_tokens: int, norma
         current_tokens += length
     if current:
         groups.append(current)
-    return [_pack(group, normalize=normalize, global_tokens=global_tokens, global_sequences=global_sequences,
-                  device=device) for group in groups]
+    return groups

@@ -35,7 +35,7 @@ class RunContext:
     seed: int
     num_steps: int
     student: Any
-    teacher: Any
+    teacher: Any  # the first teacher stage's model (eval's teacher)
     tokenizer: Any
     engine: Any
     optimizer: Any
@@ -56,6 +56,7 @@ class RunContext:
     stopped_by: int | None = None  # the signal that stopped the run early (opdgraph.runtime.signals)
     gradients: Any = None  # opdgraph.runtime.gradients.StudentGradients: the accumulators of <student>.grads
     skipped_steps: SkippedSteps = field(default_factory=SkippedSteps)
+    teachers: dict[str, Any] = field(default_factory=dict)  # teacher stage -> runtime.teachers.TeacherRuntime
 
     def add_seconds(self, name: str, seconds: float) -> None:
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds

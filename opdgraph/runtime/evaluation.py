@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
+import attrs
+
 from opdgraph.runtime.answer_scoring import is_correct
 from opdgraph.runtime.batches import build_micro_batches
 from opdgraph.runtime.rollout_step import generate_samples, sampling_params
@@ -74,10 +76,24 @@ def release_hooks(ctx, stage: str) -> dict:
     return {f"{stage}.{suffix}": hook(role) for role, suffix in EVAL_POOLS.items()}
 
 
+def _eval_teacher(ctx):
+    """Eval compares with the first teacher stage (in plan order)."""
+    return next(iter(ctx.teachers.values()))
+
+
 def _generate(ctx, stage: str, role: str, prompts, params, seed: int) -> list:
+    """The student's or the teacher's answers; a teacher that sees another prompt answers that prompt, and its
+    samples keep the student's prompt beside it (each model is scored on its own view)."""
     engine = _eval_engine(ctx, stage, role)
-    samples = generate_samples(engine, prompts, params, n=1, seed=seed, step=ctx.step,
+    teacher_stage = _eval_teacher(ctx).spec.stage
+    own_prompt = role == "teacher" and any(teacher_stage in p.record.teacher_prompt_ids for p in prompts)
+    asked = [attrs.evolve(p, record=attrs.evolve(p.record, prompt_ids=p.record.teacher_prompt_ids[teacher_stage]))
+             for p in prompts] if own_prompt else prompts
+    samples = generate_samples(engine, asked, params, n=1, seed=seed, step=ctx.step,
                                tag="eval" if role == "student" else "eval-teacher")
+    if own_prompt:
+        for sample in samples:
+            sample.prompt_ids = list(prompts[sample.prompt_index].record.prompt_ids)
     ctx.buffers.put(f"{stage}.{EVAL_POOLS[role]}", engine.kv_cache)
     return samples
 
@@ -92,9 +108,10 @@ def _score(ctx, stage: str, samples) -> dict[str, float]:
                                      normalize="token", global_tokens=tokens, global_sequences=len(samples),
                                      device=ctx.device):
         student = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta)
-        teacher = ctx.teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
+        view = batch.view_for(_eval_teacher(ctx).spec.stage)
+        teacher = ctx.teacher.forward_hidden(view.input_ids, view.positions, view.meta)
         metrics = divergence_metrics(student.index_select(0, batch.loss_positions), ctx.student.lm_head_weight,
-                                     teacher.index_select(0, batch.loss_positions), ctx.teacher.lm_head_weight,
+                                     teacher.index_select(0, view.loss_positions), ctx.teacher.lm_head_weight,
                                      chunk_tokens=int(ctx.plan.facts[f"{stage}.chunk_tokens"]))
         sums["reverse_kl"] += float(metrics.reverse_kl.sum())
         sums["forward_kl"] += float(metrics.forward_kl.sum())
@@ -113,7 +130,8 @@ def _accuracy(ctx, samples) -> float | None:
 @contextmanager
 def _teacher_on_device(ctx):
     """Eval runs outside teacher scoring, where an offloading plan keeps the teacher's weights on the host."""
-    swap = getattr(ctx.teacher_offloader, "swap", None)
+    offloader = ctx.teacher_offloader
+    swap = offloader.swap_for(_eval_teacher(ctx).weights_buffer) if offloader is not None else None
     if swap is None:
         yield
         return

@@ -17,6 +17,7 @@ from typing import Any
 
 from opdgraph.runtime.context import RunContext
 from opdgraph.runtime.offload import HostOffloader
+from opdgraph.runtime.teachers import offloaded_models
 
 
 @dataclass
@@ -27,6 +28,10 @@ class LoopState:
     count: int = 1
     micro_batch: Any = None
     values: dict[str, Any] = field(default_factory=dict)
+    prefix: str = ""  # of the group-local buffers of a routed plan's teacher loop ("math/")
+
+    def local(self, name: str) -> str:
+        return f"{self.prefix}{name}"
 
 
 def _stage_module(kind: str):
@@ -60,7 +65,7 @@ class PlanExecutor:
         # read inside it, or an accumulator that spans the loop, is freed once, after the loop's last iteration.
         self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates
                                   if not plan.buffers[name].spans_loops}
-        self.offloader = HostOffloader(plan, ctx.teacher, ctx.device)
+        self.offloader = HostOffloader(plan, offloaded_models(ctx.teachers), ctx.device)
 
     def run_training_step(self) -> None:
         for loop, steps in self.segments:
@@ -72,8 +77,16 @@ class PlanExecutor:
 
     def _run_loop(self, steps) -> None:
         batches = self.ctx.buffers.get("responses").micro_batches
+        loop = steps[0].loops[0]
+        if "/" in loop:  # a routed plan's loop of one teacher: that teacher's micro-batches
+            group = loop.split("/", 1)[0]
+            batches = [batch for batch in batches if batch.group == group]
+        if not batches:  # no row of this step went to this loop's teacher: free what its steps would have freed
+            for step in steps:
+                self.apply_releases(step, LoopState(), only_free=True)
         for index, micro_batch in enumerate(batches):
-            state = LoopState(index=index, count=len(batches), micro_batch=micro_batch)
+            state = LoopState(index=index, count=len(batches), micro_batch=micro_batch,
+                              prefix=loop.split("/", 1)[0] + "/" if "/" in loop else "")
             for step in steps:
                 self._run(step, state)
 
@@ -92,9 +105,9 @@ class PlanExecutor:
             self.memory_recorder.after(step)
         self.apply_releases(step, loop)
 
-    def apply_releases(self, step, loop: LoopState | None = None) -> None:
+    def apply_releases(self, step, loop: LoopState | None = None, only_free: bool = False) -> None:
         """Free or offload what the plan releases after `step` (also for a step run outside the training step: the
-        eval before training)."""
+        eval before training); `only_free`: for a step that did not run, whose offloaded buffers never came in."""
         loop = loop or LoopState()
         last_iteration = loop.index == loop.count - 1
         for release in step.releases:
@@ -103,7 +116,7 @@ class PlanExecutor:
                 continue
             if release.action == "free":
                 self._free(release.buffer)
-            else:
+            elif not only_free:
                 self._offload(release.buffer)
 
     def _free(self, name: str) -> None:

@@ -170,48 +170,65 @@ def plan_placement(plan) -> Placement:
     """The placement a compiled plan was made with, read back from its buffers."""
     streamed = any(name.endswith(".layer_stream") for name in plan.buffers)
     sharded = any(name.endswith(".gathered_root") for name in plan.buffers)
-    teacher = _teacher_weights_buffer(plan)
-    teacher_weights = ("stream" if streamed else "shard" if sharded
-                       else "offload" if plan.buffers[teacher].offload_when_idle else "keep")
+    teachers = teacher_weight_buffers(plan)
+    offloaded = bool(teachers) and all(plan.buffers[name].offload_when_idle for name in teachers)
+    teacher_weights = "stream" if streamed else "shard" if sharded else "offload" if offloaded else "keep"
     host_state = any(buffer.device == "host" for buffer in plan.buffers.values())
     per_step = any(name.endswith(".unsharded_grads") for name in plan.buffers) or "world_size" not in plan.facts
     return Placement(teacher_weights=teacher_weights, optimizer_state="offload" if host_state else "keep",
                      student_gather="step" if per_step else "layer")
 
 
-def _teacher_weights_buffer(plan) -> str:
-    """The held weights the teacher_score step reads."""
-    step = next(step for step in plan.steps if step.kind == "teacher_score")
-    return next(name for name in step.reads if plan.buffers[name].category == "weights"
-                and plan.buffers[name].lifetime == "held")
+def teacher_weight_buffers(plan) -> list[str]:
+    """The held weights the teacher_score steps read that are not the student's (a live self-teacher scores with
+    the student's weights, which never move), in plan order."""
+    student_weights = {name for step in plan.steps if step.kind == "rollout" for name in step.reads
+                       if name.endswith(".weights")}
+    found = []
+    for step in plan.steps:
+        if step.kind != "teacher_score":
+            continue
+        for name in step.reads:
+            buffer = plan.buffers[name]
+            if (buffer.category == "weights" and buffer.lifetime == "held" and name not in student_weights
+                    and name not in found):
+                found.append(name)
+    return found
 
 
 class HostOffloader:
-    """The plan's reload / offload actions for the buffers a placement moves; `handles(name)` says which."""
+    """The plan's reload / offload actions for the buffers a placement moves; `handles(name)` says which.
+    `teachers` maps each teacher weights buffer of the plan to the model that holds those weights."""
 
-    def __init__(self, plan, teacher, device: torch.device):
+    def __init__(self, plan, teachers: dict, device: torch.device):
         self.placement = plan_placement(plan)
-        self.teacher_buffer = _teacher_weights_buffer(plan)
-        self.swap = None
-        if self.placement.teacher_weights == "stream":
-            self.streamer = LayerStreamer(teacher.layers, device)
-            layer_parameters = {id(p) for layer in teacher.layers for p in layer.parameters()}
-            resident = [p for p in teacher.parameters() if id(p) not in layer_parameters]
-            self.swap = ParameterSwap(resident, device)
-        elif self.placement.teacher_weights == "offload":
-            self.swap = ParameterSwap(list(teacher.parameters()), device)
-        if self.swap is not None:
-            self.swap.to_host()  # the plan starts with the teacher off the device (rollout comes first)
-        if self.placement.teacher_weights == "shard":  # eval gathers the whole teacher through the same calls
-            from opdgraph.runtime.fsdp import GatheredTeacher
+        self.swaps = {}
+        self.streamers = {}
+        for name, teacher in teachers.items():
+            swap = None
+            if self.placement.teacher_weights == "stream":
+                self.streamers[name] = LayerStreamer(teacher.layers, device)
+                layer_parameters = {id(p) for layer in teacher.layers for p in layer.parameters()}
+                swap = ParameterSwap([p for p in teacher.parameters() if id(p) not in layer_parameters], device)
+            elif self.placement.teacher_weights == "offload":
+                swap = ParameterSwap(list(teacher.parameters()), device)
+            if swap is not None:
+                swap.to_host()  # the plan starts with the teacher off the device (rollout comes first)
+            if self.placement.teacher_weights == "shard":  # eval gathers the whole teacher through the same calls
+                from opdgraph.runtime.fsdp import GatheredTeacher
 
-            self.swap = GatheredTeacher(teacher)
+                swap = GatheredTeacher(teacher)
+            self.swaps[name] = swap
+
+    def swap_for(self, name: str):
+        """What moves the weights buffer `name` (None when nothing does)."""
+        return self.swaps.get(name)
 
     def handles(self, name: str) -> bool:
-        return self.placement.teacher_weights in ("offload", "stream") and name == self.teacher_buffer
+        return self.placement.teacher_weights in ("offload", "stream") and name in self.swaps
 
     def offload(self, name: str) -> None:
-        self.swap.to_host()
+        self.swaps[name].to_host()
 
     def reload(self, name: str) -> None:
-        self.swap.to_device()
+        self.swaps[name].to_device()

@@ -40,7 +40,10 @@ def generate_samples(engine, prompts, params, *, n: int, seed: int, step: int, t
     by_id = {r.request_id: p for r, p in zip(requests, prompts)}
     return [Sample(prompt_ids=list(r.prompt_ids), response_ids=list(r.token_ids),
                    prompt_index=by_id[r.request_id].index_in_step, sample_index=r.sample_index,
-                   finish_reason=r.finish_reason, logprobs=list(r.logprobs), answer=by_id[r.request_id].record.answer)
+                   finish_reason=r.finish_reason, logprobs=list(r.logprobs), answer=by_id[r.request_id].record.answer,
+                   teacher_prompt_ids={stage: list(ids) for stage, ids in
+                                       by_id[r.request_id].record.teacher_prompt_ids.items()},
+                   route=by_id[r.request_id].record.route)
             for r in responses]
 
 
@@ -59,7 +62,9 @@ def run_rollout(config, ctx) -> None:
     global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
     micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
-                                        global_sequences=global_sequences, device=ctx.device)
+                                        global_sequences=global_sequences, device=ctx.device,
+                                        route_groups=facts.get("route_groups"),
+                                        group_order=facts.get("group_order", ("",)))
     micro_batches = pad_micro_batches(micro_batches, ctx.device)
     ctx.buffers.put("responses", RolloutBatch(samples, micro_batches))
     ctx.last_samples = samples[:4]

@@ -42,18 +42,22 @@ from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
 from opdgraph.runtime.skipped_steps import stop_if_stuck
+from opdgraph.runtime.teachers import build_teachers, distinct_models, route_facts
 from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, signal_name
 
 
-def _load_prompts(cfg, files: list[str], tokenizer):
+def _load_prompts(cfg, files: list[str], tokenizers: dict):
     from opdgraph.config.paths import data_file_path
     from opdgraph.data import load_prompt_set
+    from opdgraph.runtime.teachers import routing, teacher_prompt_rules
 
     data = cfg.data
-    return load_prompt_set([data_file_path(cfg.base_dir, f) for f in files], tokenizer=tokenizer,
+    return load_prompt_set([data_file_path(cfg.base_dir, f) for f in files],
+                           tokenizer=tokenizers[cfg.model_with_role("student")],
                            prompt_field=data.prompt_field, answer_field=data.answer_field,
                            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
-                           on_bad_row=data.on_bad_row)
+                           on_bad_row=data.on_bad_row, teacher_prompts=teacher_prompt_rules(cfg, tokenizers),
+                           routing=routing(cfg))
 
 
 class SilentMetrics:
@@ -106,13 +110,12 @@ def check_startup(cfg) -> Startup:
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
                                  {name: shape.vocab for name, shape in cfg.shapes.items()})
     tokenizers = configure_chat_templates(cfg, tokenizers)  # each model's template file and variables
-    tokenizer = tokenizers[cfg.model_with_role("student")]
-    train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizer)
+    train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizers)
     check_template_agreement(cfg, tokenizers, train_prompts)
     print(f"train prompts: {train_prompts.summary.describe()}")
     eval_stage = cfg.stage("eval")
     eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
-    eval_prompts = _load_prompts(cfg, eval_files, tokenizer) if eval_files else None
+    eval_prompts = _load_prompts(cfg, eval_files, tokenizers) if eval_files else None
     return Startup(device=device, tokenizers=tokenizers, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 
@@ -144,9 +147,9 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     seed_everything(cfg.pipeline.seed)
     models = load_models(cfg.models, Path(cfg.base_dir), device, startup.tokenizers)
     student, tokenizer = models[cfg.model_with_role("student")]
-    teacher, _ = models[cfg.model_with_role("teacher")]
-    teacher.requires_grad_(False)
-    print(use_packed_attention([student, teacher], device))
+    teachers = build_teachers(cfg, models, student)  # a frozen self-teacher copies the initial student: before resume
+    teacher = next(iter(teachers.values())).model
+    print(use_packed_attention([student, *distinct_models(teachers, student)], device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
         _load_student_weights(student, resume_from)
     rollout = cfg.stage("rollout").config
@@ -183,11 +186,11 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "gather_per_step": gather_per_step}
+             "gather_per_step": gather_per_step, **route_facts(cfg)}
     buffers = BufferTable(debug=cfg.pipeline.debug_memory)
     gradients = StudentGradients(student, buffers, facts["grads_buffer"], fp32=fp32_grads)
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
-                      student=student, teacher=teacher, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
+                      student=student, teacher=teacher, teachers=teachers, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
                       sampler=sampler, eval_prompts=eval_prompts, plan=plan, buffers=buffers, metrics=metrics,
                       gradients=gradients)
 
@@ -307,8 +310,8 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         hooks[f"{cfg.model_with_role('student')}.gathered_weights"] = functools.partial(fsdp.end_step_gather,
                                                                                         ctx.student)
     if fsdp.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
-        hooks[f"{cfg.model_with_role('teacher')}.gathered_root"] = functools.partial(fsdp.reshard_forward_only,
-                                                                                     ctx.teacher)
+        hooks[f"{next(iter(ctx.teachers.values())).spec.weights}.gathered_root"] = functools.partial(
+            fsdp.reshard_forward_only, ctx.teacher)
     from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
 
     for entry in cfg.stages_of_kind("eval"):

@@ -24,10 +24,15 @@ def _micro_batch(loop):
 
 
 @torch.no_grad()
-def teacher_score(ctx, loop) -> None:
-    batch = _micro_batch(loop)
-    hidden = ctx.teacher.forward_hidden(batch.input_ids, batch.positions, batch.meta)
-    ctx.buffers.put_item("teacher_hidden", loop.index, hidden.index_select(0, batch.loss_positions))
+def teacher_score(stage: str, ctx, loop) -> None:
+    """The teacher stage `stage` scores the micro-batch: its own prompt view where it has one; a routed teacher
+    only its own rows' micro-batches (an unfused plan's teacher loops run over all of them)."""
+    batch, teacher = _micro_batch(loop), ctx.teachers[stage]
+    if batch.group and teacher.spec.group != batch.group:
+        return
+    view = batch.view_for(stage)
+    hidden = teacher.model.forward_hidden(view.input_ids, view.positions, view.meta)
+    ctx.buffers.put_item(teacher.spec.hidden, batch.index, hidden.index_select(0, view.loss_positions))
 
 
 def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
@@ -37,9 +42,10 @@ def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
         hidden = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta,
                                             activation_checkpointing=ctx.facts["activation_checkpointing"])
     if keep_graph:
-        ctx.buffers.put_item("student_activations", loop.index, hidden)
+        ctx.buffers.put_item(loop.local("student_activations"), batch.index, hidden)
     if write_hidden:
-        ctx.buffers.put_item("student_hidden", loop.index, hidden.detach().index_select(0, batch.loss_positions))
+        ctx.buffers.put_item(loop.local("student_hidden"), batch.index,
+                             hidden.detach().index_select(0, batch.loss_positions))
 
 
 def check_loss_kernel(kernel: str, device, where: str = "loss.kernel") -> None:
@@ -68,17 +74,29 @@ def _use_triton(kernel: str, device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
+def _batch_teachers(ctx, batch) -> list:
+    """The teachers the loss takes on this micro-batch: a routed row's one, else every teacher (a mixture)."""
+    if batch.group:
+        return [teacher for teacher in ctx.teachers.values() if teacher.spec.group == batch.group]
+    return list(ctx.teachers.values())
+
+
 def chunked_loss(config, ctx, loop) -> None:
     batch = _micro_batch(loop)
-    hidden = ctx.buffers.get_item("student_hidden", loop.index)
-    teacher_hidden = ctx.buffers.get_item("teacher_hidden", loop.index)
+    hidden = ctx.buffers.get_item(loop.local("student_hidden"), batch.index)
+    teachers = _batch_teachers(ctx, batch)
+    teacher_hidden = [ctx.buffers.get_item(teacher.spec.hidden, batch.index) for teacher in teachers]
+    teacher_heads = [teacher.model.lm_head_weight.detach() for teacher in teachers]
+    mixture = len(teachers) > 1
     lm_head_grad = ctx.gradients.lm_head()
-    args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden, ctx.teacher.lm_head_weight.detach(),
-            batch.weights)
+    args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden if mixture else teacher_hidden[0],
+            teacher_heads if mixture else teacher_heads[0], batch.weights)
     common = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
                   chunk_tokens=config.chunk_tokens, lm_head_grad=lm_head_grad,
                   sampled_ids=batch.target_ids if config.divergence == "sampled_token" else None)
-    if _use_triton(config.kernel, hidden.device):
+    if mixture:
+        common["mixture_weights"] = [teacher.spec.mixture_weight for teacher in teachers]
+    if not mixture and _use_triton(config.kernel, hidden.device):
         from opdgraph.kernels.divergence import chunked_fused_divergence
 
         # The bf16 gradient is written into the fp32 student-logit rows in place: exact, 2 bytes per logit less
@@ -90,18 +108,30 @@ def chunked_loss(config, ctx, loop) -> None:
 
         result = chunked_divergence(*args, **common)
         loss, hidden_grad, estimate = result.loss, result.hidden_grad, result.estimate
-    ctx.buffers.put_item("hidden_grad", loop.index, hidden_grad)
+    ctx.buffers.put_item(loop.local("hidden_grad"), batch.index, hidden_grad)
     record = ctx.step_record
-    for key, value in (("loss", loss), ("divergence", estimate)):
+    sums = [("loss", loss), ("divergence", estimate)]
+    if len(ctx.teachers) > 1 and not mixture:  # routed: each teacher's share, made a mean over its tokens later
+        stage = teachers[0].spec.stage
+        sums += [(f"divergence[{stage}]", estimate), (f"{TEACHER_WEIGHT}[{stage}]", batch.weights.sum())]
+    for key, value in sums:
         value = value.detach()
         record[key] = value if key not in record else record[key] + value
 
 
+TEACHER_WEIGHT = "_teacher_weight"  # a routed teacher's summed position weights (never logged)
+
+
 def read_back_step_scalars(record: dict) -> None:
-    """Device tensors gathered during the step -> python floats (the step's one read-back)."""
+    """Device tensors gathered during the step -> python floats (the step's one read-back). A routed teacher's
+    `divergence[<stage>]` becomes the mean over its own rows' tokens (its weighted sum / its weights' sum)."""
     for key, value in record.items():
         if isinstance(value, torch.Tensor):
             record[key] = float(value)
+    for key in [key for key in record if key.startswith(TEACHER_WEIGHT)]:
+        weight = record.pop(key)
+        stage_key = "divergence" + key[len(TEACHER_WEIGHT):]
+        record[stage_key] = record[stage_key] / weight if weight else None
 
 
 def backward(ctx, loop) -> None:
@@ -111,8 +141,8 @@ def backward(ctx, loop) -> None:
         from opdgraph.runtime.fsdp import sync_gradients_if_last
 
         sync_gradients_if_last(ctx.student, loop.index, loop.count)
-    activations = ctx.buffers.get_item("student_activations", loop.index)
-    hidden_grad = ctx.buffers.get_item("hidden_grad", loop.index)
+    activations = ctx.buffers.get_item(loop.local("student_activations"), batch.index)
+    hidden_grad = ctx.buffers.get_item(loop.local("hidden_grad"), batch.index)
     full_grad = torch.zeros_like(activations)
     full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(activations.dtype))
     activations.backward(full_grad)

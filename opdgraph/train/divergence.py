@@ -18,6 +18,12 @@ teacher lm_head), p_S = softmax(s_i), p_T = softmax(t_i):
 Total loss = sum_i w_i * D_i where w_i is a given per-position fp32 weight (see ``weights.py``).
 Temperature tau scales BOTH models' logits. Gradient is taken w.r.t. the student only (teacher detached).
 
+Mixture of teachers. Given K teachers (hidden states g_ik, lm_heads W_k) and fixed weights w_k summing to one, the
+teacher distribution is p_T = sum_k w_k softmax(t_ik), t_ik = g_ik W_k[:V]^T / tau (each teacher at the loss
+temperature, then mixed), and every divergence above is taken against that p_T. The chunk's teacher "logits" are
+then tau * log p_T (`mixture_teacher_logits`: a running logaddexp over the teachers), which the softmax at
+temperature tau maps back to p_T exactly.
+
 Per chunk: logits of both models (see "Precision"), then ``losses.divergence_chunk_grad`` (loss and analytic
 dlogits, the part a Triton kernel replaces on GPU), then hidden_grad[chunk] = dlogits @ W_s and
 lm_head_grad += dlogits^T @ h[chunk]; the chunk's logits are then dropped.
@@ -32,6 +38,7 @@ hidden chunk (both chunk-sized, so upcasting them is cheap), in place with addmm
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +76,38 @@ def head_for_logits(lm_head: torch.Tensor) -> torch.Tensor:
     return lm_head if lm_head.is_cuda else lm_head.float()
 
 
+def mixture_teacher_logits(hidden_chunks, heads, weights, temperature: float) -> torch.Tensor:
+    """tau * log(sum_k w_k softmax(h_k W_k^T / tau)) for one chunk, fp32 [C, V] (see the module docstring)."""
+    mixed = None
+    for hidden, head, weight in zip(hidden_chunks, heads, weights):
+        if weight == 0:
+            continue
+        log_probs = torch.log_softmax(logits_fp32(hidden, head) / temperature, dim=-1) + math.log(weight)
+        mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed)
+        del log_probs
+    return mixed.mul_(temperature)
+
+
+class _Teachers:
+    """One teacher (hidden [N, Ht], lm_head [Vt, Ht]) or a mixture (lists of them and weights): the chunk's
+    teacher logits either way."""
+
+    def __init__(self, hidden, lm_head, weights, vocab: int, temperature: float):
+        self.mixture = isinstance(hidden, (list, tuple))
+        self.hidden = list(hidden) if self.mixture else [hidden]
+        self.heads = [head_for_logits(head[:vocab]) for head in (lm_head if self.mixture else [lm_head])]
+        self.weights = list(weights) if self.mixture else [1.0]
+        self.temperature = temperature
+        if self.mixture and not (len(self.hidden) == len(self.heads) == len(self.weights)):
+            raise ValueError("a mixture needs one hidden state tensor, lm_head and weight per teacher")
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        if not self.mixture:
+            return logits_fp32(self.hidden[0][start:stop], self.heads[0])
+        return mixture_teacher_logits([hidden[start:stop] for hidden in self.hidden], self.heads, self.weights,
+                                      self.temperature)
+
+
 def _check_shapes(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, chunk_tokens, weights=None):
     num_positions, vocab = student_hidden.shape[0], student_lm_head.shape[0]
     if teacher_hidden.shape[0] != num_positions:
@@ -98,18 +137,22 @@ def chunked_divergence(
     sampled_ids: torch.Tensor | None = None,
     lm_head_grad: torch.Tensor | None = None,
     return_metrics: bool = False,
+    mixture_weights: list[float] | None = None,
 ) -> DivergenceResult:
     """Loss sum_i w_i D_i over N positions, its student-hidden gradient, and (in place) its lm_head gradient.
 
     Shapes: student_hidden [N, Hs], student_lm_head [V, Hs], teacher_hidden [N, Ht], teacher_lm_head [Vt >= V, Ht],
     weights [N] fp32, sampled_ids [N] int64 in [0, V) (sampled_token only; any valid id where w_i = 0),
-    lm_head_grad [V, Hs] fp32 accumulator (added into; None skips the lm_head gradient).
+    lm_head_grad [V, Hs] fp32 accumulator (added into; None skips the lm_head gradient). A mixture of teachers:
+    teacher_hidden and teacher_lm_head are lists (one per teacher) and mixture_weights their weights.
     """
     check_divergence_args(divergence, beta, temperature, sampled_ids is not None)
-    _check_shapes(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, chunk_tokens, weights)
+    for hidden, head in _pairs(teacher_hidden, teacher_lm_head):
+        _check_shapes(student_hidden, student_lm_head, hidden, head, chunk_tokens, weights)
     num_positions, vocab = student_hidden.shape[0], student_lm_head.shape[0]
     # The teacher's extra (padding) rows never enter the softmax; [:vocab] is a view.
-    student_head, teacher_head = head_for_logits(student_lm_head), head_for_logits(teacher_lm_head[:vocab])
+    student_head = head_for_logits(student_lm_head)
+    teachers = _Teachers(teacher_hidden, teacher_lm_head, mixture_weights, vocab, temperature)
     device = student_hidden.device
     loss = torch.zeros((), dtype=torch.float32, device=device)
     per_token = torch.empty(num_positions, dtype=torch.float32, device=device)
@@ -121,7 +164,7 @@ def chunked_divergence(
             stop = min(start + chunk_tokens, num_positions)
             student_chunk = student_hidden[start:stop].detach()
             student_logits = logits_fp32(student_chunk, student_head)
-            teacher_logits = logits_fp32(teacher_hidden[start:stop], teacher_head)
+            teacher_logits = teachers.logits(start, stop)
             if metrics is not None:
                 _fill_metrics(metrics, slice(start, stop), student_logits, teacher_logits, temperature)
             chunk = divergence_chunk_grad(
@@ -144,6 +187,12 @@ def chunked_divergence(
     return DivergenceResult(loss=loss, hidden_grad=hidden_grad, per_token=per_token, estimate=estimate, metrics=metrics)
 
 
+def _pairs(teacher_hidden, teacher_lm_head):
+    if isinstance(teacher_hidden, (list, tuple)):
+        return list(zip(teacher_hidden, teacher_lm_head))
+    return [(teacher_hidden, teacher_lm_head)]
+
+
 def divergence_metrics(
     student_hidden: torch.Tensor,
     student_lm_head: torch.Tensor,
@@ -152,18 +201,21 @@ def divergence_metrics(
     *,
     temperature: float = 1.0,
     chunk_tokens: int,
+    mixture_weights: list[float] | None = None,
 ) -> DivergenceMetrics:
     """Per-position reverse KL, forward KL and top-1 agreement (for eval), chunked like ``chunked_divergence``."""
     check_divergence_args("forward_kl", 0.5, temperature, False)
-    _check_shapes(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, chunk_tokens)
+    for hidden, head in _pairs(teacher_hidden, teacher_lm_head):
+        _check_shapes(student_hidden, student_lm_head, hidden, head, chunk_tokens)
     num_positions, vocab = student_hidden.shape[0], student_lm_head.shape[0]
     metrics = _empty_metrics(num_positions, student_hidden.device)
-    student_head, teacher_head = head_for_logits(student_lm_head), head_for_logits(teacher_lm_head[:vocab])
+    student_head = head_for_logits(student_lm_head)
+    teachers = _Teachers(teacher_hidden, teacher_lm_head, mixture_weights, vocab, temperature)
     with torch.no_grad():
         for start in range(0, num_positions, chunk_tokens):
             stop = min(start + chunk_tokens, num_positions)
             student_logits = logits_fp32(student_hidden[start:stop], student_head)
-            teacher_logits = logits_fp32(teacher_hidden[start:stop], teacher_head)
+            teacher_logits = teachers.logits(start, stop)
             _fill_metrics(metrics, slice(start, stop), student_logits, teacher_logits, temperature)
     return metrics
 
