@@ -75,6 +75,7 @@ class EvalCounts:
     num_pages: int  # enough for every concurrent eval sequence: eval never preempts
     micro_batch_tokens: int  # whole eval sequences per scoring micro-batch x their length
     chunk_tokens: int  # loss.chunk_tokens, at most one micro-batch
+    teacher_num_pages: int  # the teacher's pool: its own prompts may be longer (teacher-side context)
 
     @property
     def sequence_tokens(self) -> int:
@@ -82,9 +83,12 @@ class EvalCounts:
 
     def facts(self) -> dict[str, int]:
         name = self.stage
-        return {f"{name}.concurrent_seqs": self.concurrent_seqs, f"{name}.num_pages": self.num_pages,
-                f"{name}.kv_pool_tokens": self.num_pages * self.page_size,
-                f"{name}.micro_batch_tokens": self.micro_batch_tokens, f"{name}.chunk_tokens": self.chunk_tokens}
+        facts = {f"{name}.concurrent_seqs": self.concurrent_seqs, f"{name}.num_pages": self.num_pages,
+                 f"{name}.kv_pool_tokens": self.num_pages * self.page_size,
+                 f"{name}.micro_batch_tokens": self.micro_batch_tokens, f"{name}.chunk_tokens": self.chunk_tokens}
+        if self.teacher_num_pages != self.num_pages:
+            facts[f"{name}.teacher_num_pages"] = self.teacher_num_pages
+        return facts
 
 
 def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
@@ -100,7 +104,20 @@ def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
         num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
                                 max_new_tokens=config.max_new_tokens, page_size=rollout.page_size, kv_pool_tokens=0),
         micro_batch_tokens=per_micro_batch * sequence_tokens,
-        chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens))
+        chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens),
+        teacher_num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=_eval_teacher_prompt(cfg),
+                                        max_new_tokens=config.max_new_tokens, page_size=rollout.page_size,
+                                        kv_pool_tokens=0))
+
+
+def _eval_teacher_prompt(cfg: PipelineConfig) -> int:
+    """The prompt limit of the teacher eval compares with (the first teacher stage in plan order)."""
+    from opdgraph.stage_plan import ordered_stages  # stage_plan imports this module: imported when called
+    from opdgraph.teachers import teacher_specs
+
+    specs = {spec.stage: spec for spec in teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)}
+    first = next((name for name in ordered_stages(cfg) if name in specs), None)
+    return specs[first].prompt_tokens if first is not None else cfg.data.max_prompt_tokens
 
 
 def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:

@@ -85,9 +85,12 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
                        "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
         buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
-               sizing.kv_cache_bytes(shapes["teacher"], counts.num_pages, counts.page_size, dtypes["teacher"]),
+               sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
+                                     dtypes["teacher"]),
                (*pool_keys, *facts.teacher_keys),
-               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)"),
+               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
+                   "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
+                   != counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
                formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
                        "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "

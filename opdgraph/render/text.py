@@ -70,16 +70,17 @@ def _chart(plan: Plan) -> list[str]:
         return next((index for index in steps if name in live[index]), len(plan.steps))
     names = sorted(plan.buffers, key=lambda name: (plan.buffers[name].lifetime != "held", first_live(name), name))
     released_after = {release.buffer: step.name for step in plan.steps for release in step.releases}
-    header = f"  {'buffer':<26} {'GiB':>8}  " + "".join(f"{index:>3}" for index in steps) + "   released after"
+    width = max(26, *(len(name) for name in names))  # composed pipelines' buffer names can be longer
+    header = f"  {'buffer':<{width}} {'GiB':>8}  " + "".join(f"{index:>3}" for index in steps) + "   released after"
     lines = [header]
     for name in names:
         cells = "".join(f"{_cell(name, index, plan, live):>3}" for index in steps)
         after = released_after.get(name, "never (held)" if plan.buffers[name].lifetime == "held" else "-")
-        lines.append(f"  {name:<26} {gib(plan.buffers[name].bytes):>8}  {cells}   {after}")
+        lines.append(f"  {name:<{width}} {gib(plan.buffers[name].bytes):>8}  {cells}   {after}")
     peak_index = next(index for index, step in enumerate(plan.steps) if step.name == plan.peak.step)
     tenths = "".join(f"{'*' if index == peak_index else min(9, int(10 * step.live_bytes / max(plan.peak_bytes, 1))):>3}"
                      for index, step in enumerate(plan.steps))
-    lines.append(f"  {'live memory (tenths of peak)':<35}  {tenths}")
+    lines.append(f"  {'live memory (tenths of peak)':<{width + 9}}  {tenths}")
     return lines
 
 

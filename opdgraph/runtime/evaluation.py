@@ -51,7 +51,9 @@ def _eval_engine(ctx, stage: str, role: str):
         # answers in the shared vocabulary: ids beyond it are no tokens of the student's and never enter the loss.
         student_vocab = ctx.student.config.vocab_size
         vocab_limit = student_vocab if role == "teacher" and model.config.vocab_size > student_vocab else None
-        engine = RolloutEngine(model, page_size=rollout.page_size, num_pages=int(facts[f"{stage}.num_pages"]),
+        pages = facts.get(f"{stage}.teacher_num_pages", facts[f"{stage}.num_pages"]) if role == "teacher" else \
+            facts[f"{stage}.num_pages"]
+        engine = RolloutEngine(model, page_size=rollout.page_size, num_pages=int(pages),
                                max_num_seqs=int(facts[f"{stage}.concurrent_seqs"]),
                                prefill_token_budget=rollout.prefill_token_budget, device=ctx.device, kv_dtype=None,
                                decode_burst_steps=AUTO_DECODE_BURST_STEPS if gpu else 1, vocab_limit=vocab_limit)
