@@ -42,12 +42,13 @@ class RankReport:
 def instrument(report: RankReport, fixed_lengths: bool) -> None:
     """Wrap the runtime's phases (process group, models, context, each training step) to report them."""
     from opdgraph.runtime import distributed
+    from opdgraph.runtime import build as build_module
     from opdgraph.runtime import run as run_module
     from opdgraph.runtime.executor import PlanExecutor
 
     init_distributed = distributed.init_distributed
-    load_models = run_module.load_models
-    build_context = run_module.build_context
+    load_models = build_module.load_models
+    build_context = build_module.build_context
     run_training_step = PlanExecutor.run_training_step
 
     def init_distributed_reported(device_setting):
@@ -83,7 +84,7 @@ def instrument(report: RankReport, fixed_lengths: bool) -> None:
         report.phase(f"training step {len(report.data['steps'])} done: {seconds:.2f} s, peak {peak / 2**30:.2f} GiB")
 
     distributed.init_distributed = init_distributed_reported
-    run_module.load_models = load_models_reported
+    build_module.load_models = load_models_reported
     run_module.build_context = build_context_reported
     PlanExecutor.run_training_step = run_training_step_reported
 

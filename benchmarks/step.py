@@ -220,7 +220,7 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
     memory of every step, with the plan's prediction for each plan step."""
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
-    from opdgraph.runtime import run as run_module
+    from opdgraph.runtime import build as run_module
 
     pipeline = write_pipeline(work_dir, shape, tiny=args.tiny, micro_batch_tokens=args.micro_batch_tokens,
                               chunk_tokens=args.chunk_tokens, init_device="cpu" if args.cpu_init else "device")

@@ -179,7 +179,7 @@ def run_run(args) -> int:
         print(_over_budget_message(plan), file=sys.stderr)
         return EXIT_OVER_BUDGET
     if args.check:
-        from opdgraph.runtime.run import check_run
+        from opdgraph.runtime.startup import check_run
 
         startup = check_run(cfg, resume=args.resume, restart=args.restart,
                             allow_config_change=args.allow_config_change, take_over_lock=args.take_over_lock)

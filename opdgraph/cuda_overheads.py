@@ -36,7 +36,7 @@ MIB = 1024 * 1024
 CUBLAS_WORKSPACE_BYTES = 32 * MIB  # PyTorch's default per (handle, stream) on sm90 / sm100 / sm120
 FLASHINFER_FLOAT_WORKSPACE_BYTES = 128 * MIB  # mirrors opdgraph.kernels.flashinfer_attention.WORKSPACE_BYTES
 FLASHINFER_INT_WORKSPACE_BYTES = 8 * MIB  # flashinfer allocates one per prefill / decode wrapper
-FLASHINFER_HEAD_DIMS = (64, 128, 256)  # mirrors opdgraph.runtime.context.FLASHINFER_HEAD_DIMS
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # mirrors opdgraph.runtime.engine_setup.FLASHINFER_HEAD_DIMS
 MAX_GRAPH_BATCH_SIZE = 256  # mirrors opdgraph.rollout.cuda_graphs.MAX_GRAPH_BATCH_SIZE (a test checks both)
 
 
@@ -54,7 +54,7 @@ def uses_flashinfer(cfg: PipelineConfig) -> bool:
 
 def uses_decode_bursts(cfg: PipelineConfig) -> bool:
     """Decode runs as bursts (rollout.decode_burst_steps, auto on the flashinfer path when the Triton decode kernel
-    takes the student's heads: opdgraph.runtime.context.decode_burst_steps). Bursts replay their own graphs, so the
+    takes the student's heads: opdgraph.runtime.engine_setup.decode_burst_steps). Bursts replay their own graphs, so the
     per-batch-size flashinfer graph wrappers are never created."""
     setting = cfg.stage("rollout").config.decode_burst_steps
     if not uses_flashinfer(cfg) or setting == 1:

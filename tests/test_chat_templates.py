@@ -17,7 +17,7 @@ import pytest
 from opdgraph.config import ConfigError, load_pipeline
 from opdgraph.models import ByteTokenizer, ModelLoadError
 from opdgraph.models.tokenizers import load_tokenizer_from_dir
-from opdgraph.runtime import run
+from opdgraph.runtime import startup as run
 from opdgraph.runtime.chat_templates import first_difference
 
 PIPELINES = Path(__file__).parent.parent / "pipelines"

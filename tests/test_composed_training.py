@@ -24,7 +24,7 @@ from opdgraph.models.decoder import DecoderLM
 from opdgraph.runtime import rollout_step, training
 from opdgraph.runtime.batches import Sample, build_micro_batches
 from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.run import build_context
+from opdgraph.runtime.build import build_context
 from opdgraph.train.divergence import chunked_divergence
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -167,7 +167,7 @@ def test_context_teacher_scores_the_hand_built_sequence(tmp_path, monkeypatch):
     states at the response positions must equal a float64 forward of that sequence built by hand here."""
     import json
 
-    from opdgraph.runtime.run import check_startup
+    from opdgraph.runtime.startup import check_startup
 
     cfg, plan, ctx = _context(tmp_path, "tiny_context.toml")
     tokenizer = ctx.tokenizer

@@ -13,7 +13,7 @@ import pytest
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
 from opdgraph.data import LoadSummary, PromptRecord, PromptSampler, PromptSet
-from opdgraph.runtime.run import build_context
+from opdgraph.runtime.build import build_context
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 

@@ -95,7 +95,7 @@ def _assert_same_step(reference: Path, candidate: Path, step: int) -> None:
 
 def _initial_student_weights() -> dict[str, torch.Tensor]:
     from opdgraph.config import load_pipeline
-    from opdgraph.runtime.context import load_models
+    from opdgraph.runtime.model_loading import load_models
 
     cfg = load_pipeline(TINY, OVERRIDES)
     student, _ = load_models(cfg.models, Path(cfg.base_dir), torch.device("cpu"))["student"]

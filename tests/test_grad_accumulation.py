@@ -23,7 +23,7 @@ from opdgraph.runtime.batches import Sample, build_micro_batches
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.gradients import StudentGradients
-from opdgraph.runtime.run import build_context
+from opdgraph.runtime.build import build_context
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 TINY = PIPELINES / "tiny.toml"
@@ -150,7 +150,7 @@ def test_bf16_gradients_are_folded_one_parameter_at_a_time():
 
 
 def _tiny_model(dtype: str = "bfloat16") -> DecoderLM:
-    from opdgraph.runtime.context import load_models
+    from opdgraph.runtime.model_loading import load_models
 
     cfg = load_pipeline(TINY, [f"models.student.dtype={dtype}"])
     return load_models({"student": cfg.models["student"]}, Path(cfg.base_dir), torch.device("cpu"))["student"][0]

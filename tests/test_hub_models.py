@@ -18,7 +18,7 @@ from opdgraph.hub import looks_like_hub_id
 from opdgraph.model_shapes import ShapeError, model_location
 from opdgraph.models.errors import ModelLoadError
 from opdgraph.runtime.config_record import config_record
-from opdgraph.runtime.context import model_source
+from opdgraph.runtime.model_loading import model_source
 
 PIPELINES = Path(__file__).parent.parent / "pipelines"
 TINY = PIPELINES / "tiny.toml"
@@ -126,7 +126,7 @@ def test_run_check_reads_the_same_snapshot(cache, tmp_path, monkeypatch):
     """If this fails, run loads its tokenizer (and weights) from another folder than the one plan read, or a run
     without cached weights starts instead of saying how to download them."""
     import opdgraph.models.loading as loading
-    from opdgraph.runtime import run
+    from opdgraph.runtime import startup as run
 
     cfg = load_pipeline(hub_pipeline(tmp_path, f'path = "{REPO}"\nrevision = "v2"'))
     planned = model_location(REPO, cfg.base_dir, "v2", "config", ShapeError)

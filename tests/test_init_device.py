@@ -15,7 +15,7 @@ from opdgraph.config import ConfigError, load_pipeline
 from opdgraph.models import load_decoder
 from opdgraph.models.layers import RMSNorm
 from opdgraph.models.tiny_configs import tiny_config
-from opdgraph.runtime.context import load_models
+from opdgraph.runtime.model_loading import load_models
 
 TINY_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 

@@ -16,9 +16,9 @@ from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
 from opdgraph.errors import DeviceError
 from opdgraph.models.attention_backend import TorchReferenceBackend
-from opdgraph.runtime.context import rollout_attention, use_packed_attention
+from opdgraph.runtime.engine_setup import rollout_attention, use_packed_attention
 from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.run import build_context
+from opdgraph.runtime.build import build_context
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
@@ -94,7 +94,7 @@ def test_explicit_bursts_on_cuda_need_the_kernels_head_sizes():
     size it cannot take must be refused with the key named, not fail inside Triton at the first burst (review)."""
     from types import SimpleNamespace
 
-    from opdgraph.runtime.context import decode_burst_steps
+    from opdgraph.runtime.engine_setup import decode_burst_steps
 
     heads96 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=96)
     heads128 = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=128)

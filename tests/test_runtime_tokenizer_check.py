@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from opdgraph.config import load_pipeline
 from opdgraph.models import ByteTokenizer, ModelLoadError
-from opdgraph.runtime import run
-from opdgraph.runtime.context import check_same_tokenizer
+from opdgraph.runtime import startup as run
+from opdgraph.runtime.model_loading import check_same_tokenizer
 
 TINY = Path(__file__).parent.parent / "pipelines" / "tiny.toml"
 

@@ -88,7 +88,7 @@ def test_cli_stops_a_run_whose_updates_are_all_non_finite(tmp_path, capsys, monk
     assert all(r["grad_norm"] is not None for r in train)  # the gradients were fine; the update was not
 
     from opdgraph.config import load_pipeline
-    from opdgraph.runtime.context import load_models
+    from opdgraph.runtime.model_loading import load_models
 
     ctx = stopped["ctx"]
     cfg = load_pipeline(TINY, [])
@@ -106,7 +106,7 @@ def test_cli_stops_a_run_whose_updates_are_all_non_finite(tmp_path, capsys, monk
 def test_skip_counts_survive_a_resume(tmp_path, before, after, stops_at):
     """If this fails, a resumed run stops (or fails to stop) differently from an uninterrupted one: the counts are
     not carried in the checkpoint's trainer state, which run.trainer_state writes and run.restore reads."""
-    from opdgraph.runtime.run import restore, trainer_state
+    from opdgraph.runtime.run_checkpoints import restore, trainer_state
 
     config = SimpleNamespace(max_consecutive_skipped_steps=3, lr=1.0)
     stub = SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None)

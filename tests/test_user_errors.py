@@ -112,7 +112,7 @@ def test_run_check_under_torchrun_locks_on_rank_0_only(tmp_path, monkeypatch):
     """If this fails, `torchrun ... -m opdgraph run P --check` has every rank take the run directory's lock, and
     all but one fail on the lock the first one holds."""
     from opdgraph.config import load_pipeline
-    from opdgraph.runtime import run
+    from opdgraph.runtime import startup as run
 
     cfg = load_pipeline(str(_copy_tiny(tmp_path)), [f"pipeline.output_dir={json.dumps(str(tmp_path / 'run'))}"])
     monkeypatch.setattr(run, "open_run_directory", lambda *a, **k: pytest.fail("rank 1 opened the directory"))

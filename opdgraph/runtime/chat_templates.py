@@ -94,10 +94,17 @@ def template_mismatch(student: tuple[str, object], teacher: tuple[str, object], 
 def check_template_agreement(cfg, tokenizers: dict, prompts) -> None:
     """Stop the run (ModelLoadError) when the teacher's chat template disagrees with the student's on the first
     prompts, unless the teacher allows it (then warn)."""
-    roles = {model.role: name for name, model in cfg.models.items()}
-    if "student" not in roles or "teacher" not in roles:
-        return
-    student, teacher = roles["student"], roles["teacher"]
+    from opdgraph.teachers import teacher_specs
+
+    student = cfg.model_with_role("student")
+    # Only a teacher that scores the student's ids: one that sees a prompt of its own renders it with its template.
+    scoring = {spec.model for spec in teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)
+               if not spec.self_teacher and not spec.has_context}
+    for teacher in sorted(scoring):
+        _check_one_teacher(cfg, tokenizers, prompts, student, teacher)
+
+
+def _check_one_teacher(cfg, tokenizers: dict, prompts, student: str, teacher: str) -> None:
     problem = template_mismatch((student, tokenizers[student]), (teacher, tokenizers[teacher]), prompts)
     if problem is None:
         return

@@ -39,7 +39,7 @@ def _eval_engine(ctx, stage: str, role: str):
     if key not in ctx.eval_engines:
         from opdgraph.rollout import RolloutEngine
         from opdgraph.runtime import distributed, fsdp
-        from opdgraph.runtime.context import AUTO_DECODE_BURST_STEPS, rollout_attention
+        from opdgraph.runtime.engine_setup import AUTO_DECODE_BURST_STEPS, rollout_attention
 
         facts, rollout = ctx.plan.facts, ctx.facts["rollout_config"]
         model = ctx.student if role == "student" else ctx.teacher

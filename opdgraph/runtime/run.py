@@ -21,214 +21,29 @@ state.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from opdgraph.runtime import checkpoint as ckpt
 from opdgraph.runtime import distributed, fsdp
-from opdgraph.runtime.buffers import BufferTable
-from opdgraph.runtime.chat_templates import check_template_agreement, configure_chat_templates
+from opdgraph.runtime.build import build_context
 from opdgraph.runtime.config_record import config_record
-from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, load_models, load_tokenizers,
-                                      pick_device, seed_everything, use_packed_attention)
+from opdgraph.runtime.context import RunContext, pick_device
 from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.gradients import StudentGradients
-from opdgraph.runtime.metrics import MetricsLog, ProgressLine
+from opdgraph.runtime.metrics import ProgressLine
+from opdgraph.runtime.run_checkpoints import restore, save_run_checkpoint
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
+from opdgraph.runtime.signals import (
+    Interrupted,
+    StopRequests,
+    chosen_signal,
+    signal_name,
+)
 from opdgraph.runtime.skipped_steps import stop_if_stuck
-from opdgraph.runtime.teachers import build_teachers, distinct_models, route_facts
-from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, signal_name
-
-
-def _load_prompts(cfg, files: list[str], tokenizers: dict):
-    from opdgraph.config.paths import data_file_path
-    from opdgraph.data import load_prompt_set
-    from opdgraph.runtime.teachers import routing, teacher_prompt_rules
-
-    data = cfg.data
-    return load_prompt_set([data_file_path(cfg.base_dir, f) for f in files],
-                           tokenizer=tokenizers[cfg.model_with_role("student")],
-                           prompt_field=data.prompt_field, answer_field=data.answer_field,
-                           system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
-                           on_bad_row=data.on_bad_row, teacher_prompts=teacher_prompt_rules(cfg, tokenizers),
-                           routing=routing(cfg))
-
-
-class SilentMetrics:
-    """The metrics log of ranks other than 0: rank 0 writes the (global) records."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-
-    def write(self, record) -> None:
-        pass
-
-    def write_samples(self, step, samples) -> None:
-        pass
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _load_student_weights(student, checkpoint: Path) -> None:
-    from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
-
-    tensors = read_safetensors_dir(checkpoint / "student")
-    student.load_state_dict(state_dict_from_checkpoint(student, tensors, str(checkpoint / "student"),
-                                                       student.dtype, student.device))
-
-
-@dataclass(frozen=True)
-class Startup:
-    """What the checks that need no weights produce: the device, the tokenizers and the prompt sets."""
-
-    device: torch.device
-    tokenizers: dict[str, Any]
-    train_prompts: Any
-    eval_prompts: Any
-
-
-def check_startup(cfg) -> Startup:
-    """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device (and the loss kernel it can run), the student's and the teacher's tokenizers,
-    every row of every prompt file.
-    `opdgraph run --check` stops here."""
-    from opdgraph.runtime.training import check_loss_kernel
-
-    device = pick_device(cfg.pipeline.device)
-    for stage in cfg.stages_of_kind("loss"):
-        check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
-    tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
-                                 {name: shape.vocab for name, shape in cfg.shapes.items()})
-    tokenizers = configure_chat_templates(cfg, tokenizers)  # each model's template file and variables
-    train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizers)
-    check_template_agreement(cfg, tokenizers, train_prompts)
-    print(f"train prompts: {train_prompts.summary.describe()}")
-    eval_stage = cfg.stage("eval")
-    eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
-    eval_prompts = _load_prompts(cfg, eval_files, tokenizers) if eval_files else None
-    return Startup(device=device, tokenizers=tokenizers, train_prompts=train_prompts, eval_prompts=eval_prompts)
-
-
-def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
-              take_over_lock: bool = False) -> Startup:
-    """`opdgraph run --check`: every check a run makes before it trains (the run directory and its lock, the
-    checkpoint and config changes of a resume, the device, the tokenizers, every prompt row), then stop. Nothing is
-    written: the lock is released and a directory this check created is removed again."""
-    import os
-
-    request = RunRequest(resume=Path(resume) if resume is not None else None, restart=restart,
-                         allow_config_change=allow_config_change, take_over_lock=take_over_lock)
-    holds_directory = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone holds it, as in a run
-    directory = open_run_directory(cfg, request, config_record=config_record(cfg)) if holds_directory else None
-    try:
-        return check_startup(cfg)
-    finally:
-        if directory is not None:
-            directory.close()
-
-
-def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
-                  startup: Startup | None = None) -> RunContext:
-    from opdgraph.data import PromptSampler
-    from opdgraph.runtime.offload import build_optimizer, plan_placement
-
-    startup = startup or check_startup(cfg)
-    device, train_prompts, eval_prompts = startup.device, startup.train_prompts, startup.eval_prompts
-    seed_everything(cfg.pipeline.seed)
-    models = load_models(cfg.models, Path(cfg.base_dir), device, startup.tokenizers)
-    student, tokenizer = models[cfg.model_with_role("student")]
-    teachers = build_teachers(cfg, models, student)  # a frozen self-teacher copies the initial student: before resume
-    teacher = next(iter(teachers.values())).model
-    print(use_packed_attention([student, *distinct_models(teachers, student)], device))
-    if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
-        _load_student_weights(student, resume_from)
-    rollout = cfg.stage("rollout").config
-    step = cfg.stage("step").config
-    engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
-                          kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
-    student_name = cfg.model_with_role("student")
-    placement = plan_placement(plan)
-    gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
-    # fp32 gradient sums for a low-precision student (opdgraph.runtime.gradients); an fp32 one has them anyway
-    fp32_grads = cfg.stage("backward").config.grad_accumulation_dtype == "float32" and student.dtype != torch.float32
-    if distributed.world_size() > 1:
-        fsdp.shard_student(student, reduce_dtype=torch.float32 if fp32_grads and gather_per_step else None)
-        engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
-    if placement.teacher_weights == "shard":
-        if distributed.world_size() == 1:
-            raise ValueError("the plan shards the teacher across ranks (teacher_weights = 'shard') but this run has "
-                             "one process; launch it with torchrun --nproc-per-node N (N > 1) or plan it for one")
-        fsdp.shard_teacher(teacher)
-    # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
-    optimizer = build_optimizer(placement, student, device, lr=step.lr, betas=tuple(step.betas),
-                                eps=step.eps, weight_decay=step.weight_decay)
-    sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
-                            shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
-    if sampler.repeat_note() and distributed.is_main():
-        print(sampler.repeat_note())
-    log = cfg.stage("log")
-    metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
-               else SilentMetrics(run_dir))
-    facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
-             "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
-             "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
-             "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
-             "grads_buffer": f"{student_name}.grads",
-             # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
-             "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "gather_per_step": gather_per_step, **route_facts(cfg)}
-    buffers = BufferTable(debug=cfg.pipeline.debug_memory)
-    gradients = StudentGradients(student, buffers, facts["grads_buffer"], fp32=fp32_grads)
-    return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,
-                      student=student, teacher=teacher, teachers=teachers, tokenizer=tokenizer, engine=engine, optimizer=optimizer,
-                      sampler=sampler, eval_prompts=eval_prompts, plan=plan, buffers=buffers, metrics=metrics,
-                      gradients=gradients)
-
-
-def trainer_state(ctx: RunContext) -> dict[str, Any]:
-    return {"step": ctx.step, "optimizer": ctx.optimizer.state_dict(), "sampler": ctx.sampler.state_dict(),
-            "skipped_steps": ctx.skipped_steps.state_dict(),
-            "rng": ckpt.rng_state()}
-
-
-def save_run_checkpoint(ctx: RunContext, *, keep_last: int, run_config: dict | None) -> Path:
-    """Every rank takes part (the weights and optimizer state are gathered); rank 0 writes, after making the logs of
-    every step so far durable (a checkpoint never covers a step whose records could still be lost)."""
-    from opdgraph.models import save_pretrained
-
-    state = trainer_state(ctx)
-    student = fsdp.GatheredModel(ctx.student) if distributed.world_size() > 1 else ctx.student
-    path = ckpt.checkpoint_dir(ctx.run_dir, ctx.step)
-    if distributed.is_main():
-        ctx.metrics.sync()
-        path = ckpt.save_checkpoint(ctx.run_dir, ctx.step,
-                                    save_student=lambda d: save_pretrained(student, d, tokenizer=ctx.tokenizer),
-                                    trainer_state=state, summary={"num_steps": ctx.num_steps,
-                                                                  "world_size": distributed.world_size()},
-                                    config_record=run_config, keep_last=keep_last)
-    distributed.barrier()  # nobody moves on (or reads the directory) before the checkpoint is whole
-    return path
-
-
-def restore(ctx: RunContext, checkpoint: Path) -> None:
-    """Continue from a checkpoint: optimizer (fp32 masters and moments), data cursor, RNG states; the weights were
-    loaded by build_context before sharding. The checkpoint may come from any number of ranks."""
-    state = ckpt.load_trainer_state(checkpoint)
-    ctx.optimizer.load_state_dict(state["optimizer"])
-    ctx.sampler.load_state_dict(state["sampler"])
-    ctx.skipped_steps.load_state_dict(state["skipped_steps"])
-    ckpt.set_rng_state(state["rng"])
-    ctx.step = int(state["step"])
 
 
 def run_pipeline(cfg, plan, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
@@ -243,14 +58,12 @@ def run_pipeline(cfg, plan, *, resume: Path | None = None, restart: bool = False
         return _run_pipeline(cfg, plan, request, stops, record_memory=record_memory,
                              rerun_args=rerun_args or ["run", cfg.source_file])
 
-
 def _command(rerun_args: list[str], *flags: str) -> str:
     """The command line that runs this pipeline again with `flags` (torchrun's when this run is one)."""
     program = ["opdgraph"]
     if distributed.world_size() > 1:
         program = ["torchrun", f"--nproc-per-node={distributed.world_size()}", "-m", "opdgraph"]
     return shlex.join([*program, *rerun_args, *flags])
-
 
 def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record_memory: bool,
                   rerun_args: list[str]) -> RunContext:
@@ -275,7 +88,6 @@ def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record
         if directory is not None:
             directory.close()
 
-
 def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, run_dir: Path | None = None) -> None:
     """Say where a stopped run stands and the command that continues it (ctx None: stopped at once)."""
     run_dir = ctx.run_dir if ctx is not None else run_dir
@@ -292,7 +104,6 @@ def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, ru
         return
     print(f"\nopdgraph: {how}; {where}. Resume with:\n  {_command(rerun_args, '--resume', str(run_dir))}",
           file=sys.stderr)
-
 
 def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: StopRequests,
            run_config: dict | None, *, record_memory: bool) -> RunContext:
@@ -365,7 +176,6 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
-
 
 def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device, *, extra: list[float]) -> list[float]:
     """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss. The
