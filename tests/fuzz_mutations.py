@@ -60,7 +60,7 @@ def mutate_toml(text: str, rng: random.Random) -> tuple[str, str, str]:
     """(kind, detail, new text) for one edit of a pipeline TOML."""
     lines = text.split("\n")
     key_lines = [index for index, line in enumerate(lines) if KEY_LINE.match(line) and not line.lstrip().startswith("#")]
-    inline_lines = [index for index in key_lines if "{" in lines[index]]
+    inline_lines = [index for index in key_lines if INLINE_KEY.search(lines[index])]  # not "{" inside strings
     kind = rng.choice(["key_typo", "key_typo", "bad_value", "bad_value", "bad_value", "delete_line",
                        "delete_table", "duplicate_key", "byte_flip", "non_utf8", "inline_key_typo",
                        "inline_bad_value", "inline_delete_key", "table_typo"])
