@@ -4,7 +4,8 @@ The plan is an ordered list of steps; consecutive steps that share a micro-batch
 once per micro-batch (chunk loops run inside the loss stage itself, whose chunk size the plan used). Each step is
 dispatched to its stage module's `execute(step, config, ctx, loop)`; after it, the executor applies exactly the
 releases the plan lists for it (free, or offload to host) and reloads offloaded buffers before the step that needs
-them. Nothing is freed anywhere else, so memory follows the plan. Buffers the plan's placement moves (the teacher's
+them. Nothing is freed anywhere else, so memory follows the plan, and a stage call sees only the buffers its plan
+steps declare (opdgraph.runtime.declared_buffers): an access the plan does not know of fails at once. Buffers the plan's placement moves (the teacher's
 weights) go through opdgraph.runtime.offload, which moves parameter storage to pinned host memory and back.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opdgraph.runtime.context import RunContext
+from opdgraph.runtime.declared_buffers import DeclaredBuffers, declared_by_stage
 from opdgraph.runtime.offload import HostOffloader
 from opdgraph.runtime.teachers import offloaded_models
 
@@ -65,6 +67,7 @@ class PlanExecutor:
         # read inside it, or an accumulator that spans the loop, is freed once, after the loop's last iteration.
         self.allocated_in_loop = {(step.loops[0], name) for step in plan.steps if step.loops for name in step.allocates
                                   if not plan.buffers[name].spans_loops}
+        self.declared = declared_by_stage(plan)  # what each stage's calls may touch (runtime.declared_buffers)
         self.offloader = HostOffloader(plan, offloaded_models(ctx.teachers), ctx.device)
 
     def run_training_step(self) -> None:
@@ -96,10 +99,15 @@ class PlanExecutor:
         if self.memory_recorder is not None:
             self.memory_recorder.before(step)
         started = time.perf_counter()
-        if step.kind == "data":
-            self.ctx.buffers.put("prompts", self.ctx.sampler.next_batch())
-        else:
-            _stage_module(step.kind).execute(step, self.stage_configs[step.stage], self.ctx, loop)
+        table, self.ctx.buffers = self.ctx.buffers, DeclaredBuffers(self.ctx.buffers, step.stage,
+                                                                    self.declared[step.stage])
+        try:
+            if step.kind == "data":
+                self.ctx.buffers.put("prompts", self.ctx.sampler.next_batch())
+            else:
+                _stage_module(step.kind).execute(step, self.stage_configs[step.stage], self.ctx, loop)
+        finally:
+            self.ctx.buffers = table
         self.ctx.add_seconds(step.name, time.perf_counter() - started)
         if self.memory_recorder is not None:
             self.memory_recorder.after(step)
