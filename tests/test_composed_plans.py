@@ -158,7 +158,7 @@ CASES = {
         ["tiny_train.jsonl:2", "'poetry' names no teacher", "chat, math"]),
     "missing route field": ("tiny_routed.toml", lambda p: _rows(
         p.parent / "data" / "tiny_train.jsonl", [{"prompt": "Hi."}]),
-        ["tiny_train.jsonl:1", "'category' (loss.route_field) is missing"]),
+        ["tiny_train.jsonl:1", "'category' (loss.route_field, set at tiny_routed.toml:", "is missing"]),
     "missing context field": ("tiny_context.toml", lambda p: _rows(
         p.parent / "data" / "tiny_train.jsonl", [{"prompt": "Hi.", "category": "chat"}, {"prompt": "Yo."}]),
         ["tiny_train.jsonl:2", "needs field 'category'"]),

@@ -30,12 +30,14 @@ class TeacherPrompt:
     context_field: str = ""
     context_template: str = "{prompt}\n\n{context}"
     max_tokens: int = 0  # 0: no limit of its own
+    where: str = ""  # where context_field is set (file:line), for messages
 
 
 @attrs.frozen(kw_only=True)
 class Routing:
     field: str
     values: tuple[str, ...]  # every teacher's route values
+    where: str = ""  # where route_field is set (file:line), for messages
 
 
 def teacher_messages(messages: list[dict[str, str]], row: dict, rule: TeacherPrompt) -> list[dict[str, str]]:
@@ -50,7 +52,7 @@ def teacher_messages(messages: list[dict[str, str]], row: dict, rule: TeacherPro
         value = row.get(rule.context_field)
         if value is None:
             raise RowProblem("missing_field", f"[{rule.stage}] needs field {rule.context_field!r} "
-                                              f"(its context_field), which this row does not have")
+                                              f"(its context_field, {rule.where}), which this row does not have")
         if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (isinstance(value, str)
                                                                                   and not value.strip()):
             raise RowProblem("wrong_type", f"field {rule.context_field!r} ([{rule.stage}] context_field) must be "
@@ -75,9 +77,9 @@ def route_of(row: dict, routing: Routing | None) -> str | None:
         return None
     value = row.get(routing.field)
     if value is None:
-        raise RowProblem("missing_field", f"field {routing.field!r} (loss.route_field) is missing; it picks the "
-                                          f"teacher of the row (values: {', '.join(routing.values)})")
+        raise RowProblem("missing_field", f"field {routing.field!r} (loss.route_field, {routing.where}) is missing; "
+                                          f"it picks the teacher of the row (values: {', '.join(routing.values)})")
     if not isinstance(value, str) or value not in routing.values:
         raise RowProblem("unknown_route", f"field {routing.field!r} = {value!r} names no teacher; the teachers' "
-                                          f"route values are {', '.join(routing.values)}")
+                                          f"route values are {', '.join(routing.values)} ({routing.where})")
     return value

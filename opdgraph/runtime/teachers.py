@@ -45,7 +45,8 @@ def teacher_prompt_rules(cfg, tokenizers: dict) -> list:
         config = cfg.stages[spec.stage].config
         rules.append(TeacherPrompt(stage=spec.stage, tokenizer=tokenizers[spec.model],
                                    system_prompt=config.system_prompt, context_field=config.context_field,
-                                   context_template=config.context_template, max_tokens=spec.prompt_tokens))
+                                   context_template=config.context_template, max_tokens=spec.prompt_tokens,
+                                   where=_where(cfg, f"{spec.stage}.context_field")))
     return rules
 
 
@@ -56,7 +57,18 @@ def routing(cfg):
     field = route_field(cfg.stages)
     if not field:
         return None
-    return Routing(field=field, values=tuple(value for spec in specs(cfg) for value in spec.routes))
+    loss = next(stage.name for stage in cfg.stages.values() if stage.kind == "loss")
+    return Routing(field=field, values=tuple(value for spec in specs(cfg) for value in spec.routes),
+                   where=_where(cfg, f"{loss}.route_field"))
+
+
+def _where(cfg, path: str) -> str:
+    """The pipeline file and line a setting came from (or --set), for row messages that depend on it."""
+    import os
+
+    source = cfg.provenance.get(path, "default")
+    return f"set at {source}" if source not in ("default", "--set") else (
+        f"set by --set {path}" if source == "--set" else f"the default in {os.path.basename(cfg.source_file)}")
 
 
 def route_facts(cfg) -> dict[str, Any]:
