@@ -2,7 +2,8 @@
 
 Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the resolved config with provenance, and
 what each resume changed), `plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`,
-`samples.jsonl`, `checkpoints/`, `tensorboard/` (when installed), `run.lock` while a run holds it. Which directory a
+`samples.jsonl`, `checkpoints/`, `run.lock` while a run holds it; `reporters.json` and the trackers' files
+(`tensorboard/`, `wandb/`) when `[log] report_to` names trackers (opdgraph.runtime.reporters). Which directory a
 run may use, its lock, and what a resume checks and writes are one policy: opdgraph.runtime.run_directory. A run
 directory that already holds results is never overwritten: `--resume` continues it, `--restart` starts over one that
 has no checkpoint yet.
@@ -40,6 +41,7 @@ from opdgraph.runtime.context import (RunContext, TORCH_DTYPES, build_engine, lo
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.metrics import MetricsLog, ProgressLine
+from opdgraph.runtime.reporters import check_reporters, open_reporters
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
 from opdgraph.runtime.skipped_steps import stop_if_stuck
 from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal, signal_name
@@ -100,6 +102,7 @@ def check_startup(cfg) -> Startup:
     `opdgraph run --check` stops here."""
     from opdgraph.runtime.training import check_loss_kernel
 
+    check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
     for stage in cfg.stages_of_kind("loss"):
         check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
@@ -135,7 +138,7 @@ def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_c
 
 
 def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
-                  startup: Startup | None = None) -> RunContext:
+                  startup: Startup | None = None, reporters=None) -> RunContext:
     from opdgraph.data import PromptSampler
     from opdgraph.runtime.offload import build_optimizer, plan_placement
 
@@ -173,9 +176,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
     if sampler.repeat_note() and distributed.is_main():
         print(sampler.repeat_note())
-    log = cfg.stage("log")
-    metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
-               else SilentMetrics(run_dir))
+    metrics = MetricsLog(run_dir, reporters=reporters) if distributed.is_main() else SilentMetrics(run_dir)
     facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
@@ -260,7 +261,9 @@ def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record
         resumed_step = distributed.all_reduce_max(directory.step if directory and directory.checkpoint else -1,
                                                   pick_device(cfg.pipeline.device))
         checkpoint = ckpt.checkpoint_dir(run_dir, resumed_step) if resumed_step >= 0 else None
-        ctx = _train(cfg, plan, run_dir, directory, checkpoint, stops, run_config, record_memory=record_memory)
+        with open_reporters(cfg, plan, run_dir, resumed=checkpoint is not None) as reporters:  # [log] report_to
+            ctx = _train(cfg, plan, run_dir, directory, checkpoint, stops, run_config, reporters,
+                         record_memory=record_memory)
         if ctx.stopped_by is not None and distributed.is_main():
             _report_stop(ctx, signal_name(ctx.stopped_by), rerun_args)
         return ctx
@@ -292,8 +295,8 @@ def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, ru
 
 
 def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: StopRequests,
-           run_config: dict | None, *, record_memory: bool) -> RunContext:
-    ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
+           run_config: dict | None, reporters, *, record_memory: bool) -> RunContext:
+    ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint, reporters=reporters)
     if directory is not None:
         directory.begin(cfg, plan)  # the first writes into the run directory: every check has passed
     distributed.barrier()
