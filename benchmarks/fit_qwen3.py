@@ -85,7 +85,7 @@ def run_variant(name: str, overrides: list[str], steps: int, work_dir: Path) -> 
     from opdgraph.runtime.run import run_pipeline
 
     cfg = load_pipeline(str(PIPELINE), [*overrides, f"pipeline.num_steps={steps}", "log.progress=false",
-                                        "log.tensorboard=false", f"pipeline.output_dir={work_dir / name}"])
+                                        f"pipeline.output_dir={work_dir / name}"])
     fitted = fit_plan(cfg)
     plan = fitted.plan
     record = {"variant": name, "decisions": fitted.decisions.describe(), "fits": fitted.fits,

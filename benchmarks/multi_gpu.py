@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
 WORKER = Path(__file__).resolve().parent / "rank_worker.py"
-COMMON = ["log.progress=false", "log.tensorboard=false", "pipeline.device=cuda"]
+COMMON = ["log.progress=false", "pipeline.device=cuda"]
 EQUIVALENCE = [*COMMON, "pipeline.num_steps=1", "step.warmup_steps=0", "eval.num_prompts=2",
                "eval.max_new_tokens=4", "teacher_score.micro_batch_tokens=160", "rollout.max_new_tokens=16"]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative to each tensor's largest entry

@@ -181,7 +181,6 @@ max_grad_norm = 1.0
 
 [log]
 progress = false
-tensorboard = false
 """
     path = directory / "pipeline.toml"
     path.write_text(text)

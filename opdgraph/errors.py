@@ -29,5 +29,9 @@ class DeviceError(OpdgraphError):
     """The requested device or backend is not available on this machine."""
 
 
+class ReporterError(OpdgraphError):
+    """An experiment tracker of `[log] report_to` cannot be used (its package is missing, or it refused to start)."""
+
+
 class TrainingStopped(OpdgraphError):
     """Training cannot go on (e.g. too many consecutive skipped steps); the message says why and what to try."""

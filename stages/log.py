@@ -1,11 +1,13 @@
-"""Log stage: scalars (loss, divergence, grad norm, lr, throughput) to the console and TensorBoard, plus samples.
+"""Log stage: scalars (loss, divergence, grad norm, lr, throughput) to the console and metrics.jsonl, plus samples.
 
-Reads `student_weights` (so it runs at the end of a step), writes `log_record`.
+`report_to` names the experiment trackers that get the same records too (opdgraph.runtime.reporters: TensorBoard,
+Weights & Biases, MLflow; each an optional extra, imported only when named). Reads `student_weights` (so it runs at
+the end of a step), writes `log_record`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -21,12 +23,25 @@ WRITES = ("log_record",)
 PERIODIC = True  # runs every n steps: not part of one training step's time
 
 
+def _distinct(value) -> str | None:
+    repeated = sorted({name for name in value if value.count(name) > 1})
+    return f"names {', '.join(map(repr, repeated))} more than once; name each tracker once" if repeated else None
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     every_n_steps: int = setting(1, help="log scalars every n steps", check=positive)
     sample_every_n_steps: int = setting(0, help="print a rollout sample every n steps (0 = off)", check=non_negative)
-    tensorboard: bool = setting(True, help="write TensorBoard event files under output_dir")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = setting(
+        [], help="experiment trackers that also get every metrics.jsonl record, the resolved config and the plan's "
+                 "summary (rank 0 only): tensorboard (event files in output_dir/tensorboard), wandb, mlflow; each "
+                 "needs its extra, e.g. pip install \"opdgraph[wandb]\"", check=_distinct)
     progress: bool = setting(True, help="show a progress bar")
+
+    # Keys this table no longer has, with what to write instead (opdgraph.config.strict reports them so).
+    REMOVED_KEYS = {"tensorboard": "removed: TensorBoard is now one of the trackers of log.report_to; write "
+                                   "report_to = [\"tensorboard\"] for event files in output_dir/tensorboard, or "
+                                   "delete this key (no tracker is written by default)"}
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:

@@ -25,7 +25,7 @@ from opdgraph.lifetime import ScheduleBuffer, ScheduleStep
 from tests.test_lifetime import check_invariants
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-QUIET = ["log.progress=false", "log.tensorboard=false", "pipeline.device=cpu", "eval.every_n_steps=0"]
+QUIET = ["log.progress=false", "pipeline.device=cpu", "eval.every_n_steps=0"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:

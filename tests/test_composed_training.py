@@ -28,7 +28,7 @@ from opdgraph.runtime.build import build_context
 from opdgraph.train.divergence import chunked_divergence
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-COMMON = ["log.progress=false", "log.tensorboard=false", "pipeline.device=cpu", "step.max_grad_norm=0",
+COMMON = ["log.progress=false", "pipeline.device=cpu", "step.max_grad_norm=0",
           "pipeline.debug_memory=true"]
 
 

@@ -22,7 +22,7 @@ TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 # Small micro-batches so ranks hold different numbers of them (the padding path), few eval tokens for speed.
 # AdamW's eps is raised from 1e-8: its first update, lr * g / (|g| + eps), turns the last-bit rounding of
 # gradient entries that nearly cancel (|g| ~ 1e-8) into visible weight differences, in any two summation orders.
-OVERRIDES = ["step.warmup_steps=0", "step.eps=1e-6", "log.progress=false", "log.tensorboard=false", "pipeline.device=cpu",
+OVERRIDES = ["step.warmup_steps=0", "step.eps=1e-6", "log.progress=false", "pipeline.device=cpu",
              "teacher_score.micro_batch_tokens=160", "rollout.max_new_tokens=16", "eval.num_prompts=2",
              "eval.max_new_tokens=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=4"]
 RELATIVE = 1e-5
@@ -131,6 +131,19 @@ def test_resume_across_world_sizes(runs):
     _run(runs / "two_to_one", 2, _checkpoint(_copy_run(runs / "two", runs / "two_to_one"), 1),
          allow_config_change=True)
     _assert_same_step(runs / "one", runs / "two_to_one", step=2)
+
+
+def test_only_rank_0_reports(runs):
+    """`[log] report_to` under torchrun: one TensorBoard event file, rank 0's, with the global loss metrics.jsonl
+    has; fails if every rank opens the trackers (two files, or per-rank losses)."""
+    import numpy as np
+
+    pytest.importorskip("tensorboard")
+    from tracker_readers import tensorboard_scalars
+
+    folder = runs / "two" / "tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    assert tensorboard_scalars(folder)["train/loss"] == [(1, float(np.float32(_train_record(runs / "two", 1)["loss"])))]
 
 
 def test_plan_per_rank_sizes():
@@ -486,7 +499,10 @@ def _worker(mode: str, *args: str) -> None:
         _schedule_worker(Path(args[0]))
         return
     root, one_process_step_1 = Path(args[0]), Path(args[1])
-    _run(root / "two", num_steps=1, world_size=2)
+    import importlib.util  # with a tracker named (when installed), to see that rank 0 alone reports
+
+    trackers = ['log.report_to=["tensorboard"]'] if importlib.util.find_spec("tensorboard") else []
+    _run(root / "two", 1, None, 2, *trackers)
     _run(root / "two_per_layer", 1, None, 2, "pipeline.fit.student_gather=layer")
     _run(root / "one_to_two", num_steps=2, resume=one_process_step_1, world_size=2)
     distributed.shutdown()

@@ -61,7 +61,7 @@ def test_runtime_allocates_the_planned_eval_pools_and_releases_them(tmp_path, mo
 
     monkeypatch.setattr(BufferTable, "put", recording_put)
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / 'run'}", "pipeline.num_steps=1", "pipeline.device=cpu",
-                               "log.progress=false", "log.tensorboard=false", "pipeline.debug_memory=true",
+                               "log.progress=false", "pipeline.debug_memory=true",
                                "data.prompts_per_step=2", "rollout.max_new_tokens=8", *EVAL_OVERRIDES])
     plan = compile_plan(cfg)
     ctx = run_pipeline(cfg, plan)

@@ -53,7 +53,7 @@ def test_eval_with_a_larger_teacher_vocabulary_runs(tmp_path):
     crashes in eval (the student embedding the teacher's ids), or eval's teacher answers outside the student's
     vocabulary."""
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / 'run'}", "log.progress=false",
-                               "log.tensorboard=false", "pipeline.device=cpu", "pipeline.num_steps=1",
+                               "pipeline.device=cpu", "pipeline.num_steps=1",
                                "models.teacher.config.vocab_size=4096", "eval.num_prompts=2",
                                "checkpoint.every_n_steps=0"])
     assert cfg.shapes["teacher"].vocab > cfg.shapes["student"].vocab

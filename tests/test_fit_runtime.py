@@ -139,7 +139,7 @@ def test_streamed_adamw_matches_master_adamw(dtype):
 
 def _run(tmp_path: Path, name: str, *overrides: str):
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / name}", "log.progress=false",
-                               "log.tensorboard=false", "pipeline.num_steps=2", "pipeline.device=\"cpu\"",
+                               "pipeline.num_steps=2", "pipeline.device=\"cpu\"",
                                "pipeline.debug_memory=true", "data.prompts_per_step=2", "rollout.max_new_tokens=8",
                                "eval.num_prompts=2", "teacher_score.micro_batch_tokens=80", *overrides])
     fitted = fit_plan(cfg)

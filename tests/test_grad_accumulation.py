@@ -47,7 +47,7 @@ def _one_step(tmp_path: Path, accumulation: str, monkeypatch):
     """One training step of the tiny pipeline with a bf16 student: (parameters before it in float64, the micro-batches
     with the teacher hidden states the loss used, the gradients handed to the optimizer in float64)."""
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / accumulation}", "log.progress=false",
-                               "log.tensorboard=false", "pipeline.device=cpu", "models.student.dtype=bfloat16",
+                               "pipeline.device=cpu", "models.student.dtype=bfloat16",
                                f"backward.grad_accumulation_dtype={accumulation}", "step.max_grad_norm=0",
                                "teacher_score.micro_batch_tokens=48", "data.max_prompt_tokens=40",
                                "rollout.max_new_tokens=8", "data.on_bad_row=skip", "pipeline.num_steps=100",

@@ -59,7 +59,7 @@ def test_peak_rises_by_the_kv_pool_and_rollout_by_the_gradients():
 def _run(tmp_path: Path, name: str, *overrides: str):
     cfg = load_pipeline(PIPELINES / "tiny.toml", [
         f"pipeline.output_dir={tmp_path / name}", "pipeline.num_steps=2", "pipeline.device=cpu", "data.prompts_per_step=4",
-        "log.progress=false", "log.tensorboard=false", "eval.num_prompts=2", "eval.max_new_tokens=4",
+        "log.progress=false", "eval.num_prompts=2", "eval.max_new_tokens=4",
         "rollout.max_new_tokens=8", *overrides])
     return run_pipeline(cfg, compile_plan(cfg))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
-SETTINGS = ["pipeline.device=cpu", "log.tensorboard=false", "log.progress=false", "pipeline.num_steps=8",
+SETTINGS = ["pipeline.device=cpu", "log.progress=false", "pipeline.num_steps=8",
             "checkpoint.every_n_steps=1", "checkpoint.keep_last=2", "eval.every_n_steps=4", "eval.num_prompts=1",
             "eval.max_new_tokens=4", "log.sample_every_n_steps=1"]
 PROCESS_FIELDS = ("seconds", "tokens_per_s", "peak_memory_gib")

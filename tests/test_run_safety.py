@@ -27,7 +27,7 @@ from opdgraph.runtime.run_logs import truncate_jsonl
 from opdgraph.runtime.signals import Interrupted, StopRequests, chosen_signal
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-SETTINGS = ["pipeline.device=cpu", "log.tensorboard=false", "log.progress=false", "pipeline.num_steps=2",
+SETTINGS = ["pipeline.device=cpu", "log.progress=false", "pipeline.num_steps=2",
             "checkpoint.every_n_steps=1", "checkpoint.keep_last=3", "eval.num_prompts=1", "eval.max_new_tokens=4",
             "rollout.max_new_tokens=8"]
 

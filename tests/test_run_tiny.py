@@ -22,7 +22,7 @@ def _run(tmp_path: Path, name: str, *overrides: str, resume: Path | None = None)
     # On the CPU also where CUDA is: exact resume and the transformers comparison below are CPU claims (a GPU's
     # peak-memory field and kernel choices differ between a fresh and a resumed process).
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / name}", "log.progress=false",
-                               "log.tensorboard=false", "pipeline.device=cpu", *overrides])
+                               "pipeline.device=cpu", *overrides])
     return run_pipeline(cfg, compile_plan(cfg), resume=resume)
 
 

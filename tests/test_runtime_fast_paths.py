@@ -57,7 +57,7 @@ class SegmentMaskBackend(TorchReferenceBackend):
 def test_micro_batch_loop_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
     """teacher_score, the student forward, the loss and the backward must queue work without reading any tensor
     back (float(loss), .item(), .tolist(), a tensor in an `if`); the step's scalars are read once, after the loop."""
-    cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path}", "log.progress=false", "log.tensorboard=false",
+    cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path}", "log.progress=false",
                                "data.prompts_per_step=3", "rollout.max_new_tokens=6",
                                "teacher_score.micro_batch_tokens=128"])
     plan = compile_plan(cfg)

@@ -74,7 +74,7 @@ def test_cli_stops_a_run_whose_updates_are_all_non_finite(tmp_path, capsys, monk
     monkeypatch.setattr(run_module, "stop_if_stuck", recording_stop)
     run_dir = tmp_path / "run"
     overrides = [f"pipeline.output_dir={run_dir}", "pipeline.device=cpu", "log.progress=false",
-                 "log.tensorboard=false", "step.lr=1e38", "step.warmup_steps=0", "data.prompts_per_step=2",
+                 "step.lr=1e38", "step.warmup_steps=0", "data.prompts_per_step=2",
                  "rollout.max_new_tokens=6", "eval.num_prompts=1", "eval.max_new_tokens=2"]
     code = main(["run", str(TINY), *[arg for value in overrides for arg in ("--set", value)]])
     err = capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Rules: a bool field takes only true/false ("false" is a string), an int field only integers (3.7 and true are not
 ints), a float field takes floats and integers, a str field only strings, a list field only arrays (a string is not
-a list of characters), a Literal field only one of its choices. Unknown keys and missing required fields are errors.
+a list of characters), a Literal field only one of its choices. Unknown keys and missing required fields are errors;
+a key a config class dropped (its `REMOVED_KEYS`, key -> message) is reported with that message instead.
 `structure(table, cls, path)` returns the typed object (or None) and every (dotted path, message) problem found.
 """
 
@@ -128,7 +129,8 @@ def _flatten(error: BaseException, path: str) -> list[tuple[str, str]]:
         return problems
     if isinstance(error, ForbiddenExtraKeysError):
         valid = [field.name for field in attrs.fields(error.cl)]
-        return [(f"{path}.{key}" if path else key, unknown_key_message(key, valid))
+        removed = getattr(error.cl, "REMOVED_KEYS", {})  # a key a class dropped: say what replaced it
+        return [(f"{path}.{key}" if path else key, removed.get(key) or unknown_key_message(key, valid))
                 for key in sorted(error.extra_fields)]
     if isinstance(error, KeyError):
         return [(path, "required field is missing")]

@@ -48,7 +48,7 @@ def _load_student_weights(student, checkpoint: Path) -> None:
                                                        student.dtype, student.device))
 
 def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
-                  startup: Startup | None = None) -> RunContext:
+                  startup: Startup | None = None, reporters=None) -> RunContext:
     from opdgraph.data import PromptSampler
     from opdgraph.runtime.offload import build_optimizer, plan_placement
 
@@ -86,9 +86,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
     if sampler.repeat_note() and distributed.is_main():
         print(sampler.repeat_note())
-    log = cfg.stage("log")
-    metrics = (MetricsLog(run_dir, tensorboard=bool(log and log.config.tensorboard)) if distributed.is_main()
-               else SilentMetrics(run_dir))
+    metrics = MetricsLog(run_dir, reporters=reporters) if distributed.is_main() else SilentMetrics(run_dir)
     facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,

@@ -1,4 +1,4 @@
-"""Run outputs a person watches: `metrics.jsonl`, TensorBoard events (when installed), samples, a progress line.
+"""Run outputs a person watches: `metrics.jsonl`, samples, a progress line; the trackers of `[log] report_to`.
 
 `metrics.jsonl` gets one JSON object per training step (and one per eval), appended and flushed at once, so a killed
 run keeps every line it finished. Before a checkpoint is written the run calls `sync`, which fsyncs every log: a
@@ -7,8 +7,10 @@ the steps the checkpoint covers (opdgraph.runtime.run_logs), so a resumed run's 
 (on the same device), except for the fields that measure this process: keys containing `seconds` or
 `tokens_per_s` (wall-clock time) and `peak_memory_gib` (CUDA memory).
 
-Nothing is written into the run directory before the first record (the TensorBoard writer, which creates its event
-file when built, is built then): a run that fails while starting leaves no log behind.
+Every record also goes to the trackers `report_to` names (opdgraph.runtime.reporters: TensorBoard, W&B, MLflow),
+right after its line is written. Nothing is written into the run directory before the first record (the trackers
+start then, and TensorBoard's writer creates its event file when built): a run that fails while starting leaves no
+log behind.
 """
 
 from __future__ import annotations
@@ -24,36 +26,21 @@ from opdgraph.runtime.durable import fsync_dir, fsync_file
 
 
 class MetricsLog:
-    """Appends step records to metrics.jsonl and mirrors scalars to TensorBoard if it is importable."""
+    """Appends step records to metrics.jsonl and sends each to the run's trackers (`reporters`, when given)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, reporters=None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        self._writer = None
-        self._tensorboard = tensorboard
-
-    def _tensorboard_writer(self):
-        if self._tensorboard and self._writer is None:
-            self._tensorboard = False
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
-                return None
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        return self._writer
+        self.reporters = reporters
 
     def write(self, record: dict[str, Any]) -> None:
         # NaN / inf are not JSON: a skipped step's loss is written as null so strict readers (jq, JS) still parse.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
-        if self._tensorboard_writer() is not None:
-            prefix = record.get("kind", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
-            self._writer.flush()
+        if self.reporters is not None:
+            self.reporters.log(record)
 
     def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         with open(self.samples_path, "a") as handle:
@@ -70,8 +57,7 @@ class MetricsLog:
             fsync_dir(folder)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        """The trackers are finished by the run (opdgraph.runtime.reporters.Reporters), whichever way it ends."""
 
 
 class ProgressLine:

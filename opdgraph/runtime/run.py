@@ -2,7 +2,8 @@
 
 Run directory (pipeline.output_dir, default runs/<name>): `config.toml` (the resolved config with provenance, and
 what each resume changed), `plan.txt` and `plan.json` (the plan this run executes), `metrics.jsonl`,
-`samples.jsonl`, `checkpoints/`, `tensorboard/` (when installed), `run.lock` while a run holds it. Which directory a
+`samples.jsonl`, `checkpoints/`, `run.lock` while a run holds it; `reporters.json` and the trackers' files
+(`tensorboard/`, `wandb/`) when `[log] report_to` names trackers (opdgraph.runtime.reporters). Which directory a
 run may use, its lock, and what a resume checks and writes are one policy: opdgraph.runtime.run_directory. A run
 directory that already holds results is never overwritten: `--resume` continues it, `--restart` starts over one that
 has no checkpoint yet.
@@ -35,6 +36,7 @@ from opdgraph.runtime.config_record import config_record
 from opdgraph.runtime.context import RunContext, pick_device
 from opdgraph.runtime.executor import PlanExecutor
 from opdgraph.runtime.metrics import ProgressLine
+from opdgraph.runtime.reporters import open_reporters
 from opdgraph.runtime.run_checkpoints import restore, save_run_checkpoint
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory, resolve
 from opdgraph.runtime.signals import (
@@ -76,7 +78,9 @@ def _run_pipeline(cfg, plan, request: RunRequest, stops: StopRequests, *, record
         resumed_step = distributed.all_reduce_max(directory.step if directory and directory.checkpoint else -1,
                                                   pick_device(cfg.pipeline.device))
         checkpoint = ckpt.checkpoint_dir(run_dir, resumed_step) if resumed_step >= 0 else None
-        ctx = _train(cfg, plan, run_dir, directory, checkpoint, stops, run_config, record_memory=record_memory)
+        with open_reporters(cfg, plan, run_dir, resumed=checkpoint is not None) as reporters:  # [log] report_to
+            ctx = _train(cfg, plan, run_dir, directory, checkpoint, stops, run_config, reporters,
+                         record_memory=record_memory)
         if ctx.stopped_by is not None and distributed.is_main():
             _report_stop(ctx, signal_name(ctx.stopped_by), rerun_args)
         return ctx
@@ -106,8 +110,8 @@ def _report_stop(ctx: RunContext | None, name: str, rerun_args: list[str], *, ru
           file=sys.stderr)
 
 def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: StopRequests,
-           run_config: dict | None, *, record_memory: bool) -> RunContext:
-    ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint)
+           run_config: dict | None, reporters, *, record_memory: bool) -> RunContext:
+    ctx = build_context(cfg, plan, run_dir, resume_from=checkpoint, reporters=reporters)
     if directory is not None:
         directory.begin(cfg, plan)  # the first writes into the run directory: every check has passed
     distributed.barrier()

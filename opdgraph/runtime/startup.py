@@ -17,6 +17,7 @@ from opdgraph.runtime.chat_templates import (
 )
 from opdgraph.runtime.config_record import config_record
 from opdgraph.runtime.context import pick_device
+from opdgraph.runtime.reporters import check_reporters
 from opdgraph.runtime.model_loading import load_tokenizers
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory
 
@@ -50,6 +51,7 @@ def check_startup(cfg) -> Startup:
     `opdgraph run --check` stops here."""
     from opdgraph.runtime.training import check_loss_kernel
 
+    check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
     for stage in cfg.stages_of_kind("loss"):
         check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
