@@ -5,7 +5,7 @@ Reads `student_weights` (after the optimizer step), writes `eval_metrics`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -34,6 +34,9 @@ class Config:
                                          check=positive)
     greedy: bool = setting(True, help="argmax decoding (false: sample like rollout)")
     num_samples_to_show: int = setting(3, help="responses printed/logged per evaluation", check=non_negative)
+    behaviour: Literal["french", "uppercase"] | None = setting(
+        None, help="also report behaviour_rate / teacher_behaviour_rate: the share of answers showing it "
+                   "(detectors: opdgraph.runtime.behaviour)")
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:

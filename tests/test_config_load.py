@@ -14,13 +14,14 @@ from opdgraph.config.overrides import parse_override
 from opdgraph.stages import KIND_NAMES, stage_kind
 
 PIPELINES = pathlib.Path(__file__).parent.parent / "pipelines"
-SHIPPED = ["tiny.toml", "qwen25_1b5_from_7b.toml", "demo.toml"]
+SHIPPED = ["tiny.toml", "qwen25_1b5_from_7b.toml", "demo.toml", "prune_distill.toml"]
 SMOLLM_JSON = "models.teacher.path=pkg:opdgraph/model_configs/smollm2-135m-instruct.json"
 
 
 def overrides_for(name):
-    """demo.toml's teacher is a GGUF in an optional wheel; use the shipped config json so tests never need it."""
-    return [SMOLLM_JSON] if name == "demo.toml" else []
+    """The SmolLM2 pipelines' teacher is a GGUF in an optional wheel; use the shipped config json so tests never
+    need it."""
+    return [SMOLLM_JSON] if name in ("demo.toml", "prune_distill.toml") else []
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -24,6 +24,7 @@ CASES = {  # golden name -> (pipeline, overrides); demo uses the shipped SmolLM2
     "qwen25_1b5_from_7b": ("qwen25_1b5_from_7b.toml", []),
     "qwen25_1b5_from_7b_unfused": ("qwen25_1b5_from_7b.toml", ["pipeline.fuse_training=false"]),
     "demo": ("demo.toml", [SMOLLM_JSON]),
+    "prune_distill": ("prune_distill.toml", [SMOLLM_JSON]),
 }
 
 

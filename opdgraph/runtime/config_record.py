@@ -15,8 +15,8 @@ what is shown, or where and in how much memory it runs, but not what is computed
   limits; a micro-batch or chunk size it picks differently is compared as such); output_dir is not recorded (the
   resumed run writes into the directory it resumes, opdgraph.runtime.run_directory);
 - models.<name>.offload_when_idle;
-- stages of kind log: every key; eval: every_n_steps, num_samples_to_show; checkpoint: every_n_steps, keep_last,
-  on_signal.
+- stages of kind log: every key; eval: every_n_steps, num_samples_to_show, behaviour (what is measured besides);
+  checkpoint: every_n_steps, keep_last, on_signal.
 Every other difference (models, data and file contents, seed, lr and its schedule, num_steps, divergence, batch
 and micro-batch shapes, rollout sampling, eval prompts, ...) stops the resume unless --allow-config-change.
 Torch-free.
@@ -38,7 +38,8 @@ from opdgraph.runtime.durable import DIGEST_NAME, file_digest
 PIPELINE_CADENCE = ("name", "device", "debug_memory", "memory_budget_gib", "release_phase_buffers",
                     "hardware.", "fit.")
 MODEL_CADENCE = ("offload_when_idle",)
-STAGE_CADENCE = {"log": None, "eval": ("every_n_steps", "num_samples_to_show"),  # None: every key of that kind
+STAGE_CADENCE = {"log": None,  # None: every key of that kind
+                 "eval": ("every_n_steps", "num_samples_to_show", "behaviour"),
                  "checkpoint": ("every_n_steps", "keep_last", "on_signal")}
 ABSENT = "(absent)"
 

@@ -5,7 +5,9 @@ at every response position. Reported, averaged over all response tokens: KL(stud
 student) (temperature 1, full vocabulary) and the student's top-1 agreement with the teacher's argmax, both on the
 student's responses and on the teacher's own responses (`teacher_text_*`), the mean response length, and, for
 prompts carrying a reference answer, the accuracy of student and teacher answers. A few responses are shown side by
-side with the teacher's own (the teacher answers with the same settings).
+side with the teacher's own (the teacher answers with the same settings). The degeneration check
+(opdgraph.runtime.degeneration: distinct-n, repeated runs, identical responses, and a warning when the student's
+responses collapse) and, with `behaviour`, the behaviour rates (opdgraph.runtime.behaviour) are part of the record.
 
 Student and teacher generate with eval engines of their own, whose KV pools, micro-batches and loss chunks are the
 plan's eval facts (opdgraph.counts.eval_counts): the plan's `<eval>.kv_cache` and `<eval>.teacher_kv_cache`,
@@ -22,6 +24,8 @@ import attrs
 
 from opdgraph.runtime.answer_scoring import is_correct
 from opdgraph.runtime.batches import build_micro_batches
+from opdgraph.runtime.behaviour import behaviour_rates
+from opdgraph.runtime.degeneration import METRIC_KEYS, response_metrics, warning_line
 from opdgraph.runtime.rollout_step import generate_samples, sampling_params
 
 
@@ -171,20 +175,29 @@ def _run_eval(config, ctx, *, stage: str, label: str) -> dict:
     student_accuracy, teacher_accuracy = _accuracy(ctx, student_samples), _accuracy(ctx, teacher_samples)
     if student_accuracy is not None:
         record.update({"accuracy": student_accuracy, "teacher_accuracy": teacher_accuracy})
+    decode, eos = ctx.tokenizer.decode, ctx.tokenizer.eos_token_ids
+    for prefix, samples in (("", student_samples), ("teacher_", teacher_samples)):
+        record.update(response_metrics([s.response_ids for s in samples], end_ids=eos, prefix=prefix))
+    if config.behaviour is not None:
+        texts = [[decode([t for t in s.response_ids if t not in eos]) for s in samples]
+                 for samples in (student_samples, teacher_samples)]
+        record.update(behaviour_rates(config.behaviour, *texts))
     ctx.metrics.write(record)
-    decode = ctx.tokenizer.decode
     shown = [{"label": label, "prompt": decode(s.prompt_ids), "student": decode(s.response_ids),
               "teacher": decode(t.response_ids)}
              for s, t in zip(student_samples[:config.num_samples_to_show], teacher_samples)]
     ctx.metrics.write_samples(ctx.step, shown)
-    _print(record, shown)
+    _print(record, shown, next((r for r in ctx.eval_records if r["label"] == "before"), None))
     return record
 
 
-def _print(record: dict, shown: list[dict]) -> None:
-    keys = ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy")
+def _print(record: dict, shown: list[dict], before: dict | None) -> None:
+    keys = ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy", "behaviour_rate",
+            "distinct_2", "repeat_run_mean", "identical_share")
     values = "  ".join(f"{k} {record[k]:.4f}" for k in keys if k in record)
     print(f"\neval ({record['label']}, step {record['step']}): {values}")
+    if warning_line(record, before):
+        print(warning_line(record, before))
     for sample in shown:
         print(f"  prompt : {sample['prompt'][-200:]!r}\n  student: {sample['student'][:200]!r}\n"
               f"  teacher: {sample['teacher'][:200]!r}")
@@ -193,8 +206,12 @@ def _print(record: dict, shown: list[dict]) -> None:
 def print_before_after(first: dict, last: dict) -> None:
     """The table a user reads at the end of a run: held-out metrics before and after training."""
     keys = [k for k in ("reverse_kl", "forward_kl", "top1_agreement", "teacher_text_reverse_kl",
-                        "teacher_text_forward_kl", "teacher_text_top1_agreement", "response_length_mean", "accuracy")
+                        "teacher_text_forward_kl", "teacher_text_top1_agreement", "response_length_mean", "accuracy",
+                        "behaviour_rate", "teacher_behaviour_rate", *METRIC_KEYS,
+                        *(f"teacher_{key}" for key in METRIC_KEYS))
             if k in first and k in last]
     print(f"\n{'held-out metric':<30}{'before':>12}{'after':>12}")
     for key in keys:
         print(f"{key:<30}{first[key]:>12.4f}{last[key]:>12.4f}")
+    if warning_line(last, first):
+        print(warning_line(last, first))

@@ -177,6 +177,10 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
     finished = ctx.stopped_by is None and len(ctx.eval_records) >= 2
     if finished and ctx.eval_records[0]["label"] == "before":  # a resumed run has no "before"
         print_before_after(ctx.eval_records[0], ctx.eval_records[-1])
+    if distributed.is_main() and ctx.eval_records:
+        from opdgraph.render.eval_curves import write_eval_curves
+
+        print(f"eval curves: {write_eval_curves(run_dir, cfg.pipeline.name)}")
     if recorder is not None:
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
