@@ -23,7 +23,7 @@ CASES = {  # golden name -> (pipeline, overrides); demo uses the shipped SmolLM2
     "tiny": ("tiny.toml", []),
     "qwen25_1b5_from_7b": ("qwen25_1b5_from_7b.toml", []),
     "qwen25_1b5_from_7b_unfused": ("qwen25_1b5_from_7b.toml", ["pipeline.fuse_training=false"]),
-    "demo": ("demo.toml", [SMOLLM_JSON]),
+    "demo": ("demo.toml", ["models.student.path=pkg:opdgraph/model_configs/smollm2-135m-instruct.json"]),
     "prune_distill": ("prune_distill.toml", [SMOLLM_JSON]),
 }
 

@@ -234,10 +234,10 @@ def test_named_tracker_not_installed_stops_before_weights(tmp_path, monkeypatch,
     """`run` and `run --check` with a tracker whose package is missing must exit 2 before any weights load, naming
     the extra to install and where report_to was set, and leave no run directory behind."""
     from opdgraph.cli import main
-    from opdgraph.runtime import run as run_module
+    from opdgraph.runtime import build as build_module
 
     monkeypatch.setitem(sys.modules, name, None)  # what an uninstalled package looks like to importlib
-    monkeypatch.setattr(run_module, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(build_module, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
     run_dir = tmp_path / "run"
     settings = _settings(run_dir, [name])
     if check_only:  # named in the file this time: the error gives its line
