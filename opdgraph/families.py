@@ -2,8 +2,11 @@
 
 For each family: its HF `model_type` and causal-LM architecture name, the structural rules the decoder follows
 (plain or (1 + w) RMSNorm, sandwich norms, q/k norm, which projections carry a bias, the activation key, embedding
-scale, tied-embedding default, one RoPE or one per layer type, how sliding-window layers are chosen), the defaults
-transformers fills in when a key is absent, and every HF config key a config of the family may hold.
+scale, tied-embedding default, one RoPE or one per layer type, how sliding-window layers are chosen, and for the
+hybrid Qwen3.5 its gated-DeltaNet linear-attention layers, gated attention output and partial RoPE), the defaults
+transformers fills in when a key is absent, and every HF config key a config of the family may hold. A multimodal
+checkpoint whose text model is a family (Qwen3.5's qwen3_5) is a MultimodalWrapper: its text config and text weights
+are read, its vision tower ignored.
 
 The planner (opdgraph.model_shapes) reads shapes with these rules and defaults, the runtime (opdgraph.models.config)
 builds the decoder from them, and opdgraph.model_config_check checks a config against the key lists, so `plan` and
