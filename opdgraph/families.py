@@ -191,9 +191,10 @@ REJECTED_MODEL_TYPES = MappingProxyType({
     "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration) is not supported, only its text decoder: "
               "use the text_config part as a config of its own with model_type \"gemma3_text\" (architectures "
               "[\"Gemma3ForCausalLM\"]); a multimodal checkpoint's weights are not loaded",
-    "qwen3_5_moe": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type \"qwen3_5_text\", or a "
-                   "\"qwen3_5\" checkpoint, whose text model is loaded)",
-    "qwen3_5_moe_text": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type \"qwen3_5_text\")",
+    "qwen3_5_moe": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type "
+                   "\"qwen3_5_text\", or a \"qwen3_5\" checkpoint, whose text model is loaded)",
+    "qwen3_5_moe_text": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type "
+                        "\"qwen3_5_text\")",
 })
 
 

@@ -9,10 +9,10 @@ The planner never loads a tensor. It reads a model's shape from (in order of wha
 and `pkg:<package>/<file>` names a file inside an installed Python package (found with importlib, never imported).
 `model_location` is the one rule, shared with the runtime, that turns a model `path` into a file or directory.
 
-Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text, qwen3_5 text), the same table the runtime builds
-from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config `plan` accepts
-is one `run` can build. `ModelShape.parameter_count` is the one place the parameter formula lives; it matches the
-published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512).
+Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text, qwen3_5 text), the same table the
+runtime builds from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config
+`plan` accepts is one `run` can build. `ModelShape.parameter_count` is the one place the parameter formula lives; it
+matches the published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512) and transformers' Qwen3.5 models.
 """
 
 from __future__ import annotations

@@ -49,3 +49,17 @@ def test_engine_allocates_what_the_plan_sizes():
     states = sum(layer.nbytes for layer in engine.kv_cache if not isinstance(layer, torch.Tensor))
     assert pages == sizing.kv_cache_bytes(shape, 10, 4, 2)
     assert states == sizing.recurrent_state_bytes(shape, 3, 2)
+
+
+def test_pruned_student_keeps_its_layer_kinds_in_plan_and_run():
+    """If this fails, init_from + keep_layers of a Qwen3.5 teacher plans another student (its layer kinds, so its
+    parameters, KV pages and state pool) than prune_layers builds."""
+    from opdgraph.models import prune_layers
+
+    config = tiny_config("qwen3_5")
+    keep = [1, 3]  # the full-attention layer and a linear one
+    pruned = prune_layers(load_decoder(config, dtype=torch.float32), keep)
+    shape = shape_from_hf_config(config).keep(keep)
+    assert pruned.config.layer_types == shape.layer_types == ("full_attention", "linear_attention")
+    assert shape.parameter_count() == sum(parameter.numel() for parameter in pruned.parameters())
+    assert shape_from_hf_config(pruned.config.hf) == shape

@@ -57,8 +57,10 @@ def assert_naive(model, responses, requests):
         torch.testing.assert_close(torch.tensor(response.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("settings", [{}, {"prefill_token_budget": 3}, {"page_size": 2, "num_pages": 14,
-                                                                            "max_num_seqs": 6, "prefill_token_budget": 6}],
+PREEMPTING = {"page_size": 2, "num_pages": 14, "max_num_seqs": 6, "prefill_token_budget": 6}
+
+
+@pytest.mark.parametrize("settings", [{}, {"prefill_token_budget": 3}, PREEMPTING],
                          ids=["roomy", "chunked-prefill", "preempting"])
 def test_sampled_n3_matches_the_full_recompute(model, settings):
     """If this fails, the state is not carried through chunked prefill and decode, a fork's copy of the prompt's

@@ -96,9 +96,10 @@ def text_model_tensors(tensors: dict[str, torch.Tensor], hf_config: dict, where:
     if wrapper is not None or ignored:
         parts = sorted({name.split(".")[0] + "." + name.split(".")[1] if name.startswith("model.") else
                         name.split(".")[0] for name in ignored})
-        print(f"note: {where}: {'a multimodal ' + wrapper.model_type + ' checkpoint: its text model is loaded; ' if wrapper else ''}"
-              f"{len(ignored)} tensors ({', '.join(f'{part}*' for part in parts) or 'none'}: the vision tower and the "
-              f"multi-token-prediction head) are not loaded")
+        what = f"a multimodal {wrapper.model_type} checkpoint: its text model is loaded; " if wrapper else ""
+        names = ", ".join(f"{part}*" for part in parts) or "none"
+        print(f"note: {where}: {what}{len(ignored)} tensors ({names}: the vision tower and the multi-token-prediction "
+              f"head) are not loaded")
     return kept
 
 
