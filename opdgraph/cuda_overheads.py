@@ -45,11 +45,12 @@ def targets_cuda(cfg: PipelineConfig) -> bool:
 
 
 def uses_flashinfer(cfg: PipelineConfig) -> bool:
-    """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context)."""
+    """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context); never for a
+    student with linear-attention layers (Qwen3.5), which the engine runs on the plain path (rollout/engine.py)."""
     student = cfg.models[cfg.model_with_role("student")]
-    head_dim = cfg.shapes[cfg.model_with_role("student")].head_dim
+    shape = cfg.shapes[cfg.model_with_role("student")]
     return (targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
-            and head_dim in FLASHINFER_HEAD_DIMS)
+            and shape.head_dim in FLASHINFER_HEAD_DIMS and not shape.linear_layers)
 
 
 def uses_decode_bursts(cfg: PipelineConfig) -> bool:

@@ -2,8 +2,11 @@
 
 For each family: its HF `model_type` and causal-LM architecture name, the structural rules the decoder follows
 (plain or (1 + w) RMSNorm, sandwich norms, q/k norm, which projections carry a bias, the activation key, embedding
-scale, tied-embedding default, one RoPE or one per layer type, how sliding-window layers are chosen), the defaults
-transformers fills in when a key is absent, and every HF config key a config of the family may hold.
+scale, tied-embedding default, one RoPE or one per layer type, how sliding-window layers are chosen, and for the
+hybrid Qwen3.5 its gated-DeltaNet linear-attention layers, gated attention output and partial RoPE), the defaults
+transformers fills in when a key is absent, and every HF config key a config of the family may hold. A multimodal
+checkpoint whose text model is a family (Qwen3.5's qwen3_5) is a MultimodalWrapper: its text config and text weights
+are read, its vision tower ignored.
 
 The planner (opdgraph.model_shapes) reads shapes with these rules and defaults, the runtime (opdgraph.models.config)
 builds the decoder from them, and opdgraph.model_config_check checks a config against the key lists, so `plan` and
@@ -20,6 +23,7 @@ import attrs
 
 DERIVED = "derived"  # a default computed from other keys (head_dim = hidden_size // num_attention_heads, ...)
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+LINEAR_ATTENTION = "linear_attention"  # a gated-DeltaNet layer (Qwen3.5): recurrent state, no KV cache
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = MappingProxyType({"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"})  # HF name -> ours
 
@@ -28,7 +32,7 @@ SUPPORTED_ACTIVATIONS = MappingProxyType({"silu": "silu", "gelu_pytorch_tanh": "
 class Family:
     """One decoder family. A bias rule is True / False, or the name of the config key that switches it."""
 
-    name: str  # llama | qwen2 | qwen3 | gemma3
+    name: str  # llama | qwen2 | qwen3 | gemma3 | qwen3_5
     model_type: str  # HF model_type of the causal-LM config
     architecture: str  # the causal-LM class name config.json lists under "architectures"
     one_plus_norm: bool  # RMSNorm weight stored as w and applied as (1 + w) (Gemma); else plain w
@@ -46,6 +50,12 @@ class Family:
     defaults: MappingProxyType  # what transformers uses when a key is absent (DERIVED: computed from other keys)
     nullable: frozenset[str]  # size keys transformers accepts as null (null then means DERIVED)
     keys: frozenset[str]  # every key this family's configs may hold, read or ignored
+    # Hybrid families (Qwen3.5): gated-DeltaNet linear-attention layers between full-attention ones, chosen by
+    # layer_types, else every full_attention_interval-th layer is full; sized by the linear_* keys.
+    linear_attention: bool = False
+    attention_output_gate: bool = False  # q_proj also yields a per-channel gate: attention out x sigmoid(gate)
+    partial_rotary: bool = False  # RoPE may rotate only the first partial_rotary_factor of head_dim
+    ignored: frozenset[str] = frozenset()  # family keys that change nothing we build (listed like IGNORED_KEYS)
 
     def flag(self, rule: bool | str, config: dict) -> bool:
         """A bias rule applied to a config: the fixed value, or the config key's value (absent: False)."""
@@ -60,6 +70,26 @@ class Family:
             heads = config["num_attention_heads"]
             return {"head_dim": config["hidden_size"] // heads, "num_key_value_heads": heads}[key]
         return value
+
+    def layer_types(self, config: dict) -> tuple[str, ...]:
+        """Per layer FULL / SLIDING / LINEAR_ATTENTION as the decoder builds it. Hybrid families: layer_types, else
+        every full_attention_interval-th layer (1-based) is full (transformers' rule); others: all full here (their
+        sliding rules are read from the normalised config at run time and do not change sizes)."""
+        layers = config["num_hidden_layers"]
+        if not self.linear_attention:
+            return (FULL_ATTENTION,) * layers
+        if config.get("layer_types") is not None:
+            return tuple(config["layer_types"])
+        interval = self.default("full_attention_interval", config)
+        return tuple(FULL_ATTENTION if (index + 1) % interval == 0 else LINEAR_ATTENTION for index in range(layers))
+
+    def rotary_fraction(self, config: dict) -> float:
+        """The part of head_dim RoPE rotates: partial_rotary_factor inside rope_parameters, else the top-level key
+        (transformers moves it there), else the family's default (1: all of it)."""
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and "partial_rotary_factor" in rope:
+            return rope["partial_rotary_factor"]
+        return config.get("partial_rotary_factor", self.defaults.get("partial_rotary_factor", 1.0))
 
 
 # HF metadata and generation settings a config may carry that change nothing in the decoder we build: the dtype
@@ -94,6 +124,7 @@ def _keys(*family_keys: str) -> frozenset[str]:
 
 
 _DERIVED_HEADS = {"head_dim": DERIVED, "num_key_value_heads": DERIVED}
+QWEN3_5_TEXT = "qwen3_5_text"
 FAMILIES = {family.model_type: family for family in (
     Family(name="llama", model_type="llama", architecture="LlamaForCausalLM", one_plus_norm=False,
            sandwich_norms=False, qk_norm=False, qkv_bias="attention_bias", o_bias="attention_bias",
@@ -131,6 +162,24 @@ FAMILIES = {family.model_type: family for family in (
                       "sliding_window_pattern", "_sliding_window_pattern", "use_bidirectional_attention",
                       "rope_local_base_freq")),
 )}
+_QWEN3_5_LINEAR = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                   "linear_num_value_heads")
+# Keys of published Qwen3.5 text configs that change nothing we build: the multi-token-prediction head (mtp.* tensors,
+# not loaded) and the dtype inference engines keep the recurrent state in (ours keeps it in float32).
+_QWEN3_5_IGNORED = frozenset({"mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "mamba_ssm_dtype"})
+FAMILIES[QWEN3_5_TEXT] = Family(
+    name="qwen3_5", model_type=QWEN3_5_TEXT, architecture="Qwen3_5ForCausalLM", one_plus_norm=True,
+    sandwich_norms=False, qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False,
+    activation_key="hidden_act", embedding_scale=False, rope_per_layer_type=False, sliding_windows="none",
+    hidden_divisible_by_heads=False, nullable=frozenset(), linear_attention=True, attention_output_gate=True,
+    partial_rotary=True, ignored=_QWEN3_5_IGNORED,
+    defaults=MappingProxyType({"head_dim": 256, "num_key_value_heads": 4, "tie_word_embeddings": False,
+                               "hidden_act": "silu", "max_position_embeddings": 32768, "partial_rotary_factor": 0.25,
+                               "full_attention_interval": 4, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+                               "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+                               "linear_num_value_heads": 32}),
+    keys=_keys("hidden_act", "head_dim", "attention_bias", "layer_types", "full_attention_interval",
+               "attn_output_gate", "mlp_only_layers", *_QWEN3_5_LINEAR, *_QWEN3_5_IGNORED))
 FAMILY_BY_NAME = {family.name: family for family in FAMILIES.values()}
 SUPPORTED_ARCHITECTURES = tuple(sorted(family.architecture for family in FAMILIES.values()))
 
@@ -142,7 +191,35 @@ REJECTED_MODEL_TYPES = MappingProxyType({
     "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration) is not supported, only its text decoder: "
               "use the text_config part as a config of its own with model_type \"gemma3_text\" (architectures "
               "[\"Gemma3ForCausalLM\"]); a multimodal checkpoint's weights are not loaded",
+    "qwen3_5_moe": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type "
+                   "\"qwen3_5_text\", or a \"qwen3_5\" checkpoint, whose text model is loaded)",
+    "qwen3_5_moe_text": "Qwen3.5 MoE is not supported, only the dense Qwen3.5 text models (model_type "
+                        "\"qwen3_5_text\")",
 })
+
+
+@attrs.frozen(kw_only=True)
+class MultimodalWrapper:
+    """A multimodal checkpoint whose text model is one of the families: its config nests the text config, its
+    weights the text model under a prefix; the vision tower (and its config) is ignored with a note."""
+
+    model_type: str
+    architecture: str
+    text_model_type: str  # the family the text config is read as
+    text_key: str  # where the text config sits
+    text_weight_prefix: str  # checkpoint prefix of the text model's tensors (model.<this>.layers.0...)
+    ignored_weight_prefixes: tuple[str, ...]  # the vision tower and multi-token-prediction head: not loaded
+    keys: frozenset[str]  # every top-level key the wrapper's config may hold
+
+
+MULTIMODAL_WRAPPERS = {wrapper.model_type: wrapper for wrapper in (
+    MultimodalWrapper(model_type="qwen3_5", architecture="Qwen3_5ForConditionalGeneration",
+                      text_model_type=QWEN3_5_TEXT, text_key="text_config",
+                      text_weight_prefix="model.language_model.", ignored_weight_prefixes=("model.visual.", "mtp."),
+                      keys=frozenset({"model_type", "architectures", "text_config", "vision_config", "image_token_id",
+                                      "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                                      "tie_word_embeddings"}) | IGNORED_KEYS),
+)}
 
 
 def family_of(model_type: str) -> Family | None:

@@ -16,8 +16,9 @@ import difflib
 import json
 import math
 
-from opdgraph.families import (FAMILIES, FULL_ATTENTION, IGNORED_KEYS, REJECTED_MODEL_TYPES, SLIDING_ATTENTION,
-                               SUPPORTED_ACTIVATIONS, SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, Family)
+from opdgraph.families import (FAMILIES, FULL_ATTENTION, IGNORED_KEYS, LINEAR_ATTENTION, MULTIMODAL_WRAPPERS,
+                               REJECTED_MODEL_TYPES, SLIDING_ATTENTION, SUPPORTED_ACTIVATIONS, SUPPORTED_ARCHITECTURES,
+                               SUPPORTED_ROPE_TYPES, Family)
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 UNSUPPORTED_KEYS = {"quantization_config": "quantized HF checkpoints are not supported; use the unquantised weights "
@@ -99,12 +100,32 @@ def _full_rotary(key, value):
         return _unsupported(key, value, "only full rotary dims are supported")
 
 
-def _layer_types(key, value):
+def _layer_types(key, value, valid=(FULL_ATTENTION, SLIDING_ATTENTION)):
     if value is None:
         return None
-    valid = (FULL_ATTENTION, SLIDING_ATTENTION)
     if not isinstance(value, list) or not all(item in valid for item in value):
         return f"{key!r} must be a list of {valid[0]!r} / {valid[1]!r} (one per layer), got {_shown(value)}"
+
+
+def _rotary_fraction(key, value):
+    if not _is_number(value) or not 0 < value <= 1:
+        return f"{key!r} must be a number in (0, 1] (the part of head_dim RoPE rotates), got {_shown(value)}"
+
+
+def _output_gate(key, value):
+    if value is not True:
+        return _unsupported(key, value, "transformers' Qwen3.5 attention always gates its output (q_proj yields the "
+                                        "gate); only true is implemented")
+
+
+def _dense(key, value):
+    if value != []:
+        return _unsupported(key, value, "layers without a token mixer are a Qwen3.5 MoE option; a dense model has []")
+
+
+def _mrope_section(key, value):
+    if not isinstance(value, list) or not all(_is_int(item) and item >= 0 for item in value):
+        return f"{key!r} must be a list of integers >= 0, got {_shown(value)}"
 
 
 def _optional(check):
@@ -124,21 +145,26 @@ ROPE_ANY_TYPE = ("rope_type", "type", "partial_rotary_factor")
 LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 
 
-def _rope(key, value):
-    """rope_scaling / rope_parameters: null, one RoPE dict, or (Gemma 3) one dict per layer type."""
+def _rope(key, value, hybrid: bool = False):
+    """rope_scaling / rope_parameters: null, one RoPE dict, or (Gemma 3) one dict per layer type. hybrid (Qwen3.5):
+    a partial rotary factor, and the multimodal RoPE's sections, which text-only positions (the same position for
+    time, height and width) reduce to plain RoPE, so they change nothing for a text model."""
     if value is None:
         return None
     if not isinstance(value, dict):
         return f"{key!r} must be an object (or null), got {_shown(value)}"
     if any(name in LAYER_TYPES or isinstance(inner, dict) for name, inner in value.items()):
-        messages = [_rope(f"{key}.{name}", inner) if name in LAYER_TYPES else
+        messages = [_rope(f"{key}.{name}", inner, hybrid) if name in LAYER_TYPES else
                     f"unknown key '{key}.{name}': a per-layer-type RoPE object is keyed by "
                     f"{' / '.join(map(repr, LAYER_TYPES))}{_close(name, LAYER_TYPES)}" for name, inner in value.items()]
         return "; ".join(filter(None, messages)) or None
-    return _rope_object(key, value)
+    return _rope_object(key, value, hybrid)
 
 
-def _rope_object(key: str, value: dict):
+MROPE_KEYS = {"mrope_section": _mrope_section, "mrope_interleaved": _bool}
+
+
+def _rope_object(key: str, value: dict, hybrid: bool = False):
     if "rope_type" in value and "type" in value and value["rope_type"] != value["type"]:
         return (f"{key!r} names two rope types (rope_type {value['rope_type']!r}, type {value['type']!r}); "
                 f"keep rope_type")
@@ -148,11 +174,12 @@ def _rope_object(key: str, value: dict):
         return _unsupported(f"{key}.{type_key}", rope_type,
                             f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}")
     needs, optional = ROPE_KEYS[rope_type]
-    allowed = (*ROPE_ANY_TYPE, *needs, *optional)
+    allowed = (*ROPE_ANY_TYPE, *needs, *optional, *(MROPE_KEYS if hybrid else ()))
+    checks = {**ROPE_VALUES, **MROPE_KEYS, "partial_rotary_factor": _rotary_fraction} if hybrid else ROPE_VALUES
     messages = []
     for name, inner in value.items():
         if name in allowed:
-            messages.append(ROPE_VALUES[name](f"{key}.{name}", inner) if name in ROPE_VALUES else None)
+            messages.append(checks[name](f"{key}.{name}", inner) if name in checks else None)
             continue
         owners = [other for other, keys in ROPE_KEYS.items() if name in keys[0] + keys[1]]
         hint = (f" (a key of rope_type {' / '.join(map(repr, owners))}, which this object is not; it would be "
@@ -180,6 +207,16 @@ VALUE_CHECKS = {
     "attn_logit_softcapping": _no_softcapping, "final_logit_softcapping": _no_softcapping,
     "use_bidirectional_attention": _causal, "partial_rotary_factor": _full_rotary, "layer_types": _layer_types,
     "rope_scaling": _rope, "rope_parameters": _rope,
+    "linear_conv_kernel_dim": _size, "linear_key_head_dim": _size, "linear_value_head_dim": _size,
+    "linear_num_key_heads": _size, "linear_num_value_heads": _size, "full_attention_interval": _size,
+    "attn_output_gate": _output_gate, "mlp_only_layers": _dense,
+}
+# What differs for a hybrid family (Qwen3.5): its layer kinds, a partial rotary factor, the multimodal RoPE keys.
+HYBRID_VALUE_CHECKS = {
+    "layer_types": lambda key, value: _layer_types(key, value, (LINEAR_ATTENTION, FULL_ATTENTION)),
+    "partial_rotary_factor": _rotary_fraction,
+    "rope_scaling": lambda key, value: _rope(key, value, hybrid=True),
+    "rope_parameters": lambda key, value: _rope(key, value, hybrid=True),
 }
 
 
@@ -211,9 +248,58 @@ def _family(config) -> tuple[Family | None, list[tuple[str, str]]]:
     return family, []
 
 
+def _wrapper_problems(config: dict) -> tuple[Family | None, list[tuple[str, str]]]:
+    """A multimodal checkpoint's config (MULTIMODAL_WRAPPERS): its own keys, then its text config's, prefixed."""
+    wrapper = MULTIMODAL_WRAPPERS[config["model_type"]]
+    problems = [(key, f"unknown key {key!r} for model_type {wrapper.model_type!r}"
+                      f"{_close(key, wrapper.keys) or ' (no close match among its keys)'}")
+                for key in config if key not in wrapper.keys]
+    for architecture in config.get("architectures") or []:
+        if architecture != wrapper.architecture:
+            problems.append(("architectures", f"unsupported architecture {architecture!r} for model_type "
+                                              f"{wrapper.model_type!r} (expected {wrapper.architecture!r})"))
+    if "tie_word_embeddings" in config and _bool("tie_word_embeddings", config["tie_word_embeddings"]):
+        problems.append(("tie_word_embeddings", _bool("tie_word_embeddings", config["tie_word_embeddings"])))
+    text = config.get(wrapper.text_key)
+    if not isinstance(text, dict):
+        return FAMILIES[wrapper.text_model_type], problems + [
+            (wrapper.text_key, f"a {wrapper.model_type} config needs its text model's config as an object "
+                               f"{wrapper.text_key!r}, got {_shown(text)}")]
+    if text.get("model_type", wrapper.text_model_type) != wrapper.text_model_type:
+        problems.append((f"{wrapper.text_key}.model_type", f"the text config of a {wrapper.model_type} config has "
+                                                           f"model_type {wrapper.text_model_type!r}, got "
+                                                           f"{text['model_type']!r}"))
+        return FAMILIES[wrapper.text_model_type], problems
+    family, inner = config_problems(text_part(config))
+    return family, problems + [(f"{wrapper.text_key}.{key}" if key else wrapper.text_key, message)
+                               for key, message in inner]
+
+
+def text_part(config: dict) -> dict:
+    """The config of the model we build: the config itself, or a multimodal checkpoint's text config as a causal
+    LM config of its own (model_type and architecture of the text family; the outer tie_word_embeddings wins, as
+    transformers ties by the outer config). The vision config is dropped: the vision tower is never built."""
+    wrapper = MULTIMODAL_WRAPPERS.get(config.get("model_type")) if isinstance(config, dict) else None
+    if wrapper is None:
+        return config
+    text = dict(config[wrapper.text_key])
+    text["model_type"] = wrapper.text_model_type
+    text["architectures"] = [FAMILIES[wrapper.text_model_type].architecture]
+    if "tie_word_embeddings" in config:
+        text["tie_word_embeddings"] = config["tie_word_embeddings"]
+    return text
+
+
+def multimodal_wrapper(config: dict):
+    """The MultimodalWrapper a config is of, or None."""
+    return MULTIMODAL_WRAPPERS.get(config.get("model_type")) if isinstance(config, dict) else None
+
+
 def config_problems(config) -> tuple[Family | None, list[tuple[str, str]]]:
     """(family or None, [(key, message), ...]) for an HF-style config dict; no problems means plan and run can
-    build it."""
+    build it. A multimodal checkpoint's config is checked as its text model's (text_part)."""
+    if isinstance(config, dict) and config.get("model_type") in MULTIMODAL_WRAPPERS:
+        return _wrapper_problems(config)
     family, problems = _family(config)
     if family is None or problems:
         return family, problems
@@ -226,7 +312,8 @@ def config_problems(config) -> tuple[Family | None, list[tuple[str, str]]]:
         elif value is None and key in family.nullable:
             continue
         elif key in VALUE_CHECKS:
-            message = VALUE_CHECKS[key](key, value)
+            checks = HYBRID_VALUE_CHECKS if family.linear_attention else {}
+            message = checks.get(key, VALUE_CHECKS[key])(key, value)
             if message:
                 problems.append((key, message))
     problems += [(key, f"missing key {key!r} (a {family.model_type} config needs {', '.join(REQUIRED_KEYS)})")
@@ -251,6 +338,17 @@ def _shape_problems(family: Family, config: dict) -> list[tuple[str, str]]:
             f"transformers' {family.model_type} config requires it")
         problems.append(("hidden_size", f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                                         f"({heads}): {why}"))
+    if family.linear_attention:
+        key_heads = family.default("linear_num_key_heads", config)
+        value_heads = family.default("linear_num_value_heads", config)
+        if value_heads % key_heads:
+            problems.append(("linear_num_value_heads", f"linear_num_value_heads ({value_heads}) must be a multiple of "
+                                                       f"linear_num_key_heads ({key_heads}): each key head serves a "
+                                                       f"group of value heads"))
+        rotary = int(family.default("head_dim", config) * family.rotary_fraction(config))
+        if rotary % 2:
+            problems.append(("partial_rotary_factor", f"head_dim x partial_rotary_factor = {rotary} rotated dims must "
+                                                      f"be even (RoPE rotates pairs)"))
     layer_types = config.get("layer_types")
     if layer_types is not None and len(layer_types) != layers:
         problems.append(("layer_types", f"'layer_types' needs one entry per layer (num_hidden_layers = {layers}), "
@@ -268,8 +366,11 @@ def _shape_problems(family: Family, config: dict) -> list[tuple[str, str]]:
 
 
 def ignored_keys(config: dict) -> list[str]:
-    """The keys of a checked config that are accepted but change nothing (families.IGNORED_KEYS)."""
-    return sorted(key for key in config if key in IGNORED_KEYS)
+    """The keys of a checked config that are accepted but change nothing (families.IGNORED_KEYS, and the family's
+    own, such as Qwen3.5's multi-token-prediction keys)."""
+    family = FAMILIES.get(config.get("model_type"))
+    ignored = IGNORED_KEYS | (family.ignored if family is not None else frozenset())
+    return sorted(key for key in config if key in ignored)
 
 
 def describe_problems(source: str, problems: list[tuple[str, str]]) -> str:

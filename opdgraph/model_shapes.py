@@ -9,10 +9,10 @@ The planner never loads a tensor. It reads a model's shape from (in order of wha
 and `pkg:<package>/<file>` names a file inside an installed Python package (found with importlib, never imported).
 `model_location` is the one rule, shared with the runtime, that turns a model `path` into a file or directory.
 
-Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text), the same table the runtime builds
-from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config `plan` accepts
-is one `run` can build. `ModelShape.parameter_count` is the one place the parameter formula lives; it matches the
-published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512).
+Supported families: those of opdgraph.families (llama, qwen2, qwen3, gemma3 text, qwen3_5 text), the same table the
+runtime builds from; every config is checked by opdgraph.model_config_check, the same check `run` makes, so a config
+`plan` accepts is one `run` can build. `ModelShape.parameter_count` is the one place the parameter formula lives; it
+matches the published counts (Qwen2.5-1.5B: 1,543,714,304; Qwen2.5-7B: 7,615,616,512) and transformers' Qwen3.5 models.
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ import os
 
 import attrs
 
-from opdgraph.families import FAMILY_BY_NAME
+from opdgraph.families import FAMILY_BY_NAME, LINEAR_ATTENTION
 from opdgraph.hub import hub_snapshot, looks_like_hub_id, snapshot_commit
 from opdgraph.gguf_header import hf_config_from_gguf, open_gguf
-from opdgraph.model_config_check import check_model_config, read_config_file
+from opdgraph.model_config_check import check_model_config, read_config_file, text_part
+
+# Fields only a hybrid (linear-attention) family sets; left out of facts() otherwise, so other families' plans keep
+# exactly the facts they had.
+HYBRID_FIELDS = ("layer_types", "linear_key_heads", "linear_value_heads", "linear_key_head_dim",
+                 "linear_value_head_dim", "conv_kernel", "output_gate", "rotary_dim")
 
 
 class ShapeError(OpdgraphError):
@@ -52,6 +57,39 @@ class ModelShape:
     mlp_bias: bool = False
     qk_norm: bool = False
     max_positions: int = 0
+    # Hybrid families (Qwen3.5): the kind of every layer (empty: all full attention), the gated-DeltaNet layers'
+    # heads and widths, the attention output gate, and how many dims of head_dim RoPE rotates (0: all).
+    layer_types: tuple[str, ...] = ()
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    conv_kernel: int = 0
+    output_gate: bool = False
+    rotary_dim: int = 0
+
+    @property
+    def linear_layers(self) -> int:
+        """Gated-DeltaNet layers: a recurrent state per sequence, no KV cache."""
+        return sum(kind == LINEAR_ATTENTION for kind in self.layer_types)
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers with softmax attention over a KV cache."""
+        return self.layers - self.linear_layers
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv1d over q, k and v of a linear-attention layer."""
+        return 2 * self.linear_key_dim + self.linear_value_dim
 
     @property
     def q_dim(self) -> int:
@@ -67,37 +105,88 @@ class ModelShape:
         return 4 if FAMILY_BY_NAME[self.family].sandwich_norms else 2
 
     def layer_linear_parameters(self) -> int:
-        """Matmul weights of one layer: q, k, v, o projections and the gated MLP (gate, up, down)."""
-        attention = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
+        """Matmul weights of one full-attention layer: q (with the output gate: 2 q), k, v, o projections and the
+        gated MLP (gate, up, down)."""
+        q_out = self.q_dim * (2 if self.output_gate else 1)
+        attention = self.hidden * (q_out + 2 * self.kv_dim) + self.q_dim * self.hidden
         return attention + 3 * self.hidden * self.intermediate
 
-    def layer_parameters(self) -> int:
-        """All parameters of one layer: linear weights + biases + norm weights."""
-        biases = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.hidden * self.o_bias
+    def linear_layer_linear_parameters(self) -> int:
+        """Matmul weights of one gated-DeltaNet layer: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj and the
+        gated MLP."""
+        projections = self.hidden * (self.conv_dim + self.linear_value_dim + 2 * self.linear_value_heads)
+        return projections + self.linear_value_dim * self.hidden + 3 * self.hidden * self.intermediate
+
+    def _full_layer_parameters(self) -> int:
+        q_out = self.q_dim * (2 if self.output_gate else 1)
+        biases = (q_out + 2 * self.kv_dim) * self.qkv_bias + self.hidden * self.o_bias
         biases += (2 * self.intermediate + self.hidden) * self.mlp_bias
         norms = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
         return self.layer_linear_parameters() + biases + norms
 
+    def _linear_layer_parameters(self) -> int:
+        """+ the depthwise conv (conv_dim x kernel), dt_bias and A_log (one per value head), the gated norm (value
+        head dim), the MLP's biases and the layer's two norms."""
+        extra = self.conv_dim * self.conv_kernel + 2 * self.linear_value_heads + self.linear_value_head_dim
+        biases = (2 * self.intermediate + self.hidden) * self.mlp_bias
+        return self.linear_layer_linear_parameters() + extra + biases + self.norms_per_layer * self.hidden
+
+    def all_layer_parameters(self) -> int:
+        """The parameters of all layers together."""
+        return (self.attention_layers * self._full_layer_parameters()
+                + self.linear_layers * self._linear_layer_parameters())
+
+    def layer_parameters(self) -> int:
+        """All parameters of one layer: linear weights + biases + norm weights. A hybrid family's layers differ: the
+        mean rounded up, so that layers x this stays within `layers` parameters of all_layer_parameters() (the
+        root = P - L x layer of FSDP's units); largest_layer_parameters() is the one to stream."""
+        return -(-self.all_layer_parameters() // self.layers)
+
+    def largest_layer_parameters(self) -> int:
+        kinds = [self._full_layer_parameters()] * bool(self.attention_layers)
+        return max(kinds + [self._linear_layer_parameters()] * bool(self.linear_layers))
+
     def parameter_count(self) -> int:
-        """embedding V*h + layers * layer + final norm h + (untied) lm_head V*h."""
+        """embedding V*h + all layers + final norm h + (untied) lm_head V*h."""
         embedding = self.vocab * self.hidden
         lm_head = 0 if self.tied else self.vocab * self.hidden
-        return embedding + self.layers * self.layer_parameters() + self.hidden + lm_head
+        return embedding + self.all_layer_parameters() + self.hidden + lm_head
 
     def trunk_matmul_parameters(self) -> int:
         """Weights multiplied per token by the layers (the 'N' of 2N FLOPs per token, without the lm_head)."""
-        return self.layers * self.layer_linear_parameters()
+        return (self.attention_layers * self.layer_linear_parameters()
+                + self.linear_layers * self.linear_layer_linear_parameters())
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V of every layer for one token: layers * 2 * kv_heads * head_dim * dtype bytes."""
-        return self.layers * 2 * self.kv_dim * dtype_bytes
+        """K and V of every attention layer for one token: layers * 2 * kv_heads * head_dim * dtype bytes (a
+        linear-attention layer keeps a fixed-size state instead: recurrent_state_bytes_per_sequence)."""
+        return self.attention_layers * 2 * self.kv_dim * dtype_bytes
+
+    def recurrent_state_bytes_per_sequence(self, dtype_bytes: int) -> int:
+        """What each linear-attention layer keeps per sequence slot in rollout: the conv window (kernel - 1 past
+        inputs of conv_dim channels, model dtype) and the delta rule's state (value heads x key dim x value dim,
+        float32). 0 for other families."""
+        window = (self.conv_kernel - 1) * self.conv_dim * dtype_bytes
+        state = self.linear_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        return self.linear_layers * (window + state)
 
     def with_layers(self, layers: int) -> "ModelShape":
         return attrs.evolve(self, layers=layers)
 
+    def keep(self, layers: list[int]) -> "ModelShape":
+        """The shape of a model pruned to these layers (init_from + keep_layers), their kinds kept."""
+        kinds = tuple(self.layer_types[index] for index in layers) if self.layer_types else ()
+        return attrs.evolve(self, layers=len(layers), layer_types=kinds)
+
     def facts(self) -> dict:
-        """Flat description for plan facts and rendering."""
-        return {**attrs.asdict(self), "parameters": self.parameter_count()}
+        """Flat description for plan facts and rendering (a hybrid family adds its linear-attention numbers)."""
+        facts = attrs.asdict(self)
+        del facts["layer_types"]
+        if not self.linear_layers:
+            facts = {key: value for key, value in facts.items() if key not in HYBRID_FIELDS}
+        else:
+            facts["linear_attention_layers"] = self.linear_layers
+        return {**facts, "parameters": self.parameter_count()}
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -113,8 +202,21 @@ def resolve_path(path: str, base_dir: str) -> str:
 
 
 def shape_from_hf_config(config: dict, source: str = "config") -> ModelShape:
-    """Read a ModelShape from an HF-style config dict, checked and defaulted exactly as the runtime reads it."""
+    """Read a ModelShape from an HF-style config dict, checked and defaulted exactly as the runtime reads it (a
+    multimodal checkpoint's config: its text model's)."""
     family = check_model_config(config, source, ShapeError)
+    config = text_part(config)
+    hybrid = {}
+    if family.linear_attention:
+        head_dim = family.default("head_dim", config)
+        hybrid = dict(layer_types=family.layer_types(config),
+                      linear_key_heads=family.default("linear_num_key_heads", config),
+                      linear_value_heads=family.default("linear_num_value_heads", config),
+                      linear_key_head_dim=family.default("linear_key_head_dim", config),
+                      linear_value_head_dim=family.default("linear_value_head_dim", config),
+                      conv_kernel=family.default("linear_conv_kernel_dim", config),
+                      output_gate=family.attention_output_gate,
+                      rotary_dim=int(head_dim * family.rotary_fraction(config)))
     return ModelShape(
         family=family.name,
         layers=config["num_hidden_layers"],
@@ -130,6 +232,7 @@ def shape_from_hf_config(config: dict, source: str = "config") -> ModelShape:
         mlp_bias=family.flag(family.mlp_bias, config),
         qk_norm=family.qk_norm,
         max_positions=family.default("max_position_embeddings", config),
+        **hybrid,
     )
 
 

@@ -162,7 +162,7 @@ def _weight_bytes(cfg: PipelineConfig, model: str) -> int:
 
 def _streamed_teacher_bytes(cfg: PipelineConfig, teacher: str) -> int:
     shape = cfg.shapes[teacher]
-    return shape.layers * shape.layer_parameters() * cfg.models[teacher].dtype_bytes
+    return shape.all_layer_parameters() * cfg.models[teacher].dtype_bytes
 
 
 def _host_state_bytes(buffers, student: str) -> int:

@@ -34,6 +34,29 @@ norms of models/norms.py, FlashAttention varlen; counted storage by storage in t
   per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv, or q where the GPU path
   repeats K/V heads before FlashAttention (torch < 2.12's varlen_attn has no enable_gqa: kernels/varlen_attention.py);
 - the gated MLP saves gate, up, act(gate) and their product (4 i x d).
+Qwen3.5 (hybrid: gated-DeltaNet layers between gated attention layers; models/gated_deltanet.py):
+- a full-attention layer adds 3 q x d to a: q_proj's output is q and the gate (the q norm saves all 2 q of it), the
+  sigmoid of the gate, and the gated product o_proj reads;
+- a linear-attention layer saves instead
+    a_linear = d x (4 h + c + Hv + 3 v + 4 i) + 4 x (2 + 4 Hv)
+  (c = conv channels 2 k + v, k / v = key / value heads x head dims, Hv = value heads): its two norms as above, the
+  in_proj_qkv output (c, the only input of the recomputing core: models/linear_attention_backend.py), beta (Hv), the
+  fp32 decay, softplus's input and output (3 Hv x 4), the core's output, the gate and the gated norm's output (3 v)
+  with the norm's rstd per value head (Hv x 4), and the MLP;
+- RoPE rotates rotary_dim of head_dim: the tables are 2 x rotary_dim wide.
+Layers of both kinds: T x (L_attention x a + L_linear x a_linear + o). The no-grad forward's peak can sit inside a
+linear-attention layer's core instead of an MLP (the plain-torch core, CPU; a GPU kernel's would be smaller):
+    T x ((2 h + c + v) x d + Hv x (d + 4)) + S x (c x (3 d + 4) + 2 Hv x k_d x 4)
+      + Hv x (4 k_d v_d + 6 C^2 + 3 C (k_d + v_d)) x 4
+the layer's input and norm, the in_proj_qkv output, the earlier sequences' outputs, beta and the decay for all T
+tokens; for the sequence being mixed (S tokens) the conv's input, output and SiLU, their fp32 copy and two q/k-sized
+fp32 temporaries; and the chunk scan's temporaries (k_d / v_d head dims, C = min(64, S) the chunk): the per-head
+states and C x C matrices. The S and chunk coefficients were read off the CPU allocator's trace at Qwen3.5-0.8B's
+widths, rounded up, and are checked at those and 4B's (tests/test_saved_bytes.py: the plan within +15% of the
+measured peak, never under it); the plan takes the largest of the peaks. Rollout keeps per sequence slot and linear
+layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
+slots (recurrent_state_bytes), and KV pages for the attention layers only.
+
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
 student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
 (Gemma 3: sliding and global, 2; others 1). The embedding saves only the token ids of the micro-batch.
@@ -121,11 +144,33 @@ def kv_pool_pages(*, concurrent_seqs: int, max_prompt_tokens: int, max_new_token
 
 
 def kv_cache_bytes(shape: ModelShape, num_pages: int, page_size: int, dtype_bytes: int) -> int:
-    return num_pages * page_size * shape.layers * 2 * shape.kv_dim * dtype_bytes
+    """KV pages of the attention layers (a hybrid model's linear-attention layers have none)."""
+    return num_pages * page_size * shape.attention_layers * 2 * shape.kv_dim * dtype_bytes
+
+
+def recurrent_state_bytes(shape: ModelShape, concurrent_seqs: int, dtype_bytes: int) -> int:
+    """The rollout engine's state pool of a hybrid model: one slot per concurrent sequence in every linear-attention
+    layer (module docstring); 0 for families without such layers."""
+    return concurrent_seqs * shape.recurrent_state_bytes_per_sequence(dtype_bytes)
 
 
 def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False,
                                          reference_sequence_tokens: int = 0) -> int:
+    """The most one layer saves per token (the backward's workspace holds one layer's gradients): a, or for a hybrid
+    model the larger of a and a_linear."""
+    attention = attention_layer_bytes_per_token(shape, dtype_bytes, kv_repeated, reference_sequence_tokens)
+    return max(attention, linear_layer_bytes_per_token(shape, dtype_bytes)) if shape.linear_layers else attention
+
+
+def linear_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
+    """a_linear of the module docstring (a gated-DeltaNet layer in training)."""
+    heads, values = shape.linear_value_heads, shape.linear_value_dim
+    elements = 4 * shape.hidden + shape.conv_dim + heads + 3 * values + 4 * shape.intermediate
+    return elements * dtype_bytes + (2 + 4 * heads) * FP32_BYTES
+
+
+def attention_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False,
+                                    reference_sequence_tokens: int = 0) -> int:
     """a of the module docstring; kv_repeated: K/V heads repeated to the query heads before attention.
     reference_sequence_tokens: S when the plain-torch reference attention runs (a_reference), 0 for FlashAttention."""
     norms = shape.norms_per_layer
@@ -136,6 +181,8 @@ def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv
     if shape.qk_norm:
         elements += shape.q_dim + shape.kv_dim
         rows += shape.heads + shape.kv_heads
+    if shape.output_gate:  # the gate half of q_proj's output, its sigmoid, the gated product
+        elements += 3 * shape.q_dim
     scores = reference_sequence_tokens * (shape.heads * reference_saved_score_bytes(dtype_bytes) + MASK_BYTES)
     return elements * dtype_bytes + rows * FP32_BYTES + scores
 
@@ -153,7 +200,8 @@ def rope_table_kinds(shape: ModelShape) -> int:
 
 def activation_bytes_outside_layers_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     """o of the module docstring: final norm input, rstd and output; the RoPE tables the layers saved."""
-    return (2 * shape.hidden + 2 * shape.head_dim * rope_table_kinds(shape)) * dtype_bytes + FP32_BYTES
+    rotated = shape.rotary_dim or shape.head_dim
+    return (2 * shape.hidden + 2 * rotated * rope_table_kinds(shape)) * dtype_bytes + FP32_BYTES
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool,
@@ -162,7 +210,9 @@ def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpoin
     outside = tokens * activation_bytes_outside_layers_per_token(shape, dtype_bytes)
     if checkpointing:
         return tokens * shape.layers * shape.hidden * dtype_bytes + tokens * per_layer + outside
-    return tokens * shape.layers * per_layer + outside
+    attention = attention_layer_bytes_per_token(shape, dtype_bytes, kv_repeated, reference_sequence_tokens)
+    linear = linear_layer_bytes_per_token(shape, dtype_bytes) if shape.linear_layers else 0
+    return tokens * (shape.attention_layers * attention + shape.linear_layers * linear) + outside
 
 
 def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
@@ -174,6 +224,9 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
     the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention."""
     mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+    if shape.linear_layers:  # without a known sequence length, one sequence of all the tokens (the worst case)
+        mlp = max(mlp, linear_core_peak_bytes(shape, tokens, min(reference_sequence_tokens or tokens, tokens),
+                                              dtype_bytes))
     if reference_sequence_tokens == 0:
         return mlp
     sequence = min(reference_sequence_tokens, tokens)
@@ -181,6 +234,20 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     score_bytes = dtype_bytes + (FP32_BYTES if dtype_bytes != FP32_BYTES else 0) + FP32_BYTES
     scores = sequence * sequence * (shape.heads * score_bytes + MASK_BYTES)
     return max(mlp, held + sequence * shape.q_dim * dtype_bytes + scores)
+
+
+LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (tests/test_saved_bytes.py checks they agree)
+
+
+def linear_core_peak_bytes(shape: ModelShape, tokens: int, sequence_tokens: int, dtype_bytes: int) -> int:
+    """The no-grad peak inside a linear-attention layer's plain-torch core (module docstring)."""
+    heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
+    chunk = min(LINEAR_CHUNK_TOKENS, sequence_tokens)
+    held = tokens * ((2 * shape.hidden + shape.conv_dim + shape.linear_value_dim) * dtype_bytes
+                     + heads * (dtype_bytes + FP32_BYTES))
+    sequence = sequence_tokens * (shape.conv_dim * (3 * dtype_bytes + FP32_BYTES) + 2 * heads * key_dim * FP32_BYTES)
+    scan = heads * (4 * key_dim * value_dim + 6 * chunk * chunk + 3 * chunk * (key_dim + value_dim)) * FP32_BYTES
+    return held + sequence + scan
 
 
 # fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries
@@ -217,12 +284,12 @@ OPTIMIZER_BUCKET_ELEMENTS = 1 << 26
 
 def teacher_resident_bytes(shape: ModelShape, dtype_bytes: int) -> int:
     """A streamed model's parameters outside its layers: embedding, final norm, and the lm_head when untied."""
-    return (shape.parameter_count() - shape.layers * shape.layer_parameters()) * dtype_bytes
+    return (shape.parameter_count() - shape.all_layer_parameters()) * dtype_bytes
 
 
 def layer_stream_bytes(shape: ModelShape, dtype_bytes: int) -> int:
-    """Two layers' parameters: the one running and the next one being copied in."""
-    return 2 * shape.layer_parameters() * dtype_bytes
+    """Two layers' parameters: the one running and the next one being copied in (a hybrid's larger kind)."""
+    return 2 * shape.largest_layer_parameters() * dtype_bytes
 
 
 def optimizer_bucket_elements(shape: ModelShape) -> int:

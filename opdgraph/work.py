@@ -54,7 +54,15 @@ def roofline(flops: float, device_bytes: float, pcie_bytes: float, hardware: Har
 
 
 def attention_flops(shape: ModelShape, tokens: int, sequence_length: int) -> float:
-    return tokens * shape.layers * 4 * shape.q_dim * (sequence_length + 1) / 2
+    """Softmax attention over the causal context, plus the linear-attention layers' delta rule (linear_mixing)."""
+    return (tokens * shape.attention_layers * 4 * shape.q_dim * (sequence_length + 1) / 2
+            + tokens * linear_mixing_flops_per_token(shape))
+
+
+def linear_mixing_flops_per_token(shape: ModelShape) -> float:
+    """A gated-DeltaNet layer's recurrence per token, about 6 x value heads x key dim x value dim (decay, read,
+    write and output of the state: 3 products of 2 FLOPs each); 0 without such layers."""
+    return 6 * shape.linear_layers * shape.linear_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim
 
 
 def forward_flops(shape: ModelShape, tokens: int, sequence_length: int) -> float:
@@ -76,7 +84,8 @@ def decode_work(shape: ModelShape, *, sequences: int, concurrent_seqs: int, prom
         for generated in range(1, new_tokens + 1):
             context = prompt_tokens + generated
             flops = running * (2 * shape.trunk_matmul_parameters() + 2 * shape.hidden * shape.vocab
-                               + shape.layers * 4 * shape.q_dim * context)
+                               + shape.attention_layers * 4 * shape.q_dim * context
+                               + linear_mixing_flops_per_token(shape))
             total += roofline(flops, weight_bytes + running * context * kv_bytes_per_token, 0, hardware)
         remaining -= running
     return total

@@ -83,13 +83,15 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                 f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *facts.teacher_keys)
     buffers = [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
-               sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"]),
+               sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
+               + sizing.recurrent_state_bytes(shapes["student"], counts.concurrent_seqs, dtypes["student"]),
                (*pool_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
                        "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
         buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
-                                     dtypes["teacher"]),
+                                     dtypes["teacher"])
+               + sizing.recurrent_state_bytes(shapes["teacher"], counts.concurrent_seqs, dtypes["teacher"]),
                (*pool_keys, *facts.teacher_keys),
                formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
                    "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages

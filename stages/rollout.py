@@ -89,7 +89,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     stacked = facts.stacked_qkv_bytes
     return [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
-               sizing.kv_cache_bytes(shape, counts.num_pages, counts.page_size, dtype_bytes) + stacked,
+               sizing.kv_cache_bytes(shape, counts.num_pages, counts.page_size, dtype_bytes) + stacked
+               + sizing.recurrent_state_bytes(shape, config.max_num_seqs, dtype_bytes),
                (*pool_keys, *facts.student_keys), facts.between_phases, "num_pages x page_size x L x 2 x kv x d" + (
                    " + L x (q + 2 kv) x (h + bias) x d (stacked q/k/v of the fused GPU rollout)" if stacked else "")),
         buffer(f"{stage_name}.workspace", "workspace",

@@ -43,7 +43,17 @@ def test_every_key_transformers_defines_is_in_the_table(model_type):
 # Attributes the modeling files read that are no keys of a text decoder's config: private settings, and the
 # multimodal Gemma 3 parts that share modeling_gemma3.py with the text model.
 NOT_CONFIG_KEYS = {"_attn_implementation", "get_text_config", "text_config", "vision_config", "image_token_id",
-                   "mm_tokens_per_image"}
+                   "mm_tokens_per_image", "video_token_id"}
+
+
+def vision_keys(model_type: str) -> set[str]:
+    """The keys of the vision config of a multimodal checkpoint whose modeling file the text model shares (Qwen3.5:
+    its vision tower is never built)."""
+    if model_type != "qwen3_5_text":
+        return set()
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
+
+    return set(Qwen3_5VisionConfig().to_dict()) | set(Qwen3_5VisionConfig.attribute_map)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -58,7 +68,7 @@ def test_every_key_the_modeling_code_reads_is_in_the_table(model_type):
     source = inspect.getsource(sys.modules[type(model).__module__])
     read = set(re.findall(r"\bconfig\.([A-Za-z_]\w*)", source))
     read |= set(re.findall(r"getattr\((?:self\.)?config, \"(\w+)\"", source))
-    missing = sorted(read - NOT_CONFIG_KEYS - FAMILIES[model_type].keys)
+    missing = sorted(read - NOT_CONFIG_KEYS - vision_keys(model_type) - FAMILIES[model_type].keys)
     assert not missing, f"transformers {transformers.__version__} {type(model).__name__} reads {missing}"
 
 
@@ -72,6 +82,12 @@ def test_planner_defaults_are_the_ones_transformers_applies(model_type):
         expected = normalised.get(key)
         if key == "head_dim" and expected is None:  # no head_dim attribute: the model derives it
             expected = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+        if key == "partial_rotary_factor":  # transformers moves it into rope_parameters
+            expected = normalised["rope_parameters"]["partial_rotary_factor"]
+        if key == "full_attention_interval":  # transformers turns it into layer_types and drops it
+            assert family.layer_types({**SMALL, "num_hidden_layers": 9}) == tuple(
+                hf_config(model_type, num_hidden_layers=9).to_dict()["layer_types"])
+            continue
         got = family.default(key, dict(SMALL))
         assert got == expected, f"{model_type} default of {key}: table {got!r} ({default!r}), transformers {expected!r}"
 
@@ -114,10 +130,11 @@ def test_hidden_size_divisibility_rule_matches_transformers(model_type):
 
 def structure(model_type: str, **keys) -> dict:
     """What transformers really builds for a config: biases, norms, embedding scale, RoPE layout."""
-    config = hf_config(model_type, num_key_value_heads=2, **keys)
+    depth = {"num_hidden_layers": 4} if model_type == "qwen3_5_text" else {}  # Qwen3.5's 4th layer is full attention
+    config = hf_config(model_type, num_key_value_heads=2, **depth, **keys)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    layer = model.model.layers[0]
+    layer = next(layer for layer in model.model.layers if hasattr(layer, "self_attn"))  # Qwen3.5: layer 3
     attention, mlp = layer.self_attn, layer.mlp
     norm = type(layer.input_layernorm)(8, eps=1e-6)
     with torch.no_grad():
@@ -133,6 +150,9 @@ def structure(model_type: str, **keys) -> dict:
         "one_plus_norm": bool(zero_weight_output.abs().sum() > 0),  # (1 + 0) * x is x; 0 * x is 0
         "embedding_scale": hasattr(model.model.embed_tokens, "embed_scale"),
         "rope_per_layer_type": set(config.rope_parameters) <= {"full_attention", "sliding_attention"},
+        "linear_attention": any(hasattr(layer, "linear_attn") for layer in model.model.layers),
+        # The gated attention's q_proj yields q and a gate of the same width.
+        "attention_output_gate": attention.q_proj.out_features == 2 * attention.o_proj.in_features,
     }
 
 
@@ -148,7 +168,8 @@ def test_structural_rules_match_the_transformers_modules(model_type, switched_on
                 "o_bias": family.flag(family.o_bias, keys), "mlp_bias": family.flag(family.mlp_bias, keys),
                 "qk_norm": family.qk_norm, "sandwich_norms": family.sandwich_norms,
                 "one_plus_norm": family.one_plus_norm, "embedding_scale": family.embedding_scale,
-                "rope_per_layer_type": family.rope_per_layer_type}
+                "rope_per_layer_type": family.rope_per_layer_type, "linear_attention": family.linear_attention,
+                "attention_output_gate": family.attention_output_gate}
     assert built == expected
 
 
@@ -177,7 +198,7 @@ def test_sliding_window_rule_and_activation_key_match(model_type):
     kind = ("pattern" if "_sliding_window_pattern" in normalised else "max_window_layers"
             if "max_window_layers" in normalised else "none")
     assert family.sliding_windows == kind
-    assert ("layer_types" in family.keys) == (kind != "none")
+    assert ("layer_types" in family.keys) == (kind != "none" or family.linear_attention)
 
 
 def test_rejected_model_types_are_not_families_and_defaults_are_known_keys():

@@ -1,4 +1,5 @@
-"""Logit parity of our decoder with Hugging Face transformers (eager attention) for every supported family.
+"""Logit parity of our decoder with Hugging Face transformers (eager attention) for every supported family (Qwen3.5's
+linear-attention layers included: their paged forwards carry a recurrent state per sequence slot).
 
 Each tiny HF model is built from a config object with a fixed seed, its 1-D parameters (norm weights, biases) are
 perturbed so that norms and biases matter, and it is saved with save_pretrained; our loader reads that directory.
@@ -99,9 +100,12 @@ class PageAllocator:
         query_lens = torch.tensor(new_token_counts, dtype=torch.int32)
         cu_query_lens = torch.zeros(len(new_token_counts) + 1, dtype=torch.int32)
         cu_query_lens[1:] = torch.cumsum(query_lens, 0)
+        # Recurrent-state slots (Qwen3.5's linear-attention layers), in reverse so that slot != sequence index.
+        state_slots = torch.arange(len(self.pages) - 1, -1, -1)
         return PagedMetadata(query_lens=query_lens, cu_query_lens=cu_query_lens,
                              kv_lens=torch.tensor(self.lengths, dtype=torch.int32), page_table=page_table,
-                             slot_mapping=torch.tensor(slots, dtype=torch.int64), page_size=self.page_size)
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64), page_size=self.page_size,
+                             state_slots=state_slots)
 
 
 def run_paged(ours, sequences, schedule, page_size=3) -> list[torch.Tensor]:
@@ -110,7 +114,7 @@ def run_paged(ours, sequences, schedule, page_size=3) -> list[torch.Tensor]:
     Returns per sequence the logits of all its tokens, gathered across steps.
     """
     allocator = PageAllocator(num_pages=64, page_size=page_size, num_sequences=len(sequences))
-    kv_cache = ours.allocate_kv_cache(64, page_size)
+    kv_cache = ours.allocate_kv_cache(64, page_size, num_state_slots=len(sequences))
     consumed = [0] * len(sequences)
     gathered: list[list[torch.Tensor]] = [[] for _ in sequences]
     for counts in schedule:
@@ -156,7 +160,7 @@ def test_paged_chunked_prefill_matches_transformers(hf_and_ours):
         assert_close_relative(ours_logits, reference)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_5"])
 def test_bfloat16_close_to_transformers_bfloat16(family, tmp_path):
     """bf16 forward drifts from HF's bf16 forward beyond rounding: a cast happens at a different place."""
     hf_model = build_hf_model(tiny_config(family))

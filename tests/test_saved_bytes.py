@@ -60,14 +60,19 @@ FAMILIES = {
     "gemma-3-1b": GEMMA_3_1B,
     "smollm2-135m": "smollm2-135m-instruct.json",
 }
+# Qwen3.5-0.8B's widths, one layer of each kind: a gated-DeltaNet layer, then a gated full-attention layer.
+HYBRID = {"qwen3.5-0.8b": "qwen3.5-0.8b-text.json", "qwen3.5-4b": "qwen3.5-4b-text.json"}
+HYBRID_LAYER_TYPES = ["linear_attention", "full_attention"]
 VOCAB = 512
 SEQUENCE_LENGTHS = (40, 17, 7)  # one micro-batch of three packed sequences, 64 tokens
 TOLERANCE = 0.02
 
 
 def family_config(family: str) -> dict:
-    source = FAMILIES[family]
+    source = {**FAMILIES, **HYBRID}[family]
     config = json.loads((CONFIGS / source).read_text()) if isinstance(source, str) else dict(source)
+    if family in HYBRID:
+        config["layer_types"] = HYBRID_LAYER_TYPES
     return {**config, "num_hidden_layers": 2, "vocab_size": VOCAB}
 
 
@@ -133,7 +138,58 @@ def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
     assert_close(total, sizing.activation_bytes(shape, tokens, 2, False, repeated), f"{family} total")
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kv_path", list(KV_PATHS))
+@pytest.mark.parametrize("family", list(HYBRID))
+def test_hybrid_saved_activations_match_the_plan(family, kv_path, monkeypatch):
+    """If this fails, a Qwen3.5 gated-DeltaNet layer (a_linear) or its gated, partially rotated attention layer saves
+    another number of bytes per token than the plan assumes for each kind."""
+    config = family_config(family)
+    shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
+    ctx, loop, tokens = runtime_context(model)
+
+    def forward():
+        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
+        return ctx.buffers.get_item("student_activations", 0)
+
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    assert_close(measured["layer0"] / tokens, sizing.linear_layer_bytes_per_token(shape, 2), f"{family} linear layer")
+    assert_close(measured["layer1"] / tokens, sizing.attention_layer_bytes_per_token(shape, 2, repeated),
+                 f"{family} attention layer")
+    outside = measured["outside"] + measured["output"].untyped_storage().nbytes()
+    assert_close(outside / tokens, sizing.activation_bytes_outside_layers_per_token(shape, 2), f"{family} outside")
+    total = measured["layer0"] + measured["layer1"] + outside
+    assert_close(total, sizing.activation_bytes(shape, tokens, 2, False, repeated), f"{family} total")
+
+
+HYBRID_WORKSPACE_CASES = [("qwen3.5-0.8b", (256,)), ("qwen3.5-0.8b", (128, 128, 128, 128)),
+                          ("qwen3.5-0.8b", SEQUENCE_LENGTHS), ("qwen3.5-4b", (192,)), ("qwen3.5-4b", (96, 96))]
+
+
+@pytest.mark.parametrize("family, lengths", HYBRID_WORKSPACE_CASES)
+def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkeypatch):
+    """If this fails, the no-grad forward of a Qwen3.5 model (teacher scoring) peaks inside a linear-attention
+    layer's core above the plan's forward workspace, or the plan holds much more than it uses (15%: the chunk scan's
+    coefficients are read off the allocator at one width)."""
+    shape = shape_from_hf_config(family_config(family))
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    ctx, loop, tokens = runtime_context(model, lengths=lengths)
+    with AllocationTrace() as trace:
+        training.teacher_score(ctx, loop)
+    planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
+    assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
+
+
+def test_linear_chunk_mirrors_the_delta_rule():
+    """If this fails, the plan's chunk size of the delta-rule scan drifted from the model's."""
+    from opdgraph.models import delta_rule
+
+    assert sizing.LINEAR_CHUNK_TOKENS == delta_rule.CHUNK_TOKENS
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(HYBRID))
 def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
     """If this fails, activation checkpointing keeps more (or less) than each layer's input between forward and
     backward; the plan's checkpointed activations would be wrong."""

@@ -112,7 +112,7 @@ def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape
             what = f"indices {bad} are out of range" if bad else "indices repeat"
             problems.append(problem(f"models.{name}.keep_layers",
                                     f"{what}; [models.{model.init_from}] has layers 0..{source.layers - 1}"))
-        shapes[name] = source.with_layers(len(keep))
+        shapes[name] = source.keep(keep)
     return shapes
 
 

@@ -42,3 +42,6 @@ class PagedMetadata:
     page_table: torch.Tensor  # int32 [S, max_pages_per_seq], -1 (or anything) past a sequence's last page
     slot_mapping: torch.Tensor  # int64 [T], cache slot where each new token's K/V is written
     page_size: int
+    # Models with linear-attention layers: int64 [S], the recurrent-state slot of each sequence (linear_state.py);
+    # a sequence whose chunk starts at position 0 starts from a zero state whatever its slot holds.
+    state_slots: torch.Tensor | None = None

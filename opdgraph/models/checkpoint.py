@@ -74,6 +74,35 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def text_model_tensors(tensors: dict[str, torch.Tensor], hf_config: dict, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of the text model we build. A multimodal checkpoint (families.MULTIMODAL_WRAPPERS: Qwen3.5) keeps
+    its text model under a prefix (model.language_model.) and a vision tower and multi-token-prediction head beside
+    it: the prefix is mapped to ours and the others are left out, with a note. A text-only Qwen3.5 checkpoint may
+    carry the mtp.* head too (transformers' causal LM skips it as well)."""
+    from opdgraph.model_config_check import multimodal_wrapper
+
+    wrapper = multimodal_wrapper(hf_config)
+    if wrapper is None and hf_config.get("model_type") != "qwen3_5_text":
+        return tensors
+    ignored_prefixes = wrapper.ignored_weight_prefixes if wrapper is not None else ("mtp.",)
+    kept, ignored = {}, []
+    for name, tensor in tensors.items():
+        if name.startswith(ignored_prefixes):
+            ignored.append(name)
+        elif wrapper is not None and name.startswith(wrapper.text_weight_prefix):
+            kept["model." + name[len(wrapper.text_weight_prefix):]] = tensor
+        else:
+            kept[name] = tensor
+    if wrapper is not None or ignored:
+        parts = sorted({name.split(".")[0] + "." + name.split(".")[1] if name.startswith("model.") else
+                        name.split(".")[0] for name in ignored})
+        what = f"a multimodal {wrapper.model_type} checkpoint: its text model is loaded; " if wrapper else ""
+        names = ", ".join(f"{part}*" for part in parts) or "none"
+        print(f"note: {where}: {what}{len(ignored)} tensors ({names}: the vision tower and the multi-token-prediction "
+              f"head) are not loaded")
+    return kept
+
+
 def state_dict_from_checkpoint(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
                                dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Validate checkpoint tensors (HF names) against the model and return them as our state dict in dtype/device."""

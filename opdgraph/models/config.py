@@ -18,9 +18,9 @@ from typing import Any
 
 import attrs
 
-from opdgraph.families import (FAMILIES, FULL_ATTENTION, SLIDING_ATTENTION, SUPPORTED_ACTIVATIONS,
+from opdgraph.families import (FAMILIES, FULL_ATTENTION, LINEAR_ATTENTION, SLIDING_ATTENTION, SUPPORTED_ACTIVATIONS,
                                SUPPORTED_ROPE_TYPES)
-from opdgraph.model_config_check import check_model_config
+from opdgraph.model_config_check import check_model_config, text_part
 from opdgraph.models.errors import ModelLoadError
 
 
@@ -40,7 +40,7 @@ class RopeSpec:
 class DecoderConfig:
     """Shape and per-family options of one decoder; ``hf`` keeps the HF dict it was read from."""
 
-    family: str = attrs.field()  # qwen2 | qwen3 | llama | gemma3
+    family: str = attrs.field()  # qwen2 | qwen3 | llama | gemma3 | qwen3_5
     vocab_size: int = attrs.field()
     hidden_size: int = attrs.field()
     intermediate_size: int = attrs.field()
@@ -59,11 +59,29 @@ class DecoderConfig:
     embedding_scale: float | None = attrs.field()  # Gemma: embeddings times sqrt(hidden), rounded to the model dtype
     activation: str = attrs.field()  # silu | gelu_tanh
     attention_scale: float = attrs.field()  # softmax scale
-    layer_types: tuple[str, ...] = attrs.field()  # FULL_ATTENTION / SLIDING_ATTENTION per layer
+    layer_types: tuple[str, ...] = attrs.field()  # FULL_ATTENTION / SLIDING_ATTENTION / LINEAR_ATTENTION per layer
     sliding_window: int | None = attrs.field()  # a sliding layer sees the last sliding_window positions (itself too)
     rope: dict[str, RopeSpec] = attrs.field()  # layer type -> RoPE of that layer type
     initializer_range: float = attrs.field()
     hf: dict[str, Any] = attrs.field()  # the HF-style dict as given (pruning updates layer counts in a copy)
+    # Qwen3.5: attention output x sigmoid(gate), RoPE on the first rotary_dim dims of each head (0: all), and the
+    # gated-DeltaNet layers' heads, head widths and causal conv kernel.
+    attention_output_gate: bool = False
+    rotary_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of a head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def has_linear_attention(self) -> bool:
+        return LINEAR_ATTENTION in self.layer_types
 
     @property
     def architecture(self) -> str:
@@ -87,14 +105,15 @@ def _reject_if(condition: bool, where: str, key: str, value: Any, why: str) -> N
         raise ModelLoadError(f"{where}: config key {key!r} = {value!r} is not supported: {why}")
 
 
-def _rope_spec(params: dict[str, Any], key: str, where: str) -> RopeSpec:
+def _rope_spec(params: dict[str, Any], key: str, where: str, partial_allowed: bool = False) -> RopeSpec:
     rope_type = params.get("rope_type", "default")
     _reject_if(
         rope_type not in SUPPORTED_ROPE_TYPES, where, f"{key}.rope_type", rope_type,
         f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}",
     )
     partial = params.get("partial_rotary_factor", 1.0)
-    _reject_if(partial != 1.0, where, f"{key}.partial_rotary_factor", partial, "only full rotary dims are supported")
+    _reject_if(partial != 1.0 and not partial_allowed, where, f"{key}.partial_rotary_factor", partial,
+               "only full rotary dims are supported")
     spec = {"rope_type": rope_type, "theta": float(params["rope_theta"])}
     if rope_type in ("linear", "llama3"):
         spec["factor"] = float(params["factor"])
@@ -110,6 +129,7 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
     keys, types, sizes and unsupported options were checked by check_model_config (the same check `plan` makes);
     what is read here is the normalised dict, in the family's terms (opdgraph.families)."""
     family = check_model_config(hf, where, ModelLoadError)
+    hf = text_part(hf)  # a multimodal checkpoint's text model (model_config_check.MULTIMODAL_WRAPPERS)
     norm = normalize_hf_config(hf, where)
     activation = norm[family.activation_key]
 
@@ -117,9 +137,10 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
     layer_types = tuple(norm.get("layer_types") or [FULL_ATTENTION] * num_layers)
     _reject_if(len(layer_types) != num_layers, where, "layer_types", list(layer_types),
                f"needs one entry per layer (num_hidden_layers={num_layers})")
+    kinds = (FULL_ATTENTION, LINEAR_ATTENTION) if family.linear_attention else (FULL_ATTENTION, SLIDING_ATTENTION)
     for layer_type in layer_types:
-        _reject_if(layer_type not in (FULL_ATTENTION, SLIDING_ATTENTION), where, "layer_types", layer_type,
-                   f"layer types must be {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+        _reject_if(layer_type not in kinds, where, "layer_types", layer_type,
+                   f"layer types must be {kinds[0]!r} or {kinds[1]!r}")
     sliding_window = norm.get("sliding_window") if SLIDING_ATTENTION in layer_types else None
     _reject_if(SLIDING_ATTENTION in layer_types and not sliding_window, where, "sliding_window", sliding_window,
                "sliding layers need a positive window")
@@ -129,12 +150,22 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
         rope = {kind: _rope_spec(rope_parameters[kind], f"rope_parameters.{kind}", where)
                 for kind in (FULL_ATTENTION, SLIDING_ATTENTION)}
     else:
-        shared = _rope_spec(rope_parameters, "rope_parameters", where)
+        shared = _rope_spec(rope_parameters, "rope_parameters", where, family.partial_rotary)
         rope = {FULL_ATTENTION: shared, SLIDING_ATTENTION: shared}
 
     num_heads = int(norm["num_attention_heads"])
     head_dim = int(norm.get("head_dim") or norm["hidden_size"] // num_heads)
     hidden_size = int(norm["hidden_size"])
+    hybrid = {}
+    if family.linear_attention:
+        rotary_dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+        hybrid = dict(attention_output_gate=family.attention_output_gate,
+                      rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
+                      linear_num_key_heads=int(norm["linear_num_key_heads"]),
+                      linear_num_value_heads=int(norm["linear_num_value_heads"]),
+                      linear_key_head_dim=int(norm["linear_key_head_dim"]),
+                      linear_value_head_dim=int(norm["linear_value_head_dim"]),
+                      linear_conv_kernel=int(norm["linear_conv_kernel_dim"]))
     return DecoderConfig(
         family=family.name,
         vocab_size=int(norm["vocab_size"]),
@@ -163,4 +194,5 @@ def decoder_config_from_hf(hf: dict[str, Any], where: str = "config") -> Decoder
         rope=rope,
         initializer_range=float(norm.get("initializer_range") or 0.02),
         hf=dict(hf),
+        **hybrid,
     )

@@ -8,6 +8,11 @@
   layer (kernels/fused_decode.py), same numerics.
 - ``logits`` is the small-use path (decode sampling, tests).
 
+Linear-attention layers (Qwen3.5's gated DeltaNet) take the linear-attention backend's core instead of attention
+(linear_attention_backend.py): packed, the recurrence restarts at every sequence boundary; paged, each sequence's
+conv window and state live in a slot of the layer's LinearLayerState (allocate_kv_cache with num_state_slots), the
+slot given per sequence by PagedMetadata.state_slots. The fused GPU rollout forward does not cover them.
+
 Parameter names match HF checkpoints minus the leading ``model.`` (see checkpoint.py for the mapping).
 """
 
@@ -21,8 +26,11 @@ from torch import nn
 
 from opdgraph.models.attention_backend import AttentionBackend, TorchReferenceBackend
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
-from opdgraph.models.config import DecoderConfig
+from opdgraph.models.config import LINEAR_ATTENTION, DecoderConfig
+from opdgraph.models.gated_deltanet import GatedDeltaNet, GatedRMSNorm
 from opdgraph.models.layers import DecoderLayer, RMSNorm
+from opdgraph.models.linear_attention_backend import TorchLinearAttention
+from opdgraph.models.linear_state import LinearLayerState
 from opdgraph.models.rope import cos_sin, inverse_frequencies
 
 
@@ -38,9 +46,10 @@ class DecoderLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.backend: AttentionBackend = TorchReferenceBackend()
+        self.linear_backend = TorchLinearAttention()  # the GPU delta-rule kernel's hook: set_linear_attention_backend
         # Inverse frequencies are derived, not state: computed once on the CPU (float32) and kept out of the state
         # dict so that .to(bfloat16) can never round them.
-        self._inv_freq = {kind: inverse_frequencies(spec, config.head_dim) for kind, spec in config.rope.items()}
+        self._inv_freq = {kind: inverse_frequencies(spec, config.rope_dim) for kind, spec in config.rope.items()}
         self._inv_freq_by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.use_fused_decode_kernels = False
 
@@ -60,6 +69,10 @@ class DecoderLM(nn.Module):
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
 
+    def set_linear_attention_backend(self, backend) -> None:
+        """The core of the linear-attention layers (linear_attention_backend.py: packed and paged)."""
+        self.linear_backend = backend
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:
@@ -77,14 +90,18 @@ class DecoderLM(nn.Module):
                        activation_checkpointing: bool = False) -> torch.Tensor:
         """Packed forward: input_ids, positions [T] -> final-norm hidden states [T, H]."""
         attend = functools.partial(self._attend_packed, meta)
+        linear = functools.partial(self.linear_backend.packed, meta=meta)
         hidden = self._embed(input_ids)
         rope = self._rope_tables(positions)
         for layer in self.layers:
-            cos, sin = rope[layer.layer_type]
-            if activation_checkpointing and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, cos, sin, attend, use_reentrant=False)
+            if layer.layer_type == LINEAR_ATTENTION:
+                cos, sin, mix = None, None, linear
             else:
-                hidden = layer(hidden, cos, sin, attend)
+                (cos, sin), mix = rope[layer.layer_type], attend
+            if activation_checkpointing and torch.is_grad_enabled():
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, cos, sin, mix, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, mix)
         return self.norm(hidden)
 
     def _attend_packed(self, meta, q, k, v, sliding_window):
@@ -99,6 +116,10 @@ class DecoderLM(nn.Module):
         hidden = self._embed(input_ids)
         rope = self._rope_tables(positions)
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            if layer.layer_type == LINEAR_ATTENTION:
+                mix = functools.partial(self.linear_backend.paged, meta=meta, state=layer_cache)
+                hidden = layer(hidden, None, None, mix)
+                continue
             attend = functools.partial(self._attend_paged, meta, layer_cache)
             hidden = layer(hidden, *rope[layer.layer_type], attend)
         return self.norm(hidden)
@@ -141,14 +162,28 @@ class DecoderLM(nn.Module):
         return hidden.float() @ self.lm_head_weight.float().T
 
     def allocate_kv_cache(self, num_pages: int, page_size: int, dtype: torch.dtype | None = None,
-                          device: torch.device | str | None = None) -> list[torch.Tensor]:
-        """One zeroed [2, num_pages, page_size, num_kv_heads, head_dim] tensor per layer (attention_metadata.py)."""
+                          device: torch.device | str | None = None, num_state_slots: int = 0) -> list:
+        """Per layer: a zeroed [2, num_pages, page_size, num_kv_heads, head_dim] tensor (attention_metadata.py), or
+        for a linear-attention layer its LinearLayerState of num_state_slots sequence slots (conv windows in the
+        cache dtype, delta-rule states in float32)."""
+        dtype, device = dtype or self.dtype, device or self.device
+        if self.config.has_linear_attention and num_state_slots < 1:
+            raise ValueError("a model with linear-attention layers needs num_state_slots >= 1 (one per running "
+                             "sequence)")
         shape = (2, num_pages, page_size, self.config.num_kv_heads, self.config.head_dim)
-        return [torch.zeros(shape, dtype=dtype or self.dtype, device=device or self.device) for _ in self.layers]
+        return [LinearLayerState.allocate(num_state_slots, layer.linear_attn.dims, dtype, device)
+                if layer.layer_type == LINEAR_ATTENTION else torch.zeros(shape, dtype=dtype, device=device)
+                for layer in self.layers]
+
+    @property
+    def recurrent(self) -> bool:
+        """Has linear-attention layers: rollout must give every sequence a state slot."""
+        return self.config.has_linear_attention
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         element_bytes = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return len(self.layers) * 2 * self.config.num_kv_heads * self.config.head_dim * element_bytes
+        attention_layers = sum(layer.layer_type != LINEAR_ATTENTION for layer in self.layers)
+        return attention_layers * 2 * self.config.num_kv_heads * self.config.head_dim * element_bytes
 
     def reset_parameters(self, seed: int, *, on_device: bool = False) -> None:
         """Seeded random init: normal(0, initializer_range) matrices and embeddings, zero biases, unit norms.
@@ -160,7 +195,7 @@ class DecoderLM(nn.Module):
         generator = torch.Generator(device=self.device if on_device else "cpu").manual_seed(seed)
         std = self.config.initializer_range
         for name, parameter in self.named_parameters():
-            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), (RMSNorm, GatedRMSNorm)):
                 continue
             with torch.no_grad():
                 if name.endswith(".bias"):
@@ -170,5 +205,7 @@ class DecoderLM(nn.Module):
                 else:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, GatedDeltaNet):
+                module.reset_recurrence(generator)

@@ -6,6 +6,9 @@ maps onto HF tensor names by adding a prefix. Tensors are packed: [T, ...] with 
 
 The training forward's norms are the autograd Functions of norms.py (they save only the input and the fp32 rstd);
 the norm that follows a residual add takes (x, residual) and returns (normed, x + residual).
+A linear-attention layer (Qwen3.5) has a GatedDeltaNet (gated_deltanet.py) as its token mixer instead of attention;
+its ``attend`` argument is then the model's bound linear-attention core. Qwen3.5's attention also gates its output
+(q_proj yields q and a gate per head) and rotates part of each head only.
 The ``forward_fused`` methods are the rollout forward's variant (DecoderLM.use_fused_decode_kernels): the same math
 through the Triton kernels of kernels/fused_decode.py, with RoPE and the K/V cache write in one kernel.
 """
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from opdgraph.kernels import fused_decode
-from opdgraph.models.config import SLIDING_ATTENTION, DecoderConfig
+from opdgraph.models.config import LINEAR_ATTENTION, SLIDING_ATTENTION, DecoderConfig
+from opdgraph.models.gated_deltanet import GatedDeltaNet
 from opdgraph.models.norms import add_rms_norm, rms_norm
 from opdgraph.models.rope import apply_rotary
 
@@ -90,8 +94,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.sliding_window = sliding_window
+        self.output_gate = config.attention_output_gate
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        q_width = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(hidden, q_width, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
@@ -120,14 +126,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        gate = None
+        if self.output_gate:  # per head: head_dim query values, then head_dim gate values
+            q, gate = self.q_proj(x).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        else:
+            q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = attend(q, k, v, self.sliding_window).reshape(num_tokens, self.num_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out)
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attend: AttendCachedFn) -> torch.Tensor:
@@ -159,7 +171,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         window = config.sliding_window if layer_type == SLIDING_ATTENTION else None
-        self.self_attn = Attention(config, window)
+        if layer_type == LINEAR_ATTENTION:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = Attention(config, window)
         self.mlp = GatedMLP(config)
 
         def norm() -> RMSNorm:
@@ -175,7 +190,10 @@ class DecoderLayer(nn.Module):
         self.sandwich_norms = config.sandwich_norms
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        attention_out = self.self_attn(self.input_layernorm(hidden), cos, sin, attend)
+        if self.layer_type == LINEAR_ATTENTION:  # attend is the bound linear-attention core; no RoPE
+            attention_out = self.linear_attn(self.input_layernorm(hidden), attend)
+        else:
+            attention_out = self.self_attn(self.input_layernorm(hidden), cos, sin, attend)
         if self.sandwich_norms:
             normed, hidden = self.pre_feedforward_layernorm.forward_with_residual(
                 self.post_attention_layernorm(attention_out), hidden)

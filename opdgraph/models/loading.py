@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from opdgraph.model_config_check import check_model_config, read_config_file
-from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint
+from opdgraph.models.checkpoint import read_safetensors_dir, state_dict_from_checkpoint, text_model_tensors
 from opdgraph.models.config import decoder_config_from_hf
 from opdgraph.models.decoder import DecoderLM
 from opdgraph.models.errors import ModelLoadError
@@ -40,6 +40,7 @@ def _from_checkpoint(hf_config: dict, tensors: dict[str, torch.Tensor], where: s
     config = decoder_config_from_hf(hf_config, where)
     with torch.device("meta"):
         model = DecoderLM(config)
+    tensors = text_model_tensors(tensors, hf_config, where)
     state = state_dict_from_checkpoint(model, tensors, where, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
     return model

@@ -50,7 +50,11 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by per-token angles; cos/sin are [T, head_dim] (rotate-half layout)."""
+    """Rotate x [T, heads, head_dim] by per-token angles; cos/sin are [T, rotated dims] (rotate-half layout). With
+    fewer rotated dims than head_dim (Qwen3.5's partial RoPE) the first ones rotate and the rest pass through."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotated = cos.shape[-1]
+        return torch.cat((apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated_half * sin[:, None, :]

@@ -57,7 +57,9 @@ def build_model_inputs(batch: ScheduledBatch, page_size: int, device: torch.devi
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+    recurrent = batch.chunks[0].sequence.state_slot >= 0  # a model with linear-attention layers
     meta = PagedMetadata(
+        state_slots=tensor([chunk.sequence.state_slot for chunk in batch.chunks], torch.int64) if recurrent else None,
         query_lens=tensor(query_lens, torch.int32),
         cu_query_lens=tensor([0, *accumulate(query_lens)], torch.int32),
         kv_lens=tensor(kv_lens, torch.int32),

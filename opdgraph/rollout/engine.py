@@ -15,6 +15,11 @@ their memory can serve training (the plan's release point); the next ``generate`
 ``cuda_graphs.py`` (flashinfer paged attention, optional CUDA-graph decode with ``cuda_graphs=True``, one host sync
 per step); scheduling, batch building and sampling semantics are the same.
 
+Models with linear-attention layers (Qwen3.5, ``model.recurrent``) also get a recurrent-state pool: one slot per
+running sequence (max_num_seqs of them) in every linear-attention layer, beside the KV pages of the attention
+layers (state_slots.py, models/linear_state.py). For now they run on the plain path only: the flashinfer path, its
+CUDA graphs, decode bursts and the fused kernels are left out for them, with a note when they were asked for.
+
 ``vocab_limit`` restricts sampling to ids below it (the logits beyond are dropped before the sampler): eval's teacher
 answers in the student's vocabulary when its own has extra (padding) rows, as the loss compares them (the teacher's
 extra columns never enter its softmax there either).
@@ -34,6 +39,7 @@ from opdgraph.rollout.request import Request, Response, ResponseCounters
 from opdgraph.rollout.sampler import sample_tokens
 from opdgraph.rollout.scheduler import ScheduledBatch, Scheduler
 from opdgraph.rollout.sequence import Sequence
+from opdgraph.rollout.state_slots import StateSlotPool
 
 
 @dataclass
@@ -92,6 +98,11 @@ class RolloutEngine:
         if vocab_limit is not None and attention != "torch":
             raise ValueError("RolloutEngine: vocab_limit needs attention='torch'")
         self.model = model
+        self.recurrent = bool(getattr(model, "recurrent", False))
+        if self.recurrent and (attention != "torch" or decode_burst_steps > 1 or fused_kernels):
+            print("note: rollout: the student's linear-attention layers (Qwen3.5) run on the plain torch path; the "
+                  "flashinfer path, CUDA-graph decode, decode bursts and fused kernels do not cover them yet")
+            attention, cuda_graphs, decode_burst_steps, fused_kernels = "torch", False, 1, False
         self.vocab_limit = vocab_limit
         self.page_size = page_size
         self.num_pages = num_pages
@@ -190,6 +201,7 @@ class RolloutEngine:
                 page_size=self.page_size,
                 max_num_seqs=self.max_num_seqs,
                 prefill_token_budget=self.prefill_token_budget,
+                state_slots=StateSlotPool(self.max_num_seqs) if self.recurrent else None,
             )
             for order, request in enumerate(requests):
                 scheduler.add(Sequence(request, sample_indices=list(range(request.n)), arrival_order=order))
@@ -215,6 +227,9 @@ class RolloutEngine:
             return self.gpu_path.allocate_kv_cache(self.num_pages, self.page_size, dtype=self.kv_dtype,
                                                    device=self.device)
         extra_pages = 0 if self.burst is None else 1
+        if self.recurrent:
+            return self.model.allocate_kv_cache(self.num_pages + extra_pages, self.page_size, dtype=self.kv_dtype,
+                                                device=self.device, num_state_slots=self.max_num_seqs)
         return self.model.allocate_kv_cache(self.num_pages + extra_pages, self.page_size, dtype=self.kv_dtype,
                                             device=self.device)
 
@@ -242,6 +257,12 @@ class RolloutEngine:
         _count(batch, stats)
         updating = clock()
         scheduler.update(batch, tokens, logprobs)
+        if scheduler.state_copies:  # forked samples continue from copies of their prompt's state, in order
+            for source, destination in scheduler.state_copies:
+                for layer_cache in self.kv_cache:
+                    if not isinstance(layer_cache, torch.Tensor):
+                        layer_cache.copy_slot(source, destination)
+            scheduler.state_copies.clear()
         phases["schedule"] += scheduled - started
         phases["update"] += clock() - updating
 
@@ -276,6 +297,8 @@ class RolloutEngine:
         sources = torch.tensor([source for source, _ in copies], device=self.device)
         destinations = torch.tensor([destination for _, destination in copies], device=self.device)
         for layer_cache in self.kv_cache:
+            if not isinstance(layer_cache, torch.Tensor):  # a linear-attention layer's state: no pages
+                continue
             if layer_cache.element_size() == 1:  # float8 caches: no float8 indexing kernels, copy the bytes
                 layer_cache = layer_cache.view(torch.uint8)
             layer_cache[:, destinations] = layer_cache[:, sources]

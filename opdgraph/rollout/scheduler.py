@@ -16,6 +16,10 @@ One step, in order:
 Copy-on-write: the n samples of a prompt share its pages; full pages are never written again, and the shared last
 partial page is copied for each sample that appends to it while someone else still holds it (the last holder writes
 in place). The copies are listed in the step's output and must run before the forward.
+
+Models with linear-attention layers (Qwen3.5) also need a recurrent-state slot per running sequence (state_slots.py):
+taken with the first chunk, given back on finish and preemption; a fork gives the new samples slots and lists the
+copies of the prompt's state in ``state_copies``, which the engine makes right after ``update``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 from opdgraph.rollout.kv_pool import PagePool
 from opdgraph.rollout.sequence import Sequence
+from opdgraph.rollout.state_slots import StateSlotPool
 
 
 @dataclass
@@ -52,8 +57,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, *, page_size: int, max_num_seqs: int, prefill_token_budget: int):
+    def __init__(self, pool: PagePool, *, page_size: int, max_num_seqs: int, prefill_token_budget: int,
+                 state_slots: StateSlotPool | None = None):
         self.pool = pool
+        self.state_slots = state_slots
+        self.state_copies: list[tuple[int, int]] = []  # (source slot, destination slot), made after update()
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.prefill_token_budget = prefill_token_budget
@@ -161,6 +169,8 @@ class Scheduler:
     def _append_chunk(self, batch: ScheduledBatch, sequence: Sequence, num_tokens: int) -> None:
         # Runs once per sequence per step: plain arithmetic instead of the Sequence properties keeps it cheap.
         start = sequence.num_cached
+        if self.state_slots is not None and sequence.state_slot < 0:
+            sequence.state_slot = self.state_slots.allocate()
         pages = sequence.pages
         page_size = self.page_size
         first_page_index = start // page_size
@@ -205,7 +215,13 @@ class Scheduler:
             self._append_chunk(batch, sequence, num_tokens)
             pages_promised += context_pages - len(sequence.pages)
 
+    def _release_state_slot(self, sequence: Sequence) -> None:
+        if sequence.state_slot >= 0:
+            self.state_slots.release(sequence.state_slot)
+            sequence.state_slot = -1
+
     def _preempt(self, sequence: Sequence) -> None:
+        self._release_state_slot(sequence)
         for page in sequence.pages:
             self.pool.release(page)
         sequence.pages = []
@@ -232,6 +248,11 @@ class Scheduler:
                 for page in sequence.pages:
                     for _ in range(num_samples - 1):
                         self.pool.share(page)
+                if sequence.state_slot >= 0:  # the first sample keeps the prompt's state, the others copy it
+                    samples[0].state_slot = sequence.state_slot
+                    for sample in samples[1:]:
+                        sample.state_slot = self.state_slots.allocate()
+                        self.state_copies.append((sequence.state_slot, sample.state_slot))
                 position = self.running.index(sequence)
                 self.running[position : position + 1] = samples
             for sample in samples:
@@ -262,6 +283,7 @@ class Scheduler:
             sequence.finish_reason = "length"
         else:
             return
+        self._release_state_slot(sequence)
         for page in sequence.pages:
             self.pool.release(page)
         sequence.pages = []

@@ -31,6 +31,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
+    state_slot: int = -1  # recurrent-state slot of a model with linear-attention layers (state_slots.py); -1: none
 
     @property
     def num_tokens(self) -> int:
