@@ -57,7 +57,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> int:
-    from opdgraph.fit import fit_plan
     from opdgraph.render import RENDERERS
     if args.measured and args.format != "html":
         raise OpdgraphError(f"--measured {args.measured}: only the html page draws a recorded run; add --format html")

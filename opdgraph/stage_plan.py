@@ -24,7 +24,7 @@ from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashi
 from opdgraph.graph import build_stage_graph, stage_order
 from opdgraph.model_shapes import ModelShape
 from opdgraph.stages import KIND_NAMES, stage_kind, stage_nodes
-from opdgraph.teachers import FUSED_LOOP, TeacherSpec, TrainGroup, route_field, teacher_specs, train_groups
+from opdgraph.teachers import TeacherSpec, TrainGroup, route_field, teacher_specs, train_groups
 
 
 

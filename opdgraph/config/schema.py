@@ -12,7 +12,7 @@ from typing import Any, Literal
 import attrs
 
 from opdgraph.config.errors import did_you_mean
-from opdgraph.config.fields import non_negative, not_empty, positive, setting, valid_seed
+from opdgraph.config.fields import not_empty, positive, setting, valid_seed
 from opdgraph.model_shapes import ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
