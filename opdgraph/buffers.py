@@ -165,9 +165,10 @@ def place_buffers(buffers: dict[str, Buffer], cfg: PipelineConfig, placement: Pl
     student = cfg.model_with_role("student")
     placed = dict(buffers)
     owners = teacher_weights(cfg)
-    if placement.teacher_weights == "shard" and len(owners) > 1:
-        raise OpdgraphError(f"teacher_weights = 'shard' takes one teacher, but this pipeline holds {len(owners)} "
-                            f"({', '.join(owners)}); keep, offload or stream them (pipeline.fit.teacher_weights)")
+    if placement.teacher_weights == "shard" and len(owners) != 1:
+        raise OpdgraphError(f"teacher_weights = 'shard' takes exactly one teacher with weights of its own, but this "
+                            f"pipeline holds {len(owners)} ({', '.join(owners) or 'none'}); keep, offload or stream "
+                            f"them (pipeline.fit.teacher_weights)")
     for teacher, model in owners.items():
         weights = placed[f"{teacher}.weights"]
         placed[weights.name] = attrs.evolve(weights,

@@ -25,7 +25,8 @@ from opdgraph.lifetime import ScheduleBuffer, ScheduleStep, analyze
 from opdgraph.placement import Placement, configured_placement
 from opdgraph.placement_steps import place_drafts, placement_transfers
 from opdgraph.plan import Peak, Plan, Release, Step, StepWork, Transfer
-from opdgraph.stage_plan import FUSED_LOOP, StageFacts, ordered_stages, planned_stages, stage_facts
+from opdgraph.stage_plan import StageFacts, ordered_stages, planned_stages, stage_facts
+from opdgraph.teachers import FUSED_LOOP
 from opdgraph.stages import stage_kind
 
 GIB = 1024**3
@@ -37,6 +38,7 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
     `placement` (default: what the config asks for) says where teacher weights and optimizer state live
     (opdgraph.placement; chosen by opdgraph.fit when the plan would not fit)."""
     fused = cfg.pipeline.fuse_training
+    _check_composition_ranks(cfg, world_size)
     counts = step_counts(cfg, world_size)
     hardware = W.Hardware(**attrs.asdict(cfg.pipeline.hardware))
     placement = placement or configured_placement(cfg)
@@ -89,6 +91,24 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
                 budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),
                 step_seconds=sum(step.work.seconds for step in steps if step.stage not in periodic),
                 facts=facts, transfers=tuple(sorted(transfers, key=lambda t: (order[t.step], WHEN.index(t.when)))))
+
+
+def _check_composition_ranks(cfg: PipelineConfig, world_size: int) -> None:
+    """Routed rows and a live self-teacher change the number of forwards per rank and loop, which FSDP's paired
+    collectives need equal on every rank: one process only, for now."""
+    if world_size == 1:
+        return
+    from opdgraph.errors import OpdgraphError
+    from opdgraph.teachers import route_field, teacher_specs
+
+    specs = teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)
+    if route_field(cfg.stages) and len(specs) > 1:
+        raise OpdgraphError(f"routed teachers (loss.route_field, {cfg.provenance.get('loss.route_field', 'default')})"
+                            f" run on one process only for now; run without torchrun, or use a mixture")
+    live = [spec.stage for spec in specs if spec.self_teacher and not spec.own_weights]
+    if live:
+        raise OpdgraphError(f"[{live[0]}] scores with the live student (frozen = false), which runs on one process "
+                            f"only for now; run without torchrun, or set frozen = true")
 
 
 def _scope(loops: tuple[str, ...]) -> str:

@@ -28,6 +28,8 @@ import itertools
 
 import attrs
 
+from opdgraph.teachers import teacher_weights
+
 from opdgraph.compile import compile_plan
 from opdgraph.config.schema import FIT_CHOICES, PipelineConfig
 from opdgraph.errors import OpdgraphError
@@ -158,8 +160,9 @@ def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:
     checkpointing = _choices(fit, "activation_checkpointing", "on" if base.activation_checkpointing else "off")
     # One process has no FSDP schedule to choose: only the configured value (which nothing reads).
     gathers = _choices(fit, "student_gather", base.student_gather) if world_size > 1 else [base.student_gather]
+    one_teacher = len(teacher_weights(cfg)) == 1  # FSDP shards one teacher (opdgraph.buffers.place_buffers)
     product = itertools.product(_choices(fit, "teacher_weights", base.teacher_weights,
-                                         ("shard",) if world_size == 1 else ()),
+                                         ("shard",) if world_size == 1 or not one_teacher else ()),
                                 _choices(fit, "optimizer_state", base.optimizer_state),
                                 checkpointing, micro, chunks, seqs, gathers)
     return [Decisions(teacher_weights=teacher, optimizer_state=optimizer, activation_checkpointing=ckpt == "on",

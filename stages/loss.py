@@ -116,7 +116,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
 
 def mixes_teachers(facts: StageFacts) -> bool:
     """A mixture: the loss reads several teachers on every row (the torch path: the kernel takes one teacher)."""
-    return len(facts.group_teachers) > 1
+    return len(facts.group_teachers) > 1 and len(facts.groups) <= 1
 
 
 def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:

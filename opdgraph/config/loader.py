@@ -179,6 +179,10 @@ def _nested_stage_tables(name: str, table: dict, locator: Locator, problems: lis
             f"({', '.join(f'[{name}.{sub}]' for sub in subs)}); put each setting into the stage tables")))
         return {}
     for sub, sub_table in subs.items():
+        if "/" in sub or "." in sub:  # group-local step and buffer names are "<sub>/..."; names are dotted paths
+            problems.append(locator.problem(f"{name}.{sub}", (
+                f"[{name}.{sub}]: a stage name may not contain '/' or '.'; rename the table")))
+            return {}
         if "kind" in sub_table and sub_table["kind"] != name:
             problems.append(locator.problem(f"{name}.{sub}.kind", (
                 f"[{name}.{sub}] is a stage of kind {name!r} (its table's parent); remove kind = "

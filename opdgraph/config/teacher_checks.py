@@ -47,6 +47,12 @@ def _check_models(models, teachers, student, problem, problems) -> None:
                 f"[{name}] scores with the live student on the student's own prompt: its distribution is the "
                 f"student's, so the divergence is zero; give the teacher context (system_prompt or "
                 f"context_field) or set frozen = true")))
+    offload = {name: model.offload_when_idle for name, model in models.items() if model.role == "teacher"}
+    if len(set(offload.values())) > 1:  # the placement moves every teacher's weights alike (opdgraph.placement)
+        kept = next(name for name, value in offload.items() if not value)
+        problems.append(problem(f"models.{kept}.offload_when_idle", (
+            f"the teachers disagree on offload_when_idle ({', '.join(f'{n} = {str(v).lower()}' for n, v in offload.items())});"
+            f" every teacher's weights are kept or offloaded alike: give them one value")))
     for model_name, model in models.items():
         if model.role == "teacher" and model_name not in used:
             stages = ", ".join(f"[{name}]" for name in teachers) or "none"

@@ -58,7 +58,8 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     models = load_models(cfg.models, Path(cfg.base_dir), device, startup.tokenizers)
     student, tokenizer = models[cfg.model_with_role("student")]
     teachers = build_teachers(cfg, models, student)  # a frozen self-teacher copies the initial student: before resume
-    teacher = next(iter(teachers.values())).model
+    # The first teacher with weights of its own (a live self-teacher is the student): what a shard placement splits
+    teacher = next((t.model for t in teachers.values() if t.spec.own_weights), next(iter(teachers.values())).model)
     print(use_packed_attention([student, *distinct_models(teachers, student)], device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
         _load_student_weights(student, resume_from)

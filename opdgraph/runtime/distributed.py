@@ -120,6 +120,7 @@ def pad_micro_batches(micro_batches: list, device: torch.device) -> list:
 
     most = all_reduce_max(len(micro_batches), device)
     template = micro_batches[0]
-    padding = [dataclasses.replace(template, weights=torch.zeros_like(template.weights))
-               for _ in range(most - len(micro_batches))]
+    # Each copy has an index of its own: per-micro-batch buffers are keyed by it (runtime.training).
+    padding = [dataclasses.replace(template, weights=torch.zeros_like(template.weights), index=len(micro_batches) + k)
+               for k in range(most - len(micro_batches))]
     return micro_batches + padding
