@@ -56,7 +56,7 @@ def test_tiny_run_writes_the_page_with_its_metrics(tmp_path):
     """If this fails, a run no longer writes eval_curves.html, its eval records lack the degeneration or
     behaviour keys, or the page does not show the numbers metrics.jsonl holds."""
     cfg = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / 'run'}", "log.progress=false",
-                               "log.tensorboard=false", "pipeline.device=cpu", "pipeline.num_steps=2",
+                               "pipeline.device=cpu", "pipeline.num_steps=2",
                                "eval.every_n_steps=1", "eval.behaviour=french", "checkpoint.every_n_steps=0"])
     run_pipeline(cfg, compile_plan(cfg))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

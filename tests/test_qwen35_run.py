@@ -32,7 +32,7 @@ def test_tiny_qwen35_run_trains_and_saves_a_transformers_checkpoint(tmp_path):
     pipeline = tmp_path / "tiny_qwen35.toml"
     pipeline.write_text(text)
     cfg = load_pipeline(str(pipeline), [f"pipeline.output_dir={tmp_path / 'run'}", "log.progress=false",
-                                        "log.tensorboard=false", "pipeline.device=cpu", "pipeline.num_steps=2",
+                               "pipeline.device=cpu", "pipeline.num_steps=2",
                                         "eval.every_n_steps=2", "checkpoint.every_n_steps=2",
                                         "rollout.max_new_tokens=12"])
     assert cfg.shapes["student"].linear_layers == 3
