@@ -298,7 +298,7 @@ def multimodal_wrapper(config: dict):
 def config_problems(config) -> tuple[Family | None, list[tuple[str, str]]]:
     """(family or None, [(key, message), ...]) for an HF-style config dict; no problems means plan and run can
     build it. A multimodal checkpoint's config is checked as its text model's (text_part)."""
-    if isinstance(config, dict) and config.get("model_type") in MULTIMODAL_WRAPPERS:
+    if isinstance(config, dict) and isinstance(config.get("model_type"), str) and config["model_type"] in MULTIMODAL_WRAPPERS:
         return _wrapper_problems(config)
     family, problems = _family(config)
     if family is None or problems:

@@ -29,7 +29,7 @@ def test_rollout_attention_choices_on_cpu():
     cpu = torch.device("cpu")
     assert rollout_attention("auto", cpu, torch.bfloat16) == "torch"
     from opdgraph import cuda_overheads
-    from opdgraph.runtime import context
+    from opdgraph.runtime import engine_setup as context
 
     assert cuda_overheads.FLASHINFER_HEAD_DIMS == context.FLASHINFER_HEAD_DIMS
     if torch.cuda.is_available():  # head sizes flashinfer's kernels lack go to the torch path on CUDA too

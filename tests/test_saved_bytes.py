@@ -36,6 +36,7 @@ from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
 from opdgraph.runtime.batches import MicroBatch
 from opdgraph.runtime.buffers import BufferTable
+from opdgraph.runtime.executor import LoopState
 from opdgraph.train.divergence import divergence_metrics
 
 CONFIGS = pathlib.Path(opdgraph.__file__).parent / "model_configs"
@@ -67,6 +68,17 @@ VOCAB = 512
 SEQUENCE_LENGTHS = (40, 17, 7)  # one micro-batch of three packed sequences, 64 tokens
 TOLERANCE = 0.02
 
+
+
+def _teachers(model) -> dict:
+    """The runtime's one teacher stage, scoring with `model` (what build_teachers makes of [teacher_score])."""
+    from opdgraph.runtime.teachers import TeacherRuntime
+    from opdgraph.teachers import TeacherSpec
+
+    spec = TeacherSpec(stage="teacher_score", model="teacher", weights="teacher", self_teacher=False,
+                       own_weights=True, hidden="teacher_hidden", routes=("teacher_score",), mixture_weight=None,
+                       prompt_tokens=0, has_context=False)
+    return {"teacher_score": TeacherRuntime(spec=spec, model=model)}
 
 def family_config(family: str) -> dict:
     source = {**FAMILIES, **HYBRID}[family]
@@ -101,7 +113,8 @@ def runtime_context(model, checkpointing: bool = False, lengths: tuple[int, ...]
     batch = micro_batch(lengths=lengths)
     ctx = types.SimpleNamespace(student=model, teacher=model, buffers=BufferTable(),
                                 facts={"activation_checkpointing": checkpointing})
-    return ctx, types.SimpleNamespace(micro_batch=batch, index=0), batch.num_tokens
+    ctx.teachers = _teachers(model)
+    return ctx, LoopState(micro_batch=batch), batch.num_tokens
 
 
 def assert_close(measured: float, planned: float, what: str) -> None:
@@ -177,7 +190,7 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
     ctx, loop, tokens = runtime_context(model, lengths=lengths)
     with AllocationTrace() as trace:
-        training.teacher_score(ctx, loop)
+        training.teacher_score("teacher_score", ctx, loop)
     planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
 
@@ -220,7 +233,7 @@ def test_teacher_forward_peak_matches_the_workspace(family, monkeypatch):
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
     ctx, loop, tokens = runtime_context(model)
     with AllocationTrace() as trace:
-        training.teacher_score(ctx, loop)
+        training.teacher_score("teacher_score", ctx, loop)
     assert_close(trace.peak(), sizing.forward_workspace_bytes(shape, tokens, 2), family)
 
 
@@ -247,14 +260,15 @@ def _loss_context(divergence: str, kernel: str):
     buffers.put_item("teacher_hidden", 0, randn(POSITIONS, TEACHER_HIDDEN))
     lm_head_grad = torch.zeros(LOSS_VOCAB, STUDENT_HIDDEN)  # the fp32 accumulator the loss adds into
     buffers.put("student.grads", {"lm_head": lm_head_grad})
-    batch = types.SimpleNamespace(weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
+    batch = types.SimpleNamespace(index=0, group="", weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
                                   target_ids=torch.randint(0, LOSS_VOCAB, (POSITIONS,), generator=generator))
     ctx = types.SimpleNamespace(student=student, teacher=teacher, buffers=buffers, step_record={},
                                 facts={"grads_buffer": "student.grads"},
-                                gradients=types.SimpleNamespace(lm_head=lambda: lm_head_grad))
+                                gradients=types.SimpleNamespace(lm_head=lambda: lm_head_grad),
+                                teachers=_teachers(teacher))
     config = types.SimpleNamespace(divergence=divergence, beta=0.5, temperature=1.3, chunk_tokens=CHUNK,
                                    kernel=kernel)
-    return config, ctx, types.SimpleNamespace(micro_batch=batch, index=0)
+    return config, ctx, LoopState(micro_batch=batch)
 
 
 @pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
@@ -370,7 +384,7 @@ def test_reference_attention_forward_peak_matches_the_workspace(family, dtype, l
     exceed the MLP's peak, and the plan would miss it."""
     shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
     with AllocationTrace() as trace:
-        training.teacher_score(ctx, loop)
+        training.teacher_score("teacher_score", ctx, loop)
     planned = sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, reference_sequence_tokens=longest)
     if uniform:
         assert_close(trace.peak(), planned, f"{family} {lengths}")

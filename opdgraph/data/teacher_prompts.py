@@ -31,6 +31,7 @@ class TeacherPrompt:
     context_template: str = "{prompt}\n\n{context}"
     max_tokens: int = 0  # 0: no limit of its own
     where: str = ""  # where context_field is set (file:line), for messages
+    limit_where: str = ""  # where the teacher's prompt limit comes from (file:line), for messages
 
 
 @attrs.frozen(kw_only=True)
@@ -67,8 +68,8 @@ def teacher_prompt_ids(messages, row: dict, rule: TeacherPrompt) -> tuple[int, .
     ids = tuple(rule.tokenizer.chat_ids(teacher_messages(messages, row, rule), add_generation_prompt=True))
     if rule.max_tokens and len(ids) > rule.max_tokens:
         raise RowProblem("too_long", f"the prompt [{rule.stage}] sees is {len(ids)} tokens, over its limit of "
-                                     f"{rule.max_tokens} (raise {rule.stage}.max_prompt_tokens; prompts are never "
-                                     f"truncated)")
+                                     f"{rule.max_tokens} (raise {rule.stage}.max_prompt_tokens, {rule.limit_where}; "
+                                     f"prompts are never truncated)")
     return ids
 
 

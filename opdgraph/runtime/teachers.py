@@ -46,7 +46,9 @@ def teacher_prompt_rules(cfg, tokenizers: dict) -> list:
         rules.append(TeacherPrompt(stage=spec.stage, tokenizer=tokenizers[spec.model],
                                    system_prompt=config.system_prompt, context_field=config.context_field,
                                    context_template=config.context_template, max_tokens=spec.prompt_tokens,
-                                   where=_where(cfg, f"{spec.stage}.context_field")))
+                                   where=_where(cfg, f"{spec.stage}.context_field"),
+                                   limit_where=_where(cfg, f"{spec.stage}.max_prompt_tokens"
+                                                      if config.max_prompt_tokens else "data.max_prompt_tokens")))
     return rules
 
 
