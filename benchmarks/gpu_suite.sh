@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one device session, part by part, each under its own time limit, every log and
 # JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory
-# Parts: tests (GPU-marked tests of the rollout, kernels and runtime fast paths), attn (decode attention kernel vs
+# Parts: setup (install the carried .whl wheels into /tmp/site, which must be on PYTHONPATH; stash or join the GGUF
+# parts: benchmarks/gguf_parts.sh), prune (pipelines/prune_distill.toml with its before/after eval), tests (GPU-marked tests of the rollout, kernels and runtime fast paths), attn (decode attention kernel vs
 # flashinfer), rollout (decode bursts vs the per-step graphs and transformers, with a profile), step (one OPD step,
 # shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
 # multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (the whole
@@ -21,6 +22,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.
 for part in "$@"; do
   started=$(date +%s)
   case $part in
+    setup)  # the carried wheels (.whl) into /tmp/site, the project on top, the GGUF part this call carries
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      fi
+      python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
+      bash benchmarks/gguf_parts.sh join ;;
+    prune)  # the layer-pruned recipe with eval before and after: its degeneration figures (needs the joined GGUF)
+      timeout 300 python3 -m opdgraph run pipelines/prune_distill.toml --set pipeline.device=cuda --set log.progress=false \
+        --set "pipeline.output_dir=\"/tmp/prune_run\"" 2>&1 | tee "$OUT/prune_distill.txt" | tail -32 ;;
     tests)
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 110 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py tests/test_kernel_fused_decode.py \
         tests/test_rollout_gpu.py -k "burst or paged or fused or stacked" -s 2>&1 | tee "$OUT/gpu_tests.txt" \
