@@ -1,8 +1,10 @@
 """Derived counts of one training step: sequences, KV pages, micro-batches, chunks. Config in, plain numbers out.
 
 Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens, in a hybrid SFT
-pipeline every gold prefix at gold_prefix_max_tokens, on the prompt side): the plan must hold for the worst step. Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens
-(a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
+pipeline every gold prefix at gold_prefix_max_tokens, on the prompt side): the plan must hold for the worst step.
+Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens (a sequence is never split:
+attention needs all of it), and the loss walks each micro-batch in chunks (not over a gold prefix: the sft stage
+trains those positions, stages/sft.py).
 With several ranks (data parallel) every count is per rank: each rank rolls out and trains on its share of the
 step's sequences.
 

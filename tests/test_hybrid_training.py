@@ -152,3 +152,48 @@ def test_teacher_scores_only_what_the_loss_reads(tmp_path, monkeypatch):
     steps = {step.name: step for step in plan.steps}
     assert steps["sft"].repeats == plan.facts["train.num_micro_batches"] * 1  # ceil(96 / 128) chunks each
     assert "sft.hidden_grad" in steps["backward"].reads
+
+
+def test_gold_positions_and_weights_of_the_packing():
+    """Fails if the cross-entropy positions are not the ones predicting each prefix token (o+P-k-1 .. o+P-2 at
+    packed offset o), their targets are not the prefix, or the weights differ from 1 / G ("token") and
+    1 / (S_g x k) ("sequence") over the step's global counts."""
+    samples = _hybrid_samples(4, seed=2)
+    ks = [s.gold_prefix_length for s in samples]
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    offsets = [sum(lengths[:index]) for index in range(len(samples))]
+    want = [o + len(s.prompt_ids) - k - 1 + j for s, o, k in zip(samples, offsets, ks) for j in range(k)]
+    for normalize, total_tokens, total_sequences in (("token", 50, 9), ("sequence", 50, 9)):
+        batch, = build_micro_batches(samples, micro_batch_tokens=512, normalize="token", global_tokens=40,
+                                     global_sequences=9, device=torch.device("cpu"),
+                                     gold=(normalize, total_tokens, total_sequences))
+        assert batch.gold_positions.tolist() == want
+        assert batch.gold_targets.tolist() == [t for s, k in zip(samples, ks) for t in s.prompt_ids[-k:] if k]
+        expected = [1 / total_tokens if normalize == "token" else 1 / (total_sequences * k) for k in ks
+                    for _ in range(k)]
+        assert torch.allclose(batch.gold_weights, torch.tensor(expected))
+        assert not set(want) & set(batch.loss_positions.tolist())  # the divergence never sees a prefix position
+    plain = [Sample(prompt_ids=s.prompt_ids, response_ids=s.response_ids, prompt_index=0, sample_index=0)
+             for s in samples]
+    batch, = build_micro_batches(plain, micro_batch_tokens=512, normalize="token", global_tokens=40,
+                                 global_sequences=4, device=torch.device("cpu"))
+    assert batch.gold_positions is None and batch.gold_weights is None
+
+
+def test_routed_hybrid_plan_has_an_sft_step_per_teacher_loop():
+    """Fails if the sft stage is not planned inside each routed teacher's loop with loop-local buffers that its
+    backward reads, or if the hybrid plan breaks the lifetime invariants."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config import load_pipeline
+    from tests.test_composed_plans import PIPELINES, _schedule
+    from tests.test_lifetime import check_invariants
+
+    cfg = load_pipeline(PIPELINES / "tiny_routed.toml", ["sft.gold_prefix_field=solution",
+                                                         "sft.gold_prefix_max_tokens=16"])
+    plan = compile_plan(cfg)
+    check_invariants(*_schedule(plan))
+    names = [step.name for step in plan.steps]
+    for group in ("chat", "math"):
+        assert [name for name in names if name.startswith(f"{group}/")] == [
+            f"{group}/loss.student_forward", f"{group}/loss", f"{group}/sft", f"{group}/backward"]
+        assert f"{group}/sft.hidden_grad" in plan.step(f"{group}/backward").reads

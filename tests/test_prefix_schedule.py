@@ -1,9 +1,10 @@
 """The gold-prefix schedule (opdgraph.train.prefix_schedule) as a table, and a hybrid run that resumes exactly.
 
 The table's k values are worked out by hand from k = min(floor(f(s) x max_tokens), floor(f(s) x fraction x L)).
-The run: pipelines/tiny_hybrid.toml with the prefix decaying to nothing over 4 steps, killed after its step-2
+The run: pipelines/tiny_hybrid.toml with the prefix decaying to nothing over 3 steps, killed after its step-2
 checkpoint and resumed, must log every step's prefix tokens, cross-entropy and loss exactly as an uninterrupted run
-does (the prefix of a step depends on the step alone, which the checkpoint restores).
+does (the prefix of a step depends on the step alone, which the checkpoint restores). Its evals report the accuracy
+with the full gold prefix beside the one without.
 """
 
 from __future__ import annotations
@@ -47,16 +48,21 @@ def test_prefix_tokens_table(max_tokens, fraction, schedule, decay_steps, gold, 
 
 def _run(run_dir: Path, resume: Path | None = None):
     cfg = load_pipeline(HYBRID, [f"pipeline.output_dir={run_dir}", "log.progress=false", "pipeline.device=cpu",
-                                 "pipeline.num_steps=5", "sft.decay_steps=4", "checkpoint.every_n_steps=2",
+                                 "pipeline.num_steps=4", "sft.decay_steps=3", "checkpoint.every_n_steps=2",
+                                 "rollout.max_new_tokens=8",
                                  "eval.every_n_steps=0", "eval.num_prompts=2"])
     return run_pipeline(cfg, compile_plan(cfg), resume=resume)
 
 
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if record["kind"] == kind]
+
+
 def _train_records(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "gold_prefix_tokens", "gold_prefix_tokens_mean", "sft_loss", "sft_cross_entropy", "loss",
             "divergence", "grad_norm")
-    return [{key: record[key] for key in keys} for record in records if record["kind"] == "train"]
+    return [{key: record[key] for key in keys} for record in _records(run_dir, "train")]
 
 
 def test_hybrid_run_resumes_with_the_same_prefixes(tmp_path, monkeypatch):
@@ -64,8 +70,13 @@ def test_hybrid_run_resumes_with_the_same_prefixes(tmp_path, monkeypatch):
     the restored step), or if the prefix does not decay to nothing as configured."""
     full = _train_records(_run(tmp_path / "full").run_dir)
     tokens = [record["gold_prefix_tokens"] for record in full]
-    assert tokens[0] > tokens[1] > tokens[2] > tokens[3] > 0 and tokens[4] == 0
-    assert full[4]["sft_loss"] == 0.0 and full[0]["sft_loss"] > 0
+    # 16 sequences whose golds are over 48 tokens long: 24, then 2/3, 1/3 of it, then none
+    assert tokens == [16 * 24, 16 * 16, 16 * 8, 0]
+    assert full[3]["sft_loss"] == 0.0 and full[0]["sft_loss"] > 0
+    evals = _records(tmp_path / "full", "eval")
+    assert [record["label"] for record in evals] == ["before", "final"]
+    assert all("accuracy" in record and "accuracy_with_gold_prefix" in record
+               and record["gold_prefix_tokens_mean"] == 24 for record in evals)
     original = executor_module.PlanExecutor.run_training_step
 
     def killed_at_step_3(self):

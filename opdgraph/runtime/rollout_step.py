@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opdgraph.data.gold_prefix import with_gold_prefix
 from opdgraph.runtime.batches import MicroBatch, Sample, build_micro_batches
 from opdgraph.runtime.distributed import all_reduce_max, all_reduce_sum, pad_micro_batches
 
@@ -57,8 +58,6 @@ def run_rollout(config, ctx) -> None:
                              eos_token_ids=ctx.tokenizer.eos_token_ids)
     prompts, sft = ctx.buffers.get("prompts"), facts.get("sft")
     if sft is not None:
-        from opdgraph.data.gold_prefix import with_gold_prefix
-
         prompts = with_gold_prefix(prompts, sft.prefix_schedule(), ctx.step)
     samples = generate_samples(ctx.engine, prompts, params, n=facts["samples_per_prompt"],
                                seed=ctx.seed, step=ctx.step, tag="step")
@@ -66,11 +65,13 @@ def run_rollout(config, ctx) -> None:
     lengths = [len(s.response_ids) for s in samples]
     # Normalisation counts are global over the step's batch: summed over ranks, so every rank weights its tokens as
     # one process holding the whole batch would. The logged counts are global too.
-    gold = [sum(s.gold_prefix_length for s in samples), sum(s.gold_prefix_length > 0 for s in samples)] if sft else []
+    # The sft stage's (gold-prefix tokens, sequences with a prefix) ride in the same all-reduce.
+    gold = [] if sft is None else [sum(s.gold_prefix_length for s in samples),
+                                   sum(s.gold_prefix_length > 0 for s in samples)]
     totals = all_reduce_sum([sum(lengths), len(samples), sum(s.finish_reason != "length" for s in samples),
                              stats.preemptions, stats.tokens_per_second, *gold], ctx.device)
     global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
-    gold_counts = (sft.normalize, int(totals[5]), int(totals[6])) if sft else ("token", 0, 0)
+    gold_counts = (sft.normalize, int(totals[5]), int(totals[6])) if sft is not None else ("token", 0, 0)
     micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
                                         global_sequences=global_sequences, device=ctx.device,
@@ -87,6 +88,6 @@ def run_rollout(config, ctx) -> None:
         "rollout_preemptions": preemptions, "finished_by_eos": finished_by_eos,
         "num_micro_batches": len(micro_batches),
     })
-    if sft:
+    if sft is not None:
         ctx.step_record.update({"gold_prefix_tokens": gold_counts[1],
                                 "gold_prefix_tokens_mean": gold_counts[1] / global_sequences})
