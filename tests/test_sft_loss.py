@@ -63,3 +63,26 @@ def test_scale_zero_and_no_positions():
     assert torch.isfinite(result.per_token).all() and (result.per_token > 0).all()
     empty = chunked_cross_entropy(hidden[:0], lm_head, targets[:0], weights[:0], scale=1.0, chunk_tokens=2)
     assert float(empty.loss) == 0.0 and empty.hidden_grad.shape == (0, 8)
+
+
+def test_chunk_peak_matches_the_plan():
+    """If this fails, the cross-entropy's peak beyond its inputs and the hidden-state gradient (a planned buffer of
+    its own) differs from the plan's sft.logit_chunk on the CPU path (stages/sft.py: LOGIT_BUFFERS fp32 [chunk, V]
+    buffers and the fp32 copy of the lm_head)."""
+    from memory_probe import AllocationTrace
+
+    from opdgraph import sizing
+    from opdgraph.stages.sft import LOGIT_BUFFERS
+
+    positions, vocab, hidden_size, chunk = 150, 4000, 256, 64  # a vocabulary and a last chunk not a multiple
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(positions, hidden_size, generator=generator).to(torch.bfloat16)
+    lm_head = (torch.randn(vocab, hidden_size, generator=generator) * 0.05).to(torch.bfloat16)
+    targets, weights = torch.randint(0, vocab, (positions,), generator=generator), torch.full((positions,), 0.01)
+    lm_head_grad = torch.zeros(vocab, hidden_size)
+    with AllocationTrace() as trace:
+        result = chunked_cross_entropy(hidden, lm_head, targets, weights, scale=1.0, chunk_tokens=chunk,
+                                       lm_head_grad=lm_head_grad)
+    measured = trace.peak() - result.hidden_grad.numel() * 2
+    planned = sizing.logit_chunk_bytes(chunk, vocab, LOGIT_BUFFERS, upcast_hidden=hidden_size)
+    assert abs(measured - planned) <= 0.05 * planned, (measured, planned)

@@ -8,10 +8,10 @@ are checked here again with the prefix; a limit the plain check already reports 
 
 from __future__ import annotations
 
-from opdgraph.stages.sft import KIND
-
 
 def check_sft_stages(pipeline, models, shapes, data, stages, problem, problems) -> None:
+    from opdgraph.stages.sft import KIND  # the stage imports the config package: imported when called
+
     found = [name for name, stage in stages.items() if stage.kind == KIND]
     if not found:
         return
