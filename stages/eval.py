@@ -68,6 +68,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     rollout = names["rollout"]
     pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
+    # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
+    gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
     generate = max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role])
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
     upcast = facts.cpu_upcast_hidden
@@ -85,9 +87,9 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
                + sizing.recurrent_state_bytes(shapes["student"], counts.concurrent_seqs, dtypes["student"]),
-               (*pool_keys, *facts.student_keys),
+               (*pool_keys, *facts.gold_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
-                       "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
+                       f"ceil((max_prompt_tokens{gold} + max_new_tokens) / page_size)"),
         buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
                                      dtypes["teacher"])
@@ -95,7 +97,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                (*pool_keys, *facts.teacher_keys),
                formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
                    "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
-                   != counts.num_pages else "")),
+                   > counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
                formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
                        "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
