@@ -92,7 +92,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     batch's). A routed fused plan has these once per teacher loop (group-local names)."""
     shape, dtype_bytes, counts, local = facts.student_shape, facts.student_dtype_bytes, facts.counts, facts.local
     tokens, keys = facts.crossing_tokens
-    checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
+    checkpointing = facts.activation_checkpointing
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     per_layer = facts.activation_label
     logit_bytes, logit_formula = _logit_chunk(config, facts)
@@ -101,7 +101,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                sizing.hidden_state_bytes(shape, counts.micro_batch_tokens, dtype_bytes),
                (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d"),
         buffer(local("student_activations"), "activations",
-               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing, repeated, reference),
+               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing,
+                                       reference_sequence_tokens=reference),
                (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
