@@ -44,6 +44,11 @@ class GatedActivationFunction(torch.autograd.Function):
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up. Without a graph the caller's gate must be a temporary (GatedMLP passes gate_proj's output):
+    it is dropped once act(gate) exists and the product is formed in place, so at most three [T, i] tensors are
+    alive (the forward workspace of sizing.py), as when the model wrote gate = act(gate)."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return GatedActivationFunction.apply(gate, up, activation)
-    return activate(gate, activation) * up
+    activated = activate(gate, activation)
+    del gate
+    return activated.mul_(up)

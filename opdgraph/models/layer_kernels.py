@@ -48,22 +48,15 @@ class LayerKernels(Protocol):
 
 class TorchLayerKernels:
     name = "torch"
-
-    @staticmethod
-    def rms_norm(x, weight, eps, one_plus):
-        return rms_norm(x, weight, eps, one_plus)
-
-    @staticmethod
-    def add_rms_norm(x, residual, weight, eps, one_plus):
-        return add_rms_norm(x, residual, weight, eps, one_plus)
+    # The functions themselves, not wrappers: a wrapper's frame would keep the no-grad gate alive
+    # (gated_activation drops it to keep the forward workspace at three [T, i] tensors).
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    gated_activation = staticmethod(gated_activation)
 
     @staticmethod
     def rotary(q, k, cos, sin):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    @staticmethod
-    def gated_activation(gate, up, activation):
-        return gated_activation(gate, up, activation)
 
 
 TORCH = TorchLayerKernels()
