@@ -38,8 +38,8 @@ norms of models/norms.py, FlashAttention varlen; counted storage by storage in t
   fused kernel saves the same) and their product, which down_proj reads (3 i x d).
 The torch and Liger-Kernel layer kernels (models/layer_kernels.py, models.<name>.kernels) save the same tensors.
 Qwen3.5 (hybrid: gated-DeltaNet layers between gated attention layers; models/gated_deltanet.py):
-- a full-attention layer adds 3 q x d to a: q_proj's output is q and the gate (the q norm saves all 2 q of it), the
-  sigmoid of the gate, and the gated product o_proj reads;
+- a full-attention layer adds 2 q x d to a: the sigmoid of the gate and the gated product o_proj reads (the q norm
+  saves a copy of q, not q_proj's output of q and the gate: models/layers.py);
 - a linear-attention layer saves instead
     a_linear = d x (4 h + c + Hv + 3 v + 3 i) + 4 x (2 + 4 Hv)
   (c = conv channels 2 k + v, k / v = key / value heads x head dims, Hv = value heads): its two norms as above, the
@@ -184,8 +184,8 @@ def attention_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int, kv_repe
     if shape.qk_norm:
         elements += shape.q_dim + shape.kv_dim
         rows += shape.heads + shape.kv_heads
-    if shape.output_gate:  # the gate half of q_proj's output, its sigmoid, the gated product
-        elements += 3 * shape.q_dim
+    if shape.output_gate:  # the gate's sigmoid, the gated product
+        elements += 2 * shape.q_dim
     scores = reference_sequence_tokens * (shape.heads * reference_saved_score_bytes(dtype_bytes) + MASK_BYTES)
     return elements * dtype_bytes + rows * FP32_BYTES + scores
 

@@ -130,6 +130,9 @@ class Attention(nn.Module):
         gate = None
         if self.output_gate:  # per head: head_dim query values, then head_dim gate values
             q, gate = self.q_proj(x).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            # q's own copy: the q norm saves its input, and a view would keep all of q_proj's output (q and gate)
+            # alive for backward; the fused kernels copy a strided input anyway (sizing.py: Qwen3.5)
+            q = q.contiguous()
         else:
             q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
