@@ -25,20 +25,23 @@ Placements chosen by the fit search (opdgraph.fit):
 
 Per-token-per-layer activation bytes a, as autograd saves them in the training forward (models/layers.py with the
 norms of models/norms.py, FlashAttention varlen; counted storage by storage in tests/test_saved_bytes.py):
-    a = d x ((n + 2) h + 2 q + 2 kv' + 4 i [+ q + kv]) + 4 x (n + heads [+ heads + kv_heads])
+    a = d x ((n + 2) h + 2 q + 2 kv' + 3 i [+ q + kv]) + 4 x (n + heads [+ heads + kv_heads])
 - each of the n hidden-size norms (2; Gemma 3: 4) saves its input (h x d) and its fp32 rstd (4 bytes); the outputs
   of the two pre-norms are saved by the projections that read them (2 h x d); Gemma's post-norms feed a residual
   add, which saves nothing;
 - the q/k norms (Qwen3, Gemma 3) save q_proj's and k_proj's outputs ((q + kv) x d) and an rstd per head;
 - attention saves q, k, v and its output ((2 q + 2 kv') x d; o_proj reads the same output) and the fp32 log-sum-exp
-  per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv, or q where the GPU path
-  repeats K/V heads before FlashAttention (torch < 2.12's varlen_attn has no enable_gqa: kernels/varlen_attention.py);
-- the gated MLP saves gate, up, act(gate) and their product (4 i x d).
+  per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv (FlashAttention takes
+  grouped-query K/V natively: kernels/varlen_attention.py), or q where K/V heads are repeated first (the reference
+  attention below; kv_repeated: the benchmarks' repeat path);
+- the gated MLP saves gate and up (its Function recomputes act(gate): models/gated_activation.py; Liger-Kernel's
+  fused kernel saves the same) and their product, which down_proj reads (3 i x d).
+The torch and Liger-Kernel layer kernels (models/layer_kernels.py, models.<name>.kernels) save the same tensors.
 Qwen3.5 (hybrid: gated-DeltaNet layers between gated attention layers; models/gated_deltanet.py):
-- a full-attention layer adds 3 q x d to a: q_proj's output is q and the gate (the q norm saves all 2 q of it), the
-  sigmoid of the gate, and the gated product o_proj reads;
+- a full-attention layer adds 2 q x d to a: the sigmoid of the gate and the gated product o_proj reads (the q norm
+  saves a copy of q, not q_proj's output of q and the gate: models/layers.py);
 - a linear-attention layer saves instead
-    a_linear = d x (4 h + c + Hv + 3 v + 4 i) + 4 x (2 + 4 Hv)
+    a_linear = d x (4 h + c + Hv + 3 v + 3 i) + 4 x (2 + 4 Hv)
   (c = conv channels 2 k + v, k / v = key / value heads x head dims, Hv = value heads): its two norms as above, the
   in_proj_qkv output (c, the only input of the recomputing core: models/linear_attention_backend.py), beta (Hv), the
   fp32 decay, softplus's input and output (3 Hv x 4), the core's output, the gate and the gated norm's output (3 v)
@@ -165,7 +168,7 @@ def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv
 def linear_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     """a_linear of the module docstring (a gated-DeltaNet layer in training)."""
     heads, values = shape.linear_value_heads, shape.linear_value_dim
-    elements = 4 * shape.hidden + shape.conv_dim + heads + 3 * values + 4 * shape.intermediate
+    elements = 4 * shape.hidden + shape.conv_dim + heads + 3 * values + 3 * shape.intermediate
     return elements * dtype_bytes + (2 + 4 * heads) * FP32_BYTES
 
 
@@ -176,13 +179,13 @@ def attention_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int, kv_repe
     norms = shape.norms_per_layer
     reference = reference_sequence_tokens > 0
     attention_kv = shape.q_dim if kv_repeated or reference else shape.kv_dim
-    elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 4 * shape.intermediate
+    elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 3 * shape.intermediate
     rows = norms + (0 if reference else shape.heads)  # one fp32 rstd per norm row, one fp32 log-sum-exp per head
     if shape.qk_norm:
         elements += shape.q_dim + shape.kv_dim
         rows += shape.heads + shape.kv_heads
-    if shape.output_gate:  # the gate half of q_proj's output, its sigmoid, the gated product
-        elements += 3 * shape.q_dim
+    if shape.output_gate:  # the gate's sigmoid, the gated product
+        elements += 2 * shape.q_dim
     scores = reference_sequence_tokens * (shape.heads * reference_saved_score_bytes(dtype_bytes) + MASK_BYTES)
     return elements * dtype_bytes + rows * FP32_BYTES + scores
 

@@ -17,7 +17,7 @@ from typing import Callable
 import attrs
 
 from opdgraph import work as W
-from opdgraph.planned_paths import attention_fallback, fp32_grads, kv_heads_repeated, model_keys
+from opdgraph.planned_paths import attention_fallback, fp32_grads, model_keys
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
@@ -70,7 +70,6 @@ class StageFacts:
     targets_cuda: bool
     uses_flashinfer: bool  # the rollout decodes with flashinfer (and captures decode graphs)
     stacked_qkv_bytes: int  # the fused GPU rollout's stacked q/k/v weights (0 otherwise)
-    student_kv_repeated: bool  # buffers.kv_heads_repeated for the student
     student_attention_fallback: bool  # buffers.attention_fallback per model
     teacher_attention_fallback: bool
     eval_counts: Callable[[str], EvalCounts]  # an eval stage's pool and batch sizes (counts.eval_counts)
@@ -130,7 +129,7 @@ class StageFacts:
         reference = self.reference_tokens("student", self.counts.sequence_tokens)
         if reference:
             return f"a_reference (torch attention's S x S scores, S = {reference})"
-        return "a (K/V heads repeated)" if self.student_kv_repeated else "a"
+        return "a"
 
     @property
     def cpu_upcast_hidden(self) -> int:
@@ -211,7 +210,6 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         activation_checkpointing=cfg.stage("backward").config.activation_checkpointing, fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
-        student_kv_repeated=kv_heads_repeated(cfg, student),
         student_attention_fallback=attention_fallback(cfg, student),
         teacher_attention_fallback=attention_fallback(cfg, teacher_model),
         eval_counts=functools.partial(eval_counts, cfg), teachers=teachers, groups=groups, group=groups[0])

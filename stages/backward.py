@@ -65,10 +65,9 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """One layer's activation gradients at a time."""
     reference = facts.reference_tokens("student", facts.counts.sequence_tokens)
-    repeated = facts.student_kv_repeated
     per_layer = facts.activation_label
     per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
-                                                            repeated, reference)
+                                                            reference_sequence_tokens=reference)
     return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", facts.counts.micro_batch_tokens * per_token,
                    (*facts.micro_keys, *facts.student_keys),
                    formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]

@@ -94,7 +94,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     tokens, keys = facts.crossing_tokens
     scored, _ = facts.scored_crossing_tokens  # hybrid SFT: not the gold prefix's positions (stages/sft.py)
     gold = " (gold prefix positions excluded)" if counts.gold_prefix_tokens else ""
-    checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
+    checkpointing = facts.activation_checkpointing
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     per_layer = facts.activation_label
     logit_bytes, logit_formula = _logit_chunk(config, facts)
@@ -103,7 +103,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                sizing.hidden_state_bytes(shape, counts.scored_micro_batch_tokens, dtype_bytes),
                (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d" + gold),
         buffer(local("student_activations"), "activations",
-               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing, repeated, reference),
+               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing,
+                                       reference_sequence_tokens=reference),
                (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing

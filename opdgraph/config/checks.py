@@ -37,6 +37,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     _check_data_files(data, stages, base_dir, problem, problems)
     _check_estimator(stages, problem, problems)
     _check_loss_kernel(pipeline, stages, problem, problems)
+    _check_model_kernels(pipeline, models, problem, problems)
     return shapes
 
 
@@ -259,3 +260,16 @@ def _check_loss_kernel(pipeline, stages, problem, problems):
             problems.append(problem(f"{name}.kernel",
                                     f"{name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
                                     f"set {name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
+
+
+def _check_model_kernels(pipeline, models, problem, problems):
+    """Liger-Kernel's kernels run on CUDA only (as the loss kernel above; "auto" devices are checked at startup by
+    opdgraph.models.layer_kernels.check_layer_kernels, which also needs liger_kernel to import)."""
+    if pipeline.device != "cpu":
+        return
+    for name, model in models.items():
+        if model.kernels == "liger":
+            problems.append(problem(f"models.{name}.kernels",
+                                    f"models.{name}.kernels = \"liger\" runs on CUDA only, but pipeline.device = "
+                                    f"\"cpu\"; set models.{name}.kernels = \"auto\" or \"torch\" (or "
+                                    f"pipeline.device = \"cuda\")"))

@@ -11,7 +11,7 @@ import torch
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import TORCH_DTYPES, RunContext, seed_everything
-from opdgraph.runtime.engine_setup import build_engine, use_packed_attention
+from opdgraph.runtime.engine_setup import build_engine, use_layer_kernels, use_packed_attention
 from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.hybrid import sft_facts
 from opdgraph.runtime.metrics import MetricsLog
@@ -62,6 +62,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     # The first teacher with weights of its own (a live self-teacher is the student): what a shard placement splits
     teacher = next((t.model for t in teachers.values() if t.spec.own_weights), next(iter(teachers.values())).model)
     print(use_packed_attention([student, *distinct_models(teachers, student)], device))
+    print(use_layer_kernels(cfg, student, teachers, device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
         _load_student_weights(student, resume_from)
     rollout = cfg.stage("rollout").config

@@ -1,8 +1,10 @@
 """The rollout engine and the models' attention backends for the device the run is on.
 
 On CUDA the run takes the fast paths: the rollout engine samples through flashinfer with CUDA-graph decode
-(`build_engine`, when rollout.backend allows it and flashinfer imports), and both models run packed attention
-through FlashAttention varlen (`use_packed_attention`). CPU runs keep the plain-torch paths.
+(`build_engine`, when rollout.backend allows it and flashinfer imports), both models run packed attention
+through FlashAttention varlen (`use_packed_attention`), and their norms, RoPE and gated activations through the
+kernels of models.<name>.kernels (`use_layer_kernels`: Liger-Kernel's where it runs on "auto"). CPU runs keep the
+plain-torch paths.
 """
 
 from __future__ import annotations
@@ -81,3 +83,16 @@ def use_packed_attention(models, device: torch.device) -> str:
         if device.type == "cuda":
             model._inv_freq = {kind: inv_freq.to(device) for kind, inv_freq in model._inv_freq.items()}
     return packed_backend_description(device)
+
+def use_layer_kernels(cfg, student, teachers: dict, device: torch.device) -> str:
+    """Give the student and each teacher's model the layer kernels of its models.<name>.kernels (startup has
+    checked an explicit "liger"); returns the one-line description for the log."""
+    from opdgraph.models.layer_kernels import select_layer_kernels
+
+    chosen = {}
+    for name, model in [(cfg.model_with_role("student"), student),
+                        *((teacher.spec.model, teacher.model) for teacher in teachers.values())]:
+        kernels = select_layer_kernels(cfg.models[name].kernels, device)
+        model.set_layer_kernels(kernels)
+        chosen[name] = kernels.name
+    return "layer kernels: " + ", ".join(f"{name} {kind}" for name, kind in chosen.items())

@@ -47,15 +47,18 @@ class Startup:
 
 def check_startup(cfg) -> Startup:
     """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device (and the loss kernel it can run), the student's and the teacher's tokenizers,
+    minutes of loading): the device (and the loss and layer kernels it can run), the student's and the teacher's tokenizers,
     every row of every prompt file.
     `opdgraph run --check` stops here."""
+    from opdgraph.models.layer_kernels import check_layer_kernels
     from opdgraph.runtime.training import check_loss_kernel
 
     check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
     for stage in cfg.stages_of_kind("loss"):
         check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
+    for name, model in cfg.models.items():
+        check_layer_kernels(model.kernels, device, where=f"models.{name}.kernels")
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
                                  {name: shape.vocab for name, shape in cfg.shapes.items()})
     tokenizers = configure_chat_templates(cfg, tokenizers)  # each model's template file and variables
