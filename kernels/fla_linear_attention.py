@@ -12,7 +12,9 @@ rounding:
   a_linear (sizing.py), whichever core runs.
 - ``paged`` (rollout): prefill chunks run the same two kernels with per-sequence initial states gathered from the
   state slots (zeros for chunks that start a sequence) and write the final states back; an all-decode forward runs
-  ``decode_rows`` (the conv step in torch, the delta rule by ``fused_recurrent_gated_delta_rule``), with no host
+  ``decode_rows`` (the conv step in torch, the delta rule by kernels/gated_delta_decode.py, which updates each
+  state in place in its slot: fla's fused_recurrent_gated_delta_rule takes and returns whole state tensors, so a
+  gather and a scatter around it would move every state four times per step instead of twice), with no host
   synchronisation, so CUDA graphs and decode bursts capture it.
 
 State layouts are the torch core's (LinearLayerState): conv windows [slots, K - 1, C], states [slots, Hv, Dk, Dv]
@@ -51,7 +53,7 @@ def fla_import_problem() -> str | None:
     """Why fla's kernels cannot be imported here (None: they can)."""
     try:
         from fla.modules.causal_conv1d import causal_conv1d  # noqa: F401
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
     except ImportError as error:
         return f"flash-linear-attention does not import ({error})"
     return None
@@ -59,10 +61,10 @@ def fla_import_problem() -> str | None:
 
 def _fla():
     from fla.modules.causal_conv1d import causal_conv1d
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.utils.index import prepare_chunk_indices
 
-    return causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, prepare_chunk_indices
+    return causal_conv1d, chunk_gated_delta_rule, prepare_chunk_indices
 
 
 def _split_heads(convolved: torch.Tensor, dims):
@@ -75,7 +77,7 @@ def _split_heads(convolved: torch.Tensor, dims):
 
 def _varlen(cu_seqlens: torch.Tensor):
     """(int64 cu_seqlens on the device, fla's chunk indices) with one host copy of the boundaries."""
-    prepare_chunk_indices = _fla()[3]
+    prepare_chunk_indices = _fla()[2]
     bounds = cu_seqlens.long()
     return bounds, prepare_chunk_indices(bounds, CHUNK_TOKENS, cu_seqlens_cpu=bounds.cpu())
 
@@ -91,14 +93,11 @@ def packed_core(mixed, weight, decay, beta, *, dims, bounds, chunk_indices):
     return out[0].to(mixed.dtype)
 
 
-def fla_recurrent_step(convolved, decay, beta, recurrent, dims):
-    """decode_rows' step: one token of B sequences through fla's fused recurrent kernel (state in float32)."""
-    fused_recurrent_gated_delta_rule = _fla()[2]
-    q, k, v = (x.transpose(0, 1) for x in _split_heads(convolved, dims))  # [B, 1, heads, dim]
-    out, state = fused_recurrent_gated_delta_rule(
-        q, k, v, g=decay[:, None].float(), beta=beta[:, None], scale=dims.key_dim ** -0.5,
-        initial_state=recurrent.contiguous(), output_final_state=True, use_qk_l2norm_in_kernel=True)
-    return out[:, 0], state
+def inplace_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
+    """decode_rows' step on CUDA: kernels/gated_delta_decode.py, the states updated in place in their slots."""
+    from opdgraph.kernels.gated_delta_decode import gated_delta_decode_
+
+    return gated_delta_decode_(convolved, decay, beta, state.recurrent, slots, continuing, dims)
 
 
 class FlaLinearAttention:
@@ -125,7 +124,7 @@ class FlaLinearAttention:
         continuing = meta.kv_lens > meta.query_lens
         if single_token_rows(mixed, meta):
             return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots, continuing,
-                               fla_recurrent_step)
+                               inplace_recurrent_step)
         causal_conv1d, chunk_gated_delta_rule = _fla()[:2]
         bounds, chunk_indices = self._varlen_of(meta, meta.cu_query_lens)
         slots = meta.state_slots

@@ -2,8 +2,8 @@
 
 With CUDA fla's Triton kernels run compiled, in float32 and bfloat16. Without CUDA they run in the CPU interpreter
 (TRITON_INTERPRET=1, set before triton is first imported; autotuning picks the first config, as the interpreter
-cannot time kernels) at tiny sizes: the causal conv1d (forward, backward, states) and the fused recurrent decode
-step do; fla's chunked delta rule does not (its kernels call .to() on a loop counter, a Python int in the
+cannot time kernels) at tiny sizes: fla's causal conv1d (forward, backward, states) and our in-place decode step
+(kernels/gated_delta_decode.py) do; fla's chunked delta rule does not (its kernels call .to() on a loop counter, a Python int in the
 interpreter), so on CPU a stand-in with that function's interface (varlen cu_seqlens, initial and final states,
 grouped value heads, in-kernel L2 norms) computes it with our float64-tested torch scan: the CPU run checks the
 backend's wiring (layouts, state gather and write-back, the recomputing Function) and fla's other kernels; the
@@ -71,8 +71,8 @@ def fla_kernels(monkeypatch):
     import triton.runtime.autotuner as autotuner
 
     monkeypatch.setattr(autotuner.Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
-    conv, _, recurrent, chunk_indices = fla_linear_attention._fla()
-    monkeypatch.setattr(fla_linear_attention, "_fla", lambda: (conv, chunk_stand_in, recurrent, chunk_indices))
+    conv, _, chunk_indices = fla_linear_attention._fla()
+    monkeypatch.setattr(fla_linear_attention, "_fla", lambda: (conv, chunk_stand_in, chunk_indices))
 
 
 def core_inputs(num_tokens: int, dtype: torch.dtype, seed: int, requires_grad: bool = False):

@@ -94,23 +94,26 @@ def recomputed(core, mixed, weight, decay, beta) -> torch.Tensor:
 
 def decode_rows(mixed, weight, decay, beta, dims, state, slots, continuing, step) -> torch.Tensor:
     """One token of each of B sequences at once, without host synchronisation (CUDA-graph capturable): the conv
-    over [window; token], then ``step(convolved [B, C], decay, beta, state [B, Hv, Dk, Dv], dims) -> (out, state)``
-    (the backend's recurrent step). ``continuing`` [B] bool: rows whose sequence has earlier tokens; the others start
-    from zeros whatever their slot holds (a fresh one-token prompt, a padding row). None: every row continues."""
-    window, recurrent = state.conv[slots], state.recurrent[slots]
+    over [window; token], then ``step(convolved [B, C], decay, beta, dims, state, slots, continuing) -> out``, the
+    backend's recurrent step, which reads and writes ``state.recurrent`` at ``slots``. ``continuing`` [B] bool: rows
+    whose sequence has earlier tokens; the others start from zeros whatever their slot holds (a fresh one-token
+    prompt, a padding row). None: every row continues."""
+    window = state.conv[slots]
     if continuing is not None:
         window = torch.where(continuing[:, None, None], window, 0)
-        recurrent = torch.where(continuing[:, None, None, None], recurrent, 0)
     inputs = torch.cat((window.to(mixed.dtype), mixed[:, None]), dim=1)  # [B, K, C]
     convolved = F.silu((inputs * weight[:, 0].T[None]).sum(1))  # the conv's last output, [B, C]
     state.conv[slots] = inputs[:, 1:].to(state.conv.dtype)
-    out, state.recurrent[slots] = step(convolved, decay, beta, recurrent, dims)
-    return out.to(mixed.dtype)
+    return step(convolved, decay, beta, dims, state, slots, continuing).to(mixed.dtype)
 
 
-def torch_recurrent_step(convolved, decay, beta, recurrent, dims):
+def torch_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
+    recurrent = state.recurrent[slots]
+    if continuing is not None:
+        recurrent = torch.where(continuing[:, None, None, None], recurrent, 0)
     q, k, v = _heads(convolved, dims)
-    return delta_rule.recurrent_step(q, k, v, decay.float(), beta.float(), recurrent)
+    out, state.recurrent[slots] = delta_rule.recurrent_step(q, k, v, decay.float(), beta.float(), recurrent)
+    return out
 
 
 def single_token_rows(mixed: torch.Tensor, meta: PagedMetadata) -> bool:
