@@ -134,9 +134,6 @@ def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
             print(row["error"], flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -144,7 +141,11 @@ def run_core(args) -> list[dict]:
     student = read_config("qwen3.5-0.8b-text.json")
     layer = {**student, "num_hidden_layers": 1, "layer_types": ["linear_attention"], "vocab_size": 1024}
     rows = core_rows("one 0.8B linear-attention layer", layer, {"fla": 10, "torch": 3})
+    gc.collect()
+    torch.cuda.empty_cache()
     rows += core_rows("Qwen3.5-0.8B (24 layers)", student, {"fla": 3, "torch": 1})
+    gc.collect()
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -227,14 +228,16 @@ def run_step(args) -> list[dict]:
 def tables(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['linear_attention']}", ""]
     if "core" in report:
-        lines.append(f"{'packed fwd+bwd, 8192 tokens / 16 seqs':<40} {'core':<6} {'fwd+bwd ms':>10} {'no-grad ms':>10} "
-                     f"{'saved MiB':>9} {'plan':>7} {'no-grad peak':>12} {'plan fla':>8} {'fwd+bwd peak':>12}")
+        lines.append(f"{'packed fwd+bwd, 8192 tokens / 16 seqs':<40} {'core':<6} {'fwd+bwd ms':>10} "
+                     f"{'no-grad ms':>10} {'saved MiB':>9} {'plan':>7} {'no-grad peak':>12} {'plan fla':>8} "
+                     f"{'fwd+bwd peak':>12}")
         for row in report["core"]:
             if "error" in row:
                 lines.append(f"{row['what']:<40} {row['core']:<6} error (see JSON)")
                 continue
-            lines.append(f"{row['what']:<40} {row['core']:<6} {row['fwd_bwd_ms']:>10.1f} {row['no_grad_fwd_ms']:>10.1f} "
-                         f"{row['saved_activations_mib']:>9.0f} {row.get('plan_saved_activations_mib', 0):>7.0f} "
+            lines.append(f"{row['what']:<40} {row['core']:<6} {row['fwd_bwd_ms']:>10.1f} "
+                         f"{row['no_grad_fwd_ms']:>10.1f} {row['saved_activations_mib']:>9.0f} "
+                         f"{row.get('plan_saved_activations_mib', 0):>7.0f} "
                          f"{row['no_grad_peak_mib']:>12.0f} {row.get('plan_fla_core_peak_mib', 0):>8.0f} "
                          f"{row['fwd_bwd_peak_mib']:>12.0f}")
         lines.append("")
@@ -244,11 +247,12 @@ def tables(report: dict) -> str:
             if "error" in row:
                 lines.append(f"{row['name']:<52} error (see JSON)")
                 continue
-            lines.append(f"{row['name']:<52} {row['ms_per_decode_step']:>8.2f} {row['decode_tokens_per_second']:>9.0f} "
-                         f"{row['tokens_per_second_end_to_end']:>9.0f}")
+            lines.append(f"{row['name']:<52} {row['ms_per_decode_step']:>8.2f} "
+                         f"{row['decode_tokens_per_second']:>9.0f} {row['tokens_per_second_end_to_end']:>9.0f}")
         lines.append("")
     if "step" in report:
-        lines.append(f"{'OPD step, 32 x (128 + 256) tokens':<30} {'step s':>7} {'peak GiB':>8} {'plan GiB':>8}  stages (s)")
+        lines.append(f"{'OPD step, 32 x (128 + 256) tokens':<30} {'step s':>7} {'peak GiB':>8} {'plan GiB':>8}  "
+                     "stages (s)")
         for row in report["step"]:
             if "error" in row:
                 lines.append(f"{row['pair']:<30} error (see JSON)")

@@ -22,8 +22,10 @@ in float32. fla's conv keeps [N, C, K] windows whose entries 1..K-1 are the last
 prefill boundary only.
 
 Selection (``select_linear_backend``): this core on CUDA when fla imports, the torch core otherwise; the environment
-variable OPDGRAPH_LINEAR_ATTENTION = torch forces the torch core, = fla makes a missing fla an error. The planner
-sizes the no-grad forward's peak of the core the target runs (sizing.linear_core_peak_bytes / fla_core_peak_bytes).
+variable OPDGRAPH_LINEAR_ATTENTION = torch forces the torch core, = fla makes a missing fla an error. On a CUDA
+target the planner sizes the larger of the two cores' no-grad forward peaks (sizing.linear_core_peak_bytes,
+fla_core_peak_bytes) and the in-place decode step (linear_decode_peak_bytes), as it assumes FlashAttention and
+flashinfer there; the run log says when a CUDA run falls back to the torch core.
 Import fla lazily: it imports triton and pulls in every fla op (and einops).
 """
 
@@ -173,6 +175,9 @@ def select_linear_backend(device: torch.device | str):
 def linear_backend_description(device: torch.device | str) -> str:
     """One line for run logs: which linear-attention core runs, and why when it is the torch one."""
     problem = linear_backend_problem(device)
+    if problem is not None and torch.device(device).type == "cuda":
+        return (f"linear attention: torch core ({problem}); note: the plan of a CUDA target sizes fla's in-place "
+                "decode step, the torch core's holds 4 delta-rule states per decoding sequence beyond it")
     if problem is not None:
         return f"linear attention: torch core ({problem})"
     import fla

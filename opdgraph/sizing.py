@@ -65,7 +65,12 @@ the layer's input and norm, the in_proj_qkv output, beta and the decay; the conv
 copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
 head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (N sequences: at
 most one partial chunk each); for a rollout prefill (paged) the N sequences' gathered and final states and conv
-windows (K = conv kernel). Training saves the same a_linear on both cores: each runs inside RecomputedCore, which
+windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets)
+holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and
+fp32 copies of the conv output and the repeated q and k (measured at 0.8B's and 4B's widths, 1.05-1.15 x); the
+in-place kernel of a CUDA target (kernels/gated_delta_decode.py) only the conv step's R x 4 K x c x d. A CUDA run
+that falls back to the torch core is not what the plan sizes there (the run log says so). Training saves the same
+a_linear on both cores: each runs inside RecomputedCore, which
 saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
@@ -279,6 +284,18 @@ def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_by
         states += sequences * (2 * heads * key_dim * value_dim * FP32_BYTES
                                + (3 * shape.conv_kernel - 1) * shape.conv_dim * dtype_bytes)
     return held + tokens * per_token + states
+
+
+def linear_decode_peak_bytes(shape: ModelShape, rows: int, dtype_bytes: int, in_place: bool) -> int:
+    """The peak of a decode step's linear-attention core over `rows` sequences (module docstring): the torch core
+    gathers each row's state and builds new ones; the in-place kernel (a CUDA target) only the conv step's."""
+    if not shape.linear_layers:
+        return 0
+    conv_step = 4 * shape.conv_kernel * shape.conv_dim * dtype_bytes
+    if in_place:
+        return rows * conv_step
+    state = shape.linear_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim * FP32_BYTES
+    return rows * (4 * state + 16 * (shape.conv_dim + 2 * shape.linear_value_heads * shape.linear_key_head_dim))
 
 
 # fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries

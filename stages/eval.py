@@ -69,8 +69,10 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
     fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
-    generate = max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role],
-                                                  fla_sequences=fla, paged=True)
+    generate = max(max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role],
+                                                      fla_sequences=fla, paged=True),
+                       sizing.linear_decode_peak_bytes(shapes[role], counts.concurrent_seqs + 1, dtypes[role],
+                                                       facts.targets_cuda))
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
     upcast = facts.cpu_upcast_hidden
     metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,

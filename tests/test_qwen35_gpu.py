@@ -95,3 +95,41 @@ def test_rollout_tokens_equal_between_cores_in_graphs():
     first = [r.token_ids[:4] for r in results["fla"]] == [r.token_ids[:4] for r in results["torch"]]
     print(f"\nfla vs torch core: {same}/{total} tokens equal position by position, first 4 equal: {first}")
     assert first and same >= 0.5 * total
+
+
+@needs_fla
+@pytest.mark.parametrize("lengths", [(2048,), (512,) * 4, (100, 37, 1000, 3, 908)])
+def test_fla_no_grad_peak_is_covered_by_the_plan(lengths):
+    """If this fails, teacher scoring of a Qwen3.5-0.8B-shaped linear-attention layer through fla's kernels peaks
+    above the plan's forward workspace (sizing.fla_core_peak_bytes: the chunk states, the q/k/v copies, the chunk
+    matrices), or the fla formula holds far more than the kernels allocate."""
+    import json
+    import pathlib
+
+    import opdgraph
+    from opdgraph import sizing
+    from opdgraph.model_shapes import shape_from_hf_config
+    from opdgraph.models.attention_metadata import PackedMetadata
+
+    config = json.loads((pathlib.Path(opdgraph.__file__).parent / "model_configs" / "qwen3.5-0.8b-text.json")
+                        .read_text())
+    config.update(num_hidden_layers=1, layer_types=["linear_attention"], vocab_size=512)
+    shape = shape_from_hf_config(config)
+    model = load_decoder(config, dtype=torch.bfloat16, device="cuda", init_device="device")
+    model.set_linear_attention_backend(FlaLinearAttention())
+    tokens = sum(lengths)
+    ids = torch.randint(0, 512, (tokens,), device="cuda")
+    positions = torch.cat([torch.arange(length) for length in lengths]).cuda()
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
+    meta = PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+    with torch.no_grad():
+        model.forward_hidden(ids, positions, meta)  # compile and autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model.forward_hidden(ids, positions, meta)
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    planned = sizing.fla_core_peak_bytes(shape, tokens, len(lengths), 2, paged=False)
+    print(f"\nfla no-grad peak {lengths}: measured {peak / 2**20:.1f} MiB, plan {planned / 2**20:.1f} MiB")
+    assert peak <= planned <= 1.5 * peak

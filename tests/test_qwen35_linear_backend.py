@@ -47,7 +47,8 @@ def test_environment_forces_either_core_and_rejects_typos(fla_importable, monkey
     silently, or a typo is taken as auto."""
     monkeypatch.setenv(selection.ENVIRONMENT, "torch")
     assert isinstance(selection.select_linear_backend("cuda"), TorchLinearAttention)
-    assert selection.linear_backend_description("cuda").endswith(f"({selection.ENVIRONMENT}=torch)")
+    described = selection.linear_backend_description("cuda")
+    assert f"torch core ({selection.ENVIRONMENT}=torch)" in described and "the plan of a CUDA target" in described
     monkeypatch.setenv(selection.ENVIRONMENT, "fla")
     assert isinstance(selection.select_linear_backend("cuda"), selection.FlaLinearAttention)
     fla_importable.problem = "flash-linear-attention does not import (x)"

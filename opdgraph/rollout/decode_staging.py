@@ -14,8 +14,9 @@ the GPU waits. Here instead:
   ``kv_indices`` is one ``np.concatenate``.
 
 Padding rows (up to the captured graph size) feed token 0 at position 0, write and read only the scratch page (and,
-for a model with linear-attention layers, the scratch state slot), and are greedy (their tokens are dropped). The result equals what ``build_model_inputs`` + ``plan_arrays`` produce for
-the same batch (tests/test_rollout_decode_staging.py checks this step by step through forks and preemptions).
+for a model with linear-attention layers, the scratch state slot), and are greedy (their tokens are dropped). The
+result equals what ``build_model_inputs`` + ``plan_arrays`` produce for the same batch
+(tests/test_rollout_decode_staging.py checks this step by step through forks and preemptions).
 """
 
 from __future__ import annotations
