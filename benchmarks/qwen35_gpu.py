@@ -278,10 +278,10 @@ def main() -> int:
         started = time.perf_counter()
         report[part] = runners[part](args)
         report[f"{part}_seconds"] = time.perf_counter() - started
-        args.out.write_text(json.dumps(report, indent=1, default=str))  # partial results survive a crash
-    text = tables(report)
-    print(text)
-    args.out.with_suffix(".txt").write_text(text + "\n")
+        # Partial results survive a crash or the suite's time limit.
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+        args.out.with_suffix(".txt").write_text(tables(report) + "\n")
+    print(tables(report))
     print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")
     return 0
 

