@@ -16,9 +16,11 @@ inline, and the shipped Qwen3-4B). Parts (--parts, default all):
   Qwen3.5-0.8B <- Qwen3.5-4B against Qwen3-0.6B <- Qwen3-4B, 32 sequences of 128 prompt + 256 response tokens;
   per-stage seconds and the plan's predicted peak beside the measured one.
 
-Writes JSON (--out) and the same tables as text (--out with .txt). Not a test.
+Writes JSON (--out) and the same tables as text (--out with .txt). Not a test. ``--smoke`` runs the core and step
+parts on the CPU with tiny models and the torch core only (a check of this script, no figures).
 
     python benchmarks/qwen35_gpu.py --out qwen35.json [--parts core,decode,step]
+    python benchmarks/qwen35_gpu.py --smoke --parts core,step --out /tmp/qwen35_smoke.json
 """
 
 from __future__ import annotations
@@ -40,20 +42,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CONFIGS = Path(__file__).resolve().parent.parent / "opdgraph" / "model_configs"
 GIB = 2**30
 LENGTHS = [1024] * 4 + [512] * 4 + [256] * 8  # 8,192 packed tokens, 16 sequences (several fla chunks each)
+SMOKE = {"on": False}  # --smoke: CPU, tiny models, the torch core only
+
+
+def device() -> str:
+    return "cpu" if SMOKE["on"] else "cuda"
 
 
 def read_config(name: str) -> dict:
+    if SMOKE["on"]:
+        from opdgraph.models.tiny_configs import tiny_config
+
+        family = "qwen3_5" if "qwen3.5" in name else "qwen3"
+        config = tiny_config(family)
+        if "4b" in name:
+            config.update(hidden_size=96)
+        return config
     return json.loads((CONFIGS / name).read_text())
 
 
 def qwen3_0b6() -> dict:
     """Qwen3-0.6B's published shapes on the shipped Qwen3-4B config's keys."""
+    if SMOKE["on"]:
+        return read_config("qwen3-0.6b")
     return {**read_config("qwen3-4b.json"), "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
             "num_attention_heads": 16, "num_key_value_heads": 8, "max_window_layers": 28}
 
 
 def synchronize() -> None:
-    torch.cuda.synchronize()
+    if not SMOKE["on"]:
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return 0 if SMOKE["on"] else torch.cuda.memory_allocated()
+
+
+def peak_since_reset() -> int:
+    return 0 if SMOKE["on"] else torch.cuda.max_memory_allocated()
+
+
+def reset_peak() -> None:
+    if not SMOKE["on"]:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if not SMOKE["on"]:
+        torch.cuda.empty_cache()
 
 
 def timed(function, repeats: int) -> float:
@@ -79,10 +116,15 @@ def packed_batch(vocab: int):
     from opdgraph.models.attention_metadata import PackedMetadata
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=generator).cuda()
-    positions = torch.cat([torch.arange(length) for length in LENGTHS]).cuda()
-    bounds = torch.tensor([0, *LENGTHS]).cumsum(0).to(torch.int32).cuda()
-    return ids, positions, PackedMetadata(cu_seqlens=bounds, max_seqlen=max(LENGTHS))
+    lengths = lengths_used()
+    ids = torch.randint(0, vocab, (sum(lengths),), generator=generator).to(device())
+    positions = torch.cat([torch.arange(length) for length in lengths]).to(device())
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(device())
+    return ids, positions, PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+
+
+def lengths_used() -> list[int]:
+    return [40, 70, 9] if SMOKE["on"] else LENGTHS
 
 
 def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
@@ -91,11 +133,11 @@ def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
     from opdgraph.model_shapes import shape_from_hf_config
     from opdgraph.models import load_decoder
 
-    model = load_decoder(config, dtype=torch.bfloat16, device="cuda", init_device="device")
+    model = load_decoder(config, dtype=torch.bfloat16, device=device(), init_device="device")
     shape = shape_from_hf_config(config)
     ids, positions, meta = packed_batch(config["vocab_size"])
     rows = []
-    for name in ("fla", "torch"):
+    for name in ("torch",) if SMOKE["on"] else ("fla", "torch"):
         model.set_linear_attention_backend(core(name))
         model.zero_grad(set_to_none=True)
 
@@ -107,28 +149,29 @@ def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
                 model.forward_hidden(ids, positions, meta)
 
         try:
-            row = dict(what=label, core=name, tokens=len(ids), sequences=len(LENGTHS),
+            row = dict(what=label, core=name, tokens=len(ids), sequences=len(lengths_used()),
                        fwd_bwd_ms=1000 * timed(train, repeats[name]), no_grad_fwd_ms=1000 * timed(score, repeats[name]))
             # Memory of one step beyond the weights and the gradients (kept from the timed calls).
             synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            reset_peak()
+            base = allocated()
             hidden = model.forward_hidden(ids, positions, meta)
-            row["saved_activations_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
+            row["saved_activations_mib"] = (allocated() - base) / 2**20
             hidden.float().square().mean().backward()
             del hidden
-            row["fwd_bwd_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            row["fwd_bwd_peak_mib"] = (peak_since_reset() - base) / 2**20
+            reset_peak()
+            base = allocated()
             score()
-            row["no_grad_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row["no_grad_peak_mib"] = (peak_since_reset() - base) / 2**20
             if shape.layers == 1:
                 tokens = len(ids)
                 row["plan_saved_activations_mib"] = sizing.activation_bytes(shape, tokens, 2, False) / 2**20
-                row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, len(LENGTHS), 2,
+                sequences = len(lengths_used())
+                row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, sequences, 2,
                                                                            paged=False) / 2**20
                 row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(
-                    shape, tokens, 2, fla_sequences=len(LENGTHS)) / 2**20
+                    shape, tokens, 2, fla_sequences=sequences) / 2**20
         except Exception:  # noqa: BLE001 -- one failing row must not hide the others
             row = dict(what=label, core=name, error=traceback.format_exc())
             print(row["error"], flush=True)
@@ -141,11 +184,9 @@ def run_core(args) -> list[dict]:
     student = read_config("qwen3.5-0.8b-text.json")
     layer = {**student, "num_hidden_layers": 1, "layer_types": ["linear_attention"], "vocab_size": 1024}
     rows = core_rows("one 0.8B linear-attention layer", layer, {"fla": 10, "torch": 3})
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     rows += core_rows("Qwen3.5-0.8B (24 layers)", student, {"fla": 3, "torch": 1})
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return rows
 
 
@@ -189,9 +230,9 @@ def run_decode(args) -> list[dict]:
 def run_step(args) -> list[dict]:
     import step
 
-    shape = step.StepShape("Q", 32, 128, 256, 2)
-    options = types.SimpleNamespace(tiny=False, micro_batch_tokens=8192, chunk_tokens=2048, cpu_init=False,
-                                    warmup=1)
+    shape = step.StepShape("Q", 4, 16, 8, 1) if SMOKE["on"] else step.StepShape("Q", 32, 128, 256, 2)
+    options = types.SimpleNamespace(tiny=SMOKE["on"], micro_batch_tokens=96 if SMOKE["on"] else 8192,
+                                    chunk_tokens=16 if SMOKE["on"] else 2048, cpu_init=SMOKE["on"], warmup=1)
     pairs = {"Qwen3.5-0.8B <- Qwen3.5-4B": (read_config("qwen3.5-0.8b-text.json"),
                                            read_config("qwen3.5-4b-text.json")),
              "Qwen3-0.6B <- Qwen3-4B": (qwen3_0b6(), read_config("qwen3-4b.json"))}
@@ -217,8 +258,7 @@ def run_step(args) -> list[dict]:
             print(row["error"], flush=True)
         finally:
             step.model_configs = original
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory()
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "raw"}, default=str), flush=True)
     return rows
@@ -267,11 +307,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parts", default="core,decode,step")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, torch core only (checks the script)")
     args = parser.parse_args()
+    SMOKE["on"] = args.smoke
     from opdgraph.kernels.fla_linear_attention import linear_backend_description
 
-    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  linear_attention=linear_backend_description("cuda"))
+    report = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), torch=torch.__version__,
+                  linear_attention=linear_backend_description(device()))
     print(json.dumps(report), flush=True)
     runners = {"core": run_core, "decode": run_decode, "step": run_step}
     for part in args.parts.split(","):
