@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one device session, part by part, each under its own time limit, every log and
-# JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory
+# JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory qwen35
 # Parts: setup (install the carried .whl wheels into /tmp/site, which must be on PYTHONPATH; stash or join the GGUF
 # parts: benchmarks/gguf_parts.sh), prune (pipelines/prune_distill.toml with its before/after eval), tests (GPU-marked tests of the rollout, kernels and runtime fast paths), attn (decode attention kernel vs
 # flashinfer), rollout (decode bursts vs the per-step graphs and transformers, with a profile), step (one OPD step,
 # shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
 # multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (the whole
 # suite with CUDA visible: GPU-marked tests run, kernel tests compile), tpprobe (what a 2-way tensor-parallel rollout would cost: the small all-reduces on 2 GPUs, and
-# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two).
+# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two), qwen35 (Qwen3.5:
+# installs the flash-linear-attention wheels from .whl when fla does not import; its GPU tests; the fla core vs the
+# torch core, decode and one OPD step beside Qwen3 (benchmarks/qwen35_gpu.py); `run --record-memory` of the shipped
+# Qwen3.5 pair, a few short steps, predicted vs measured peak per plan step).
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -63,6 +66,25 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 rollout_gpu.py --only "bursts16 bs" --batch-sizes 64,128 \
           --skip-transformers "$@" --out "$OUT/rollout_$shapes.json" 2>&1 | tee "$OUT/rollout_$shapes.txt" | tail -8
       done) ;;
+    qwen35)
+      if ! python3 -c "import fla.ops.gated_delta_rule" 2>/dev/null; then
+        # fla-core holds the kernels (fla.ops, fla.modules) and imports einops (pure Python; no network there).
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site-fla .whl/fla_core-*.whl .whl/einops-*.whl \
+          && export PYTHONPATH=/tmp/site-fla${PYTHONPATH:+:$PYTHONPATH}
+      fi
+      python3 -c "from opdgraph.kernels.fla_linear_attention import linear_backend_description as d; print(d('cuda'))" \
+        | tee "$OUT/qwen35_backend.txt"
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 140 python3 -m pytest -q -rs tests/test_qwen35_fla.py tests/test_qwen35_gpu.py -s \
+        2>&1 | tee "$OUT/qwen35_gpu_tests.txt" | grep -E "passed|failed|agreement|equal|FAILED|Error" | tail -20
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 220 python3 benchmarks/qwen35_gpu.py --out "$OUT/qwen35_gpu.json" \
+        > "$OUT/qwen35_gpu_log.txt" 2>&1; tail -3 "$OUT/qwen35_gpu_log.txt"; cat "$OUT/qwen35_gpu.txt"
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 120 python3 -m opdgraph run pipelines/qwen35_0b8_from_4b.toml --record-memory \
+        --set pipeline.device=cuda --set pipeline.num_steps=2 --set data.prompts_per_step=16 \
+        --set rollout.max_new_tokens=256 --set 'models.student.init_device="device"' \
+        --set 'models.teacher.init_device="device"' --set "pipeline.output_dir=\"$OUT/qwen35_run\"" 2>&1 \
+        | tail -30 > "$OUT/qwen35_memory_log.txt"
+      cp "$OUT/qwen35_run/memory.txt" "$OUT/qwen35_memory_table.txt" && cat "$OUT/qwen35_memory_table.txt"
+      rm -rf "$OUT/qwen35_run" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

@@ -12,6 +12,9 @@ its pages for the next ``steps`` tokens reserved up front, so the device can adv
   tokens and log-probs at row ``step`` of the output, and advances the state (fed token <- sampled token);
 - a row whose share of steps is used up stops advancing: it writes only the scratch page and its outputs are
   ignored (the same for padding rows up to a captured batch size);
+- a model with linear-attention layers (Qwen3.5) also reads and writes each row's recurrent-state slot; a row
+  that stopped advancing (and a padding row) uses the scratch slot instead, so its own state stays as its last
+  real token left it;
 - on CUDA with ``cuda_graphs`` one step is captured per (padded batch size, sampling mode) and replayed ``steps``
   times; the host then copies all tokens back with one synchronisation.
 
@@ -33,7 +36,7 @@ from opdgraph.rollout.sampler import SamplingRows, sample_tokens
 
 # Rows of the int64 state tensor [fields, rows]; the float settings live in a float32 [fields, rows] tensor.
 INT_FIELDS = ("input_ids", "positions", "sample_positions", "steps_left", "seeds", "sample_indices", "top_k",
-              "greedy")
+              "greedy", "state_slots")
 FLOAT_FIELDS = ("temperatures", "top_p", "min_p")
 INT_ROW = {name: row for row, name in enumerate(INT_FIELDS)}
 FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
@@ -56,12 +59,15 @@ class DecodeBurst:
     ``attention``: backend whose ``paged`` reads kv_lens and page_table from device tensors without host syncs on
     CUDA. ``scratch_page``: a page beyond the scheduler's pages that idle rows write. ``logits_fn``: hidden [R, H]
     -> float32 logits [R, V]. ``ladder``: the batch sizes rows are padded to (and graphs captured for); default
-    powers of two up to max_rows on CUDA, none (no padding) elsewhere.
+    powers of two up to max_rows on CUDA, none (no padding) elsewhere. ``scratch_slot``: for a model with
+    linear-attention layers, a recurrent-state slot beyond the scheduler's that idle rows write.
     """
 
     def __init__(self, model, *, attention, device, page_size: int, scratch_page: int, max_rows: int,
-                 max_steps: int, logits_fn=None, cuda_graphs: bool = False, ladder: list[int] | None = None):
+                 max_steps: int, logits_fn=None, cuda_graphs: bool = False, ladder: list[int] | None = None,
+                 scratch_slot: int | None = None):
         self.model = model
+        self.scratch_slot = scratch_slot
         self.attention = attention
         self.device = torch.device(device)
         self.page_size = page_size
@@ -168,6 +174,8 @@ class DecodeBurst:
         ints[INT_ROW["top_k"], :count] = [p.top_k for p in params]
         ints[INT_ROW["greedy"], :count] = [p.greedy for p in params]
         ints[INT_ROW["greedy"], count:size] = 1  # padding rows: greedy, no filters, scratch page
+        if self.scratch_slot is not None:  # padding rows are never active: they take the scratch slot in _step
+            ints[INT_ROW["state_slots"], :count] = [sequence.state_slot for sequence in sequences]
         floats[:, :size] = 1.0
         floats[FLOAT_ROW["temperatures"], :count] = [1.0 if p.greedy else float(p.temperature) for p in params]
         floats[FLOAT_ROW["top_p"], :count] = [float(p.top_p) for p in params]
@@ -202,9 +210,12 @@ class DecodeBurst:
         page_of_token = page_table.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None])
         slots = page_of_token.squeeze(1).to(torch.int64) * page_size + positions % page_size
         slots = torch.where(active, slots, self.scratch_page * page_size)
+        state_slots = None
+        if self.scratch_slot is not None:
+            state_slots = torch.where(active, ints["state_slots"], self.scratch_slot)
         meta = PagedMetadata(query_lens=state["query_lens"][:size], cu_query_lens=state["cu_query_lens"][:size + 1],
                              kv_lens=(positions + 1).to(torch.int32), page_table=page_table, slot_mapping=slots,
-                             page_size=page_size)
+                             page_size=page_size, state_slots=state_slots)
         all_greedy, any_greedy, any_top_k, any_top_p, any_min_p = key
         rows = SamplingRows(
             logit_rows=state["logit_rows"][:size], seeds=ints["seeds"], sample_indices=ints["sample_indices"],
