@@ -15,7 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from opdgraph.kernels.paged_decode_attention import TritonDecodeBackend, num_splits_for, paged_decode_attention  # noqa: E402
+from opdgraph.kernels import paged_decode_attention as kernel  # noqa: E402
+from opdgraph.kernels.paged_decode_attention import (  # noqa: E402
+    LaunchSettings,
+    TritonDecodeBackend,
+    kv_heads_per_program,
+    num_splits_for,
+    paged_decode_attention,
+)
 from opdgraph.models.attention_backend import TorchReferenceBackend  # noqa: E402
 from opdgraph.models.attention_metadata import PagedMetadata  # noqa: E402
 
@@ -55,20 +62,54 @@ def _reference(q, cache, kv_lens, table, *, scale, sliding_window):
     return TorchReferenceBackend().paged(q, k, v, meta, cache.clone(), scale=scale, sliding_window=sliding_window)
 
 
+# Launch variants the engine may run (benchmarks/decode_variants.py): a program per kv head or per block of kv
+# heads (block-diagonal queries), either grid order, small and large tiles.
+LAUNCHES = [LaunchSettings(), LaunchSettings(kv_heads_per_program=0), LaunchSettings(head_major=True, block_n=16),
+            LaunchSettings(kv_heads_per_program=2, head_major=True, block_n=64)]
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (6, 1, 32), (2, 2, 16)])
-def test_matches_reference_float32(num_splits, num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (6, 1, 32), (2, 2, 16), (12, 4, 16)])
+@pytest.mark.parametrize("settings", LAUNCHES, ids=["default", "all-heads", "head-major-16", "2-heads-64"])
+def test_matches_reference_float32(num_splits, num_heads, num_kv_heads, head_dim, settings):
     """Split-KV decode equals the reference for lengths shorter than, equal to and longer than a tile, pages
-    scattered in the pool, grouped and ungrouped heads; would fail on a wrong page gather, a bad split merge or
-    an empty split producing NaN."""
+    scattered in the pool, grouped and ungrouped heads, one or several kv heads per program; would fail on a wrong
+    page gather, a bad split merge, an empty split producing NaN, a query head reading another kv head's columns
+    (block-diagonal queries) or a program id read from the wrong grid axis."""
     kv_lens = [1, 5, 16, 33, 70]
     q, cache, lens, table = _random_case(kv_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                          head_dim=head_dim, page_size=4, dtype=torch.float32)
     scale = head_dim**-0.5
-    got = paged_decode_attention(q, cache, lens, table, scale=scale, sliding_window=None, num_splits=num_splits)
+    got = paged_decode_attention(q, cache, lens, table, scale=scale, sliding_window=None, num_splits=num_splits,
+                                 settings=settings)
     want = _reference(q, cache, lens, table, scale=scale, sliding_window=None)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_kv_heads_per_program_is_a_power_of_two_divisor_within_the_tile():
+    """A block of kv heads must divide Hkv, be a power of two (Triton tile widths) and keep the tile <= 256 columns;
+    otherwise the grid would skip heads or the kernel would not compile."""
+    assert kv_heads_per_program(1, 8, 128) == 1
+    assert kv_heads_per_program(0, 2, 128) == 2
+    assert kv_heads_per_program(0, 8, 128) == 2
+    assert kv_heads_per_program(0, 4, 64) == 4
+    assert kv_heads_per_program(0, 3, 64) == 1
+    assert kv_heads_per_program(0, 6, 32) == 2
+    assert kv_heads_per_program(4, 2, 16) == 2
+
+
+def test_backend_reads_settings_of_its_batch_size():
+    """A per-batch-size override (what a tuned table installs) changes that size's splits and nobody else's."""
+    backend = TritonDecodeBackend(num_kv_heads=2, max_context=4096, device=torch.device("cpu"))
+    default = backend.launch(8, 128)
+    kernel.SETTINGS_BY_BATCH[8] = LaunchSettings(num_splits=5, kv_heads_per_program=0)
+    try:
+        assert backend.launch(8, 128) == (kernel.SETTINGS_BY_BATCH[8], 5)
+        assert backend.launch(16, 128)[0] == kernel.DEFAULT_SETTINGS
+    finally:
+        del kernel.SETTINGS_BY_BATCH[8]
+    assert backend.launch(8, 128) == default
 
 
 @pytest.mark.parametrize("window", [1, 4, 9])
@@ -77,9 +118,11 @@ def test_sliding_window(window):
     kv_lens = [3, 12, 40]
     q, cache, lens, table = _random_case(kv_lens, num_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
                                          dtype=torch.float32, seed=1)
-    got = paged_decode_attention(q, cache, lens, table, scale=0.3, sliding_window=window, num_splits=4)
-    want = _reference(q, cache, lens, table, scale=0.3, sliding_window=window)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for settings in LAUNCHES[:2]:
+        got = paged_decode_attention(q, cache, lens, table, scale=0.3, sliding_window=window, num_splits=4,
+                                     settings=settings)
+        want = _reference(q, cache, lens, table, scale=0.3, sliding_window=window)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_backend_writes_kv_then_attends():
