@@ -97,6 +97,24 @@ def test_triton_decode_kernel_in_bursts(model):
     assert [_key(r) for r in responses] == [_key(r) for r in reference]
 
 
+def test_burst_state_kernels_in_bursts(model):
+    """The bookkeeping kernels (kernels/burst_state.py: slots, lengths, recording and advancing the state; the GPU
+    engine's choice with fused kernels) drive bursts to the per-step engine's tokens, through forks, EOS and stop
+    tokens, and rows running out of steps mid-burst."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU engine tests cover the kernels on CUDA")
+    pytest.importorskip("triton")
+    engine = RolloutEngine(model, page_size=4, num_pages=128, max_num_seqs=16, prefill_token_budget=16,
+                           device="cpu", decode_burst_steps=8)
+    engine.burst.fused_state = True
+    reference, _ = _generate(model, 1)
+    responses = engine.generate(_requests())
+    assert engine.stats.bursts > 0
+    assert [_key(r) for r in responses] == [_key(r) for r in reference]
+    for got, want in zip(responses, reference):
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=0, atol=1e-5)
+
+
 def test_row_whose_share_ends_on_a_page_boundary(model):
     """A row that has used its share keeps its position at the end of its pages; when that lands exactly on a page
     boundary and the row has the most pages, its idle steps index one column past its page list (found in review:

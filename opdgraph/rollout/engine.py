@@ -149,7 +149,7 @@ class RolloutEngine:
         return DecodeBurst(self.model, attention=attention, device=self.device, page_size=self.page_size,
                            scratch_page=self.num_pages, max_rows=self.max_num_seqs,
                            max_steps=self.decode_burst_steps, logits_fn=logits_fn, cuda_graphs=cuda_graphs,
-                           ladder=ladder)
+                           ladder=ladder, fused_state=self.fused_kernels)
 
     @property
     def kv_pool_tokens(self) -> int:
