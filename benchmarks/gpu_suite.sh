@@ -6,7 +6,9 @@
 # shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
 # multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (the whole
 # suite with CUDA visible: GPU-marked tests run, kernel tests compile), tpprobe (what a 2-way tensor-parallel rollout would cost: the small all-reduces on 2 GPUs, and
-# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two).
+# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two), decodevariants (issue 19's
+# rollout levers side by side: the decode-attention kernel sweep, then every variant at bs 64/128/256 x 1024 new
+# tokens with roofline %, a profile of the baseline and the fastest; plus the GPU tests of those code paths).
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -53,6 +55,13 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 rollout_gpu.py --only "bursts16 bs" --batch-sizes 64,128 \
           --skip-transformers "$@" --out "$OUT/rollout_$shapes.json" 2>&1 | tee "$OUT/rollout_$shapes.txt" | tail -8
       done) ;;
+    decodevariants)
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 100 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py \
+        tests/test_kernel_burst_state.py tests/test_kernel_fused_decode.py tests/test_rollout_gpu.py \
+        -k "bf16 or float32 or burst or slots or advance or packed or stacked" -s 2>&1 \
+        | tee "$OUT/decode_variants_tests.txt" | grep -E "passed|failed|agreement|FAILED|Error" | tail -25
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 240 python3 decode_variants.py --profile \
+        --out "$OUT/decode_variants.json" 2>&1 | tee "$OUT/decode_variants.txt" | tail -60) ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

@@ -156,13 +156,15 @@ def test_num_splits_bounds():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tensor-core path needs CUDA")
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_bf16_and_fp8_cache_on_gpu(cache_dtype):
-    """bf16 queries over a bf16 or fp8 cache at Qwen2.5-1.5B head shapes against the reference (bf16 tolerance)."""
+@pytest.mark.parametrize("settings", LAUNCHES, ids=["default", "all-heads", "head-major-16", "2-heads-64"])
+def test_bf16_and_fp8_cache_on_gpu(cache_dtype, settings):
+    """bf16 queries over a bf16 or fp8 cache at Qwen2.5-1.5B head shapes against the reference (bf16 tolerance),
+    with every launch layout on real tensor cores (block-diagonal queries included)."""
     kv_lens = [1, 17, 255, 1024, 1300]
     q, cache, lens, table = _random_case(kv_lens, num_heads=12, num_kv_heads=2, head_dim=128, page_size=16,
                                          dtype=torch.bfloat16, seed=4)
     cache = cache.to(cache_dtype)
     got = paged_decode_attention(q, cache, lens, table, scale=128**-0.5, sliding_window=None,
-                                 num_splits=num_splits_for(5, 2, 1300, DEVICE))
+                                 num_splits=num_splits_for(5, 2, 1300, DEVICE, settings), settings=settings)
     want = _reference(q, cache.to(torch.bfloat16), lens, table, scale=128**-0.5, sliding_window=None)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
