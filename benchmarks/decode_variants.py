@@ -141,7 +141,8 @@ def print_tables(rows, batch_sizes, profiles):
               f"{100 * row['fraction_of_roofline_device']:>5.1f}% {speedup:>6.3f}x "
               f"{row['stacked_gate_up_layers']:>9} {row['capture_seconds']:>9.2f} {row['free_gib_during']:>8.1f}")
     names = list(dict.fromkeys(row["name"] for row in rows))
-    print(f"\nroofline % (wall) by batch size; targets {', '.join(f'bs{b} {100 * t:.0f}%' for b, t in TARGETS.items())}")
+    targets = ", ".join(f"bs{batch} {100 * target:.0f}%" for batch, target in TARGETS.items())
+    print(f"\nroofline % (wall) by batch size; targets {targets}")
     print(f"{'variant':<22}" + "".join(f"{'bs' + str(b):>9}" for b in batch_sizes))
     for name in names:
         cells = []
@@ -155,9 +156,9 @@ def print_tables(rows, batch_sizes, profiles):
         if "error" in result:
             print(f"\nprofile {result['variant']}: ERROR {result['error'].strip().splitlines()[-1]}")
             continue
-        idle = result["gpu_idle_fraction"]
+        idle = "-" if result["gpu_idle_fraction"] is None else f"{100 * result['gpu_idle_fraction']:.1f}%"
         print(f"\nprofile {result['variant']}: bs{result['batch_size']}, context {result['context']}, "
-              f"{result['wall_ms_per_step']:.3f} ms/step wall, GPU idle {'-' if idle is None else f'{100 * idle:.1f}%'}")
+              f"{result['wall_ms_per_step']:.3f} ms/step wall, GPU idle {idle}")
         for name, ms in result["kernel_ms_per_step"].items():
             print(f"  {name:<18} {ms:7.3f} ms/step")
 

@@ -8,8 +8,9 @@ inside one CUDA graph replay loop while the host does nothing (``opdgraph.rollou
 Split-KV ("flash decoding"): the grid is (sequences, kv head blocks, splits). Each program takes the query heads
 that share its kv heads (grouped-query attention: one [heads, HPP x D] x [HPP x D, tokens] dot per tile of keys,
 HPP kv heads per program, 1 by default), walks 1/splits of that sequence's visible context, and writes an fp32
-partial output and its log-sum-exp; a second kernel merges the splits. The number of splits is fixed per batch size (a CUDA graph fixes the grid) and each sequence divides its own
-length evenly between them, so short and long sequences both fill the splits.
+partial output and its log-sum-exp; a second kernel merges the splits (or, with ``merge_in_kernel``, the split
+program that arrives last). The number of splits is fixed per batch size (a CUDA graph fixes the grid) and each
+sequence divides its own length evenly between them, so short and long sequences both fill the splits.
 
 Numerics: q.k and p.v products on tensor cores with fp32 accumulation, softmax statistics in fp32, probabilities
 rounded to the query dtype before the p.v product (the usual flash-attention choice; the plain-torch reference
@@ -43,6 +44,8 @@ class LaunchSettings:
     ``kv_heads_per_program``: 1, or 0 for as many of a sequence's kv heads as fit one [tokens, <= 256] tile (a
     power of two dividing Hkv); a program then reads whole contiguous token rows of the cache (see the Triton file).
     ``head_major``: grid axis 0 walks the head blocks, so one sequence's programs are launched together.
+    ``merge_in_kernel``: with several splits, the last split program of each (sequence, head block) merges them
+    (an arrival counter per pair) instead of a second kernel launch.
     """
 
     block_n: int = 32  # keys per tile
@@ -52,12 +55,13 @@ class LaunchSettings:
     num_splits: int = 0  # 0: from programs_per_sm
     kv_heads_per_program: int = 1
     head_major: bool = False
+    merge_in_kernel: bool = False
 
 
 DEFAULT_SETTINGS = LaunchSettings()
 # Per captured batch size overrides (benchmarks/decode_variants.py measures them); read at call time.
 SETTINGS_BY_BATCH: dict[int, LaunchSettings] = {}
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # a power of two (the in-kernel merge's tile of splits)
 MAX_PROGRAM_COLUMNS = 256  # kv heads x head_dim of one program's tile (registers: the [heads, columns] accumulator)
 
 
@@ -89,10 +93,13 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, device: t
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
                            *, scale: float, sliding_window: int | None, num_splits: int,
-                           settings: LaunchSettings = DEFAULT_SETTINGS) -> torch.Tensor:
+                           settings: LaunchSettings = DEFAULT_SETTINGS,
+                           arrivals: torch.Tensor | None = None) -> torch.Tensor:
     """q [S, Hq, D] (one query per sequence, at position kv_lens[s] - 1) over the paged cache
     [2, pages, page_size, Hkv, D] -> [S, Hq, D] in q's dtype. kv_lens int32 [S] (>= 1), page_table int32 [S, W].
-    ``settings``' num_splits is ignored here (the caller resolved it into ``num_splits``)."""
+    ``settings``' num_splits is ignored here (the caller resolved it into ``num_splits``). ``arrivals``: int32
+    counters, at least S x head blocks of them, all 0 (the kernel leaves them 0), for ``merge_in_kernel``; None
+    allocates zeroed ones per call."""
     from opdgraph.kernels import paged_decode_attention_triton as body
 
     num_seqs, num_heads, head_dim = q.shape
@@ -110,18 +117,23 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_lens: tor
     if num_seqs == 0:
         return out
     head_blocks = num_kv_heads // heads_per_program
+    merge_in_kernel = settings.merge_in_kernel and num_splits > 1
+    if merge_in_kernel and arrivals is None:
+        arrivals = torch.zeros(num_seqs * head_blocks, dtype=torch.int32, device=q.device)
     grid = (head_blocks, num_seqs, num_splits) if settings.head_major else (num_seqs, head_blocks, num_splits)
     body.split_kernel[grid](
-        q, keys, values, page_table, kv_lens, partial_out, partial_lse, out,
+        q, keys, values, page_table, kv_lens, partial_out, partial_lse, out, out if arrivals is None else arrivals,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), page_table.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_lse.stride(0), out.stride(0),
-        out.stride(1), scale, 0 if sliding_window is None else sliding_window, num_splits,
+        out.stride(1), scale, 0 if sliding_window is None else sliding_window, num_splits, head_blocks,
         PAGE_SIZE=page_size, GROUP=group, HPP=heads_per_program,
         BLOCK_H=max(16, 1 << (group * heads_per_program - 1).bit_length()), HEAD_DIM=head_dim,
         BLOCK_N=settings.block_n, SINGLE_SPLIT=num_splits == 1, HEAD_MAJOR=settings.head_major,
+        # One BLOCK_S for every split count (a [heads, 64] float32 tile is cheap): one compile, not one per count.
+        MERGE_IN_KERNEL=merge_in_kernel, BLOCK_S=MAX_SPLITS if merge_in_kernel else 2,
         IEEE=q.dtype == torch.float32, num_warps=settings.num_warps, num_stages=settings.num_stages,
     )
-    if num_splits == 1:
+    if num_splits == 1 or merge_in_kernel:
         return out
     body.merge_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out,
@@ -152,6 +164,10 @@ class TritonDecodeBackend:
         self.max_context = max_context
         self.device = torch.device(device)
         self._reference = TorchReferenceBackend()
+        # merge_in_kernel's counters, shared by every layer (their kernels run one after the other and leave them
+        # 0). Grown, never shrunk: DecodeBurst runs every step eagerly before it captures one, so the growth for a
+        # new batch size happens outside a capture.
+        self._arrivals = torch.zeros(0, dtype=torch.int32, device=self.device)
 
     def launch(self, batch_size: int, head_dim: int) -> tuple[LaunchSettings, int]:
         """(settings, splits) of a batch size."""
@@ -169,8 +185,11 @@ class TritonDecodeBackend:
         if not kv_written:
             write_kv(kv_cache, k, v, meta.slot_mapping)
         settings, num_splits = self.launch(q.shape[0], q.shape[-1])
+        if settings.merge_in_kernel and self._arrivals.numel() < q.shape[0] * self.num_kv_heads:
+            self._arrivals = torch.zeros(q.shape[0] * self.num_kv_heads, dtype=torch.int32, device=self.device)
         return paged_decode_attention(q, kv_cache, meta.kv_lens, meta.page_table, scale=scale,
-                                      sliding_window=sliding_window, num_splits=num_splits, settings=settings)
+                                      sliding_window=sliding_window, num_splits=num_splits, settings=settings,
+                                      arrivals=self._arrivals)
 
 
 @functools.cache

@@ -13,17 +13,19 @@ import triton.language as tl
 
 @triton.jit
 def split_kernel(
-    Q, K, V, PageTable, KvLens, PartialOut, PartialLse, Out,
+    Q, K, V, PageTable, KvLens, PartialOut, PartialLse, Out, Arrivals,
     stride_q_seq, stride_q_head, stride_k_page, stride_k_token, stride_k_head, stride_table,
     stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq, stride_out_seq, stride_out_head,
-    scale, window, num_splits,
+    scale, window, num_splits, num_head_blocks,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    IEEE: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One (sequence, block of HPP kv heads, split): online softmax over its share of the visible keys -> partial
     out + lse (with one split: the normalised output itself). HEAD_MAJOR puts the head block on grid axis 0, so
-    the programs of one sequence's kv heads run next to each other."""
+    the programs of one sequence's kv heads run next to each other. MERGE_IN_KERNEL: the split program that
+    arrives last at its (sequence, head block) counter merges all splits and resets the counter to 0 (the
+    counters must be 0 at launch), so no merge kernel is launched."""
     if HEAD_MAJOR:
         head_block = tl.program_id(0)
         seq = tl.program_id(1)
@@ -83,6 +85,39 @@ def split_kernel(
         base = seq * stride_po_seq + heads * stride_po_head + split * stride_po_split
         tl.store(PartialOut + base[:, None] + dims[None, :], out, mask=own)
         tl.store(PartialLse + seq * stride_lse_seq + heads * num_splits + split, lse, mask=head_mask)
+        if MERGE_IN_KERNEL:
+            # Every thread's partial stores precede the counter's release (the split-K "last block" pattern).
+            tl.debug_barrier()
+            counter = Arrivals + seq * num_head_blocks + head_block
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.debug_barrier()
+                _merge_splits(PartialOut, PartialLse, Out, seq, heads, head_mask, own, dims, num_splits,
+                              stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq, stride_out_seq,
+                              stride_out_head, BLOCK_H, BLOCK_S, HPP * HEAD_DIM)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_splits(PartialOut, PartialLse, Out, seq, heads, head_mask, own, dims, num_splits,
+                  stride_po_seq, stride_po_head, stride_po_split, stride_lse_seq, stride_out_seq, stride_out_head,
+                  BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, COLUMNS: tl.constexpr):
+    """merge_kernel's weighting for a program's heads, the splits summed in order; other programs' partials are
+    read from L2 (.cg), never from a stale L1 line."""
+    splits = tl.arange(0, BLOCK_S)
+    present = head_mask[:, None] & (splits < num_splits)[None, :]
+    lse = tl.load(PartialLse + seq * stride_lse_seq + heads[:, None] * num_splits + splits[None, :], mask=present,
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.where(head_mask, tl.max(lse, 1), 0.0)
+    weights = tl.where(present, tl.exp(lse - top[:, None]), 0.0)
+    acc = tl.zeros([BLOCK_H, COLUMNS], dtype=tl.float32)
+    for split in range(0, num_splits):
+        weight = tl.sum(tl.where(splits[None, :] == split, weights, 0.0), 1)
+        partial = tl.load(PartialOut + seq * stride_po_seq + heads[:, None] * stride_po_head
+                          + split * stride_po_split + dims[None, :], mask=own, other=0.0, cache_modifier=".cg")
+        acc += partial * weight[:, None]
+    total = tl.where(head_mask, tl.sum(weights, 1), 1.0)
+    tl.store(Out + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
+             (acc / total[:, None]).to(Out.dtype.element_ty), mask=own)
 
 
 @triton.jit
