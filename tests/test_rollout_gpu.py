@@ -312,7 +312,9 @@ def test_eager_bursts_without_the_flashinfer_path_agree_with_torch_reference():
 
 @pytest.mark.parametrize("settings", [dict(kv_heads_per_program=0, num_splits=3), dict(head_major=True, block_n=64,
                                                                                       num_stages=3),
-                                      dict(num_splits=1)], ids=["all-heads-3-splits", "head-major-64", "one-split"])
+                                      dict(num_splits=1), dict(kv_heads_per_program=0, num_splits=4,
+                                                               merge_in_kernel=True)],
+                         ids=["all-heads-3-splits", "head-major-64", "one-split", "all-heads-merge-in-kernel"])
 def test_decode_bursts_with_packed_gate_up_and_launch_settings(settings, monkeypatch):
     """The variants benchmarks/decode_variants.py measures (gate/up as one matmul over packed parameters, the burst
     state kernels, other decode-attention launch layouts) would drift from the teacher-forced reference if a half
