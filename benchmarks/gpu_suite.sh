@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one device session, part by part, each under its own time limit, every log and
 # JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory qwen35
-# Parts: setup (install the carried .whl wheels into /tmp/site, which must be on PYTHONPATH; stash or join the GGUF
-# parts: benchmarks/gguf_parts.sh), prune (pipelines/prune_distill.toml with its before/after eval), tests (GPU-marked tests of the rollout, kernels and runtime fast paths), attn (decode attention kernel vs
-# flashinfer), rollout (decode bursts vs the per-step graphs and transformers, with a profile), step (one OPD step,
-# shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
-# multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (the whole
-# suite with CUDA visible: GPU-marked tests run, kernel tests compile), tpprobe (what a 2-way tensor-parallel rollout would cost: the small all-reduces on 2 GPUs, and
-# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two), qwen35 (Qwen3.5:
-# installs the flash-linear-attention wheels from .whl when fla does not import; its GPU tests; the fla core vs the
-# torch core, decode and one OPD step beside Qwen3 (benchmarks/qwen35_gpu.py); `run --record-memory` of the shipped
-# Qwen3.5 pair, a few short steps, predicted vs measured peak per plan step).
+# Parts:
+# - setup: install the carried .whl wheels into /tmp/site (put it on PYTHONPATH) and the project; stash or join the
+#   GGUF parts (benchmarks/gguf_parts.sh).
+# - prune: pipelines/prune_distill.toml with its before/after eval (needs the joined GGUF).
+# - tests: GPU-marked tests of the rollout, kernels and runtime fast paths.
+# - attn: the decode attention kernel vs flashinfer.
+# - rollout: decode bursts vs the per-step graphs and transformers, with a profile.
+# - step: one OPD step, shapes A and B, TRL on shape A.
+# - memory: predicted vs measured memory: tiny pipeline, releases on vs off.
+# - multi: 2 GPUs vs 1, equivalence and shape-B throughput (needs 2 GPUs; MULTI_ARGS adds options).
+# - alltests: the whole suite with CUDA visible (GPU-marked tests run, kernel tests compile).
+# - tpprobe: what a 2-way tensor-parallel rollout would cost (the small all-reduces on 2 GPUs; burst decode of the
+#   full model vs one GPU's half of it, the heads and the MLP split in two).
+# - qwen35: Qwen3.5's GPU tests; the fla core vs the torch core, decode and one OPD step beside Qwen3
+#   (benchmarks/qwen35_gpu.py); `run --record-memory` of the shipped Qwen3.5 pair, predicted vs measured peak.
+# - decodevariants: issue 19's rollout levers side by side (the decode-attention kernel sweep, then every variant at
+#   bs 64/128/256 x 1024 new tokens with roofline %, a profile of the baseline and the fastest; their GPU tests).
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -85,6 +92,13 @@ for part in "$@"; do
         | tail -30 > "$OUT/qwen35_memory_log.txt"
       cp "$OUT/qwen35_run/memory.txt" "$OUT/qwen35_memory_table.txt" && cat "$OUT/qwen35_memory_table.txt"
       rm -rf "$OUT/qwen35_run" ;;
+    decodevariants)
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 100 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py \
+        tests/test_kernel_burst_state.py tests/test_kernel_fused_decode.py tests/test_rollout_gpu.py \
+        -k "bf16 or float32 or burst or slots or advance or packed or stacked" -s 2>&1 \
+        | tee "$OUT/decode_variants_tests.txt" | grep -E "passed|failed|agreement|FAILED|Error" | tail -25
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 240 python3 decode_variants.py --profile \
+        --out "$OUT/decode_variants.json" 2>&1 | tee "$OUT/decode_variants.txt" | tail -60) ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

@@ -82,6 +82,7 @@ class RolloutEngine:
         cuda_graphs: bool = False,
         decode_burst_steps: int = 1,
         fused_kernels: bool = False,
+        stacked_gate_up: bool = True,
         vocab_limit: int | None = None,
     ):
         for name, value in [
@@ -124,6 +125,10 @@ class RolloutEngine:
         # The model's rollout forward with Triton kernels for its elementwise work (kernels/fused_decode.py); the
         # flag is on only inside generate(), so training and teacher scoring never see it.
         self.fused_kernels = fused_kernels
+        # With fused kernels, gate/up run as one matmul in the layers whose parameters are packed back to back
+        # (DecoderLM.pack_gate_up: a view, no copy); other layers keep two.
+        self.stacked_gate_up = stacked_gate_up
+        self.stacked_gate_up_layers = 0
         self._stacked_qkv = None
         self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
 
@@ -151,7 +156,8 @@ class RolloutEngine:
         return DecodeBurst(self.model, attention=attention, device=self.device, page_size=self.page_size,
                            scratch_page=self.num_pages, max_rows=self.max_num_seqs,
                            max_steps=self.decode_burst_steps, logits_fn=logits_fn, cuda_graphs=cuda_graphs,
-                           ladder=ladder, scratch_slot=self.max_num_seqs if self.recurrent else None)
+                           ladder=ladder, scratch_slot=self.max_num_seqs if self.recurrent else None,
+                           fused_state=self.fused_kernels)
 
     @property
     def kv_pool_tokens(self) -> int:
@@ -185,12 +191,14 @@ class RolloutEngine:
             # Restacked in place every rollout (training changed the weights; graphs keep the addresses).
             self._stacked_qkv = self.model.stack_qkv(self._stacked_qkv)
             self.model.install_fused_qkv(self._stacked_qkv)
+            self.stacked_gate_up_layers = self.model.install_fused_gate_up(self.stacked_gate_up)
         try:
             return self._generate(requests, stats)
         finally:
             if self.fused_kernels:
                 self.model.use_fused_decode_kernels = fused_before
                 self.model.install_fused_qkv(None)
+                self.model.install_fused_gate_up(False)
 
     def _generate(self, requests: list[Request], stats: EngineStats) -> list[Response]:
         with torch.inference_mode():

@@ -69,6 +69,11 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     step = cfg.stage("step").config
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    if engine.fused_kernels and distributed.world_size() == 1:
+        # gate/up back to back, so the fused rollout runs them as one matmul with no copy: before the optimizer
+        # (an fp32 master aliases its parameter's storage). A sharded student gathers new tensors for each
+        # rollout; those run as two projections.
+        student.pack_gate_up()
     student_name = cfg.model_with_role("student")
     placement = plan_placement(plan)
     gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
