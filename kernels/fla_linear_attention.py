@@ -41,6 +41,7 @@ from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
 from opdgraph.models.linear_attention_backend import (
     TorchLinearAttention,
     decode_rows,
+    packed_forward,
     recomputed,
     single_token_rows,
 )
@@ -84,6 +85,21 @@ def _varlen(cu_seqlens: torch.Tensor):
     return bounds, prepare_chunk_indices(bounds, CHUNK_TOKENS, cu_seqlens_cpu=bounds.cpu())
 
 
+@functools.lru_cache(maxsize=None)
+def fla_backward_trusted(device: torch.device) -> bool:
+    """Whether fla's chunked backward may run here. fla 0.6 refuses it on Hopper with Triton >= 3.4 and < 3.7.1
+    (wrong results in chunk_bwd_dqkwg, its issue #640) unless tilelang is installed; the device image has Triton
+    3.6, so there the training backward differentiates the torch core (the forward stays fla's)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return True
+    import importlib.util
+
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+    return not ((3, 4, 0) <= version < (3, 7, 1)) or importlib.util.find_spec("tilelang") is not None
+
+
 def packed_core(mixed, weight, decay, beta, *, dims, bounds, chunk_indices):
     """conv + SiLU + delta rule over packed sequences -> out [T, Hv, Dv] in mixed's dtype."""
     causal_conv1d, chunk_gated_delta_rule = _fla()[:2]
@@ -119,7 +135,10 @@ class FlaLinearAttention:
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
         bounds, chunk_indices = self._varlen_of(meta, meta.cu_seqlens)
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
-        return recomputed(core, mixed, weight, decay, beta)
+        grad_core = None
+        if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
+            grad_core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims)
+        return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()
     def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:

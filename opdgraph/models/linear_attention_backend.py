@@ -65,30 +65,32 @@ def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims) -> torch
 
 
 class RecomputedCore(torch.autograd.Function):
-    """core(mixed, weight, decay, beta) saving its inputs only; backward recomputes the core with autograd and
-    differentiates it. Shared by every backend, so the plan's a_linear holds whichever core runs."""
+    """core(mixed, weight, decay, beta) saving its inputs only; backward recomputes with autograd and differentiates
+    ``grad_core`` (the same function by default; the GPU core passes the torch core where its own backward kernels
+    are known to be wrong: kernels/fla_linear_attention.py). Shared by every backend, so the plan's a_linear holds
+    whichever core runs."""
 
     @staticmethod
-    def forward(ctx, core, mixed, weight, decay, beta):
+    def forward(ctx, core, grad_core, mixed, weight, decay, beta):
         ctx.save_for_backward(mixed, weight, decay, beta)
-        ctx.core = core
+        ctx.core = grad_core or core
         return core(mixed, weight, decay, beta)
 
     @staticmethod
     def backward(ctx, grad_out):
         inputs = [tensor.detach().requires_grad_(needs) for tensor, needs in
-                  zip(ctx.saved_tensors, ctx.needs_input_grad[1:5])]
+                  zip(ctx.saved_tensors, ctx.needs_input_grad[2:6])]
         with torch.enable_grad():
             out = ctx.core(*inputs)
         wanted = [tensor for tensor in inputs if tensor.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (None, *(next(grads) if tensor.requires_grad else None for tensor in inputs))
+        return (None, None, *(next(grads) if tensor.requires_grad else None for tensor in inputs))
 
 
-def recomputed(core, mixed, weight, decay, beta) -> torch.Tensor:
+def recomputed(core, mixed, weight, decay, beta, grad_core=None) -> torch.Tensor:
     """The core through RecomputedCore when autograd records, plainly otherwise (teacher scoring, eval)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (mixed, weight, decay, beta)):
-        return RecomputedCore.apply(core, mixed, weight, decay, beta)
+        return RecomputedCore.apply(core, grad_core, mixed, weight, decay, beta)
     return core(mixed, weight, decay, beta)
 
 
