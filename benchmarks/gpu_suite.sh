@@ -6,7 +6,10 @@
 # shapes A and B, TRL on shape A), memory (predicted vs measured memory: tiny pipeline, releases on vs off),
 # multi (2 GPUs vs 1: equivalence and shape-B throughput; needs 2 GPUs; MULTI_ARGS adds options), alltests (the whole
 # suite with CUDA visible: GPU-marked tests run, kernel tests compile), tpprobe (what a 2-way tensor-parallel rollout would cost: the small all-reduces on 2 GPUs, and
-# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two).
+# burst decode of the full model vs one GPU's half of it, the heads and the MLP split in two), trainkernels (the
+# training forward's variants side by side, shape B: torch vs Liger-Kernel layer kernels, K/V repeated vs native GQA,
+# regional torch.compile; with the layer-kernel and attention tests compiled; installs .whl/liger_kernel-*.whl when
+# liger_kernel does not import).
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -53,6 +56,13 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 rollout_gpu.py --only "bursts16 bs" --batch-sizes 64,128 \
           --skip-transformers "$@" --out "$OUT/rollout_$shapes.json" 2>&1 | tee "$OUT/rollout_$shapes.txt" | tail -8
       done) ;;
+    trainkernels)
+      python3 -c "import liger_kernel.ops" 2>/dev/null || python3 -m pip install -q --no-deps .whl/liger_kernel-*.whl
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 -m pytest -q -rs tests/test_layer_kernels.py tests/test_varlen_attention.py \
+        2>&1 | tee "$OUT/train_kernels_tests.txt" | tail -4
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 420 python3 step.py --shapes B --no-trl \
+        --variants "${TRAIN_VARIANTS:-before,torch,liger,compile}" --out "$OUT/train_kernels.json" 2>&1 \
+        | tee "$OUT/train_kernels.txt" | tail -16) ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

@@ -82,20 +82,20 @@ def unsupported_reason(q: torch.Tensor, sliding_window: int | None, support: Var
 
 
 def aten_flash_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
-    """(out [T, Hq, D], fp32 log-sum-exp [Hq, T], rng state) of causal FlashAttention-2 over packed sequences."""
-    out, lse, rng_state, _, _ = torch.ops.aten._flash_attention_forward(
+    """(out [T, Hq, D], fp32 log-sum-exp [Hq, T], philox seed, philox offset) of causal FlashAttention-2 over packed
+    sequences (no dropout: the seed and offset are placeholders the backward takes back)."""
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1, False, scale=scale,
         window_size_left=window_left, window_size_right=0)
-    return out, lse, rng_state
+    return out, lse, seed, offset
 
 
 def aten_flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, window_left: int,
-                        rng_state):
+                        seed, offset):
     """(dq, dk, dv) of aten_flash_forward; dk and dv have the K/V heads' shape (the kernel sums each group)."""
-    unused = torch.empty(0, device=q.device)  # the dropout offset: no dropout
     return torch.ops.aten._flash_attention_backward(
         grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1,
-        rng_state, unused, scale=scale, window_size_left=window_left, window_size_right=0)
+        seed, offset, scale=scale, window_size_left=window_left, window_size_right=0)
 
 
 class FlashVarlenFunction(torch.autograd.Function):
@@ -104,16 +104,16 @@ class FlashVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
-        out, lse, rng_state = aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
+        out, lse, seed, offset = aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
         ctx.max_seqlen, ctx.scale, ctx.window_left = max_seqlen, scale, window_left
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
         dq, dk, dv = aten_flash_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                         ctx.scale, ctx.window_left, rng_state)
+                                         ctx.scale, ctx.window_left, seed, offset)
         return dq, dk, dv, None, None, None, None
 
 
