@@ -22,8 +22,8 @@ is not used; 2.10 adds ``scale``/``window_size``; 2.12 adds ``enable_gqa``):
   saved for backward, and no repeat or its gradient's sum): ``enable_gqa`` where varlen_attn has it, else
   ``FlashVarlenFunction``, an autograd Function over the same aten kernels varlen_attn calls
   (``aten._flash_attention_forward`` / ``_backward``, FlashAttention-2, which takes fewer K/V heads than query heads
-  as they are). ``VarlenFlashBackend(repeat_kv=True)`` repeats the heads first instead, the path of torch < 2.12
-  before (kept for benchmarks/train_kernels.py's comparison; the plan sizes the native path).
+  as they are). ``VarlenFlashBackend(repeat_kv=True)`` repeats the heads first instead, as torch < 2.12 runs did
+  before (kept for benchmarks/train_variants.py's "before" variant; the plan sizes the native path).
 Anything the kernel cannot take (float32 models, head_dim over 256 or not a multiple of 8, a torch without a
 usable varlen_attn) falls back to the plain-torch reference for that call, with a one-time warning naming why.
 ``paged`` (rollout) is the reference's: the rollout engine swaps in its own flashinfer backend while it generates.
