@@ -18,6 +18,8 @@
 #   (benchmarks/qwen35_gpu.py); `run --record-memory` of the shipped Qwen3.5 pair, predicted vs measured peak.
 # - decodevariants: issue 19's rollout levers side by side (the decode-attention kernel sweep, then every variant at
 #   bs 64/128/256 x 1024 new tokens with roofline %, a profile of the baseline and the fastest; their GPU tests).
+# - trainkernels: the training forward's variants side by side, shape B (torch vs Liger-Kernel layer kernels, K/V
+#   repeated vs native GQA, regional torch.compile), with the layer-kernel and attention tests compiled.
 # The benchmarks run on GPU 0 unless they need two.
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -99,6 +101,13 @@ for part in "$@"; do
         | tee "$OUT/decode_variants_tests.txt" | grep -E "passed|failed|agreement|FAILED|Error" | tail -25
       (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 240 python3 decode_variants.py --profile \
         --out "$OUT/decode_variants.json" 2>&1 | tee "$OUT/decode_variants.txt" | tail -60) ;;
+    trainkernels)
+      python3 -c "import liger_kernel.ops" 2>/dev/null || python3 -m pip install -q --no-deps .whl/liger_kernel-*.whl
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 -m pytest -q -rs tests/test_layer_kernels.py tests/test_varlen_attention.py \
+        2>&1 | tee "$OUT/train_kernels_tests.txt" | tail -4
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 420 python3 step.py --shapes B --no-trl \
+        --variants "${TRAIN_VARIANTS:-before,torch,liger,compile}" --out "$OUT/train_kernels.json" 2>&1 \
+        | tee "$OUT/train_kernels.txt" | tail -16) ;;
     *) echo "unknown part $part" ;;
   esac
   echo "part $part took $(( $(date +%s) - started )) s" | tee -a "$OUT/timings.txt"

@@ -22,8 +22,8 @@ is not used; 2.10 adds ``scale``/``window_size``; 2.12 adds ``enable_gqa``):
   saved for backward, and no repeat or its gradient's sum): ``enable_gqa`` where varlen_attn has it, else
   ``FlashVarlenFunction``, an autograd Function over the same aten kernels varlen_attn calls
   (``aten._flash_attention_forward`` / ``_backward``, FlashAttention-2, which takes fewer K/V heads than query heads
-  as they are). ``VarlenFlashBackend(repeat_kv=True)`` repeats the heads first instead, the path of torch < 2.12
-  before (kept for benchmarks/train_kernels.py's comparison; the plan sizes the native path).
+  as they are). ``VarlenFlashBackend(repeat_kv=True)`` repeats the heads first instead, as torch < 2.12 runs did
+  before (kept for benchmarks/train_variants.py's "before" variant; the plan sizes the native path).
 Anything the kernel cannot take (float32 models, head_dim over 256 or not a multiple of 8, a torch without a
 usable varlen_attn) falls back to the plain-torch reference for that call, with a one-time warning naming why.
 ``paged`` (rollout) is the reference's: the rollout engine swaps in its own flashinfer backend while it generates.
@@ -82,20 +82,20 @@ def unsupported_reason(q: torch.Tensor, sliding_window: int | None, support: Var
 
 
 def aten_flash_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
-    """(out [T, Hq, D], fp32 log-sum-exp [Hq, T], rng state) of causal FlashAttention-2 over packed sequences."""
-    out, lse, rng_state, _, _ = torch.ops.aten._flash_attention_forward(
+    """(out [T, Hq, D], fp32 log-sum-exp [Hq, T], philox seed, philox offset) of causal FlashAttention-2 over packed
+    sequences (no dropout: the seed and offset are placeholders the backward takes back)."""
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1, False, scale=scale,
         window_size_left=window_left, window_size_right=0)
-    return out, lse, rng_state
+    return out, lse, seed, offset
 
 
 def aten_flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, window_left: int,
-                        rng_state):
+                        seed, offset):
     """(dq, dk, dv) of aten_flash_forward; dk and dv have the K/V heads' shape (the kernel sums each group)."""
-    unused = torch.empty(0, device=q.device)  # the dropout offset: no dropout
     return torch.ops.aten._flash_attention_backward(
         grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1,
-        rng_state, unused, scale=scale, window_size_left=window_left, window_size_right=0)
+        seed, offset, scale=scale, window_size_left=window_left, window_size_right=0)
 
 
 class FlashVarlenFunction(torch.autograd.Function):
@@ -104,16 +104,16 @@ class FlashVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
-        out, lse, rng_state = aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
+        out, lse, seed, offset = aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
         ctx.max_seqlen, ctx.scale, ctx.window_left = max_seqlen, scale, window_left
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
         dq, dk, dv = aten_flash_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                         ctx.scale, ctx.window_left, rng_state)
+                                         ctx.scale, ctx.window_left, seed, offset)
         return dq, dk, dv, None, None, None, None
 
 

@@ -150,12 +150,12 @@ def _standin_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
 
 
 def _standin_aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left):
-    """varlen_attention.aten_flash_forward: (out, lse, rng state) as the aten kernel allocates them."""
+    """varlen_attention.aten_flash_forward: (out, lse, seed, offset) as the aten kernel allocates them."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     with opaque():
         _attend_into(out, lse, q, k, v, cu_seqlens, scale, window_left)
-    return out, lse, torch.zeros(2, dtype=torch.int64, device=q.device)
+    return out, lse, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
 
 
 # How the GPU's packed attention takes grouped-query K/V: varlen_attn's enable_gqa (torch >= 2.12), the aten kernels
