@@ -279,6 +279,7 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
                                     for key in ("graph_steps", "eager_steps", "num_captures", "capture_seconds")}
     # The cached models go on to the next variant: nothing of this run's plan may stay on them (kept gradients).
     ctx.engine.release()
+    ctx.gradients.close()
     for parameter in ctx.student.parameters():
         parameter.grad = None
     del ctx, executor

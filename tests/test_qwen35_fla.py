@@ -104,6 +104,8 @@ def test_packed_core_and_gradients_match_the_torch_core(lengths, dtype, fla_back
     L2 norms, the conv's causal window), or lets state or the conv window leak across packed sequences, or its
     gradients (through the recomputing Function) differ, also where fla's backward is not trusted (Hopper with
     Triton 3.4-3.7.0) and the torch core is differentiated instead."""
+    if fla_backward and not fla_linear_attention.fla_backward_trusted(torch.device(DEVICE)):
+        pytest.skip("fla refuses its chunked backward on this GPU and Triton (its issue #640)")
     monkeypatch.setattr(fla_linear_attention, "fla_backward_trusted", lambda device: fla_backward)
     meta = packed_meta(lengths)
     outputs, grads = {}, {}
