@@ -1,8 +1,10 @@
 """Derived counts of one training step: sequences, KV pages, micro-batches, chunks. Config in, plain numbers out.
 
-Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens): the plan must
-hold for the worst step. Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens
-(a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
+Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens, in a hybrid SFT
+pipeline every gold prefix at gold_prefix_max_tokens, on the prompt side): the plan must hold for the worst step.
+Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens (a sequence is never split:
+attention needs all of it), and the loss walks each micro-batch in chunks (not over a gold prefix: the sft stage
+trains those positions, stages/sft.py).
 With several ranks (data parallel) every count is per rank: each rank rolls out and trains on its share of the
 step's sequences.
 
@@ -20,12 +22,13 @@ import attrs
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.errors import OpdgraphError
 from opdgraph.sizing import kv_pool_pages
+from opdgraph.stages.sft import gold_prefix_tokens
 
 
 @attrs.frozen(kw_only=True)
 class StepCounts:
     sequences: int  # prompts_per_step x samples_per_prompt
-    prompt_tokens: int  # data.max_prompt_tokens
+    prompt_tokens: int  # data.max_prompt_tokens (+ the gold prefix: the student's rollout prompt)
     new_tokens: int  # rollout.max_new_tokens
     concurrent_seqs: int  # min(rollout.max_num_seqs, sequences)
     page_size: int
@@ -34,6 +37,7 @@ class StepCounts:
     num_micro_batches: int
     chunk_tokens: int
     chunks_per_micro_batch: int
+    gold_prefix_tokens: int = 0  # hybrid SFT (stages/sft.py): the gold prefix's bound, part of prompt_tokens
 
     @property
     def sequence_tokens(self) -> int:
@@ -42,6 +46,11 @@ class StepCounts:
     @property
     def train_tokens(self) -> int:
         return self.sequences * self.sequence_tokens
+
+    @property
+    def scored_micro_batch_tokens(self) -> int:
+        """A micro-batch's positions outside the gold prefix (all of them without one): what the divergence covers."""
+        return self.sequences_per_micro_batch * (self.sequence_tokens - self.gold_prefix_tokens)
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -61,6 +70,7 @@ class StepCounts:
             "train.sequences_per_micro_batch": self.sequences_per_micro_batch,
             "train.num_micro_batches": self.num_micro_batches, "loss.chunk_tokens": self.chunk_tokens,
             "loss.chunks_per_micro_batch": self.chunks_per_micro_batch,
+            **({"train.gold_prefix_tokens": self.gold_prefix_tokens} if self.gold_prefix_tokens else {}),
         }
 
 
@@ -95,13 +105,15 @@ def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
     """The eval stage's pool and batch sizes; the runtime builds its eval engines and micro-batches from these."""
     config, rollout = cfg.stages[stage_name].config, cfg.stage("rollout").config
     sequence_tokens = cfg.data.max_prompt_tokens + config.max_new_tokens
+    # Hybrid SFT: the student also answers after the gold prefix (eval's accuracy with it): pages for it.
+    student_prompt_tokens = cfg.data.max_prompt_tokens + gold_prefix_tokens(cfg.stages)
     concurrent = min(config.num_prompts, rollout.max_num_seqs)
     per_micro_batch = min(max(1, cfg.stage("teacher_score").config.micro_batch_tokens // sequence_tokens),
                           config.num_prompts)
     return EvalCounts(
         stage=stage_name, prompts=config.num_prompts, prompt_tokens=cfg.data.max_prompt_tokens,
         new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=rollout.page_size,
-        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=student_prompt_tokens,
                                 max_new_tokens=config.max_new_tokens, page_size=rollout.page_size, kv_pool_tokens=0),
         micro_batch_tokens=per_micro_batch * sequence_tokens,
         chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens),
@@ -131,18 +143,22 @@ def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
             f"a multiple of the number of ranks"
         )
     sequences = cfg.data.sequences_per_step // world_size
-    sequence_tokens = cfg.data.max_prompt_tokens + rollout.max_new_tokens
+    gold = gold_prefix_tokens(cfg.stages)
+    prompt_tokens = cfg.data.max_prompt_tokens + gold
+    sequence_tokens = prompt_tokens + rollout.max_new_tokens
     concurrent = min(rollout.max_num_seqs, sequences)
     per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)
-    chunk_tokens = min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens)
+    scored = per_micro_batch * (sequence_tokens - gold)  # the loss's chunks: not the gold prefix (stages/sft.py)
+    chunk_tokens = min(cfg.stage("loss").config.chunk_tokens, scored)
     return StepCounts(
-        sequences=sequences, prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=rollout.max_new_tokens,
+        sequences=sequences, prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
         concurrent_seqs=concurrent, page_size=rollout.page_size,
-        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=prompt_tokens,
                                 max_new_tokens=rollout.max_new_tokens, page_size=rollout.page_size,
                                 kv_pool_tokens=rollout.kv_pool_tokens),
         sequences_per_micro_batch=per_micro_batch,
         num_micro_batches=math.ceil(sequences / per_micro_batch),
         chunk_tokens=chunk_tokens,
-        chunks_per_micro_batch=math.ceil(per_micro_batch * sequence_tokens / chunk_tokens),
+        chunks_per_micro_batch=math.ceil(scored / chunk_tokens),
+        gold_prefix_tokens=gold,
     )

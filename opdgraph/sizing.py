@@ -58,7 +58,23 @@ states and C x C matrices. The S and chunk coefficients were read off the CPU al
 widths, rounded up, and are checked at those and 4B's (tests/test_saved_bytes.py: the plan within +15% of the
 measured peak, never under it); the plan takes the largest of the peaks. Rollout keeps per sequence slot and linear
 layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
-slots (recurrent_state_bytes), and KV pages for the attention layers only.
+slots (recurrent_state_bytes; one more, the scratch slot of idle and padding rows, where the GPU path or decode
+bursts run), and KV pages for the attention layers only.
+On a CUDA target the linear core is flash-linear-attention's when it imports (kernels/fla_linear_attention.py),
+the torch core otherwise, so the workspace holds the larger of the two peaks. The fla core's (fla_core_peak_bytes):
+    T x ((2 h + c + Hv) x d + Hv x 4) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
+      + (ceil(T / 64) + N) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
+the layer's input and norm, the in_proj_qkv output, beta and the decay; the conv's output, the contiguous q/k/v
+copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
+head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (N sequences: at
+most one partial chunk each); for a rollout prefill (paged) the N sequences' gathered and final states and conv
+windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets)
+holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and
+fp32 copies of the conv output and the repeated q and k (measured at 0.8B's and 4B's widths, 1.05-1.15 x); the
+in-place kernel of a CUDA target (kernels/gated_delta_decode.py) only the conv step's R x 4 K x c x d. A CUDA run
+that falls back to the torch core is not what the plan sizes there (the run log says so). Training saves the same
+a_linear on both cores: each runs inside RecomputedCore, which
+saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
 student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
@@ -223,13 +239,18 @@ def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 
 
 def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
-                            reference_sequence_tokens: int = 0) -> int:
+                            reference_sequence_tokens: int = 0, *, fla_sequences: int = 0,
+                            paged: bool = False) -> int:
     """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
-    the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention."""
+    the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention.
+    fla_sequences > 0 (a CUDA target): at most that many sequences share the forward, and a hybrid model's linear
+    core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states)."""
     mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
     if shape.linear_layers:  # without a known sequence length, one sequence of all the tokens (the worst case)
         mlp = max(mlp, linear_core_peak_bytes(shape, tokens, min(reference_sequence_tokens or tokens, tokens),
                                               dtype_bytes))
+        if fla_sequences:
+            mlp = max(mlp, fla_core_peak_bytes(shape, tokens, min(fla_sequences, tokens), dtype_bytes, paged))
     if reference_sequence_tokens == 0:
         return mlp
     sequence = min(reference_sequence_tokens, tokens)
@@ -251,6 +272,33 @@ def linear_core_peak_bytes(shape: ModelShape, tokens: int, sequence_tokens: int,
     sequence = sequence_tokens * (shape.conv_dim * (3 * dtype_bytes + FP32_BYTES) + 2 * heads * key_dim * FP32_BYTES)
     scan = heads * (4 * key_dim * value_dim + 6 * chunk * chunk + 3 * chunk * (key_dim + value_dim)) * FP32_BYTES
     return held + sequence + scan
+
+
+def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_bytes: int, paged: bool) -> int:
+    """The no-grad peak inside a linear-attention layer's flash-linear-attention core (module docstring)."""
+    heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
+    held = tokens * ((2 * shape.hidden + shape.conv_dim + heads) * dtype_bytes + heads * FP32_BYTES)
+    per_token = ((2 * shape.conv_dim + 2 * shape.linear_key_dim + heads * (LINEAR_CHUNK_TOKENS + key_dim
+                                                                          + 3 * value_dim)) * dtype_bytes
+                 + (2 * shape.linear_key_heads + heads) * FP32_BYTES)
+    chunks = math.ceil(tokens / LINEAR_CHUNK_TOKENS) + sequences  # each sequence ends with a partial chunk at most
+    states = chunks * heads * key_dim * value_dim * dtype_bytes
+    if paged:  # the sequences' gathered and final states, and conv windows in fla's [N, C, K] layout
+        states += sequences * (2 * heads * key_dim * value_dim * FP32_BYTES
+                               + (3 * shape.conv_kernel - 1) * shape.conv_dim * dtype_bytes)
+    return held + tokens * per_token + states
+
+
+def linear_decode_peak_bytes(shape: ModelShape, rows: int, dtype_bytes: int, in_place: bool) -> int:
+    """The peak of a decode step's linear-attention core over `rows` sequences (module docstring): the torch core
+    gathers each row's state and builds new ones; the in-place kernel (a CUDA target) only the conv step's."""
+    if not shape.linear_layers:
+        return 0
+    conv_step = 4 * shape.conv_kernel * shape.conv_dim * dtype_bytes
+    if in_place:
+        return rows * conv_step
+    state = shape.linear_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim * FP32_BYTES
+    return rows * (4 * state + 16 * (shape.conv_dim + 2 * shape.linear_value_heads * shape.linear_key_head_dim))
 
 
 # fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries

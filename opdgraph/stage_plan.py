@@ -103,8 +103,12 @@ class StageFacts:
         return math.ceil(self.counts.sequences / len(self.groups) / self.counts.sequences_per_micro_batch)
 
     def teacher_micro_batch_tokens(self, teacher: TeacherFacts) -> int:
-        """Tokens of one teacher forward: the micro-batch's sequences with the teacher's own prompts."""
-        return self.counts.sequences_per_micro_batch * (teacher.spec.prompt_tokens + self.counts.new_tokens)
+        """Tokens of one teacher forward: the micro-batch's sequences with the teacher's own prompts (and the gold
+        prefix after them, its context in a hybrid SFT pipeline)."""
+        return self.counts.sequences_per_micro_batch * self.teacher_sequence_tokens(teacher)
+
+    def teacher_sequence_tokens(self, teacher: TeacherFacts) -> int:
+        return teacher.spec.prompt_tokens + self.counts.gold_prefix_tokens + self.counts.new_tokens
 
     @property
     def student_weight_bytes(self) -> int:
@@ -138,13 +142,18 @@ class StageFacts:
     def batch_keys(self) -> tuple[str, ...]:
         """The keys that size one step's batch of sequences."""
         return ("data.prompts_per_step", "data.samples_per_prompt", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens")
+                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
 
     @property
     def micro_keys(self) -> tuple[str, ...]:
         """The keys that size one training micro-batch."""
         return (f"{self.stage_names['teacher_score']}.micro_batch_tokens", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens")
+                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+
+    @property
+    def gold_keys(self) -> tuple[str, ...]:
+        """The gold prefix's bound (hybrid SFT): part of every sequence's prompt side."""
+        return (f"{self.stage_names['sft']}.gold_prefix_max_tokens",) if "sft" in self.stage_names else ()
 
     @property
     def crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
@@ -153,6 +162,14 @@ class StageFacts:
         if self.fused:
             return self.counts.micro_batch_tokens, self.micro_keys
         return self.counts.train_tokens, self.batch_keys
+
+    @property
+    def scored_crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
+        """crossing_tokens without the gold-prefix positions (hybrid SFT): the positions the divergence and the
+        teacher's kept hidden states cover (the sft stage trains the prefix, with no teacher)."""
+        if self.fused:
+            return self.counts.scored_micro_batch_tokens, self.micro_keys
+        return self.counts.train_tokens - self.counts.sequences * self.counts.gold_prefix_tokens, self.batch_keys
 
     def loop(self, stage_name: str) -> tuple[str, ...]:
         """The micro-batch loop a training stage's steps run in."""

@@ -21,7 +21,7 @@ from typing import Callable
 
 import attrs
 
-KIND_NAMES = ("rollout", "teacher_score", "loss", "backward", "step", "eval", "checkpoint", "log")
+KIND_NAMES = ("rollout", "teacher_score", "loss", "sft", "backward", "step", "eval", "checkpoint", "log")
 REQUIRED_KINDS = ("rollout", "teacher_score", "loss", "backward", "step")
 
 

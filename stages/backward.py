@@ -1,9 +1,10 @@
 """Backward stage: backpropagates `hidden_grad` through the student trunk into the gradient buffers.
 
-Reads `hidden_grad`, writes `grads`. Gradient buffers are allocated at the first micro-batch and freed after the
-optimizer step, so they never coexist with the rollout KV cache. With a bf16 (non-fp32) student the gradients of a
-step's micro-batches are summed in fp32 accumulators by default (opdgraph.runtime.gradients): each micro-batch's
-bf16 gradient is folded in as soon as autograd (or FSDP's reduce-scatter) produces it, so the sum is exact to fp32
+Reads `hidden_grad` (and in a hybrid SFT pipeline `sft_hidden_grad`, stages/sft.py), writes `grads`. Gradient
+buffers are allocated at the first micro-batch and freed after the optimizer step, so they never coexist with the
+rollout KV cache. With a bf16 (non-fp32) student the gradients of a step's micro-batches are summed in fp32
+accumulators by default (opdgraph.runtime.gradients): each micro-batch's bf16 gradient is folded in as soon as
+autograd (or FSDP's reduce-scatter) produces it, so the sum is exact to fp32
 instead of rounding to 8 mantissa bits at every add.
 """
 
@@ -18,6 +19,7 @@ from opdgraph import work as W
 from opdgraph.config.fields import setting
 from opdgraph.drafts import Draft, buffer
 from opdgraph.plan import Buffer
+from opdgraph.stages import sft
 
 if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
     from opdgraph.stage_plan import StageFacts
@@ -37,6 +39,12 @@ class Config:
                         "mantissa bits); an fp32 student sums in fp32 either way")
 
 
+def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Reads the loss's hidden-state gradient and, in a hybrid SFT pipeline, the sft stage's (stages/sft.py)."""
+    hybrid = any(stage.kind == sft.KIND for stage in stages.values())
+    return (*READS, *(sft.WRITES if hybrid else ())), WRITES
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One backward per micro-batch (recomputing the forward with activation checkpointing)."""
     counts, student = facts.counts, facts.student
@@ -46,8 +54,10 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     moved = 3 * facts.student_weight_bytes  # read weights; read+write gradient accumulators
     # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
     local, micro = facts.local, facts.group_micro_batches if facts.fused else counts.num_micro_batches
+    # In a hybrid SFT pipeline the gold prefix's gradient is scattered beside the loss's.
     return [Draft(local(stage_name), stage_name, "backward",
-                  (f"{student}.weights", local("hidden_grad"), local("student_activations"), "responses", *comm),
+                  (f"{student}.weights", local("hidden_grad"), *sft.hidden_grads(facts), local("student_activations"),
+                   "responses", *comm),
                   (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
                   W.roofline(flops, moved, 0, facts.hardware, micro))]
 

@@ -68,7 +68,13 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     rollout = names["rollout"]
     pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
-    generate = max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role])
+    # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
+    gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
+    fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    generate = max(max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role],
+                                                      fla_sequences=fla, paged=True),
+                       sizing.linear_decode_peak_bytes(shapes[role], counts.concurrent_seqs + 1, dtypes[role],
+                                                       facts.targets_cuda))
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
     upcast = facts.cpu_upcast_hidden
     metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,
@@ -77,25 +83,28 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
     score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
              + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role],
-                                                  facts.reference_tokens(role, counts.sequence_tokens))
+                                                  facts.reference_tokens(role, counts.sequence_tokens),
+                                                  fla_sequences=counts.prompts if facts.targets_cuda else 0)
                    for role in shapes) + metrics)
+    # Where rollout takes the GPU path, eval decodes in bursts, whose idle rows use one scratch state slot.
+    slots = counts.concurrent_seqs + (1 if facts.uses_flashinfer else 0)
     all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
                 f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *facts.teacher_keys)
     buffers = [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
-               + sizing.recurrent_state_bytes(shapes["student"], counts.concurrent_seqs, dtypes["student"]),
-               (*pool_keys, *facts.student_keys),
+               + sizing.recurrent_state_bytes(shapes["student"], slots, dtypes["student"]),
+               (*pool_keys, *facts.gold_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
-                       "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
+                       f"ceil((max_prompt_tokens{gold} + max_new_tokens) / page_size)"),
         buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
                                      dtypes["teacher"])
-               + sizing.recurrent_state_bytes(shapes["teacher"], counts.concurrent_seqs, dtypes["teacher"]),
+               + sizing.recurrent_state_bytes(shapes["teacher"], slots, dtypes["teacher"]),
                (*pool_keys, *facts.teacher_keys),
                formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
                    "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
-                   != counts.num_pages else "")),
+                   > counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
                formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
                        "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "

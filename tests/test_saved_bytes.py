@@ -225,6 +225,32 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
 
 
+@pytest.mark.parametrize("family, rows", [("qwen3.5-0.8b", 8), ("qwen3.5-4b", 3)])
+def test_hybrid_decode_step_peak_is_covered_by_the_rollout_workspace(family, rows):
+    """If this fails, a decode step of the torch linear core (CPU targets: every running sequence's state gathered
+    and rebuilt) peaks above the plan's linear_decode_peak_bytes, or the plan holds much more than it uses (15%)."""
+    from opdgraph.models.attention_metadata import PagedMetadata
+    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+    from opdgraph.models.linear_state import LinearLayerState
+
+    shape = shape_from_hf_config(family_config(family))
+    layer = next(layer.linear_attn for layer in family_model(family).layers if hasattr(layer, "linear_attn"))
+    dims, generator = layer.dims, torch.Generator().manual_seed(0)
+    state = LinearLayerState.allocate(rows + 1, dims, torch.bfloat16, "cpu")
+    mixed = torch.randn(rows, dims.conv_channels, generator=generator).to(torch.bfloat16)
+    decay = -torch.rand(rows, dims.value_heads, generator=generator)
+    beta = torch.rand(rows, dims.value_heads, generator=generator).to(torch.bfloat16)
+    ones = torch.ones(rows, dtype=torch.int32)
+    meta = PagedMetadata(query_lens=ones, cu_query_lens=torch.arange(rows + 1, dtype=torch.int32), kv_lens=ones + 5,
+                         page_table=torch.zeros(rows, 1, dtype=torch.int32),
+                         slot_mapping=torch.zeros(rows, dtype=torch.int64), page_size=16,
+                         state_slots=torch.arange(rows))
+    with torch.no_grad(), AllocationTrace() as trace:
+        TorchLinearAttention().paged(mixed, layer.conv1d.weight, decay, beta, dims, meta=meta, state=state)
+    planned = sizing.linear_decode_peak_bytes(shape, rows, 2, in_place=False)
+    assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
+
+
 def test_linear_chunk_mirrors_the_delta_rule():
     """If this fails, the plan's chunk size of the delta-rule scan drifted from the model's."""
     from opdgraph.models import delta_rule

@@ -14,6 +14,7 @@ import os
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
 from opdgraph.config.paths import data_file_path
+from opdgraph.config.sft_checks import check_sft_stages
 from opdgraph.config.teacher_checks import check_teacher_stages
 from opdgraph.graph import build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
@@ -32,6 +33,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     shapes = _resolve_shapes(models, base_dir, problem, problems)
     _check_shapes(models, shapes, data, stages, problem, problems)
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
+    check_sft_stages(pipeline, models, shapes, data, stages, problem, problems)
     _check_data_files(data, stages, base_dir, problem, problems)
     _check_estimator(stages, problem, problems)
     _check_loss_kernel(pipeline, stages, problem, problems)

@@ -161,6 +161,20 @@ class DecoderLM(nn.Module):
         for index, layer in enumerate(self.layers):
             layer.self_attn.fused_qkv = None if stacked is None else stacked[index]
 
+    def pack_gate_up(self) -> None:
+        """Put every layer's gate_proj and up_proj parameters back to back in one storage (GatedMLP.pack_gate_up),
+        so the fused rollout forward runs them as one matmul with no copy. Same values, same parameter objects;
+        call before an optimizer takes its fp32 masters (they alias fp32 parameters' storage)."""
+        for layer in self.layers:
+            layer.mlp.pack_gate_up()
+
+    def install_fused_gate_up(self, on: bool) -> int:
+        """Make forward_fused run gate/up as one projection in every layer whose parameters are packed (off: two);
+        returns how many layers do."""
+        for layer in self.layers:
+            layer.mlp.fused_gate_up = layer.mlp.packed_gate_up() if on else None
+        return sum(layer.mlp.fused_gate_up is not None for layer in self.layers)
+
     def _attend_cached(self, meta, layer_cache, q, sliding_window):
         return self.backend.paged(q, None, None, meta, layer_cache, scale=self.config.attention_scale,
                                   sliding_window=sliding_window, kv_written=True)

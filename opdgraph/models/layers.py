@@ -78,13 +78,52 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.activation = config.activation
+        # (weight [2 I, H], bias or None): gate_proj and up_proj as one projection, a view of their own storage
+        # when pack_gate_up put them back to back (installed by DecoderLM.install_fused_gate_up). Not a parameter.
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, kernels: LayerKernels = TORCH) -> torch.Tensor:
         return self.down_proj(kernels.gated_activation(self.gate_proj(x), self.up_proj(x), self.activation))
 
+    @torch.no_grad()
+    def pack_gate_up(self) -> None:
+        """Move gate_proj's and up_proj's weights (and biases) into one [2 I, ...] storage, gate first; the
+        parameters stay (same objects, same values), only their ``.data`` points at halves of it. Whoever holds the
+        old tensors (an fp32 optimizer master aliases its parameter's storage) would not follow: pack first."""
+        for name in ("weight", "bias"):
+            gate, up = getattr(self.gate_proj, name), getattr(self.up_proj, name)
+            if gate is None:
+                continue
+            packed = torch.cat([gate, up])
+            gate.data, up.data = packed[: gate.shape[0]], packed[gate.shape[0]:]
+
+    def packed_gate_up(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The stacked (weight, bias) viewing both projections' storage if they sit back to back (pack_gate_up;
+        loading, sharding or a device move each give parameters their own storage again), else None."""
+        weight = _back_to_back(self.gate_proj.weight, self.up_proj.weight)
+        if weight is None or self.gate_proj.bias is None:
+            return None if weight is None else (weight, None)
+        bias = _back_to_back(self.gate_proj.bias, self.up_proj.bias)
+        return None if bias is None else (weight, bias)
+
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         activation = "silu" if self.activation == "silu" else "gelu_tanh"
+        if self.fused_gate_up is not None:  # one matmul; the activation reads both halves as strided views
+            gate_up = F.linear(x, *self.fused_gate_up)
+            inner = gate_up.shape[-1] // 2
+            return self.down_proj(fused_decode.gated_activation(gate_up[..., :inner], gate_up[..., inner:],
+                                                                activation))
         return self.down_proj(fused_decode.gated_activation(self.gate_proj(x), self.up_proj(x), activation))
+
+
+def _back_to_back(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """[first; second] as a view of their shared storage when second starts where contiguous first ends."""
+    if not (first.is_contiguous() and second.is_contiguous() and first.dtype == second.dtype
+            and first.device == second.device and first.shape[1:] == second.shape[1:]
+            and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+            and second.data_ptr() == first.data_ptr() + first.numel() * first.element_size()):
+        return None
+    return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
 
 
 class Attention(nn.Module):

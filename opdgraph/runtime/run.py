@@ -154,7 +154,8 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
             torch.cuda.reset_peak_memory_stats(ctx.device)
         executor.run_training_step()
         own_signal, flags = stops.signum, stops.flags()  # what this rank sends; a later signal counts next step
-        stop_votes = _sum_over_ranks(ctx.step_record, ("loss", "divergence"), ctx.device, extra=flags)
+        stop_votes = _sum_over_ranks(ctx.step_record, ("loss", "divergence", "sft_loss", "sft_cross_entropy"),
+                                     ctx.device, extra=flags)
         record = {"kind": "train", "step": ctx.step, **ctx.step_record,
                   "seconds": time.perf_counter() - started,
                   **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}

@@ -25,6 +25,7 @@ from opdgraph.runtime.run_directory import RunRequest, open_run_directory
 def _load_prompts(cfg, files: list[str], tokenizers: dict):
     from opdgraph.config.paths import data_file_path
     from opdgraph.data import load_prompt_set
+    from opdgraph.runtime.hybrid import gold_field
     from opdgraph.runtime.teachers import routing, teacher_prompt_rules
 
     data = cfg.data
@@ -33,7 +34,7 @@ def _load_prompts(cfg, files: list[str], tokenizers: dict):
                            prompt_field=data.prompt_field, answer_field=data.answer_field,
                            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
                            on_bad_row=data.on_bad_row, teacher_prompts=teacher_prompt_rules(cfg, tokenizers),
-                           routing=routing(cfg))
+                           routing=routing(cfg), gold=gold_field(cfg, tokenizers))
 
 @dataclass(frozen=True)
 class Startup:

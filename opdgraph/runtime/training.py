@@ -145,6 +145,10 @@ def backward(ctx, loop) -> None:
     hidden_grad = ctx.buffers.get_item(loop.local("hidden_grad"), batch.index)
     full_grad = torch.zeros_like(activations)
     full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(activations.dtype))
+    for name in ctx.facts.get("sft_hidden_grads", ()):  # hybrid SFT: the gold prefix's rows (disjoint from these)
+        if batch.gold_positions is not None:
+            full_grad.index_copy_(0, batch.gold_positions,
+                                  ctx.buffers.get_item(loop.local(name), batch.index).to(activations.dtype))
     activations.backward(full_grad)
 
 
