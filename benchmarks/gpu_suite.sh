@@ -105,7 +105,7 @@ for part in "$@"; do
       python3 -c "import liger_kernel.ops" 2>/dev/null || python3 -m pip install -q --no-deps .whl/liger_kernel-*.whl
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 -m pytest -q -rs tests/test_layer_kernels.py tests/test_varlen_attention.py \
         2>&1 | tee "$OUT/train_kernels_tests.txt" | tail -4
-      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 420 python3 step.py --shapes B --no-trl \
+      (cd benchmarks && CUDA_VISIBLE_DEVICES=$SINGLE timeout 420 python3 step.py --shapes B --no-trl --steps 1 \
         --variants "${TRAIN_VARIANTS:-before,torch,liger,compile}" --out "$OUT/train_kernels.json" 2>&1 \
         | tee "$OUT/train_kernels.txt" | tail -16) ;;
     *) echo "unknown part $part" ;;

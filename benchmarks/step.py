@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -422,6 +422,7 @@ def main() -> int:
     parser.add_argument("--releases-off-compare", action="store_true",
                         help="run each shape as planned, with the KV pool and gradients kept (releases off), and "
                              "also unfused; print predicted and measured peaks side by side (no TRL)")
+    parser.add_argument("--steps", type=int, help="measured steps per shape (default: A 3, B 2)")
     parser.add_argument("--variants", help="comma-separated training-forward variants of train_variants.py (before, "
                                            "torch, liger, compile), run one after another on the same models")
     args = parser.parse_args()
@@ -445,7 +446,7 @@ def main() -> int:
                      lambda ctx, variant=variant: train_variants.apply(variant, (ctx.student, ctx.teacher)))
                     for variant in train_variants.parse(args.variants)]
     for name in args.shapes.split(","):
-        shape = shapes[name]
+        shape = shapes[name] if args.steps is None else replace(shapes[name], steps=args.steps)
         for suffix, overrides, prepare in variants:
             label = f"opdgraph {name}{suffix}"
             try:

@@ -79,6 +79,8 @@ def summary(row: dict) -> dict:
         "training_peak_gib": max(step["plan_step_peak_gib"].get(TRAINING_PEAK_STEP, 0.0) for step in measured),
         "training_peak_planned_gib": row["raw"]["predicted_step_gib"].get(TRAINING_PEAK_STEP),
         "layer_kernels": row["raw"].get("layer_kernels"), "repeat_kv": row["raw"].get("repeat_kv"),
+        # a sanity check, not a comparison: each variant starts from the weights the earlier ones trained (lr 1e-6)
+        "loss": measured[-1]["loss"],
     }
     for key in TARGETS:
         result[f"{key}_x_floor"] = result[f"{key}_fwd_bwd_s" if key == "student" else f"{key}_s"] / \
@@ -92,7 +94,7 @@ def print_summary(report: dict) -> dict:
     print(f"\ntraining-forward variants: seconds per step and x floor (targets: student forward + backward <= "
           f"{TARGETS['student']}x, teacher <= {TARGETS['teacher']}x, step <= {TARGETS['step']}x)")
     print(f"{'run':<24}{'student f+b':>12}{'x floor':>8}{'teacher':>9}{'x floor':>8}{'step':>8}{'x floor':>8}"
-          f"{'train peak GiB meas/plan':>26}  kernels student/teacher")
+          f"{'train peak GiB meas/plan':>26}{'loss':>9}  kernels student/teacher")
     for label, row in report["rows"].items():
         if "[" not in label:
             continue
@@ -104,6 +106,7 @@ def print_summary(report: dict) -> dict:
         print(f"{label:<24}{s['student_fwd_bwd_s']:>12.3f}{s['student_x_floor']:>8.2f}{s['teacher_s']:>9.3f}"
               f"{s['teacher_x_floor']:>8.2f}{s['step_s']:>8.2f}{s['step_x_floor']:>8.2f}"
               f"{s['training_peak_gib']:>15.2f} / {planned if planned is None else round(planned, 2)!s:<8}"
+              f"{s['loss']:>9.4f}"
               f"  {s['layer_kernels']['student']}/{s['layer_kernels']['teacher']}"
               f"{', K/V repeated' if s['repeat_kv'] else ''}")
     return summaries

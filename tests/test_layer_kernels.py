@@ -249,3 +249,32 @@ def test_auto_falls_back_to_torch_on_cpu_and_liger_is_refused_there():
     with pytest.raises(DeviceError, match="models.student.kernels = 'liger'.*cpu"):
         check_layer_kernels("liger", "cpu", "models.student.kernels")
     check_layer_kernels("auto", "cpu", "models.student.kernels")
+
+
+def test_each_model_gets_the_kernels_its_own_table_names(monkeypatch):
+    """If this fails, the run gives a model another model's models.<name>.kernels (the teacher the student's, or a
+    teacher none), so a setting silently does nothing."""
+    import pathlib
+    import types
+
+    from opdgraph.config import load_pipeline
+    from opdgraph.models import layer_kernels
+    from opdgraph.runtime.engine_setup import use_layer_kernels
+
+    tiny = pathlib.Path(__file__).parent.parent / "pipelines" / "tiny.toml"
+    cfg = load_pipeline(str(tiny), ["models.student.kernels=torch", "models.teacher.kernels=liger"])
+    fake_liger = types.SimpleNamespace(name="liger")
+    monkeypatch.setattr(layer_kernels, "select_layer_kernels",
+                        lambda setting, device: fake_liger if setting == "liger" else TORCH)
+    class Model:
+        def __init__(self):
+            self.given = []
+
+        def set_layer_kernels(self, kernels):
+            self.given.append(kernels)
+
+    student, teacher = Model(), Model()
+    spec = types.SimpleNamespace(model="teacher")
+    line = use_layer_kernels(cfg, student, {"teacher_score": types.SimpleNamespace(spec=spec, model=teacher)}, "cuda")
+    assert student.given == [TORCH] and teacher.given == [fake_liger]
+    assert line == "layer kernels: student torch, teacher liger"
