@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 
 from rollout_gpu import copy_bandwidth
 
@@ -119,7 +120,10 @@ def shape_row(name, m, weights, bandwidth):
     reference = (x.double() @ weights[0].double().t())
     best = None
     for config in CONFIGS:
-        got = triton_gemm(x, weights[0], config).double()
+        try:
+            got = triton_gemm(x, weights[0], config).double()
+        except triton.runtime.errors.OutOfResources:  # too many stages of too large tiles for shared memory
+            continue
         error = ((got - reference).abs().max() / reference.abs().max()).item()
         if error > 2e-2:
             raise AssertionError(f"{name} M={m} config {config}: relative error {error:.3g}")
