@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_profile  # noqa: E402  (benchmarks/ on the path first)
 
 NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
 STAGE_GROUPS = {"rollout": ("rollout.prefill", "rollout.decode"), "teacher": ("teacher_score",),
@@ -200,6 +201,7 @@ def timed_executor_class():
 
         synced_seconds: dict[str, float]
         step_peaks: dict[str, int]
+        profiling = False  # True while one extra step runs under step_profile.StepProfile
 
         def _run(self, step, loop):
             device = self.ctx.device
@@ -207,7 +209,12 @@ def timed_executor_class():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            super()._run(step, loop)
+            if self.profiling:
+                with step_profile.StepProfile.range(step.name):
+                    super()._run(step, loop)
+                    synchronize(device)
+            else:
+                super()._run(step, loop)
             synchronize(device)
             self.synced_seconds[step.name] = self.synced_seconds.get(step.name, 0.0) + time.perf_counter() - started
             if device.type == "cuda":
@@ -266,8 +273,17 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
         print(f"  shape {shape.name} step {index}: {steps[-1]['seconds']:.2f} s "
               f"({'warmup' if index < args.warmup else 'measured'}), {record.get('response_tokens')} response "
               f"tokens, loss {record.get('loss')}", flush=True)
+    profile = None
+    if args.profile:  # one more step under torch.profiler, kernels summed per plan step (not in the figures above)
+        executor.profiling = True
+        with step_profile.StepProfile() as profiler:
+            executor.run_training_step()
+            synchronize(ctx.device)
+        executor.profiling = False
+        profile = profiler.summary()
+        step_profile.print_summary(f"shape {shape.name}", profile)
     gpu_path = ctx.engine.gpu_path
-    result = {"setup_seconds": setup_seconds, "steps": steps, "overrides": list(overrides),
+    result = {"profile": profile, "setup_seconds": setup_seconds, "steps": steps, "overrides": list(overrides),
               "rollout_attention": "torch" if gpu_path is None else "flashinfer",
               "packed_attention": type(ctx.student.backend).__name__,
               "repeat_kv": getattr(ctx.student.backend, "repeat_kv", None),
@@ -423,6 +439,8 @@ def main() -> int:
                         help="run each shape as planned, with the KV pool and gradients kept (releases off), and "
                              "also unfused; print predicted and measured peaks side by side (no TRL)")
     parser.add_argument("--steps", type=int, help="measured steps per shape (default: A 3, B 2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per shape under torch.profiler: GPU ms per plan step by kernel kind")
     parser.add_argument("--variants", help="comma-separated training-forward variants of train_variants.py (before, "
                                            "torch, liger, compile), run one after another on the same models")
     args = parser.parse_args()
