@@ -324,6 +324,7 @@ def main():
         key, _, value = item.partition("=")
         config_dict[key] = json.loads(value)
     model = load_decoder(config_dict, dtype=torch.bfloat16, device=device, init_seed=0)
+    model.pack_gate_up()  # as a run's student (runtime/build.py): the engine's one gate/up matmul reads it
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
     header = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
