@@ -15,9 +15,9 @@ import re
 
 import torch
 
-KINDS = (  # (kind, pattern over the kernel name); the first match wins
-    ("gemm", r"nvjet|gemm|cutlass|xmma|splitKreduce|cublas"),
+KINDS = (  # (kind, pattern over the kernel name); the first match wins (FlashAttention's names hold "cutlass")
     ("attention", r"flash|fmha|attention|split_kernel|merge_kernel"),
+    ("gemm", r"nvjet|gemm|cutlass|xmma|splitKreduce|cublas"),
     ("divergence", r"divergence|log_softmax|logsumexp"),
     ("norm", r"rms|norm"),
     ("rope", r"rope|rotary"),
@@ -63,8 +63,8 @@ class StepProfile:
             entry = steps.setdefault(name, {"wall_ms": 0.0, "kernel_ms": 0.0, "kinds": {}, "kernels": {}})
             entry["wall_ms"] += (end - start) / 1000
         for event in events:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
+            if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith("plan_step:"):
+                continue  # (a record_function range has a device-side twin: not a kernel)
             owner = next((name for name, start, end in ranges if start <= event.time_range.start < end), None)
             if owner is None:
                 continue
