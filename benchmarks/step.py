@@ -248,6 +248,26 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
             run_module.load_models = load
     model_cache.update({cfg.model_with_role("student"): (ctx.student, ctx.tokenizer),
                         cfg.model_with_role("teacher"): (ctx.teacher, ctx.tokenizer)})
+    try:
+        return _measure(ctx, cfg, plan, shape, args, prepare, started, overrides)
+    finally:
+        _teardown(ctx)
+
+
+def _teardown(ctx) -> None:
+    """The cached models go on to the next variant, also after a variant that failed: nothing of this run may stay
+    on them (the gradient fold hooks of StudentGradients, kept gradients, the engine's KV pool)."""
+    ctx.engine.release()
+    ctx.gradients.close()
+    for parameter in ctx.student.parameters():
+        parameter.grad = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _measure(ctx, cfg, plan, shape: StepShape, args, prepare, started: float, overrides) -> dict:
+    """run_ours' warmup + measured (+ profiled) steps on a built context."""
     if prepare is not None:
         prepare(ctx)
     setup_seconds = time.perf_counter() - started
@@ -293,15 +313,6 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
     if gpu_path is not None:
         result["rollout_graphs"] = {key: getattr(gpu_path.stats, key, None)
                                     for key in ("graph_steps", "eager_steps", "num_captures", "capture_seconds")}
-    # The cached models go on to the next variant: nothing of this run's plan may stay on them (kept gradients).
-    ctx.engine.release()
-    ctx.gradients.close()
-    for parameter in ctx.student.parameters():
-        parameter.grad = None
-    del ctx, executor
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return result
 
 
