@@ -9,6 +9,10 @@ step's sequences.
 An eval stage has counts of its own (`eval_counts`): it generates with its own KV pools (the student's and the
 teacher's), sized for its prompts and its max_new_tokens, and scores in micro-batches of whole eval sequences.
 Every rank evaluates all eval prompts, so these are not divided by the number of ranks.
+
+The settings that size a step (max_new_tokens, micro_batch_tokens, chunk_tokens, ...) are the stages' own, found by
+name in `step_settings` (each kind's `step_settings(config)`, the first stage in table order that has one), so
+this module never asks which kind owns a setting.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import attrs
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.errors import OpdgraphError
 from opdgraph.sizing import kv_pool_pages
+from opdgraph.stages import named_settings
 
 
 @attrs.frozen(kw_only=True)
@@ -91,22 +96,33 @@ class EvalCounts:
         return facts
 
 
+def step_settings(cfg: PipelineConfig) -> dict[str, object]:
+    """Every stage's settings that size a training step, by name (see the module docstring)."""
+    return {key: value for key, (_, value) in named_settings(cfg.stages, "step_settings").items()}
+
+
+def setting_key(cfg: PipelineConfig, name: str) -> str:
+    """The dotted config key of the step setting `name` (`backward.grad_accumulation_dtype`), for sized-by lists."""
+    stage, _ = named_settings(cfg.stages, "step_settings")[name]
+    return f"{stage}.{name}"
+
+
 def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
     """The eval stage's pool and batch sizes; the runtime builds its eval engines and micro-batches from these."""
-    config, rollout = cfg.stages[stage_name].config, cfg.stage("rollout").config
+    config, settings = cfg.stages[stage_name].config, step_settings(cfg)
     sequence_tokens = cfg.data.max_prompt_tokens + config.max_new_tokens
-    concurrent = min(config.num_prompts, rollout.max_num_seqs)
-    per_micro_batch = min(max(1, cfg.stage("teacher_score").config.micro_batch_tokens // sequence_tokens),
-                          config.num_prompts)
+    concurrent = min(config.num_prompts, settings["max_num_seqs"])
+    per_micro_batch = min(max(1, settings["micro_batch_tokens"] // sequence_tokens), config.num_prompts)
+    page_size = settings["page_size"]
     return EvalCounts(
         stage=stage_name, prompts=config.num_prompts, prompt_tokens=cfg.data.max_prompt_tokens,
-        new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=rollout.page_size,
+        new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=page_size,
         num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                max_new_tokens=config.max_new_tokens, page_size=rollout.page_size, kv_pool_tokens=0),
+                                max_new_tokens=config.max_new_tokens, page_size=page_size, kv_pool_tokens=0),
         micro_batch_tokens=per_micro_batch * sequence_tokens,
-        chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens),
+        chunk_tokens=min(settings["chunk_tokens"], per_micro_batch * sequence_tokens),
         teacher_num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=_eval_teacher_prompt(cfg),
-                                        max_new_tokens=config.max_new_tokens, page_size=rollout.page_size,
+                                        max_new_tokens=config.max_new_tokens, page_size=page_size,
                                         kv_pool_tokens=0))
 
 
@@ -121,8 +137,8 @@ def _eval_teacher_prompt(cfg: PipelineConfig) -> int:
 
 
 def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
-    rollout = cfg.stage("rollout").config
-    micro_batch_tokens = cfg.stage("teacher_score").config.micro_batch_tokens
+    settings = step_settings(cfg)
+    micro_batch_tokens, new_tokens = settings["micro_batch_tokens"], settings["max_new_tokens"]
     if cfg.data.prompts_per_step % world_size:
         where = cfg.provenance.get("data.prompts_per_step", "default")
         raise OpdgraphError(
@@ -131,16 +147,16 @@ def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
             f"a multiple of the number of ranks"
         )
     sequences = cfg.data.sequences_per_step // world_size
-    sequence_tokens = cfg.data.max_prompt_tokens + rollout.max_new_tokens
-    concurrent = min(rollout.max_num_seqs, sequences)
+    sequence_tokens = cfg.data.max_prompt_tokens + new_tokens
+    concurrent = min(settings["max_num_seqs"], sequences)
     per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)
-    chunk_tokens = min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens)
+    chunk_tokens = min(settings["chunk_tokens"], per_micro_batch * sequence_tokens)
     return StepCounts(
-        sequences=sequences, prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=rollout.max_new_tokens,
-        concurrent_seqs=concurrent, page_size=rollout.page_size,
+        sequences=sequences, prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=new_tokens,
+        concurrent_seqs=concurrent, page_size=settings["page_size"],
         num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                max_new_tokens=rollout.max_new_tokens, page_size=rollout.page_size,
-                                kv_pool_tokens=rollout.kv_pool_tokens),
+                                max_new_tokens=new_tokens, page_size=settings["page_size"],
+                                kv_pool_tokens=settings["kv_pool_tokens"]),
         sequences_per_micro_batch=per_micro_batch,
         num_micro_batches=math.ceil(sequences / per_micro_batch),
         chunk_tokens=chunk_tokens,

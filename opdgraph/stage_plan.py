@@ -19,7 +19,7 @@ import attrs
 from opdgraph import work as W
 from opdgraph.planned_paths import attention_fallback, fp32_grads, kv_heads_repeated, model_keys
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.counts import EvalCounts, StepCounts, eval_counts
+from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
 from opdgraph.graph import build_stage_graph, stage_order
 from opdgraph.model_shapes import ModelShape
@@ -181,7 +181,7 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
     groups = tuple(train_groups([t.spec for t in teachers], bool(route_field(cfg.stages)) and len(teachers) > 1))
     student, teacher = cfg.model_with_role("student"), teachers[0].spec.weights
     teacher_model = teachers[0].spec.model
-    names = {}
+    names, settings = {}, step_settings(cfg)
     for name, stage in cfg.stages.items():
         names.setdefault(stage.kind, name)
     return StageFacts(
@@ -190,8 +190,8 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         student_fp32=cfg.models[student].dtype == "float32", student_keys=model_keys(cfg, student),
         teacher_keys=teachers[0].keys, counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
-        prefill_token_budget=cfg.stage("rollout").config.prefill_token_budget,
-        activation_checkpointing=cfg.stage("backward").config.activation_checkpointing, fp32_grads=fp32_grads(cfg),
+        prefill_token_budget=settings["prefill_token_budget"],
+        activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
         student_kv_repeated=kv_heads_repeated(cfg, student),
@@ -211,11 +211,12 @@ def planned_stages(cfg: PipelineConfig, facts: StageFacts):
     planned once per teacher loop (TrainGroup), each loop holding only its own teacher's stage; otherwise once."""
     names = ordered_stages(cfg)
     micro = [name for name in names if stage_kind(cfg.stages[name].kind).micro_batch]
+    teachers = {teacher.spec.stage for teacher in facts.teachers}
     for name in names:
         if name not in micro or not facts.fused or len(facts.groups) <= 1:
             yield name, facts
         elif name == micro[0]:
             for group in facts.groups:
                 for member in micro:
-                    if cfg.stages[member].kind != "teacher_score" or member in group.teachers:
+                    if member not in teachers or member in group.teachers:
                         yield member, facts.in_group(group)

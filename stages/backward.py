@@ -16,10 +16,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import setting
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import STUDENT_BACKWARD, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("hidden_grad",)
@@ -37,6 +38,13 @@ class Config:
                         "mantissa bits); an fp32 student sums in fp32 either way")
 
 
+def step_settings(config: Config) -> dict[str, object]:
+    """Checkpointing sets what the student's training forward saves (planned by the loss); the accumulation dtype
+    sizes the gradients (opdgraph.buffers)."""
+    return {"activation_checkpointing": config.activation_checkpointing,
+            "grad_accumulation_dtype": config.grad_accumulation_dtype}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One backward per micro-batch (recomputing the forward with activation checkpointing)."""
     counts, student = facts.counts, facts.student
@@ -49,7 +57,7 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     return [Draft(local(stage_name), stage_name, "backward",
                   (f"{student}.weights", local("hidden_grad"), local("student_activations"), "responses", *comm),
                   (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
-                  W.roofline(flops, moved, 0, facts.hardware, micro))]
+                  W.roofline(flops, moved, 0, facts.hardware, micro), frozenset({STUDENT_BACKWARD}))]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
@@ -64,10 +72,11 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                    formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def bind(stage_name: str, config: Config, run) -> dict:
+    return {"student": run.student}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    if step.name.endswith(".forward"):  # unfused plan: the forward with graph runs here
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=False)
-    else:
-        training.backward(ctx, loop)
+    training.backward(inputs)

@@ -12,10 +12,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import WHOLE_TEACHER, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
@@ -50,7 +51,8 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                          hardware=facts.hardware)
     allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
                  *((f"{stage_name}.gathered_weights",) if facts.world_size > 1 else ()))
-    return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work)]
+    return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work,
+                  frozenset({WHOLE_TEACHER}))]
 
 
 def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:
@@ -108,11 +110,38 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     return buffers
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def bind(stage_name: str, config: Config, run) -> dict:
+    """What an eval uses (opdgraph.runtime.evaluation): the student, the teacher stages, the tokenizer, the eval
+    prompts, the run's eval engines (built at the first eval), the offloader that brings teachers in, the plan's
+    eval facts."""
+    return {"student": run.student, "teachers": run.teachers, "tokenizer": run.tokenizer,
+            "prompts": run.eval_prompts, "engines": run.eval_engines, "offloader": run.teacher_offloader,
+            "plan_facts": run.plan.facts}
+
+
+def release_hooks(stage_name: str, config: Config, models: dict) -> dict:
+    """The plan's releases of the eval pools drop the eval engines' pools."""
+    from opdgraph.runtime.evaluation import release_hooks as pool_hooks
+
+    return pool_hooks(models["engines"], stage_name)
+
+
+def before_training(step, config: Config, inputs: StageInputs) -> bool:
+    """The evaluation before the first training step (the `before` of the before/after table); True when it ran."""
+    if inputs.models["prompts"] is None:
+        return False
+    from opdgraph.runtime.evaluation import run_eval
+
+    inputs.run.eval_records.append(run_eval(config, inputs, label="before"))
+    return True
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     """Periodic: every `every_n_steps` training steps and after the last one (the run also evaluates before)."""
-    final = ctx.step == ctx.num_steps
-    if final or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
+    run = inputs.run
+    final = run.step == run.num_steps
+    if final or (config.every_n_steps and run.step % config.every_n_steps == 0):
         from opdgraph.runtime.evaluation import run_eval
 
         label = "final" if final else "periodic"
-        ctx.eval_records.append(run_eval(config, ctx, stage=step.stage, label=label))
+        run.eval_records.append(run_eval(config, inputs, label=label))

@@ -13,10 +13,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import positive, setting, unit_interval
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import STUDENT_FORWARD, TEACHER_HEAD, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses", "teacher_hidden")
@@ -58,6 +59,10 @@ def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ..
     return ("responses", *(teachers or ["teacher_hidden"])), WRITES
 
 
+def step_settings(config: Config) -> dict[str, int]:
+    return {"chunk_tokens": config.chunk_tokens}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """The student forward once per micro-batch, then the divergence chunk by chunk inside it (against the loop's
     teachers: a routed loop's one, or every teacher of a mixture)."""
@@ -77,13 +82,13 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     teacher_weights = tuple(dict.fromkeys(t.weights_buffer for t in teachers if t.weights_buffer != weights))
     return [Draft(local(f"{stage_name}.student_forward"), stage_name, "loss", (weights, "responses"),
                   (local("student_hidden"), local("student_activations"), *comm), facts.loop(stage_name), micro,
-                  forward),
+                  forward, frozenset({STUDENT_FORWARD})),
             Draft(local(stage_name), stage_name, "loss",
                   (weights, *teacher_weights, local("student_hidden"), *(t.spec.hidden for t in teachers),
                    "responses"),
                   (local("logit_chunk"), local("hidden_grad"), f"{facts.student}.grads"),
                   (*facts.loop(stage_name), f"{stage_name}.chunk"), chunks,
-                  W.roofline(flops, moved, 0, facts.hardware, chunks))]
+                  W.roofline(flops, moved, 0, facts.hardware, chunks), frozenset({TEACHER_HEAD}))]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
@@ -142,11 +147,17 @@ def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
             formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def bind(stage_name: str, config: Config, run) -> dict:
+    """The student, every teacher stage (a routed micro-batch takes its own, a mixture all) and the gradients the
+    lm_head's analytic gradient joins."""
+    return {"student": run.student, "teachers": run.teachers, "gradients": run.gradients}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    if step.name.endswith(".student_forward"):
-        # Fused plan: this forward keeps the graph for the backward; unfused: the backward stage re-runs it.
-        training.student_forward(ctx, loop, keep_graph=loop.local("student_activations") in step.writes, write_hidden=True)
+    if step.name.endswith(".student_forward"):  # keeps the graph (student_activations) for the backward
+        training.student_forward(inputs, keep_graph=inputs.loop.local("student_activations") in step.writes,
+                                 write_hidden=True)
     else:
-        training.chunked_loss(config, ctx, loop)
+        training.chunked_loss(config, inputs)

@@ -55,13 +55,13 @@ def _sequence_hidden(model, ids: list[int], positions: range) -> torch.Tensor:
 
 def _run_step(cfg, plan, ctx, samples, monkeypatch):
     """One training step over `samples` instead of a rollout; returns the gradients handed to the optimizer."""
-    def fixed_rollout(config, ctx_) -> None:
-        tokens = sum(len(s.response_ids) for s in samples)
-        batches = build_micro_batches(samples, micro_batch_tokens=ctx_.facts["micro_batch_tokens"],
+    def fixed_rollout(config, inputs) -> None:
+        tokens, facts = sum(len(s.response_ids) for s in samples), inputs.run.facts
+        batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                       normalize="token", global_tokens=tokens, global_sequences=len(samples),
-                                      device=ctx_.device, route_groups=ctx_.facts.get("route_groups"),
-                                      group_order=ctx_.facts.get("group_order", ("",)))
-        ctx_.buffers.put("responses", rollout_step.RolloutBatch(samples, batches))
+                                      device=inputs.run.device, route_groups=facts.get("route_groups"),
+                                      group_order=facts.get("group_order", ("",)))
+        inputs.values.put("responses", rollout_step.RolloutBatch(samples, batches))
 
     handed = {}
 
@@ -178,9 +178,10 @@ def test_context_teacher_scores_the_hand_built_sequence(tmp_path, monkeypatch):
     stored = []
     original = training.chunked_loss
 
-    def recording_loss(config_, ctx_, loop):
-        stored.append((loop.micro_batch, ctx_.buffers.get_item("teacher_hidden", loop.micro_batch.index).double()))
-        original(config_, ctx_, loop)
+    def recording_loss(config_, inputs):
+        batch = inputs.loop.micro_batch
+        stored.append((batch, inputs.values.get_item("teacher_hidden", batch.index).double()))
+        original(config_, inputs)
 
     monkeypatch.setattr(training, "chunked_loss", recording_loss)
     generator = torch.Generator().manual_seed(5)

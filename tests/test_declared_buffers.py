@@ -36,9 +36,9 @@ def test_an_undeclared_access_in_a_real_step_fails(tmp_path, monkeypatch):
     cfg, plan, ctx = _context(tmp_path, "tiny.toml")
     scoring = training.teacher_score
 
-    def peeking_teacher(stage, ctx_, loop):
-        ctx_.buffers.get("prompts")  # not a read of teacher_score's plan step
-        scoring(stage, ctx_, loop)
+    def peeking_teacher(inputs):
+        inputs.values.get("prompts")  # not a read of teacher_score's plan step
+        scoring(inputs)
 
     monkeypatch.setattr(training, "teacher_score", peeking_teacher)
     with pytest.raises(UndeclaredBufferError, match=r"\[teacher_score\] touched buffer 'prompts'"):

@@ -31,16 +31,16 @@ SEQUENCES, PROMPT_TOKENS, RESPONSE_TOKENS = 32, 13, 12  # one 25-token sequence 
 TOKENS_USED = 8  # few distinct ids: the micro-batches' gradients overlap, so their sum is where rounding shows
 
 
-def _fixed_rollout(config, ctx) -> None:
+def _fixed_rollout(config, inputs) -> None:
     """The rollout stage's product (`responses`) from fixed random sequences instead of sampling."""
     generator = torch.Generator().manual_seed(1)
     samples = [Sample(prompt_ids=torch.randint(3, 3 + TOKENS_USED, (PROMPT_TOKENS,), generator=generator).tolist(),
                       response_ids=torch.randint(3, 3 + TOKENS_USED, (RESPONSE_TOKENS,), generator=generator).tolist(),
                       prompt_index=index // 2, sample_index=index % 2) for index in range(SEQUENCES)]
-    micro_batches = build_micro_batches(samples, micro_batch_tokens=ctx.facts["micro_batch_tokens"],
+    micro_batches = build_micro_batches(samples, micro_batch_tokens=inputs.run.facts["micro_batch_tokens"],
                                         normalize="token", global_tokens=SEQUENCES * RESPONSE_TOKENS,
-                                        global_sequences=SEQUENCES, device=ctx.device)
-    ctx.buffers.put("responses", rollout_step.RolloutBatch(samples, micro_batches))
+                                        global_sequences=SEQUENCES, device=inputs.run.device)
+    inputs.values.put("responses", rollout_step.RolloutBatch(samples, micro_batches))
 
 
 def _one_step(tmp_path: Path, accumulation: str, monkeypatch):
@@ -58,9 +58,10 @@ def _one_step(tmp_path: Path, accumulation: str, monkeypatch):
     seen, handed = [], {}
     chunked_loss = training.chunked_loss
 
-    def recording_loss(config, ctx_, loop):
-        seen.append((loop.micro_batch, ctx_.buffers.get_item("teacher_hidden", loop.index).detach().double()))
-        chunked_loss(config, ctx_, loop)
+    def recording_loss(config, inputs):
+        loop = inputs.loop
+        seen.append((loop.micro_batch, inputs.values.get_item("teacher_hidden", loop.index).detach().double()))
+        chunked_loss(config, inputs)
 
     def recording_step(lr, grads):
         handed.update({name: grad.double().clone() for name, grad in grads.items()})

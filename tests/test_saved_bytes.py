@@ -36,7 +36,7 @@ from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
 from opdgraph.runtime.batches import MicroBatch
 from opdgraph.runtime.buffers import BufferTable
-from opdgraph.runtime.executor import LoopState
+from opdgraph.runtime.stage_inputs import LoopState, StageInputs
 from opdgraph.train.divergence import divergence_metrics
 
 CONFIGS = pathlib.Path(opdgraph.__file__).parent / "model_configs"
@@ -110,11 +110,14 @@ def micro_batch(vocab: int = VOCAB, lengths: tuple[int, ...] = SEQUENCE_LENGTHS)
 
 
 def runtime_context(model, checkpointing: bool = False, lengths: tuple[int, ...] = SEQUENCE_LENGTHS):
+    """The StageInputs the loss's student forward and the teacher stage get, both with `model`, over one micro-batch
+    of `lengths`."""
     batch = micro_batch(lengths=lengths)
-    ctx = types.SimpleNamespace(student=model, teacher=model, buffers=BufferTable(),
-                                facts={"activation_checkpointing": checkpointing})
-    ctx.teachers = _teachers(model)
-    return ctx, LoopState(micro_batch=batch), batch.num_tokens
+    loop = LoopState(micro_batch=batch)
+    inputs = StageInputs(step=None, loop=loop, values=BufferTable(),
+                         models={"student": model, "teacher": _teachers(model)["teacher_score"]},
+                         run=types.SimpleNamespace(facts={"activation_checkpointing": checkpointing}))
+    return inputs, loop, batch.num_tokens
 
 
 def assert_close(measured: float, planned: float, what: str) -> None:
@@ -134,11 +137,11 @@ def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
     shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, 2, repeated)
@@ -160,11 +163,11 @@ def test_hybrid_saved_activations_match_the_plan(family, kv_path, monkeypatch):
     shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     assert_close(measured["layer0"] / tokens, sizing.linear_layer_bytes_per_token(shape, 2), f"{family} linear layer")
@@ -188,9 +191,9 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     shape = shape_from_hf_config(family_config(family))
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
-    ctx, loop, tokens = runtime_context(model, lengths=lengths)
+    inputs, loop, tokens = runtime_context(model, lengths=lengths)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
 
@@ -210,11 +213,11 @@ def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
     shape = shape_from_hf_config(config)
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
-    ctx, loop, tokens = runtime_context(model, checkpointing=True)
+    inputs, loop, tokens = runtime_context(model, checkpointing=True)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     total = sum(measured[region] for region in ("layer0", "layer1", "outside"))
@@ -231,9 +234,9 @@ def test_teacher_forward_peak_matches_the_workspace(family, monkeypatch):
     shape = shape_from_hf_config(family_config(family))
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     assert_close(trace.peak(), sizing.forward_workspace_bytes(shape, tokens, 2), family)
 
 
@@ -262,13 +265,13 @@ def _loss_context(divergence: str, kernel: str):
     buffers.put("student.grads", {"lm_head": lm_head_grad})
     batch = types.SimpleNamespace(index=0, group="", weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
                                   target_ids=torch.randint(0, LOSS_VOCAB, (POSITIONS,), generator=generator))
-    ctx = types.SimpleNamespace(student=student, teacher=teacher, buffers=buffers, step_record={},
-                                facts={"grads_buffer": "student.grads"},
-                                gradients=types.SimpleNamespace(lm_head=lambda: lm_head_grad),
-                                teachers=_teachers(teacher))
+    inputs = StageInputs(step=None, loop=LoopState(micro_batch=batch), values=buffers,
+                         models={"student": student, "teachers": _teachers(teacher),
+                                 "gradients": types.SimpleNamespace(lm_head=lambda: lm_head_grad)},
+                         run=types.SimpleNamespace(record={}, facts={"grads_buffer": "student.grads"}))
     config = types.SimpleNamespace(divergence=divergence, beta=0.5, temperature=1.3, chunk_tokens=CHUNK,
                                    kernel=kernel)
-    return config, ctx, LoopState(micro_batch=batch)
+    return config, inputs, inputs.loop
 
 
 @pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
@@ -279,9 +282,9 @@ def test_loss_chunk_peak_matches_the_logit_chunk(path, divergence, monkeypatch):
     emulate, fused, upcast = LOSS_PATHS[path]
     if emulate is not None:
         emulate(monkeypatch)
-    config, ctx, loop = _loss_context(divergence, kernel="auto" if fused else "torch")
+    config, inputs, _ = _loss_context(divergence, kernel="auto" if fused else "torch")
     with AllocationTrace() as trace:
-        training.chunked_loss(config, ctx, loop)
+        training.chunked_loss(config, inputs)
     hidden_grad = POSITIONS * STUDENT_HIDDEN * 2  # the planned hidden_grad buffer, allocated by the loss
     buffers = sizing.FUSED_LOSS_LOGIT_BUFFERS if fused else sizing.TORCH_LOSS_LOGIT_BUFFERS[divergence]
     planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, buffers, fused=fused,
@@ -295,10 +298,11 @@ def test_eval_metrics_peak_matches_the_plan(path, monkeypatch):
     emulate, _, upcast = LOSS_PATHS[path]
     if emulate is not None:
         emulate(monkeypatch)
-    _, ctx, _ = _loss_context("forward_kl", kernel="torch")
-    hidden = ctx.buffers.get_item("student_hidden", 0), ctx.buffers.get_item("teacher_hidden", 0)
+    _, inputs, _ = _loss_context("forward_kl", kernel="torch")
+    hidden = inputs.values.get_item("student_hidden", 0), inputs.values.get_item("teacher_hidden", 0)
+    teacher = inputs.models["teachers"]["teacher_score"].model
     with AllocationTrace() as trace:
-        divergence_metrics(hidden[0], ctx.student.lm_head_weight, hidden[1], ctx.teacher.lm_head_weight,
+        divergence_metrics(hidden[0], inputs.models["student"].lm_head_weight, hidden[1], teacher.lm_head_weight,
                            chunk_tokens=CHUNK)
     planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, sizing.EVAL_METRICS_LOGIT_BUFFERS,
                                        upcast_hidden=STUDENT_HIDDEN + TEACHER_HIDDEN if upcast else 0)
@@ -345,8 +349,8 @@ def _reference_case(family, dtype, lengths):
     model = reference_model(family, dtype)
     model.set_attention_backend(varlen_attention.select_packed_backend("cpu"))
     assert isinstance(model.backend, TorchReferenceBackend)
-    ctx, loop, tokens = runtime_context(model, lengths=lengths)
-    return shape, model, ctx, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
+    inputs, loop, tokens = runtime_context(model, lengths=lengths)
+    return shape, model, inputs, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
 
 
 @pytest.mark.parametrize("family, dtype, lengths", REFERENCE_ACTIVATION_CASES)
@@ -355,11 +359,11 @@ def test_reference_attention_saved_activations_match_the_plan(family, dtype, len
     per layer (its score and probability matrices, its mask, K/V repeated) than the plan's student_activations
     assume for a CPU target or an fp32 model: CPU runs would be under- (or over-) planned, more so the longer the
     sequences."""
-    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+    shape, model, inputs, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, dtype_bytes, reference_sequence_tokens=longest)
@@ -382,9 +386,9 @@ def test_reference_attention_forward_peak_matches_the_workspace(family, dtype, l
     """If this fails, the no-grad forward (teacher scoring, eval scoring) through the plain-torch attention peaks
     above or below the plan's forward workspace: one sequence's scores, their fp32 copy and softmax output can
     exceed the MLP's peak, and the plan would miss it."""
-    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+    shape, model, inputs, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     planned = sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, reference_sequence_tokens=longest)
     if uniform:
         assert_close(trace.peak(), planned, f"{family} {lengths}")

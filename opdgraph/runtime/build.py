@@ -88,7 +88,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     if sampler.repeat_note() and distributed.is_main():
         print(sampler.repeat_note())
     metrics = MetricsLog(run_dir, reporters=reporters) if distributed.is_main() else SilentMetrics(run_dir)
-    facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
+    facts = {"samples_per_prompt": cfg.data.samples_per_prompt,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
              "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
