@@ -127,13 +127,18 @@ def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
 
 
 def _eval_teacher_prompt(cfg: PipelineConfig) -> int:
-    """The prompt limit of the teacher eval compares with (the first teacher stage in plan order)."""
+    """The prompt limit of the teachers that answer eval prompts: the first teacher stage in plan order, or with
+    routed rows every teacher (each answers its own rows in a pool of the same pages), the longest limit."""
     from opdgraph.stage_plan import ordered_stages  # stage_plan imports this module: imported when called
-    from opdgraph.teachers import teacher_specs
+    from opdgraph.teachers import route_field, teacher_specs
 
     specs = {spec.stage: spec for spec in teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)}
-    first = next((name for name in ordered_stages(cfg) if name in specs), None)
-    return specs[first].prompt_tokens if first is not None else cfg.data.max_prompt_tokens
+    ordered = [specs[name] for name in ordered_stages(cfg) if name in specs]
+    if not ordered:
+        return cfg.data.max_prompt_tokens
+    if route_field(cfg.stages) and len(ordered) > 1:
+        return max(spec.prompt_tokens for spec in ordered)
+    return ordered[0].prompt_tokens
 
 
 def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:

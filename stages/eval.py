@@ -60,29 +60,69 @@ def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, 
     return facts.eval_counts(stage_name).facts()
 
 
+def _eval_teachers(facts: StageFacts) -> tuple[list, list[list]]:
+    """(the teachers that answer eval rows, the sets of teachers that score a micro-batch together), as
+    opdgraph.runtime.evaluation runs them: routed, each teacher answers and scores its own rows, one after another;
+    a mixture's first teacher answers and all of them score together; one teacher does both."""
+    teachers = list(facts.teachers)
+    if len(facts.groups) > 1:
+        return teachers, [[teacher] for teacher in teachers]
+    return teachers[:1], [teachers]
+
+
+def _keys(teachers: list) -> tuple[str, ...]:
+    """The sizing keys of several teachers, each once."""
+    return tuple(dict.fromkeys(key for teacher in teachers for key in teacher.keys))
+
+
+def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]:
+    """(bytes, upcast hidden) of scoring a micro-batch against `teachers` at once: the student's and their hidden
+    states, the largest forward workspace, and the metrics' logit chunk (a mixture's too: its running mixture is
+    made before the metrics' own peak, tests/test_saved_bytes.py; on CPU every lm_head upcast to fp32)."""
+    tokens, student = counts.micro_batch_tokens, facts.student_shape
+    hidden = sizing.hidden_state_bytes(student, tokens, facts.student_dtype_bytes) + sum(
+        sizing.hidden_state_bytes(teacher.shape, tokens, teacher.dtype_bytes) for teacher in teachers)
+    reference = [facts.reference_tokens("student", counts.sequence_tokens), *(
+        counts.sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
+    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback) for shape, dtype_bytes, fallback
+                    in zip([student, *(t.shape for t in teachers)],
+                           [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference))
+    upcast = 0 if facts.targets_cuda else student.hidden + sum(teacher.shape.hidden for teacher in teachers)
+    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, student.vocab, sizing.EVAL_METRICS_LOGIT_BUFFERS,
+                                       upcast_hidden=upcast)
+    return hidden + workspace + metrics, upcast
+
+
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
-    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts), and one workspace for
-    the larger of its two phases: generating, and scoring both models' answers in micro-batches."""
+    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts; routed teachers answer
+    one after another, so the largest one's), and one workspace for the larger of its two phases: generating, and
+    scoring the answers in micro-batches (against a mixture: every teacher's hidden states at once)."""
     counts, names = facts.eval_counts(stage_name), facts.stage_names
-    shapes = {"student": facts.student_shape, "teacher": facts.teacher_shape}
-    dtypes = {"student": facts.student_dtype_bytes, "teacher": facts.teacher_dtype_bytes}
+    answering, scoring = _eval_teachers(facts)
+    several = len(facts.teachers) > 1
+    shapes = {"student": facts.student_shape, "teacher": answering[0].shape}
+    dtypes = {"student": facts.student_dtype_bytes, "teacher": answering[0].dtype_bytes}
     rollout = names["rollout"]
     pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
-    generate = max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role])
-                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
-    upcast = facts.cpu_upcast_hidden
-    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,
-                                       sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=upcast)
-    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics)" + (
-        " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
-    score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
-             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role],
-                                                  facts.reference_tokens(role, counts.sequence_tokens))
-                   for role in shapes) + metrics)
+    generate = max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes)
+                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab)
+                   for shape, dtype_bytes in [(facts.student_shape, facts.student_dtype_bytes),
+                                              *((t.shape, t.dtype_bytes) for t in answering)])
+    score, upcast = max(_scoring_bytes(facts, counts, teachers) for teachers in scoring)
+    mixed = len(scoring[0]) > 1
+    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics" + (
+        ", also against the mixture)" if mixed else ")") + (
+        (" + V_student x (h_s + sum h_t) x 4 (fp32 lm_heads on CPU)" if mixed else
+         " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)") if upcast else "")
+    teacher_keys = _keys(facts.teachers) if several else answering[0].keys
     all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
-                f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *facts.teacher_keys)
+                f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *teacher_keys)
+    teacher_pool = max(sizing.kv_cache_bytes(t.shape, counts.teacher_num_pages, counts.page_size, t.dtype_bytes)
+                       + sizing.recurrent_state_bytes(t.shape, counts.concurrent_seqs, t.dtype_bytes)
+                       for t in answering)
+    answering_keys = _keys(answering) if several else answering[0].keys
     buffers = [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
@@ -90,18 +130,18 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                (*pool_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
                        "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
-        buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
-               sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
-                                     dtypes["teacher"])
-               + sizing.recurrent_state_bytes(shapes["teacher"], counts.concurrent_seqs, dtypes["teacher"]),
-               (*pool_keys, *facts.teacher_keys),
-               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
-                   "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
-                   != counts.num_pages else "")),
+        buffer(f"{stage_name}.teacher_kv_cache", "kv_cache", teacher_pool, (*pool_keys, *answering_keys),
+               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers" + (
+                   ": the largest of the routed teachers', which answer one after another)" if len(answering) > 1
+                   else ")") + ("; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
+                                != counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
-               formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
-                       "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
-                       f"{metrics_formula})"),
+               formula=("max(prefill forward workspace + eval seqs x V x 4 of either model, "
+                        "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
+                        if not several else
+                        "max(prefill forward workspace + eval seqs x V x 4 of the student or an answering teacher, "
+                        "eval micro-batch tokens x (h_s d_s + " + ("sum h_t d_t" if mixed else "the largest h_t d_t")
+                        + ") + the largest forward workspace + ") + f"{metrics_formula})"),
     ]
     if facts.world_size > 1:  # the sharded student generates on gathered weights (scoring gathers one layer at a time)
         buffers.append(buffer(f"{stage_name}.gathered_weights", "weights",

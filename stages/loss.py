@@ -79,6 +79,10 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     moved = (student.vocab * student.hidden * s_dtype
              + sum(t.shape.vocab * t.shape.hidden * t.dtype_bytes for t in teachers)
              + 2 * chunk_tokens * (2 * student.vocab + sum(t.shape.vocab for t in teachers)) * 4)
+    if mixes_teachers(facts):  # each teacher's own divergence, for the log: its logits again, beside a student copy
+        flops += sum(W.lm_head_flops(t.shape, chunk_tokens) for t in teachers)
+        moved += sum(t.shape.vocab * t.shape.hidden * t.dtype_bytes
+                     + 2 * chunk_tokens * (student.vocab + t.shape.vocab) * 4 for t in teachers)
     teacher_weights = tuple(dict.fromkeys(t.weights_buffer for t in teachers if t.weights_buffer != weights))
     return [Draft(local(f"{stage_name}.student_forward"), stage_name, "loss", (weights, "responses"),
                   (local("student_hidden"), local("student_activations"), *comm), facts.loop(stage_name), micro,

@@ -412,3 +412,67 @@ def test_planned_fallback_mirrors_the_kernel():
                                             models={"m": types.SimpleNamespace(dtype=dtype_name)})
                 kernel_falls_back = varlen_attention.unsupported_reason(q, None, support) is not None
                 assert attention_fallback(cfg, "m") == kernel_falls_back, (device, dtype_name, head_dim)
+
+
+def _mixture_loss_inputs(divergence: str):
+    """The loss stage's inputs with two teachers mixed 0.7 / 0.3 (hidden widths 384 and 192)."""
+    from opdgraph.runtime.teachers import TeacherRuntime
+    from opdgraph.teachers import TeacherSpec
+
+    config, inputs, loop = _loss_context(divergence, kernel="torch")
+    generator = torch.Generator().manual_seed(2)
+    first = inputs.models["teachers"]["teacher_score"].model
+    second = types.SimpleNamespace(lm_head_weight=(torch.randn(LOSS_VOCAB, TEACHER_HIDDEN // 2, generator=generator)
+                                                   * 0.05).to(torch.bfloat16))
+    inputs.values.put_item("teacher_hidden.b", 0, torch.randn(POSITIONS, TEACHER_HIDDEN // 2,
+                                                              generator=generator).to(torch.bfloat16))
+    teachers = {}
+    for stage, hidden, weight, model in (("teacher_score", "teacher_hidden", 0.7, first),
+                                         ("teacher_score.b", "teacher_hidden.b", 0.3, second)):
+        spec = TeacherSpec(stage=stage, model=stage, weights=stage, self_teacher=False, own_weights=True,
+                           hidden=hidden, routes=(stage,), mixture_weight=weight, prompt_tokens=0, has_context=False)
+        teachers[stage] = TeacherRuntime(spec=spec, model=model)
+    return config, StageInputs(step=None, loop=loop, values=inputs.values, run=inputs.run,
+                               models={**inputs.models, "teachers": teachers})
+
+
+@pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
+@pytest.mark.parametrize("path", ["cpu_torch", "cuda_torch"])
+def test_mixture_loss_chunk_peak_is_within_the_logit_chunk(path, divergence, monkeypatch):
+    """If this fails, the mixture loss (the running mixture, then each teacher's own divergence for the log beside a
+    copy of the student's logits) peaks above the plan's mixture logit_chunk, or far below it."""
+    emulate, _, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    config, inputs = _mixture_loss_inputs(divergence)
+    with AllocationTrace() as trace:
+        training.chunked_loss(config, inputs)
+    assert {"divergence[teacher_score]", "divergence[teacher_score.b]"} <= set(inputs.run.record)
+    hidden_grad = POSITIONS * STUDENT_HIDDEN * 2
+    buffers = sizing.TORCH_LOSS_LOGIT_BUFFERS[divergence] + sizing.MIXTURE_EXTRA_LOGIT_BUFFERS
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, buffers, upcast_hidden=(
+        STUDENT_HIDDEN + TEACHER_HIDDEN + TEACHER_HIDDEN // 2) if upcast else 0)
+    measured, chunk_buffer = trace.peak() - hidden_grad, CHUNK * LOSS_VOCAB * 4
+    # The mixture's extra buffers are a bound: the per-teacher pass holds one of the two at its peak.
+    assert planned - 2 * chunk_buffer <= measured <= planned * (1 + TOLERANCE), f"{path} {divergence}: " \
+        f"{measured:,} vs {planned:,}"
+
+
+@pytest.mark.parametrize("path", ["cpu_torch", "cuda_torch"])
+def test_mixture_eval_metrics_peak_is_within_the_plan(path, monkeypatch):
+    """If this fails, eval's metrics against a mixture of teachers peak otherwise than the eval workspace's metrics
+    term (stages/eval.py: the single teacher's buffers, every lm_head upcast on CPU): the running mixture is made
+    before the metrics' own peak."""
+    emulate, _, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    _, inputs = _mixture_loss_inputs("forward_kl")
+    teachers = list(inputs.models["teachers"].values())
+    hidden = [inputs.values.get_item(name, 0) for name in ("student_hidden", "teacher_hidden", "teacher_hidden.b")]
+    with AllocationTrace() as trace:
+        divergence_metrics(hidden[0], inputs.models["student"].lm_head_weight, hidden[1:],
+                           [teacher.model.lm_head_weight for teacher in teachers], chunk_tokens=CHUNK,
+                           mixture_weights=[teacher.spec.mixture_weight for teacher in teachers])
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=(
+        STUDENT_HIDDEN + TEACHER_HIDDEN + TEACHER_HIDDEN // 2) if upcast else 0)
+    assert_close(trace.peak(), planned, path)
