@@ -150,6 +150,11 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     return buffers
 
 
+def run_settings(config: Config) -> dict[str, object]:
+    """The prompt files the run loads for eval (opdgraph.runtime.startup; default: data.eval_files)."""
+    return {"eval_files": config.files}
+
+
 def bind(stage_name: str, config: Config, run) -> dict:
     """What an eval uses (opdgraph.runtime.evaluation): the student, the teacher stages, the tokenizer, the eval
     prompts, the run's eval engines (built at the first eval), the offloader that brings teachers in, the plan's

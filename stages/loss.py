@@ -151,6 +151,13 @@ def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
             formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
+def check_device(stage_name: str, config: Config, device) -> None:
+    """At startup, before any weights load: a kernel the device cannot run is a DeviceError naming the key."""
+    from opdgraph.runtime.training import check_loss_kernel
+
+    check_loss_kernel(config.kernel, device, where=f"{stage_name}.kernel")
+
+
 def bind(stage_name: str, config: Config, run) -> dict:
     """The student, every teacher stage (a routed micro-batch takes its own, a mixture all) and the gradients the
     lm_head's analytic gradient joins."""

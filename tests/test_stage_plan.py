@@ -13,7 +13,8 @@ from opdgraph.stages import KIND_NAMES, SOURCE_KINDS, stage_kind
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py", "opdgraph/placement_steps.py", "opdgraph/counts.py",
                    "opdgraph/stage_plan.py", "opdgraph/render/text.py", "opdgraph/runtime/executor.py",
-                   "opdgraph/runtime/offload.py", "opdgraph/runtime/run.py")
+                   "opdgraph/runtime/offload.py", "opdgraph/runtime/run.py", "opdgraph/runtime/startup.py",
+                   "opdgraph/planned_paths.py")
 KINDS = (*KIND_NAMES, *SOURCE_KINDS)
 
 
