@@ -62,7 +62,8 @@ def build_buffers(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Buffer]:
     stage-graph order), the gradients, the sharded student's exchange buffers and the CUDA library overheads, then
     what the periodic stages (eval) allocate."""
     buffers = [*_model_state(cfg, facts),
-               *(buffer for source in SOURCE_KINDS for buffer in stage_module(source).plan_buffers(source, None, facts))]
+               *(buffer for source in SOURCE_KINDS
+                 for buffer in stage_module(source).plan_buffers(source, None, facts))]
     periodic = []
     for name, stage_facts in planned_stages(cfg, facts):
         stage = cfg.stages[name]

@@ -3,10 +3,11 @@ time of streams and FSDP exchanges, and the transfers each step lists. `opdgraph
 plain plan, then hands them here. What a step does is read from its draft's roles (opdgraph.drafts), which the stage
 kind that drafts it sets: nothing here depends on which kind a step comes from.
 
-- Streaming the teacher's layers: a teacher forward (teacher_score) also reads the layer buffer, and each micro-batch takes the longer
-  of its compute and its copies (the next layer is copied while this one runs).
-- Streaming the optimizer state: the optimizer update (step) copies every bucket in for the optimizer's finiteness check, then in
-  and back out for the update (copies and update do not overlap): three times the host state over PCIe.
+- Streaming the teacher's layers: a teacher forward (teacher_score) also reads the layer buffer, and each
+  micro-batch takes the longer of its compute and its copies (the next layer is copied while this one runs).
+- Streaming the optimizer state: the optimizer update (step) copies every bucket in for the optimizer's
+  finiteness check, then in and back out for the update (copies and update do not overlap): three times the host
+  state over PCIe.
 - Sharding the teacher: teacher_score gathers every layer and the root once per micro-batch, each micro-batch
   taking the longer of its compute and its all-gathers (FSDP gathers the next layer while this one runs); the root
   stays gathered until the loss has read the lm_head; eval gathers the whole teacher once.

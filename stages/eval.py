@@ -1,6 +1,8 @@
 """Eval stage: greedy (or sampled) generations on held-out prompts, scored against the teacher, shown as samples.
 
-Reads `student_weights` (after the optimizer step), writes `eval_metrics`.
+Reads `student_weights` (after the optimizer step), writes `eval_metrics`. With several teachers a routed row is
+answered and scored by its own teacher, a mixture's rows are scored against the mixture, and each teacher's own
+figures are reported too (opdgraph.runtime.evaluation); the plan sizes the eval's pools and workspace for that.
 """
 
 from __future__ import annotations
@@ -84,9 +86,10 @@ def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]
         sizing.hidden_state_bytes(teacher.shape, tokens, teacher.dtype_bytes) for teacher in teachers)
     reference = [facts.reference_tokens("student", counts.sequence_tokens), *(
         counts.sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
-    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback) for shape, dtype_bytes, fallback
-                    in zip([student, *(t.shape for t in teachers)],
-                           [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference))
+    models = zip([student, *(t.shape for t in teachers)],
+                 [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference)
+    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback)
+                    for shape, dtype_bytes, fallback in models)
     upcast = 0 if facts.targets_cuda else student.hidden + sum(teacher.shape.hidden for teacher in teachers)
     metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, student.vocab, sizing.EVAL_METRICS_LOGIT_BUFFERS,
                                        upcast_hidden=upcast)

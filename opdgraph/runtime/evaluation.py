@@ -150,7 +150,8 @@ def _generate_teachers(inputs, stage: str, prompts, params, seed: int) -> list:
         samples = _answers(inputs, stage, engine, prompts, params, seed, _teachers(inputs)[0])
         inputs.values.put(f"{stage}.{EVAL_POOLS['teacher']}", engine.kv_cache)
         return samples
-    turns = [(teacher, [p for p in prompts if _teacher_of(inputs, p.record) is teacher]) for teacher in _teachers(inputs)]
+    turns = [(teacher, [p for p in prompts if _teacher_of(inputs, p.record) is teacher])
+             for teacher in _teachers(inputs)]
     turns = [(teacher, rows) for teacher, rows in turns if rows]
     samples = []
     for number, (teacher, rows) in enumerate(turns):
