@@ -111,9 +111,11 @@ def main():
 
 def _triton_call(q, cache, kv_lens, table, block_n, warps, stages, splits):
     """The kernel with explicit launch settings (the module's defaults are what the engine uses)."""
+    settings = kernel.LaunchSettings(block_n=block_n, num_warps=warps, num_stages=stages)
+
     def call():
         return kernel.paged_decode_attention(q, cache, kv_lens, table, scale=DIM**-0.5, sliding_window=None,
-                                             num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+                                             num_splits=splits, settings=settings)
     return call
 
 

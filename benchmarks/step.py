@@ -20,6 +20,9 @@ MFU of a compute stage = its FLOPs / its seconds / the measured matmul rate (and
     python benchmarks/step.py --releases-off-compare --out releases.json   # what the lifetime analysis buys:
         # shape A as planned, with pipeline.release_phase_buffers = false (KV pool and gradients kept), and also
         # with pipeline.fuse_training = false; predicted and measured peaks side by side (same run, same models)
+    python benchmarks/step.py --shapes B --no-trl --variants before,torch,liger,compile --out train_kernels.json
+        # the training forward's variants (train_variants.py: layer kernels, GQA, regional compile), one step
+        # each, same models: student forward + backward, teacher forward and the step against their floors
 
 TRL's side lives in step_trl.py (optional: reported as 'skipped: reason' when it cannot run).
 """
@@ -36,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -214,9 +217,11 @@ def timed_executor_class():
     return SyncedExecutor
 
 
-def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, overrides: tuple[str, ...] = ()) -> dict:
+def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, overrides: tuple[str, ...] = (),
+             prepare=None) -> dict:
     """Warmup + measured steps of one shape through the runtime; per-stage seconds and (CUDA) per-plan-step peak
-    memory of every step, with the plan's prediction for each plan step."""
+    memory of every step, with the plan's prediction for each plan step. prepare(ctx), when given, runs on the
+    built context before the first step (a kernel variant's attention backend and compilation)."""
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
     from opdgraph.runtime import build as run_module
@@ -236,6 +241,8 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
             run_module.load_models = load
     model_cache.update({cfg.model_with_role("student"): (ctx.student, ctx.tokenizer),
                         cfg.model_with_role("teacher"): (ctx.teacher, ctx.tokenizer)})
+    if prepare is not None:
+        prepare(ctx)
     setup_seconds = time.perf_counter() - started
     ctx.tokenizer.eos_token_ids = []  # fixed response lengths: nothing ends a response before max_new_tokens
     hooks = {ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}  # the KV pool's: the rollout stage's own
@@ -262,6 +269,8 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
     result = {"setup_seconds": setup_seconds, "steps": steps, "overrides": list(overrides),
               "rollout_attention": "torch" if gpu_path is None else "flashinfer",
               "packed_attention": type(ctx.student.backend).__name__,
+              "repeat_kv": getattr(ctx.student.backend, "repeat_kv", None),
+              "layer_kernels": {"student": ctx.student.layer_kernels.name, "teacher": ctx.teacher.layer_kernels.name},
               "predicted_peak_gib": plan.peak_bytes / 2**30, "predicted_peak_step": plan.peak.step,
               "predicted_step_gib": {step.name: step.live_bytes / 2**30 for step in plan.steps}}
     if gpu_path is not None:
@@ -269,6 +278,7 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
                                     for key in ("graph_steps", "eager_steps", "num_captures", "capture_seconds")}
     # The cached models go on to the next variant: nothing of this run's plan may stay on them (kept gradients).
     ctx.engine.release()
+    ctx.gradients.close()
     for parameter in ctx.student.parameters():
         parameter.grad = None
     del ctx, executor
@@ -411,6 +421,9 @@ def main() -> int:
     parser.add_argument("--releases-off-compare", action="store_true",
                         help="run each shape as planned, with the KV pool and gradients kept (releases off), and "
                              "also unfused; print predicted and measured peaks side by side (no TRL)")
+    parser.add_argument("--steps", type=int, help="measured steps per shape (default: A 3, B 2)")
+    parser.add_argument("--variants", help="comma-separated training-forward variants of train_variants.py (before, "
+                                           "torch, liger, compile), run one after another on the same models")
     args = parser.parse_args()
     args.shapes = args.shapes or ("A" if args.releases_off_compare else "A,B")
     if args.tiny:
@@ -423,14 +436,21 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_cache: dict = {}
     started = time.perf_counter()
-    variants = COMPARE_VARIANTS if args.releases_off_compare else COMPARE_VARIANTS[:1]
+    variants = [(suffix, overrides, None) for suffix, overrides in
+                (COMPARE_VARIANTS if args.releases_off_compare else COMPARE_VARIANTS[:1])]
+    if args.variants:
+        import train_variants
+
+        variants = [(f" [{variant.name}]", variant.overrides(("student", "teacher")),
+                     lambda ctx, variant=variant: train_variants.apply(variant, (ctx.student, ctx.teacher)))
+                    for variant in train_variants.parse(args.variants)]
     for name in args.shapes.split(","):
-        shape = shapes[name]
-        for suffix, overrides in variants:
+        shape = shapes[name] if args.steps is None else replace(shapes[name], steps=args.steps)
+        for suffix, overrides, prepare in variants:
             label = f"opdgraph {name}{suffix}"
             try:
                 with tempfile.TemporaryDirectory() as work_dir:
-                    ours = run_ours(shape, args, Path(work_dir), model_cache, overrides)
+                    ours = run_ours(shape, args, Path(work_dir), model_cache, overrides, prepare)
                 floor = roofline(shape, report["hardware"], tiny=args.tiny,
                                  prefill_budget=max(2048, min(8192, shape.sequences * shape.prompt_tokens)))
                 row = summarize(shape, ours, floor, report["hardware"])
@@ -457,6 +477,11 @@ def main() -> int:
     print_table(report)
     if args.releases_off_compare or device.type == "cuda":
         print_memory_table(report)
+    if args.variants:
+        import train_variants
+
+        report["variant_summary"] = train_variants.print_summary(report)
+        args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.out}")
     return 0
 

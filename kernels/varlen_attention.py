@@ -8,7 +8,8 @@ graph differentiates through it. The no-grad teacher uses the same call.
 
 Why this candidate (the others considered):
 - ``varlen_attn`` is torch's public wrapper of ``aten._flash_attention_forward`` with cu_seqlens and the matching
-  backward; calling the aten op directly would mean writing the autograd Function ourselves for the same kernel.
+  backward; the aten ops are called directly (our own autograd Function) only for what varlen_attn cannot take:
+  grouped-query attention before torch 2.12.
 - flex attention with a document mask needs ``torch.compile`` (tens of seconds per new shape) and a block mask
   rebuilt for every micro-batch; it wins only for masks FlashAttention cannot express.
 - flashinfer's ragged prefill is forward-only (no backward) and plans on the host per forward.
@@ -17,8 +18,12 @@ Version differences handled by feature detection on the installed signature (tor
 is not used; 2.10 adds ``scale``/``window_size``; 2.12 adds ``enable_gqa``):
 - causal: ``window_size=(-1, 0)``; Gemma 3 sliding layers: ``(sliding_window - 1, 0)`` (a query sees itself and the
   ``sliding_window - 1`` keys before it, as the reference backend defines it);
-- grouped-query attention: native with ``enable_gqa``; otherwise K/V heads are repeated (their gradients sum back
-  through ``repeat_interleave``).
+- grouped-query attention is native (K/V heads never repeated: (2 q - 2 kv) x d bytes per token per layer less
+  saved for backward, and no repeat or its gradient's sum): ``enable_gqa`` where varlen_attn has it, else
+  ``FlashVarlenFunction``, an autograd Function over the same aten kernels varlen_attn calls
+  (``aten._flash_attention_forward`` / ``_backward``, FlashAttention-2, which takes fewer K/V heads than query heads
+  as they are). ``VarlenFlashBackend(repeat_kv=True)`` repeats the heads first instead, as torch < 2.12 runs did
+  before (kept for benchmarks/train_variants.py's "before" variant; the plan sizes the native path).
 Anything the kernel cannot take (float32 models, head_dim over 256 or not a multiple of 8, a torch without a
 usable varlen_attn) falls back to the plain-torch reference for that call, with a one-time warning naming why.
 ``paged`` (rollout) is the reference's: the rollout engine swaps in its own flashinfer backend while it generates.
@@ -45,7 +50,7 @@ class VarlenSupport:
     """What the installed torch's ``varlen_attn`` accepts; ``reason`` says why it is unusable when it is."""
 
     available: bool
-    native_gqa: bool = False  # enable_gqa: fewer K/V heads than query heads without repeating them
+    enable_gqa: bool = False  # varlen_attn takes fewer K/V heads than query heads itself (torch >= 2.12)
     reason: str = ""
 
 
@@ -60,7 +65,7 @@ def varlen_support() -> VarlenSupport:
     if missing:
         return VarlenSupport(False, reason=f"torch {torch.__version__}'s varlen_attn has no {' or '.join(missing)} "
                                            "(causal masks, sliding windows and model attention scales need them)")
-    return VarlenSupport(True, native_gqa="enable_gqa" in parameters)
+    return VarlenSupport(True, enable_gqa="enable_gqa" in parameters)
 
 
 def unsupported_reason(q: torch.Tensor, sliding_window: int | None, support: VarlenSupport) -> str | None:
@@ -76,13 +81,51 @@ def unsupported_reason(q: torch.Tensor, sliding_window: int | None, support: Var
     return None
 
 
+def aten_flash_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
+    """(out [T, Hq, D], fp32 log-sum-exp [Hq, T], philox seed, philox offset) of causal FlashAttention-2 over packed
+    sequences (no dropout: the seed and offset are placeholders the backward takes back)."""
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1, False, scale=scale,
+        window_size_left=window_left, window_size_right=0)
+    return out, lse, seed, offset
+
+
+def aten_flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, window_left: int,
+                        seed, offset):
+    """(dq, dk, dv) of aten_flash_forward; dk and dv have the K/V heads' shape (the kernel sums each group)."""
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, window_left == -1,
+        seed, offset, scale=scale, window_size_left=window_left, window_size_right=0)
+
+
+class FlashVarlenFunction(torch.autograd.Function):
+    """Causal FlashAttention-2 over packed sequences, K/V with their own (fewer) heads; saves q, k, v, out and the
+    log-sum-exp, as varlen_attn does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, scale: float, window_left: int):
+        out, lse, seed, offset = aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.scale, ctx.window_left = max_seqlen, scale, window_left
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        dq, dk, dv = aten_flash_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
+                                         ctx.scale, ctx.window_left, seed, offset)
+        return dq, dk, dv, None, None, None, None
+
+
 class VarlenFlashBackend:
-    """``packed`` through FlashAttention varlen (forward + backward); ``paged`` through the reference."""
+    """``packed`` through FlashAttention varlen (forward + backward); ``paged`` through the reference.
+    repeat_kv: repeat K/V heads to the query heads before the kernel (the former path; benchmarks only)."""
 
     name = "varlen_flash"
 
-    def __init__(self):
+    def __init__(self, repeat_kv: bool = False):
         self.support = varlen_support()
+        self.repeat_kv = repeat_kv
         self._reference = TorchReferenceBackend()
         self._warned: set[str] = set()
 
@@ -95,13 +138,16 @@ class VarlenFlashBackend:
         from torch.nn.attention.varlen import varlen_attn
 
         # (left, right) = (-1, 0) is causal; (W - 1, 0) also hides keys W or more positions back.
-        options: dict = {"scale": scale, "window_size": (-1 if sliding_window is None else sliding_window - 1, 0)}
+        window_left = -1 if sliding_window is None else sliding_window - 1
+        options: dict = {"scale": scale, "window_size": (window_left, 0)}
         group = q.shape[1] // k.shape[1]
-        if group > 1 and self.support.native_gqa:
+        cu_seqlens = meta.cu_seqlens
+        if group > 1 and self.repeat_kv:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        elif group > 1 and self.support.enable_gqa:
             options["enable_gqa"] = True
         elif group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        cu_seqlens = meta.cu_seqlens
+            return FlashVarlenFunction.apply(q, k, v, cu_seqlens, meta.max_seqlen, scale, window_left)
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, meta.max_seqlen, meta.max_seqlen, **options)
 
     def paged(self, q, k, v, meta, kv_cache, *, scale, sliding_window, kv_written=False):
@@ -129,5 +175,5 @@ def packed_backend_description(device: torch.device | str) -> str:
     support = varlen_support()
     if not support.available:
         return f"packed attention: torch reference ({support.reason})"
-    gqa = "native GQA" if support.native_gqa else "K/V heads repeated for GQA"
-    return f"packed attention: FlashAttention varlen ({gqa})"
+    gqa = "varlen_attn's enable_gqa" if support.enable_gqa else "aten flash kernels: varlen_attn has no enable_gqa"
+    return f"packed attention: FlashAttention varlen (native GQA, {gqa})"

@@ -1,8 +1,10 @@
 """Derived counts of one training step: sequences, KV pages, micro-batches, chunks. Config in, plain numbers out.
 
-Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens): the plan must
-hold for the worst step. Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens
-(a sequence is never split: attention needs all of it), and the loss walks each micro-batch in chunks.
+Token counts are upper bounds (every prompt at max_prompt_tokens, every response at max_new_tokens, in a hybrid SFT
+pipeline every gold prefix at gold_prefix_max_tokens, on the prompt side): the plan must hold for the worst step.
+Training packs whole sequences into micro-batches of at most micro_batch_tokens tokens (a sequence is never split:
+attention needs all of it), and the loss walks each micro-batch in chunks (not over a gold prefix: the sft stage
+trains those positions, stages/sft.py).
 With several ranks (data parallel) every count is per rank: each rank rolls out and trains on its share of the
 step's sequences.
 
@@ -30,7 +32,7 @@ from opdgraph.stages import named_settings
 @attrs.frozen(kw_only=True)
 class StepCounts:
     sequences: int  # prompts_per_step x samples_per_prompt
-    prompt_tokens: int  # data.max_prompt_tokens
+    prompt_tokens: int  # data.max_prompt_tokens (+ the gold prefix: the student's rollout prompt)
     new_tokens: int  # rollout.max_new_tokens
     concurrent_seqs: int  # min(rollout.max_num_seqs, sequences)
     page_size: int
@@ -39,6 +41,7 @@ class StepCounts:
     num_micro_batches: int
     chunk_tokens: int
     chunks_per_micro_batch: int
+    gold_prefix_tokens: int = 0  # hybrid SFT (stages/sft.py): the gold prefix's bound, part of prompt_tokens
 
     @property
     def sequence_tokens(self) -> int:
@@ -47,6 +50,11 @@ class StepCounts:
     @property
     def train_tokens(self) -> int:
         return self.sequences * self.sequence_tokens
+
+    @property
+    def scored_micro_batch_tokens(self) -> int:
+        """A micro-batch's positions outside the gold prefix (all of them without one): what the divergence covers."""
+        return self.sequences_per_micro_batch * (self.sequence_tokens - self.gold_prefix_tokens)
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -66,6 +74,7 @@ class StepCounts:
             "train.sequences_per_micro_batch": self.sequences_per_micro_batch,
             "train.num_micro_batches": self.num_micro_batches, "loss.chunk_tokens": self.chunk_tokens,
             "loss.chunks_per_micro_batch": self.chunks_per_micro_batch,
+            **({"train.gold_prefix_tokens": self.gold_prefix_tokens} if self.gold_prefix_tokens else {}),
         }
 
 
@@ -111,13 +120,15 @@ def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
     """The eval stage's pool and batch sizes; the runtime builds its eval engines and micro-batches from these."""
     config, settings = cfg.stages[stage_name].config, step_settings(cfg)
     sequence_tokens = cfg.data.max_prompt_tokens + config.max_new_tokens
+    # Hybrid SFT: the student also answers after the gold prefix (eval's accuracy with it): pages for it.
+    student_prompt_tokens = cfg.data.max_prompt_tokens + settings.get("gold_prefix_max_tokens", 0)
     concurrent = min(config.num_prompts, settings["max_num_seqs"])
     per_micro_batch = min(max(1, settings["micro_batch_tokens"] // sequence_tokens), config.num_prompts)
     page_size = settings["page_size"]
     return EvalCounts(
         stage=stage_name, prompts=config.num_prompts, prompt_tokens=cfg.data.max_prompt_tokens,
         new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=page_size,
-        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=student_prompt_tokens,
                                 max_new_tokens=config.max_new_tokens, page_size=page_size, kv_pool_tokens=0),
         micro_batch_tokens=per_micro_batch * sequence_tokens,
         chunk_tokens=min(settings["chunk_tokens"], per_micro_batch * sequence_tokens),
@@ -152,18 +163,22 @@ def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
             f"a multiple of the number of ranks"
         )
     sequences = cfg.data.sequences_per_step // world_size
-    sequence_tokens = cfg.data.max_prompt_tokens + new_tokens
+    gold = settings.get("gold_prefix_max_tokens", 0)
+    prompt_tokens = cfg.data.max_prompt_tokens + gold
+    sequence_tokens = prompt_tokens + new_tokens
     concurrent = min(settings["max_num_seqs"], sequences)
     per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)
-    chunk_tokens = min(settings["chunk_tokens"], per_micro_batch * sequence_tokens)
+    scored = per_micro_batch * (sequence_tokens - gold)  # the loss's chunks: not the gold prefix (stages/sft.py)
+    chunk_tokens = min(settings["chunk_tokens"], scored)
     return StepCounts(
-        sequences=sequences, prompt_tokens=cfg.data.max_prompt_tokens, new_tokens=new_tokens,
+        sequences=sequences, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         concurrent_seqs=concurrent, page_size=settings["page_size"],
-        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=prompt_tokens,
                                 max_new_tokens=new_tokens, page_size=settings["page_size"],
                                 kv_pool_tokens=settings["kv_pool_tokens"]),
         sequences_per_micro_batch=per_micro_batch,
         num_micro_batches=math.ceil(sequences / per_micro_batch),
         chunk_tokens=chunk_tokens,
-        chunks_per_micro_batch=math.ceil(per_micro_batch * sequence_tokens / chunk_tokens),
+        chunks_per_micro_batch=math.ceil(scored / chunk_tokens),
+        gold_prefix_tokens=gold,
     )

@@ -45,12 +45,12 @@ def targets_cuda(cfg: PipelineConfig) -> bool:
 
 
 def uses_flashinfer(cfg: PipelineConfig) -> bool:
-    """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context); never for a
-    student with linear-attention layers (Qwen3.5), which the engine runs on the plain path (rollout/engine.py)."""
+    """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context); a student with
+    linear-attention layers (Qwen3.5) too, its attention layers through flashinfer (rollout/engine.py)."""
     student = cfg.models[cfg.model_with_role("student")]
     shape = cfg.shapes[cfg.model_with_role("student")]
     return (targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
-            and shape.head_dim in FLASHINFER_HEAD_DIMS and not shape.linear_layers)
+            and shape.head_dim in FLASHINFER_HEAD_DIMS)
 
 
 def uses_decode_bursts(cfg: PipelineConfig) -> bool:
@@ -66,11 +66,12 @@ def uses_decode_bursts(cfg: PipelineConfig) -> bool:
 
 
 def stacked_qkv_bytes(cfg: PipelineConfig) -> int:
-    """The fused GPU rollout's stacked q/k/v projection copy (allocated with the KV pool, dropped with it)."""
-    if not (uses_flashinfer(cfg) and cfg.stage("rollout").config.fused_kernels):
-        return 0
+    """The fused GPU rollout's stacked q/k/v projection copy (allocated with the KV pool, dropped with it); none for
+    a student with linear-attention layers, whose rollout runs unfused (rollout/engine.py)."""
     student = cfg.model_with_role("student")
     shape = cfg.shapes[student]
+    if not (uses_flashinfer(cfg) and cfg.stage("rollout").config.fused_kernels) or shape.linear_layers:
+        return 0
     width = shape.q_dim + 2 * shape.kv_dim
     return shape.layers * width * (shape.hidden + int(shape.qkv_bias)) * cfg.models[student].dtype_bytes
 

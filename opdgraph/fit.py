@@ -35,6 +35,7 @@ from opdgraph.config.schema import FIT_CHOICES, PipelineConfig
 from opdgraph.errors import OpdgraphError
 from opdgraph.placement import Placement, configured_placement
 from opdgraph.plan import Plan
+from opdgraph.stages.sft import gold_prefix_tokens
 
 GIB = 1024**3
 MIN_CHUNK_TOKENS = 256
@@ -153,7 +154,8 @@ def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:
     """Every candidate, in a fixed order: the configured value of each decision first (see the ladders' help)."""
     check_world_size(cfg, world_size)
     fit, base = cfg.pipeline.fit, configured_decisions(cfg)
-    sequence_tokens = cfg.data.max_prompt_tokens + cfg.stage("rollout").config.max_new_tokens
+    sequence_tokens = (cfg.data.max_prompt_tokens + gold_prefix_tokens(cfg.stages)
+                       + cfg.stage("rollout").config.max_new_tokens)
     micro = fit.micro_batch_tokens or _halvings(base.micro_batch_tokens, sequence_tokens)
     chunks = fit.chunk_tokens or _halvings(base.chunk_tokens, min(MIN_CHUNK_TOKENS, base.chunk_tokens))
     seqs = fit.max_num_seqs or _halvings(base.max_num_seqs, min(MIN_NUM_SEQS, base.max_num_seqs))

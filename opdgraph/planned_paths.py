@@ -2,8 +2,9 @@
 opdgraph.stage_plan turns into StageFacts and opdgraph.buffers uses for the model state. No torch.
 
 The student's activations, the logit chunk and the workspaces follow the path that runs on the target
-(pipeline.device, loss.kernel, loss.divergence): see sizing.py, kv_heads_repeated and attention_fallback below (the
-plain-torch attention's S x S scores in the activations and the no-grad forward workspaces).
+(pipeline.device, loss.kernel, loss.divergence): see sizing.py and attention_fallback below (the plain-torch
+attention's S x S scores in the activations and the no-grad forward workspaces). FlashAttention takes grouped-query
+K/V natively and both layer-kernel choices (models.<name>.kernels) save the same tensors: neither changes a plan.
 """
 
 from __future__ import annotations
@@ -21,17 +22,6 @@ def model_keys(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
     if model.init_from is not None:
         keys += [key for key in model_keys(cfg, model.init_from) if not key.endswith(".dtype")]
     return (*keys, f"models.{name}.dtype")
-
-
-def kv_heads_repeated(cfg: PipelineConfig, name: str) -> bool:
-    """Whether the training forward of model `name` repeats its K/V heads before attention. The GPU's packed
-    attention (kernels/varlen_attention.py) does so when FlashAttention varlen runs (a CUDA target, a 16-bit model,
-    head_dim a multiple of 8 up to 256, fewer K/V heads than query heads) on a torch whose varlen_attn has no
-    enable_gqa (before 2.12; the GPU machines run 2.11). The planner imports no torch and cannot know the run's
-    torch: it plans the repeat, the larger of the two."""
-    shape = cfg.shapes[name]
-    return (targets_cuda(cfg) and cfg.models[name].dtype != "float32" and shape.kv_heads < shape.heads
-            and shape.head_dim <= sizing.FLASH_MAX_HEAD_DIM and shape.head_dim % 8 == 0)
 
 
 def attention_fallback(cfg: PipelineConfig, name: str) -> bool:

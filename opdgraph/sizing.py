@@ -25,20 +25,23 @@ Placements chosen by the fit search (opdgraph.fit):
 
 Per-token-per-layer activation bytes a, as autograd saves them in the training forward (models/layers.py with the
 norms of models/norms.py, FlashAttention varlen; counted storage by storage in tests/test_saved_bytes.py):
-    a = d x ((n + 2) h + 2 q + 2 kv' + 4 i [+ q + kv]) + 4 x (n + heads [+ heads + kv_heads])
+    a = d x ((n + 2) h + 2 q + 2 kv' + 3 i [+ q + kv]) + 4 x (n + heads [+ heads + kv_heads])
 - each of the n hidden-size norms (2; Gemma 3: 4) saves its input (h x d) and its fp32 rstd (4 bytes); the outputs
   of the two pre-norms are saved by the projections that read them (2 h x d); Gemma's post-norms feed a residual
   add, which saves nothing;
 - the q/k norms (Qwen3, Gemma 3) save q_proj's and k_proj's outputs ((q + kv) x d) and an rstd per head;
 - attention saves q, k, v and its output ((2 q + 2 kv') x d; o_proj reads the same output) and the fp32 log-sum-exp
-  per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv, or q where the GPU path
-  repeats K/V heads before FlashAttention (torch < 2.12's varlen_attn has no enable_gqa: kernels/varlen_attention.py);
-- the gated MLP saves gate, up, act(gate) and their product (4 i x d).
+  per head (4 x heads); RoPE saves only the cos/sin tables, shared by all layers; kv' = kv (FlashAttention takes
+  grouped-query K/V natively: kernels/varlen_attention.py), or q where K/V heads are repeated first (the reference
+  attention below; kv_repeated: the benchmarks' repeat path);
+- the gated MLP saves gate and up (its Function recomputes act(gate): models/gated_activation.py; Liger-Kernel's
+  fused kernel saves the same) and their product, which down_proj reads (3 i x d).
+The torch and Liger-Kernel layer kernels (models/layer_kernels.py, models.<name>.kernels) save the same tensors.
 Qwen3.5 (hybrid: gated-DeltaNet layers between gated attention layers; models/gated_deltanet.py):
-- a full-attention layer adds 3 q x d to a: q_proj's output is q and the gate (the q norm saves all 2 q of it), the
-  sigmoid of the gate, and the gated product o_proj reads;
+- a full-attention layer adds 2 q x d to a: the sigmoid of the gate and the gated product o_proj reads (the q norm
+  saves a copy of q, not q_proj's output of q and the gate: models/layers.py);
 - a linear-attention layer saves instead
-    a_linear = d x (4 h + c + Hv + 3 v + 4 i) + 4 x (2 + 4 Hv)
+    a_linear = d x (4 h + c + Hv + 3 v + 3 i) + 4 x (2 + 4 Hv)
   (c = conv channels 2 k + v, k / v = key / value heads x head dims, Hv = value heads): its two norms as above, the
   in_proj_qkv output (c, the only input of the recomputing core: models/linear_attention_backend.py), beta (Hv), the
   fp32 decay, softplus's input and output (3 Hv x 4), the core's output, the gate and the gated norm's output (3 v)
@@ -55,7 +58,23 @@ states and C x C matrices. The S and chunk coefficients were read off the CPU al
 widths, rounded up, and are checked at those and 4B's (tests/test_saved_bytes.py: the plan within +15% of the
 measured peak, never under it); the plan takes the largest of the peaks. Rollout keeps per sequence slot and linear
 layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
-slots (recurrent_state_bytes), and KV pages for the attention layers only.
+slots (recurrent_state_bytes; one more, the scratch slot of idle and padding rows, where the GPU path or decode
+bursts run), and KV pages for the attention layers only.
+On a CUDA target the linear core is flash-linear-attention's when it imports (kernels/fla_linear_attention.py),
+the torch core otherwise, so the workspace holds the larger of the two peaks. The fla core's (fla_core_peak_bytes):
+    T x ((2 h + c + Hv) x d + Hv x 4) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
+      + (ceil(T / 64) + N) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
+the layer's input and norm, the in_proj_qkv output, beta and the decay; the conv's output, the contiguous q/k/v
+copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
+head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (N sequences: at
+most one partial chunk each); for a rollout prefill (paged) the N sequences' gathered and final states and conv
+windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets)
+holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and
+fp32 copies of the conv output and the repeated q and k (measured at 0.8B's and 4B's widths, 1.05-1.15 x); the
+in-place kernel of a CUDA target (kernels/gated_delta_decode.py) only the conv step's R x 4 K x c x d. A CUDA run
+that falls back to the torch core is not what the plan sizes there (the run log says so). Training saves the same
+a_linear on both cores: each runs inside RecomputedCore, which
+saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
 student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
@@ -165,7 +184,7 @@ def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv
 def linear_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     """a_linear of the module docstring (a gated-DeltaNet layer in training)."""
     heads, values = shape.linear_value_heads, shape.linear_value_dim
-    elements = 4 * shape.hidden + shape.conv_dim + heads + 3 * values + 4 * shape.intermediate
+    elements = 4 * shape.hidden + shape.conv_dim + heads + 3 * values + 3 * shape.intermediate
     return elements * dtype_bytes + (2 + 4 * heads) * FP32_BYTES
 
 
@@ -176,13 +195,13 @@ def attention_layer_bytes_per_token(shape: ModelShape, dtype_bytes: int, kv_repe
     norms = shape.norms_per_layer
     reference = reference_sequence_tokens > 0
     attention_kv = shape.q_dim if kv_repeated or reference else shape.kv_dim
-    elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 4 * shape.intermediate
+    elements = (norms + 2) * shape.hidden + 2 * shape.q_dim + 2 * attention_kv + 3 * shape.intermediate
     rows = norms + (0 if reference else shape.heads)  # one fp32 rstd per norm row, one fp32 log-sum-exp per head
     if shape.qk_norm:
         elements += shape.q_dim + shape.kv_dim
         rows += shape.heads + shape.kv_heads
-    if shape.output_gate:  # the gate half of q_proj's output, its sigmoid, the gated product
-        elements += 3 * shape.q_dim
+    if shape.output_gate:  # the gate's sigmoid, the gated product
+        elements += 2 * shape.q_dim
     scores = reference_sequence_tokens * (shape.heads * reference_saved_score_bytes(dtype_bytes) + MASK_BYTES)
     return elements * dtype_bytes + rows * FP32_BYTES + scores
 
@@ -220,13 +239,18 @@ def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 
 
 def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
-                            reference_sequence_tokens: int = 0) -> int:
+                            reference_sequence_tokens: int = 0, *, fla_sequences: int = 0,
+                            paged: bool = False) -> int:
     """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
-    the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention."""
+    the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention.
+    fla_sequences > 0 (a CUDA target): at most that many sequences share the forward, and a hybrid model's linear
+    core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states)."""
     mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
     if shape.linear_layers:  # without a known sequence length, one sequence of all the tokens (the worst case)
         mlp = max(mlp, linear_core_peak_bytes(shape, tokens, min(reference_sequence_tokens or tokens, tokens),
                                               dtype_bytes))
+        if fla_sequences:
+            mlp = max(mlp, fla_core_peak_bytes(shape, tokens, min(fla_sequences, tokens), dtype_bytes, paged))
     if reference_sequence_tokens == 0:
         return mlp
     sequence = min(reference_sequence_tokens, tokens)
@@ -248,6 +272,33 @@ def linear_core_peak_bytes(shape: ModelShape, tokens: int, sequence_tokens: int,
     sequence = sequence_tokens * (shape.conv_dim * (3 * dtype_bytes + FP32_BYTES) + 2 * heads * key_dim * FP32_BYTES)
     scan = heads * (4 * key_dim * value_dim + 6 * chunk * chunk + 3 * chunk * (key_dim + value_dim)) * FP32_BYTES
     return held + sequence + scan
+
+
+def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_bytes: int, paged: bool) -> int:
+    """The no-grad peak inside a linear-attention layer's flash-linear-attention core (module docstring)."""
+    heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
+    held = tokens * ((2 * shape.hidden + shape.conv_dim + heads) * dtype_bytes + heads * FP32_BYTES)
+    per_token = ((2 * shape.conv_dim + 2 * shape.linear_key_dim + heads * (LINEAR_CHUNK_TOKENS + key_dim
+                                                                          + 3 * value_dim)) * dtype_bytes
+                 + (2 * shape.linear_key_heads + heads) * FP32_BYTES)
+    chunks = math.ceil(tokens / LINEAR_CHUNK_TOKENS) + sequences  # each sequence ends with a partial chunk at most
+    states = chunks * heads * key_dim * value_dim * dtype_bytes
+    if paged:  # the sequences' gathered and final states, and conv windows in fla's [N, C, K] layout
+        states += sequences * (2 * heads * key_dim * value_dim * FP32_BYTES
+                               + (3 * shape.conv_kernel - 1) * shape.conv_dim * dtype_bytes)
+    return held + tokens * per_token + states
+
+
+def linear_decode_peak_bytes(shape: ModelShape, rows: int, dtype_bytes: int, in_place: bool) -> int:
+    """The peak of a decode step's linear-attention core over `rows` sequences (module docstring): the torch core
+    gathers each row's state and builds new ones; the in-place kernel (a CUDA target) only the conv step's."""
+    if not shape.linear_layers:
+        return 0
+    conv_step = 4 * shape.conv_kernel * shape.conv_dim * dtype_bytes
+    if in_place:
+        return rows * conv_step
+    state = shape.linear_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim * FP32_BYTES
+    return rows * (4 * state + 16 * (shape.conv_dim + 2 * shape.linear_value_heads * shape.linear_key_head_dim))
 
 
 # fp32 [chunk, V] buffers alive at the torch path's peak: the two logit buffers and the divergence's temporaries

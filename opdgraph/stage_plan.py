@@ -17,7 +17,7 @@ from typing import Callable
 import attrs
 
 from opdgraph import work as W
-from opdgraph.planned_paths import attention_fallback, fp32_grads, kv_heads_repeated, model_keys
+from opdgraph.planned_paths import attention_fallback, fp32_grads, model_keys
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
@@ -70,7 +70,6 @@ class StageFacts:
     targets_cuda: bool
     uses_flashinfer: bool  # the rollout decodes with flashinfer (and captures decode graphs)
     stacked_qkv_bytes: int  # the fused GPU rollout's stacked q/k/v weights (0 otherwise)
-    student_kv_repeated: bool  # buffers.kv_heads_repeated for the student
     student_attention_fallback: bool  # buffers.attention_fallback per model
     teacher_attention_fallback: bool
     eval_counts: Callable[[str], EvalCounts]  # an eval stage's pool and batch sizes (counts.eval_counts)
@@ -104,8 +103,12 @@ class StageFacts:
         return math.ceil(self.counts.sequences / len(self.groups) / self.counts.sequences_per_micro_batch)
 
     def teacher_micro_batch_tokens(self, teacher: TeacherFacts) -> int:
-        """Tokens of one teacher forward: the micro-batch's sequences with the teacher's own prompts."""
-        return self.counts.sequences_per_micro_batch * (teacher.spec.prompt_tokens + self.counts.new_tokens)
+        """Tokens of one teacher forward: the micro-batch's sequences with the teacher's own prompts (and the gold
+        prefix after them, its context in a hybrid SFT pipeline)."""
+        return self.counts.sequences_per_micro_batch * self.teacher_sequence_tokens(teacher)
+
+    def teacher_sequence_tokens(self, teacher: TeacherFacts) -> int:
+        return teacher.spec.prompt_tokens + self.counts.gold_prefix_tokens + self.counts.new_tokens
 
     @property
     def student_weight_bytes(self) -> int:
@@ -126,7 +129,7 @@ class StageFacts:
         reference = self.reference_tokens("student", self.counts.sequence_tokens)
         if reference:
             return f"a_reference (torch attention's S x S scores, S = {reference})"
-        return "a (K/V heads repeated)" if self.student_kv_repeated else "a"
+        return "a"
 
     @property
     def cpu_upcast_hidden(self) -> int:
@@ -139,13 +142,18 @@ class StageFacts:
     def batch_keys(self) -> tuple[str, ...]:
         """The keys that size one step's batch of sequences."""
         return ("data.prompts_per_step", "data.samples_per_prompt", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens")
+                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
 
     @property
     def micro_keys(self) -> tuple[str, ...]:
         """The keys that size one training micro-batch."""
         return (f"{self.stage_names['teacher_score']}.micro_batch_tokens", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens")
+                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+
+    @property
+    def gold_keys(self) -> tuple[str, ...]:
+        """The gold prefix's bound (hybrid SFT): part of every sequence's prompt side."""
+        return (f"{self.stage_names['sft']}.gold_prefix_max_tokens",) if "sft" in self.stage_names else ()
 
     @property
     def crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
@@ -154,6 +162,14 @@ class StageFacts:
         if self.fused:
             return self.counts.micro_batch_tokens, self.micro_keys
         return self.counts.train_tokens, self.batch_keys
+
+    @property
+    def scored_crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
+        """crossing_tokens without the gold-prefix positions (hybrid SFT): the positions the divergence and the
+        teacher's kept hidden states cover (the sft stage trains the prefix, with no teacher)."""
+        if self.fused:
+            return self.counts.scored_micro_batch_tokens, self.micro_keys
+        return self.counts.train_tokens - self.counts.sequences * self.counts.gold_prefix_tokens, self.batch_keys
 
     def loop(self, stage_name: str) -> tuple[str, ...]:
         """The micro-batch loop a training stage's steps run in."""
@@ -194,7 +210,6 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
-        student_kv_repeated=kv_heads_repeated(cfg, student),
         student_attention_fallback=attention_fallback(cfg, student),
         teacher_attention_fallback=attention_fallback(cfg, teacher_model),
         eval_counts=functools.partial(eval_counts, cfg), teachers=teachers, groups=groups, group=groups[0])

@@ -31,7 +31,7 @@ from typing import Callable
 
 import attrs
 
-KIND_NAMES = ("rollout", "teacher_score", "loss", "backward", "step", "eval", "checkpoint", "log")
+KIND_NAMES = ("rollout", "teacher_score", "loss", "sft", "backward", "step", "eval", "checkpoint", "log")
 REQUIRED_KINDS = ("rollout", "teacher_score", "loss", "backward", "step")
 SOURCE_KINDS = ("data",)  # planned and run like a kind, configured by a section of its own (no stage table)
 

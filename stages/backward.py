@@ -1,9 +1,10 @@
 """Backward stage: backpropagates `hidden_grad` through the student trunk into the gradient buffers.
 
-Reads `hidden_grad`, writes `grads`. Gradient buffers are allocated at the first micro-batch and freed after the
-optimizer step, so they never coexist with the rollout KV cache. With a bf16 (non-fp32) student the gradients of a
-step's micro-batches are summed in fp32 accumulators by default (opdgraph.runtime.gradients): each micro-batch's
-bf16 gradient is folded in as soon as autograd (or FSDP's reduce-scatter) produces it, so the sum is exact to fp32
+Reads `hidden_grad` (and in a hybrid SFT pipeline `sft_hidden_grad`, stages/sft.py), writes `grads`. Gradient
+buffers are allocated at the first micro-batch and freed after the optimizer step, so they never coexist with the
+rollout KV cache. With a bf16 (non-fp32) student the gradients of a step's micro-batches are summed in fp32
+accumulators by default (opdgraph.runtime.gradients): each micro-batch's bf16 gradient is folded in as soon as
+autograd (or FSDP's reduce-scatter) produces it, so the sum is exact to fp32
 instead of rounding to 8 mantissa bits at every add.
 """
 
@@ -18,6 +19,7 @@ from opdgraph import work as W
 from opdgraph.config.fields import setting
 from opdgraph.drafts import STUDENT_BACKWARD, Draft, buffer
 from opdgraph.plan import Buffer
+from opdgraph.stages import sft
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
@@ -45,6 +47,12 @@ def step_settings(config: Config) -> dict[str, object]:
             "grad_accumulation_dtype": config.grad_accumulation_dtype}
 
 
+def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Reads the loss's hidden-state gradient and, in a hybrid SFT pipeline, the sft stage's (stages/sft.py)."""
+    hybrid = any(stage.kind == sft.KIND for stage in stages.values())
+    return (*READS, *(sft.WRITES if hybrid else ())), WRITES
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One backward per micro-batch (recomputing the forward with activation checkpointing)."""
     counts, student = facts.counts, facts.student
@@ -54,8 +62,10 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     moved = 3 * facts.student_weight_bytes  # read weights; read+write gradient accumulators
     # responses: the micro-batch's trained positions, where the hidden-state gradient is scattered.
     local, micro = facts.local, facts.group_micro_batches if facts.fused else counts.num_micro_batches
+    # In a hybrid SFT pipeline the gold prefix's gradient is scattered beside the loss's.
     return [Draft(local(stage_name), stage_name, "backward",
-                  (f"{student}.weights", local("hidden_grad"), local("student_activations"), "responses", *comm),
+                  (f"{student}.weights", local("hidden_grad"), *sft.hidden_grads(facts), local("student_activations"),
+                   "responses", *comm),
                   (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
                   W.roofline(flops, moved, 0, facts.hardware, micro), frozenset({STUDENT_BACKWARD}))]
 
@@ -63,10 +73,9 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """One layer's activation gradients at a time."""
     reference = facts.reference_tokens("student", facts.counts.sequence_tokens)
-    repeated = facts.student_kv_repeated
     per_layer = facts.activation_label
     per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
-                                                            repeated, reference)
+                                                            reference_sequence_tokens=reference)
     return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", facts.counts.micro_batch_tokens * per_token,
                    (*facts.micro_keys, *facts.student_keys),
                    formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]

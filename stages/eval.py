@@ -88,7 +88,8 @@ def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]
         counts.sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
     models = zip([student, *(t.shape for t in teachers)],
                  [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference)
-    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback)
+    fla = counts.prompts if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback, fla_sequences=fla)
                     for shape, dtype_bytes, fallback in models)
     upcast = 0 if facts.targets_cuda else student.hidden + sum(teacher.shape.hidden for teacher in teachers)
     metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, student.vocab, sizing.EVAL_METRICS_LOGIT_BUFFERS,
@@ -109,7 +110,13 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     rollout = names["rollout"]
     pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
                  f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
-    generate = max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes)
+    # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
+    gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
+    fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    generate = max(max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes,
+                                                      fla_sequences=fla, paged=True),
+                       sizing.linear_decode_peak_bytes(shape, counts.concurrent_seqs + 1, dtype_bytes,
+                                                       facts.targets_cuda))
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab)
                    for shape, dtype_bytes in [(facts.student_shape, facts.student_dtype_bytes),
                                               *((t.shape, t.dtype_bytes) for t in answering)])
@@ -120,24 +127,26 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         (" + V_student x (h_s + sum h_t) x 4 (fp32 lm_heads on CPU)" if mixed else
          " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)") if upcast else "")
     teacher_keys = _keys(facts.teachers) if several else answering[0].keys
+    # Where rollout takes the GPU path, eval decodes in bursts, whose idle rows use one scratch state slot.
+    slots = counts.concurrent_seqs + (1 if facts.uses_flashinfer else 0)
     all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
                 f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *teacher_keys)
     teacher_pool = max(sizing.kv_cache_bytes(t.shape, counts.teacher_num_pages, counts.page_size, t.dtype_bytes)
-                       + sizing.recurrent_state_bytes(t.shape, counts.concurrent_seqs, t.dtype_bytes)
+                       + sizing.recurrent_state_bytes(t.shape, slots, t.dtype_bytes)
                        for t in answering)
     answering_keys = _keys(answering) if several else answering[0].keys
     buffers = [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
-               + sizing.recurrent_state_bytes(shapes["student"], counts.concurrent_seqs, dtypes["student"]),
-               (*pool_keys, *facts.student_keys),
+               + sizing.recurrent_state_bytes(shapes["student"], slots, dtypes["student"]),
+               (*pool_keys, *facts.gold_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
-                       "ceil((max_prompt_tokens + max_new_tokens) / page_size)"),
+                       f"ceil((max_prompt_tokens{gold} + max_new_tokens) / page_size)"),
         buffer(f"{stage_name}.teacher_kv_cache", "kv_cache", teacher_pool, (*pool_keys, *answering_keys),
                formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers" + (
                    ": the largest of the routed teachers', which answer one after another)" if len(answering) > 1
                    else ")") + ("; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
-                                != counts.num_pages else "")),
+                                > counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
                formula=("max(prefill forward workspace + eval seqs x V x 4 of either model, "
                         "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "

@@ -101,22 +101,25 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     batch's). A routed fused plan has these once per teacher loop (group-local names)."""
     shape, dtype_bytes, counts, local = facts.student_shape, facts.student_dtype_bytes, facts.counts, facts.local
     tokens, keys = facts.crossing_tokens
-    checkpointing, repeated = facts.activation_checkpointing, facts.student_kv_repeated
+    scored, _ = facts.scored_crossing_tokens  # hybrid SFT: not the gold prefix's positions (stages/sft.py)
+    gold = " (gold prefix positions excluded)" if counts.gold_prefix_tokens else ""
+    checkpointing = facts.activation_checkpointing
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     per_layer = facts.activation_label
     logit_bytes, logit_formula = _logit_chunk(config, facts)
     return [
         buffer(local("student_hidden"), "activations",
-               sizing.hidden_state_bytes(shape, counts.micro_batch_tokens, dtype_bytes),
-               (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d"),
+               sizing.hidden_state_bytes(shape, counts.scored_micro_batch_tokens, dtype_bytes),
+               (*facts.micro_keys, *facts.student_keys), formula="micro-batch tokens x h x d" + gold),
         buffer(local("student_activations"), "activations",
-               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing, repeated, reference),
+               sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing,
+                                       reference_sequence_tokens=reference),
                (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
                else f"tokens x (L x {per_layer} + o)"),
-        buffer(local("hidden_grad"), "activations", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
-               (*keys, *facts.student_keys), formula="tokens x h x d"),
+        buffer(local("hidden_grad"), "activations", sizing.hidden_state_bytes(shape, scored, dtype_bytes),
+               (*keys, *facts.student_keys), formula="tokens x h x d" + gold),
         buffer(local("logit_chunk"), "logit_chunk", logit_bytes,
                (f"{stage_name}.chunk_tokens", f"{stage_name}.kernel", f"{stage_name}.divergence", "pipeline.device",
                 *facts.student_keys, *(key for t in facts.group_teachers for key in t.keys)), formula=logit_formula),

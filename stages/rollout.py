@@ -95,14 +95,19 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     pool_keys = (f"{stage_name}.max_num_seqs", "data.max_prompt_tokens", f"{stage_name}.max_new_tokens",
                  f"{stage_name}.page_size", f"{stage_name}.kv_pool_tokens")
     stacked = facts.stacked_qkv_bytes
+    # The GPU path and decode bursts add a scratch state slot for idle and padding rows (rollout/engine.py).
+    slots = config.max_num_seqs + (1 if facts.uses_flashinfer or config.decode_burst_steps > 1 else 0)
     return [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shape, counts.num_pages, counts.page_size, dtype_bytes) + stacked
-               + sizing.recurrent_state_bytes(shape, config.max_num_seqs, dtype_bytes),
+               + sizing.recurrent_state_bytes(shape, slots, dtype_bytes),
                (*pool_keys, *facts.student_keys), facts.between_phases, "num_pages x page_size x L x 2 x kv x d" + (
                    " + L x (q + 2 kv) x (h + bias) x d (stacked q/k/v of the fused GPU rollout)" if stacked else "")),
         buffer(f"{stage_name}.workspace", "workspace",
-               sizing.forward_workspace_bytes(shape, config.prefill_token_budget, dtype_bytes)
+               max(sizing.forward_workspace_bytes(shape, config.prefill_token_budget, dtype_bytes,
+                                                  fla_sequences=counts.concurrent_seqs if facts.targets_cuda else 0,
+                                                  paged=True),
+                   sizing.linear_decode_peak_bytes(shape, config.max_num_seqs, dtype_bytes, facts.targets_cuda))
                + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
                (f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs", *facts.student_keys),
                formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs "

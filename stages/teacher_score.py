@@ -82,9 +82,9 @@ def step_settings(config: Config) -> dict[str, int]:
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One teacher forward per micro-batch of its loop (a routed teacher: only its own rows' micro-batches)."""
-    teacher, counts = facts.teacher_stage(stage_name), facts.counts
+    teacher = facts.teacher_stage(stage_name)
     tokens = facts.teacher_micro_batch_tokens(teacher)
-    sequence_tokens = teacher.spec.prompt_tokens + counts.new_tokens
+    sequence_tokens = facts.teacher_sequence_tokens(teacher)
     repeats = facts.group_micro_batches if facts.fused else _unfused_micro_batches(facts)
     flops = W.forward_flops(teacher.shape, tokens, sequence_tokens)
     moved = teacher.weight_bytes + tokens * teacher.shape.hidden * teacher.dtype_bytes
@@ -103,15 +103,17 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     """The teacher's hidden states (a micro-batch's fused, the batch's unfused) and its forward's workspace."""
     teacher, counts = facts.teacher_stage(stage_name), facts.counts
     shape, dtype_bytes = teacher.shape, teacher.dtype_bytes
-    tokens, keys = facts.crossing_tokens
-    reference = (teacher.spec.prompt_tokens + counts.new_tokens) if teacher.attention_fallback else 0
+    # Kept at the positions the loss scores: not at a gold prefix's (hybrid SFT), which it only reads as context.
+    tokens, keys = facts.scored_crossing_tokens
+    reference = facts.teacher_sequence_tokens(teacher) if teacher.attention_fallback else 0
     prompt_keys = (f"{stage_name}.max_prompt_tokens",) if config.max_prompt_tokens else ()
+    gold = " (gold prefix positions not kept)" if counts.gold_prefix_tokens else ""
     return [
         buffer(teacher.spec.hidden, "teacher_hidden", sizing.hidden_state_bytes(shape, tokens, dtype_bytes),
-               (*keys, *teacher.keys), formula="tokens x h_teacher x d"),
+               (*keys, *teacher.keys), formula="tokens x h_teacher x d" + gold),
         buffer(f"{stage_name}.workspace", "workspace",
                sizing.forward_workspace_bytes(shape, facts.teacher_micro_batch_tokens(teacher), dtype_bytes,
-                                              reference),
+                                              reference, fla_sequences=counts.sequences if facts.targets_cuda else 0),
                (*facts.micro_keys, *prompt_keys, "pipeline.device", *teacher.keys),
                formula=_workspace_formula("micro-batch tokens" if not prompt_keys else
                                           "micro-batch sequences x (teacher prompt + new tokens)", reference)),

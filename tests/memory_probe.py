@@ -14,10 +14,10 @@
   gradient into the kernel's buffers inside an ``opaque()`` block (its loss terms are the per-token values; the
   memory tests read no values).
 - ``flash_backend``: the GPU's packed attention (kernels/varlen_attention.py VarlenFlashBackend, its K/V handling
-  included) with torch's varlen_attn replaced by a stand-in that allocates and saves what FlashAttention does:
-  out [T, Hq, D] and the fp32 log-sum-exp [Hq, T], saving q, k, v, out, lse. The stand-in computes the attention
-  in float32 inside an ``opaque()`` block, whose internal temporaries the trace leaves out (a GPU kernel has none).
-  Forward only: the tests count what it saves and never run its backward.
+  included) with torch's varlen_attn and the aten flash forward replaced by stand-ins that allocate and save what
+  FlashAttention does: out [T, Hq, D] and the fp32 log-sum-exp [Hq, T], saving q, k, v, out, lse. The stand-ins
+  compute the attention in float32 inside an ``opaque()`` block, whose internal temporaries the trace leaves out (a
+  GPU kernel has none). Forward only: the tests count what it saves and never run its backward.
 """
 
 from __future__ import annotations
@@ -149,12 +149,27 @@ def _standin_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
     return _FlashStandIn.apply(query, key, value, cu_seq_q, scale, window_size[0])
 
 
-def flash_backend(monkeypatch, native_gqa: bool):
-    """VarlenFlashBackend as it runs on a GPU whose torch has (native_gqa) or lacks enable_gqa, on CPU tensors."""
+def _standin_aten_flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window_left):
+    """varlen_attention.aten_flash_forward: (out, lse, seed, offset) as the aten kernel allocates them."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    with opaque():
+        _attend_into(out, lse, q, k, v, cu_seqlens, scale, window_left)
+    return out, lse, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+
+
+# How the GPU's packed attention takes grouped-query K/V: varlen_attn's enable_gqa (torch >= 2.12), the aten kernels
+# through FlashVarlenFunction (older torch), or heads repeated first (the benchmarks' former path).
+FLASH_PATHS = ("enable_gqa", "aten", "repeat_kv")
+
+
+def flash_backend(monkeypatch, path: str = "aten"):
+    """VarlenFlashBackend as it runs on a GPU along `path` (FLASH_PATHS), on CPU tensors."""
     monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", _standin_varlen_attn)
+    monkeypatch.setattr(varlen_attention, "aten_flash_forward", _standin_aten_flash_forward)
     monkeypatch.setattr(varlen_attention, "unsupported_reason", lambda q, sliding_window, support: None)
-    backend = varlen_attention.VarlenFlashBackend()
-    backend.support = varlen_attention.VarlenSupport(True, native_gqa=native_gqa)
+    backend = varlen_attention.VarlenFlashBackend(repeat_kv=path == "repeat_kv")
+    backend.support = varlen_attention.VarlenSupport(True, enable_gqa=path == "enable_gqa")
     return backend
 
 

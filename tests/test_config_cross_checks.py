@@ -71,6 +71,25 @@ def test_triton_loss_kernel_on_cpu_fails_plan():
         load_pipeline(str(TINY), overrides)
 
 
+def test_liger_layer_kernels_on_cpu_fail_plan():
+    """If this fails, models.<name>.kernels = "liger" with pipeline.device = "cpu" passes `plan` and the run fails at
+    its first forward; or the check also rejects device = "auto" or the other choices, or a bad choice passes."""
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(str(TINY), ["pipeline.device=cpu", "models.teacher.kernels=liger"])
+    [problem] = caught.value.problems
+    assert problem.path == "models.teacher.kernels" and problem.location == "--set models.teacher.kernels=liger"
+    assert "runs on CUDA only" in problem.message and 'models.teacher.kernels = "auto" or "torch"' in problem.message
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(str(TINY), ["models.student.kernels=triton"])
+    [problem] = caught.value.problems
+    assert problem.path == "models.student.kernels" and "liger" in problem.message
+    for overrides in (["pipeline.device=auto", "models.student.kernels=liger"],
+                      ["pipeline.device=cuda", "models.student.kernels=liger"],
+                      ["pipeline.device=cpu", "models.student.kernels=auto"],
+                      ["pipeline.device=cpu", "models.student.kernels=torch"]):
+        load_pipeline(str(TINY), overrides)
+
+
 def test_plan_and_the_config_record_find_a_home_relative_prompt_file(tmp_path, monkeypatch):
     """If this fails, `~/x.jsonl` passes `plan` (which looks in the home directory) while the run looks for a folder
     named `~` next to the pipeline file, or the checkpoint records the file as missing."""

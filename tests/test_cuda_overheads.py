@@ -20,7 +20,7 @@ from opdgraph.render import render_html, render_json, render_text
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 MIB = 1024 * 1024
 OVERHEADS = ("cuda.cublas_workspace", "rollout.flashinfer", "rollout.decode_graph_pool")
-# Sized for the path that runs on the target (K/V heads repeated for FlashAttention, the fused loss kernel, no fp32
+# Sized for the path that runs on the target (FlashAttention with native GQA, the fused loss kernel, no fp32
 # lm_head copies on CUDA; the plain-torch attention's S x S scores on CPU, in the activations and the no-grad
 # forward workspaces): tests/test_saved_bytes.py measures both paths, tests/test_sizing.py pins the numbers.
 DEVICE_PATH_BUFFERS = ("student_activations", "backward.workspace", "logit_chunk", "teacher_score.workspace",

@@ -83,5 +83,18 @@ def test_committed_files_match_the_generator(tmp_path):
     make_prompts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_prompts)
     make_prompts.write_prompt_sets(tmp_path)
-    for name in ("tiny_train", "tiny_eval", "demo_train", "demo_eval"):
+    for name in ("tiny_train", "tiny_eval", "demo_train", "demo_eval", "hybrid_train", "hybrid_eval"):
         assert (tmp_path / f"{name}.jsonl").read_text() == (DATA_DIR / f"{name}.jsonl").read_text(), name
+
+
+def test_hybrid_solutions_work_the_sum_and_answer_last():
+    """Every hybrid row's gold solution must add the tens, then the ones, and end with the true sum (its answer),
+    and no eval prompt may be a train prompt: a wrong gold would train the student on wrong arithmetic."""
+    train, evaluation = read_rows("hybrid_train"), read_rows("hybrid_eval")
+    assert (len(train), len(evaluation)) == (48, 8)
+    assert not {row["prompt"] for row in train} & {row["prompt"] for row in evaluation}
+    for row in train + evaluation:
+        a, b = (int(number) for number in re.findall(r"\d+", row["prompt"]))
+        assert row["answer"] == a + b == solve(row["prompt"])
+        assert row["solution"].startswith(f"Add the tens: {a // 10 * 10} + {b // 10 * 10} = ")
+        assert row["solution"].endswith(f"So the sum is {a + b}.")

@@ -59,11 +59,11 @@ BUDGET_CASES = {
     200: ("keep", "keep", False, 16384, 2048, 64),
     # Keeping the optimizer state (45 GiB) beside the weights and the fp32 gradients leaves no room for any teacher
     # placement, so the state goes to the host; the whole teacher then fits beside 4096-token micro-batches and
-    # 1024-token loss chunks (compute bound: smaller micro-batches cost no time, checkpointing would cost a forward).
-    72: ("keep", "offload", False, 4096, 1024, 64),
-    # 60 GiB: activations of even 2048-token micro-batches (K/V heads repeated on the GPU, plus what is saved
-    # outside the layers) leave too little room, so checkpointing with whole micro-batches is the fastest fit.
-    60: ("keep", "offload", True, 16384, 2048, 64),
+    # 2048-token loss chunks (compute bound: smaller micro-batches cost no time, checkpointing would cost a forward).
+    72: ("keep", "offload", False, 4096, 2048, 64),
+    # 60 GiB: the activations of 2048-token micro-batches (native GQA, the MLP's gate and up saved, not act(gate))
+    # fit beside 1024-token loss chunks: no checkpointing needed, which would cost a forward.
+    60: ("keep", "offload", False, 2048, 1024, 64),
     # Weights, fp32 gradients, the optimizer bucket and a streamed teacher's resident part need about 30.7 GiB:
     # nothing fits (with backward.grad_accumulation_dtype = "model" the bf16 gradients would fit 30 GiB).
     30: None,

@@ -312,3 +312,25 @@ def test_forward_paged_fused_with_stacked_qkv_matches_plain(family):
     plain_hidden, plain_cache = run_forward_paged(model, False, tokens, None)
     for fused, plain in zip(fused_hidden + fused_cache, plain_hidden + plain_cache, strict=True):
         assert_same_forward(fused, plain)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("gemma3", {}), ("llama", {"mlp_bias": True})])
+def test_forward_paged_fused_with_packed_gate_up_matches_plain(family, overrides):
+    """With gate_proj and up_proj packed back to back (DecoderLM.pack_gate_up) the fused forward runs them as one
+    matmul over a view of their storage and the activation reads its halves; a wrong half, a missing bias or a
+    view that does not follow a later in-place weight update (an optimizer step) would change the hidden states."""
+    config = tiny_config(family)
+    config.update(overrides)
+    model = load_decoder(config, dtype=torch.float32, device=DEVICE, init_seed=4)
+    model.pack_gate_up()
+    with torch.no_grad():  # a training step after packing: in place, so the view must see it
+        model.layers[0].mlp.up_proj.weight.mul_(1.5)
+        if model.layers[0].mlp.up_proj.bias is not None:
+            model.layers[0].mlp.up_proj.bias.add_(0.25)
+    assert model.install_fused_gate_up(True) == len(model.layers)
+    tokens = [[17, 3, 250, 9, 41, 77, 8, 1], [5, 299, 12, 60, 2, 7, 30, 4]]
+    fused_hidden, fused_cache = run_forward_paged(model, True, tokens, None)
+    assert model.install_fused_gate_up(False) == 0
+    plain_hidden, plain_cache = run_forward_paged(model, False, tokens, None)
+    for fused, plain in zip(fused_hidden + fused_cache, plain_hidden + plain_cache, strict=True):
+        assert_same_forward(fused, plain)

@@ -25,6 +25,7 @@ CASES = {  # golden name -> (pipeline, overrides); demo uses the shipped SmolLM2
     "qwen25_1b5_from_7b_unfused": ("qwen25_1b5_from_7b.toml", ["pipeline.fuse_training=false"]),
     "demo": ("demo.toml", ["models.student.path=pkg:opdgraph/model_configs/smollm2-135m-instruct.json"]),
     "prune_distill": ("prune_distill.toml", [SMOLLM_JSON]),
+    "tiny_hybrid": ("tiny_hybrid.toml", []),
 }
 
 

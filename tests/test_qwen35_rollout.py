@@ -104,10 +104,59 @@ def test_kv_pool_holds_pages_for_attention_layers_only(model):
     assert states[0].recurrent.dtype == torch.float32
 
 
-def test_gpu_paths_fall_back_with_a_note(model, capsys):
-    """If this fails, asking for decode bursts on a hybrid model either breaks generation or changes it silently."""
-    engine = engine_for(model, decode_burst_steps=4)
-    assert "run on the plain torch path" in capsys.readouterr().out
-    assert engine.burst is None
+@pytest.mark.parametrize("settings", [{}, PREEMPTING], ids=["roomy", "preempting"])
+def test_decode_bursts_give_the_per_step_tokens(model, settings):
+    """If this fails, a decode burst feeds the linear layers' state slots wrongly (an idle row advancing its own
+    state, the scratch slot missing, a fork's copy not made before the burst): tokens would differ from the naive
+    loop's."""
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, top_p=0.95)
+    requests = [Request(f"r{i}", prompt, params, n=2, seed=30 + i) for i, prompt in enumerate(PROMPTS)]
+    engine = engine_for(model, decode_burst_steps=4, **settings)
+    assert_naive(model, engine.generate(requests), requests)
+    assert engine.stats.bursts > 0
+    states = [layer for layer in engine.kv_cache if not isinstance(layer, torch.Tensor)]
+    assert all(state.recurrent.shape[0] == engine.max_num_seqs + 1 for state in states)  # the scratch slot
+
+
+def test_fused_kernels_are_left_out_with_a_note(model, capsys):
+    """If this fails, asking for the fused rollout kernels (attention layers only) on a hybrid model either breaks
+    generation or changes it silently."""
+    engine = engine_for(model, fused_kernels=True)
+    assert "cover attention layers only" in capsys.readouterr().out
+    assert not engine.fused_kernels
     requests = [Request("a", PROMPTS[2], SamplingParams(max_new_tokens=5, greedy=True), n=2)]
     assert_naive(model, engine.generate(requests), requests)
+
+
+def test_single_token_rows_take_the_sync_free_decode(model):
+    """If this fails, the decode step of the linear layers (the one CUDA graphs capture) reads another state than
+    the per-row loop, or a one-token prompt continues from its slot's stale state instead of zeros."""
+    from opdgraph.models.attention_metadata import PagedMetadata
+    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+    from opdgraph.models.linear_state import LinearLayerState
+
+    layer = next(layer.linear_attn for layer in model.layers if hasattr(layer, "linear_attn"))
+    dims, generator = layer.dims, torch.Generator().manual_seed(0)
+    mixed = torch.randn(3, dims.conv_channels, generator=generator)
+    decay, beta = -torch.rand(3, dims.value_heads, generator=generator), torch.rand(3, dims.value_heads)
+    stale = LinearLayerState.allocate(4, dims, torch.float32, "cpu")
+    stale.conv.normal_(generator=generator)
+    stale.recurrent.normal_(generator=generator)
+    results = []
+    for pad in (False, True):  # a padded forward (one row of two tokens) takes the per-row loop
+        state = LinearLayerState(stale.conv.clone(), stale.recurrent.clone())
+        lens = [1, 1, 1] + ([2] if pad else [])
+        starts = [5, 0, 8] + ([0] if pad else [])
+        rows = torch.cat([mixed, torch.zeros(2, dims.conv_channels)]) if pad else mixed
+        row_decay = torch.cat([decay, torch.zeros(2, dims.value_heads)]) if pad else decay
+        row_beta = torch.cat([beta, torch.zeros(2, dims.value_heads)]) if pad else beta
+        query = torch.tensor(lens, dtype=torch.int32)
+        meta = PagedMetadata(query_lens=query, cu_query_lens=torch.cat([query.new_zeros(1), query.cumsum(0)]).int(),
+                             kv_lens=query + torch.tensor(starts, dtype=torch.int32), page_table=torch.zeros(4, 1),
+                             slot_mapping=torch.zeros(len(rows), dtype=torch.int64), page_size=4,
+                             state_slots=torch.tensor([0, 1, 2, 3][: len(lens)]))
+        out = TorchLinearAttention().paged(rows, layer.conv1d.weight, row_decay, row_beta, dims, meta=meta,
+                                           state=state)
+        results.append((out[:3], state.conv[:3], state.recurrent[:3]))
+    for single, looped in zip(*results):
+        torch.testing.assert_close(single, looped, rtol=1e-6, atol=1e-6)

@@ -73,9 +73,12 @@ def test_bursts_shrink_instead_of_preempting(model):
     assert [_key(r) for r in responses] == [_key(r) for r in reference]
 
 
-def test_triton_decode_kernel_in_bursts(model):
+@pytest.mark.parametrize("settings", [{}, {"kv_heads_per_program": 0, "num_splits": 3, "merge_in_kernel": True}],
+                         ids=["default", "all-heads-merge-in-kernel"])
+def test_triton_decode_kernel_in_bursts(model, settings, monkeypatch):
     """The Triton paged-decode kernel (CPU interpreter) drives bursts to the same tokens as the torch reference
-    (Gemma 3: sliding and global layers; a request subset keeps the interpreter fast)."""
+    (Gemma 3: sliding and global layers; a request subset keeps the interpreter fast), also launched with several
+    kv heads per program and the in-kernel merge (the backend's arrival counters reused across layers and steps)."""
     if model.config.sliding_window is None:
         pytest.skip("one family is enough here: the kernel tests cover the rest")
     if torch.cuda.is_available():
@@ -86,6 +89,7 @@ def test_triton_decode_kernel_in_bursts(model):
     if not paged_decode_attention.supports(model.config.num_heads, model.config.num_kv_heads,
                                            model.config.head_dim):
         pytest.skip("head_dim not supported by the kernel")
+    monkeypatch.setattr(paged_decode_attention, "DEFAULT_SETTINGS", paged_decode_attention.LaunchSettings(**settings))
     engine = RolloutEngine(model, page_size=4, num_pages=128, max_num_seqs=16, prefill_token_budget=16,
                            device="cpu", decode_burst_steps=4)
     engine.burst.attention = paged_decode_attention.TritonDecodeBackend(
@@ -95,6 +99,24 @@ def test_triton_decode_kernel_in_bursts(model):
     responses = engine.generate(requests)
     assert engine.stats.bursts > 0
     assert [_key(r) for r in responses] == [_key(r) for r in reference]
+
+
+def test_burst_state_kernels_in_bursts(model):
+    """The bookkeeping kernels (kernels/burst_state.py: slots, lengths, recording and advancing the state; the GPU
+    engine's choice with fused kernels) drive bursts to the per-step engine's tokens, through forks, EOS and stop
+    tokens, and rows running out of steps mid-burst."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU engine tests cover the kernels on CUDA")
+    pytest.importorskip("triton")
+    engine = RolloutEngine(model, page_size=4, num_pages=128, max_num_seqs=16, prefill_token_budget=16,
+                           device="cpu", decode_burst_steps=8)
+    engine.burst.fused_state = True
+    reference, _ = _generate(model, 1)
+    responses = engine.generate(_requests())
+    assert engine.stats.bursts > 0
+    assert [_key(r) for r in responses] == [_key(r) for r in reference]
+    for got, want in zip(responses, reference):
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=0, atol=1e-5)
 
 
 def test_row_whose_share_ends_on_a_page_boundary(model):

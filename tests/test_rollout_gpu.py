@@ -308,3 +308,28 @@ def test_eager_bursts_without_the_flashinfer_path_agree_with_torch_reference():
     print(f"\neager bursts, torch prefill: greedy agreement {rate:.4f}, max log-prob error {max_error:.4f}")
     assert engine.stats.bursts > 0
     assert rate >= 0.9 and max_error <= 0.1
+
+
+@pytest.mark.parametrize("settings", [dict(kv_heads_per_program=0, num_splits=3), dict(head_major=True, block_n=64,
+                                                                                      num_stages=3),
+                                      dict(num_splits=1), dict(kv_heads_per_program=0, num_splits=4,
+                                                               merge_in_kernel=True)],
+                         ids=["all-heads-3-splits", "head-major-64", "one-split", "all-heads-merge-in-kernel"])
+def test_decode_bursts_with_packed_gate_up_and_launch_settings(settings, monkeypatch):
+    """The variants benchmarks/decode_variants.py measures (gate/up as one matmul over packed parameters, the burst
+    state kernels, other decode-attention launch layouts) would drift from the teacher-forced reference if a half
+    of the stacked projection, a slot or a block-diagonal query were wrong."""
+    from opdgraph.kernels import paged_decode_attention as kernel
+
+    monkeypatch.setattr(kernel, "DEFAULT_SETTINGS", kernel.LaunchSettings(**settings))
+    model = load_decoder(model_config(), dtype=torch.bfloat16, device="cuda", init_seed=3)
+    model.pack_gate_up()
+    requests = [Request(f"r{i}", prompt, SamplingParams(max_new_tokens=40, greedy=True))
+                for i, prompt in enumerate(PROMPTS)]
+    engine = make_engine(model, "flashinfer", cuda_graphs=True, decode_burst_steps=16, fused_kernels=True)
+    responses = engine.generate(requests)
+    assert engine.stacked_gate_up_layers == len(model.layers) and engine.burst.fused_state
+    rate, max_error = agreement(model, responses)
+    print(f"\nbursts {settings} packed gate/up: greedy agreement {rate:.4f}, max log-prob error {max_error:.4f}")
+    assert engine.stats.bursts > 0
+    assert rate >= 0.9 and max_error <= 0.1

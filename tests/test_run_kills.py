@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
-SETTINGS = ["pipeline.device=cpu", "log.progress=false", "pipeline.num_steps=8",
+NUM_STEPS = 8
+SETTINGS = ["pipeline.device=cpu", "log.progress=false", f"pipeline.num_steps={NUM_STEPS}",
             "checkpoint.every_n_steps=1", "checkpoint.keep_last=2", "eval.every_n_steps=4", "eval.num_prompts=1",
             "eval.max_new_tokens=4", "log.sample_every_n_steps=1"]
 PROCESS_FIELDS = ("seconds", "tokens_per_s", "peak_memory_gib")
@@ -127,7 +128,13 @@ def _resume_until_done(run_dir: Path, *, rng: random.Random, kills: int) -> int:
         logged = max(_train_steps(run_dir), default=0)  # records of earlier attempts (a resume may cut them back)
         process = _start([*_arguments(run_dir), *flags, "--take-over-lock"])
         if attempt < kills and _wait_for_training(process, run_dir, after_step=logged):
-            time.sleep(rng.uniform(0.0, 1.2))
+            # A random instant within 1.2 s, but early enough that every later kill still finds training left: on a
+            # fast machine the few steps after a late first kill all finished inside the delay, and the second kill
+            # found no run. Attempt a is killed by the record of step NUM_STEPS - (kills - a) at the latest.
+            latest = NUM_STEPS - (kills - attempt)
+            deadline = time.monotonic() + rng.uniform(0.0, 1.2)
+            while time.monotonic() < deadline and max(_train_steps(run_dir), default=0) < latest:
+                time.sleep(0.005)
             landed += process.poll() is None
             process.send_signal(signal.SIGKILL)
         code, _, err = _finish(process)
@@ -145,7 +152,7 @@ def test_kill_9_at_random_instants_loses_nothing(reference, tmp_path, trial):
     record, repeats one, or leaves a state no resume can continue."""
     run_dir = tmp_path / "run"
     landed = _resume_until_done(run_dir, rng=random.Random(1000 + trial), kills=2)
-    assert landed == 2  # each kill comes within 1.2 s of a step's record; the 8 steps take longer than that
+    assert landed == 2  # each kill comes while steps are left (see _resume_until_done)
     assert _logs(run_dir) == reference
     assert not _leftovers(run_dir)
 

@@ -5,9 +5,11 @@ Nothing here uses the planner's formulas to get an expected value: each test run
 real widths of a supported family (2 layers, a small vocabulary, bf16), measures with tests/memory_probe.py (bytes
 saved for backward, storage by storage; the CPU allocator's peak), and compares with the number the planner uses
 (opdgraph.sizing, the functions buffers.py calls) within 2%. Attention runs as the GPU's packed path with a
-FlashAttention stand-in that saves what the kernel saves, with K/V heads repeated (torch < 2.12) or not, or as the
-plain-torch reference a CPU run (or an fp32 model) falls back to, itself, at a few sequence lengths (its S x S
-scores make the bytes per token grow with the sequence length).
+FlashAttention stand-in that saves what the kernel saves (grouped-query K/V native through varlen_attn's enable_gqa
+or the aten kernels, or repeated first: the benchmarks' former path), or as the plain-torch reference a CPU run (or
+an fp32 model) falls back to, itself, at a few sequence lengths (its S x S scores make the bytes per token grow with
+the sequence length). The layer kernels run as torch's and as Liger-Kernel's (models.<name>.kernels; without CUDA
+in Triton's interpreter, tests/triton_interpreter.py): the plan assumes both save the same.
 
 The plan goldens (tests/golden/plan_*) are regenerated from the planner's own output with OPDGRAPH_REGEN_GOLDEN=1
 (tests/golden_helpers.py): a regenerated golden is not a check by itself. When a sizing formula changes, this file
@@ -18,17 +20,25 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import types
 
 import pytest
 import torch
 
-import opdgraph
-from memory_probe import AllocationTrace, cuda_fused_loss, cuda_torch_loss, flash_backend, saved_bytes
-from opdgraph import sizing
-from opdgraph.planned_paths import attention_fallback
-from opdgraph.kernels import varlen_attention
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import opdgraph  # noqa: E402
+from memory_probe import (FLASH_PATHS, AllocationTrace, cuda_fused_loss, cuda_torch_loss,  # noqa: E402
+                          flash_backend, saved_bytes)
+from triton_interpreter import interpret_liger  # noqa: E402
+from opdgraph import sizing  # noqa: E402
+from opdgraph.planned_paths import attention_fallback  # noqa: E402
+from opdgraph.kernels import varlen_attention  # noqa: E402
+from opdgraph.kernels.liger_layers import liger_import_error  # noqa: E402
+from opdgraph.models.layer_kernels import TORCH  # noqa: E402
 from opdgraph.model_shapes import shape_from_hf_config
 from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.models.attention_metadata import PackedMetadata
@@ -124,19 +134,37 @@ def assert_close(measured: float, planned: float, what: str) -> None:
     assert abs(measured - planned) <= TOLERANCE * measured, f"{what}: measured {measured:,.0f}, plan {planned:,.0f}"
 
 
-KV_PATHS = {"kv_repeated": True, "native_gqa": False}
+# The probes run on CPU tensors: Liger's kernels only in Triton's interpreter (where CUDA is there, they compile for
+# it instead; the GPU side is measured by benchmarks/step.py --variants, predicted beside measured).
+NEEDS_LIGER = pytest.mark.skipif(liger_import_error() is not None or torch.cuda.is_available(),
+                                 reason="needs liger_kernel, interpreted (a machine without CUDA)")
+# (flash path, layer kernels): torch's kernels on every attention path; Liger's (interpreted on CPU: seconds per
+# model at real widths) on the path the GPU machines run, torch < 2.12's aten kernels.
+PATHS = [*((path, "torch") for path in FLASH_PATHS), pytest.param("aten", "liger", marks=NEEDS_LIGER)]
 
 
-@pytest.mark.parametrize("kv_path", list(KV_PATHS))
+def use_layer_kernels(model, name: str, monkeypatch) -> None:
+    """Give the shared model torch's or Liger's layer kernels (Liger's interpreted on a CPU machine)."""
+    if name == "torch":
+        model.set_layer_kernels(TORCH)
+        return
+    from opdgraph.kernels.liger_layers import LigerLayerKernels
+
+    interpret_liger(monkeypatch)
+    model.set_layer_kernels(LigerLayerKernels())
+
+
+@pytest.mark.parametrize("flash_path, kernels", PATHS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
+def test_saved_activations_match_the_plan(family, flash_path, kernels, monkeypatch):
     """If this fails, the training forward saves for backward a different number of bytes per token per layer (or
-    outside the layers) than the plan's student_activations assume: the plan would under- or over-predict every
-    training step."""
+    outside the layers) than the plan's student_activations assume, on one of the attention paths or with one of
+    the layer kernels: the plan would under- or over-predict every training step."""
     config = family_config(family)
-    shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
+    shape, repeated = shape_from_hf_config(config), flash_path == "repeat_kv"
     model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
+    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
+    use_layer_kernels(model, kernels, monkeypatch)
     inputs, loop, tokens = runtime_context(model)
 
     def forward():
@@ -154,15 +182,16 @@ def test_saved_activations_match_the_plan(family, kv_path, monkeypatch):
     assert_close(total, sizing.activation_bytes(shape, tokens, 2, False, repeated), f"{family} total")
 
 
-@pytest.mark.parametrize("kv_path", list(KV_PATHS))
+@pytest.mark.parametrize("flash_path, kernels", PATHS)
 @pytest.mark.parametrize("family", list(HYBRID))
-def test_hybrid_saved_activations_match_the_plan(family, kv_path, monkeypatch):
+def test_hybrid_saved_activations_match_the_plan(family, flash_path, kernels, monkeypatch):
     """If this fails, a Qwen3.5 gated-DeltaNet layer (a_linear) or its gated, partially rotated attention layer saves
     another number of bytes per token than the plan assumes for each kind."""
     config = family_config(family)
-    shape, repeated = shape_from_hf_config(config), KV_PATHS[kv_path]
+    shape, repeated = shape_from_hf_config(config), flash_path == "repeat_kv"
     model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=not repeated))
+    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
+    use_layer_kernels(model, kernels, monkeypatch)
     inputs, loop, tokens = runtime_context(model)
 
     def forward():
@@ -190,12 +219,39 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     coefficients are read off the allocator at one width)."""
     shape = shape_from_hf_config(family_config(family))
     model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    model.set_attention_backend(flash_backend(monkeypatch))
+    model.set_layer_kernels(TORCH)
     inputs, loop, tokens = runtime_context(model, lengths=lengths)
     with AllocationTrace() as trace:
         training.teacher_score(inputs)
     planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
+
+
+@pytest.mark.parametrize("family, rows", [("qwen3.5-0.8b", 8), ("qwen3.5-4b", 3)])
+def test_hybrid_decode_step_peak_is_covered_by_the_rollout_workspace(family, rows):
+    """If this fails, a decode step of the torch linear core (CPU targets: every running sequence's state gathered
+    and rebuilt) peaks above the plan's linear_decode_peak_bytes, or the plan holds much more than it uses (15%)."""
+    from opdgraph.models.attention_metadata import PagedMetadata
+    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+    from opdgraph.models.linear_state import LinearLayerState
+
+    shape = shape_from_hf_config(family_config(family))
+    layer = next(layer.linear_attn for layer in family_model(family).layers if hasattr(layer, "linear_attn"))
+    dims, generator = layer.dims, torch.Generator().manual_seed(0)
+    state = LinearLayerState.allocate(rows + 1, dims, torch.bfloat16, "cpu")
+    mixed = torch.randn(rows, dims.conv_channels, generator=generator).to(torch.bfloat16)
+    decay = -torch.rand(rows, dims.value_heads, generator=generator)
+    beta = torch.rand(rows, dims.value_heads, generator=generator).to(torch.bfloat16)
+    ones = torch.ones(rows, dtype=torch.int32)
+    meta = PagedMetadata(query_lens=ones, cu_query_lens=torch.arange(rows + 1, dtype=torch.int32), kv_lens=ones + 5,
+                         page_table=torch.zeros(rows, 1, dtype=torch.int32),
+                         slot_mapping=torch.zeros(rows, dtype=torch.int64), page_size=16,
+                         state_slots=torch.arange(rows))
+    with torch.no_grad(), AllocationTrace() as trace:
+        TorchLinearAttention().paged(mixed, layer.conv1d.weight, decay, beta, dims, meta=meta, state=state)
+    planned = sizing.linear_decode_peak_bytes(shape, rows, 2, in_place=False)
+    assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
 
 
 def test_linear_chunk_mirrors_the_delta_rule():
@@ -205,14 +261,16 @@ def test_linear_chunk_mirrors_the_delta_rule():
     assert sizing.LINEAR_CHUNK_TOKENS == delta_rule.CHUNK_TOKENS
 
 
-@pytest.mark.parametrize("family", list(FAMILIES) + list(HYBRID))
-def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
+@pytest.mark.parametrize("family, kernels", [*((family, "torch") for family in [*FAMILIES, *HYBRID]),
+                                             pytest.param("gemma-3-1b", "liger", marks=NEEDS_LIGER)])
+def test_checkpointed_forward_keeps_layer_inputs(family, kernels, monkeypatch):
     """If this fails, activation checkpointing keeps more (or less) than each layer's input between forward and
     backward; the plan's checkpointed activations would be wrong."""
     config = family_config(family)
     shape = shape_from_hf_config(config)
     model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    model.set_attention_backend(flash_backend(monkeypatch))
+    use_layer_kernels(model, kernels, monkeypatch)
     inputs, loop, tokens = runtime_context(model, checkpointing=True)
 
     def forward():
@@ -223,17 +281,20 @@ def test_checkpointed_forward_keeps_layer_inputs(family, monkeypatch):
     total = sum(measured[region] for region in ("layer0", "layer1", "outside"))
     total += measured["output"].untyped_storage().nbytes()
     # The plan adds one recomputed layer's activations, alive only while that layer's backward runs.
-    recomputed = tokens * sizing.activation_bytes_per_token_per_layer(shape, 2, True)
-    assert_close(total, sizing.activation_bytes(shape, tokens, 2, True, True) - recomputed, family)
+    recomputed = tokens * sizing.activation_bytes_per_token_per_layer(shape, 2)
+    assert_close(total, sizing.activation_bytes(shape, tokens, 2, True) - recomputed, family)
 
 
+@pytest.mark.parametrize("flash_path, kernels", [("aten", "torch"), ("repeat_kv", "torch"),
+                                                 pytest.param("aten", "liger", marks=NEEDS_LIGER)])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_teacher_forward_peak_matches_the_workspace(family, monkeypatch):
-    """If this fails, the no-grad forward (teacher scoring) peaks above or below the plan's forward workspace.
-    K/V heads repeated: the larger attention of the two paths (the peak is inside an MLP either way)."""
+def test_teacher_forward_peak_matches_the_workspace(family, flash_path, kernels, monkeypatch):
+    """If this fails, the no-grad forward (teacher scoring) peaks above or below the plan's forward workspace, on
+    either attention path (the peak is inside an MLP either way) and with either layer kernels."""
     shape = shape_from_hf_config(family_config(family))
     model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, native_gqa=False))
+    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
+    use_layer_kernels(model, kernels, monkeypatch)
     inputs, loop, tokens = runtime_context(model)
     with AllocationTrace() as trace:
         training.teacher_score(inputs)
@@ -348,6 +409,7 @@ def _reference_case(family, dtype, lengths):
     shape = shape_from_hf_config(family_config(family))
     model = reference_model(family, dtype)
     model.set_attention_backend(varlen_attention.select_packed_backend("cpu"))
+    model.set_layer_kernels(TORCH)
     assert isinstance(model.backend, TorchReferenceBackend)
     inputs, loop, tokens = runtime_context(model, lengths=lengths)
     return shape, model, inputs, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
@@ -400,7 +462,7 @@ def test_planned_fallback_mirrors_the_kernel():
     """If this fails, the planner's rule for when packed attention falls back to plain torch
     (buffers.attention_fallback) drifted from the kernel module's (varlen_attention.unsupported_reason): a plan would
     size FlashAttention's saves for a run that saves S x S scores, or the reverse."""
-    support = varlen_attention.VarlenSupport(True, native_gqa=True)
+    support = varlen_attention.VarlenSupport(True, enable_gqa=True)
     for device in ("cpu", "cuda"):
         for dtype, dtype_name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
                                   (torch.float32, "float32")):

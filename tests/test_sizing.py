@@ -72,25 +72,25 @@ def test_kv_cache_qwen():
 
 def test_activation_bytes_qwen_1b5():
     """If this fails, the per-token activation bytes moved away from the numbers tests/test_saved_bytes.py measured
-    for Qwen2.5-1.5B (bf16) with the autograd RMSNorm and FlashAttention's saves."""
+    for Qwen2.5-1.5B (bf16) with the autograd RMSNorm, the gated activation's Function and FlashAttention's saves."""
     small = shape(QWEN_1B5)
     # a = 2 bytes x ((2 norms + 2) x 1536 norm inputs and pre-norm outputs + 2 x 1536 q and out + 2 x 256 k, v
-    #     + 4 x 8960 mlp) + 4 bytes x (2 rstd + 12 lse) = 2 x (6144 + 3072 + 512 + 35840) + 56 = 91,192
-    assert sizing.activation_bytes_per_token_per_layer(small, 2) == 91_192
+    #     + 3 x 8960 mlp) + 4 bytes x (2 rstd + 12 lse) = 2 x (6144 + 3072 + 512 + 26880) + 56 = 73,272
+    assert sizing.activation_bytes_per_token_per_layer(small, 2) == 73_272
     # K/V repeated to the 12 query heads: k and v are 1536 wide each, 2 x 2 x (1536 - 256) = 5,120 more
-    assert sizing.activation_bytes_per_token_per_layer(small, 2, kv_repeated=True) == 96_312
+    assert sizing.activation_bytes_per_token_per_layer(small, 2, kv_repeated=True) == 78_392
     # o = 2 bytes x (2 x 1536 final norm input and output + 2 x 128 cos/sin) + 4 bytes rstd = 6,660
     assert sizing.activation_bytes_outside_layers_per_token(small, 2) == 6_660
-    # 1000 tokens x (28 layers x 91,192 + 6,660) = 1000 x 2,560,036
-    assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 2_560_036_000
-    # checkpointing: 1000 x (28 x 1536 x 2 layer inputs + one recomputed layer 91,192 + 6,660) = 1000 x 183,868
-    assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 183_868_000
-    # plain-torch attention, sequences of 512 tokens: K/V repeated 96,312, no lse - 12 x 4, and per token 512 pairs
-    # x (12 heads x (4 fp32 softmax + 2 bf16 probabilities) + 1 mask byte) = 37,376: 133,640 (measured)
-    assert sizing.activation_bytes_per_token_per_layer(small, 2, reference_sequence_tokens=512) == 133_640
-    # fp32, 256 tokens: 45,568 elements x 4 + 56 = 182,328, K/V repeated + 2 x 4 x 1280 = 192,568;
-    # - 48 + 256 x (12 x 4 (the softmax output is the probabilities) + 1) = 12,544: 205,064
-    assert sizing.activation_bytes_per_token_per_layer(small, 4, reference_sequence_tokens=256) == 205_064
+    # 1000 tokens x (28 layers x 73,272 + 6,660) = 1000 x 2,058,276
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=False) == 2_058_276_000
+    # checkpointing: 1000 x (28 x 1536 x 2 layer inputs + one recomputed layer 73,272 + 6,660) = 1000 x 165,948
+    assert sizing.activation_bytes(small, 1000, 2, checkpointing=True) == 165_948_000
+    # plain-torch attention, sequences of 512 tokens: K/V repeated 78,392, no lse - 12 x 4, and per token 512 pairs
+    # x (12 heads x (4 fp32 softmax + 2 bf16 probabilities) + 1 mask byte) = 37,376: 115,720 (measured)
+    assert sizing.activation_bytes_per_token_per_layer(small, 2, reference_sequence_tokens=512) == 115_720
+    # fp32, 256 tokens: 36,608 elements x 4 + 56 = 146,488, K/V repeated + 2 x 4 x 1280 = 156,728;
+    # - 48 + 256 x (12 x 4 (the softmax output is the probabilities) + 1) = 12,544: 169,224
+    assert sizing.activation_bytes_per_token_per_layer(small, 4, reference_sequence_tokens=256) == 169_224
 
 
 def test_forward_workspace_and_logit_chunks():
@@ -116,19 +116,20 @@ def test_forward_workspace_and_logit_chunks():
 
 
 @pytest.mark.parametrize("overrides, activations, logit_chunk", [
-    # CUDA: K/V repeated (96,312 per layer), the fused loss kernel. 7,680 micro-batch tokens (5 x 1536) x
-    # (28 x 96,312 + 6,660) = 20,762,081,280.
-    (["pipeline.device=cuda"], 20_762_081_280, 1_244_667_904),
-    # CPU: the plain-torch attention, sequences of S = 512 + 1024 = 1,536 tokens: a_reference = 96,312 (K/V
-    # repeated) - 48 (no lse) + 1,536 x (12 heads x 6 + 1) = 208,392 per layer; 7,680 x (28 x 208,392 + 6,660);
+    # CUDA: native GQA (73,272 per layer), the fused loss kernel. 7,680 micro-batch tokens (5 x 1536) x
+    # (28 x 73,272 + 6,660) = 15,807,559,680, whichever layer kernels (models.<name>.kernels) run.
+    (["pipeline.device=cuda"], 15_807_559_680, 1_244_667_904),
+    (["pipeline.device=cuda", "models.student.kernels=torch"], 15_807_559_680, 1_244_667_904),
+    # CPU: the plain-torch attention, sequences of S = 512 + 1024 = 1,536 tokens: a_reference = 78,392 (K/V
+    # repeated) - 48 (no lse) + 1,536 x (12 heads x 6 + 1) = 190,472 per layer; 7,680 x (28 x 190,472 + 6,660);
     # torch reverse_kl and the fp32 lm_heads.
-    (["pipeline.device=cpu"], 44_863_764_480, 4_978_638_848),
+    (["pipeline.device=cpu"], 41_010_247_680, 4_978_638_848),
     # CUDA with loss.kernel = torch, jsd: 1024 x 151,936 x 5 x 4.
-    (["pipeline.device=cuda", "loss.kernel=torch", "loss.divergence=jsd"], 20_762_081_280, 3_111_649_280),
+    (["pipeline.device=cuda", "loss.kernel=torch", "loss.divergence=jsd"], 15_807_559_680, 3_111_649_280),
 ])
 def test_plan_follows_the_path_that_runs(overrides, activations, logit_chunk):
     """If this fails, the plan sizes the student's activations or the logit chunk for a path its target does not run
-    (K/V repeat of the GPU attention, fused or torch loss, CPU fp32 lm_head copies)."""
+    (native GQA of the GPU attention, fused or torch loss, CPU fp32 lm_head copies)."""
     from opdgraph.compile import compile_plan
     from opdgraph.config import load_pipeline
 

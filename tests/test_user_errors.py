@@ -97,6 +97,19 @@ def test_triton_loss_kernel_without_cuda_exits_2_before_loading_anything(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_liger_kernels_without_cuda_exit_2_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """If this fails, models.<name>.kernels = "liger" on a machine without CUDA (device "auto") is found only at the
+    first forward, after the weights loaded and the run directory was written."""
+    monkeypatch.setattr("opdgraph.models.load_decoder", lambda *a, **k: pytest.fail("weights loaded"))
+    tiny = _copy_tiny(tmp_path)
+    code = main(["run", str(tiny), "--set", "models.student.kernels=liger",
+                 "--set", f"pipeline.output_dir={json.dumps(str(tmp_path / 'run'))}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "models.student.kernels = 'liger'" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_output_dir_with_a_tilde_is_the_home_folder(tmp_path, capsys, monkeypatch):
     """If this fails, `pipeline.output_dir = "~/runs/x"` writes into a folder literally named `~` (data paths
     expand `~`; the run directory must too)."""

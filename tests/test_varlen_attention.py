@@ -2,7 +2,9 @@
 
 GPU tests (marked `gpu`, skipped without CUDA): the FlashAttention varlen path in bfloat16, forward and gradients
 w.r.t. q, k, v, against the reference computed in float32 on the same values, over grouped-query shapes, head
-dims, sliding windows and ragged lengths (a 1-token sequence, sequences longer than the window). CPU tests: the
+dims, sliding windows and ragged lengths (a 1-token sequence, sequences longer than the window), along each way
+of taking grouped-query K/V: the installed torch's choice, the aten kernels directly (FlashVarlenFunction, torch
+< 2.12), and K/V heads repeated first. CPU tests: the
 selection and fallback rules, which must keep CPU runs on the reference.
 """
 
@@ -38,21 +40,30 @@ def relative_error(actual, expected):
     return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 
 
+def gqa_backend(path: str) -> VarlenFlashBackend:
+    backend = VarlenFlashBackend(repeat_kv=path == "repeat_kv")
+    if path == "aten":
+        backend.support = VarlenSupport(True, enable_gqa=False)
+    return backend
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (12, 2, 128), (8, 4, 256)])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("lengths", [[1, 33, 130], [64, 64], [300]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["installed", "aten", "repeat_kv"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_varlen_matches_reference_forward_and_grads(heads, kv_heads, head_dim, window, lengths, dtype):
+def test_flash_varlen_matches_reference_forward_and_grads(heads, kv_heads, head_dim, window, lengths, dtype, path):
     """Training differentiates through this kernel: a wrong mask (cross-sequence, window off by one, not causal),
-    a wrong GQA head mapping or a wrong backward would show up as a large relative error against the reference."""
+    a wrong GQA head mapping, arguments of the aten kernels in the wrong order, or a wrong backward (dk, dv summed
+    over each group of query heads) would show up as a large relative error against the reference."""
     if not varlen_support().available:
         pytest.skip(varlen_support().reason)
     q, k, v, meta = packed_inputs(lengths, heads, kv_heads, head_dim, dtype=dtype, device="cuda")
     upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).cuda()
     scale = head_dim ** -0.5 * 1.3  # not the default 1/sqrt(d): the scale must be passed through
-    out, grads = forward_and_grads(VarlenFlashBackend(), q, k, v, meta, scale=scale, window=window,
+    out, grads = forward_and_grads(gqa_backend(path), q, k, v, meta, scale=scale, window=window,
                                    upstream=upstream)
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     ref_out, ref_grads = forward_and_grads(TorchReferenceBackend(), q32, k32, v32, meta, scale=scale,

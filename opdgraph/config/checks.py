@@ -14,6 +14,7 @@ import os
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
 from opdgraph.config.paths import data_file_path
+from opdgraph.config.sft_checks import check_sft_stages
 from opdgraph.config.teacher_checks import check_teacher_stages
 from opdgraph.graph import build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
@@ -32,9 +33,11 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     shapes = _resolve_shapes(models, base_dir, problem, problems)
     _check_shapes(models, shapes, data, stages, problem, problems)
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
+    check_sft_stages(pipeline, models, shapes, data, stages, problem, problems)
     _check_data_files(data, stages, base_dir, problem, problems)
     _check_estimator(stages, problem, problems)
     _check_loss_kernel(pipeline, stages, problem, problems)
+    _check_model_kernels(pipeline, models, problem, problems)
     return shapes
 
 
@@ -257,3 +260,16 @@ def _check_loss_kernel(pipeline, stages, problem, problems):
             problems.append(problem(f"{name}.kernel",
                                     f"{name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
                                     f"set {name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
+
+
+def _check_model_kernels(pipeline, models, problem, problems):
+    """Liger-Kernel's kernels run on CUDA only (as the loss kernel above; "auto" devices are checked at startup by
+    opdgraph.models.layer_kernels.check_layer_kernels, which also needs liger_kernel to import)."""
+    if pipeline.device != "cpu":
+        return
+    for name, model in models.items():
+        if model.kernels == "liger":
+            problems.append(problem(f"models.{name}.kernels",
+                                    f"models.{name}.kernels = \"liger\" runs on CUDA only, but pipeline.device = "
+                                    f"\"cpu\"; set models.{name}.kernels = \"auto\" or \"torch\" (or "
+                                    f"pipeline.device = \"cuda\")"))

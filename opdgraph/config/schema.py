@@ -158,6 +158,11 @@ class ModelConfig:
                     "normal(0, initializer_range), values depend on the device's RNG)")
     offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
                                                   "memory, costs PCIe transfers)")
+    kernels: Literal["auto", "torch", "liger"] = setting(
+        "auto", help="the norms, RoPE and gated activations of this model's training and scoring forwards: torch "
+                     "(plain torch ops, the reference), liger (Liger-Kernel's fused Triton kernels, forward and "
+                     "backward; CUDA only, pip install liger-kernel), auto: liger where it can run, else torch. The "
+                     "same activation memory either way")
     chat_template_kwargs: dict[str, Any] = setting(
         {}, help="extra variables for this model's chat template, e.g. { enable_thinking = false } (Qwen3)",
         check=_template_variables)

@@ -2,6 +2,7 @@
 
 - ``loader.load_prompt_set``: files -> ``PromptSet`` (records + summary), strict about bad rows.
 - ``sampler.PromptSampler``: epoch-shuffled, rank-sharded, resumable batches; ``sampler.sample_seed`` for rollout.
+- ``gold_prefix``: a row's gold solution as ids after its prompt, and the step's gold prefix (hybrid SFT + OPD).
 Torch-free.
 """
 

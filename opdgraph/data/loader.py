@@ -7,7 +7,8 @@ Every unusable row (unparseable, missing or mistyped field, empty prompt, assist
 than ``max_prompt_tokens``) is a ``BadRow`` naming its file and row. With ``on_bad_row = "error"`` (the default)
 all bad rows of all files are raised together in one ``PromptDataError``; with ``"skip"`` they are left out and
 counted in the summary. Teachers that see another prompt and routed rows (opdgraph.data.teacher_prompts) add
-their own bad rows (a missing context or route field, an unknown route, a teacher prompt over its limit).
+their own bad rows (a missing context or route field, an unknown route, a teacher prompt over its limit), and so
+does a gold solution (opdgraph.data.gold_prefix: missing, not a string, not continuing the prompt).
 Nothing is truncated: a prompt that is too long is a bad row, not a shortened prompt.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Protocol, Sequence, Union
 
 from opdgraph.data.fields import RowProblem, row_answer, row_to_messages
+from opdgraph.data.gold_prefix import GoldField, gold_ids
 from opdgraph.data.readers import RawRow, read_rows
 from opdgraph.data.teacher_prompts import Routing, TeacherPrompt, route_of, teacher_prompt_ids
 from opdgraph.data.records import BadRow, LoadSummary, PromptDataError, PromptRecord, PromptSet, format_bad_rows
@@ -29,7 +31,8 @@ class PromptTokenizer(Protocol):
 
     vocab_size: int
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -54,7 +57,7 @@ def _check_options(files, prompt_field, on_bad_row, max_prompt_tokens) -> list[P
 
 
 def _build_record(raw: RawRow, source: str, *, tokenizer, prompt_field, answer_field, system_prompt,
-                  max_prompt_tokens, teacher_prompts=(), routing=None) -> PromptRecord:
+                  max_prompt_tokens, teacher_prompts=(), routing=None, gold=None) -> PromptRecord:
     messages = row_to_messages(raw.value, prompt_field, system_prompt)
     answer = row_answer(raw.value, answer_field)
     prompt_ids = tuple(tokenizer.chat_ids(messages, add_generation_prompt=True))
@@ -65,7 +68,8 @@ def _build_record(raw: RawRow, source: str, *, tokenizer, prompt_field, answer_f
     teacher_ids = {rule.stage: teacher_prompt_ids(messages, raw.value, rule) for rule in teacher_prompts}
     return PromptRecord(source=source, row=raw.row, location=raw.location, messages=tuple(messages),
                         prompt_ids=prompt_ids, answer=answer, teacher_prompt_ids=teacher_ids,
-                        route=route_of(raw.value, routing))
+                        route=route_of(raw.value, routing),
+                        gold_ids=gold_ids(messages, raw.value, gold, prompt_ids) if gold is not None else ())
 
 
 def load_prompt_set(
@@ -79,6 +83,7 @@ def load_prompt_set(
     on_bad_row: str = "error",
     teacher_prompts: Sequence[TeacherPrompt] = (),
     routing: Optional[Routing] = None,
+    gold: Optional[GoldField] = None,
 ) -> PromptSet:
     """Read, check and tokenise every row of ``files`` (in order); see the module docstring for the rules."""
     paths = _check_options(files, prompt_field, on_bad_row, max_prompt_tokens)
@@ -93,7 +98,7 @@ def load_prompt_set(
                 records.append(_build_record(raw, str(path), tokenizer=tokenizer, prompt_field=prompt_field,
                                              answer_field=answer_field, system_prompt=system_prompt,
                                              max_prompt_tokens=max_prompt_tokens,
-                                             teacher_prompts=teacher_prompts, routing=routing))
+                                             teacher_prompts=teacher_prompts, routing=routing, gold=gold))
             except RowProblem as problem:
                 bad_rows.append(BadRow(location=raw.location, kind=problem.kind, reason=problem.reason))
 

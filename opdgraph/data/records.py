@@ -51,6 +51,10 @@ class PromptRecord:
     # teacher stage -> the ids of the prompt it sees, for teachers that see another prompt than the student's
     teacher_prompt_ids: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
     route: str | None = attrs.field(default=None)  # the row's loss.route_field value (routed pipelines only)
+    # hybrid SFT + OPD (opdgraph.data.gold_prefix): the gold solution's ids after prompt_ids, and how many of
+    # prompt_ids' last ids are gold (set per step when the prefix is placed; 0 in the loaded set)
+    gold_ids: tuple[int, ...] = attrs.field(default=())
+    gold_prefix_length: int = attrs.field(default=0)
 
 
 @attrs.frozen(kw_only=True)

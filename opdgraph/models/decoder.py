@@ -2,7 +2,8 @@
 
 - ``forward_hidden`` runs a packed batch (PackedMetadata) and returns final-norm hidden states [T, H]; the training
   loss applies ``lm_head_weight`` chunk by chunk, so the model never builds full logits. Optional activation
-  checkpointing recomputes each layer in the backward pass.
+  checkpointing recomputes each layer in the backward pass. Its norms, RoPE and gated activations run through the
+  model's ``layer_kernels`` (layer_kernels.py: torch, or Liger-Kernel's fused kernels; ``set_layer_kernels``).
 - ``forward_paged`` runs rollout prefill/decode against a paged KV cache (PagedMetadata), one tensor per layer;
   with ``use_fused_decode_kernels`` on (the GPU rollout) its elementwise work runs as a few Triton kernels per
   layer (kernels/fused_decode.py), same numerics.
@@ -28,6 +29,7 @@ from opdgraph.models.attention_backend import AttentionBackend, TorchReferenceBa
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
 from opdgraph.models.config import LINEAR_ATTENTION, DecoderConfig
 from opdgraph.models.gated_deltanet import GatedDeltaNet, GatedRMSNorm
+from opdgraph.models.layer_kernels import TORCH, LayerKernels
 from opdgraph.models.layers import DecoderLayer, RMSNorm
 from opdgraph.models.linear_attention_backend import TorchLinearAttention
 from opdgraph.models.linear_state import LinearLayerState
@@ -47,6 +49,7 @@ class DecoderLM(nn.Module):
                                                                           bias=False)
         self.backend: AttentionBackend = TorchReferenceBackend()
         self.linear_backend = TorchLinearAttention()  # the GPU delta-rule kernel's hook: set_linear_attention_backend
+        self.layer_kernels: LayerKernels = TORCH  # forward_hidden's elementwise kernels: set_layer_kernels
         # Inverse frequencies are derived, not state: computed once on the CPU (float32) and kept out of the state
         # dict so that .to(bfloat16) can never round them.
         self._inv_freq = {kind: inverse_frequencies(spec, config.rope_dim) for kind, spec in config.rope.items()}
@@ -68,6 +71,10 @@ class DecoderLM(nn.Module):
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
+
+    def set_layer_kernels(self, kernels: LayerKernels) -> None:
+        """The norms, RoPE and gated activations of forward_hidden (the paged forward keeps torch's)."""
+        self.layer_kernels = kernels
 
     def set_linear_attention_backend(self, backend) -> None:
         """The core of the linear-attention layers (linear_attention_backend.py: packed and paged)."""
@@ -93,16 +100,17 @@ class DecoderLM(nn.Module):
         linear = functools.partial(self.linear_backend.packed, meta=meta)
         hidden = self._embed(input_ids)
         rope = self._rope_tables(positions)
+        kernels = self.layer_kernels
         for layer in self.layers:
             if layer.layer_type == LINEAR_ATTENTION:
                 cos, sin, mix = None, None, linear
             else:
                 (cos, sin), mix = rope[layer.layer_type], attend
             if activation_checkpointing and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, cos, sin, mix, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, cos, sin, mix, kernels, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, mix)
-        return self.norm(hidden)
+                hidden = layer(hidden, cos, sin, mix, kernels)
+        return self.norm(hidden, kernels)
 
     def _attend_packed(self, meta, q, k, v, sliding_window):
         return self.backend.packed(q, k, v, meta, scale=self.config.attention_scale, sliding_window=sliding_window)
@@ -152,6 +160,20 @@ class DecoderLM(nn.Module):
         """Make forward_fused use these stacked projections (None: the three separate ones)."""
         for index, layer in enumerate(self.layers):
             layer.self_attn.fused_qkv = None if stacked is None else stacked[index]
+
+    def pack_gate_up(self) -> None:
+        """Put every layer's gate_proj and up_proj parameters back to back in one storage (GatedMLP.pack_gate_up),
+        so the fused rollout forward runs them as one matmul with no copy. Same values, same parameter objects;
+        call before an optimizer takes its fp32 masters (they alias fp32 parameters' storage)."""
+        for layer in self.layers:
+            layer.mlp.pack_gate_up()
+
+    def install_fused_gate_up(self, on: bool) -> int:
+        """Make forward_fused run gate/up as one projection in every layer whose parameters are packed (off: two);
+        returns how many layers do."""
+        for layer in self.layers:
+            layer.mlp.fused_gate_up = layer.mlp.packed_gate_up() if on else None
+        return sum(layer.mlp.fused_gate_up is not None for layer in self.layers)
 
     def _attend_cached(self, meta, layer_cache, q, sliding_window):
         return self.backend.paged(q, None, None, meta, layer_cache, scale=self.config.attention_scale,

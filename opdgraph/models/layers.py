@@ -4,8 +4,10 @@ Family differences are the explicit options of DecoderConfig (see config.py); th
 Submodule and parameter names follow the Hugging Face checkpoints (q_proj, input_layernorm, ...) so a state dict
 maps onto HF tensor names by adding a prefix. Tensors are packed: [T, ...] with no batch dimension.
 
-The training forward's norms are the autograd Functions of norms.py (they save only the input and the fp32 rstd);
-the norm that follows a residual add takes (x, residual) and returns (normed, x + residual).
+The packed forward's norms, RoPE and gated activation go through the LayerKernels passed in (layer_kernels.py:
+torch's autograd Functions that save only the input and the fp32 rstd per norm, gate and up per MLP, or
+Liger-Kernel's fused kernels that save the same); the norm that follows a residual add takes (x, residual) and
+returns (normed, x + residual).
 A linear-attention layer (Qwen3.5) has a GatedDeltaNet (gated_deltanet.py) as its token mixer instead of attention;
 its ``attend`` argument is then the model's bound linear-attention core. Qwen3.5's attention also gates its output
 (q_proj yields q and a gate per head) and rotates part of each head only.
@@ -24,8 +26,7 @@ from torch import nn
 from opdgraph.kernels import fused_decode
 from opdgraph.models.config import LINEAR_ATTENTION, SLIDING_ATTENTION, DecoderConfig
 from opdgraph.models.gated_deltanet import GatedDeltaNet
-from opdgraph.models.norms import add_rms_norm, rms_norm
-from opdgraph.models.rope import apply_rotary
+from opdgraph.models.layer_kernels import TORCH, LayerKernels
 
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], sliding_window) -> [T, Hq, D]; the model binds metadata, cache, scale.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
@@ -52,12 +53,13 @@ class RMSNorm(nn.Module):
         else:
             nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.one_plus)
+    def forward(self, x: torch.Tensor, kernels: LayerKernels = TORCH) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, self.one_plus)
 
-    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor,
+                              kernels: LayerKernels = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(residual + x), residual + x), the add inside the norm's autograd Function."""
-        return add_rms_norm(x, residual, self.weight, self.eps, self.one_plus)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps, self.one_plus)
 
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Triton: (RMSNorm(residual + x), residual + x); without a residual, (RMSNorm(x), x)."""
@@ -76,15 +78,52 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.activation = config.activation
+        # (weight [2 I, H], bias or None): gate_proj and up_proj as one projection, a view of their own storage
+        # when pack_gate_up put them back to back (installed by DecoderLM.install_fused_gate_up). Not a parameter.
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * self.up_proj(x))
+    def forward(self, x: torch.Tensor, kernels: LayerKernels = TORCH) -> torch.Tensor:
+        return self.down_proj(kernels.gated_activation(self.gate_proj(x), self.up_proj(x), self.activation))
+
+    @torch.no_grad()
+    def pack_gate_up(self) -> None:
+        """Move gate_proj's and up_proj's weights (and biases) into one [2 I, ...] storage, gate first; the
+        parameters stay (same objects, same values), only their ``.data`` points at halves of it. Whoever holds the
+        old tensors (an fp32 optimizer master aliases its parameter's storage) would not follow: pack first."""
+        for name in ("weight", "bias"):
+            gate, up = getattr(self.gate_proj, name), getattr(self.up_proj, name)
+            if gate is None:
+                continue
+            packed = torch.cat([gate, up])
+            gate.data, up.data = packed[: gate.shape[0]], packed[gate.shape[0]:]
+
+    def packed_gate_up(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The stacked (weight, bias) viewing both projections' storage if they sit back to back (pack_gate_up;
+        loading, sharding or a device move each give parameters their own storage again), else None."""
+        weight = _back_to_back(self.gate_proj.weight, self.up_proj.weight)
+        if weight is None or self.gate_proj.bias is None:
+            return None if weight is None else (weight, None)
+        bias = _back_to_back(self.gate_proj.bias, self.up_proj.bias)
+        return None if bias is None else (weight, bias)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         activation = "silu" if self.activation == "silu" else "gelu_tanh"
+        if self.fused_gate_up is not None:  # one matmul; the activation reads both halves as strided views
+            gate_up = F.linear(x, *self.fused_gate_up)
+            inner = gate_up.shape[-1] // 2
+            return self.down_proj(fused_decode.gated_activation(gate_up[..., :inner], gate_up[..., inner:],
+                                                                activation))
         return self.down_proj(fused_decode.gated_activation(self.gate_proj(x), self.up_proj(x), activation))
+
+
+def _back_to_back(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """[first; second] as a view of their shared storage when second starts where contiguous first ends."""
+    if not (first.is_contiguous() and second.is_contiguous() and first.dtype == second.dtype
+            and first.device == second.device and first.shape[1:] == second.shape[1:]
+            and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+            and second.data_ptr() == first.data_ptr() + first.numel() * first.element_size()):
+        return None
+    return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
 
 
 class Attention(nn.Module):
@@ -124,18 +163,22 @@ class Attention(nn.Module):
             torch.cat([p.bias for p in projections], out=into[1])
         return into
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
+                kernels: LayerKernels = TORCH) -> torch.Tensor:
         num_tokens = x.shape[0]
         gate = None
         if self.output_gate:  # per head: head_dim query values, then head_dim gate values
             q, gate = self.q_proj(x).view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            # q's own copy: the q norm saves its input, and a view would keep all of q_proj's output (q and gate)
+            # alive for backward; the fused kernels copy a strided input anyway (sizing.py: Qwen3.5)
+            q = q.contiguous()
         else:
             q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.q_norm(q, kernels), self.k_norm(k, kernels)
+        q, k = kernels.rotary(q, k, cos, sin)
         out = attend(q, k, v, self.sliding_window).reshape(num_tokens, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate.reshape(num_tokens, self.num_heads * self.head_dim))
@@ -189,17 +232,18 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.sandwich_norms = config.sandwich_norms
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
+                kernels: LayerKernels = TORCH) -> torch.Tensor:
         if self.layer_type == LINEAR_ATTENTION:  # attend is the bound linear-attention core; no RoPE
-            attention_out = self.linear_attn(self.input_layernorm(hidden), attend)
+            attention_out = self.linear_attn(self.input_layernorm(hidden, kernels), attend)
         else:
-            attention_out = self.self_attn(self.input_layernorm(hidden), cos, sin, attend)
+            attention_out = self.self_attn(self.input_layernorm(hidden, kernels), cos, sin, attend, kernels)
         if self.sandwich_norms:
             normed, hidden = self.pre_feedforward_layernorm.forward_with_residual(
-                self.post_attention_layernorm(attention_out), hidden)
-            return hidden + self.post_feedforward_layernorm(self.mlp(normed))
-        normed, hidden = self.post_attention_layernorm.forward_with_residual(attention_out, hidden)
-        return hidden + self.mlp(normed)
+                self.post_attention_layernorm(attention_out, kernels), hidden, kernels)
+            return hidden + self.post_feedforward_layernorm(self.mlp(normed, kernels), kernels)
+        normed, hidden = self.post_attention_layernorm.forward_with_residual(attention_out, hidden, kernels)
+        return hidden + self.mlp(normed, kernels)
 
     def forward_fused(self, pending: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                       inv_freq: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -3,18 +3,23 @@
 Two entry points, as for attention (attention_backend.py):
 - ``packed``: training and teacher scoring over a packed batch (PackedMetadata). The conv window and the recurrent
   state start from zeros at every sequence boundary, so nothing leaks between packed sequences. With autograd the
-  whole core is one Function that saves only its inputs (the in_proj_qkv output, g, beta) and recomputes the rest in
-  backward: its saved bytes are 1 x the conv channels per token instead of every intermediate of the chunked scan.
+  whole core is one Function (``RecomputedCore``) that saves only its inputs (the in_proj_qkv output, g, beta) and
+  recomputes the rest in backward: its saved bytes are 1 x the conv channels per token instead of every
+  intermediate of the chunked scan.
 - ``paged``: rollout prefill / decode (PagedMetadata with state_slots): each sequence continues from its slot of the
-  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back. Decode rows (one token
-  each) run as one batched recurrent step.
+  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back. A forward whose rows
+  all have one token (decode steps; ``single_token_rows``) runs as one batched recurrent step without host
+  synchronisation (``decode_rows``), so CUDA graphs and decode bursts can capture it; a padding row gives a scratch
+  slot and position 0 (it starts from zeros and writes only that slot).
 
-A GPU backend (flash-linear-attention's chunked gated delta rule with cu_seqlens, and a causal-conv1d kernel) would
-implement the same two methods and be installed with DecoderLM.set_linear_attention_backend; this one is the CPU
-path and the reference such a kernel is tested against.
+The GPU backend (kernels/fla_linear_attention.py: flash-linear-attention's Triton kernels) implements the same two
+methods with the same RecomputedCore and decode_rows, and is installed with DecoderLM.set_linear_attention_backend;
+this one is the CPU path, the fallback, and the reference that kernel is tested against.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -59,37 +64,78 @@ def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims) -> torch
     return torch.cat(outputs)
 
 
-class PackedCoreFunction(torch.autograd.Function):
-    """packed_forward, saving its inputs only; backward recomputes the forward with autograd and differentiates it."""
+class RecomputedCore(torch.autograd.Function):
+    """core(mixed, weight, decay, beta) saving its inputs only; backward recomputes with autograd and differentiates
+    ``grad_core`` (the same function by default; the GPU core passes the torch core where its own backward kernels
+    are known to be wrong: kernels/fla_linear_attention.py). Shared by every backend, so the plan's a_linear holds
+    whichever core runs."""
 
     @staticmethod
-    def forward(ctx, mixed, weight, decay, beta, bounds, dims):
+    def forward(ctx, core, grad_core, mixed, weight, decay, beta):
         ctx.save_for_backward(mixed, weight, decay, beta)
-        ctx.bounds, ctx.dims = bounds, dims
-        return packed_forward(mixed, weight, decay, beta, bounds, dims)
+        ctx.core = grad_core or core
+        return core(mixed, weight, decay, beta)
 
     @staticmethod
     def backward(ctx, grad_out):
         inputs = [tensor.detach().requires_grad_(needs) for tensor, needs in
-                  zip(ctx.saved_tensors, ctx.needs_input_grad[:4])]
+                  zip(ctx.saved_tensors, ctx.needs_input_grad[2:6])]
         with torch.enable_grad():
-            out = packed_forward(*inputs, ctx.bounds, ctx.dims)
+            out = ctx.core(*inputs)
         wanted = [tensor for tensor in inputs if tensor.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if tensor.requires_grad else None for tensor in inputs), None, None)
+        return (None, None, *(next(grads) if tensor.requires_grad else None for tensor in inputs))
+
+
+def recomputed(core, mixed, weight, decay, beta, grad_core=None) -> torch.Tensor:
+    """The core through RecomputedCore when autograd records, plainly otherwise (teacher scoring, eval)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (mixed, weight, decay, beta)):
+        return RecomputedCore.apply(core, grad_core, mixed, weight, decay, beta)
+    return core(mixed, weight, decay, beta)
+
+
+def decode_rows(mixed, weight, decay, beta, dims, state, slots, continuing, step) -> torch.Tensor:
+    """One token of each of B sequences at once, without host synchronisation (CUDA-graph capturable): the conv
+    over [window; token], then ``step(convolved [B, C], decay, beta, dims, state, slots, continuing) -> out``, the
+    backend's recurrent step, which reads and writes ``state.recurrent`` at ``slots``. ``continuing`` [B] bool: rows
+    whose sequence has earlier tokens; the others start from zeros whatever their slot holds (a fresh one-token
+    prompt, a padding row). None: every row continues."""
+    window = state.conv[slots]
+    if continuing is not None:
+        window = torch.where(continuing[:, None, None], window, 0)
+    inputs = torch.cat((window.to(mixed.dtype), mixed[:, None]), dim=1)  # [B, K, C]
+    convolved = F.silu((inputs * weight[:, 0].T[None]).sum(1))  # the conv's last output, [B, C]
+    state.conv[slots] = inputs[:, 1:].to(state.conv.dtype)
+    return step(convolved, decay, beta, dims, state, slots, continuing).to(mixed.dtype)
+
+
+def torch_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
+    recurrent = state.recurrent[slots]
+    if continuing is not None:
+        recurrent = torch.where(continuing[:, None, None, None], recurrent, 0)
+    q, k, v = _heads(convolved, dims)
+    out, state.recurrent[slots] = delta_rule.recurrent_step(q, k, v, decay.float(), beta.float(), recurrent)
+    return out
+
+
+def single_token_rows(mixed: torch.Tensor, meta: PagedMetadata) -> bool:
+    """Every row of this paged forward has one token (a decode step, graphed or in a burst): T == S, since the
+    scheduler gives every chunk at least one token. Read from shapes, so no host synchronisation."""
+    return mixed.shape[0] == meta.query_lens.shape[0]
 
 
 class TorchLinearAttention:
     """The plain-torch core for any device: the default of every model and the reference of faster ones."""
 
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
-        bounds = meta.cu_seqlens.tolist()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (mixed, weight, decay, beta)):
-            return PackedCoreFunction.apply(mixed, weight, decay, beta, bounds, dims)
-        return packed_forward(mixed, weight, decay, beta, bounds, dims)
+        core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims)
+        return recomputed(core, mixed, weight, decay, beta)
 
     @torch.no_grad()
     def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:
+        if single_token_rows(mixed, meta):
+            return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots,
+                               meta.kv_lens > meta.query_lens, torch_recurrent_step)
         starts = (meta.kv_lens - meta.query_lens).tolist()
         lengths = meta.query_lens.tolist()
         slots = meta.state_slots.tolist()
@@ -97,8 +143,10 @@ class TorchLinearAttention:
         out = mixed.new_empty(mixed.shape[0], dims.value_heads, dims.value_dim)
         decoding = [row for row, (start, length) in enumerate(zip(starts, lengths)) if length == 1 and start > 0]
         if decoding:
-            self._decode(mixed, weight, decay, beta, dims, state, out,
-                         rows=[bounds[row] for row in decoding], slots=[slots[row] for row in decoding])
+            rows = torch.tensor([bounds[row] for row in decoding], device=mixed.device)
+            out[rows] = decode_rows(mixed[rows], weight, decay[rows], beta[rows], dims, state,
+                                    meta.state_slots[torch.tensor(decoding, device=mixed.device)], None,
+                                    torch_recurrent_step)
         chosen = set(decoding)
         for row, (start, length) in enumerate(zip(starts, lengths)):
             if row in chosen or length == 0:
@@ -109,16 +157,3 @@ class TorchLinearAttention:
             out[span], state.conv[slot], state.recurrent[slot] = core_one_sequence(
                 mixed[span], weight, decay[span], beta[span], dims, window, recurrent)
         return out
-
-    @staticmethod
-    def _decode(mixed, weight, decay, beta, dims, state, out, *, rows, slots):
-        """One token of each of B running sequences at once: conv over [window; token], one recurrent step."""
-        rows_t = torch.tensor(rows, device=mixed.device)
-        slots_t = torch.tensor(slots, device=mixed.device)
-        inputs = torch.cat((state.conv[slots_t].to(mixed.dtype), mixed[rows_t, None]), dim=1)  # [B, K, C]
-        convolved = F.silu((inputs * weight[:, 0].T[None]).sum(1))  # the conv's last output, [B, C]
-        state.conv[slots_t] = inputs[:, 1:].to(state.conv.dtype)
-        q, k, v = _heads(convolved, dims)
-        result, state.recurrent[slots_t] = delta_rule.recurrent_step(
-            q, k, v, decay[rows_t].float(), beta[rows_t].float(), state.recurrent[slots_t])
-        out[rows_t] = result.to(out.dtype)

@@ -18,7 +18,8 @@ With rows r (every dim but the last) and n = x * rstd in fp32, g the output grad
     dx = rstd * (g s - n * mean(g s n)),   dw = sum_r g * n  (standard: n cast to the model dtype first).
 
 Under no_grad (teacher scoring, rollout) the functions below call ``rms_norm_forward`` directly: no Function,
-nothing saved. The GPU rollout's Triton norms (kernels/fused_decode.py) are a separate path.
+nothing saved. The GPU rollout's Triton norms (kernels/fused_decode.py) are a separate path; Liger-Kernel's fused
+norms (models.<name>.kernels = "liger", layer_kernels.py) save the same two tensors.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...  # no special tokens added
     def decode(self, ids: list[int]) -> str: ...
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]: ...  # True: the last (assistant) turn left open
     def save(self, directory: str | Path) -> None: ...
 
 
@@ -66,13 +67,20 @@ class ByteTokenizer:
         pieces.append(pending.decode("utf-8", errors="replace"))
         return "".join(pieces)
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]:
+        """`continue_final_message`: the last message (an assistant turn) is left open, without its <|end|>, for
+        the model to continue (a gold prefix); no generation prompt follows it."""
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise ValueError("continue_final_message needs an assistant message last")
         ids = [self.bos_token_id]
         for index, message in enumerate(messages):
             role = message.get("role")
             if f"<|{role}|>" not in self.special_ids:
                 raise ValueError(f"message {index}: role {role!r} must be one of system, user, assistant")
             ids += [self.special_ids[f"<|{role}|>"], *self.encode(message["content"]), self.special_ids["<|end|>"]]
+        if continue_final_message:
+            return ids[:-1]
         if add_generation_prompt:
             ids.append(self.special_ids["<|assistant|>"])
         return ids
@@ -119,7 +127,8 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]:
         if not self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"tokenizer {self.tokenizer.name_or_path!r} has no chat template (give the model "
                                  "a chat_template file)")
@@ -127,7 +136,9 @@ class HFTokenizer:
 
         try:
             ids = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                                     add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                     add_generation_prompt=add_generation_prompt and not
+                                                     continue_final_message,
+                                                     continue_final_message=continue_final_message, tokenize=True,
                                                      return_dict=False, **self.chat_variables)
         except jinja2.TemplateError as problem:  # a template's syntax error or its own raise_exception(...)
             source = "the chat_template file" if self.chat_template else "its chat template"

@@ -20,6 +20,11 @@ training gets the memory back; the graphs (and their memory pool) are dropped wi
 the first decode step of the next rollout (``stats.capture_seconds`` reports the cost). A graph is captured per
 ladder size and per sampling mode (greedy only, or which filters are on), since the sampler skips whole phases
 based on host-side flags.
+
+Models with linear-attention layers (Qwen3.5) keep one recurrent-state slot per running sequence in those layers
+(models/linear_state.py) plus a scratch slot (slot max_num_seqs) that padding rows use, as they use the scratch
+page; the linear layers' decode step (linear_attention_backend.decode_rows) needs no host synchronisation, so the
+same graphs cover them.
 """
 
 from __future__ import annotations
@@ -108,6 +113,9 @@ class FlashInferRollout:
         self.model = model
         self.page_size = page_size
         self.scratch_page = num_pages  # the extra page allocate_kv_cache adds after the scheduler's pages
+        self.recurrent = bool(getattr(model, "recurrent", False))
+        self.max_num_seqs = max_num_seqs
+        self.scratch_slot = max_num_seqs  # the extra state slot allocate_kv_cache adds (models with linear attention)
         self.kv_dtype = kv_dtype or model.dtype
         self.backend = FlashInferBackend(model.config, device=self.device, kv_dtype=self.kv_dtype,
                                          q_dtype=model.dtype, use_tensor_cores=use_tensor_cores)
@@ -120,17 +128,20 @@ class FlashInferRollout:
         self._host_tokens = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True)
         self._host_logprobs = torch.empty(max_num_seqs, dtype=torch.float32, pin_memory=True)
         self._static: dict[str, torch.Tensor] | None = None
-        self._staging = DecodeStaging(self.ladder[-1], page_size, self.scratch_page, pin=True) if cuda_graphs else None
+        self._staging = DecodeStaging(self.ladder[-1], page_size, self.scratch_page, pin=True,
+                                      scratch_slot=self.scratch_slot) if cuda_graphs else None
         self._graphs: dict[tuple, _CapturedDecode] = {}
         self._pool = None
         self._warmup_stream = None
 
     # ----------------------------------------------------------------------------------------- engine protocol
     def allocate_kv_cache(self, num_pages, page_size, dtype=None, device=None) -> list[torch.Tensor]:
-        """The model's KV tensors plus the scratch page; graphs captured on earlier tensors are dropped."""
+        """The model's KV tensors plus the scratch page (and state slots plus the scratch slot for a model with
+        linear-attention layers); graphs captured on earlier tensors are dropped."""
         self.release()
+        slots = {"num_state_slots": self.max_num_seqs + 1} if self.recurrent else {}
         return self.model.allocate_kv_cache(num_pages + self.extra_pages, page_size, dtype=self.kv_dtype,
-                                            device=self.device)
+                                            device=self.device, **slots)
 
     def release(self) -> None:
         """Drop the graphs and their memory pool (they point at KV tensors that are going away)."""
@@ -256,7 +267,8 @@ class FlashInferRollout:
         floats = {name: static["floats"][row, :size] for name, row in FLOAT_ROW.items()}
         meta = PagedMetadata(query_lens=static["query_lens"][:size], cu_query_lens=static["cu_query_lens"][:size + 1],
                              kv_lens=static["kv_lens"][:size], page_table=static["page_table"][:size],
-                             slot_mapping=ints["slot_mapping"], page_size=self.page_size)
+                             slot_mapping=ints["slot_mapping"], page_size=self.page_size,
+                             state_slots=ints["state_slots"] if self.recurrent else None)
         all_greedy, any_greedy, any_top_k, any_top_p, any_min_p = key
 
         def decode_step():
@@ -266,11 +278,14 @@ class FlashInferRollout:
                 top_p=floats["top_p"], min_p=floats["min_p"], greedy=ints["greedy"] != 0,  # captured conversion
                 any_greedy=any_greedy, all_greedy=all_greedy, any_top_k=any_top_k, any_top_p=any_top_p,
                 any_min_p=any_min_p)
+            if self.recurrent:  # linear layers read kv_lens (> 1: the row continues its state); flashinfer does not
+                meta.kv_lens.copy_(ints["positions"] + 1)
             hidden = self.model.forward_paged(ints["input_ids"], ints["positions"], meta, kv_cache)
             return sample_tokens(self.logits_fn(hidden), rows)
 
-        # Capture on harmless inputs: every row writes and reads only the scratch page.
+        # Capture on harmless inputs: every row writes and reads only the scratch page (and the scratch state slot).
         ints["slot_mapping"].fill_(self.scratch_page * self.page_size)
+        ints["state_slots"].fill_(self.scratch_slot)
         self.backend.plan(meta, plan_arrays([1] * size, [1] * size, [[self.scratch_page]] * size, self.page_size,
                                             pin=True), graph_batch_size=size)
         # Warm up outside the graph first (lazy allocations, cuBLAS handles, flashinfer's cached buffers).

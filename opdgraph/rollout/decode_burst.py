@@ -12,6 +12,9 @@ its pages for the next ``steps`` tokens reserved up front, so the device can adv
   tokens and log-probs at row ``step`` of the output, and advances the state (fed token <- sampled token);
 - a row whose share of steps is used up stops advancing: it writes only the scratch page and its outputs are
   ignored (the same for padding rows up to a captured batch size);
+- a model with linear-attention layers (Qwen3.5) also reads and writes each row's recurrent-state slot; a row
+  that stopped advancing (and a padding row) uses the scratch slot instead, so its own state stays as its last
+  real token left it;
 - on CUDA with ``cuda_graphs`` one step is captured per (padded batch size, sampling mode) and replayed ``steps``
   times; the host then copies all tokens back with one synchronisation.
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opdgraph.kernels import burst_state
 from opdgraph.models.attention_backend import using_backend
 from opdgraph.models.attention_metadata import PagedMetadata
 from opdgraph.rollout.cuda_graphs import batch_size_ladder
@@ -33,7 +37,7 @@ from opdgraph.rollout.sampler import SamplingRows, sample_tokens
 
 # Rows of the int64 state tensor [fields, rows]; the float settings live in a float32 [fields, rows] tensor.
 INT_FIELDS = ("input_ids", "positions", "sample_positions", "steps_left", "seeds", "sample_indices", "top_k",
-              "greedy")
+              "greedy", "state_slots")
 FLOAT_FIELDS = ("temperatures", "top_p", "min_p")
 INT_ROW = {name: row for row, name in enumerate(INT_FIELDS)}
 FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
@@ -41,13 +45,15 @@ FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
 
 @dataclass
 class BurstRecord:
-    """One burst, for benchmarks: when the host had its tokens, how many steps and rows, and the summed context
-    length of the rows at the first step (it grows by ``rows`` per step)."""
+    """One burst, for benchmarks: when the host had its tokens, how many steps and rows, the summed context length
+    of the rows at the first step (it grows by ``rows`` per step), and the device time from the state copy to the
+    last step (CUDA events; 0 elsewhere): wall time between bursts minus it is the host's share."""
 
     end_seconds: float
     steps: int
     rows: int
     context_tokens: int
+    device_seconds: float = 0.0
 
 
 class DecodeBurst:
@@ -56,12 +62,18 @@ class DecodeBurst:
     ``attention``: backend whose ``paged`` reads kv_lens and page_table from device tensors without host syncs on
     CUDA. ``scratch_page``: a page beyond the scheduler's pages that idle rows write. ``logits_fn``: hidden [R, H]
     -> float32 logits [R, V]. ``ladder``: the batch sizes rows are padded to (and graphs captured for); default
-    powers of two up to max_rows on CUDA, none (no padding) elsewhere.
+    powers of two up to max_rows on CUDA, none (no padding) elsewhere. ``scratch_slot``: for a model with
+    linear-attention layers, a recurrent-state slot beyond the scheduler's that idle rows write.
+    ``fused_state``: the step's bookkeeping
+    (slots, lengths, recording and advancing the state) as two Triton kernels (kernels/burst_state.py) instead of
+    torch ops; same integers.
     """
 
     def __init__(self, model, *, attention, device, page_size: int, scratch_page: int, max_rows: int,
-                 max_steps: int, logits_fn=None, cuda_graphs: bool = False, ladder: list[int] | None = None):
+                 max_steps: int, logits_fn=None, cuda_graphs: bool = False, ladder: list[int] | None = None,
+                 scratch_slot: int | None = None, fused_state: bool = False):
         self.model = model
+        self.scratch_slot = scratch_slot
         self.attention = attention
         self.device = torch.device(device)
         self.page_size = page_size
@@ -69,6 +81,7 @@ class DecodeBurst:
         self.max_steps = max_steps
         self.logits_fn = logits_fn or model.logits
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.fused_state = fused_state
         # CPU bursts run exactly the live rows (padding would only cost compute there).
         self.ladder = ladder or (batch_size_ladder(max_rows) if self.device.type == "cuda" else [])
         self.max_rows = max(self.ladder[-1] if self.ladder else 0, max_rows)
@@ -102,22 +115,29 @@ class DecodeBurst:
         width = max(len(chunk.sequence.pages) for chunk in batch.chunks) + 1
         self._ensure_state(width)
         key = self._stage(batch, size)
+        events = None
+        if self.records is not None and self.device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         with using_backend(self.model, self.attention), torch.inference_mode():
             if self.cuda_graphs and size in self.ladder:
                 if (size, key) not in self._graphs:
                     self._capture(size, key, kv_cache)
-                self._copy_state_to_device()
                 graph = self._graphs[(size, key)]
+                _record(events, 0)
+                self._copy_state_to_device()
                 for _ in range(steps):
                     graph.replay()
             else:
+                _record(events, 0)
                 self._copy_state_to_device()
                 for _ in range(steps):
                     self._step(size, key, kv_cache)
+            _record(events, 1)
         result = self._results(steps, count)
         if self.records is not None:
             context = sum(chunk.start + 1 for chunk in batch.chunks)
-            self.records.append(BurstRecord(time.perf_counter(), steps, count, context))
+            device_seconds = events[0].elapsed_time(events[1]) / 1000 if events else 0.0
+            self.records.append(BurstRecord(time.perf_counter(), steps, count, context, device_seconds))
         return result
 
     def _results(self, steps: int, count: int):
@@ -168,6 +188,8 @@ class DecodeBurst:
         ints[INT_ROW["top_k"], :count] = [p.top_k for p in params]
         ints[INT_ROW["greedy"], :count] = [p.greedy for p in params]
         ints[INT_ROW["greedy"], count:size] = 1  # padding rows: greedy, no filters, scratch page
+        if self.scratch_slot is not None:  # padding rows are never active: they take the scratch slot in _step
+            ints[INT_ROW["state_slots"], :count] = [sequence.state_slot for sequence in sequences]
         floats[:, :size] = 1.0
         floats[FLOAT_ROW["temperatures"], :count] = [1.0 if p.greedy else float(p.temperature) for p in params]
         floats[FLOAT_ROW["top_p"], :count] = [float(p.top_p) for p in params]
@@ -198,13 +220,21 @@ class DecodeBurst:
         floats = {name: state["floats"][row, :size] for name, row in FLOAT_ROW.items()}
         page_table = state["page_table"][:size]
         positions = ints["positions"]
-        active = ints["steps_left"] > 0
-        page_of_token = page_table.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None])
-        slots = page_of_token.squeeze(1).to(torch.int64) * page_size + positions % page_size
-        slots = torch.where(active, slots, self.scratch_page * page_size)
+        if self.fused_state:
+            slots, kv_lens = burst_state.decode_slots(positions, ints["steps_left"], page_table, page_size,
+                                                      self.scratch_page * page_size)
+        else:
+            active = ints["steps_left"] > 0
+            page_of_token = page_table.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None])
+            slots = page_of_token.squeeze(1).to(torch.int64) * page_size + positions % page_size
+            slots = torch.where(active, slots, self.scratch_page * page_size)
+            kv_lens = (positions + 1).to(torch.int32)
+        state_slots = None
+        if self.scratch_slot is not None:  # idle rows write the scratch recurrent-state slot
+            state_slots = torch.where(ints["steps_left"] > 0, ints["state_slots"], self.scratch_slot)
         meta = PagedMetadata(query_lens=state["query_lens"][:size], cu_query_lens=state["cu_query_lens"][:size + 1],
-                             kv_lens=(positions + 1).to(torch.int32), page_table=page_table, slot_mapping=slots,
-                             page_size=page_size)
+                             kv_lens=kv_lens, page_table=page_table, slot_mapping=slots, page_size=page_size,
+                             state_slots=state_slots)
         all_greedy, any_greedy, any_top_k, any_top_p, any_min_p = key
         rows = SamplingRows(
             logit_rows=state["logit_rows"][:size], seeds=ints["seeds"], sample_indices=ints["sample_indices"],
@@ -214,6 +244,11 @@ class DecodeBurst:
         hidden = self.model.forward_paged(ints["input_ids"], positions, meta, kv_cache)
         tokens, logprobs = sample_tokens(self.logits_fn(hidden), rows)
         step = state["step"]
+        if self.fused_state:
+            burst_state.advance(tokens, logprobs, state["out_tokens"][:, :size], state["out_logprobs"][:, :size],
+                                step, ints["input_ids"], positions, ints["sample_positions"], ints["steps_left"])
+            return
+        # The torch path (CPU, and the reference of the kernels): `active` is the mask computed for the slots above.
         state["out_tokens"][:, :size].index_copy_(0, step, tokens[None])
         state["out_logprobs"][:, :size].index_copy_(0, step, logprobs[None])
         ints["input_ids"].copy_(torch.where(active, tokens, ints["input_ids"]))
@@ -247,3 +282,8 @@ class DecodeBurst:
         torch.cuda.synchronize(self.device)
         self.num_captures += 1
         self.capture_seconds += time.perf_counter() - started
+
+
+def _record(events, index: int) -> None:
+    if events is not None:
+        events[index].record()

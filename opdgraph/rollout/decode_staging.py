@@ -13,9 +13,10 @@ the GPU waits. Here instead:
   every page change), so a step re-converts only the tables that grew or were copied-on-write, and the flat
   ``kv_indices`` is one ``np.concatenate``.
 
-Padding rows (up to the captured graph size) feed token 0 at position 0, write and read only the scratch page, and
-are greedy (their tokens are dropped). The result equals what ``build_model_inputs`` + ``plan_arrays`` produce for
-the same batch (tests/test_rollout_decode_staging.py checks this step by step through forks and preemptions).
+Padding rows (up to the captured graph size) feed token 0 at position 0, write and read only the scratch page (and,
+for a model with linear-attention layers, the scratch state slot), and are greedy (their tokens are dropped). The
+result equals what ``build_model_inputs`` + ``plan_arrays`` produce for the same batch
+(tests/test_rollout_decode_staging.py checks this step by step through forks and preemptions).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from opdgraph.kernels.flashinfer_attention import PlanArrays
 
 INT_FIELDS = ("input_ids", "positions", "slot_mapping", "seeds", "sample_indices", "sample_positions", "top_k",
-              "greedy")
+              "greedy", "state_slots")
 FLOAT_FIELDS = ("temperatures", "top_p", "min_p")
 INT_ROW = {name: row for row, name in enumerate(INT_FIELDS)}
 FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
@@ -35,9 +36,11 @@ FLOAT_ROW = {name: row for row, name in enumerate(FLOAT_FIELDS)}
 class DecodeStaging:
     """Reusable host buffers for decode steps of up to ``max_batch_size`` rows (see module docstring)."""
 
-    def __init__(self, max_batch_size: int, page_size: int, scratch_page: int, *, pin: bool):
+    def __init__(self, max_batch_size: int, page_size: int, scratch_page: int, *, pin: bool,
+                 scratch_slot: int = -1):
         self.page_size = page_size
         self.scratch_page = scratch_page
+        self.scratch_slot = scratch_slot  # recurrent-state slot of padding rows (models with linear attention)
         self.pin = pin
         self.ints = torch.zeros(len(INT_FIELDS), max_batch_size, dtype=torch.int64, pin_memory=pin)
         self.floats = torch.ones(len(FLOAT_FIELDS), max_batch_size, dtype=torch.float32, pin_memory=pin)
@@ -66,6 +69,9 @@ class DecodeStaging:
                                                  zip(sequences, starts.tolist())]
         ints[INT_ROW["slot_mapping"], :count] = ints[INT_ROW["slot_mapping"], :count] * page_size + starts % page_size
         ints[INT_ROW["sample_positions"], :count] = [len(sequence.generated) for sequence in sequences]
+        # Staged every step: a sequence preempted and prefilled again may hold another slot than before.
+        ints[INT_ROW["state_slots"], :count] = [sequence.state_slot for sequence in sequences]
+        ints[INT_ROW["state_slots"], count:padded] = self.scratch_slot
 
         kv_lens = starts + 1
         num_pages = (kv_lens + page_size - 1) // page_size

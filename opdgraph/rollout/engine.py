@@ -17,8 +17,10 @@ per step); scheduling, batch building and sampling semantics are the same.
 
 Models with linear-attention layers (Qwen3.5, ``model.recurrent``) also get a recurrent-state pool: one slot per
 running sequence (max_num_seqs of them) in every linear-attention layer, beside the KV pages of the attention
-layers (state_slots.py, models/linear_state.py). For now they run on the plain path only: the flashinfer path, its
-CUDA graphs, decode bursts and the fused kernels are left out for them, with a note when they were asked for.
+layers (state_slots.py, models/linear_state.py), plus one scratch slot (slot max_num_seqs) for the idle and padding
+rows of decode bursts and graphed decode steps, as the scratch page is for their K/V. The flashinfer path, its CUDA
+graphs and decode bursts cover them (the linear layers' decode step needs no host synchronisation); the fused
+rollout kernels do not (they fuse attention layers only), and are left out for them with a note.
 
 ``vocab_limit`` restricts sampling to ids below it (the logits beyond are dropped before the sampler): eval's teacher
 answers in the student's vocabulary when its own has extra (padding) rows, as the loss compares them (the teacher's
@@ -80,6 +82,7 @@ class RolloutEngine:
         cuda_graphs: bool = False,
         decode_burst_steps: int = 1,
         fused_kernels: bool = False,
+        stacked_gate_up: bool = True,
         vocab_limit: int | None = None,
     ):
         for name, value in [
@@ -99,10 +102,10 @@ class RolloutEngine:
             raise ValueError("RolloutEngine: vocab_limit needs attention='torch'")
         self.model = model
         self.recurrent = bool(getattr(model, "recurrent", False))
-        if self.recurrent and (attention != "torch" or decode_burst_steps > 1 or fused_kernels):
-            print("note: rollout: the student's linear-attention layers (Qwen3.5) run on the plain torch path; the "
-                  "flashinfer path, CUDA-graph decode, decode bursts and fused kernels do not cover them yet")
-            attention, cuda_graphs, decode_burst_steps, fused_kernels = "torch", False, 1, False
+        if self.recurrent and fused_kernels:
+            print("note: rollout: the fused rollout kernels cover attention layers only; the student has "
+                  "linear-attention layers (Qwen3.5), so its rollout forward runs unfused")
+            fused_kernels = False
         self.vocab_limit = vocab_limit
         self.page_size = page_size
         self.num_pages = num_pages
@@ -122,6 +125,10 @@ class RolloutEngine:
         # The model's rollout forward with Triton kernels for its elementwise work (kernels/fused_decode.py); the
         # flag is on only inside generate(), so training and teacher scoring never see it.
         self.fused_kernels = fused_kernels
+        # With fused kernels, gate/up run as one matmul in the layers whose parameters are packed back to back
+        # (DecoderLM.pack_gate_up: a view, no copy); other layers keep two.
+        self.stacked_gate_up = stacked_gate_up
+        self.stacked_gate_up_layers = 0
         self._stacked_qkv = None
         self.burst = None if decode_burst_steps == 1 else self._build_burst(cuda_graphs)
 
@@ -149,7 +156,8 @@ class RolloutEngine:
         return DecodeBurst(self.model, attention=attention, device=self.device, page_size=self.page_size,
                            scratch_page=self.num_pages, max_rows=self.max_num_seqs,
                            max_steps=self.decode_burst_steps, logits_fn=logits_fn, cuda_graphs=cuda_graphs,
-                           ladder=ladder)
+                           ladder=ladder, scratch_slot=self.max_num_seqs if self.recurrent else None,
+                           fused_state=self.fused_kernels)
 
     @property
     def kv_pool_tokens(self) -> int:
@@ -183,12 +191,14 @@ class RolloutEngine:
             # Restacked in place every rollout (training changed the weights; graphs keep the addresses).
             self._stacked_qkv = self.model.stack_qkv(self._stacked_qkv)
             self.model.install_fused_qkv(self._stacked_qkv)
+            self.stacked_gate_up_layers = self.model.install_fused_gate_up(self.stacked_gate_up)
         try:
             return self._generate(requests, stats)
         finally:
             if self.fused_kernels:
                 self.model.use_fused_decode_kernels = fused_before
                 self.model.install_fused_qkv(None)
+                self.model.install_fused_gate_up(False)
 
     def _generate(self, requests: list[Request], stats: EngineStats) -> list[Response]:
         with torch.inference_mode():
@@ -227,9 +237,9 @@ class RolloutEngine:
             return self.gpu_path.allocate_kv_cache(self.num_pages, self.page_size, dtype=self.kv_dtype,
                                                    device=self.device)
         extra_pages = 0 if self.burst is None else 1
-        if self.recurrent:
+        if self.recurrent:  # bursts add a scratch slot too
             return self.model.allocate_kv_cache(self.num_pages + extra_pages, self.page_size, dtype=self.kv_dtype,
-                                                device=self.device, num_state_slots=self.max_num_seqs)
+                                                device=self.device, num_state_slots=self.max_num_seqs + extra_pages)
         return self.model.allocate_kv_cache(self.num_pages + extra_pages, self.page_size, dtype=self.kv_dtype,
                                             device=self.device)
 

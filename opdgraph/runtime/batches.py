@@ -13,6 +13,12 @@ groups in the plan's loop order, and every micro-batch keeps its index over the 
 A teacher that sees another prompt (opdgraph.data.teacher_prompts) scores a packed view of its own
 (`TeacherView`): each sample's teacher prompt + the same response, with the positions that predict the response
 tokens, in the same order as the student's loss positions, so position i of both views predicts the same token.
+
+Hybrid SFT + OPD (stages/sft.py): a sample's last `gold_prefix_length` prompt ids are a gold prefix. They stay on
+the prompt side (never loss positions, never kept from the teacher); the positions predicting them are the
+micro-batch's `gold_positions` (o+P-k-1 ... o+P-2 for k prefix tokens), with their targets and the sft weights
+(`gold_weights`: position_weights over those positions, normalised over the step's global prefix tokens or
+sequences). A micro-batch without any prefix token has None there.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Sample:
     answer: str | None = None
     teacher_prompt_ids: dict[str, list[int]] = field(default_factory=dict)  # teacher stage -> the prompt it sees
     route: str | None = None
+    gold_prefix_length: int = 0  # the last prompt ids that are a gold prefix (hybrid SFT)
 
 
 @dataclass
@@ -63,6 +70,9 @@ class MicroBatch:
     index: int = 0  # over the step's micro-batches
     group: str = ""  # the teacher loop it belongs to ('' unless rows are routed)
     teacher_views: dict[str, PackedView] = field(default_factory=dict)  # teachers that see another prompt
+    gold_positions: torch.Tensor | None = None  # long [M]: positions predicting a gold-prefix token (hybrid SFT)
+    gold_targets: torch.Tensor | None = None  # long [M]: the gold token each predicts
+    gold_weights: torch.Tensor | None = None  # fp32 [M]: the sft normalisation (stages/sft.py)
 
     def view_for(self, teacher_stage: str) -> "PackedView | MicroBatch":
         """What `teacher_stage` scores: its own view, or the student's sequences."""
@@ -91,8 +101,27 @@ def _packed(prompts: list[list[int]], responses: list[list[int]], device: torch.
                       loss_positions=torch.tensor(loss_pos, **long)), cu
 
 
+def _gold(samples: list[Sample], cu: list[int], normalize: str, global_tokens: int, global_sequences: int,
+          device: torch.device) -> dict:
+    """The micro-batch's gold-prefix positions, targets and weights (module docstring), or nothing."""
+    if not any(sample.gold_prefix_length for sample in samples):
+        return {}
+    positions, targets = [], []
+    for sample, offset in zip(samples, cu):
+        prompt, k = sample.prompt_ids, sample.gold_prefix_length
+        positions.extend(range(offset + len(prompt) - k - 1, offset + len(prompt) - 1))
+        targets.extend(prompt[len(prompt) - k:])
+    long = dict(dtype=torch.long, device=device)
+    gold_positions = torch.tensor(positions, **long)
+    mask = torch.zeros(cu[-1], dtype=torch.bool, device=device).index_fill_(0, gold_positions, True)
+    weights = position_weights(mask, torch.tensor(cu, dtype=torch.int32, device=device), normalize=normalize,
+                               global_token_count=global_tokens, global_seq_count=global_sequences)
+    return {"gold_positions": gold_positions, "gold_targets": torch.tensor(targets, **long),
+            "gold_weights": weights.index_select(0, gold_positions)}
+
+
 def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_sequences: int,
-          device: torch.device, index: int = 0, group: str = "") -> MicroBatch:
+          device: torch.device, index: int = 0, group: str = "", gold: tuple = ("token", 0, 0)) -> MicroBatch:
     responses = [sample.response_ids for sample in samples]
     view, cu = _packed([sample.prompt_ids for sample in samples], responses, device)
     long = dict(dtype=torch.long, device=device)
@@ -116,22 +145,24 @@ def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_s
         index=index,
         group=group,
         teacher_views=teacher_views,
+        **_gold(samples, cu, *gold, device),
     )
 
 
 def build_micro_batches(samples: list[Sample], *, micro_batch_tokens: int, normalize: str, global_tokens: int,
                         global_sequences: int, device: torch.device,
-                        route_groups: dict[str, str] | None = None, group_order: tuple[str, ...] = ("",)
-                        ) -> list[MicroBatch]:
+                        route_groups: dict[str, str] | None = None, group_order: tuple[str, ...] = ("",),
+                        gold: tuple[str, int, int] = ("token", 0, 0)) -> list[MicroBatch]:
     """Pack samples greedily into micro-batches of at most `micro_batch_tokens` tokens; with `route_groups`
-    (route value -> group name) each group's samples separately, in `group_order`."""
+    (route value -> group name) each group's samples separately, in `group_order`. `gold`: the sft stage's
+    normalize and the step's global gold-prefix tokens and sequences with a prefix (hybrid SFT)."""
     batches: list[MicroBatch] = []
     for group in group_order:
         members = [s for s in samples if route_groups is None or route_groups[s.route] == group]
         for members_of_batch in _greedy(members, micro_batch_tokens):
             batches.append(_pack(members_of_batch, normalize=normalize, global_tokens=global_tokens,
                                  global_sequences=global_sequences, device=device, index=len(batches),
-                                 group=group))
+                                 group=group, gold=gold))
     return batches
 
 

@@ -11,8 +11,9 @@ import torch
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import TORCH_DTYPES, RunContext, seed_everything
-from opdgraph.runtime.engine_setup import build_engine, use_packed_attention
+from opdgraph.runtime.engine_setup import build_engine, use_layer_kernels, use_packed_attention
 from opdgraph.runtime.gradients import StudentGradients
+from opdgraph.runtime.hybrid import sft_facts
 from opdgraph.runtime.metrics import MetricsLog
 from opdgraph.runtime.model_loading import load_models
 from opdgraph.runtime.startup import Startup, check_startup
@@ -61,12 +62,18 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     # The first teacher with weights of its own (a live self-teacher is the student): what a shard placement splits
     teacher = next((t.model for t in teachers.values() if t.spec.own_weights), next(iter(teachers.values())).model)
     print(use_packed_attention([student, *distinct_models(teachers, student)], device))
+    print(use_layer_kernels(cfg, student, teachers, device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
         _load_student_weights(student, resume_from)
     rollout = cfg.stage("rollout").config
     step = cfg.stage("step").config
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
+    if engine.fused_kernels and distributed.world_size() == 1:
+        # gate/up back to back, so the fused rollout runs them as one matmul with no copy: before the optimizer
+        # (an fp32 master aliases its parameter's storage). A sharded student gathers new tensors for each
+        # rollout; those run as two projections.
+        student.pack_gate_up()
     student_name = cfg.model_with_role("student")
     placement = plan_placement(plan)
     gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
@@ -95,7 +102,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",
-             "gather_per_step": gather_per_step, **route_facts(cfg)}
+             "gather_per_step": gather_per_step, **route_facts(cfg), **sft_facts(cfg)}
     buffers = BufferTable(debug=cfg.pipeline.debug_memory)
     gradients = StudentGradients(student, buffers, facts["grads_buffer"], fp32=fp32_grads)
     return RunContext(facts=facts, run_dir=run_dir, device=device, seed=cfg.pipeline.seed, num_steps=cfg.pipeline.num_steps,

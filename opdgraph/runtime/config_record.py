@@ -14,7 +14,7 @@ what is shown, or where and in how much memory it runs, but not what is computed
   debug_memory, memory_budget_gib, release_phase_buffers, hardware.* (roofline estimates), fit.* (the search's
   limits; a micro-batch or chunk size it picks differently is compared as such); output_dir is not recorded (the
   resumed run writes into the directory it resumes, opdgraph.runtime.run_directory);
-- models.<name>.offload_when_idle;
+- models.<name>.offload_when_idle, kernels (torch's ops or Liger's fused kernels: the same math, rounding apart);
 - stages of kind log: every key; eval: every_n_steps, num_samples_to_show, behaviour (what is measured besides);
   checkpoint: every_n_steps, keep_last, on_signal.
 Every other difference (models, data and file contents, seed, lr and its schedule, num_steps, divergence, batch
@@ -37,7 +37,7 @@ from opdgraph.runtime.durable import DIGEST_NAME, file_digest
 
 PIPELINE_CADENCE = ("name", "device", "debug_memory", "memory_budget_gib", "release_phase_buffers",
                     "hardware.", "fit.")
-MODEL_CADENCE = ("offload_when_idle",)
+MODEL_CADENCE = ("offload_when_idle", "kernels")
 STAGE_CADENCE = {"log": None,  # None: every key of that kind
                  "eval": ("every_n_steps", "num_samples_to_show", "behaviour"),
                  "checkpoint": ("every_n_steps", "keep_last", "on_signal")}

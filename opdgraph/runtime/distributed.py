@@ -121,6 +121,8 @@ def pad_micro_batches(micro_batches: list, device: torch.device) -> list:
     most = all_reduce_max(len(micro_batches), device)
     template = micro_batches[0]
     # Each copy has an index of its own: per-micro-batch buffers are keyed by it (runtime.training).
-    padding = [dataclasses.replace(template, weights=torch.zeros_like(template.weights), index=len(micro_batches) + k)
+    gold = {} if template.gold_weights is None else {"gold_weights": torch.zeros_like(template.gold_weights)}
+    padding = [dataclasses.replace(template, weights=torch.zeros_like(template.weights), index=len(micro_batches) + k,
+                                   **gold)
                for k in range(most - len(micro_batches))]
     return micro_batches + padding

@@ -1,8 +1,11 @@
 """The rollout engine and the models' attention backends for the device the run is on.
 
 On CUDA the run takes the fast paths: the rollout engine samples through flashinfer with CUDA-graph decode
-(`build_engine`, when rollout.backend allows it and flashinfer imports), and both models run packed attention
-through FlashAttention varlen (`use_packed_attention`). CPU runs keep the plain-torch paths.
+(`build_engine`, when rollout.backend allows it and flashinfer imports), both models run packed attention
+through FlashAttention varlen (`use_packed_attention`), Qwen3.5's linear-attention layers through
+flash-linear-attention, and their norms, RoPE and gated activations through the kernels of
+models.<name>.kernels (`use_layer_kernels`: Liger-Kernel's where it runs on "auto"). CPU runs keep the
+plain-torch paths.
 """
 
 from __future__ import annotations
@@ -66,11 +69,14 @@ def decode_burst_steps(setting: int, attention: str, config, device: torch.devic
     return setting
 
 def use_packed_attention(models, device: torch.device) -> str:
-    """Give each model the packed-attention backend for `device`; returns the one-line description for the log.
+    """Give each model the packed-attention backend for `device`, and models with linear-attention layers (Qwen3.5)
+    the linear-attention core for it (kernels/fla_linear_attention.py); returns the description for the log (a
+    second line for the linear core when a model has such layers).
 
     On CUDA the RoPE inverse frequencies also move to the device (same float32 values): the decoder keeps them on
     the host, and a pageable host-to-device copy at every forward waits for the GPU to drain.
     """
+    from opdgraph.kernels.fla_linear_attention import linear_backend_description, select_linear_backend
     from opdgraph.kernels.varlen_attention import (
         packed_backend_description,
         select_packed_backend,
@@ -78,6 +84,25 @@ def use_packed_attention(models, device: torch.device) -> str:
 
     for model in models:
         model.set_attention_backend(select_packed_backend(device))
+        if getattr(model, "recurrent", False):
+            model.set_linear_attention_backend(select_linear_backend(device))
         if device.type == "cuda":
             model._inv_freq = {kind: inv_freq.to(device) for kind, inv_freq in model._inv_freq.items()}
-    return packed_backend_description(device)
+    lines = [packed_backend_description(device)]
+    if any(getattr(model, "recurrent", False) for model in models):
+        lines.append(linear_backend_description(device))
+    return "\n".join(lines)
+
+
+def use_layer_kernels(cfg, student, teachers: dict, device: torch.device) -> str:
+    """Give the student and each teacher's model the layer kernels of its models.<name>.kernels (startup has
+    checked an explicit "liger"); returns the one-line description for the log."""
+    from opdgraph.models.layer_kernels import select_layer_kernels
+
+    chosen = {}
+    for name, model in [(cfg.model_with_role("student"), student),
+                        *((teacher.spec.model, teacher.model) for teacher in teachers.values())]:
+        kernels = select_layer_kernels(cfg.models[name].kernels, device)
+        model.set_layer_kernels(kernels)
+        chosen[name] = kernels.name
+    return "layer kernels: " + ", ".join(f"{name} {kind}" for name, kind in chosen.items())

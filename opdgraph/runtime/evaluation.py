@@ -38,6 +38,7 @@ from opdgraph.runtime.answer_scoring import is_correct
 from opdgraph.runtime.batches import build_micro_batches
 from opdgraph.runtime.behaviour import behaviour_rates
 from opdgraph.runtime.degeneration import METRIC_KEYS, response_metrics, warning_line
+from opdgraph.runtime.gold_prefix_eval import accuracy_with_gold_prefix
 from opdgraph.runtime.rollout_step import generate_samples, sampling_params
 
 
@@ -288,6 +289,9 @@ def _run_eval(config, inputs, *, label: str) -> dict:
     student_accuracy, teacher_accuracy = _accuracy(tokenizer, student_samples), _accuracy(tokenizer, teacher_samples)
     if student_accuracy is not None:
         record.update({"accuracy": student_accuracy, "teacher_accuracy": teacher_accuracy})
+    record.update(accuracy_with_gold_prefix(  # hybrid SFT: also from each prompt's gold prefix
+        run.facts.get("sft"), tokenizer, prompts,
+        lambda placed: _generate_student(inputs, stage, placed, params, eval_seed)))
     decode, eos = tokenizer.decode, tokenizer.eos_token_ids
     for prefix, samples in (("", student_samples), ("teacher_", teacher_samples)):
         record.update(response_metrics([s.response_ids for s in samples], end_ids=eos, prefix=prefix))
@@ -305,7 +309,8 @@ def _run_eval(config, inputs, *, label: str) -> dict:
 
 
 def _print(record: dict, shown: list[dict], before: dict | None) -> None:
-    keys = ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy", "behaviour_rate",
+    keys = ("reverse_kl", "forward_kl", "top1_agreement", "response_length_mean", "accuracy",
+            "accuracy_with_gold_prefix", "behaviour_rate",
             "distinct_2", "repeat_run_mean", "identical_share")
     values = "  ".join(f"{k} {record[k]:.4f}" for k in keys if k in record)
     print(f"\neval ({record['label']}, step {record['step']}): {values}")
@@ -320,6 +325,7 @@ def print_before_after(first: dict, last: dict) -> None:
     """The table a user reads at the end of a run: held-out metrics before and after training."""
     keys = [k for k in ("reverse_kl", "forward_kl", "top1_agreement", "teacher_text_reverse_kl",
                         "teacher_text_forward_kl", "teacher_text_top1_agreement", "response_length_mean", "accuracy",
+                        "accuracy_with_gold_prefix",
                         "behaviour_rate", "teacher_behaviour_rate", *METRIC_KEYS,
                         *(f"teacher_{key}" for key in METRIC_KEYS))
             if k in first and k in last]

@@ -45,9 +45,17 @@ class StudentGradients:
         sharded = any(hasattr(param, "device_mesh") for param in self.params.values())
         self.separate_lm_head = sharded or not fp32
         self.touched: set[str] = set()  # parameters that got a gradient this step (the others get no update)
+        self._hooks = []  # removed by close(): a model that outlives this run must not fold into its buffers
         if fp32:
             for name, param in self.params.items():
-                param.register_post_accumulate_grad_hook(functools.partial(self._fold, name))
+                self._hooks.append(param.register_post_accumulate_grad_hook(functools.partial(self._fold, name)))
+
+    def close(self) -> None:
+        """Remove the fold hooks (a benchmark reuses the model for another run; a stale hook would take the next
+        run's gradients into this run's released buffer)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def accumulators(self) -> dict[str, torch.Tensor]:
         """The buffer's tensors, created as zeros at the step's first use."""

@@ -3,12 +3,16 @@
 Each prompt's seed comes from (pipeline seed, step, the prompt's index in the step's global batch), so a run's
 samples do not depend on scheduling, preemption, the number of ranks or a resume. With several ranks each rolls
 out its own share of prompts; the counts the loss normalises by are summed over ranks (see distributed.py).
+In a hybrid SFT pipeline each prompt first gets its gold prefix for this step (opdgraph.data.gold_prefix): the
+student continues from it, and the sft stage's normalisation counts (global prefix tokens, sequences with one) are
+summed over ranks like the loss's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opdgraph.data.gold_prefix import with_gold_prefix
 from opdgraph.runtime.batches import MicroBatch, Sample, build_micro_batches
 from opdgraph.runtime.distributed import all_reduce_max, all_reduce_sum, pad_micro_batches
 
@@ -43,7 +47,8 @@ def generate_samples(engine, prompts, params, *, n: int, seed: int, step: int, t
                    finish_reason=r.finish_reason, logprobs=list(r.logprobs), answer=by_id[r.request_id].record.answer,
                    teacher_prompt_ids={stage: list(ids) for stage, ids in
                                        by_id[r.request_id].record.teacher_prompt_ids.items()},
-                   route=by_id[r.request_id].record.route)
+                   route=by_id[r.request_id].record.route,
+                   gold_prefix_length=by_id[r.request_id].record.gold_prefix_length)
             for r in responses]
 
 
@@ -53,20 +58,27 @@ def run_rollout(config, inputs) -> None:
     facts, device = run.facts, run.device
     params = sampling_params(config, max_new_tokens=config.max_new_tokens, greedy=config.greedy,
                              eos_token_ids=inputs.models["tokenizer"].eos_token_ids)
-    samples = generate_samples(engine, values.get("prompts"), params, n=facts["samples_per_prompt"],
+    prompts, sft = values.get("prompts"), facts.get("sft")
+    if sft is not None:
+        prompts = with_gold_prefix(prompts, sft.prefix_schedule(), run.step)
+    samples = generate_samples(engine, prompts, params, n=facts["samples_per_prompt"],
                                seed=run.seed, step=run.step, tag="step")
     stats = engine.stats
     lengths = [len(s.response_ids) for s in samples]
     # Normalisation counts are global over the step's batch: summed over ranks, so every rank weights its tokens as
     # one process holding the whole batch would. The logged counts are global too.
+    # The sft stage's (gold-prefix tokens, sequences with a prefix) ride in the same all-reduce.
+    gold = [] if sft is None else [sum(s.gold_prefix_length for s in samples),
+                                   sum(s.gold_prefix_length > 0 for s in samples)]
     totals = all_reduce_sum([sum(lengths), len(samples), sum(s.finish_reason != "length" for s in samples),
-                             stats.preemptions, stats.tokens_per_second], device)
+                             stats.preemptions, stats.tokens_per_second, *gold], device)
     global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
+    gold_counts = (sft.normalize, int(totals[5]), int(totals[6])) if sft is not None else ("token", 0, 0)
     micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
                                         global_sequences=global_sequences, device=device,
                                         route_groups=facts.get("route_groups"),
-                                        group_order=facts.get("group_order", ("",)))
+                                        group_order=facts.get("group_order", ("",)), gold=gold_counts)
     micro_batches = pad_micro_batches(micro_batches, device)
     values.put("responses", RolloutBatch(samples, micro_batches))
     run.last_samples = samples[:4]
@@ -78,3 +90,6 @@ def run_rollout(config, inputs) -> None:
         "rollout_preemptions": preemptions, "finished_by_eos": finished_by_eos,
         "num_micro_batches": len(micro_batches),
     })
+    if sft is not None:
+        run.record.update({"gold_prefix_tokens": gold_counts[1],
+                                "gold_prefix_tokens_mean": gold_counts[1] / global_sequences})

@@ -182,7 +182,8 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
 
-_RANK_SUMS = ("loss", "divergence")  # and each mixture teacher's divergence[<stage>]: parts of global means too
+# Parts of global means (and each mixture teacher's divergence[<stage>]); the sft stage's terms too.
+_RANK_SUMS = ("loss", "divergence", "sft_loss", "sft_cross_entropy")
 
 
 def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device, *, extra: list[float]) -> list[float]:

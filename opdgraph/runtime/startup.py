@@ -26,6 +26,7 @@ from opdgraph.stages import named_settings, stage_module
 def _load_prompts(cfg, files: list[str], tokenizers: dict):
     from opdgraph.config.paths import data_file_path
     from opdgraph.data import load_prompt_set
+    from opdgraph.runtime.hybrid import gold_field
     from opdgraph.runtime.teachers import routing, teacher_prompt_rules
 
     data = cfg.data
@@ -34,7 +35,7 @@ def _load_prompts(cfg, files: list[str], tokenizers: dict):
                            prompt_field=data.prompt_field, answer_field=data.answer_field,
                            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
                            on_bad_row=data.on_bad_row, teacher_prompts=teacher_prompt_rules(cfg, tokenizers),
-                           routing=routing(cfg))
+                           routing=routing(cfg), gold=gold_field(cfg, tokenizers))
 
 @dataclass(frozen=True)
 class Startup:
@@ -47,15 +48,19 @@ class Startup:
 
 def check_startup(cfg) -> Startup:
     """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device (and the loss kernel it can run), the student's and the teacher's tokenizers,
-    every row of every prompt file.
+    minutes of loading): the device (and the loss and layer kernels it can run), the student's and the teacher's
+    tokenizers, every row of every prompt file.
     `opdgraph run --check` stops here."""
+    from opdgraph.models.layer_kernels import check_layer_kernels
+
     check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
     for name, stage in cfg.stages.items():  # what each stage needs of the device (the loss: its kernel)
         check = getattr(stage_module(stage.kind), "check_device", None)
         if check is not None:
             check(name, stage.config, device)
+    for name, model in cfg.models.items():
+        check_layer_kernels(model.kernels, device, where=f"models.{name}.kernels")
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
                                  {name: shape.vocab for name, shape in cfg.shapes.items()})
     tokenizers = configure_chat_templates(cfg, tokenizers)  # each model's template file and variables

@@ -46,8 +46,8 @@ def teacher_prompt_rules(cfg, tokenizers: dict) -> list:
         rules.append(TeacherPrompt(stage=spec.stage, tokenizer=tokenizers[spec.model],
                                    system_prompt=config.system_prompt, context_field=config.context_field,
                                    context_template=config.context_template, max_tokens=spec.prompt_tokens,
-                                   where=_where(cfg, f"{spec.stage}.context_field"),
-                                   limit_where=_where(cfg, f"{spec.stage}.max_prompt_tokens"
+                                   where=setting_location(cfg, f"{spec.stage}.context_field"),
+                                   limit_where=setting_location(cfg, f"{spec.stage}.max_prompt_tokens"
                                                       if config.max_prompt_tokens else "data.max_prompt_tokens")))
     return rules
 
@@ -61,10 +61,10 @@ def routing(cfg):
         return None
     loss = next(stage.name for stage in cfg.stages.values() if stage.kind == "loss")
     return Routing(field=field, values=tuple(value for spec in specs(cfg) for value in spec.routes),
-                   where=_where(cfg, f"{loss}.route_field"))
+                   where=setting_location(cfg, f"{loss}.route_field"))
 
 
-def _where(cfg, path: str) -> str:
+def setting_location(cfg, path: str) -> str:
     """The pipeline file and line a setting came from (or --set), for row messages that depend on it."""
     import os
 

@@ -149,6 +149,10 @@ def backward(inputs) -> None:
     hidden_grad = inputs.values.get_item(loop.local("hidden_grad"), batch.index)
     full_grad = torch.zeros_like(activations)
     full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(activations.dtype))
+    for name in inputs.run.facts.get("sft_hidden_grads", ()):  # hybrid SFT: the gold prefix's rows (disjoint)
+        if batch.gold_positions is not None:
+            full_grad.index_copy_(0, batch.gold_positions,
+                                  inputs.values.get_item(loop.local(name), batch.index).to(activations.dtype))
     activations.backward(full_grad)
 
 

@@ -1,11 +1,14 @@
 """Generate the bundled prompt sets (tiny_* and demo_*) from templates x topics; deterministic.
 
-Run ``python pipelines/data/make_prompts.py`` to rewrite the four JSONL files next to this script. All prompts are
+Run ``python pipelines/data/make_prompts.py`` to rewrite the JSONL files next to this script. All prompts are
 written for this project (no dataset is copied). Each row is ``{"prompt", "answer"?, "category"}``; ``answer`` is a
 number, present only for arithmetic prompts, and is used by eval scoring.
 
 - tiny_train / tiny_eval: very short ASCII prompts for the tiny pipeline (byte-level tokenizer, < 60 characters).
 - demo_train / demo_eval: short, varied instruction prompts a 135M-parameter chat model can answer sensibly.
+- hybrid_train / hybrid_eval: two-digit sums with a worked gold ``solution`` (tens, then ones, then the total: the
+  answer comes last), for the hybrid SFT + OPD pipeline (pipelines/tiny_hybrid.toml). Drawn from a random stream of
+  their own, so adding them left the other sets as they were.
 
 Train and eval never share a topic (so never a prompt): each category's topics are split first, then templates
 are applied. Arithmetic prompts get fresh random numbers and are de-duplicated across the two splits.
@@ -217,8 +220,28 @@ def build_prompt_sets() -> dict[str, list[dict]]:
     return sets
 
 
+def worked_sum(rng: random.Random) -> tuple[str, int]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} plus {b}?", a + b
+
+
+def solution(prompt: str) -> str:
+    """The worked gold solution of a worked_sum prompt: the answer only at the end."""
+    a, b = (int(number) for number in prompt[len("What is "):-1].split(" plus "))
+    tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
+    return f"Add the tens: {a // 10 * 10} + {b // 10 * 10} = {tens}. Add the ones: {a % 10} + {b % 10} = {ones}. " \
+           f"So the sum is {tens + ones}."
+
+
+def build_hybrid_sets() -> dict[str, list[dict]]:
+    """hybrid_train (48 rows) and hybrid_eval (8 rows), each row with its gold solution."""
+    sums = unique_problems(worked_sum, 56, random.Random(SEED + 1))
+    rows = [{"prompt": p, "answer": a, "solution": solution(p), "category": "math"} for p, a in sums]
+    return {"hybrid_eval": rows[:8], "hybrid_train": rows[8:]}
+
+
 def write_prompt_sets(directory: Path) -> None:
-    for name, rows in build_prompt_sets().items():
+    for name, rows in {**build_prompt_sets(), **build_hybrid_sets()}.items():
         lines = [json.dumps(row, ensure_ascii=True) for row in rows]
         (directory / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="ascii")
 

@@ -1,0 +1,332 @@
+"""Qwen3.5 on one GPU: flash-linear-attention's core against the torch core, and Qwen3.5 beside Qwen3 of similar size.
+
+Random bf16 weights from the shipped configs (Qwen3.5-0.8B and 4B text models; Qwen3-0.6B's published shapes,
+inline, and the shipped Qwen3-4B). Parts (--parts, default all):
+
+- core: packed forward + backward (and the no-grad forward of teacher scoring) over 8,192 tokens of 16 packed
+  sequences, for one Qwen3.5-0.8B-shaped linear-attention layer and for the whole 0.8B model (hidden states only:
+  a cheap loss on them, no lm_head), with the fla core and with the torch core (kernels/fla_linear_attention.py,
+  models/linear_attention_backend.py). Also the one layer's measured memory against the plan's formulas: saved
+  activations (sizing.linear_layer_bytes_per_token) and the no-grad forward's peak inside the fla core
+  (sizing.fla_core_peak_bytes).
+- decode: rollout decode (flashinfer prefill, CUDA-graph decode bursts of 16 steps, batch 64 and 128, 128-token
+  prompts, 256 new tokens, EOS suppressed) of Qwen3.5-0.8B with either core against Qwen3-0.6B; ms per decode step
+  from the burst records (benchmarks/rollout_gpu.py run_variant).
+- step: one OPD step through the real runtime (benchmarks/step.py run_ours: plan, build_context, the executor),
+  Qwen3.5-0.8B <- Qwen3.5-4B against Qwen3-0.6B <- Qwen3-4B, 32 sequences of 128 prompt + 256 response tokens;
+  per-stage seconds and the plan's predicted peak beside the measured one.
+
+Writes JSON (--out) and the same tables as text (--out with .txt). Not a test. ``--smoke`` runs the core and step
+parts on the CPU with tiny models and the torch core only (a check of this script, no figures).
+
+    python benchmarks/qwen35_gpu.py --out qwen35.json [--parts core,decode,step]
+    python benchmarks/qwen35_gpu.py --smoke --parts core,step --out /tmp/qwen35_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS = Path(__file__).resolve().parent.parent / "opdgraph" / "model_configs"
+GIB = 2**30
+LENGTHS = [1024] * 4 + [512] * 4 + [256] * 8  # 8,192 packed tokens, 16 sequences (several fla chunks each)
+SMOKE = {"on": False}  # --smoke: CPU, tiny models, the torch core only
+
+
+def device() -> str:
+    return "cpu" if SMOKE["on"] else "cuda"
+
+
+def read_config(name: str) -> dict:
+    if SMOKE["on"]:
+        from opdgraph.models.tiny_configs import tiny_config
+
+        family = "qwen3_5" if "qwen3.5" in name else "qwen3"
+        config = tiny_config(family)
+        if "4b" in name:
+            config.update(hidden_size=96)
+        return config
+    return json.loads((CONFIGS / name).read_text())
+
+
+def qwen3_0b6() -> dict:
+    """Qwen3-0.6B's published shapes on the shipped Qwen3-4B config's keys."""
+    if SMOKE["on"]:
+        return read_config("qwen3-0.6b")
+    return {**read_config("qwen3-4b.json"), "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+            "num_attention_heads": 16, "num_key_value_heads": 8, "max_window_layers": 28}
+
+
+def synchronize() -> None:
+    if not SMOKE["on"]:
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return 0 if SMOKE["on"] else torch.cuda.memory_allocated()
+
+
+def peak_since_reset() -> int:
+    return 0 if SMOKE["on"] else torch.cuda.max_memory_allocated()
+
+
+def reset_peak() -> None:
+    if not SMOKE["on"]:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if not SMOKE["on"]:
+        torch.cuda.empty_cache()
+
+
+def timed(function, repeats: int) -> float:
+    """Mean seconds of `function` after one warmup call."""
+    function()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def core(name: str):
+    from opdgraph.kernels.fla_linear_attention import FlaLinearAttention
+    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+
+    return FlaLinearAttention() if name == "fla" else TorchLinearAttention()
+
+
+# ------------------------------------------------------------------------------------------------------ core
+def packed_batch(vocab: int):
+    from opdgraph.models.attention_metadata import PackedMetadata
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = lengths_used()
+    ids = torch.randint(0, vocab, (sum(lengths),), generator=generator).to(device())
+    positions = torch.cat([torch.arange(length) for length in lengths]).to(device())
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(device())
+    return ids, positions, PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+
+
+def lengths_used() -> list[int]:
+    return [40, 70, 9] if SMOKE["on"] else LENGTHS
+
+
+def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
+    """fwd+bwd and no-grad forward of `config` with each core (the model's hidden states, a cheap loss)."""
+    from opdgraph import sizing
+    from opdgraph.model_shapes import shape_from_hf_config
+    from opdgraph.models import load_decoder
+
+    model = load_decoder(config, dtype=torch.bfloat16, device=device(), init_device="device")
+    shape = shape_from_hf_config(config)
+    ids, positions, meta = packed_batch(config["vocab_size"])
+    rows = []
+    for name in ("torch",) if SMOKE["on"] else ("fla", "torch"):
+        model.set_linear_attention_backend(core(name))
+        model.zero_grad(set_to_none=True)
+
+        def train():
+            model.forward_hidden(ids, positions, meta).float().square().mean().backward()
+
+        def score():
+            with torch.no_grad():
+                model.forward_hidden(ids, positions, meta)
+
+        try:
+            row = dict(what=label, core=name, tokens=len(ids), sequences=len(lengths_used()),
+                       fwd_bwd_ms=1000 * timed(train, repeats[name]), no_grad_fwd_ms=1000 * timed(score, repeats[name]))
+            # Memory of one step beyond the weights and the gradients (kept from the timed calls).
+            synchronize()
+            reset_peak()
+            base = allocated()
+            hidden = model.forward_hidden(ids, positions, meta)
+            row["saved_activations_mib"] = (allocated() - base) / 2**20
+            hidden.float().square().mean().backward()
+            del hidden
+            row["fwd_bwd_peak_mib"] = (peak_since_reset() - base) / 2**20
+            reset_peak()
+            base = allocated()
+            score()
+            row["no_grad_peak_mib"] = (peak_since_reset() - base) / 2**20
+            if shape.layers == 1:
+                tokens = len(ids)
+                row["plan_saved_activations_mib"] = sizing.activation_bytes(shape, tokens, 2, False) / 2**20
+                sequences = len(lengths_used())
+                row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, sequences, 2,
+                                                                           paged=False) / 2**20
+                row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(
+                    shape, tokens, 2, fla_sequences=sequences) / 2**20
+        except Exception:  # noqa: BLE001 -- one failing row must not hide the others
+            row = dict(what=label, core=name, error=traceback.format_exc())
+            print(row["error"], flush=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_core(args) -> list[dict]:
+    student = read_config("qwen3.5-0.8b-text.json")
+    layer = {**student, "num_hidden_layers": 1, "layer_types": ["linear_attention"], "vocab_size": 1024}
+    rows = core_rows("one 0.8B linear-attention layer", layer, {"fla": 10, "torch": 3})
+    free_memory()
+    rows += core_rows("Qwen3.5-0.8B (24 layers)", student, {"fla": 3, "torch": 1})
+    free_memory()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+def run_decode(args) -> list[dict]:
+    from rollout_gpu import copy_bandwidth, run_variant
+
+    from opdgraph.models import load_decoder
+
+    options = types.SimpleNamespace(prompt_tokens=128, page_size=16, prefill_budget=8192)
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    rows = []
+    for label, config, core_name in (("Qwen3.5-0.8B", read_config("qwen3.5-0.8b-text.json"), "fla"),
+                                     ("Qwen3.5-0.8B", read_config("qwen3.5-0.8b-text.json"), "torch"),
+                                     ("Qwen3-0.6B", qwen3_0b6(), None)):
+        model = load_decoder(config, dtype=torch.bfloat16, device="cuda", init_device="device")
+        if core_name is not None:
+            model.set_linear_attention_backend(core(core_name))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for batch_size in (64, 128):
+            name = f"{label} {core_name or 'attention only'} bursts16 bs{batch_size}"
+            print(f"running {name} ...", flush=True)
+            try:
+                row = run_variant(model, options, bandwidth, weight_bytes, name=name, attention="flashinfer",
+                                  cuda_graphs=True, batch_size=batch_size, new_tokens=256, decode_burst_steps=16)
+                if getattr(model, "recurrent", False):
+                    row["state_bytes_per_sequence"] = sum(layer.nbytes for layer in model.allocate_kv_cache(
+                        1, 16, num_state_slots=1) if not isinstance(layer, torch.Tensor))
+            except Exception:  # noqa: BLE001
+                row = dict(name=name, error=traceback.format_exc())
+                print(row["error"], flush=True)
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ step
+def run_step(args) -> list[dict]:
+    import step
+
+    shape = step.StepShape("Q", 4, 16, 8, 1) if SMOKE["on"] else step.StepShape("Q", 32, 128, 256, 2)
+    options = types.SimpleNamespace(tiny=SMOKE["on"], micro_batch_tokens=96 if SMOKE["on"] else 8192,
+                                    chunk_tokens=16 if SMOKE["on"] else 2048, cpu_init=SMOKE["on"], warmup=1)
+    pairs = {"Qwen3.5-0.8B <- Qwen3.5-4B": (read_config("qwen3.5-0.8b-text.json"),
+                                           read_config("qwen3.5-4b-text.json")),
+             "Qwen3-0.6B <- Qwen3-4B": (qwen3_0b6(), read_config("qwen3-4b.json"))}
+    rows = []
+    original = step.model_configs
+    for label, configs in pairs.items():
+        step.model_configs = lambda tiny, configs=configs: configs  # write_pipeline reads the pair from here
+        print(f"running OPD step {label} ...", flush=True)
+        try:
+            with tempfile.TemporaryDirectory() as work_dir:
+                result = step.run_ours(shape, options, Path(work_dir), {})
+            measured = [s for s in result["steps"] if not s["warmup"]]
+            stages = {}
+            for record in measured:
+                for stage_name, seconds in record["stages"].items():
+                    stages[stage_name] = stages.get(stage_name, 0.0) + seconds / len(measured)
+            row = dict(pair=label, step_seconds=sum(s["seconds"] for s in measured) / len(measured),
+                       stage_seconds=stages, measured_peak_gib=max(s["peak_gib"] or 0 for s in measured),
+                       predicted_peak_gib=result["predicted_peak_gib"], rollout=result["rollout_attention"],
+                       raw=result)
+        except Exception:  # noqa: BLE001
+            row = dict(pair=label, error=traceback.format_exc())
+            print(row["error"], flush=True)
+        finally:
+            step.model_configs = original
+            free_memory()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "raw"}, default=str), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def tables(report: dict) -> str:
+    lines = [f"{report['device']}, torch {report['torch']}, {report['linear_attention']}", ""]
+    if "core" in report:
+        lines.append(f"{'packed fwd+bwd, 8192 tokens / 16 seqs':<40} {'core':<6} {'fwd+bwd ms':>10} "
+                     f"{'no-grad ms':>10} {'saved MiB':>9} {'plan':>7} {'no-grad peak':>12} {'plan fla':>8} "
+                     f"{'fwd+bwd peak':>12}")
+        for row in report["core"]:
+            if "error" in row:
+                lines.append(f"{row['what']:<40} {row['core']:<6} error (see JSON)")
+                continue
+            lines.append(f"{row['what']:<40} {row['core']:<6} {row['fwd_bwd_ms']:>10.1f} "
+                         f"{row['no_grad_fwd_ms']:>10.1f} {row['saved_activations_mib']:>9.0f} "
+                         f"{row.get('plan_saved_activations_mib', 0):>7.0f} "
+                         f"{row['no_grad_peak_mib']:>12.0f} {row.get('plan_fla_core_peak_mib', 0):>8.0f} "
+                         f"{row['fwd_bwd_peak_mib']:>12.0f}")
+        lines.append("")
+    if "decode" in report:
+        lines.append(f"{'decode (bursts of 16, graphs)':<52} {'ms/step':>8} {'tok/s':>9} {'e2e tok/s':>9}")
+        for row in report["decode"]:
+            if "error" in row:
+                lines.append(f"{row['name']:<52} error (see JSON)")
+                continue
+            lines.append(f"{row['name']:<52} {row['ms_per_decode_step']:>8.2f} "
+                         f"{row['decode_tokens_per_second']:>9.0f} {row['tokens_per_second_end_to_end']:>9.0f}")
+        lines.append("")
+    if "step" in report:
+        lines.append(f"{'OPD step, 32 x (128 + 256) tokens':<30} {'step s':>7} {'peak GiB':>8} {'plan GiB':>8}  "
+                     "stages (s)")
+        for row in report["step"]:
+            if "error" in row:
+                lines.append(f"{row['pair']:<30} error (see JSON)")
+                continue
+            stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in row["stage_seconds"].items())
+            lines.append(f"{row['pair']:<30} {row['step_seconds']:>7.2f} {row['measured_peak_gib']:>8.2f} "
+                         f"{row['predicted_peak_gib']:>8.2f}  {stages}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parts", default="core,decode,step")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, torch core only (checks the script)")
+    args = parser.parse_args()
+    SMOKE["on"] = args.smoke
+    from opdgraph.kernels.fla_linear_attention import linear_backend_description
+
+    report = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), torch=torch.__version__,
+                  linear_attention=linear_backend_description(device()))
+    print(json.dumps(report), flush=True)
+    runners = {"core": run_core, "decode": run_decode, "step": run_step}
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        report[part] = runners[part](args)
+        report[f"{part}_seconds"] = time.perf_counter() - started
+        # Partial results survive a crash or the suite's time limit.
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+        args.out.with_suffix(".txt").write_text(tables(report) + "\n")
+    print(tables(report))
+    print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The GPU core of Qwen3.5's gated-DeltaNet layers: flash-linear-attention's Triton kernels (fla, carried as a wheel).
+
+Same two entry points as the plain-torch core (models/linear_attention_backend.py), same numbers up to kernel
+rounding:
+- ``packed`` (training, teacher scoring): fla's causal conv1d with SiLU over the packed tokens (cu_seqlens: the
+  window restarts at every sequence), the q/k/v split as views, and ``chunk_gated_delta_rule`` with cu_seqlens (the
+  state restarts at every sequence), L2 norms of q and k inside the kernel and grouped value heads (value head h
+  reads key head h // (Hv / Hk), as repeat_interleave does in the torch core). The chunk indices of the packed
+  batch are computed once per forward (every layer gets the same metadata) from a host copy of cu_seqlens, so the
+  kernels add no host synchronisation per layer. With autograd it runs inside RecomputedCore, which saves only the
+  core's inputs and recomputes the kernels' forward in backward: the training activations are the torch path's
+  a_linear (sizing.py), whichever core runs.
+- ``paged`` (rollout): prefill chunks run the same two kernels with per-sequence initial states gathered from the
+  state slots (zeros for chunks that start a sequence) and write the final states back; an all-decode forward runs
+  ``decode_rows`` (the conv step in torch, the delta rule by kernels/gated_delta_decode.py, which updates each
+  state in place in its slot: fla's fused_recurrent_gated_delta_rule takes and returns whole state tensors, so a
+  gather and a scatter around it would move every state four times per step instead of twice), with no host
+  synchronisation, so CUDA graphs and decode bursts capture it.
+
+State layouts are the torch core's (LinearLayerState): conv windows [slots, K - 1, C], states [slots, Hv, Dk, Dv]
+in float32. fla's conv keeps [N, C, K] windows whose entries 1..K-1 are the last inputs; they are converted at the
+prefill boundary only.
+
+Selection (``select_linear_backend``): this core on CUDA when fla imports, the torch core otherwise; the environment
+variable OPDGRAPH_LINEAR_ATTENTION = torch forces the torch core, = fla makes a missing fla an error. On a CUDA
+target the planner sizes the larger of the two cores' no-grad forward peaks (sizing.linear_core_peak_bytes,
+fla_core_peak_bytes) and the in-place decode step (linear_decode_peak_bytes), as it assumes FlashAttention and
+flashinfer there; the run log says when a CUDA run falls back to the torch core.
+Import fla lazily: it imports triton and pulls in every fla op (and einops).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
+from opdgraph.models.linear_attention_backend import (
+    TorchLinearAttention,
+    decode_rows,
+    packed_forward,
+    recomputed,
+    single_token_rows,
+)
+
+CHUNK_TOKENS = 64  # fla's chunk size for the delta rule and the conv's varlen tiles (mirrors delta_rule.CHUNK_TOKENS)
+ENVIRONMENT = "OPDGRAPH_LINEAR_ATTENTION"
+CHOICES = ("auto", "fla", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def fla_import_problem() -> str | None:
+    """Why fla's kernels cannot be imported here (None: they can)."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
+    except ImportError as error:
+        return f"flash-linear-attention does not import ({error})"
+    return None
+
+
+def _fla():
+    from fla.modules.causal_conv1d import causal_conv1d
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    return causal_conv1d, chunk_gated_delta_rule, prepare_chunk_indices
+
+
+def _split_heads(convolved: torch.Tensor, dims):
+    """[T, C] -> q, k [1, T, Hk, Dk] and v [1, T, Hv, Dv] (views; fla makes them contiguous)."""
+    length, key_width = convolved.shape[0], dims.key_heads * dims.key_dim
+    q, k, v = convolved.split((key_width, key_width, dims.value_heads * dims.value_dim), dim=-1)
+    return (q.reshape(1, length, dims.key_heads, dims.key_dim), k.reshape(1, length, dims.key_heads, dims.key_dim),
+            v.reshape(1, length, dims.value_heads, dims.value_dim))
+
+
+def _varlen(cu_seqlens: torch.Tensor):
+    """(int64 cu_seqlens on the device, fla's chunk indices) with one host copy of the boundaries."""
+    prepare_chunk_indices = _fla()[2]
+    bounds = cu_seqlens.long()
+    return bounds, prepare_chunk_indices(bounds, CHUNK_TOKENS, cu_seqlens_cpu=bounds.cpu())
+
+
+@functools.lru_cache(maxsize=None)
+def fla_backward_trusted(device: torch.device) -> bool:
+    """Whether fla's chunked backward may run here. fla 0.6 refuses it on Hopper with Triton >= 3.4 and < 3.7.1
+    (wrong results in chunk_bwd_dqkwg, its issue #640) unless tilelang is installed; the device image has Triton
+    3.6, so there the training backward differentiates the torch core (the forward stays fla's)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return True
+    import importlib.util
+
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+    return not ((3, 4, 0) <= version < (3, 7, 1)) or importlib.util.find_spec("tilelang") is not None
+
+
+def packed_core(mixed, weight, decay, beta, *, dims, bounds, chunk_indices):
+    """conv + SiLU + delta rule over packed sequences -> out [T, Hv, Dv] in mixed's dtype."""
+    causal_conv1d, chunk_gated_delta_rule = _fla()[:2]
+    convolved, _ = causal_conv1d(mixed[None], weight[:, 0], activation="silu", cu_seqlens=bounds,
+                                 chunk_indices=chunk_indices)
+    q, k, v = _split_heads(convolved[0], dims)
+    out, _ = chunk_gated_delta_rule(q, k, v, decay[None], beta[None], scale=dims.key_dim ** -0.5,
+                                    use_qk_l2norm_in_kernel=True, cu_seqlens=bounds, chunk_indices=chunk_indices)
+    return out[0].to(mixed.dtype)
+
+
+def inplace_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
+    """decode_rows' step on CUDA: kernels/gated_delta_decode.py, the states updated in place in their slots."""
+    from opdgraph.kernels.gated_delta_decode import gated_delta_decode_
+
+    return gated_delta_decode_(convolved, decay, beta, state.recurrent, slots, continuing, dims)
+
+
+class FlaLinearAttention:
+    """The gated-DeltaNet core through flash-linear-attention (module docstring)."""
+
+    name = "fla"
+
+    def __init__(self):
+        self._varlen_for: tuple[object, tuple] | None = None
+
+    def _varlen_of(self, meta, cu_seqlens):
+        # Every layer of one forward receives the same metadata object: one host copy per forward, not per layer.
+        if self._varlen_for is None or self._varlen_for[0] is not meta:
+            self._varlen_for = (meta, _varlen(cu_seqlens))
+        return self._varlen_for[1]
+
+    def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
+        bounds, chunk_indices = self._varlen_of(meta, meta.cu_seqlens)
+        core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
+        grad_core = None
+        if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
+            grad_core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims)
+        return recomputed(core, mixed, weight, decay, beta, grad_core)
+
+    @torch.no_grad()
+    def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:
+        continuing = meta.kv_lens > meta.query_lens
+        if single_token_rows(mixed, meta):
+            return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots, continuing,
+                               inplace_recurrent_step)
+        causal_conv1d, chunk_gated_delta_rule = _fla()[:2]
+        bounds, chunk_indices = self._varlen_of(meta, meta.cu_query_lens)
+        slots = meta.state_slots
+        window = state.conv[slots].masked_fill_(~continuing[:, None, None], 0).to(mixed.dtype)  # [N, K - 1, C]
+        convolved, final_window = causal_conv1d(
+            mixed[None], weight[:, 0], initial_state=F.pad(window.transpose(1, 2), (1, 0)), output_final_state=True,
+            activation="silu", cu_seqlens=bounds, chunk_indices=chunk_indices)
+        state.conv[slots] = final_window[:, :, 1:].transpose(1, 2).to(state.conv.dtype)
+        q, k, v = _split_heads(convolved[0], dims)
+        # Gathered states of the N rows (in place to zero where a row starts its sequence), and the kernel's N final
+        # states: 2 N x Hv x Dk x Dv x 4 bytes at once (sizing.fla_core_peak_bytes).
+        recurrent = state.recurrent[slots].masked_fill_(~continuing[:, None, None, None], 0)
+        out, final_state = chunk_gated_delta_rule(
+            q, k, v, decay[None].float(), beta[None], scale=dims.key_dim ** -0.5, initial_state=recurrent,
+            output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=bounds, chunk_indices=chunk_indices)
+        state.recurrent[slots] = final_state
+        return out[0].to(mixed.dtype)
+
+
+def linear_attention_setting() -> str:
+    """OPDGRAPH_LINEAR_ATTENTION (auto when unset); ValueError naming the choices for anything else."""
+    setting = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
+    if setting not in CHOICES:
+        raise ValueError(f"{ENVIRONMENT}={setting!r}: choose one of {', '.join(CHOICES)}")
+    return setting
+
+
+def linear_backend_problem(device: torch.device | str) -> str | None:
+    """Why the fla core does not run for models on `device` (None: it does)."""
+    setting = linear_attention_setting()
+    if setting == "torch":
+        return f"{ENVIRONMENT}=torch"
+    if torch.device(device).type != "cuda":
+        return f"tensors on {torch.device(device).type}"
+    problem = fla_import_problem()
+    if problem is not None and setting == "fla":
+        raise RuntimeError(f"{ENVIRONMENT}=fla but {problem}; install the fla wheels or unset it")
+    return problem
+
+
+def select_linear_backend(device: torch.device | str):
+    """The gated-DeltaNet core for models on `device`: fla on CUDA when it imports, the torch core otherwise."""
+    return TorchLinearAttention() if linear_backend_problem(device) is not None else FlaLinearAttention()
+
+
+def linear_backend_description(device: torch.device | str) -> str:
+    """One line for run logs: which linear-attention core runs, and why when it is the torch one."""
+    problem = linear_backend_problem(device)
+    if problem is not None and torch.device(device).type == "cuda":
+        return (f"linear attention: torch core ({problem}); note: the plan of a CUDA target sizes fla's in-place "
+                "decode step, the torch core's holds 4 delta-rule states per decoding sequence beyond it")
+    if problem is not None:
+        return f"linear attention: torch core ({problem})"
+    import fla
+
+    return f"linear attention: flash-linear-attention {fla.__version__} (chunked gated delta rule, Triton)"

@@ -1,0 +1,26 @@
+"""A hybrid SFT + OPD pipeline at run time (stages/sft.py): the gold-field rule the prompt loader applies to every
+row (opdgraph.data.gold_prefix), and the facts the rollout, the sft stage and the backward read.
+"""
+
+from __future__ import annotations
+
+from opdgraph.data.gold_prefix import GoldField
+from opdgraph.runtime.teachers import setting_location
+
+
+def gold_field(cfg, tokenizers: dict) -> GoldField | None:
+    """The rule that reads each row's gold solution with the student's tokenizer, or None without an sft stage."""
+    stage = cfg.stage("sft")
+    if stage is None:
+        return None
+    return GoldField(field=stage.config.gold_prefix_field, tokenizer=tokenizers[cfg.model_with_role("student")],
+                     stage=stage.name, where=setting_location(cfg, f"{stage.name}.gold_prefix_field"))
+
+
+def sft_facts(cfg) -> dict:
+    """`sft`: the stage's Config (rollout places its prefix schedule, the packing its normalisation);
+    `sft_hidden_grads`: the buffers the backward scatters to the gold-prefix positions. Empty without one."""
+    stage = cfg.stage("sft")
+    if stage is None:
+        return {}
+    return {"sft": stage.config, "sft_hidden_grads": (f"{stage.name}.hidden_grad",)}

@@ -1,0 +1,59 @@
+"""Running Liger-Kernel's Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1), for CPU tests.
+
+Three interpreter gaps (triton 3.9) that compiled code does not have, closed for the duration of a test:
+- compiled Triton passes a python float argument as an fp32 scalar; the interpreter passes the python float, and
+  kernels that call ``.to(tl.float32)`` on it (Liger's eps, offset, gate multiplier) fail: floats are wrapped;
+- libdevice functions imported by name (Liger's ``rsqrt``, ``tanh``) are stubs the interpreter does not patch: they
+  are replaced in Liger's modules by the same functions written with ``tl.math.rsqrt`` and ``tl.sigmoid``;
+- a launch leaves its arguments' storages in a reference cycle (the interpreter's host-copy bookkeeping), so the
+  kernel's inputs and outputs stay allocated until Python's cyclic GC runs, which moves the peaks memory tests
+  measure: each launch is followed by a young-generation collection (tens of microseconds).
+``interpret_liger(monkeypatch)`` does both; it does nothing where kernels compile (a CUDA machine).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+
+def _tanh(x):
+    import triton.language as tl
+
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+def _rsqrt(x):
+    import triton.language as tl
+
+    return tl.math.rsqrt(x)
+
+
+def interpret_liger(monkeypatch) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from liger_kernel.ops import fused_add_rms_norm, geglu, rms_norm
+    from triton.runtime import interpreter
+
+    original = interpreter._implicit_cvt
+
+    def convert(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return original(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", convert)
+    launch = interpreter.GridExecutor.__call__
+
+    def launch_and_collect(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect(0)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch_and_collect)
+    monkeypatch.setattr(rms_norm, "rsqrt", _rsqrt)
+    monkeypatch.setattr(fused_add_rms_norm, "rsqrt", _rsqrt)
+    monkeypatch.setattr(geglu, "tanh", _tanh)
