@@ -17,7 +17,7 @@ import torch
 
 from opdgraph.runtime import evaluation
 from opdgraph.runtime.executor import PlanExecutor
-from tests.test_composed_training import _context, _float64, _random_samples, _run_step, _sequence_hidden
+from tests.training_harness import context, float64_copy, random_samples, run_step, sequence_hidden
 
 METRICS = ("reverse_kl", "forward_kl", "top1_agreement")
 
@@ -27,7 +27,7 @@ def _log_probs(model, sample, vocab: int) -> torch.Tensor:
     ids = sample.prompt_ids + sample.response_ids
     first = len(sample.prompt_ids) - 1
     with torch.no_grad():
-        hidden = _sequence_hidden(model, ids, range(first, first + len(sample.response_ids)))
+        hidden = sequence_hidden(model, ids, range(first, first + len(sample.response_ids)))
         return torch.log_softmax(hidden @ model.lm_head_weight[:vocab].T, dim=-1)
 
 
@@ -41,7 +41,7 @@ def _figures(log_s: torch.Tensor, log_t: torch.Tensor) -> dict[str, float]:
 def _eval_before(tmp_path, pipeline: str, monkeypatch):
     """Run the eval before training; returns (ctx, its record, the sample lists it scored in order, which teacher
     stage answered each prompt index)."""
-    cfg, plan, ctx = _context(tmp_path, pipeline)
+    cfg, plan, ctx = context(tmp_path, pipeline)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)  # where the eval record goes (the run loop makes it)
     scored, answered = [], {}
     original_score, original_answers = evaluation._score, evaluation._answers
@@ -79,8 +79,8 @@ def test_routed_eval_scores_each_row_with_its_own_teacher(tmp_path, monkeypatch)
     assert set(routes.values()) == {"chat", "math"}
     assert answered == {index: next(name for name, t in teachers.items() if route in t.spec.routes)
                         for index, route in routes.items()}
-    student64 = _float64(ctx.student)
-    teachers64 = {name: _float64(teacher.model) for name, teacher in teachers.items()}
+    student64 = float64_copy(ctx.student)
+    teachers64 = {name: float64_copy(teacher.model) for name, teacher in teachers.items()}
     vocab = student64.config.vocab_size
     for prefix, samples in _scored_sets(scored):
         totals, tokens = dict.fromkeys(METRICS, 0.0), 0
@@ -103,9 +103,9 @@ def test_mixture_eval_scores_against_the_mixture_and_each_teacher(tmp_path, monk
     """Fails if eval compares a mixture pipeline's student with one teacher only, mixes the teachers with other
     weights than their mixture_weight, or reports a teacher's own figures over only some rows."""
     ctx, record, scored, _ = _eval_before(tmp_path, "tiny_mixture.toml", monkeypatch)
-    student64 = _float64(ctx.student)
+    student64 = float64_copy(ctx.student)
     teachers = list(ctx.teachers.values())
-    teachers64 = [_float64(teacher.model) for teacher in teachers]
+    teachers64 = [float64_copy(teacher.model) for teacher in teachers]
     vocab = student64.config.vocab_size
     for prefix, samples in _scored_sets(scored):
         tokens = sum(len(s.response_ids) for s in samples)
@@ -129,13 +129,13 @@ def test_mixture_eval_scores_against_the_mixture_and_each_teacher(tmp_path, monk
 def test_mixture_training_logs_each_teachers_divergence(tmp_path, monkeypatch):
     """Fails if mixture training logs only the mixture's divergence, or a teacher's divergence over other rows or
     with other weights than the loss's global token weights."""
-    cfg, plan, ctx = _context(tmp_path, "tiny_mixture.toml")
-    samples = _random_samples(6, [None])
-    student64 = _float64(ctx.student)
+    cfg, plan, ctx = context(tmp_path, "tiny_mixture.toml")
+    samples = random_samples(6, [None])
+    student64 = float64_copy(ctx.student)
     teachers = list(ctx.teachers.values())
-    teachers64 = [_float64(teacher.model) for teacher in teachers]
+    teachers64 = [float64_copy(teacher.model) for teacher in teachers]
     vocab = student64.config.vocab_size
-    _run_step(cfg, plan, ctx, samples, monkeypatch)
+    run_step(cfg, plan, ctx, samples, monkeypatch)
     tokens = sum(len(s.response_ids) for s in samples)
     own, mixed = [0.0 for _ in teachers], 0.0
     for sample in samples:
