@@ -77,10 +77,15 @@ def named_settings(stages: dict, hook: str) -> dict[str, tuple[str, object]]:
     "run_settings"), the first stage in table order winning: settings other modules read by name, never by kind."""
     settings: dict[str, tuple[str, object]] = {}
     for name, stage in stages.items():
-        published = getattr(stage_module(stage.kind), hook, None)
-        for key, value in (published(stage.config) if published else {}).items():
+        for key, value in published_settings(stage, hook).items():
             settings.setdefault(key, (name, value))
     return settings
+
+
+def published_settings(stage, hook: str = "step_settings") -> dict[str, object]:
+    """What one stage entry publishes through its kind's `hook(config)` (nothing when its kind has no such hook)."""
+    published = getattr(stage_module(stage.kind), hook, None)
+    return published(stage.config) if published else {}
 
 
 def stage_nodes(stages: dict) -> list:

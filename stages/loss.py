@@ -59,8 +59,9 @@ def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ..
     return ("responses", *(teachers or ["teacher_hidden"])), WRITES
 
 
-def step_settings(config: Config) -> dict[str, int]:
-    return {"chunk_tokens": config.chunk_tokens}
+def step_settings(config: Config) -> dict[str, object]:
+    """The chunk size, and the row field that routes each row to its teacher (opdgraph.teachers; '' = not routed)."""
+    return {"chunk_tokens": config.chunk_tokens, "route_field": config.route_field}
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
@@ -159,6 +160,11 @@ def check_device(stage_name: str, config: Config, device) -> None:
     from opdgraph.runtime.training import check_loss_kernel
 
     check_loss_kernel(config.kernel, device, where=f"{stage_name}.kernel")
+
+
+def run_settings(config: Config) -> dict[str, object]:
+    """How the rollout weights each micro-batch's positions (opdgraph.runtime.batches, through the run's facts)."""
+    return {"normalize": config.normalize}
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

@@ -118,6 +118,12 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     ]
 
 
+def run_settings(config: Config) -> dict[str, object]:
+    """The run builds its rollout engine from this table, and eval samples with its settings
+    (opdgraph.runtime.build)."""
+    return {"rollout_config": config}
+
+
 def bind(stage_name: str, config: Config, run) -> dict:
     """The rollout engine (built on the student by opdgraph.runtime.build) and the tokenizer (its EOS ids)."""
     return {"engine": run.engine, "tokenizer": run.tokenizer}

@@ -83,11 +83,6 @@ class Config:
                               schedule=self.schedule, decay_steps=self.decay_steps)
 
 
-def gold_prefix_tokens(stages: dict) -> int:
-    """The most gold tokens a sequence starts from (0 without an sft stage): the plan's bound."""
-    return max((stage.config.gold_prefix_max_tokens for stage in stages.values() if stage.kind == KIND), default=0)
-
-
 def step_settings(config: Config) -> dict[str, int]:
     """The gold prefix's bound: part of every sequence's prompt side (opdgraph.counts)."""
     return {"gold_prefix_max_tokens": config.gold_prefix_max_tokens}
@@ -148,6 +143,12 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                formula=f"chunk x V_student x {LOGIT_BUFFERS} x 4 (fp32 logits and logsumexp's temporary)"
                + (" + V_student x h_student x 4 (fp32 lm_head on CPU)" if upcast else "")),
     ]
+
+
+def run_settings(config: Config) -> dict[str, object]:
+    """The run's hybrid facts (opdgraph.runtime.hybrid): the rollout places its prefix schedule, the prompt loader
+    reads its gold field."""
+    return {"sft": config}
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

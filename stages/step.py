@@ -52,6 +52,12 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                                    facts.hardware), frozenset({OPTIMIZER_UPDATE}))]
 
 
+def run_settings(config: Config) -> dict[str, object]:
+    """What the run builds the optimizer with (opdgraph.runtime.build)."""
+    return {"optimizer_settings": {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps,
+                                   "weight_decay": config.weight_decay}}
+
+
 def bind(stage_name: str, config: Config, run) -> dict:
     """The optimizer, the gradients it applies, and the record of skipped steps (which may stop the run)."""
     return {"optimizer": run.optimizer, "gradients": run.gradients, "skipped_steps": run.skipped_steps}
