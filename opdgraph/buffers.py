@@ -126,10 +126,10 @@ def _grads_buffer(facts: StageFacts) -> Buffer:
     contribution, summed over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
     formula of the fp32 buffer also gives the size in the model dtype: what grad_accumulation_dtype = "model" saves.
     """
-    backward, shape, dtype_bytes = facts.stage_names["backward"], facts.student_shape, facts.student_dtype_bytes
+    shape, dtype_bytes = facts.student_shape, facts.student_dtype_bytes
     world_size, lifetime, keys = facts.world_size, facts.between_phases, facts.student_keys
     if not facts.student_fp32:
-        keys = (*keys, f"{backward}.grad_accumulation_dtype")
+        keys = (*keys, facts.setting_keys["grad_accumulation_dtype"])
     lm_head = shape.vocab * shape.hidden * sizing.FP32_BYTES
     model_size = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
     if world_size == 1:
@@ -150,7 +150,7 @@ def _grads_buffer(facts: StageFacts) -> Buffer:
         return Buffer(name=name, category="grads", bytes=model_size, sized_by=keys, lifetime=lifetime,
                       formula=model_formula)
     return Buffer(name=name, category="grads", bytes=fp32_size, sized_by=keys, lifetime=lifetime,
-                  formula=f"{fp32_formula}; {backward}.grad_accumulation_dtype = \"model\" would hold "
+                  formula=f"{fp32_formula}; {facts.setting_keys['grad_accumulation_dtype']} = \"model\" would hold "
                           f"{model_formula} = {_gib(model_size)}")
 
 

@@ -23,7 +23,7 @@ from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
 from opdgraph.graph import build_stage_graph, stage_order
 from opdgraph.model_shapes import ModelShape
-from opdgraph.stages import KIND_NAMES, stage_kind, stage_nodes
+from opdgraph.stages import KIND_NAMES, named_settings, stage_kind, stage_nodes
 from opdgraph.teachers import TeacherSpec, TrainGroup, route_field, teacher_specs, train_groups
 
 
@@ -62,7 +62,8 @@ class StageFacts:
     hardware: W.Hardware
     fused: bool
     world_size: int
-    stage_names: dict[str, str]  # kind -> the table name of the (first) stage of that kind
+    stage_names: dict[str, str]  # kind -> the table name of the (first) stage of that kind (a stage's own kind)
+    setting_keys: dict[str, str]  # step setting -> its dotted key (`rollout.max_new_tokens`): counts.setting_key
     prefill_token_budget: int  # the rollout's; eval generates with the same engine settings
     activation_checkpointing: bool  # the backward's; it sets what the student forward saves
     fp32_grads: bool  # planned_paths.fp32_grads: the gradients are summed in fp32 accumulators of their own
@@ -142,18 +143,19 @@ class StageFacts:
     def batch_keys(self) -> tuple[str, ...]:
         """The keys that size one step's batch of sequences."""
         return ("data.prompts_per_step", "data.samples_per_prompt", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+                self.setting_keys["max_new_tokens"], *self.gold_keys)
 
     @property
     def micro_keys(self) -> tuple[str, ...]:
         """The keys that size one training micro-batch."""
-        return (f"{self.stage_names['teacher_score']}.micro_batch_tokens", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+        return (self.setting_keys["micro_batch_tokens"], "data.max_prompt_tokens", self.setting_keys["max_new_tokens"],
+                *self.gold_keys)
 
     @property
     def gold_keys(self) -> tuple[str, ...]:
         """The gold prefix's bound (hybrid SFT): part of every sequence's prompt side."""
-        return (f"{self.stage_names['sft']}.gold_prefix_max_tokens",) if "sft" in self.stage_names else ()
+        key = self.setting_keys.get("gold_prefix_max_tokens")
+        return (key,) if key else ()
 
     @property
     def crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
@@ -206,6 +208,7 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         student_fp32=cfg.models[student].dtype == "float32", student_keys=model_keys(cfg, student),
         teacher_keys=teachers[0].keys, counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
+        setting_keys={name: f"{owner}.{name}" for name, (owner, _) in named_settings(cfg.stages, "step_settings").items()},
         prefill_token_budget=settings["prefill_token_budget"],
         activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",

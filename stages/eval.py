@@ -102,14 +102,13 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     student's answers and one for the teacher's (each engine's, sized by counts.eval_counts; routed teachers answer
     one after another, so the largest one's), and one workspace for the larger of its two phases: generating, and
     scoring the answers in micro-batches (against a mixture: every teacher's hidden states at once)."""
-    counts, names = facts.eval_counts(stage_name), facts.stage_names
+    counts, keys = facts.eval_counts(stage_name), facts.setting_keys
     answering, scoring = _eval_teachers(facts)
     several = len(facts.teachers) > 1
     shapes = {"student": facts.student_shape, "teacher": answering[0].shape}
     dtypes = {"student": facts.student_dtype_bytes, "teacher": answering[0].dtype_bytes}
-    rollout = names["rollout"]
-    pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
-                 f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
+    pool_keys = (f"{stage_name}.num_prompts", keys["max_num_seqs"], "data.max_prompt_tokens",
+                 f"{stage_name}.max_new_tokens", keys["page_size"])
     # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
     gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
     fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
@@ -129,8 +128,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     teacher_keys = _keys(facts.teachers) if several else answering[0].keys
     # Where rollout takes the GPU path, eval decodes in bursts, whose idle rows use one scratch state slot.
     slots = counts.concurrent_seqs + (1 if facts.uses_flashinfer else 0)
-    all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
-                f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *teacher_keys)
+    all_keys = (*pool_keys, keys["prefill_token_budget"], keys["micro_batch_tokens"], keys["chunk_tokens"],
+                "pipeline.device", *facts.student_keys, *teacher_keys)
     teacher_pool = max(sizing.kv_cache_bytes(t.shape, counts.teacher_num_pages, counts.page_size, t.dtype_bytes)
                        + sizing.recurrent_state_bytes(t.shape, slots, t.dtype_bytes)
                        for t in answering)

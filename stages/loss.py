@@ -115,7 +115,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         buffer(local("student_activations"), "activations",
                sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing,
                                        reference_sequence_tokens=reference),
-               (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
+               (*keys, facts.setting_keys["activation_checkpointing"], "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
                else f"tokens x (L x {per_layer} + o)"),
