@@ -51,8 +51,9 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 
 
 def run_settings(config: Config) -> dict[str, object]:
-    """What the run loop's progress line follows (opdgraph.runtime.run)."""
-    return {"progress": config.progress, "log_every_n_steps": config.every_n_steps}
+    """What the run loop's progress line follows (opdgraph.runtime.run), and the trackers the run reports to
+    (opdgraph.runtime.reporters)."""
+    return {"progress": config.progress, "log_every_n_steps": config.every_n_steps, "report_to": config.report_to}
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

@@ -15,7 +15,8 @@ GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py", "opdgraph/place
                    "opdgraph/stage_plan.py", "opdgraph/render/text.py", "opdgraph/runtime/executor.py",
                    "opdgraph/runtime/offload.py", "opdgraph/runtime/run.py", "opdgraph/runtime/startup.py",
                    "opdgraph/planned_paths.py", "opdgraph/fit.py", "opdgraph/runtime/build.py",
-                   "opdgraph/runtime/teachers.py", "opdgraph/runtime/hybrid.py")
+                   "opdgraph/runtime/teachers.py", "opdgraph/runtime/hybrid.py", "opdgraph/runtime/reporters.py",
+                   "opdgraph/runtime/config_record.py")
 KINDS = (*KIND_NAMES, *SOURCE_KINDS)
 
 
