@@ -63,10 +63,12 @@ class Config:
 
 
 def step_settings(config: Config) -> dict[str, int]:
-    """What sizes the step's sequences and the KV pool (opdgraph.counts), and the prefill budget eval shares."""
+    """What sizes the step's sequences and the KV pool (opdgraph.counts), the prefill budget eval shares, and the
+    engine choices that decide the CUDA overheads (opdgraph.cuda_overheads)."""
     return {"max_new_tokens": config.max_new_tokens, "page_size": config.page_size,
             "max_num_seqs": config.max_num_seqs, "kv_pool_tokens": config.kv_pool_tokens,
-            "prefill_token_budget": config.prefill_token_budget}
+            "prefill_token_budget": config.prefill_token_budget, "backend": config.backend,
+            "decode_burst_steps": config.decode_burst_steps, "fused_kernels": config.fused_kernels}
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:

@@ -16,7 +16,7 @@ GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py", "opdgraph/place
                    "opdgraph/runtime/offload.py", "opdgraph/runtime/run.py", "opdgraph/runtime/startup.py",
                    "opdgraph/planned_paths.py", "opdgraph/fit.py", "opdgraph/runtime/build.py",
                    "opdgraph/runtime/teachers.py", "opdgraph/runtime/hybrid.py", "opdgraph/runtime/reporters.py",
-                   "opdgraph/runtime/config_record.py")
+                   "opdgraph/runtime/config_record.py", "opdgraph/cuda_overheads.py")
 KINDS = (*KIND_NAMES, *SOURCE_KINDS)
 
 
