@@ -155,6 +155,37 @@ def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
             formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
+def check_pipeline(stage_name: str, config: Config, pipeline, settings: dict, problem) -> list:
+    """Config-time checks against the other tables (opdgraph.config.checks):
+    - sampled_token estimates reverse KL from the sampled token alone: log p_s(y) - log p_t(y) averages to
+      KL(p_s || p_t) only when y is drawn from p_s itself, the student's softmax at the loss temperature. A filtered
+      (top_k, top_p, min_p), greedy or differently tempered rollout draws y from another distribution, and the
+      estimate is biased by an amount nothing reports.
+    - The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
+      the models are loaded. device = "auto" is decided on the machine that runs (check_device, at startup)."""
+    problems = []
+    rollout = settings.get("rollout_config")  # (the rollout stage, its Config): stages/rollout.py's run setting
+    if rollout is not None and config.divergence == "sampled_token" and not config.allow_biased_estimate:
+        rollout_name, sampling = rollout
+        reasons = [reason for reason, applies in (
+            ("greedy = true", sampling.greedy), (f"top_k = {sampling.top_k}", sampling.top_k > 0),
+            (f"top_p = {sampling.top_p}", sampling.top_p < 1), (f"min_p = {sampling.min_p}", sampling.min_p > 0),
+            (f"temperature = {sampling.temperature} (the loss uses {config.temperature})",
+             sampling.temperature != config.temperature)) if applies]
+        if reasons:
+            problems.append(problem(f"{stage_name}.divergence",
+                                    f"divergence = \"sampled_token\" is an unbiased estimate of reverse KL only for "
+                                    f"tokens sampled from the student at the loss temperature, but [{rollout_name}] "
+                                    f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
+                                    f"the vocabulary), or set {stage_name}.allow_biased_estimate = true to accept "
+                                    f"the bias"))
+    if pipeline.device == "cpu" and config.kernel == "triton":
+        problems.append(problem(f"{stage_name}.kernel",
+                                f"{stage_name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
+                                f"set {stage_name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
+    return problems
+
+
 def check_device(stage_name: str, config: Config, device) -> None:
     """At startup, before any weights load: a kernel the device cannot run is a DeviceError naming the key."""
     from opdgraph.runtime.training import check_loss_kernel
