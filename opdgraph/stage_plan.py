@@ -208,7 +208,8 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         student_fp32=cfg.models[student].dtype == "float32", student_keys=model_keys(cfg, student),
         teacher_keys=teachers[0].keys, counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
-        setting_keys={name: f"{owner}.{name}" for name, (owner, _) in named_settings(cfg.stages, "step_settings").items()},
+        setting_keys={name: f"{owner}.{name}"
+                      for name, (owner, _) in named_settings(cfg.stages, "step_settings").items()},
         prefill_token_budget=settings["prefill_token_budget"],
         activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",

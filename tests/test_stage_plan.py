@@ -22,8 +22,8 @@ KINDS = (*KIND_NAMES, *SOURCE_KINDS)
 
 def _kind_branches(path: Path) -> list[str]:
     """Comparisons of a `kind` with a kind's name, stages_of_kind calls and lookups of a stage by its kind
-    (`cfg.stage("rollout")`, `facts.stage_names["rollout"]`): the branches a kind's module should own (other settings that share a kind's name, such
-    as student_gather = "step", are not kind branches)."""
+    (`cfg.stage("rollout")`, `facts.stage_names["rollout"]`): the branches a kind's module should own (other
+    settings that share a kind's name, such as student_gather = "step", are not kind branches)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
