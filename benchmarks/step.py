@@ -272,8 +272,7 @@ def _measure(ctx, cfg, plan, shape: StepShape, args, prepare, started: float, ov
         prepare(ctx)
     setup_seconds = time.perf_counter() - started
     ctx.tokenizer.eos_token_ids = []  # fixed response lengths: nothing ends a response before max_new_tokens
-    hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
-    hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    hooks = {ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}  # the KV pool's: the rollout stage's own
     executor = timed_executor_class()(plan, {n: s.config for n, s in cfg.stages.items()}, ctx, release_hooks=hooks)
     steps = []
     for index in range(args.warmup + shape.steps):

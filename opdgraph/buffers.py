@@ -45,6 +45,7 @@ import attrs
 
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
+from opdgraph.counts import setting_key
 from opdgraph.cuda_overheads import overhead_buffers
 from opdgraph.drafts import buffer
 from opdgraph.placement import Placement
@@ -53,7 +54,7 @@ from opdgraph.planned_paths import fp32_grads
 from opdgraph.errors import OpdgraphError
 from opdgraph.stage_plan import StageFacts, planned_stages
 from opdgraph.teachers import teacher_weights
-from opdgraph.stages import stage_kind
+from opdgraph.stages import SOURCE_KINDS, stage_kind, stage_module
 
 
 def build_buffers(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Buffer]:
@@ -61,9 +62,8 @@ def build_buffers(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Buffer]:
     stage-graph order), the gradients, the sharded student's exchange buffers and the CUDA library overheads, then
     what the periodic stages (eval) allocate."""
     buffers = [*_model_state(cfg, facts),
-               Buffer(name="prompts", category="io", bytes=sizing.token_bytes(facts.counts.sequences,
-                                                                                facts.counts.prompt_tokens),
-                      sized_by=facts.batch_keys[:3], lifetime="transient", formula="sequences x max_prompt_tokens x 4")]
+               *(buffer for source in SOURCE_KINDS
+                 for buffer in stage_module(source).plan_buffers(source, None, facts))]
     periodic = []
     for name, stage_facts in planned_stages(cfg, facts):
         stage = cfg.stages[name]
@@ -126,10 +126,10 @@ def _grads_buffer(facts: StageFacts) -> Buffer:
     contribution, summed over ranks at the optimizer step). Model dtype: param.grad (P x d) and the full fp32 lm_head accumulator. The
     formula of the fp32 buffer also gives the size in the model dtype: what grad_accumulation_dtype = "model" saves.
     """
-    backward, shape, dtype_bytes = facts.stage_names["backward"], facts.student_shape, facts.student_dtype_bytes
+    shape, dtype_bytes = facts.student_shape, facts.student_dtype_bytes
     world_size, lifetime, keys = facts.world_size, facts.between_phases, facts.student_keys
     if not facts.student_fp32:
-        keys = (*keys, f"{backward}.grad_accumulation_dtype")
+        keys = (*keys, facts.setting_keys["grad_accumulation_dtype"])
     lm_head = shape.vocab * shape.hidden * sizing.FP32_BYTES
     model_size = _ceil_div(sizing.gradient_bytes(shape, dtype_bytes), world_size) + lm_head
     if world_size == 1:
@@ -150,7 +150,7 @@ def _grads_buffer(facts: StageFacts) -> Buffer:
         return Buffer(name=name, category="grads", bytes=model_size, sized_by=keys, lifetime=lifetime,
                       formula=model_formula)
     return Buffer(name=name, category="grads", bytes=fp32_size, sized_by=keys, lifetime=lifetime,
-                  formula=f"{fp32_formula}; {backward}.grad_accumulation_dtype = \"model\" would hold "
+                  formula=f"{fp32_formula}; {facts.setting_keys['grad_accumulation_dtype']} = \"model\" would hold "
                           f"{model_formula} = {_gib(model_size)}")
 
 
@@ -216,7 +216,7 @@ def _gathered_student_buffers(comm: Buffer, cfg: PipelineConfig, world_size: int
     if fp32_grads(cfg):
         whole = Buffer(name=grads, category="grads",
                        bytes=shape.parameter_count() * sizing.FP32_BYTES + unit * dtype_bytes,
-                       sized_by=comm.sized_by + (f"{cfg.stage('backward').name}.grad_accumulation_dtype",),
+                       sized_by=comm.sized_by + (setting_key(cfg, "grad_accumulation_dtype"),),
                        lifetime="transient", spans_loops=True,
                        formula="P x 4 + max(root, layer) params x d (whole gradients summed in fp32 and one unit's "
                                "being added; reduce-scattered by the last micro-batch's backward)")

@@ -27,7 +27,7 @@ from opdgraph.placement_steps import place_drafts, placement_transfers
 from opdgraph.plan import Peak, Plan, Release, Step, StepWork, Transfer
 from opdgraph.stage_plan import StageFacts, ordered_stages, planned_stages, stage_facts
 from opdgraph.teachers import FUSED_LOOP
-from opdgraph.stages import stage_kind
+from opdgraph.stages import SOURCE_KINDS, stage_kind, stage_module
 
 GIB = 1024**3
 WHEN = ("before", "during", "after")
@@ -128,7 +128,7 @@ def _model_facts(cfg: PipelineConfig) -> dict[str, object]:
 
 def _drafts(cfg: PipelineConfig, facts: StageFacts) -> list[Draft]:
     """The data source's step, then each stage's steps in stage-graph order (opdgraph.stages.<kind>.plan_steps)."""
-    drafts = [Draft("data.load", "data", "data", (), ("prompts",), (), 1, W.Work())]
+    drafts = [draft for source in SOURCE_KINDS for draft in stage_module(source).plan_steps(source, None, facts)]
     for name, stage_facts_ in planned_stages(cfg, facts):
         stage = cfg.stages[name]
         drafts += stage_kind(stage.kind).plan_steps(name, stage.config, stage_facts_)

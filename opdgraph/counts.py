@@ -11,6 +11,10 @@ step's sequences.
 An eval stage has counts of its own (`eval_counts`): it generates with its own KV pools (the student's and the
 teacher's), sized for its prompts and its max_new_tokens, and scores in micro-batches of whole eval sequences.
 Every rank evaluates all eval prompts, so these are not divided by the number of ranks.
+
+The settings that size a step (max_new_tokens, micro_batch_tokens, chunk_tokens, ...) are the stages' own, found by
+name in `step_settings` (each kind's `step_settings(config)`, the first stage in table order that has one), so
+this module never asks which kind owns a setting.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import attrs
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.errors import OpdgraphError
 from opdgraph.sizing import kv_pool_pages
-from opdgraph.stages.sft import gold_prefix_tokens
+from opdgraph.stages import named_settings
 
 
 @attrs.frozen(kw_only=True)
@@ -101,40 +105,56 @@ class EvalCounts:
         return facts
 
 
+def step_settings(cfg: PipelineConfig) -> dict[str, object]:
+    """Every stage's settings that size a training step, by name (see the module docstring)."""
+    return {key: value for key, (_, value) in named_settings(cfg.stages, "step_settings").items()}
+
+
+def setting_key(cfg: PipelineConfig, name: str) -> str:
+    """The dotted config key of the step setting `name` (`backward.grad_accumulation_dtype`), for sized-by lists."""
+    stage, _ = named_settings(cfg.stages, "step_settings")[name]
+    return f"{stage}.{name}"
+
+
 def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
     """The eval stage's pool and batch sizes; the runtime builds its eval engines and micro-batches from these."""
-    config, rollout = cfg.stages[stage_name].config, cfg.stage("rollout").config
+    config, settings = cfg.stages[stage_name].config, step_settings(cfg)
     sequence_tokens = cfg.data.max_prompt_tokens + config.max_new_tokens
     # Hybrid SFT: the student also answers after the gold prefix (eval's accuracy with it): pages for it.
-    student_prompt_tokens = cfg.data.max_prompt_tokens + gold_prefix_tokens(cfg.stages)
-    concurrent = min(config.num_prompts, rollout.max_num_seqs)
-    per_micro_batch = min(max(1, cfg.stage("teacher_score").config.micro_batch_tokens // sequence_tokens),
-                          config.num_prompts)
+    student_prompt_tokens = cfg.data.max_prompt_tokens + settings.get("gold_prefix_max_tokens", 0)
+    concurrent = min(config.num_prompts, settings["max_num_seqs"])
+    per_micro_batch = min(max(1, settings["micro_batch_tokens"] // sequence_tokens), config.num_prompts)
+    page_size = settings["page_size"]
     return EvalCounts(
         stage=stage_name, prompts=config.num_prompts, prompt_tokens=cfg.data.max_prompt_tokens,
-        new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=rollout.page_size,
+        new_tokens=config.max_new_tokens, concurrent_seqs=concurrent, page_size=page_size,
         num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=student_prompt_tokens,
-                                max_new_tokens=config.max_new_tokens, page_size=rollout.page_size, kv_pool_tokens=0),
+                                max_new_tokens=config.max_new_tokens, page_size=page_size, kv_pool_tokens=0),
         micro_batch_tokens=per_micro_batch * sequence_tokens,
-        chunk_tokens=min(cfg.stage("loss").config.chunk_tokens, per_micro_batch * sequence_tokens),
+        chunk_tokens=min(settings["chunk_tokens"], per_micro_batch * sequence_tokens),
         teacher_num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=_eval_teacher_prompt(cfg),
-                                        max_new_tokens=config.max_new_tokens, page_size=rollout.page_size,
+                                        max_new_tokens=config.max_new_tokens, page_size=page_size,
                                         kv_pool_tokens=0))
 
 
 def _eval_teacher_prompt(cfg: PipelineConfig) -> int:
-    """The prompt limit of the teacher eval compares with (the first teacher stage in plan order)."""
+    """The prompt limit of the teachers that answer eval prompts: the first teacher stage in plan order, or with
+    routed rows every teacher (each answers its own rows in a pool of the same pages), the longest limit."""
     from opdgraph.stage_plan import ordered_stages  # stage_plan imports this module: imported when called
-    from opdgraph.teachers import teacher_specs
+    from opdgraph.teachers import route_field, teacher_specs
 
     specs = {spec.stage: spec for spec in teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)}
-    first = next((name for name in ordered_stages(cfg) if name in specs), None)
-    return specs[first].prompt_tokens if first is not None else cfg.data.max_prompt_tokens
+    ordered = [specs[name] for name in ordered_stages(cfg) if name in specs]
+    if not ordered:
+        return cfg.data.max_prompt_tokens
+    if route_field(cfg.stages) and len(ordered) > 1:
+        return max(spec.prompt_tokens for spec in ordered)
+    return ordered[0].prompt_tokens
 
 
 def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
-    rollout = cfg.stage("rollout").config
-    micro_batch_tokens = cfg.stage("teacher_score").config.micro_batch_tokens
+    settings = step_settings(cfg)
+    micro_batch_tokens, new_tokens = settings["micro_batch_tokens"], settings["max_new_tokens"]
     if cfg.data.prompts_per_step % world_size:
         where = cfg.provenance.get("data.prompts_per_step", "default")
         raise OpdgraphError(
@@ -143,19 +163,19 @@ def step_counts(cfg: PipelineConfig, world_size: int = 1) -> StepCounts:
             f"a multiple of the number of ranks"
         )
     sequences = cfg.data.sequences_per_step // world_size
-    gold = gold_prefix_tokens(cfg.stages)
+    gold = settings.get("gold_prefix_max_tokens", 0)
     prompt_tokens = cfg.data.max_prompt_tokens + gold
-    sequence_tokens = prompt_tokens + rollout.max_new_tokens
-    concurrent = min(rollout.max_num_seqs, sequences)
+    sequence_tokens = prompt_tokens + new_tokens
+    concurrent = min(settings["max_num_seqs"], sequences)
     per_micro_batch = min(max(1, micro_batch_tokens // sequence_tokens), sequences)
     scored = per_micro_batch * (sequence_tokens - gold)  # the loss's chunks: not the gold prefix (stages/sft.py)
-    chunk_tokens = min(cfg.stage("loss").config.chunk_tokens, scored)
+    chunk_tokens = min(settings["chunk_tokens"], scored)
     return StepCounts(
-        sequences=sequences, prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
-        concurrent_seqs=concurrent, page_size=rollout.page_size,
+        sequences=sequences, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        concurrent_seqs=concurrent, page_size=settings["page_size"],
         num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=prompt_tokens,
-                                max_new_tokens=rollout.max_new_tokens, page_size=rollout.page_size,
-                                kv_pool_tokens=rollout.kv_pool_tokens),
+                                max_new_tokens=new_tokens, page_size=settings["page_size"],
+                                kv_pool_tokens=settings["kv_pool_tokens"]),
         sequences_per_micro_batch=per_micro_batch,
         num_micro_batches=math.ceil(sequences / per_micro_batch),
         chunk_tokens=chunk_tokens,

@@ -44,12 +44,20 @@ def targets_cuda(cfg: PipelineConfig) -> bool:
     return cfg.pipeline.device != "cpu"
 
 
+def _engine_setting(cfg: PipelineConfig, name: str) -> tuple[str, object]:
+    """(the stage that publishes it, its value) of a rollout engine setting, found by name (stages/rollout.py's
+    step_settings), so this module never looks the rollout up by its kind."""
+    from opdgraph.stages import named_settings  # the stage modules import the compiler: imported when called
+
+    return named_settings(cfg.stages, "step_settings")[name]
+
+
 def uses_flashinfer(cfg: PipelineConfig) -> bool:
     """The rollout engine samples through flashinfer with CUDA-graph decode (opdgraph.runtime.context); a student with
     linear-attention layers (Qwen3.5) too, its attention layers through flashinfer (rollout/engine.py)."""
     student = cfg.models[cfg.model_with_role("student")]
     shape = cfg.shapes[cfg.model_with_role("student")]
-    return (targets_cuda(cfg) and student.dtype != "float32" and cfg.stage("rollout").config.backend != "torch"
+    return (targets_cuda(cfg) and student.dtype != "float32" and _engine_setting(cfg, "backend")[1] != "torch"
             and shape.head_dim in FLASHINFER_HEAD_DIMS)
 
 
@@ -57,7 +65,7 @@ def uses_decode_bursts(cfg: PipelineConfig) -> bool:
     """Decode runs as bursts (rollout.decode_burst_steps, auto on the flashinfer path when the Triton decode kernel
     takes the student's heads: opdgraph.runtime.engine_setup.decode_burst_steps). Bursts replay their own graphs, so the
     per-batch-size flashinfer graph wrappers are never created."""
-    setting = cfg.stage("rollout").config.decode_burst_steps
+    _, setting = _engine_setting(cfg, "decode_burst_steps")
     if not uses_flashinfer(cfg) or setting == 1:
         return False
     shape = cfg.shapes[cfg.model_with_role("student")]
@@ -70,7 +78,7 @@ def stacked_qkv_bytes(cfg: PipelineConfig) -> int:
     a student with linear-attention layers, whose rollout runs unfused (rollout/engine.py)."""
     student = cfg.model_with_role("student")
     shape = cfg.shapes[student]
-    if not (uses_flashinfer(cfg) and cfg.stage("rollout").config.fused_kernels) or shape.linear_layers:
+    if not (uses_flashinfer(cfg) and _engine_setting(cfg, "fused_kernels")[1]) or shape.linear_layers:
         return 0
     width = shape.q_dim + 2 * shape.kv_dim
     return shape.layers * width * (shape.hidden + int(shape.qkv_bias)) * cfg.models[student].dtype_bytes
@@ -90,7 +98,7 @@ def attention_windows(family: str) -> int:
 def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list[Buffer]:
     if not targets_cuda(cfg):
         return []
-    rollout = cfg.stage("rollout")
+    rollout, max_num_seqs = _engine_setting(cfg, "max_num_seqs")
     graphs = uses_flashinfer(cfg)
     handles = ("main thread", "autograd backward thread", *(("graph capture", "graph warmup") if graphs else ()))
     buffers = [Buffer(name="cuda.cublas_workspace", category="workspace", bytes=CUBLAS_WORKSPACE_BYTES * len(handles),
@@ -100,23 +108,22 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         return buffers
     student = cfg.model_with_role("student")
     shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
-    max_num_seqs = rollout.config.max_num_seqs
     windows, sizes = attention_windows(shape.family), decode_graph_batch_sizes(max_num_seqs)
     graph_wrappers = 0 if uses_decode_bursts(cfg) else sizes
     wrappers = windows * (2 + graph_wrappers)
-    backend_keys = ("pipeline.device", f"{rollout.name}.backend", f"models.{student}.dtype")
+    backend_keys = ("pipeline.device", f"{rollout}.backend", f"models.{student}.dtype")
     buffers.append(Buffer(
-        name=f"{rollout.name}.flashinfer", category="workspace",
+        name=f"{rollout}.flashinfer", category="workspace",
         bytes=FLASHINFER_FLOAT_WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
-        sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="held",
+        sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="held",
         formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
                 f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
     buffers.append(Buffer(
-        name=f"{rollout.name}.decode_graph_pool", category="workspace",
+        name=f"{rollout}.decode_graph_pool", category="workspace",
         bytes=sizing.forward_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(largest,
                                                                                                       shape.vocab),
-        sized_by=(*backend_keys, f"{rollout.name}.max_num_seqs", *student_keys), lifetime="transient",
+        sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="transient",
         formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "
                 "activations and fp32 logits, reserved by the graphs' private pool"))
     return buffers

@@ -31,16 +31,22 @@ import attrs
 from opdgraph.teachers import teacher_weights
 
 from opdgraph.compile import compile_plan
+from opdgraph.counts import step_settings
 from opdgraph.config.schema import FIT_CHOICES, PipelineConfig
 from opdgraph.errors import OpdgraphError
 from opdgraph.placement import Placement, configured_placement
 from opdgraph.plan import Plan
-from opdgraph.stages.sft import gold_prefix_tokens
+from opdgraph.stages import published_settings
 
 GIB = 1024**3
 MIN_CHUNK_TOKENS = 256
 MIN_NUM_SEQS = 8
 LADDER_STEPS = 4  # values per default ladder: the configured one and up to three halvings
+
+
+# The decisions that are stage settings, found by name among the stages' step settings (the kinds that own them
+# publish them: backward, teacher_score, loss, rollout), so this module never looks a stage up by its kind.
+STAGE_DECISIONS = ("activation_checkpointing", "micro_batch_tokens", "chunk_tokens", "max_num_seqs")
 
 
 @attrs.frozen(kw_only=True)
@@ -87,23 +93,18 @@ class FitResult:
 
 
 def configured_decisions(cfg: PipelineConfig) -> Decisions:
-    placement = configured_placement(cfg)
+    placement, settings = configured_placement(cfg), step_settings(cfg)
     return Decisions(teacher_weights=placement.teacher_weights, optimizer_state=placement.optimizer_state,
-                     activation_checkpointing=cfg.stage("backward").config.activation_checkpointing,
-                     micro_batch_tokens=cfg.stage("teacher_score").config.micro_batch_tokens,
-                     chunk_tokens=cfg.stage("loss").config.chunk_tokens,
-                     max_num_seqs=cfg.stage("rollout").config.max_num_seqs, student_gather=placement.student_gather)
+                     **{name: settings[name] for name in STAGE_DECISIONS}, student_gather=placement.student_gather)
 
 
 def apply_decisions(cfg: PipelineConfig, decisions: Decisions) -> PipelineConfig:
     """The config with the decisions' settings written into their stage tables; provenance says 'fit'."""
-    settings = {("backward", "activation_checkpointing"): decisions.activation_checkpointing,
-                ("teacher_score", "micro_batch_tokens"): decisions.micro_batch_tokens,
-                ("loss", "chunk_tokens"): decisions.chunk_tokens,
-                ("rollout", "max_num_seqs"): decisions.max_num_seqs}
     stages, provenance = dict(cfg.stages), dict(cfg.provenance)
-    for (kind, key), value in settings.items():
-        for stage in cfg.stages_of_kind(kind):  # every teacher stage shares the micro-batch
+    for stage in cfg.stages.values():  # every stage that publishes a setting gets it (each teacher stage its
+        # micro_batch_tokens: they share the micro-batch)
+        chosen = {key: getattr(decisions, key) for key in STAGE_DECISIONS if key in published_settings(stage)}
+        for key, value in chosen.items():
             if getattr(stage.config, key) != value:
                 stages[stage.name] = attrs.evolve(stage, config=attrs.evolve(stages[stage.name].config,
                                                                              **{key: value}))
@@ -154,8 +155,9 @@ def search_space(cfg: PipelineConfig, world_size: int = 1) -> list[Decisions]:
     """Every candidate, in a fixed order: the configured value of each decision first (see the ladders' help)."""
     check_world_size(cfg, world_size)
     fit, base = cfg.pipeline.fit, configured_decisions(cfg)
-    sequence_tokens = (cfg.data.max_prompt_tokens + gold_prefix_tokens(cfg.stages)
-                       + cfg.stage("rollout").config.max_new_tokens)
+    settings = step_settings(cfg)
+    sequence_tokens = (cfg.data.max_prompt_tokens + settings.get("gold_prefix_max_tokens", 0)
+                       + settings["max_new_tokens"])
     micro = fit.micro_batch_tokens or _halvings(base.micro_batch_tokens, sequence_tokens)
     chunks = fit.chunk_tokens or _halvings(base.chunk_tokens, min(MIN_CHUNK_TOKENS, base.chunk_tokens))
     seqs = fit.max_num_seqs or _halvings(base.max_num_seqs, min(MIN_NUM_SEQS, base.max_num_seqs))

@@ -1,11 +1,13 @@
 """What a placement (opdgraph.placement) and several ranks change in the compiler's draft steps: extra reads, the
 time of streams and FSDP exchanges, and the transfers each step lists. `opdgraph.compile` drafts the steps of the
-plain plan, then hands them here.
+plain plan, then hands them here. What a step does is read from its draft's roles (opdgraph.drafts), which the stage
+kind that drafts it sets: nothing here depends on which kind a step comes from.
 
-- Streaming the teacher's layers: teacher_score also reads the layer buffer, and each micro-batch takes the longer
-  of its compute and its copies (the next layer is copied while this one runs).
-- Streaming the optimizer state: the step copies every bucket in for the optimizer's finiteness check, then in
-  and back out for the update (copies and update do not overlap): three times the host state over PCIe.
+- Streaming the teacher's layers: a teacher forward (teacher_score) also reads the layer buffer, and each
+  micro-batch takes the longer of its compute and its copies (the next layer is copied while this one runs).
+- Streaming the optimizer state: the optimizer update (step) copies every bucket in for the optimizer's
+  finiteness check, then in and back out for the update (copies and update do not overlap): three times the host
+  state over PCIe.
 - Sharding the teacher: teacher_score gathers every layer and the root once per micro-batch, each micro-batch
   taking the longer of its compute and its all-gathers (FSDP gathers the next layer while this one runs); the root
   stays gathered until the loss has read the lm_head; eval gathers the whole teacher once.
@@ -19,7 +21,16 @@ import attrs
 from opdgraph import work as W
 from opdgraph.planned_paths import fp32_grads
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.drafts import Draft
+from opdgraph.drafts import (
+    OPTIMIZER_UPDATE,
+    STUDENT_BACKWARD,
+    STUDENT_FORWARD,
+    STUDENT_GENERATE,
+    TEACHER_FORWARD,
+    TEACHER_HEAD,
+    WHOLE_TEACHER,
+    Draft,
+)
 from opdgraph.placement import Placement
 from opdgraph.plan import Transfer
 from opdgraph.sizing import FP32_BYTES
@@ -43,13 +54,13 @@ def place_drafts(drafts: list[Draft], cfg: PipelineConfig, placement: Placement,
             (teacher, model), = owners.items()
             draft = _shard_teacher_draft(draft, teacher, _weight_bytes(cfg, model), hardware, world_size)
         teacher = next((name[:-len(".weights")] for name in draft.reads if name[:-len(".weights")] in owners), None)
-        if draft.kind == "teacher_score" and placement.teacher_weights == "stream" and teacher is not None:
+        if TEACHER_FORWARD in draft.roles and placement.teacher_weights == "stream" and teacher is not None:
             streamed = _streamed_teacher_bytes(cfg, owners[teacher])
             per_micro_batch = max(draft.work.seconds / draft.repeats, streamed / (hardware.pcie_gbps * 1e9))
             work = W.Work(draft.work.flops, draft.work.device_bytes, streamed * draft.repeats,
                           per_micro_batch * draft.repeats)
             draft = attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.layer_stream"), work=work)
-        if draft.kind == "step" and placement.optimizer_state == "offload":
+        if OPTIMIZER_UPDATE in draft.roles and placement.optimizer_state == "offload":
             moved = OPTIMIZER_STATE_TRIPS * _host_state_bytes(buffers, student)
             draft = attrs.evolve(draft, reads=(*draft.reads, f"{student}.optimizer_stream"),
                                  work=draft.work + W.transfer_work(moved, hardware))
@@ -61,11 +72,11 @@ def _student_exchanges(draft: Draft, per_layer: bool) -> list[tuple[str, int]]:
     """The sharded student's exchanges in one step of the plan, (direction, times per training step): rollout's
     all-gather; per layer, each micro-batch's forward gathers the student and its backward gathers it again and
     reduce-scatters the gradients; per step, only the last backward reduce-scatters (the whole gradients)."""
-    if draft.kind == "rollout" and draft.name.endswith(".prefill"):
+    if STUDENT_GENERATE in draft.roles:
         return [("all_gather", 1)]
-    if per_layer and draft.kind == "loss" and draft.name.endswith(".student_forward"):
+    if per_layer and STUDENT_FORWARD in draft.roles:
         return [("all_gather", draft.repeats)]
-    if draft.kind == "backward":
+    if STUDENT_BACKWARD in draft.roles:
         return [("all_gather", draft.repeats), ("reduce_scatter", draft.repeats)] if per_layer else \
             [("reduce_scatter", 1)]
     return []
@@ -80,12 +91,12 @@ def _gather_student_draft(draft: Draft, student: str, student_bytes: int, reduce
     exchange = W.all_gather_seconds(student_bytes, world_size, hardware)  # a reduce-scatter moves as many bytes
     per_step = gather == "step"
     times = sum(count for _, count in _student_exchanges(draft, per_layer=not per_step))
-    if draft.kind == "rollout":
-        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange * times)) if times else draft
-    if draft.kind == "loss" and draft.name.endswith(".student_forward") and per_step:
+    if STUDENT_GENERATE in draft.roles:
+        return attrs.evolve(draft, work=draft.work + W.Work(seconds=exchange * times))
+    if STUDENT_FORWARD in draft.roles and per_step:
         return attrs.evolve(draft, reads=(*draft.reads, f"{student}.gathered_weights"),
                             writes=tuple(name for name in draft.writes if name != f"{student}.fsdp_comm"))
-    if draft.kind == "backward" and per_step:
+    if STUDENT_BACKWARD in draft.roles and per_step:
         compute = draft.work.seconds / draft.repeats
         reduce_scatter = W.all_gather_seconds(reduced_bytes, world_size, hardware)
         seconds = compute * (draft.repeats - 1) + max(compute, reduce_scatter)
@@ -102,13 +113,13 @@ def _overlapped(draft: Draft, exchange_per_repeat: float) -> Draft:
 
 
 def _shard_teacher_draft(draft: Draft, teacher: str, teacher_bytes: int, hardware, world_size: int) -> Draft:
-    if draft.kind == "teacher_score":
+    if TEACHER_FORWARD in draft.roles:
         gathered = _overlapped(draft, W.all_gather_seconds(teacher_bytes, world_size, hardware))
         return attrs.evolve(gathered, writes=(*draft.writes, f"{teacher}.gathered_layer",
                                               f"{teacher}.gathered_root"))
-    if draft.kind == "loss" and f"{teacher}.weights" in draft.reads:  # the chunked loss reads the lm_head
+    if TEACHER_HEAD in draft.roles and f"{teacher}.weights" in draft.reads:  # the chunked loss
         return attrs.evolve(draft, reads=(*draft.reads, f"{teacher}.gathered_root"))
-    if draft.kind == "eval":
+    if WHOLE_TEACHER in draft.roles:
         seconds = W.all_gather_seconds(teacher_bytes, world_size, hardware)
         return attrs.evolve(draft, writes=(*draft.writes, f"{teacher}.gathered_weights"),
                             work=draft.work + W.Work(seconds=seconds))
@@ -131,7 +142,7 @@ def _gather_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Place
     (teacher, model), = teacher_weights(cfg).items()
     size = _weight_bytes(cfg, model)
     return [_exchange(draft, f"{teacher}.weights", "all_gather", size, draft.repeats, world_size, hardware)
-            for draft in drafts if draft.kind == "teacher_score"]  # eval's gather is periodic: in its own time
+            for draft in drafts if TEACHER_FORWARD in draft.roles]  # eval's gather is periodic: its own time
 
 
 def _student_transfers(drafts: list[Draft], cfg: PipelineConfig, placement: Placement, hardware,

@@ -37,6 +37,7 @@ def attention_fallback(cfg: PipelineConfig, name: str) -> bool:
 def fp32_grads(cfg: PipelineConfig) -> bool:
     """Whether the student's gradients are summed in fp32 accumulators of their own (opdgraph.runtime.gradients):
     backward.grad_accumulation_dtype = "float32" and a student that is not fp32 already."""
+    from opdgraph.counts import step_settings  # counts -> stages -> nothing of ours: imported when called
+
     student = cfg.model_with_role("student")
-    return (cfg.stage("backward").config.grad_accumulation_dtype == "float32"
-            and cfg.models[student].dtype != "float32")
+    return step_settings(cfg)["grad_accumulation_dtype"] == "float32" and cfg.models[student].dtype != "float32"

@@ -19,11 +19,11 @@ import attrs
 from opdgraph import work as W
 from opdgraph.planned_paths import attention_fallback, fp32_grads, model_keys
 from opdgraph.config.schema import PipelineConfig
-from opdgraph.counts import EvalCounts, StepCounts, eval_counts
+from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
 from opdgraph.graph import build_stage_graph, stage_order
 from opdgraph.model_shapes import ModelShape
-from opdgraph.stages import KIND_NAMES, stage_kind, stage_nodes
+from opdgraph.stages import KIND_NAMES, named_settings, stage_kind, stage_nodes
 from opdgraph.teachers import TeacherSpec, TrainGroup, route_field, teacher_specs, train_groups
 
 
@@ -62,7 +62,8 @@ class StageFacts:
     hardware: W.Hardware
     fused: bool
     world_size: int
-    stage_names: dict[str, str]  # kind -> the table name of the (first) stage of that kind
+    stage_names: dict[str, str]  # kind -> the table name of the (first) stage of that kind (a stage's own kind)
+    setting_keys: dict[str, str]  # step setting -> its dotted key (`rollout.max_new_tokens`): counts.setting_key
     prefill_token_budget: int  # the rollout's; eval generates with the same engine settings
     activation_checkpointing: bool  # the backward's; it sets what the student forward saves
     fp32_grads: bool  # planned_paths.fp32_grads: the gradients are summed in fp32 accumulators of their own
@@ -142,18 +143,19 @@ class StageFacts:
     def batch_keys(self) -> tuple[str, ...]:
         """The keys that size one step's batch of sequences."""
         return ("data.prompts_per_step", "data.samples_per_prompt", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+                self.setting_keys["max_new_tokens"], *self.gold_keys)
 
     @property
     def micro_keys(self) -> tuple[str, ...]:
         """The keys that size one training micro-batch."""
-        return (f"{self.stage_names['teacher_score']}.micro_batch_tokens", "data.max_prompt_tokens",
-                f"{self.stage_names['rollout']}.max_new_tokens", *self.gold_keys)
+        return (self.setting_keys["micro_batch_tokens"], "data.max_prompt_tokens", self.setting_keys["max_new_tokens"],
+                *self.gold_keys)
 
     @property
     def gold_keys(self) -> tuple[str, ...]:
         """The gold prefix's bound (hybrid SFT): part of every sequence's prompt side."""
-        return (f"{self.stage_names['sft']}.gold_prefix_max_tokens",) if "sft" in self.stage_names else ()
+        key = self.setting_keys.get("gold_prefix_max_tokens")
+        return (key,) if key else ()
 
     @property
     def crossing_tokens(self) -> tuple[int, tuple[str, ...]]:
@@ -197,7 +199,7 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
     groups = tuple(train_groups([t.spec for t in teachers], bool(route_field(cfg.stages)) and len(teachers) > 1))
     student, teacher = cfg.model_with_role("student"), teachers[0].spec.weights
     teacher_model = teachers[0].spec.model
-    names = {}
+    names, settings = {}, step_settings(cfg)
     for name, stage in cfg.stages.items():
         names.setdefault(stage.kind, name)
     return StageFacts(
@@ -206,8 +208,10 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         student_fp32=cfg.models[student].dtype == "float32", student_keys=model_keys(cfg, student),
         teacher_keys=teachers[0].keys, counts=counts, hardware=hardware, fused=cfg.pipeline.fuse_training,
         world_size=world_size, stage_names=names,
-        prefill_token_budget=cfg.stage("rollout").config.prefill_token_budget,
-        activation_checkpointing=cfg.stage("backward").config.activation_checkpointing, fp32_grads=fp32_grads(cfg),
+        setting_keys={name: f"{owner}.{name}"
+                      for name, (owner, _) in named_settings(cfg.stages, "step_settings").items()},
+        prefill_token_budget=settings["prefill_token_budget"],
+        activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
         targets_cuda=targets_cuda(cfg), uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
         student_attention_fallback=attention_fallback(cfg, student),
@@ -226,11 +230,12 @@ def planned_stages(cfg: PipelineConfig, facts: StageFacts):
     planned once per teacher loop (TrainGroup), each loop holding only its own teacher's stage; otherwise once."""
     names = ordered_stages(cfg)
     micro = [name for name in names if stage_kind(cfg.stages[name].kind).micro_batch]
+    teachers = {teacher.spec.stage for teacher in facts.teachers}
     for name in names:
         if name not in micro or not facts.fused or len(facts.groups) <= 1:
             yield name, facts
         elif name == micro[0]:
             for group in facts.groups:
                 for member in micro:
-                    if cfg.stages[member].kind != "teacher_score" or member in group.teachers:
+                    if member not in teachers or member in group.teachers:
                         yield member, facts.in_group(group)

@@ -106,8 +106,15 @@ def teacher_specs(models: dict, stages: dict, data_prompt_tokens: int) -> list[T
 
 def route_field(stages: dict) -> str:
     """The loss's route field ('' when rows are not routed)."""
-    loss = next((stage for stage in stages.values() if stage.kind == "loss"), None)
-    return loss.config.route_field if loss is not None else ""
+    return route_setting(stages)[1]
+
+
+def route_setting(stages: dict) -> tuple[str, str]:
+    """(the stage that publishes route_field, its value): the loss's, found by name (stages.named_settings);
+    ("", "") without one."""
+    from opdgraph.stages import named_settings  # the stage modules import this package's neighbours
+
+    return named_settings(stages, "step_settings").get("route_field", ("", ""))
 
 
 def train_groups(specs: list[TeacherSpec], routed: bool) -> list[TrainGroup]:

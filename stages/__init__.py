@@ -11,7 +11,17 @@ Its plan contribution (opdgraph.stage_plan): `plan_steps(stage_name, config, fac
 training step; optionally `plan_buffers(...)` (the Buffers it allocates), `plan_facts(...)` (entries of the plan's
 facts), `MICRO_BATCH = True` (it runs once per training micro-batch: the compiler fuses such stages into one
 loop, one per teacher when rows are routed), `PERIODIC = True` (it runs every n steps, outside one training step's time) and `GATHERS_TEACHER = True`
-(it needs the whole teacher at once, so a sharded teacher is all-gathered for it).
+(it needs the whole teacher at once, so a sharded teacher is all-gathered for it), and `step_settings(config)`: its
+settings that size the whole training step (opdgraph.counts: max_new_tokens, micro_batch_tokens, ...), looked up by
+name (`named_settings`) so the generic compiler never asks which kind owns one; `run_settings(config)` likewise
+for the run loop (opdgraph.runtime.run: the progress line, checkpoint retention).
+How it runs (opdgraph.runtime.executor): `bind(stage_name, config, run)` names, once per run, the models and run
+objects its calls use; `execute(step, config, inputs)` runs one of its plan steps on an
+opdgraph.runtime.stage_inputs.StageInputs (those models, the plan buffers it declares, the loop iteration, a few
+run services), never on the whole run context; optionally `release_hooks(stage_name, config, models)` (what drops
+the memory behind a buffer it allocates, at the plan's release) and `before_training(step, config, inputs)` (eval's
+evaluation before the first step).
+The data source (`data`, configured by `[data]`, SOURCE_KINDS) is planned and run the same way, from stages/data.py.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import attrs
 
 KIND_NAMES = ("rollout", "teacher_score", "loss", "sft", "backward", "step", "eval", "checkpoint", "log")
 REQUIRED_KINDS = ("rollout", "teacher_score", "loss", "backward", "step")
+SOURCE_KINDS = ("data",)  # planned and run like a kind, configured by a section of its own (no stage table)
 
 
 @attrs.frozen
@@ -41,17 +52,40 @@ class StageKind:
     micro_batch: bool  # MICRO_BATCH = True: runs once per training micro-batch (the fused loop)
 
 
+def stage_module(name: str):
+    """The module of the stage kind (or source) `name` (KeyError when there is none)."""
+    if name not in KIND_NAMES and name not in SOURCE_KINDS:
+        raise KeyError(name)
+    return importlib.import_module(f"opdgraph.stages.{name}")
+
+
 def stage_kind(name: str) -> StageKind:
     """The registered stage kind `name` (KeyError when there is none)."""
     if name not in KIND_NAMES:
         raise KeyError(name)
-    module = importlib.import_module(f"opdgraph.stages.{name}")
+    module = stage_module(name)
     return StageKind(name, module.Config, tuple(module.READS), tuple(module.WRITES),
                      tuple(getattr(module, "MODEL_FIELDS", ())), module.plan_steps,
                      getattr(module, "plan_buffers", _nothing(list)), getattr(module, "plan_facts", _nothing(dict)),
                      getattr(module, "PERIODIC", False), getattr(module, "GATHERS_TEACHER", False),
                      getattr(module, "values", lambda stage_name, config, stages: (module.READS, module.WRITES)),
                      getattr(module, "MICRO_BATCH", False))
+
+
+def named_settings(stages: dict, hook: str) -> dict[str, tuple[str, object]]:
+    """setting name -> (the stage that owns it, its value), over every stage's `hook(config)` ("step_settings" or
+    "run_settings"), the first stage in table order winning: settings other modules read by name, never by kind."""
+    settings: dict[str, tuple[str, object]] = {}
+    for name, stage in stages.items():
+        for key, value in published_settings(stage, hook).items():
+            settings.setdefault(key, (name, value))
+    return settings
+
+
+def published_settings(stage, hook: str = "step_settings") -> dict[str, object]:
+    """What one stage entry publishes through its kind's `hook(config)` (nothing when its kind has no such hook)."""
+    published = getattr(stage_module(stage.kind), hook, None)
+    return published(stage.config) if published else {}
 
 
 def stage_nodes(stages: dict) -> list:

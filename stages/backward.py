@@ -17,11 +17,12 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import setting
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import STUDENT_BACKWARD, Draft, buffer
 from opdgraph.plan import Buffer
 from opdgraph.stages import sft
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("hidden_grad",)
@@ -37,6 +38,13 @@ class Config:
         "float32", help="dtype the gradients of a step's micro-batches are summed in: float32 (P x 4 bytes, exact "
                         "sums) or the model's dtype (bf16: P x 2 bytes, but every micro-batch's add rounds to 8 "
                         "mantissa bits); an fp32 student sums in fp32 either way")
+
+
+def step_settings(config: Config) -> dict[str, object]:
+    """Checkpointing sets what the student's training forward saves (planned by the loss); the accumulation dtype
+    sizes the gradients (opdgraph.buffers)."""
+    return {"activation_checkpointing": config.activation_checkpointing,
+            "grad_accumulation_dtype": config.grad_accumulation_dtype}
 
 
 def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -59,7 +67,7 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                   (f"{student}.weights", local("hidden_grad"), *sft.hidden_grads(facts), local("student_activations"),
                    "responses", *comm),
                   (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
-                  W.roofline(flops, moved, 0, facts.hardware, micro))]
+                  W.roofline(flops, moved, 0, facts.hardware, micro), frozenset({STUDENT_BACKWARD}))]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
@@ -73,10 +81,11 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                    formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def bind(stage_name: str, config: Config, run) -> dict:
+    return {"student": run.student}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    if step.name.endswith(".forward"):  # unfused plan: the forward with graph runs here
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=False)
-    else:
-        training.backward(ctx, loop)
+    training.backward(inputs)

@@ -15,7 +15,8 @@ from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
 from opdgraph.drafts import Draft
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
@@ -37,7 +38,13 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     return [Draft(stage_name, stage_name, "checkpoint", reads, (), (), 1, W.transfer_work(saved, facts.hardware))]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """How the run loop saves (opdgraph.runtime.run): how many checkpoints it keeps, and whether a signal saves."""
+    return {"checkpoint_keep_last": config.keep_last, "checkpoint_on_signal": config.on_signal}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     """Periodic: every `every_n_steps` training steps and after the last one."""
-    if ctx.step == ctx.num_steps or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
-        ctx.checkpoint_due = True
+    run = inputs.run
+    if run.step == run.num_steps or (config.every_n_steps and run.step % config.every_n_steps == 0):
+        run.request_checkpoint()

@@ -1,6 +1,8 @@
 """Eval stage: greedy (or sampled) generations on held-out prompts, scored against the teacher, shown as samples.
 
-Reads `student_weights` (after the optimizer step), writes `eval_metrics`.
+Reads `student_weights` (after the optimizer step), writes `eval_metrics`. With several teachers a routed row is
+answered and scored by its own teacher, a mixture's rows are scored against the mixture, and each teacher's own
+figures are reported too (opdgraph.runtime.evaluation); the plan sizes the eval's pools and workspace for that.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import WHOLE_TEACHER, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
@@ -50,7 +53,8 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                          hardware=facts.hardware)
     allocated = (f"{stage_name}.kv_cache", f"{stage_name}.teacher_kv_cache", f"{stage_name}.workspace",
                  *((f"{stage_name}.gathered_weights",) if facts.world_size > 1 else ()))
-    return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work)]
+    return [Draft(stage_name, stage_name, "eval", (f"{facts.student}.weights",), allocated, (), 1, work,
+                  frozenset({WHOLE_TEACHER}))]
 
 
 def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:
@@ -58,38 +62,78 @@ def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, 
     return facts.eval_counts(stage_name).facts()
 
 
+def _eval_teachers(facts: StageFacts) -> tuple[list, list[list]]:
+    """(the teachers that answer eval rows, the sets of teachers that score a micro-batch together), as
+    opdgraph.runtime.evaluation runs them: routed, each teacher answers and scores its own rows, one after another;
+    a mixture's first teacher answers and all of them score together; one teacher does both."""
+    teachers = list(facts.teachers)
+    if len(facts.groups) > 1:
+        return teachers, [[teacher] for teacher in teachers]
+    return teachers[:1], [teachers]
+
+
+def _keys(teachers: list) -> tuple[str, ...]:
+    """The sizing keys of several teachers, each once."""
+    return tuple(dict.fromkeys(key for teacher in teachers for key in teacher.keys))
+
+
+def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]:
+    """(bytes, upcast hidden) of scoring a micro-batch against `teachers` at once: the student's and their hidden
+    states, the largest forward workspace, and the metrics' logit chunk (a mixture's too: its running mixture is
+    made before the metrics' own peak, tests/test_saved_bytes.py; on CPU every lm_head upcast to fp32)."""
+    tokens, student = counts.micro_batch_tokens, facts.student_shape
+    hidden = sizing.hidden_state_bytes(student, tokens, facts.student_dtype_bytes) + sum(
+        sizing.hidden_state_bytes(teacher.shape, tokens, teacher.dtype_bytes) for teacher in teachers)
+    reference = [facts.reference_tokens("student", counts.sequence_tokens), *(
+        counts.sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
+    models = zip([student, *(t.shape for t in teachers)],
+                 [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference)
+    fla = counts.prompts if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback, fla_sequences=fla)
+                    for shape, dtype_bytes, fallback in models)
+    upcast = 0 if facts.targets_cuda else student.hidden + sum(teacher.shape.hidden for teacher in teachers)
+    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, student.vocab, sizing.EVAL_METRICS_LOGIT_BUFFERS,
+                                       upcast_hidden=upcast)
+    return hidden + workspace + metrics, upcast
+
+
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
-    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts), and one workspace for
-    the larger of its two phases: generating, and scoring both models' answers in micro-batches."""
-    counts, names = facts.eval_counts(stage_name), facts.stage_names
-    shapes = {"student": facts.student_shape, "teacher": facts.teacher_shape}
-    dtypes = {"student": facts.student_dtype_bytes, "teacher": facts.teacher_dtype_bytes}
-    rollout = names["rollout"]
-    pool_keys = (f"{stage_name}.num_prompts", f"{rollout}.max_num_seqs", "data.max_prompt_tokens",
-                 f"{stage_name}.max_new_tokens", f"{rollout}.page_size")
+    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts; routed teachers answer
+    one after another, so the largest one's), and one workspace for the larger of its two phases: generating, and
+    scoring the answers in micro-batches (against a mixture: every teacher's hidden states at once)."""
+    counts, keys = facts.eval_counts(stage_name), facts.setting_keys
+    answering, scoring = _eval_teachers(facts)
+    several = len(facts.teachers) > 1
+    shapes = {"student": facts.student_shape, "teacher": answering[0].shape}
+    dtypes = {"student": facts.student_dtype_bytes, "teacher": answering[0].dtype_bytes}
+    pool_keys = (f"{stage_name}.num_prompts", keys["max_num_seqs"], "data.max_prompt_tokens",
+                 f"{stage_name}.max_new_tokens", keys["page_size"])
     # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
     gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
     fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
-    generate = max(max(sizing.forward_workspace_bytes(shapes[role], facts.prefill_token_budget, dtypes[role],
+    generate = max(max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes,
                                                       fla_sequences=fla, paged=True),
-                       sizing.linear_decode_peak_bytes(shapes[role], counts.concurrent_seqs + 1, dtypes[role],
+                       sizing.linear_decode_peak_bytes(shape, counts.concurrent_seqs + 1, dtype_bytes,
                                                        facts.targets_cuda))
-                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shapes[role].vocab) for role in shapes)
-    upcast = facts.cpu_upcast_hidden
-    metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, shapes["student"].vocab,
-                                       sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=upcast)
-    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics)" + (
-        " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)" if upcast else "")
-    score = (sum(sizing.hidden_state_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role]) for role in shapes)
-             + max(sizing.forward_workspace_bytes(shapes[role], counts.micro_batch_tokens, dtypes[role],
-                                                  facts.reference_tokens(role, counts.sequence_tokens),
-                                                  fla_sequences=counts.prompts if facts.targets_cuda else 0)
-                   for role in shapes) + metrics)
+                   + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab)
+                   for shape, dtype_bytes in [(facts.student_shape, facts.student_dtype_bytes),
+                                              *((t.shape, t.dtype_bytes) for t in answering)])
+    score, upcast = max(_scoring_bytes(facts, counts, teachers) for teachers in scoring)
+    mixed = len(scoring[0]) > 1
+    metrics_formula = f"chunk x V_student x {sizing.EVAL_METRICS_LOGIT_BUFFERS} x 4 (metrics" + (
+        ", also against the mixture)" if mixed else ")") + (
+        (" + V_student x (h_s + sum h_t) x 4 (fp32 lm_heads on CPU)" if mixed else
+         " + V_student x (h_s + h_t) x 4 (fp32 lm_heads on CPU)") if upcast else "")
+    teacher_keys = _keys(facts.teachers) if several else answering[0].keys
     # Where rollout takes the GPU path, eval decodes in bursts, whose idle rows use one scratch state slot.
     slots = counts.concurrent_seqs + (1 if facts.uses_flashinfer else 0)
-    all_keys = (*pool_keys, f"{rollout}.prefill_token_budget", f"{names['teacher_score']}.micro_batch_tokens",
-                f"{names['loss']}.chunk_tokens", "pipeline.device", *facts.student_keys, *facts.teacher_keys)
+    all_keys = (*pool_keys, keys["prefill_token_budget"], keys["micro_batch_tokens"], keys["chunk_tokens"],
+                "pipeline.device", *facts.student_keys, *teacher_keys)
+    teacher_pool = max(sizing.kv_cache_bytes(t.shape, counts.teacher_num_pages, counts.page_size, t.dtype_bytes)
+                       + sizing.recurrent_state_bytes(t.shape, slots, t.dtype_bytes)
+                       for t in answering)
+    answering_keys = _keys(answering) if several else answering[0].keys
     buffers = [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shapes["student"], counts.num_pages, counts.page_size, dtypes["student"])
@@ -97,18 +141,18 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                (*pool_keys, *facts.gold_keys, *facts.student_keys),
                formula="eval pages x page_size x L x 2 x kv x d; eval pages = min(num_prompts, max_num_seqs) x "
                        f"ceil((max_prompt_tokens{gold} + max_new_tokens) / page_size)"),
-        buffer(f"{stage_name}.teacher_kv_cache", "kv_cache",
-               sizing.kv_cache_bytes(shapes["teacher"], counts.teacher_num_pages, counts.page_size,
-                                     dtypes["teacher"])
-               + sizing.recurrent_state_bytes(shapes["teacher"], slots, dtypes["teacher"]),
-               (*pool_keys, *facts.teacher_keys),
-               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers)" + (
-                   "; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
-                   > counts.num_pages else "")),
+        buffer(f"{stage_name}.teacher_kv_cache", "kv_cache", teacher_pool, (*pool_keys, *answering_keys),
+               formula="eval pages x page_size x L_teacher x 2 x kv_teacher x d_teacher (the teacher's answers" + (
+                   ": the largest of the routed teachers', which answer one after another)" if len(answering) > 1
+                   else ")") + ("; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
+                                > counts.num_pages else "")),
         buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
-               formula="max(prefill forward workspace + eval seqs x V x 4 of either model, "
-                       "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
-                       f"{metrics_formula})"),
+               formula=("max(prefill forward workspace + eval seqs x V x 4 of either model, "
+                        "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
+                        if not several else
+                        "max(prefill forward workspace + eval seqs x V x 4 of the student or an answering teacher, "
+                        "eval micro-batch tokens x (h_s d_s + " + ("sum h_t d_t" if mixed else "the largest h_t d_t")
+                        + ") + the largest forward workspace + ") + f"{metrics_formula})"),
     ]
     if facts.world_size > 1:  # the sharded student generates on gathered weights (scoring gathers one layer at a time)
         buffers.append(buffer(f"{stage_name}.gathered_weights", "weights",
@@ -117,11 +161,43 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     return buffers
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """The prompt files the run loads for eval (opdgraph.runtime.startup; default: data.eval_files)."""
+    return {"eval_files": config.files}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    """What an eval uses (opdgraph.runtime.evaluation): the student, the teacher stages, the tokenizer, the eval
+    prompts, the run's eval engines (built at the first eval), the offloader that brings teachers in, the plan's
+    eval facts."""
+    return {"student": run.student, "teachers": run.teachers, "tokenizer": run.tokenizer,
+            "prompts": run.eval_prompts, "engines": run.eval_engines, "offloader": run.teacher_offloader,
+            "plan_facts": run.plan.facts}
+
+
+def release_hooks(stage_name: str, config: Config, models: dict) -> dict:
+    """The plan's releases of the eval pools drop the eval engines' pools."""
+    from opdgraph.runtime.evaluation import release_hooks as pool_hooks
+
+    return pool_hooks(models["engines"], stage_name)
+
+
+def before_training(step, config: Config, inputs: StageInputs) -> bool:
+    """The evaluation before the first training step (the `before` of the before/after table); True when it ran."""
+    if inputs.models["prompts"] is None:
+        return False
+    from opdgraph.runtime.evaluation import run_eval
+
+    inputs.run.eval_records.append(run_eval(config, inputs, label="before"))
+    return True
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     """Periodic: every `every_n_steps` training steps and after the last one (the run also evaluates before)."""
-    final = ctx.step == ctx.num_steps
-    if final or (config.every_n_steps and ctx.step % config.every_n_steps == 0):
+    run = inputs.run
+    final = run.step == run.num_steps
+    if final or (config.every_n_steps and run.step % config.every_n_steps == 0):
         from opdgraph.runtime.evaluation import run_eval
 
         label = "final" if final else "periodic"
-        ctx.eval_records.append(run_eval(config, ctx, stage=step.stage, label=label))
+        run.eval_records.append(run_eval(config, inputs, label=label))

@@ -15,7 +15,8 @@ from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
 from opdgraph.drafts import Draft
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("student_weights",)
@@ -49,9 +50,20 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     return [Draft(stage_name, stage_name, "log", (), (), (), 1, W.Work())]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """What the run loop's progress line follows (opdgraph.runtime.run), and the trackers the run reports to
+    (opdgraph.runtime.reporters)."""
+    return {"progress": config.progress, "log_every_n_steps": config.every_n_steps, "report_to": config.report_to}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    return {"tokenizer": run.tokenizer}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     """Records the step's sample responses every `sample_every_n_steps` steps (metrics go to metrics.jsonl always)."""
-    if config.sample_every_n_steps and ctx.step % config.sample_every_n_steps == 0:
+    run = inputs.run
+    if config.sample_every_n_steps and run.step % config.sample_every_n_steps == 0:
         from opdgraph.runtime.metrics import log_rollout_samples
 
-        log_rollout_samples(ctx, count=2)
+        log_rollout_samples(run, inputs.models["tokenizer"], count=2)

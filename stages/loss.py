@@ -13,10 +13,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import positive, setting, unit_interval
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import STUDENT_FORWARD, TEACHER_HEAD, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses", "teacher_hidden")
@@ -58,6 +59,11 @@ def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ..
     return ("responses", *(teachers or ["teacher_hidden"])), WRITES
 
 
+def step_settings(config: Config) -> dict[str, object]:
+    """The chunk size, and the row field that routes each row to its teacher (opdgraph.teachers; '' = not routed)."""
+    return {"chunk_tokens": config.chunk_tokens, "route_field": config.route_field}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """The student forward once per micro-batch, then the divergence chunk by chunk inside it (against the loop's
     teachers: a routed loop's one, or every teacher of a mixture)."""
@@ -74,16 +80,20 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     moved = (student.vocab * student.hidden * s_dtype
              + sum(t.shape.vocab * t.shape.hidden * t.dtype_bytes for t in teachers)
              + 2 * chunk_tokens * (2 * student.vocab + sum(t.shape.vocab for t in teachers)) * 4)
+    if mixes_teachers(facts):  # each teacher's own divergence, for the log: its logits again, beside a student copy
+        flops += sum(W.lm_head_flops(t.shape, chunk_tokens) for t in teachers)
+        moved += sum(t.shape.vocab * t.shape.hidden * t.dtype_bytes
+                     + 2 * chunk_tokens * (student.vocab + t.shape.vocab) * 4 for t in teachers)
     teacher_weights = tuple(dict.fromkeys(t.weights_buffer for t in teachers if t.weights_buffer != weights))
     return [Draft(local(f"{stage_name}.student_forward"), stage_name, "loss", (weights, "responses"),
                   (local("student_hidden"), local("student_activations"), *comm), facts.loop(stage_name), micro,
-                  forward),
+                  forward, frozenset({STUDENT_FORWARD})),
             Draft(local(stage_name), stage_name, "loss",
                   (weights, *teacher_weights, local("student_hidden"), *(t.spec.hidden for t in teachers),
                    "responses"),
                   (local("logit_chunk"), local("hidden_grad"), f"{facts.student}.grads"),
                   (*facts.loop(stage_name), f"{stage_name}.chunk"), chunks,
-                  W.roofline(flops, moved, 0, facts.hardware, chunks))]
+                  W.roofline(flops, moved, 0, facts.hardware, chunks), frozenset({TEACHER_HEAD}))]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
@@ -105,7 +115,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         buffer(local("student_activations"), "activations",
                sizing.activation_bytes(shape, tokens, dtype_bytes, checkpointing,
                                        reference_sequence_tokens=reference),
-               (*keys, f"{facts.stage_names['backward']}.activation_checkpointing", "pipeline.device",
+               (*keys, facts.setting_keys["activation_checkpointing"], "pipeline.device",
                 *facts.student_keys),
                formula=f"tokens x (L x h x d + {per_layer} + o)" if checkpointing
                else f"tokens x (L x {per_layer} + o)"),
@@ -145,11 +155,60 @@ def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
             formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def check_pipeline(stage_name: str, config: Config, pipeline, settings: dict, problem) -> list:
+    """Config-time checks against the other tables (opdgraph.config.checks):
+    - sampled_token estimates reverse KL from the sampled token alone: log p_s(y) - log p_t(y) averages to
+      KL(p_s || p_t) only when y is drawn from p_s itself, the student's softmax at the loss temperature. A filtered
+      (top_k, top_p, min_p), greedy or differently tempered rollout draws y from another distribution, and the
+      estimate is biased by an amount nothing reports.
+    - The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
+      the models are loaded. device = "auto" is decided on the machine that runs (check_device, at startup)."""
+    problems = []
+    rollout = settings.get("rollout_config")  # (the rollout stage, its Config): stages/rollout.py's run setting
+    if rollout is not None and config.divergence == "sampled_token" and not config.allow_biased_estimate:
+        rollout_name, sampling = rollout
+        reasons = [reason for reason, applies in (
+            ("greedy = true", sampling.greedy), (f"top_k = {sampling.top_k}", sampling.top_k > 0),
+            (f"top_p = {sampling.top_p}", sampling.top_p < 1), (f"min_p = {sampling.min_p}", sampling.min_p > 0),
+            (f"temperature = {sampling.temperature} (the loss uses {config.temperature})",
+             sampling.temperature != config.temperature)) if applies]
+        if reasons:
+            problems.append(problem(f"{stage_name}.divergence",
+                                    f"divergence = \"sampled_token\" is an unbiased estimate of reverse KL only for "
+                                    f"tokens sampled from the student at the loss temperature, but [{rollout_name}] "
+                                    f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
+                                    f"the vocabulary), or set {stage_name}.allow_biased_estimate = true to accept "
+                                    f"the bias"))
+    if pipeline.device == "cpu" and config.kernel == "triton":
+        problems.append(problem(f"{stage_name}.kernel",
+                                f"{stage_name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
+                                f"set {stage_name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
+    return problems
+
+
+def check_device(stage_name: str, config: Config, device) -> None:
+    """At startup, before any weights load: a kernel the device cannot run is a DeviceError naming the key."""
+    from opdgraph.runtime.training import check_loss_kernel
+
+    check_loss_kernel(config.kernel, device, where=f"{stage_name}.kernel")
+
+
+def run_settings(config: Config) -> dict[str, object]:
+    """How the rollout weights each micro-batch's positions (opdgraph.runtime.batches, through the run's facts)."""
+    return {"normalize": config.normalize}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    """The student, every teacher stage (a routed micro-batch takes its own, a mixture all) and the gradients the
+    lm_head's analytic gradient joins."""
+    return {"student": run.student, "teachers": run.teachers, "gradients": run.gradients}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    if step.name.endswith(".student_forward"):
-        # Fused plan: this forward keeps the graph for the backward; unfused: the backward stage re-runs it.
-        training.student_forward(ctx, loop, keep_graph=loop.local("student_activations") in step.writes, write_hidden=True)
+    if step.name.endswith(".student_forward"):  # keeps the graph (student_activations) for the backward
+        training.student_forward(inputs, keep_graph=inputs.loop.local("student_activations") in step.writes,
+                                 write_hidden=True)
     else:
-        training.chunked_loss(config, ctx, loop)
+        training.chunked_loss(config, inputs)

@@ -13,10 +13,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import STUDENT_GENERATE, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("prompts",)
@@ -61,6 +62,15 @@ class Config:
                                           "max_new_tokens), rounded up to pages)", check=non_negative)
 
 
+def step_settings(config: Config) -> dict[str, int]:
+    """What sizes the step's sequences and the KV pool (opdgraph.counts), the prefill budget eval shares, and the
+    engine choices that decide the CUDA overheads (opdgraph.cuda_overheads)."""
+    return {"max_new_tokens": config.max_new_tokens, "page_size": config.page_size,
+            "max_num_seqs": config.max_num_seqs, "kv_pool_tokens": config.kv_pool_tokens,
+            "prefill_token_budget": config.prefill_token_budget, "backend": config.backend,
+            "decode_burst_steps": config.decode_burst_steps, "fused_kernels": config.fused_kernels}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """Prefill once, then `decode_rounds` decode steps; with several ranks both run on the gathered weights."""
     shape, weights = facts.student_shape, f"{facts.student}.weights"
@@ -76,7 +86,7 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
                            weight_bytes=facts.student_weight_bytes, kv_bytes_per_token=kv_per_token,
                            hardware=facts.hardware)
     return [Draft(f"{stage_name}.prefill", stage_name, "rollout", (weights, "prompts"), (kv, workspace, *gathered),
-                  (), 1, prefill),
+                  (), 1, prefill, frozenset({STUDENT_GENERATE})),  # the engine gathers the sharded student once
             Draft(f"{stage_name}.decode", stage_name, "rollout", (weights, kv, workspace, *graph_pool, *gathered),
                   ("responses",), (), counts.decode_rounds, decode)]
 
@@ -110,10 +120,26 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     ]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """The run builds its rollout engine from this table, and eval samples with its settings
+    (opdgraph.runtime.build)."""
+    return {"rollout_config": config}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    """The rollout engine (built on the student by opdgraph.runtime.build) and the tokenizer (its EOS ids)."""
+    return {"engine": run.engine, "tokenizer": run.tokenizer}
+
+
+def release_hooks(stage_name: str, config: Config, models: dict) -> dict:
+    """The plan's release of the KV pool drops the engine's pool."""
+    return {f"{stage_name}.kv_cache": models["engine"].release}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     """Run time: the engine interleaves prefill and decode (continuous batching), so one `generate` call serves
     both plan steps; it runs at `<name>.prefill` and the decode step has nothing left to do."""
     if step.name.endswith(".prefill"):
         from opdgraph.runtime.rollout_step import run_rollout
 
-        run_rollout(config, ctx)
+        run_rollout(config, inputs)

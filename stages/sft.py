@@ -35,7 +35,8 @@ from opdgraph.config.fields import non_negative, positive, setting
 from opdgraph.drafts import Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses", "hidden_grad")
@@ -82,9 +83,9 @@ class Config:
                               schedule=self.schedule, decay_steps=self.decay_steps)
 
 
-def gold_prefix_tokens(stages: dict) -> int:
-    """The most gold tokens a sequence starts from (0 without an sft stage): the plan's bound."""
-    return max((stage.config.gold_prefix_max_tokens for stage in stages.values() if stage.kind == KIND), default=0)
+def step_settings(config: Config) -> dict[str, int]:
+    """The gold prefix's bound: part of every sequence's prompt side (opdgraph.counts)."""
+    return {"gold_prefix_max_tokens": config.gold_prefix_max_tokens}
 
 
 def hidden_grads(facts: StageFacts) -> tuple[str, ...]:
@@ -144,7 +145,18 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     ]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """The run's hybrid facts (opdgraph.runtime.hybrid): the rollout places its prefix schedule, the prompt loader
+    reads its gold field."""
+    return {"sft": config}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    """The student (its lm_head) and the gradients the lm_head's analytic gradient joins."""
+    return {"student": run.student, "gradients": run.gradients}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime.sft_step import sft_cross_entropy
 
-    sft_cross_entropy(config, step.stage, ctx, loop)
+    sft_cross_entropy(config, inputs)

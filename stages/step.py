@@ -13,9 +13,10 @@ import attrs
 
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
-from opdgraph.drafts import Draft
+from opdgraph.drafts import OPTIMIZER_UPDATE, Draft
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("grads",)
@@ -48,10 +49,21 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     state = (*(() if facts.student_fp32 else (f"{student}.master_weights",)), f"{student}.optimizer_state")
     return [Draft(stage_name, stage_name, "step", (f"{student}.grads", *state), (f"{student}.weights",), (), 1,
                   W.optimizer_work(facts.student_shape.parameter_count(), facts.student_dtype_bytes,
-                                   facts.hardware))]
+                                   facts.hardware), frozenset({OPTIMIZER_UPDATE}))]
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def run_settings(config: Config) -> dict[str, object]:
+    """What the run builds the optimizer with (opdgraph.runtime.build)."""
+    return {"optimizer_settings": {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps,
+                                   "weight_decay": config.weight_decay}}
+
+
+def bind(stage_name: str, config: Config, run) -> dict:
+    """The optimizer, the gradients it applies, and the record of skipped steps (which may stop the run)."""
+    return {"optimizer": run.optimizer, "gradients": run.gradients, "skipped_steps": run.skipped_steps}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    training.optimizer_step(config, ctx, stage=step.stage)
+    training.optimizer_step(config, inputs, stage=step.stage)

@@ -13,10 +13,11 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
-from opdgraph.drafts import Draft, buffer
+from opdgraph.drafts import TEACHER_FORWARD, Draft, buffer
 from opdgraph.plan import Buffer
 
-if TYPE_CHECKING:  # the compiler's facts; a type only, so importing a stage stays light
+if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
+    from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
 READS = ("responses",)
@@ -74,6 +75,11 @@ def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ..
     return READS, (derived_value(HIDDEN, stage_name),)
 
 
+def step_settings(config: Config) -> dict[str, int]:
+    """micro_batch_tokens also sizes the training micro-batch of every stage (opdgraph.counts)."""
+    return {"micro_batch_tokens": config.micro_batch_tokens}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One teacher forward per micro-batch of its loop (a routed teacher: only its own rows' micro-batches)."""
     teacher = facts.teacher_stage(stage_name)
@@ -84,7 +90,7 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     moved = teacher.weight_bytes + tokens * teacher.shape.hidden * teacher.dtype_bytes
     return [Draft(stage_name, stage_name, "teacher_score", (teacher.weights_buffer, "responses"),
                   (teacher.spec.hidden, f"{stage_name}.workspace"), facts.loop(stage_name), repeats,
-                  W.roofline(flops, moved, 0, facts.hardware, repeats))]
+                  W.roofline(flops, moved, 0, facts.hardware, repeats), frozenset({TEACHER_FORWARD}))]
 
 
 def _unfused_micro_batches(facts: StageFacts) -> int:
@@ -122,7 +128,12 @@ def _workspace_formula(tokens: str, reference: int) -> str:
             f"(torch attention's scores, S = {reference}; w = d + 8, fp32: 8))")
 
 
-def execute(step, config: Config, ctx, loop) -> None:
+def bind(stage_name: str, config: Config, run) -> dict:
+    """This stage's TeacherRuntime (its model: a teacher, a frozen copy of the student, or the live student)."""
+    return {"teacher": run.teachers[stage_name]}
+
+
+def execute(step, config: Config, inputs: StageInputs) -> None:
     from opdgraph.runtime import training
 
-    training.teacher_score(step.stage, ctx, loop)
+    training.teacher_score(inputs)

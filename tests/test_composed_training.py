@@ -13,97 +13,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from opdgraph.compile import compile_plan
-from opdgraph.config import load_pipeline
-from opdgraph.models.decoder import DecoderLM
-from opdgraph.runtime import rollout_step, training
-from opdgraph.runtime.batches import Sample, build_micro_batches
-from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.build import build_context
+from opdgraph.runtime import training
+from opdgraph.runtime.batches import Sample
 from opdgraph.train.divergence import chunked_divergence
-
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-COMMON = ["log.progress=false", "pipeline.device=cpu", "step.max_grad_norm=0",
-          "pipeline.debug_memory=true"]
-
-
-def _context(tmp_path: Path, pipeline: str, *extra: str):
-    cfg = load_pipeline(PIPELINES / pipeline, [f"pipeline.output_dir={tmp_path / 'run'}", *COMMON, *extra])
-    plan = compile_plan(cfg)
-    return cfg, plan, build_context(cfg, plan, tmp_path / "run")
-
-
-def _float64(model) -> DecoderLM:
-    copy = DecoderLM(model.config).to(torch.float64)
-    copy.load_state_dict({name: value.double() for name, value in model.state_dict().items()})
-    return copy
-
-
-def _sequence_hidden(model, ids: list[int], positions: range) -> torch.Tensor:
-    """Final hidden states of one unpacked sequence at `positions`, in float64."""
-    from opdgraph.models.attention_metadata import PackedMetadata
-
-    tensor = torch.tensor(ids)
-    meta = PackedMetadata(cu_seqlens=torch.tensor([0, len(ids)], dtype=torch.int32), max_seqlen=len(ids))
-    return model.forward_hidden(tensor, torch.arange(len(ids)), meta)[list(positions)]
-
-
-def _run_step(cfg, plan, ctx, samples, monkeypatch):
-    """One training step over `samples` instead of a rollout; returns the gradients handed to the optimizer."""
-    def fixed_rollout(config, ctx_) -> None:
-        tokens = sum(len(s.response_ids) for s in samples)
-        batches = build_micro_batches(samples, micro_batch_tokens=ctx_.facts["micro_batch_tokens"],
-                                      normalize="token", global_tokens=tokens, global_sequences=len(samples),
-                                      device=ctx_.device, route_groups=ctx_.facts.get("route_groups"),
-                                      group_order=ctx_.facts.get("group_order", ("",)))
-        ctx_.buffers.put("responses", rollout_step.RolloutBatch(samples, batches))
-
-    handed = {}
-
-    def recording_step(lr, grads):
-        handed.update({name: grad.double().clone() for name, grad in grads.items()})
-        return True
-
-    monkeypatch.setattr(rollout_step, "run_rollout", fixed_rollout)
-    monkeypatch.setattr(ctx.optimizer, "step", recording_step)
-    hooks = {"rollout.kv_cache": ctx.engine.release, ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}
-    PlanExecutor(plan, {name: stage.config for name, stage in cfg.stages.items()}, ctx,
-                 release_hooks=hooks).run_training_step()
-    return handed
-
-
-def _random_samples(count: int, routes: list[str], seed: int = 3) -> list[Sample]:
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for index in range(count):
-        prompt = torch.randint(3, 300, (int(torch.randint(5, 12, (1,), generator=generator)),),
-                               generator=generator).tolist()
-        response = torch.randint(3, 300, (int(torch.randint(3, 10, (1,), generator=generator)),),
-                                 generator=generator).tolist()
-        samples.append(Sample(prompt_ids=prompt, response_ids=response, prompt_index=index, sample_index=0,
-                              route=routes[index % len(routes)]))
-    return samples
-
-
-def _relative_error(got: dict, want: dict) -> float:
-    assert set(got) == set(want)
-    error = sum(((got[name] - want[name]) ** 2).sum() for name in want).sqrt()
-    return float(error / sum((want[name] ** 2).sum() for name in want).sqrt())
+from tests.training_harness import (
+    PIPELINES,
+    context,
+    float64_copy,
+    random_samples,
+    relative_error,
+    run_step,
+    sequence_hidden,
+)
 
 
 def test_routed_step_equals_per_teacher_losses_summed(tmp_path, monkeypatch):
     """Fails if a row is scored by the wrong teacher, a teacher's micro-batches are skipped or run twice, the loss
     is normalised per teacher instead of over the whole step, or a group-local buffer is mixed up between loops."""
-    cfg, plan, ctx = _context(tmp_path, "tiny_routed.toml")
-    samples = _random_samples(10, ["chat", "math", "chat"])
-    before = _float64(ctx.student)
-    teachers = {name: _float64(teacher.model) for name, teacher in ctx.teachers.items()}
-    handed = _run_step(cfg, plan, ctx, samples, monkeypatch)
+    cfg, plan, ctx = context(tmp_path, "tiny_routed.toml")
+    samples = random_samples(10, ["chat", "math", "chat"])
+    before = float64_copy(ctx.student)
+    teachers = {name: float64_copy(teacher.model) for name, teacher in ctx.teachers.items()}
+    handed = run_step(cfg, plan, ctx, samples, monkeypatch)
 
     total_tokens = sum(len(s.response_ids) for s in samples)
     vocab = before.config.vocab_size
@@ -113,14 +47,14 @@ def test_routed_step_equals_per_teacher_losses_summed(tmp_path, monkeypatch):
                                                                             len(sample.prompt_ids) - 1
                                                                             + len(sample.response_ids))
             with torch.no_grad():
-                teacher_logp = torch.log_softmax(_sequence_hidden(teacher, ids, positions)
+                teacher_logp = torch.log_softmax(sequence_hidden(teacher, ids, positions)
                                                  @ teacher.lm_head_weight[:vocab].T, dim=-1)
-            student_logp = torch.log_softmax(_sequence_hidden(before, ids, positions) @ before.lm_head_weight.T,
+            student_logp = torch.log_softmax(sequence_hidden(before, ids, positions) @ before.lm_head_weight.T,
                                              dim=-1)
             reverse_kl = (student_logp.exp() * (student_logp - teacher_logp)).sum()
             (reverse_kl / total_tokens).backward()
     want = {name: param.grad for name, param in before.named_parameters()}
-    error = _relative_error(handed, want)
+    error = relative_error(handed, want)
     assert error < 1e-5, error
     assert set(ctx.step_record) >= {"divergence[teacher_score.chat]", "divergence[teacher_score.math]"}
 
@@ -169,18 +103,19 @@ def test_context_teacher_scores_the_hand_built_sequence(tmp_path, monkeypatch):
 
     from opdgraph.runtime.startup import check_startup
 
-    cfg, plan, ctx = _context(tmp_path, "tiny_context.toml")
+    cfg, plan, ctx = context(tmp_path, "tiny_context.toml")
     tokenizer = ctx.tokenizer
     records = check_startup(cfg).train_prompts.records[:4]
     config = cfg.stages["teacher_score"].config
     rows = [json.loads(line) for line in (PIPELINES / "data" / "tiny_train.jsonl").read_text().splitlines()[:4]]
-    teacher64 = _float64(ctx.teacher)
+    teacher64 = float64_copy(ctx.teacher)
     stored = []
     original = training.chunked_loss
 
-    def recording_loss(config_, ctx_, loop):
-        stored.append((loop.micro_batch, ctx_.buffers.get_item("teacher_hidden", loop.micro_batch.index).double()))
-        original(config_, ctx_, loop)
+    def recording_loss(config_, inputs):
+        batch = inputs.loop.micro_batch
+        stored.append((batch, inputs.values.get_item("teacher_hidden", batch.index).double()))
+        original(config_, inputs)
 
     monkeypatch.setattr(training, "chunked_loss", recording_loss)
     generator = torch.Generator().manual_seed(5)
@@ -189,7 +124,7 @@ def test_context_teacher_scores_the_hand_built_sequence(tmp_path, monkeypatch):
                     prompt_index=index, sample_index=0,
                     teacher_prompt_ids={"teacher_score": list(record.teacher_prompt_ids["teacher_score"])})
              for index, record in enumerate(records)]
-    _run_step(cfg, plan, ctx, fixed, monkeypatch)
+    run_step(cfg, plan, ctx, fixed, monkeypatch)
     got = torch.cat([hidden for _, hidden in stored])
     want = []
     for sample, record, row in zip(fixed, records, rows):
@@ -200,5 +135,5 @@ def test_context_teacher_scores_the_hand_built_sequence(tmp_path, monkeypatch):
         ids = teacher_prompt + sample.response_ids
         first = len(teacher_prompt) - 1
         with torch.no_grad():
-            want.append(_sequence_hidden(teacher64, ids, range(first, first + len(sample.response_ids))))
+            want.append(sequence_hidden(teacher64, ids, range(first, first + len(sample.response_ids))))
     assert torch.allclose(got, torch.cat(want), rtol=1e-5, atol=1e-5)

@@ -31,15 +31,15 @@ def test_a_stage_may_touch_only_what_its_steps_declare():
 
 
 def test_an_undeclared_access_in_a_real_step_fails(tmp_path, monkeypatch):
-    from tests.test_composed_training import _context, _random_samples, _run_step
+    from tests.training_harness import context, random_samples, run_step
 
-    cfg, plan, ctx = _context(tmp_path, "tiny.toml")
+    cfg, plan, ctx = context(tmp_path, "tiny.toml")
     scoring = training.teacher_score
 
-    def peeking_teacher(stage, ctx_, loop):
-        ctx_.buffers.get("prompts")  # not a read of teacher_score's plan step
-        scoring(stage, ctx_, loop)
+    def peeking_teacher(inputs):
+        inputs.values.get("prompts")  # not a read of teacher_score's plan step
+        scoring(inputs)
 
     monkeypatch.setattr(training, "teacher_score", peeking_teacher)
     with pytest.raises(UndeclaredBufferError, match=r"\[teacher_score\] touched buffer 'prompts'"):
-        _run_step(cfg, plan, ctx, _random_samples(4, [None]), monkeypatch)
+        run_step(cfg, plan, ctx, random_samples(4, [None]), monkeypatch)

@@ -180,16 +180,21 @@ def _teacher_facts(teacher, root_sharded_at_backward: list[bool]) -> dict:
 
 
 def _watch_backward(observed: list[bool]) -> None:
-    """Record, at each backward, whether the teacher's root is sharded (the stage calls training.backward)."""
+    """Record, at each backward, whether the teacher's root is sharded (the stage calls training.backward; the teacher
+    is the one the chunked loss before it read)."""
     from opdgraph.runtime import training
 
-    original = training.backward
+    seen, loss, original = {}, training.chunked_loss, training.backward
 
-    def backward(ctx, loop):
-        observed.append(_root_sharded(ctx.teacher))
-        original(ctx, loop)
+    def chunked_loss(config, inputs):
+        seen["teacher"] = next(iter(inputs.models["teachers"].values())).model
+        loss(config, inputs)
 
-    training.backward = backward
+    def backward(inputs):
+        observed.append(_root_sharded(seen["teacher"]))
+        original(inputs)
+
+    training.chunked_loss, training.backward = chunked_loss, backward
 
 
 def _worker(mode: str, root: str) -> None:

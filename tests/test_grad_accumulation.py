@@ -18,12 +18,12 @@ import torch
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
 from opdgraph.models.decoder import DecoderLM
-from opdgraph.runtime import rollout_step, training
-from opdgraph.runtime.batches import Sample, build_micro_batches
+from opdgraph.runtime import training
+from opdgraph.runtime.batches import Sample
 from opdgraph.runtime.buffers import BufferTable
-from opdgraph.runtime.executor import PlanExecutor
-from opdgraph.runtime.gradients import StudentGradients
 from opdgraph.runtime.build import build_context
+from opdgraph.runtime.gradients import StudentGradients
+from tests.training_harness import relative_error, run_step
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 TINY = PIPELINES / "tiny.toml"
@@ -31,16 +31,12 @@ SEQUENCES, PROMPT_TOKENS, RESPONSE_TOKENS = 32, 13, 12  # one 25-token sequence 
 TOKENS_USED = 8  # few distinct ids: the micro-batches' gradients overlap, so their sum is where rounding shows
 
 
-def _fixed_rollout(config, ctx) -> None:
-    """The rollout stage's product (`responses`) from fixed random sequences instead of sampling."""
+def _fixed_samples() -> list[Sample]:
+    """Fixed random sequences instead of sampling (the step is not about the rollout)."""
     generator = torch.Generator().manual_seed(1)
-    samples = [Sample(prompt_ids=torch.randint(3, 3 + TOKENS_USED, (PROMPT_TOKENS,), generator=generator).tolist(),
-                      response_ids=torch.randint(3, 3 + TOKENS_USED, (RESPONSE_TOKENS,), generator=generator).tolist(),
-                      prompt_index=index // 2, sample_index=index % 2) for index in range(SEQUENCES)]
-    micro_batches = build_micro_batches(samples, micro_batch_tokens=ctx.facts["micro_batch_tokens"],
-                                        normalize="token", global_tokens=SEQUENCES * RESPONSE_TOKENS,
-                                        global_sequences=SEQUENCES, device=ctx.device)
-    ctx.buffers.put("responses", rollout_step.RolloutBatch(samples, micro_batches))
+    return [Sample(prompt_ids=torch.randint(3, 3 + TOKENS_USED, (PROMPT_TOKENS,), generator=generator).tolist(),
+                   response_ids=torch.randint(3, 3 + TOKENS_USED, (RESPONSE_TOKENS,), generator=generator).tolist(),
+                   prompt_index=index // 2, sample_index=index % 2) for index in range(SEQUENCES)]
 
 
 def _one_step(tmp_path: Path, accumulation: str, monkeypatch):
@@ -55,23 +51,16 @@ def _one_step(tmp_path: Path, accumulation: str, monkeypatch):
     plan = compile_plan(cfg)
     ctx = build_context(cfg, plan, tmp_path / accumulation)
     before = {name: param.detach().double().clone() for name, param in ctx.student.named_parameters()}
-    seen, handed = [], {}
+    seen = []
     chunked_loss = training.chunked_loss
 
-    def recording_loss(config, ctx_, loop):
-        seen.append((loop.micro_batch, ctx_.buffers.get_item("teacher_hidden", loop.index).detach().double()))
-        chunked_loss(config, ctx_, loop)
-
-    def recording_step(lr, grads):
-        handed.update({name: grad.double().clone() for name, grad in grads.items()})
-        return True
+    def recording_loss(config, inputs):
+        loop = inputs.loop
+        seen.append((loop.micro_batch, inputs.values.get_item("teacher_hidden", loop.index).detach().double()))
+        chunked_loss(config, inputs)
 
     monkeypatch.setattr(training, "chunked_loss", recording_loss)
-    monkeypatch.setattr(rollout_step, "run_rollout", _fixed_rollout)
-    monkeypatch.setattr(ctx.optimizer, "step", recording_step)
-    hooks = {"rollout.kv_cache": ctx.engine.release, ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}
-    PlanExecutor(plan, {name: stage.config for name, stage in cfg.stages.items()}, ctx,
-                 release_hooks=hooks).run_training_step()
+    handed = run_step(cfg, plan, ctx, _fixed_samples(), monkeypatch)
     return ctx, before, seen, handed
 
 
@@ -90,12 +79,6 @@ def _float64_gradient(ctx, before, seen) -> dict[str, torch.Tensor]:
     return {name: param.grad for name, param in model.named_parameters()}
 
 
-def _relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    assert set(got) == set(want)
-    error = sum(((got[name] - want[name]) ** 2).sum() for name in want).sqrt()
-    return float(error / sum((want[name] ** 2).sum() for name in want).sqrt())
-
-
 def test_fp32_accumulation_through_the_runtime_is_closer_to_float64(tmp_path, monkeypatch):
     """A bf16 student's step of 32 micro-batches: the gradient the optimizer gets with fp32 sums must be much closer
     to the float64 gradient of the same step than with bf16 sums (measured: about 0.0022 vs 0.0056 relative L2; the
@@ -105,7 +88,7 @@ def test_fp32_accumulation_through_the_runtime_is_closer_to_float64(tmp_path, mo
     for accumulation in ("float32", "model"):
         ctx, before, seen, handed = _one_step(tmp_path, accumulation, monkeypatch)
         assert len(seen) == SEQUENCES  # the premise: one micro-batch per sequence
-        errors[accumulation] = _relative_error(handed, _float64_gradient(ctx, before, seen))
+        errors[accumulation] = relative_error(handed, _float64_gradient(ctx, before, seen))
         assert all(param.grad is None for param in ctx.student.parameters())  # the plan's release dropped them
         monkeypatch.undo()
     print(f"relative L2 error vs float64 over {SEQUENCES} micro-batches: {errors}")

@@ -16,10 +16,8 @@ import copy
 
 import torch
 
-from opdgraph.runtime import rollout_step
 from opdgraph.runtime.batches import Sample, build_micro_batches
-from opdgraph.runtime.executor import PlanExecutor
-from tests.test_composed_training import _context, _float64, _relative_error, _sequence_hidden
+from tests.training_harness import context, float64_copy, relative_error, run_step, sequence_hidden
 
 WEIGHT = 0.7
 
@@ -39,29 +37,6 @@ def _hybrid_samples(count: int, seed: int = 11) -> list[Sample]:
     return samples
 
 
-def _run_step(cfg, plan, ctx, samples, monkeypatch) -> dict:
-    """One training step over `samples` instead of a rollout; the gradients handed to the optimizer."""
-    def fixed_rollout(config, ctx_) -> None:
-        gold = ("token", sum(s.gold_prefix_length for s in samples), sum(s.gold_prefix_length > 0 for s in samples))
-        batches = build_micro_batches(samples, micro_batch_tokens=ctx_.facts["micro_batch_tokens"],
-                                      normalize="token", global_tokens=sum(len(s.response_ids) for s in samples),
-                                      global_sequences=len(samples), device=ctx_.device, gold=gold)
-        ctx_.buffers.put("responses", rollout_step.RolloutBatch(samples, batches))
-
-    handed = {}
-
-    def recording_step(lr, grads):
-        handed.update({name: grad.double().clone() for name, grad in grads.items()})
-        return True
-
-    monkeypatch.setattr(rollout_step, "run_rollout", fixed_rollout)
-    monkeypatch.setattr(ctx.optimizer, "step", recording_step)
-    hooks = {"rollout.kv_cache": ctx.engine.release, ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}
-    PlanExecutor(plan, {name: stage.config for name, stage in cfg.stages.items()}, ctx,
-                 release_hooks=hooks).run_training_step()
-    return handed
-
-
 def _gradients(model, loss_of) -> dict:
     """float64 gradients of one loss term, on a fresh copy of `model`."""
     model = copy.deepcopy(model)
@@ -73,10 +48,10 @@ def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, m
     """Fails if the cross-entropy covers other positions than the gold prefix (or the divergence the prefix), either
     term is normalised by other counts than documented, the weight is not applied, or the two gradients do not meet
     in the one backward."""
-    cfg, plan, ctx = _context(tmp_path, "tiny_hybrid.toml", f"sft.weight={WEIGHT}")
+    cfg, plan, ctx = context(tmp_path, "tiny_hybrid.toml", f"sft.weight={WEIGHT}")
     samples = _hybrid_samples(7)
-    student, teacher = _float64(ctx.student), _float64(ctx.teacher)
-    handed = _run_step(cfg, plan, ctx, samples, monkeypatch)
+    student, teacher = float64_copy(ctx.student), float64_copy(ctx.teacher)
+    handed = run_step(cfg, plan, ctx, samples, monkeypatch)
     gold_tokens = sum(s.gold_prefix_length for s in samples)
     response_tokens = sum(len(s.response_ids) for s in samples)
     vocab = student.config.vocab_size
@@ -87,7 +62,7 @@ def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, m
             prompt, k = s.prompt_ids, s.gold_prefix_length
             if not k:
                 continue
-            hidden = _sequence_hidden(model, prompt + s.response_ids, range(len(prompt) - k - 1, len(prompt) - 1))
+            hidden = sequence_hidden(model, prompt + s.response_ids, range(len(prompt) - k - 1, len(prompt) - 1))
             total = total + torch.nn.functional.cross_entropy(hidden @ model.lm_head_weight.T,
                                                               torch.tensor(prompt[-k:]), reduction="sum")
         return WEIGHT * total / gold_tokens
@@ -98,16 +73,16 @@ def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, m
             ids, first = s.prompt_ids + s.response_ids, len(s.prompt_ids) - 1
             positions = range(first, first + len(s.response_ids))
             with torch.no_grad():
-                teacher_logp = torch.log_softmax(_sequence_hidden(teacher, ids, positions)
+                teacher_logp = torch.log_softmax(sequence_hidden(teacher, ids, positions)
                                                  @ teacher.lm_head_weight[:vocab].T, dim=-1)
-            student_logp = torch.log_softmax(_sequence_hidden(model, ids, positions) @ model.lm_head_weight.T, -1)
+            student_logp = torch.log_softmax(sequence_hidden(model, ids, positions) @ model.lm_head_weight.T, -1)
             total = total + (student_logp.exp() * (student_logp - teacher_logp)).sum()
         return total / response_tokens
 
     ce, divergence = _gradients(student, cross_entropy), _gradients(student, reverse_kl)
     combined = {name: ce[name] + divergence[name] for name in ce}
-    assert _relative_error(handed, combined) < 1e-5
-    assert _relative_error(handed, divergence) > 1e-2 and _relative_error(handed, ce) > 1e-2  # both terms matter
+    assert relative_error(handed, combined) < 1e-5
+    assert relative_error(handed, divergence) > 1e-2 and relative_error(handed, ce) > 1e-2  # both terms matter
     record = ctx.step_record
     assert abs(record["sft_loss"] - float(cross_entropy(student).detach())) < 1e-5 * max(1.0, record["sft_loss"])
     assert abs(record["sft_cross_entropy"] - record["sft_loss"] / WEIGHT) < 1e-6 * max(1.0, record["sft_loss"])
@@ -120,7 +95,7 @@ def test_teacher_scores_only_what_the_loss_reads(tmp_path, monkeypatch):
     positions in the teacher's kept states or the divergence's chunks."""
     import opdgraph.train.divergence as divergence_module
 
-    cfg, plan, ctx = _context(tmp_path, "tiny_hybrid.toml")
+    cfg, plan, ctx = context(tmp_path, "tiny_hybrid.toml")
     samples = _hybrid_samples(9, seed=4)
     teacher = ctx.teachers["teacher_score"].model
     forward_tokens, scored_rows = [], []
@@ -136,7 +111,7 @@ def test_teacher_scores_only_what_the_loss_reads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(teacher, "forward_hidden", counting_forward)
     monkeypatch.setattr(divergence_module, "chunked_divergence", counting_divergence)
-    _run_step(cfg, plan, ctx, samples, monkeypatch)
+    run_step(cfg, plan, ctx, samples, monkeypatch)
     assert sum(forward_tokens) == sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     response_tokens = sum(len(s.response_ids) for s in samples)
     assert sum(student for student, _ in scored_rows) == sum(t for _, t in scored_rows) == response_tokens

@@ -46,7 +46,7 @@ from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
 from opdgraph.runtime.batches import MicroBatch
 from opdgraph.runtime.buffers import BufferTable
-from opdgraph.runtime.executor import LoopState
+from opdgraph.runtime.stage_inputs import LoopState, StageInputs
 from opdgraph.train.divergence import divergence_metrics
 
 CONFIGS = pathlib.Path(opdgraph.__file__).parent / "model_configs"
@@ -120,11 +120,14 @@ def micro_batch(vocab: int = VOCAB, lengths: tuple[int, ...] = SEQUENCE_LENGTHS)
 
 
 def runtime_context(model, checkpointing: bool = False, lengths: tuple[int, ...] = SEQUENCE_LENGTHS):
+    """The StageInputs the loss's student forward and the teacher stage get, both with `model`, over one micro-batch
+    of `lengths`."""
     batch = micro_batch(lengths=lengths)
-    ctx = types.SimpleNamespace(student=model, teacher=model, buffers=BufferTable(),
-                                facts={"activation_checkpointing": checkpointing})
-    ctx.teachers = _teachers(model)
-    return ctx, LoopState(micro_batch=batch), batch.num_tokens
+    loop = LoopState(micro_batch=batch)
+    inputs = StageInputs(step=None, loop=loop, values=BufferTable(),
+                         models={"student": model, "teacher": _teachers(model)["teacher_score"]},
+                         run=types.SimpleNamespace(facts={"activation_checkpointing": checkpointing}))
+    return inputs, loop, batch.num_tokens
 
 
 def assert_close(measured: float, planned: float, what: str) -> None:
@@ -162,11 +165,11 @@ def test_saved_activations_match_the_plan(family, flash_path, kernels, monkeypat
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, flash_path))
     use_layer_kernels(model, kernels, monkeypatch)
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, 2, repeated)
@@ -189,11 +192,11 @@ def test_hybrid_saved_activations_match_the_plan(family, flash_path, kernels, mo
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, flash_path))
     use_layer_kernels(model, kernels, monkeypatch)
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     assert_close(measured["layer0"] / tokens, sizing.linear_layer_bytes_per_token(shape, 2), f"{family} linear layer")
@@ -218,9 +221,9 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch))
     model.set_layer_kernels(TORCH)
-    ctx, loop, tokens = runtime_context(model, lengths=lengths)
+    inputs, loop, tokens = runtime_context(model, lengths=lengths)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
 
@@ -268,11 +271,11 @@ def test_checkpointed_forward_keeps_layer_inputs(family, kernels, monkeypatch):
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch))
     use_layer_kernels(model, kernels, monkeypatch)
-    ctx, loop, tokens = runtime_context(model, checkpointing=True)
+    inputs, loop, tokens = runtime_context(model, checkpointing=True)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     total = sum(measured[region] for region in ("layer0", "layer1", "outside"))
@@ -292,9 +295,9 @@ def test_teacher_forward_peak_matches_the_workspace(family, flash_path, kernels,
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch, flash_path))
     use_layer_kernels(model, kernels, monkeypatch)
-    ctx, loop, tokens = runtime_context(model)
+    inputs, loop, tokens = runtime_context(model)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     assert_close(trace.peak(), sizing.forward_workspace_bytes(shape, tokens, 2), family)
 
 
@@ -323,13 +326,13 @@ def _loss_context(divergence: str, kernel: str):
     buffers.put("student.grads", {"lm_head": lm_head_grad})
     batch = types.SimpleNamespace(index=0, group="", weights=torch.full((POSITIONS,), 1.0 / POSITIONS),
                                   target_ids=torch.randint(0, LOSS_VOCAB, (POSITIONS,), generator=generator))
-    ctx = types.SimpleNamespace(student=student, teacher=teacher, buffers=buffers, step_record={},
-                                facts={"grads_buffer": "student.grads"},
-                                gradients=types.SimpleNamespace(lm_head=lambda: lm_head_grad),
-                                teachers=_teachers(teacher))
+    inputs = StageInputs(step=None, loop=LoopState(micro_batch=batch), values=buffers,
+                         models={"student": student, "teachers": _teachers(teacher),
+                                 "gradients": types.SimpleNamespace(lm_head=lambda: lm_head_grad)},
+                         run=types.SimpleNamespace(record={}, facts={"grads_buffer": "student.grads"}))
     config = types.SimpleNamespace(divergence=divergence, beta=0.5, temperature=1.3, chunk_tokens=CHUNK,
                                    kernel=kernel)
-    return config, ctx, LoopState(micro_batch=batch)
+    return config, inputs, inputs.loop
 
 
 @pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
@@ -340,9 +343,9 @@ def test_loss_chunk_peak_matches_the_logit_chunk(path, divergence, monkeypatch):
     emulate, fused, upcast = LOSS_PATHS[path]
     if emulate is not None:
         emulate(monkeypatch)
-    config, ctx, loop = _loss_context(divergence, kernel="auto" if fused else "torch")
+    config, inputs, _ = _loss_context(divergence, kernel="auto" if fused else "torch")
     with AllocationTrace() as trace:
-        training.chunked_loss(config, ctx, loop)
+        training.chunked_loss(config, inputs)
     hidden_grad = POSITIONS * STUDENT_HIDDEN * 2  # the planned hidden_grad buffer, allocated by the loss
     buffers = sizing.FUSED_LOSS_LOGIT_BUFFERS if fused else sizing.TORCH_LOSS_LOGIT_BUFFERS[divergence]
     planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, buffers, fused=fused,
@@ -356,10 +359,11 @@ def test_eval_metrics_peak_matches_the_plan(path, monkeypatch):
     emulate, _, upcast = LOSS_PATHS[path]
     if emulate is not None:
         emulate(monkeypatch)
-    _, ctx, _ = _loss_context("forward_kl", kernel="torch")
-    hidden = ctx.buffers.get_item("student_hidden", 0), ctx.buffers.get_item("teacher_hidden", 0)
+    _, inputs, _ = _loss_context("forward_kl", kernel="torch")
+    hidden = inputs.values.get_item("student_hidden", 0), inputs.values.get_item("teacher_hidden", 0)
+    teacher = inputs.models["teachers"]["teacher_score"].model
     with AllocationTrace() as trace:
-        divergence_metrics(hidden[0], ctx.student.lm_head_weight, hidden[1], ctx.teacher.lm_head_weight,
+        divergence_metrics(hidden[0], inputs.models["student"].lm_head_weight, hidden[1], teacher.lm_head_weight,
                            chunk_tokens=CHUNK)
     planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, sizing.EVAL_METRICS_LOGIT_BUFFERS,
                                        upcast_hidden=STUDENT_HIDDEN + TEACHER_HIDDEN if upcast else 0)
@@ -407,8 +411,8 @@ def _reference_case(family, dtype, lengths):
     model.set_attention_backend(varlen_attention.select_packed_backend("cpu"))
     model.set_layer_kernels(TORCH)
     assert isinstance(model.backend, TorchReferenceBackend)
-    ctx, loop, tokens = runtime_context(model, lengths=lengths)
-    return shape, model, ctx, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
+    inputs, loop, tokens = runtime_context(model, lengths=lengths)
+    return shape, model, inputs, loop, tokens, dtype.itemsize, max(lengths), len(set(lengths)) == 1
 
 
 @pytest.mark.parametrize("family, dtype, lengths", REFERENCE_ACTIVATION_CASES)
@@ -417,11 +421,11 @@ def test_reference_attention_saved_activations_match_the_plan(family, dtype, len
     per layer (its score and probability matrices, its mask, K/V repeated) than the plan's student_activations
     assume for a CPU target or an fp32 model: CPU runs would be under- (or over-) planned, more so the longer the
     sequences."""
-    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+    shape, model, inputs, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
 
     def forward():
-        training.student_forward(ctx, loop, keep_graph=True, write_hidden=True)
-        return ctx.buffers.get_item("student_activations", 0)
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
 
     measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, dtype_bytes, reference_sequence_tokens=longest)
@@ -444,9 +448,9 @@ def test_reference_attention_forward_peak_matches_the_workspace(family, dtype, l
     """If this fails, the no-grad forward (teacher scoring, eval scoring) through the plain-torch attention peaks
     above or below the plan's forward workspace: one sequence's scores, their fp32 copy and softmax output can
     exceed the MLP's peak, and the plan would miss it."""
-    shape, model, ctx, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
+    shape, model, inputs, loop, tokens, dtype_bytes, longest, uniform = _reference_case(family, dtype, lengths)
     with AllocationTrace() as trace:
-        training.teacher_score("teacher_score", ctx, loop)
+        training.teacher_score(inputs)
     planned = sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, reference_sequence_tokens=longest)
     if uniform:
         assert_close(trace.peak(), planned, f"{family} {lengths}")
@@ -470,3 +474,67 @@ def test_planned_fallback_mirrors_the_kernel():
                                             models={"m": types.SimpleNamespace(dtype=dtype_name)})
                 kernel_falls_back = varlen_attention.unsupported_reason(q, None, support) is not None
                 assert attention_fallback(cfg, "m") == kernel_falls_back, (device, dtype_name, head_dim)
+
+
+def _mixture_loss_inputs(divergence: str):
+    """The loss stage's inputs with two teachers mixed 0.7 / 0.3 (hidden widths 384 and 192)."""
+    from opdgraph.runtime.teachers import TeacherRuntime
+    from opdgraph.teachers import TeacherSpec
+
+    config, inputs, loop = _loss_context(divergence, kernel="torch")
+    generator = torch.Generator().manual_seed(2)
+    first = inputs.models["teachers"]["teacher_score"].model
+    second = types.SimpleNamespace(lm_head_weight=(torch.randn(LOSS_VOCAB, TEACHER_HIDDEN // 2, generator=generator)
+                                                   * 0.05).to(torch.bfloat16))
+    inputs.values.put_item("teacher_hidden.b", 0, torch.randn(POSITIONS, TEACHER_HIDDEN // 2,
+                                                              generator=generator).to(torch.bfloat16))
+    teachers = {}
+    for stage, hidden, weight, model in (("teacher_score", "teacher_hidden", 0.7, first),
+                                         ("teacher_score.b", "teacher_hidden.b", 0.3, second)):
+        spec = TeacherSpec(stage=stage, model=stage, weights=stage, self_teacher=False, own_weights=True,
+                           hidden=hidden, routes=(stage,), mixture_weight=weight, prompt_tokens=0, has_context=False)
+        teachers[stage] = TeacherRuntime(spec=spec, model=model)
+    return config, StageInputs(step=None, loop=loop, values=inputs.values, run=inputs.run,
+                               models={**inputs.models, "teachers": teachers})
+
+
+@pytest.mark.parametrize("divergence", list(sizing.TORCH_LOSS_LOGIT_BUFFERS))
+@pytest.mark.parametrize("path", ["cpu_torch", "cuda_torch"])
+def test_mixture_loss_chunk_peak_is_within_the_logit_chunk(path, divergence, monkeypatch):
+    """If this fails, the mixture loss (the running mixture, then each teacher's own divergence for the log beside a
+    copy of the student's logits) peaks above the plan's mixture logit_chunk, or far below it."""
+    emulate, _, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    config, inputs = _mixture_loss_inputs(divergence)
+    with AllocationTrace() as trace:
+        training.chunked_loss(config, inputs)
+    assert {"divergence[teacher_score]", "divergence[teacher_score.b]"} <= set(inputs.run.record)
+    hidden_grad = POSITIONS * STUDENT_HIDDEN * 2
+    buffers = sizing.TORCH_LOSS_LOGIT_BUFFERS[divergence] + sizing.MIXTURE_EXTRA_LOGIT_BUFFERS
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, buffers, upcast_hidden=(
+        STUDENT_HIDDEN + TEACHER_HIDDEN + TEACHER_HIDDEN // 2) if upcast else 0)
+    measured, chunk_buffer = trace.peak() - hidden_grad, CHUNK * LOSS_VOCAB * 4
+    # The mixture's extra buffers are a bound: the per-teacher pass holds one of the two at its peak.
+    assert planned - 2 * chunk_buffer <= measured <= planned * (1 + TOLERANCE), f"{path} {divergence}: " \
+        f"{measured:,} vs {planned:,}"
+
+
+@pytest.mark.parametrize("path", ["cpu_torch", "cuda_torch"])
+def test_mixture_eval_metrics_peak_is_within_the_plan(path, monkeypatch):
+    """If this fails, eval's metrics against a mixture of teachers peak otherwise than the eval workspace's metrics
+    term (stages/eval.py: the single teacher's buffers, every lm_head upcast on CPU): the running mixture is made
+    before the metrics' own peak."""
+    emulate, _, upcast = LOSS_PATHS[path]
+    if emulate is not None:
+        emulate(monkeypatch)
+    _, inputs = _mixture_loss_inputs("forward_kl")
+    teachers = list(inputs.models["teachers"].values())
+    hidden = [inputs.values.get_item(name, 0) for name in ("student_hidden", "teacher_hidden", "teacher_hidden.b")]
+    with AllocationTrace() as trace:
+        divergence_metrics(hidden[0], inputs.models["student"].lm_head_weight, hidden[1:],
+                           [teacher.model.lm_head_weight for teacher in teachers], chunk_tokens=CHUNK,
+                           mixture_weights=[teacher.spec.mixture_weight for teacher in teachers])
+    planned = sizing.logit_chunk_bytes(CHUNK, LOSS_VOCAB, sizing.EVAL_METRICS_LOGIT_BUFFERS, upcast_hidden=(
+        STUDENT_HIDDEN + TEACHER_HIDDEN + TEACHER_HIDDEN // 2) if upcast else 0)
+    assert_close(trace.peak(), planned, path)

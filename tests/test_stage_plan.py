@@ -8,15 +8,22 @@ import pytest
 
 from opdgraph.compile import compile_plan
 from opdgraph.config import load_pipeline
-from opdgraph.stages import KIND_NAMES, stage_kind
+from opdgraph.stages import KIND_NAMES, SOURCE_KINDS, stage_kind
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py")
+GENERIC_MODULES = ("opdgraph/compile.py", "opdgraph/buffers.py", "opdgraph/placement_steps.py", "opdgraph/counts.py",
+                   "opdgraph/stage_plan.py", "opdgraph/render/text.py", "opdgraph/runtime/executor.py",
+                   "opdgraph/runtime/offload.py", "opdgraph/runtime/run.py", "opdgraph/runtime/startup.py",
+                   "opdgraph/planned_paths.py", "opdgraph/fit.py", "opdgraph/runtime/build.py",
+                   "opdgraph/runtime/teachers.py", "opdgraph/runtime/hybrid.py", "opdgraph/runtime/reporters.py",
+                   "opdgraph/runtime/config_record.py", "opdgraph/cuda_overheads.py")
+KINDS = (*KIND_NAMES, *SOURCE_KINDS)
 
 
 def _kind_branches(path: Path) -> list[str]:
-    """Comparisons of a `kind` with a kind's name, and stages_of_kind calls: the branches a kind's module should own
-    (other settings that share a kind's name, such as student_gather = "step", are not kind branches)."""
+    """Comparisons of a `kind` with a kind's name, stages_of_kind calls and lookups of a stage by its kind
+    (`cfg.stage("rollout")`, `facts.stage_names["rollout"]`): the branches a kind's module should own (other
+    settings that share a kind's name, such as student_gather = "step", are not kind branches)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
@@ -25,9 +32,15 @@ def _kind_branches(path: Path) -> list[str]:
                           for o in operands for n in ast.walk(o))
             names = [n.value for o in operands for n in ast.walk(o) if isinstance(n, ast.Constant)]
             found += [f"line {node.lineno}: compares a kind with {name!r}" for name in names
-                      if on_kind and name in KIND_NAMES]
+                      if on_kind and name in KINDS]
         if isinstance(node, ast.Attribute) and node.attr == "stages_of_kind":
             found.append(f"line {node.lineno}: stages_of_kind")
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "stage" and any(
+                isinstance(arg, ast.Constant) and arg.value in KINDS for arg in node.args):
+            found.append(f"line {node.lineno}: cfg.stage({node.args[0].value!r})")
+        if isinstance(node, ast.Subscript) and getattr(node.value, "attr", None) == "stage_names" and isinstance(
+                node.slice, ast.Constant) and node.slice.value in KINDS:
+            found.append(f"line {node.lineno}: stage_names[{node.slice.value!r}]")
     return found
 
 

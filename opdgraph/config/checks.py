@@ -1,5 +1,6 @@
 """Checks that need more than one field: model roles and references, the stage graph, shapes and vocabularies,
-the data files, and whether the loss's estimator fits the way rollout samples.
+the data files, and each stage kind's own checks against the rest (the loss's: whether its estimator fits the way
+rollout samples, whether its kernel runs on the device).
 
 They run after every section is typed, so they see well-typed values. Each problem names both ends (the stage and
 the model it references, the reader and the missing producer, the student and the teacher vocabularies). An inline
@@ -35,8 +36,7 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     _check_eval_lengths(models, shapes, data, stages, problem, problems)
     check_sft_stages(pipeline, models, shapes, data, stages, problem, problems)
     _check_data_files(data, stages, base_dir, problem, problems)
-    _check_estimator(stages, problem, problems)
-    _check_loss_kernel(pipeline, stages, problem, problems)
+    _check_stage_hooks(pipeline, stages, problem, problems)
     _check_model_kernels(pipeline, models, problem, problems)
     return shapes
 
@@ -224,42 +224,17 @@ def _check_data_files(data, stages, base_dir, problem, problems):
                                           f"at the pipeline file's directory)"))
 
 
-def _check_estimator(stages, problem, problems):
-    """sampled_token estimates reverse KL from the sampled token alone: log p_s(y) - log p_t(y) averages to
-    KL(p_s || p_t) only when y is drawn from p_s itself, the student's softmax at the loss temperature. A filtered
-    (top_k, top_p, min_p), greedy or differently tempered rollout draws y from another distribution, and the
-    estimate is biased by an amount nothing reports."""
-    rollout = next((stage for stage in stages.values() if stage.kind == "rollout"), None)
-    if rollout is None:
-        return
-    sampling = rollout.config
-    for name, stage in stages.items():
-        if stage.kind != "loss" or stage.config.divergence != "sampled_token" or stage.config.allow_biased_estimate:
-            continue
-        reasons = [reason for reason, applies in (
-            ("greedy = true", sampling.greedy), (f"top_k = {sampling.top_k}", sampling.top_k > 0),
-            (f"top_p = {sampling.top_p}", sampling.top_p < 1), (f"min_p = {sampling.min_p}", sampling.min_p > 0),
-            (f"temperature = {sampling.temperature} (the loss uses {stage.config.temperature})",
-             sampling.temperature != stage.config.temperature)) if applies]
-        if reasons:
-            problems.append(problem(f"{name}.divergence",
-                                    f"divergence = \"sampled_token\" is an unbiased estimate of reverse KL only for "
-                                    f"tokens sampled from the student at the loss temperature, but [{rollout.name}] "
-                                    f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
-                                    f"the vocabulary), or set {name}.allow_biased_estimate = true to accept the bias"))
+def _check_stage_hooks(pipeline, stages, problem, problems):
+    """Each stage's own checks against the rest of the pipeline (its kind's `check_pipeline(stage_name, config,
+    pipeline, settings, problem)`, stages/<kind>.py), in table order; `settings`: every stage's published run
+    settings by name (stages.named_settings), the way a stage sees the tables of other kinds."""
+    from opdgraph.stages import named_settings, stage_module
 
-
-def _check_loss_kernel(pipeline, stages, problem, problems):
-    """The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
-    the models are loaded. device = "auto" is decided on the machine that runs (the runtime checks it at startup,
-    opdgraph.runtime.training.check_loss_kernel)."""
-    if pipeline.device != "cpu":
-        return
+    settings = named_settings(stages, "run_settings")
     for name, stage in stages.items():
-        if stage.kind == "loss" and stage.config.kernel == "triton":
-            problems.append(problem(f"{name}.kernel",
-                                    f"{name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
-                                    f"set {name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))
+        check = getattr(stage_module(stage.kind), "check_pipeline", None)
+        if check is not None:
+            problems.extend(check(name, stage.config, pipeline, settings, problem))
 
 
 def _check_model_kernels(pipeline, models, problem, problems):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from opdgraph.teachers import TEACHER_KIND, route_field, short_name, student_name
+from opdgraph.teachers import TEACHER_KIND, route_setting, short_name, student_name
 
 MIXTURE_TOLERANCE = 1e-6
 
@@ -63,8 +63,8 @@ def _check_models(models, teachers, student, problem, problems) -> None:
 
 def _check_combination(stages, teachers, problem, problems) -> None:
     """Several teachers need routing or mixture weights; routes must be disjoint; weights must sum to one."""
-    field = route_field(stages)
-    loss = next((name for name, stage in stages.items() if stage.kind == "loss"), "loss")
+    owner, field = route_setting(stages)
+    loss = owner or "loss"
     weighted = {name: stage.config.mixture_weight for name, stage in teachers.items()
                 if stage.config.mixture_weight is not None}
     if field and weighted:

@@ -5,6 +5,7 @@ Plans chosen by the fit search also start with what it chose and list their host
 from __future__ import annotations
 
 from opdgraph.plan import Plan
+from opdgraph.stages import stage_module
 
 GIB = 1024**3
 LEGEND = ("Legend: A allocated before the step  # live  F freed after  X allocated and freed in the step  "
@@ -24,7 +25,7 @@ def _step_table(plan: Plan) -> list[str]:
     lines = [f"  {'#':>2}  {'step':<26} {'scope':<12} {'runs':>6} {'live GiB':>9}  {'roofline':>11}  "
              f"{'TFLOP':>9}  {'GB moved':>9}"]
     for index, step in enumerate(plan.steps):
-        periodic = "  (periodic)" if step.kind in ("eval", "checkpoint", "log") else ""
+        periodic = "  (periodic)" if getattr(stage_module(step.kind), "PERIODIC", False) else ""
         lines.append(f"  {index:>2}  {step.name:<26} {step.scope:<12} {step.repeats:>6} {gib(step.live_bytes):>9}  "
                      f"{_seconds(step.work.seconds):>11}  {step.work.flops / 1e12:>9.3f}  "
                      f"{(step.work.device_bytes + step.work.pcie_bytes) / 1e9:>9.3f}{periodic}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from opdgraph.counts import step_settings
 from opdgraph.runtime import distributed, fsdp
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import TORCH_DTYPES, RunContext, seed_everything
@@ -18,6 +19,7 @@ from opdgraph.runtime.metrics import MetricsLog
 from opdgraph.runtime.model_loading import load_models
 from opdgraph.runtime.startup import Startup, check_startup
 from opdgraph.runtime.teachers import build_teachers, distinct_models, route_facts
+from opdgraph.stages import named_settings
 
 
 class SilentMetrics:
@@ -65,8 +67,10 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     print(use_layer_kernels(cfg, student, teachers, device))
     if resume_from is not None:  # full weights go in before sharding: each rank then keeps its own rows
         _load_student_weights(student, resume_from)
-    rollout = cfg.stage("rollout").config
-    step = cfg.stage("step").config
+    # The tables the run builds from, published by their stages by name (never looked up by kind)
+    settings = {key: value for key, (_, value) in named_settings(cfg.stages, "run_settings").items()}
+    step_setting = step_settings(cfg)
+    rollout = settings["rollout_config"]
     engine = build_engine(student, rollout, num_pages=int(plan.facts["rollout.num_pages"]), device=device,
                           kv_dtype=TORCH_DTYPES[cfg.models[cfg.model_with_role("student")].dtype])
     if engine.fused_kernels and distributed.world_size() == 1:
@@ -78,7 +82,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
     placement = plan_placement(plan)
     gather_per_step = distributed.world_size() > 1 and placement.student_gather == "step"
     # fp32 gradient sums for a low-precision student (opdgraph.runtime.gradients); an fp32 one has them anyway
-    fp32_grads = cfg.stage("backward").config.grad_accumulation_dtype == "float32" and student.dtype != torch.float32
+    fp32_grads = step_setting["grad_accumulation_dtype"] == "float32" and student.dtype != torch.float32
     if distributed.world_size() > 1:
         fsdp.shard_student(student, reduce_dtype=torch.float32 if fp32_grads and gather_per_step else None)
         engine = fsdp.UnshardingEngine(engine, student, keep_gathered=gather_per_step)
@@ -88,17 +92,16 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
                              "one process; launch it with torchrun --nproc-per-node N (N > 1) or plan it for one")
         fsdp.shard_teacher(teacher)
     # Offloaded optimizer state is built in host memory (opdgraph.runtime.offload), never whole on the device.
-    optimizer = build_optimizer(placement, student, device, lr=step.lr, betas=tuple(step.betas),
-                                eps=step.eps, weight_decay=step.weight_decay)
+    optimizer = build_optimizer(placement, student, device, **settings["optimizer_settings"])
     sampler = PromptSampler(train_prompts, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.pipeline.seed,
                             shuffle=cfg.data.shuffle, rank=distributed.rank(), world_size=distributed.world_size())
     if sampler.repeat_note() and distributed.is_main():
         print(sampler.repeat_note())
     metrics = MetricsLog(run_dir, reporters=reporters) if distributed.is_main() else SilentMetrics(run_dir)
-    facts = {"samples_per_prompt": cfg.data.samples_per_prompt, "rollout_stage": cfg.stage("rollout").name,
+    facts = {"samples_per_prompt": cfg.data.samples_per_prompt,
              "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
-             "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": cfg.stage("loss").config.normalize,
-             "activation_checkpointing": cfg.stage("backward").config.activation_checkpointing,
+             "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": settings["normalize"],
+             "activation_checkpointing": step_setting["activation_checkpointing"],
              "grads_buffer": f"{student_name}.grads",
              # pipeline.release_phase_buffers = false: the plan never frees the gradients; the step zeroes them
              "grads_held": plan.buffers[f"{student_name}.grads"].lifetime == "held",

@@ -34,6 +34,7 @@ from opdgraph.config.paths import data_file_path
 from opdgraph.config.strict import unstructure
 from opdgraph.model_shapes import hub_commit
 from opdgraph.runtime.durable import DIGEST_NAME, file_digest
+from opdgraph.stages import published_settings
 
 PIPELINE_CADENCE = ("name", "device", "debug_memory", "memory_budget_gib", "release_phase_buffers",
                     "hardware.", "fit.")
@@ -72,8 +73,8 @@ def config_record(cfg) -> dict[str, Any]:
 
 def _prompt_files(cfg) -> list[str]:
     files = list(cfg.data.train_files) + list(cfg.data.eval_files)
-    for stage in cfg.stages_of_kind("eval"):
-        files += list(stage.config.files or [])
+    for stage in cfg.stages.values():  # every eval stage's own files (stages/eval.py publishes them)
+        files += list(published_settings(stage, "run_settings").get("eval_files") or [])
     return sorted(set(files))
 
 

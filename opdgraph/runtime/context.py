@@ -25,7 +25,7 @@ class RunContext:
     seed: int
     num_steps: int
     student: Any
-    teacher: Any  # the first teacher stage's model (eval's teacher)
+    teacher: Any  # the first teacher with weights of its own (what a shard placement splits)
     tokenizer: Any
     engine: Any
     optimizer: Any

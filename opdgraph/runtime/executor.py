@@ -2,42 +2,30 @@
 
 The plan is an ordered list of steps; consecutive steps that share a micro-batch loop form one loop body that runs
 once per micro-batch (chunk loops run inside the loss stage itself, whose chunk size the plan used). Each step is
-dispatched to its stage module's `execute(step, config, ctx, loop)`; after it, the executor applies exactly the
+dispatched to its stage module's `execute(step, config, inputs)` (the data source's too: opdgraph.stages.data), with
+a StageInputs (opdgraph.runtime.stage_inputs): the models the stage bound once (its module's `bind`), the buffers
+its plan steps declare and the loop iteration; after it, the executor applies exactly the
 releases the plan lists for it (free, or offload to host) and reloads offloaded buffers before the step that needs
 them. Nothing is freed anywhere else, so memory follows the plan, and a stage call sees only the buffers its plan
-steps declare (opdgraph.runtime.declared_buffers): an access the plan does not know of fails at once. Buffers the plan's placement moves (the teacher's
-weights) go through opdgraph.runtime.offload, which moves parameter storage to pinned host memory and back.
+steps declare (opdgraph.runtime.declared_buffers): an access the plan does not know of fails at once. What drops the
+memory behind a buffer at its release (the KV pools' engines) comes from the stage modules' `release_hooks`, beside
+the caller's. Buffers the plan's placement moves (the teacher's weights) go through opdgraph.runtime.offload, which
+moves parameter storage to pinned host memory and back.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from opdgraph.runtime.context import RunContext
 from opdgraph.runtime.declared_buffers import DeclaredBuffers, declared_by_stage
 from opdgraph.runtime.offload import HostOffloader
+from opdgraph.runtime.stage_inputs import LoopState, RunServices, StageInputs
 from opdgraph.runtime.teachers import offloaded_models
+from opdgraph.stages import stage_module
 
-
-@dataclass
-class LoopState:
-    """What the steps of one micro-batch loop iteration share."""
-
-    index: int = 0
-    count: int = 1
-    micro_batch: Any = None
-    values: dict[str, Any] = field(default_factory=dict)
-    prefix: str = ""  # of the group-local buffers of a routed plan's teacher loop ("math/")
-
-    def local(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-
-def _stage_module(kind: str):
-    return importlib.import_module(f"opdgraph.stages.{kind}")
+__all__ = ["LoopState", "PlanExecutor"]
 
 
 def _segments(steps) -> list[tuple[str | None, list]]:
@@ -61,7 +49,6 @@ class PlanExecutor:
         self.memory_recorder = memory_recorder
         self.stage_configs = stage_configs
         self.ctx = ctx
-        self.release_hooks = release_hooks  # buffer name -> callable that drops what holds it (e.g. the KV pool)
         self.segments = _segments(plan.steps)
         # Buffers first allocated inside a loop are freed per iteration; a buffer from outside the loop that is last
         # read inside it, or an accumulator that spans the loop, is freed once, after the loop's last iteration.
@@ -69,6 +56,26 @@ class PlanExecutor:
                                   if not plan.buffers[name].spans_loops}
         self.declared = declared_by_stage(plan)  # what each stage's calls may touch (runtime.declared_buffers)
         self.offloader = HostOffloader(plan, offloaded_models(ctx.teachers), ctx.device)
+        ctx.teacher_offloader = self.offloader  # eval brings teachers in through it, outside their plan steps
+        self.services = RunServices(ctx)
+        kinds = {step.stage: step.kind for step in plan.steps}
+        self.modules = {stage: stage_module(kind) for stage, kind in kinds.items()}
+        self.bound = {stage: _bind(module, stage, stage_configs.get(stage), ctx)
+                      for stage, module in self.modules.items()}
+        # buffer name -> callable that drops what holds it (e.g. the KV pool): the stages' own, then the caller's
+        self.release_hooks = {}
+        for stage, module in self.modules.items():
+            if hasattr(module, "release_hooks"):
+                self.release_hooks.update(module.release_hooks(stage, stage_configs.get(stage), self.bound[stage]))
+        self.release_hooks.update(release_hooks)
+
+    def run_before_training(self) -> None:
+        """The steps whose stage does something before the first training step (eval's evaluation), with the plan's
+        releases of that step after each, as in a training step."""
+        for step in self.plan.steps:
+            module = self.modules[step.stage]
+            if hasattr(module, "before_training") and self._call(step, module.before_training, LoopState()):
+                self.apply_releases(step)
 
     def run_training_step(self) -> None:
         for loop, steps in self.segments:
@@ -99,19 +106,17 @@ class PlanExecutor:
         if self.memory_recorder is not None:
             self.memory_recorder.before(step)
         started = time.perf_counter()
-        table, self.ctx.buffers = self.ctx.buffers, DeclaredBuffers(self.ctx.buffers, step.stage,
-                                                                    self.declared[step.stage])
-        try:
-            if step.kind == "data":
-                self.ctx.buffers.put("prompts", self.ctx.sampler.next_batch())
-            else:
-                _stage_module(step.kind).execute(step, self.stage_configs[step.stage], self.ctx, loop)
-        finally:
-            self.ctx.buffers = table
+        self._call(step, self.modules[step.stage].execute, loop)
         self.ctx.add_seconds(step.name, time.perf_counter() - started)
         if self.memory_recorder is not None:
             self.memory_recorder.after(step)
         self.apply_releases(step, loop)
+
+    def _call(self, step, function, loop: LoopState):
+        """`function(step, config, inputs)` of the step's stage, on the buffers its plan steps declare."""
+        values = DeclaredBuffers(self.ctx.buffers, step.stage, self.declared[step.stage])
+        inputs = StageInputs(step=step, loop=loop, models=self.bound[step.stage], values=values, run=self.services)
+        return function(step, self.stage_configs.get(step.stage), inputs)
 
     def apply_releases(self, step, loop: LoopState | None = None, only_free: bool = False) -> None:
         """Free or offload what the plan releases after `step` (also for a step run outside the training step: the
@@ -147,3 +152,8 @@ class PlanExecutor:
         target = self.ctx.buffers.get(name) if self.ctx.buffers.has(name) else None
         if hasattr(target, "to"):
             target.to("cpu" if to_host else self.ctx.device)
+
+
+def _bind(module, stage: str, config, ctx: RunContext) -> dict[str, Any]:
+    """What the stage's calls use, named once for the run (its module's `bind`; nothing when it has none)."""
+    return module.bind(stage, config, ctx) if hasattr(module, "bind") else {}

@@ -17,14 +17,14 @@ from opdgraph.runtime.answer_scoring import is_correct
 FIRST_STEP = 0  # the schedule's step whose prefix eval places
 
 
-def accuracy_with_gold_prefix(ctx, prompts, generate: Callable[[list], list]) -> dict:
-    """{} without an sft stage or without graded prompts; `generate(prompts)` answers them with the student."""
-    sft = ctx.facts.get("sft")
+def accuracy_with_gold_prefix(sft, tokenizer, prompts, generate: Callable[[list], list]) -> dict:
+    """{} without an sft stage (`sft`: its Config, or None) or without graded prompts; `generate(prompts)` answers
+    them with the student."""
     graded = [prompt for prompt in prompts if prompt.record.answer is not None]
     if sft is None or not graded:
         return {}
     samples = generate(with_gold_prefix(graded, sft.prefix_schedule(), FIRST_STEP))
-    decode = ctx.tokenizer.decode
+    decode = tokenizer.decode
     correct = sum(is_correct(decode(sample.prompt_ids[len(sample.prompt_ids) - sample.gold_prefix_length:]
                                     + sample.response_ids), str(sample.answer)) for sample in samples)
     return {"accuracy_with_gold_prefix": correct / len(samples),

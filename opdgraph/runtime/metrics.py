@@ -92,10 +92,10 @@ class ProgressLine:
             self.stream.flush()
 
 
-def log_rollout_samples(ctx, *, count: int) -> None:
-    """Append a few of this step's rollout samples (decoded) to samples.jsonl."""
-    samples = ctx.last_samples[:count]
-    decode = ctx.tokenizer.decode
-    ctx.metrics.write_samples(ctx.step, [{"label": "rollout", "prompt": decode(s.prompt_ids),
+def log_rollout_samples(run, tokenizer, *, count: int) -> None:
+    """Append a few of this step's rollout samples (decoded) to samples.jsonl (`run`: a stage's RunServices)."""
+    samples = run.last_samples[:count]
+    decode = tokenizer.decode
+    run.metrics.write_samples(run.step, [{"label": "rollout", "prompt": decode(s.prompt_ids),
                                           "student": decode(s.response_ids), "finish_reason": s.finish_reason}
                                          for s in samples])

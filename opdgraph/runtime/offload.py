@@ -180,17 +180,15 @@ def plan_placement(plan) -> Placement:
 
 
 def teacher_weight_buffers(plan) -> list[str]:
-    """The held weights the teacher_score steps read that are not the student's (a live self-teacher scores with
-    the student's weights, which never move), in plan order."""
-    student_weights = {name for step in plan.steps if step.kind == "rollout" for name in step.reads
-                       if name.endswith(".weights")}
+    """The held weights no step writes, in the order steps first read them: the teachers' (a frozen self-teacher's
+    copy included). The student's weights are written by the optimizer step, so a live self-teacher, which scores
+    with them, has none of its own; being never written is also what keeps a host copy current (ParameterSwap)."""
+    written = {name for step in plan.steps for name in step.writes}
     found = []
     for step in plan.steps:
-        if step.kind != "teacher_score":
-            continue
         for name in step.reads:
             buffer = plan.buffers[name]
-            if (buffer.category == "weights" and buffer.lifetime == "held" and name not in student_weights
+            if (buffer.category == "weights" and buffer.lifetime == "held" and name not in written
                     and name not in found):
                 found.append(name)
     return found

@@ -42,6 +42,7 @@ from typing import Any
 
 from opdgraph.errors import ReporterError
 from opdgraph.runtime.durable import replace_text
+from opdgraph.stages import named_settings
 
 STATE_FILE = "reporters.json"
 # report_to name -> the module of its reporter; the package it needs and the extra that installs it share its name
@@ -49,16 +50,20 @@ MODULES = {"tensorboard": "opdgraph.runtime.reporter_tensorboard", "wandb": "opd
            "mlflow": "opdgraph.runtime.reporter_mlflow"}
 
 
+def _report_to(cfg) -> tuple[str, tuple[str, ...]]:
+    """(the stage that publishes report_to, the trackers it names): the log's (stages/log.py), found by name."""
+    return named_settings(cfg.stages, "run_settings").get("report_to", ("", ()))
+
+
 def _named(cfg) -> list[str]:
-    log = cfg.stage("log")
-    return list(log.config.report_to) if log is not None else []
+    return list(_report_to(cfg)[1])
 
 
 def check_reporters(cfg) -> None:
     """Each named tracker's package is installed (and its module's own `check`, where it has one, passes)."""
-    log = cfg.stage("log")
+    log, _ = _report_to(cfg)
     for name in _named(cfg):
-        path, source = f"{log.name}.report_to", cfg.provenance.get(f"{log.name}.report_to", "default")
+        path, source = f"{log}.report_to", cfg.provenance.get(f"{log}.report_to", "default")
         where = f"--set {path}" if source == "--set" else f"{source}  {path}"  # like a config problem's location
         if importlib.util.find_spec(name) is None:
             raise ReporterError(f"{where}: names {name!r}, but the {name} package is not installed: "

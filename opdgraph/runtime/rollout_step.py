@@ -52,16 +52,18 @@ def generate_samples(engine, prompts, params, *, n: int, seed: int, step: int, t
             for r in responses]
 
 
-def run_rollout(config, ctx) -> None:
-    facts = ctx.facts
+def run_rollout(config, inputs) -> None:
+    """The rollout stage's call (`inputs`: its StageInputs, with the engine and the tokenizer it bound)."""
+    run, values, engine = inputs.run, inputs.values, inputs.models["engine"]
+    facts, device = run.facts, run.device
     params = sampling_params(config, max_new_tokens=config.max_new_tokens, greedy=config.greedy,
-                             eos_token_ids=ctx.tokenizer.eos_token_ids)
-    prompts, sft = ctx.buffers.get("prompts"), facts.get("sft")
+                             eos_token_ids=inputs.models["tokenizer"].eos_token_ids)
+    prompts, sft = values.get("prompts"), facts.get("sft")
     if sft is not None:
-        prompts = with_gold_prefix(prompts, sft.prefix_schedule(), ctx.step)
-    samples = generate_samples(ctx.engine, prompts, params, n=facts["samples_per_prompt"],
-                               seed=ctx.seed, step=ctx.step, tag="step")
-    stats = ctx.engine.stats
+        prompts = with_gold_prefix(prompts, sft.prefix_schedule(), run.step)
+    samples = generate_samples(engine, prompts, params, n=facts["samples_per_prompt"],
+                               seed=run.seed, step=run.step, tag="step")
+    stats = engine.stats
     lengths = [len(s.response_ids) for s in samples]
     # Normalisation counts are global over the step's batch: summed over ranks, so every rank weights its tokens as
     # one process holding the whole batch would. The logged counts are global too.
@@ -69,25 +71,25 @@ def run_rollout(config, ctx) -> None:
     gold = [] if sft is None else [sum(s.gold_prefix_length for s in samples),
                                    sum(s.gold_prefix_length > 0 for s in samples)]
     totals = all_reduce_sum([sum(lengths), len(samples), sum(s.finish_reason != "length" for s in samples),
-                             stats.preemptions, stats.tokens_per_second, *gold], ctx.device)
+                             stats.preemptions, stats.tokens_per_second, *gold], device)
     global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
     gold_counts = (sft.normalize, int(totals[5]), int(totals[6])) if sft is not None else ("token", 0, 0)
     micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
-                                        global_sequences=global_sequences, device=ctx.device,
+                                        global_sequences=global_sequences, device=device,
                                         route_groups=facts.get("route_groups"),
                                         group_order=facts.get("group_order", ("",)), gold=gold_counts)
-    micro_batches = pad_micro_batches(micro_batches, ctx.device)
-    ctx.buffers.put("responses", RolloutBatch(samples, micro_batches))
-    ctx.last_samples = samples[:4]
-    ctx.buffers.put(f"{facts['rollout_stage']}.kv_cache", ctx.engine.kv_cache)
-    ctx.step_record.update({
+    micro_batches = pad_micro_batches(micro_batches, device)
+    values.put("responses", RolloutBatch(samples, micro_batches))
+    run.last_samples = samples[:4]
+    values.put(f"{inputs.step.stage}.kv_cache", engine.kv_cache)
+    run.record.update({
         "response_length_mean": global_tokens / global_sequences,
-        "response_length_max": all_reduce_max(max(lengths), ctx.device),
+        "response_length_max": all_reduce_max(max(lengths), device),
         "response_tokens": global_tokens, "rollout_tokens_per_s": totals[4],
         "rollout_preemptions": preemptions, "finished_by_eos": finished_by_eos,
         "num_micro_batches": len(micro_batches),
     })
     if sft is not None:
-        ctx.step_record.update({"gold_prefix_tokens": gold_counts[1],
+        run.record.update({"gold_prefix_tokens": gold_counts[1],
                                 "gold_prefix_tokens_mean": gold_counts[1] / global_sequences})

@@ -46,6 +46,7 @@ from opdgraph.runtime.signals import (
     signal_name,
 )
 from opdgraph.runtime.skipped_steps import stop_if_stuck
+from opdgraph.stages import named_settings
 
 
 def run_pipeline(cfg, plan, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
@@ -119,33 +120,29 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         restore(ctx, checkpoint)
         print(f"resumed at step {ctx.step} from {checkpoint}")
     stage_configs = {name: stage.config for name, stage in cfg.stages.items()}
-    hooks = {f"{s.name}.kv_cache": ctx.engine.release for s in cfg.stages_of_kind("rollout")}
-    hooks[ctx.facts["grads_buffer"]] = ctx.optimizer.zero_grad
+    # The stages' own release hooks (the KV pools' engines) come from their modules (PlanExecutor).
+    hooks = {ctx.facts["grads_buffer"]: ctx.optimizer.zero_grad}
     if ctx.facts["gather_per_step"]:  # the training loop ran on the weights gathered for rollout
         hooks[f"{cfg.model_with_role('student')}.gathered_weights"] = functools.partial(fsdp.end_step_gather,
                                                                                         ctx.student)
     if fsdp.is_sharded(ctx.teacher):  # its root stays gathered from teacher_score until the loss is done
         hooks[f"{next(iter(ctx.teachers.values())).spec.weights}.gathered_root"] = functools.partial(
             fsdp.reshard_forward_only, ctx.teacher)
-    from opdgraph.runtime.evaluation import print_before_after, release_hooks, run_eval
+    from opdgraph.runtime.evaluation import print_before_after
 
-    for entry in cfg.stages_of_kind("eval"):
-        hooks.update(release_hooks(ctx, entry.name))
     recorder = None
     if record_memory:
         from opdgraph.runtime.memory_record import MemoryRecorder
 
         recorder = MemoryRecorder(plan, ctx.device, run_dir)
     executor = PlanExecutor(plan, stage_configs, ctx, release_hooks=hooks, memory_recorder=recorder)
-    ctx.teacher_offloader = executor.offloader  # eval needs the teacher on the device where the plan offloads it
-    log = cfg.stage("log")
-    for entry in cfg.stages_of_kind("eval"):
-        if ctx.step == 0 and ctx.eval_prompts is not None:
-            ctx.eval_records.append(run_eval(entry.config, ctx, stage=entry.name, label="before"))
-            executor.apply_releases(plan.step(entry.name))  # the eval step's releases, as in a training step
+    settings = {key: value for key, (_, value) in named_settings(cfg.stages, "run_settings").items()}
+    log_every = settings.get("log_every_n_steps", 1)  # the log stage's (no [log] table: every step)
+    if ctx.step == 0:  # a resumed run has had its "before"
+        executor.run_before_training()  # eval's evaluation before training, with its step's releases
     progress = ProgressLine(cfg.pipeline.num_steps, first_step=ctx.step,
-                            enabled=bool(log is None or log.config.progress) and distributed.is_main())
-    saving = cfg.stage("checkpoint").config if cfg.stage("checkpoint") else None
+                            enabled=bool(settings.get("progress", True)) and distributed.is_main())
+    saving = "checkpoint_keep_last" in settings  # a checkpoint stage asks for saves (ctx.checkpoint_due)
     stops.graceful = True  # from here a signal stops at the end of the step
     while ctx.step < cfg.pipeline.num_steps:
         started = time.perf_counter()
@@ -154,20 +151,19 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
             torch.cuda.reset_peak_memory_stats(ctx.device)
         executor.run_training_step()
         own_signal, flags = stops.signum, stops.flags()  # what this rank sends; a later signal counts next step
-        stop_votes = _sum_over_ranks(ctx.step_record, ("loss", "divergence", "sft_loss", "sft_cross_entropy"),
-                                     ctx.device, extra=flags)
+        stop_votes = _sum_over_ranks(ctx.step_record, _RANK_SUMS, ctx.device, extra=flags)
         record = {"kind": "train", "step": ctx.step, **ctx.step_record,
                   "seconds": time.perf_counter() - started,
                   **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}
         if ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         ctx.metrics.write(record)
-        if log is None or ctx.step % log.config.every_n_steps == 0 or ctx.step == cfg.pipeline.num_steps:
+        if ctx.step % log_every == 0 or ctx.step == cfg.pipeline.num_steps:
             progress.update(ctx.step, {k: record[k] for k in ("loss", "grad_norm", "lr")
                                        if record.get(k) is not None})
         stop = chosen_signal(own_signal, stop_votes) if ctx.step < cfg.pipeline.num_steps else None
-        if saving is not None and (ctx.checkpoint_due or (stop is not None and saving.on_signal)):
-            save_run_checkpoint(ctx, keep_last=saving.keep_last, run_config=run_config)
+        if saving and (ctx.checkpoint_due or (stop is not None and settings["checkpoint_on_signal"])):
+            save_run_checkpoint(ctx, keep_last=settings["checkpoint_keep_last"], run_config=run_config)
         stop_if_stuck(ctx, last_step=ctx.step == cfg.pipeline.num_steps)  # too many skipped steps: TrainingStopped
         if stop is not None:
             ctx.stopped_by = stop
@@ -186,10 +182,17 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         print("\npredicted vs measured device memory per plan step:\n" + recorder.write())
     return ctx
 
+# Parts of global means (and each mixture teacher's divergence[<stage>]); the sft stage's terms too.
+_RANK_SUMS = ("loss", "divergence", "sft_loss", "sft_cross_entropy")
+
+
 def _sum_over_ranks(record: dict, keys: tuple[str, ...], device: torch.device, *, extra: list[float]) -> list[float]:
-    """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss. The
+    """Each rank's loss is its part of the global mean (weights divide by global counts): the sum is the loss; so is
+    a mixture teacher's `divergence[<stage>]` (routed ones are means of their own, on one process only). The
     `extra` numbers (the stop requests) ride in the same all-reduce; their sums are returned."""
     present = [key for key in keys if key in record]
+    if distributed.world_size() > 1:
+        present += [key for key in record if key.startswith("divergence[") and record[key] is not None]
     summed = distributed.all_reduce_sum([record[key] for key in present] + list(extra), device)
     for key, value in zip(present, summed):
         record[key] = value

@@ -14,23 +14,25 @@ from __future__ import annotations
 import torch
 
 
-def sft_cross_entropy(config, stage: str, ctx, loop) -> None:
+def sft_cross_entropy(config, inputs) -> None:
+    """The stage's call (`inputs`: its StageInputs, with the student and the gradients it bound)."""
     from opdgraph.train.sft_loss import chunked_cross_entropy
 
+    loop, values, stage, record = inputs.loop, inputs.values, inputs.step.stage, inputs.run.record
     batch = loop.micro_batch
-    activations = ctx.buffers.get_item(loop.local("student_activations"), batch.index)
+    activations = values.get_item(loop.local("student_activations"), batch.index)
     if batch.gold_positions is None:  # still summed into the record: every rank reports the same keys
-        ctx.buffers.put_item(loop.local(f"{stage}.hidden_grad"), batch.index,
-                             activations.new_zeros((0, activations.shape[1])))
-        _add(ctx.step_record, torch.zeros((), device=activations.device), torch.zeros((), device=activations.device))
+        values.put_item(loop.local(f"{stage}.hidden_grad"), batch.index,
+                        activations.new_zeros((0, activations.shape[1])))
+        _add(record, torch.zeros((), device=activations.device), torch.zeros((), device=activations.device))
         return
     hidden = activations.detach().index_select(0, batch.gold_positions)
-    ctx.buffers.put_item(loop.local(f"{stage}.student_hidden"), batch.index, hidden)
-    result = chunked_cross_entropy(hidden, ctx.student.lm_head_weight.detach(), batch.gold_targets,
+    values.put_item(loop.local(f"{stage}.student_hidden"), batch.index, hidden)
+    result = chunked_cross_entropy(hidden, inputs.models["student"].lm_head_weight.detach(), batch.gold_targets,
                                    batch.gold_weights, scale=config.weight, chunk_tokens=config.chunk_tokens,
-                                   lm_head_grad=ctx.gradients.lm_head())
-    ctx.buffers.put_item(loop.local(f"{stage}.hidden_grad"), batch.index, result.hidden_grad)
-    _add(ctx.step_record, result.loss, torch.dot(batch.gold_weights, result.per_token))
+                                   lm_head_grad=inputs.models["gradients"].lm_head())
+    values.put_item(loop.local(f"{stage}.hidden_grad"), batch.index, result.hidden_grad)
+    _add(record, result.loss, torch.dot(batch.gold_weights, result.per_token))
 
 
 def _add(record: dict, loss: torch.Tensor, cross_entropy: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ from opdgraph.runtime.context import pick_device
 from opdgraph.runtime.reporters import check_reporters
 from opdgraph.runtime.model_loading import load_tokenizers
 from opdgraph.runtime.run_directory import RunRequest, open_run_directory
+from opdgraph.stages import named_settings, stage_module
 
 
 def _load_prompts(cfg, files: list[str], tokenizers: dict):
@@ -47,16 +48,17 @@ class Startup:
 
 def check_startup(cfg) -> Startup:
     """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device (and the loss and layer kernels it can run), the student's and the teacher's tokenizers,
-    every row of every prompt file.
+    minutes of loading): the device (and the loss and layer kernels it can run), the student's and the teacher's
+    tokenizers, every row of every prompt file.
     `opdgraph run --check` stops here."""
     from opdgraph.models.layer_kernels import check_layer_kernels
-    from opdgraph.runtime.training import check_loss_kernel
 
     check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
-    for stage in cfg.stages_of_kind("loss"):
-        check_loss_kernel(stage.config.kernel, device, where=f"{stage.name}.kernel")
+    for name, stage in cfg.stages.items():  # what each stage needs of the device (the loss: its kernel)
+        check = getattr(stage_module(stage.kind), "check_device", None)
+        if check is not None:
+            check(name, stage.config, device)
     for name, model in cfg.models.items():
         check_layer_kernels(model.kernels, device, where=f"models.{name}.kernels")
     tokenizers = load_tokenizers(cfg.models, Path(cfg.base_dir),
@@ -65,8 +67,8 @@ def check_startup(cfg) -> Startup:
     train_prompts = _load_prompts(cfg, cfg.data.train_files, tokenizers)
     check_template_agreement(cfg, tokenizers, train_prompts)
     print(f"train prompts: {train_prompts.summary.describe()}")
-    eval_stage = cfg.stage("eval")
-    eval_files = (eval_stage.config.files or cfg.data.eval_files) if eval_stage else []
+    settings = {key: value for key, (_, value) in named_settings(cfg.stages, "run_settings").items()}
+    eval_files = (settings["eval_files"] or cfg.data.eval_files) if "eval_files" in settings else []
     eval_prompts = _load_prompts(cfg, eval_files, tokenizers) if eval_files else None
     return Startup(device=device, tokenizers=tokenizers, train_prompts=train_prompts, eval_prompts=eval_prompts)
 

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from opdgraph.teachers import TeacherSpec, route_field, teacher_specs, train_groups
+from opdgraph.teachers import TeacherSpec, route_field, route_setting, teacher_specs, train_groups
 
 
 @dataclass
@@ -59,9 +59,9 @@ def routing(cfg):
     field = route_field(cfg.stages)
     if not field:
         return None
-    loss = next(stage.name for stage in cfg.stages.values() if stage.kind == "loss")
+    owner, _ = route_setting(cfg.stages)
     return Routing(field=field, values=tuple(value for spec in specs(cfg) for value in spec.routes),
-                   where=setting_location(cfg, f"{loss}.route_field"))
+                   where=setting_location(cfg, f"{owner}.route_field"))
 
 
 def setting_location(cfg, path: str) -> str:

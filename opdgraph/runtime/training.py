@@ -12,6 +12,9 @@ opdgraph.runtime.skipped_steps for when skips stop the run).
 
 No host synchronisation inside the micro-batch loop: loss and divergence are summed as device tensors in the step
 record and read back once, by the optimizer step (which reads the gradient norm anyway).
+
+Each function takes the StageInputs of its stage's call (opdgraph.runtime.stage_inputs): the models the stage bound
+(`models`), the plan buffers it declares (`values`), the loop iteration and the run's services.
 """
 
 from __future__ import annotations
@@ -19,33 +22,29 @@ from __future__ import annotations
 import torch
 
 
-def _micro_batch(loop):
-    return loop.micro_batch
-
-
 @torch.no_grad()
-def teacher_score(stage: str, ctx, loop) -> None:
-    """The teacher stage `stage` scores the micro-batch: its own prompt view where it has one; a routed teacher
-    only its own rows' micro-batches (an unfused plan's teacher loops run over all of them)."""
-    batch, teacher = _micro_batch(loop), ctx.teachers[stage]
+def teacher_score(inputs) -> None:
+    """The teacher stage (`models["teacher"]`, a TeacherRuntime) scores the micro-batch: its own prompt view where it
+    has one; a routed teacher only its own rows' micro-batches (an unfused plan's teacher loops run over all)."""
+    batch, teacher = inputs.loop.micro_batch, inputs.models["teacher"]
     if batch.group and teacher.spec.group != batch.group:
         return
-    view = batch.view_for(stage)
+    view = batch.view_for(teacher.spec.stage)
     hidden = teacher.model.forward_hidden(view.input_ids, view.positions, view.meta)
-    ctx.buffers.put_item(teacher.spec.hidden, batch.index, hidden.index_select(0, view.loss_positions))
+    inputs.values.put_item(teacher.spec.hidden, batch.index, hidden.index_select(0, view.loss_positions))
 
 
-def student_forward(ctx, loop, *, keep_graph: bool, write_hidden: bool) -> None:
+def student_forward(inputs, *, keep_graph: bool, write_hidden: bool) -> None:
     """Student final hidden states; with the graph kept (`student_activations`) for the backward."""
-    batch = _micro_batch(loop)
+    batch, loop, student = inputs.loop.micro_batch, inputs.loop, inputs.models["student"]
     with torch.set_grad_enabled(keep_graph):
-        hidden = ctx.student.forward_hidden(batch.input_ids, batch.positions, batch.meta,
-                                            activation_checkpointing=ctx.facts["activation_checkpointing"])
+        hidden = student.forward_hidden(batch.input_ids, batch.positions, batch.meta,
+                                        activation_checkpointing=inputs.run.facts["activation_checkpointing"])
     if keep_graph:
-        ctx.buffers.put_item(loop.local("student_activations"), batch.index, hidden)
+        inputs.values.put_item(loop.local("student_activations"), batch.index, hidden)
     if write_hidden:
-        ctx.buffers.put_item(loop.local("student_hidden"), batch.index,
-                             hidden.detach().index_select(0, batch.loss_positions))
+        inputs.values.put_item(loop.local("student_hidden"), batch.index,
+                               hidden.detach().index_select(0, batch.loss_positions))
 
 
 def check_loss_kernel(kernel: str, device, where: str = "loss.kernel") -> None:
@@ -74,28 +73,31 @@ def _use_triton(kernel: str, device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def _batch_teachers(ctx, batch) -> list:
+def _batch_teachers(teachers: dict, batch) -> list:
     """The teachers the loss takes on this micro-batch: a routed row's one, else every teacher (a mixture)."""
     if batch.group:
-        return [teacher for teacher in ctx.teachers.values() if teacher.spec.group == batch.group]
-    return list(ctx.teachers.values())
+        return [teacher for teacher in teachers.values() if teacher.spec.group == batch.group]
+    return list(teachers.values())
 
 
-def chunked_loss(config, ctx, loop) -> None:
-    batch = _micro_batch(loop)
-    hidden = ctx.buffers.get_item(loop.local("student_hidden"), batch.index)
-    teachers = _batch_teachers(ctx, batch)
-    teacher_hidden = [ctx.buffers.get_item(teacher.spec.hidden, batch.index) for teacher in teachers]
+def chunked_loss(config, inputs) -> None:
+    """The divergence of the micro-batch against its teachers (`models["teachers"]`, every teacher stage): a routed
+    micro-batch's one, or the mixture of all; with a mixture also each teacher's divergence, for the log."""
+    batch, loop, values, record = inputs.loop.micro_batch, inputs.loop, inputs.values, inputs.run.record
+    student, every_teacher = inputs.models["student"], inputs.models["teachers"]
+    hidden = values.get_item(loop.local("student_hidden"), batch.index)
+    teachers = _batch_teachers(every_teacher, batch)
+    teacher_hidden = [values.get_item(teacher.spec.hidden, batch.index) for teacher in teachers]
     teacher_heads = [teacher.model.lm_head_weight.detach() for teacher in teachers]
     mixture = len(teachers) > 1
-    lm_head_grad = ctx.gradients.lm_head()
-    args = (hidden, ctx.student.lm_head_weight.detach(), teacher_hidden if mixture else teacher_hidden[0],
+    lm_head_grad = inputs.models["gradients"].lm_head()
+    args = (hidden, student.lm_head_weight.detach(), teacher_hidden if mixture else teacher_hidden[0],
             teacher_heads if mixture else teacher_heads[0], batch.weights)
     common = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
                   chunk_tokens=config.chunk_tokens, lm_head_grad=lm_head_grad,
                   sampled_ids=batch.target_ids if config.divergence == "sampled_token" else None)
     if mixture:
-        common["mixture_weights"] = [teacher.spec.mixture_weight for teacher in teachers]
+        common.update(mixture_weights=[teacher.spec.mixture_weight for teacher in teachers], per_teacher=True)
     if not mixture and _use_triton(config.kernel, hidden.device):
         from opdgraph.kernels.divergence import chunked_fused_divergence
 
@@ -108,12 +110,14 @@ def chunked_loss(config, ctx, loop) -> None:
 
         result = chunked_divergence(*args, **common)
         loss, hidden_grad, estimate = result.loss, result.hidden_grad, result.estimate
-    ctx.buffers.put_item(loop.local("hidden_grad"), batch.index, hidden_grad)
-    record = ctx.step_record
+    values.put_item(loop.local("hidden_grad"), batch.index, hidden_grad)
     sums = [("loss", loss), ("divergence", estimate)]
-    if len(ctx.teachers) > 1 and not mixture:  # routed: each teacher's share, made a mean over its tokens later
+    if len(every_teacher) > 1 and not mixture:  # routed: each teacher's share, made a mean over its tokens later
         stage = teachers[0].spec.stage
         sums += [(f"divergence[{stage}]", estimate), (f"{TEACHER_WEIGHT}[{stage}]", batch.weights.sum())]
+    if mixture:  # every row is scored by every teacher: each one's weighted sum is its mean over the step's tokens
+        sums += [(f"divergence[{teacher.spec.stage}]", each)
+                 for teacher, each in zip(teachers, result.per_teacher_estimates)]
     for key, value in sums:
         value = value.detach()
         record[key] = value if key not in record else record[key] + value
@@ -134,25 +138,25 @@ def read_back_step_scalars(record: dict) -> None:
         record[stage_key] = record[stage_key] / weight if weight else None
 
 
-def backward(ctx, loop) -> None:
+def backward(inputs) -> None:
     """Second stage: one backward with the hidden-state gradient scattered to the trained rows."""
-    batch = _micro_batch(loop)
-    if ctx.facts.get("gather_per_step"):
+    batch, loop = inputs.loop.micro_batch, inputs.loop
+    if inputs.run.facts.get("gather_per_step"):
         from opdgraph.runtime.fsdp import sync_gradients_if_last
 
-        sync_gradients_if_last(ctx.student, loop.index, loop.count)
-    activations = ctx.buffers.get_item(loop.local("student_activations"), batch.index)
-    hidden_grad = ctx.buffers.get_item(loop.local("hidden_grad"), batch.index)
+        sync_gradients_if_last(inputs.models["student"], loop.index, loop.count)
+    activations = inputs.values.get_item(loop.local("student_activations"), batch.index)
+    hidden_grad = inputs.values.get_item(loop.local("hidden_grad"), batch.index)
     full_grad = torch.zeros_like(activations)
     full_grad.index_copy_(0, batch.loss_positions, hidden_grad.to(activations.dtype))
-    for name in ctx.facts.get("sft_hidden_grads", ()):  # hybrid SFT: the gold prefix's rows (disjoint from these)
+    for name in inputs.run.facts.get("sft_hidden_grads", ()):  # hybrid SFT: the gold prefix's rows (disjoint)
         if batch.gold_positions is not None:
             full_grad.index_copy_(0, batch.gold_positions,
-                                  ctx.buffers.get_item(loop.local(name), batch.index).to(activations.dtype))
+                                  inputs.values.get_item(loop.local(name), batch.index).to(activations.dtype))
     activations.backward(full_grad)
 
 
-def optimizer_step(config, ctx, *, stage: str = "step") -> None:
+def optimizer_step(config, inputs, *, stage: str = "step") -> None:
     """Clip and apply AdamW on fp32 masters; a step whose gradient norm or update is not finite changes nothing and
     is logged (`skipped` names the reason); `stage` names the step stage in what a stopped run prints."""
     from opdgraph.train.optimizer import clip_grad_norm
@@ -160,19 +164,20 @@ def optimizer_step(config, ctx, *, stage: str = "step") -> None:
 
     from opdgraph.runtime.skipped_steps import NON_FINITE_GRADIENT, NON_FINITE_UPDATE
 
-    grads = ctx.gradients.finish()  # the lm_head gradient added (summed over ranks when sharded)
+    run, gradients, optimizer = inputs.run, inputs.models["gradients"], inputs.models["optimizer"]
+    grads = gradients.finish()  # the lm_head gradient added (summed over ranks when sharded)
     norm, finite = clip_grad_norm(grads.values(), config.max_grad_norm)
-    read_back_step_scalars(ctx.step_record)
-    lr = lr_at(ctx.step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=ctx.num_steps,
+    read_back_step_scalars(run.record)
+    lr = lr_at(run.step, base_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=run.num_steps,
                schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
     skipped = None if finite else NON_FINITE_GRADIENT
-    if skipped is None and not ctx.optimizer.step(lr, grads):
+    if skipped is None and not optimizer.step(lr, grads):
         skipped = NON_FINITE_UPDATE
     del grads
-    ctx.step_record.update({"grad_norm": float(norm) if finite else None, "lr": lr, "skipped": skipped})
+    run.record.update({"grad_norm": float(norm) if finite else None, "lr": lr, "skipped": skipped})
     if skipped is not None:
-        print(f"step {ctx.step + 1}: {skipped}, update skipped (weights, fp32 masters and moments unchanged)")
-    ctx.skipped_steps.record(ctx.step + 1, skipped, config, stage)
-    if ctx.facts["grads_held"]:  # the plan keeps the gradients for the run: next step accumulates into zeros
-        ctx.gradients.zero()
-    ctx.step += 1
+        print(f"step {run.step + 1}: {skipped}, update skipped (weights, fp32 masters and moments unchanged)")
+    inputs.models["skipped_steps"].record(run.step + 1, skipped, config, stage)
+    if run.facts["grads_held"]:  # the plan keeps the gradients for the run: next step accumulates into zeros
+        gradients.zero()
+    run.end_step()

@@ -22,7 +22,9 @@ Mixture of teachers. Given K teachers (hidden states g_ik, lm_heads W_k) and fix
 teacher distribution is p_T = sum_k w_k softmax(t_ik), t_ik = g_ik W_k[:V]^T / tau (each teacher at the loss
 temperature, then mixed), and every divergence above is taken against that p_T. The chunk's teacher "logits" are
 then tau * log p_T (`mixture_teacher_logits`: a running logaddexp over the teachers), which the softmax at
-temperature tau maps back to p_T exactly.
+temperature tau maps back to p_T exactly. With `per_teacher` the result also holds, for the log, each teacher's own
+divergence against the student, sum_i w_i D(p_S, p_Tk) (sampled_token: the estimate with a_ik against teacher k),
+computed chunk by chunk before the chunk's gradient: a copy of the student's logits beside one teacher's at a time.
 
 Per chunk: logits of both models (see "Precision"), then ``losses.divergence_chunk_grad`` (loss and analytic
 dlogits, the part a Triton kernel replaces on GPU), then hidden_grad[chunk] = dlogits @ W_s and
@@ -62,6 +64,7 @@ class DivergenceResult:
     per_token: torch.Tensor  # [N] fp32 detached: D_i (sampled_token: a_i)
     estimate: torch.Tensor  # 0-dim fp32: sum_i w_i per_token_i (= loss except for sampled_token: mean of a_i)
     metrics: DivergenceMetrics | None  # only when asked for (return_metrics=True)
+    per_teacher_estimates: list[torch.Tensor] | None = None  # a mixture's: sum_i w_i D(p_S, p_Tk) per teacher k
 
 
 def logits_fp32(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,10 @@ class _Teachers:
         if self.mixture and not (len(self.hidden) == len(self.heads) == len(self.weights)):
             raise ValueError("a mixture needs one hidden state tensor, lm_head and weight per teacher")
 
+    def each_logits(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Teacher `index`'s own raw logits of the chunk, fp32 [C, V]."""
+        return logits_fp32(self.hidden[index][start:stop], self.heads[index])
+
     def logits(self, start: int, stop: int) -> torch.Tensor:
         if not self.mixture:
             return logits_fp32(self.hidden[0][start:stop], self.heads[0])
@@ -138,13 +145,15 @@ def chunked_divergence(
     lm_head_grad: torch.Tensor | None = None,
     return_metrics: bool = False,
     mixture_weights: list[float] | None = None,
+    per_teacher: bool = False,
 ) -> DivergenceResult:
     """Loss sum_i w_i D_i over N positions, its student-hidden gradient, and (in place) its lm_head gradient.
 
     Shapes: student_hidden [N, Hs], student_lm_head [V, Hs], teacher_hidden [N, Ht], teacher_lm_head [Vt >= V, Ht],
     weights [N] fp32, sampled_ids [N] int64 in [0, V) (sampled_token only; any valid id where w_i = 0),
     lm_head_grad [V, Hs] fp32 accumulator (added into; None skips the lm_head gradient). A mixture of teachers:
-    teacher_hidden and teacher_lm_head are lists (one per teacher) and mixture_weights their weights.
+    teacher_hidden and teacher_lm_head are lists (one per teacher) and mixture_weights their weights; `per_teacher`
+    also returns each teacher's own divergence estimate (module docstring).
     """
     check_divergence_args(divergence, beta, temperature, sampled_ids is not None)
     for hidden, head in _pairs(teacher_hidden, teacher_lm_head):
@@ -158,12 +167,20 @@ def chunked_divergence(
     per_token = torch.empty(num_positions, dtype=torch.float32, device=device)
     hidden_grad = torch.empty_like(student_hidden)
     metrics = _empty_metrics(num_positions, device) if return_metrics else None
+    each_teacher = [torch.zeros((), dtype=torch.float32, device=device) for _ in teachers.hidden] if per_teacher \
+        else None
 
     with torch.no_grad():  # gradients are analytic; callers may pass hidden states that still require grad
         for start in range(0, num_positions, chunk_tokens):
             stop = min(start + chunk_tokens, num_positions)
             student_chunk = student_hidden[start:stop].detach()
             student_logits = logits_fp32(student_chunk, student_head)
+            for index, total in enumerate(each_teacher or ()):
+                each = divergence_chunk_grad(student_logits.clone(), teachers.each_logits(index, start, stop),
+                                             weights[start:stop], divergence, beta, temperature,
+                                             None if sampled_ids is None else sampled_ids[start:stop])
+                total += torch.dot(weights[start:stop], each.per_token)
+                del each
             teacher_logits = teachers.logits(start, stop)
             if metrics is not None:
                 _fill_metrics(metrics, slice(start, stop), student_logits, teacher_logits, temperature)
@@ -184,7 +201,8 @@ def chunked_divergence(
             del student_logits, teacher_logits, chunk
 
     estimate = torch.dot(weights.float(), per_token)
-    return DivergenceResult(loss=loss, hidden_grad=hidden_grad, per_token=per_token, estimate=estimate, metrics=metrics)
+    return DivergenceResult(loss=loss, hidden_grad=hidden_grad, per_token=per_token, estimate=estimate, metrics=metrics,
+                            per_teacher_estimates=each_teacher)
 
 
 def _pairs(teacher_hidden, teacher_lm_head):
