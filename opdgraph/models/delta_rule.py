@@ -21,14 +21,25 @@ alone), then
     O   = (e^G Q) S_0 + (Q K^T * e^{G_i - G_j}, j <= i) U
     S_C = e^{G_C} S_0 + (K * e^{G_C - G})^T U
 
-so only the scan over chunks is sequential. The last chunk of a sequence may be shorter; nothing is padded. All of it
-runs in float32 on whatever device the tensors are on; it is the reference a GPU kernel (flash-linear-attention's
-chunked gated delta rule) is tested against, and the path CPU runs take.
+so only the scan over chunks is sequential. ``chunked`` runs one sequence, chunk after chunk (its last chunk may be
+shorter, nothing is padded): the readable reference. ``chunked_packed`` runs a packed batch of N sequences at once:
+every sequence is padded to whole chunks, the chunk-local terms (U_v, W, the decayed scores, e^G Q, K e^{G_C - G},
+e^{G_C}) of all chunks of all sequences come from one batched pass, the scan is one loop over the chunk index c
+through the sequences that have a chunk c (a few small batched matmuls per index), and the outputs of all chunks
+come from one more batched pass. A padding token has q = k = v = 0, beta = 0 and g = 0: its row of A and of the
+right-hand side is zero (beta = 0), so its u is 0; its column of A is zero (k = 0), so it changes no other u; it
+adds nothing to the state (k = 0, u = 0) and no decay (g = 0 leaves G, hence e^{G_C}, at the last real token's).
+So a padded chunk gives exactly the unpadded chunk's state and outputs, and the padded outputs are dropped.
+Everything runs in the inputs' dtype (float32 in the models) on whatever device they are on; it is the reference a
+GPU kernel (flash-linear-attention's chunked gated delta rule) is tested against, and the path CPU runs take.
 
-Shapes: one sequence, L tokens, H value heads: q, k [L, H, Dk], v [L, H, Dv], g, beta [L, H], state [H, Dk, Dv].
+Shapes: one sequence, L tokens, H value heads: q, k [L, H, Dk], v [L, H, Dv], g, beta [L, H], state [H, Dk, Dv];
+packed: T tokens in all, [T, ...] likewise, bounds the N + 1 sequence boundaries (cu_seqlens), states [N, H, Dk, Dv].
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -51,21 +62,25 @@ def recurrent_step(q, k, v, g, beta, state):
 
 
 def chunked(q, k, v, g, beta, state=None, chunk_tokens: int = CHUNK_TOKENS):
-    """One sequence (module docstring) -> (out [L, H, Dv], final state [H, Dk, Dv]); state None means zeros."""
+    """One sequence (module docstring) -> (out [L, H, Dv], final state [H, Dk, Dv]); state None means zeros. The
+    reference of ``chunked_packed``: one chunk body after another."""
     length, heads, key_dim = k.shape
     if state is None:
         state = q.new_zeros(heads, key_dim, v.shape[-1])
     outputs = []
     for start in range(0, length, chunk_tokens):
         stop = min(start + chunk_tokens, length)
-        out, state = _chunk(*(x[start:stop].transpose(0, 1) for x in (q, k, v, g, beta)), state)
-        outputs.append(out.transpose(0, 1))
+        terms = chunk_terms(*(x[start:stop].transpose(0, 1) for x in (q, k, v, g, beta)))
+        updates, next_state = through_state(terms, state)
+        outputs.append(chunk_outputs(terms, state, updates).transpose(0, 1))
+        state = next_state
     return torch.cat(outputs), state
 
 
-def _chunk(q, k, v, g, beta, state):
-    """q, k [H, C, Dk], v [H, C, Dv], g, beta [H, C], state [H, Dk, Dv] -> (out [H, C, Dv], state at the end)."""
-    size = q.shape[1]
+def chunk_terms(q, k, v, g, beta):
+    """What a chunk computes without its state, for any leading dims: q, k [..., C, Dk], v [..., C, Dv], g, beta
+    [..., C] -> (U_v, W, scores, e^G Q, K e^{G_C - G}, e^{G_C}) of the module docstring."""
+    size = q.shape[-2]
     cumulative = g.cumsum(-1)  # G_i
     gaps = cumulative[..., :, None] - cumulative[..., None, :]  # G_i - G_j
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
@@ -74,10 +89,81 @@ def _chunk(q, k, v, g, beta, state):
     strictly_lower = ((k @ k.transpose(-1, -2)) * decay * beta[..., None]).tril(-1)  # A (the solve reads no diagonal)
     right = torch.cat((v * beta[..., None], k * (beta * cumulative.exp())[..., None]), dim=-1)
     solved = torch.linalg.solve_triangular(strictly_lower, right, upper=False, unitriangular=True)
-    own, through_state = solved.split((v.shape[-1], k.shape[-1]), dim=-1)  # U_v, W
-    updates = own - through_state @ state  # U
+    del strictly_lower, right
+    own, through = solved.split((v.shape[-1], k.shape[-1]), dim=-1)  # U_v, W
     scores = (q @ k.transpose(-1, -2)) * decay
-    out = (q * cumulative.exp()[..., None]) @ state + scores @ updates
     to_end = (cumulative[..., -1:] - cumulative).exp()  # e^{G_C - G_j}
-    state = state * cumulative[..., -1].exp()[..., None, None] + (k * to_end[..., None]).transpose(-1, -2) @ updates
-    return out, state
+    return (own, through, scores, q * cumulative.exp()[..., None], k * to_end[..., None],
+            cumulative[..., -1].exp())
+
+
+def through_state(terms, state):
+    """The sequential part of a chunk: its updates U = U_v - W S_0 and the state at its end."""
+    own, through, _, _, k_to_end, end_decay = terms
+    updates = own - through @ state
+    return updates, state * end_decay[..., None, None] + k_to_end.transpose(-1, -2) @ updates
+
+
+def chunk_outputs(terms, state, updates):
+    """O = (e^G Q) S_0 + scores U of chunks whose entering states and updates are known."""
+    return terms[3] @ state + terms[2] @ updates
+
+
+def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS):
+    """N packed sequences (module docstring) -> (out [T, H, Dv], final states [N, H, Dk, Dv]); states None means
+    zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state."""
+    length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    layout = ChunkLayout(bounds, chunk_tokens, q.device)
+    if states is None:
+        states = q.new_zeros(len(bounds) - 1, heads, key_dim, value_dim)
+    if layout.chunks == 0:
+        return q.new_zeros(0, heads, value_dim), states
+    packed = torch.cat((q, k, v, g[..., None], beta[..., None]), dim=-1)  # one scatter for all five
+    padded = packed.new_zeros(layout.chunks * chunk_tokens, heads, packed.shape[-1]).index_copy(
+        0, layout.destination, packed)
+    del packed
+    padded = padded.view(layout.chunks, chunk_tokens, heads, -1).transpose(1, 2)  # [M, H, C, 2 Dk + Dv + 2]
+    cq, ck, cv, cg, cb = padded.split((key_dim, key_dim, value_dim, 1, 1), dim=-1)
+    terms = chunk_terms(cq, ck, cv, cg[..., 0], cb[..., 0])
+    del padded, cq, ck, cv, cg, cb
+    state = states.index_select(0, layout.order)  # sequences by falling chunk count: those with a chunk c lead
+    entering, updates, finished = [], [], []
+    for first, count in zip(layout.offsets, layout.counts):
+        if count < state.shape[0]:  # the tail's sequences have no chunk c: their states are final
+            finished.append(state[count:])
+            state = state[:count]
+        update, next_state = through_state([term[first:first + count] for term in terms], state)
+        entering.append(state)
+        updates.append(update)
+        state = next_state
+    finished.append(state)
+    final = torch.cat(finished[::-1]).index_select(0, layout.rank)
+    out = chunk_outputs(terms, torch.cat(entering), torch.cat(updates))  # [M, H, C, Dv]
+    return out.transpose(1, 2).reshape(-1, heads, value_dim).index_select(0, layout.destination), final
+
+
+class ChunkLayout:
+    """Where each token of a packed batch sits among the padded chunks (host-side numbers, one index copy).
+
+    Sequences are ranked by falling chunk count (stable), and chunks are stored chunk index first: chunk c of every
+    sequence that has one, in rank order, at rows offsets[c] ... offsets[c] + counts[c] - 1. So the sequences with a
+    chunk c are always the first counts[c] of the ranking and the scan slices instead of gathering."""
+
+    def __init__(self, bounds: list[int], chunk_tokens: int, device):
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        chunk_counts = [math.ceil(length / chunk_tokens) for length in lengths]
+        order = sorted(range(len(lengths)), key=lambda sequence: -chunk_counts[sequence])
+        rank = [0] * len(lengths)
+        for position, sequence in enumerate(order):
+            rank[sequence] = position
+        self.counts = [sum(count > c for count in chunk_counts) for c in range(max(chunk_counts, default=0))]
+        self.offsets = [sum(self.counts[:c]) for c in range(len(self.counts))]
+        self.chunks = sum(self.counts)
+        sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+        local = torch.arange(bounds[-1] - bounds[0]) - (torch.tensor(bounds[:-1]) - bounds[0])[sequence]
+        offsets = torch.tensor(self.offsets + [0], dtype=torch.long)
+        row = offsets[local // chunk_tokens] + torch.tensor(rank, dtype=torch.long)[sequence]
+        self.destination = (row * chunk_tokens + local % chunk_tokens).to(device)
+        self.order = torch.tensor(order, dtype=torch.long).to(device)
+        self.rank = torch.tensor(rank, dtype=torch.long).to(device)
