@@ -29,7 +29,8 @@ through the sequences that have a chunk c (a few small batched matmuls per index
 come from one more batched pass. A padding token has q = k = v = 0, beta = 0 and g = 0: its row of A and of the
 right-hand side is zero (beta = 0), so its u is 0; its column of A is zero (k = 0), so it changes no other u; it
 adds nothing to the state (k = 0, u = 0) and no decay (g = 0 leaves G, hence e^{G_C}, at the last real token's).
-So a padded chunk gives exactly the unpadded chunk's state and outputs, and the padded outputs are dropped.
+So a padded chunk gives exactly the unpadded chunk's state and outputs, and the padded outputs are dropped. A batch of
+mostly short sequences runs with a smaller chunk (padded_chunk_tokens), so padding never doubles the tokens.
 Everything runs in the inputs' dtype (float32 in the models) on whatever device they are on; it is the reference a
 GPU kernel (flash-linear-attention's chunked gated delta rule) is tested against, and the path CPU runs take.
 
@@ -39,6 +40,7 @@ packed: T tokens in all, [T, ...] likewise, bounds the N + 1 sequence boundaries
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -86,6 +88,7 @@ def chunk_terms(q, k, v, g, beta):
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
     # Decays e^{G_i - G_j} where j <= i; the masked entries (j > i) would overflow, so they become e^{-inf} = 0.
     decay = torch.where(causal, gaps, float("-inf")).exp()
+    del gaps
     strictly_lower = ((k @ k.transpose(-1, -2)) * decay * beta[..., None]).tril(-1)  # A (the solve reads no diagonal)
     right = torch.cat((v * beta[..., None], k * (beta * cumulative.exp())[..., None]), dim=-1)
     solved = torch.linalg.solve_triangular(strictly_lower, right, upper=False, unitriangular=True)
@@ -114,56 +117,81 @@ def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_token
     zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state."""
     length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    layout = ChunkLayout(bounds, chunk_tokens, q.device)
+    layout = chunk_layout(tuple(bounds), chunk_tokens, heads, q.device)
+    size = layout.chunk_tokens
     if states is None:
         states = q.new_zeros(len(bounds) - 1, heads, key_dim, value_dim)
     if layout.chunks == 0:
         return q.new_zeros(0, heads, value_dim), states
-    packed = torch.cat((q, k, v, g[..., None], beta[..., None]), dim=-1)  # one scatter for all five
-    padded = packed.new_zeros(layout.chunks * chunk_tokens, heads, packed.shape[-1]).index_copy(
-        0, layout.destination, packed)
-    del packed
-    padded = padded.view(layout.chunks, chunk_tokens, heads, -1).transpose(1, 2)  # [M, H, C, 2 Dk + Dv + 2]
-    cq, ck, cv, cg, cb = padded.split((key_dim, key_dim, value_dim, 1, 1), dim=-1)
-    terms = chunk_terms(cq, ck, cv, cg[..., 0], cb[..., 0])
-    del padded, cq, ck, cv, cg, cb
+
+    def padded(x):  # [T, H, ...] -> [M, H, C, ...], zeros where no token is; contiguous, so matmuls copy nothing
+        rows = x.new_zeros(layout.chunks * heads * size, *x.shape[2:])
+        rows = rows.index_copy(0, layout.destination, x.flatten(0, 1))
+        return rows.view(layout.chunks, heads, size, *x.shape[2:])
+
+    terms = chunk_terms(*(padded(x) for x in (q, k, v, g, beta)))
     state = states.index_select(0, layout.order)  # sequences by falling chunk count: those with a chunk c lead
-    entering, updates, finished = [], [], []
-    for first, count in zip(layout.offsets, layout.counts):
+    outputs, finished = [], []
+    # One split per term, not a slice per step: a split's backward is one cat, a slice's a zero-filled whole term.
+    by_step = zip(*(term.split(layout.counts) for term in terms))
+    for count, step_terms in zip(layout.counts, by_step):
         if count < state.shape[0]:  # the tail's sequences have no chunk c: their states are final
             finished.append(state[count:])
             state = state[:count]
-        update, next_state = through_state([term[first:first + count] for term in terms], state)
-        entering.append(state)
-        updates.append(update)
+        update, next_state = through_state(step_terms, state)
+        # The outputs here, not after the scan: a no-grad forward never holds every chunk's entering state.
+        outputs.append(chunk_outputs(step_terms, state, update))
         state = next_state
+    del terms, by_step, step_terms, update
     finished.append(state)
     final = torch.cat(finished[::-1]).index_select(0, layout.rank)
-    out = chunk_outputs(terms, torch.cat(entering), torch.cat(updates))  # [M, H, C, Dv]
-    return out.transpose(1, 2).reshape(-1, heads, value_dim).index_select(0, layout.destination), final
+    out = torch.cat(outputs)  # [M, H, C, Dv]
+    del outputs
+    return out.view(-1, value_dim).index_select(0, layout.destination).view(length, heads, value_dim), final
+
+
+@functools.lru_cache(maxsize=16)
+def chunk_layout(bounds: tuple[int, ...], chunk_tokens: int, heads: int, device) -> "ChunkLayout":
+    """The layers of one forward (and the recomputation in backward) share their packed bounds: one layout."""
+    return ChunkLayout(list(bounds), chunk_tokens, heads, device)
 
 
 class ChunkLayout:
-    """Where each token of a packed batch sits among the padded chunks (host-side numbers, one index copy).
+    """Where each (token, head) of a packed batch sits among the padded chunks [M, H, C] (host-side numbers, one
+    index copy to the device).
 
     Sequences are ranked by falling chunk count (stable), and chunks are stored chunk index first: chunk c of every
-    sequence that has one, in rank order, at rows offsets[c] ... offsets[c] + counts[c] - 1. So the sequences with a
-    chunk c are always the first counts[c] of the ranking and the scan slices instead of gathering."""
+    sequence that has one, in rank order, then chunk c + 1's (counts[c] of them, a split per chunk index). So the
+    sequences with a chunk c are always the first counts[c] of the ranking and the scan slices instead of gathering.
+    """
 
-    def __init__(self, bounds: list[int], chunk_tokens: int, device):
+    def __init__(self, bounds: list[int], chunk_tokens: int, heads: int, device):
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        chunk_counts = [math.ceil(length / chunk_tokens) for length in lengths]
+        self.chunk_tokens = padded_chunk_tokens(lengths, chunk_tokens)
+        chunk_counts = [math.ceil(length / self.chunk_tokens) for length in lengths]
         order = sorted(range(len(lengths)), key=lambda sequence: -chunk_counts[sequence])
         rank = [0] * len(lengths)
         for position, sequence in enumerate(order):
             rank[sequence] = position
         self.counts = [sum(count > c for count in chunk_counts) for c in range(max(chunk_counts, default=0))]
-        self.offsets = [sum(self.counts[:c]) for c in range(len(self.counts))]
         self.chunks = sum(self.counts)
         sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
         local = torch.arange(bounds[-1] - bounds[0]) - (torch.tensor(bounds[:-1]) - bounds[0])[sequence]
-        offsets = torch.tensor(self.offsets + [0], dtype=torch.long)
-        row = offsets[local // chunk_tokens] + torch.tensor(rank, dtype=torch.long)[sequence]
-        self.destination = (row * chunk_tokens + local % chunk_tokens).to(device)
+        offsets = torch.tensor([sum(self.counts[:c]) for c in range(len(self.counts))] + [0], dtype=torch.long)
+        row = offsets[local // self.chunk_tokens] + torch.tensor(rank, dtype=torch.long)[sequence]
+        head = torch.arange(heads)
+        self.destination = (((row[:, None] * heads + head) * self.chunk_tokens
+                             + (local % self.chunk_tokens)[:, None]).flatten().to(device))  # [T x H] rows
         self.order = torch.tensor(order, dtype=torch.long).to(device)
         self.rank = torch.tensor(rank, dtype=torch.long).to(device)
+
+
+def padded_chunk_tokens(lengths: list[int], chunk_tokens: int) -> int:
+    """The chunk size of a packed batch: the largest of chunk_tokens, chunk_tokens / 2, ..., 1 whose padding keeps
+    the padded tokens within twice the real ones (any size gives the same outputs). Sequences of at least
+    chunk_tokens tokens on average always get chunk_tokens; many short ones a smaller chunk instead of mostly
+    padding, so the padded tokens, and with them the chunk terms' memory, stay under 2 T whatever the lengths."""
+    size = chunk_tokens
+    while size > 1 and sum(math.ceil(length / size) * size for length in lengths) > 2 * sum(lengths):
+        size //= 2
+    return size

@@ -46,19 +46,29 @@ def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight:
     sequences = len(bounds) - 1
     if windows is None:
         windows = mixed.new_zeros(sequences, kernel - 1, channels)
-    # Row of token t of sequence s in [window_0; tokens_0; window_1; ...]: t + (s + 1)(K - 1); window rows before it.
+    output_rows, last_rows = _conv_rows(tuple(bounds), kernel, mixed.device)
+    windows = windows.to(mixed.dtype)
+    pieces = [piece for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
+              for piece in (windows[index], mixed[start - bounds[0]:end - bounds[0]])]
+    inputs = torch.cat(pieces)  # [window_0; tokens_0; window_1; tokens_1; ...]: one copy, a free backward
+    out = F.conv1d(inputs.T[None], weight, groups=channels)[0]  # [C, rows]: output r reads inputs r ... r + K - 1
+    return F.silu(out.index_select(1, output_rows).T), inputs[last_rows]
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_rows(bounds: tuple[int, ...], kernel: int, device):
+    """In [window_0; tokens_0; window_1; tokens_1; ...]: the conv output rows of the tokens [T] and the rows of each
+    sequence's last K-1 inputs [N, K-1] (host-side numbers shared by the layers of one forward)."""
+    sequences = len(bounds) - 1
     lengths = torch.tensor([end - start for start, end in zip(bounds[:-1], bounds[1:])])
-    shift = torch.repeat_interleave(torch.arange(1, sequences + 1) * (kernel - 1), lengths)
-    token_rows = (torch.arange(bounds[-1] - bounds[0]) + shift).to(mixed.device)
+    # Token t of sequence s sits after s + 1 windows, at input row t + (s + 1)(K - 1), which conv output row
+    # t + s (K - 1) ends at.
+    shift = torch.repeat_interleave(torch.arange(sequences) * (kernel - 1), lengths)
+    output_rows = torch.arange(bounds[-1] - bounds[0]) + shift
     window_rows = ((torch.tensor(bounds[:-1]) - bounds[0] + torch.arange(sequences) * (kernel - 1))[:, None]
-                   + torch.arange(kernel - 1)).to(mixed.device)  # [N, K-1]
-    inputs = mixed.new_empty(len(token_rows) + sequences * (kernel - 1), channels)
-    inputs = inputs.index_copy(0, window_rows.flatten(), windows.to(mixed.dtype).flatten(0, 1))
-    inputs = inputs.index_copy(0, token_rows, mixed)
-    out = F.conv1d(inputs.T[None], weight, groups=channels)[0].T  # output r reads inputs r ... r + K - 1
-    # The last K-1 rows of [window; tokens] of each sequence end where the next sequence's window begins.
-    last_rows = window_rows + (lengths[:, None].to(mixed.device))
-    return F.silu(out[token_rows - (kernel - 1)]), inputs[last_rows]
+                   + torch.arange(kernel - 1))
+    # The last K-1 rows of [window; tokens] of a sequence end where the next sequence's window begins.
+    return output_rows.to(device), (window_rows + lengths[:, None]).to(device)
 
 
 def _heads(convolved: torch.Tensor, dims):
