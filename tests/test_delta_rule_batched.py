@@ -223,3 +223,24 @@ def test_paged_prefill_rows_continue_from_their_slots():
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=5e-5)
     torch.testing.assert_close(state.conv[torch.tensor(slots)].double(), expected_windows, rtol=0, atol=5e-5)
     torch.testing.assert_close(state.recurrent[torch.tensor(slots)].double(), expected_states, rtol=0, atol=5e-5)
+
+
+def test_many_short_sequences_are_scanned_in_groups():
+    """If this fails, the groups that bound the scanned states (many short sequences: more than 16 and fewer than
+    C tokens each on average) drop or misplace a sequence, its state or its gradient."""
+    order = (3,) * 20 + (1,) * 5 + (130,) + (7,) * 10
+    bounds = bounds_of(order)
+    groups = delta_rule.scan_groups(tuple(bounds), delta_rule.CHUNK_TOKENS)
+    assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == len(order)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert all(last - first <= max(16, -(-(bounds[last] - bounds[first]) // 64)) for first, last in groups)
+    inputs = [x.requires_grad_() for x in random_inputs(order, seed=41)]
+    expected = reference(*inputs[:5], bounds, inputs[5])
+    ours = delta_rule.chunked_packed(*inputs[:5], bounds, inputs[5])
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    weights = torch.randn(bounds[-1], HEADS, VALUE_DIM, generator=torch.Generator().manual_seed(42),
+                          dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad((ours[0] * weights).sum() + ours[1].sum(), inputs),
+                         torch.autograd.grad((expected[0] * weights).sum() + expected[1].sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

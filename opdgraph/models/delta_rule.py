@@ -29,8 +29,8 @@ through the sequences that have a chunk c (a few small batched matmuls per index
 come from one more batched pass. A padding token has q = k = v = 0, beta = 0 and g = 0: its row of A and of the
 right-hand side is zero (beta = 0), so its u is 0; its column of A is zero (k = 0), so it changes no other u; it
 adds nothing to the state (k = 0, u = 0) and no decay (g = 0 leaves G, hence e^{G_C}, at the last real token's).
-So a padded chunk gives exactly the unpadded chunk's state and outputs, and the padded outputs are dropped. A batch of
-mostly short sequences runs with a smaller chunk (padded_chunk_tokens), so padding never doubles the tokens.
+So a padded chunk gives exactly the unpadded chunk's state and outputs, and the padded outputs are dropped. Many
+short sequences are scanned in groups (scan_groups), so neither their states nor their padding outgrow the tokens.
 Everything runs in the inputs' dtype (float32 in the models) on whatever device they are on; it is the reference a
 GPU kernel (flash-linear-attention's chunked gated delta rule) is tested against, and the path CPU runs take.
 
@@ -114,7 +114,44 @@ def chunk_outputs(terms, state, updates):
 
 def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS):
     """N packed sequences (module docstring) -> (out [T, H, Dv], final states [N, H, Dk, Dv]); states None means
-    zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state."""
+    zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state. Consecutive
+    sequences run together in groups (scan_groups), so at most max(16, chunks) states are scanned at once."""
+    groups = scan_groups(tuple(bounds), chunk_tokens)
+    if len(groups) == 1:
+        return _chunked_group(q, k, v, g, beta, bounds, states, chunk_tokens)
+    outputs, finals = [], []
+    for first, last in groups:  # sequences first ... last - 1
+        span = slice(bounds[first] - bounds[0], bounds[last] - bounds[0])
+        out, final = _chunked_group(*(x[span] for x in (q, k, v, g, beta)), bounds[first:last + 1],
+                                    None if states is None else states[first:last], chunk_tokens)
+        outputs.append(out)
+        finals.append(final)
+    return torch.cat(outputs), torch.cat(finals)
+
+
+GROUP_SEQUENCES = 16  # a scan group may always hold this many sequences, short or not
+
+
+@functools.lru_cache(maxsize=16)
+def scan_groups(bounds: tuple[int, ...], chunk_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive sequences [first, last) scanned together: a group takes the next sequence while it keeps at most
+    max(16, ceil(group tokens / C)) sequences. Every scanned sequence holds a state (H x Dk x Dv) and pads its last
+    chunk, so this bounds both by the tokens: at most max(16, ceil(T / C)) states at once and fewer than
+    T + 16 C padding tokens per group. Sequences of C tokens or more on average (and any 16) are one group."""
+    groups, first, tokens = [], 0, 0
+    for sequence in range(len(bounds) - 1):
+        length = bounds[sequence + 1] - bounds[sequence]
+        count = sequence - first + 1
+        if count > max(GROUP_SEQUENCES, math.ceil((tokens + length) / chunk_tokens)):
+            groups.append((first, sequence))
+            first, tokens = sequence, 0
+        tokens += length
+    groups.append((first, len(bounds) - 1))
+    return groups
+
+
+def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: int):
+    """chunked_packed of one scan group: every chunk at once, then the scan over the chunk index."""
     length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     layout = chunk_layout(tuple(bounds), chunk_tokens, heads, q.device)
@@ -167,7 +204,7 @@ class ChunkLayout:
 
     def __init__(self, bounds: list[int], chunk_tokens: int, heads: int, device):
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        self.chunk_tokens = padded_chunk_tokens(lengths, chunk_tokens)
+        self.chunk_tokens = chunk_tokens
         chunk_counts = [math.ceil(length / self.chunk_tokens) for length in lengths]
         order = sorted(range(len(lengths)), key=lambda sequence: -chunk_counts[sequence])
         rank = [0] * len(lengths)
@@ -184,14 +221,3 @@ class ChunkLayout:
                              + (local % self.chunk_tokens)[:, None]).flatten().to(device))  # [T x H] rows
         self.order = torch.tensor(order, dtype=torch.long).to(device)
         self.rank = torch.tensor(rank, dtype=torch.long).to(device)
-
-
-def padded_chunk_tokens(lengths: list[int], chunk_tokens: int) -> int:
-    """The chunk size of a packed batch: the largest of chunk_tokens, chunk_tokens / 2, ..., 1 whose padding keeps
-    the padded tokens within twice the real ones (any size gives the same outputs). Sequences of at least
-    chunk_tokens tokens on average always get chunk_tokens; many short ones a smaller chunk instead of mostly
-    padding, so the padded tokens, and with them the chunk terms' memory, stay under 2 T whatever the lengths."""
-    size = chunk_tokens
-    while size > 1 and sum(math.ceil(length / size) * size for length in lengths) > 2 * sum(lengths):
-        size //= 2
-    return size
