@@ -244,3 +244,19 @@ def test_many_short_sequences_are_scanned_in_groups():
     for got, want in zip(torch.autograd.grad((ours[0] * weights).sum() + ours[1].sum(), inputs),
                          torch.autograd.grad((expected[0] * weights).sum() + expected[1].sum(), inputs)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("order", [LENGTHS, (3,) * 20 + (130,)])
+def test_outputs_without_final_states_are_the_same(order):
+    """If this fails, the training path (keep_states False: no zero states, none built past a sequence's end)
+    computes other outputs or gradients than the path that keeps the states."""
+    bounds = bounds_of(order)
+    q, k, v, g, beta, _ = [x.requires_grad_() for x in random_inputs(order, seed=51)]
+    expected, _ = reference(q, k, v, g, beta, bounds)
+    out, final = delta_rule.chunked_packed(q, k, v, g, beta, bounds, keep_states=False)
+    assert final is None
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-11)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(52), dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v, g, beta)),
+                         torch.autograd.grad((expected * weights).sum(), (q, k, v, g, beta))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

@@ -112,21 +112,23 @@ def chunk_outputs(terms, state, updates):
     return terms[3] @ state + terms[2] @ updates
 
 
-def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS):
+def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS,
+                   keep_states: bool = True):
     """N packed sequences (module docstring) -> (out [T, H, Dv], final states [N, H, Dk, Dv]); states None means
     zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state. Consecutive
-    sequences run together in groups (scan_groups), so at most max(16, chunks) states are scanned at once."""
+    sequences run together in groups (scan_groups), so at most max(16, chunks) states are scanned at once.
+    keep_states False (training, teacher scoring): no final states (None), and none built past a sequence's end."""
     groups = scan_groups(tuple(bounds), chunk_tokens)
     if len(groups) == 1:
-        return _chunked_group(q, k, v, g, beta, bounds, states, chunk_tokens)
+        return _chunked_group(q, k, v, g, beta, bounds, states, chunk_tokens, keep_states)
     outputs, finals = [], []
     for first, last in groups:  # sequences first ... last - 1
         span = slice(bounds[first] - bounds[0], bounds[last] - bounds[0])
         out, final = _chunked_group(*(x[span] for x in (q, k, v, g, beta)), bounds[first:last + 1],
-                                    None if states is None else states[first:last], chunk_tokens)
+                                    None if states is None else states[first:last], chunk_tokens, keep_states)
         outputs.append(out)
         finals.append(final)
-    return torch.cat(outputs), torch.cat(finals)
+    return torch.cat(outputs), torch.cat(finals) if keep_states else None
 
 
 GROUP_SEQUENCES = 16  # a scan group may always hold this many sequences, short or not
@@ -150,13 +152,13 @@ def scan_groups(bounds: tuple[int, ...], chunk_tokens: int) -> list[tuple[int, i
     return groups
 
 
-def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: int):
+def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: int, keep_states: bool):
     """chunked_packed of one scan group: every chunk at once, then the scan over the chunk index."""
     length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     layout = chunk_layout(tuple(bounds), chunk_tokens, heads, q.device)
     size = layout.chunk_tokens
-    if states is None:
+    if states is None and keep_states:
         states = q.new_zeros(len(bounds) - 1, heads, key_dim, value_dim)
     if layout.chunks == 0:
         return q.new_zeros(0, heads, value_dim), states
@@ -167,21 +169,34 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
         return rows.view(layout.chunks, heads, size, *x.shape[2:])
 
     terms = chunk_terms(*(padded(x) for x in (q, k, v, g, beta)))
-    state = states.index_select(0, layout.order)  # sequences by falling chunk count: those with a chunk c lead
+    # Sequences by falling chunk count: those with a chunk c lead. None: zeros (U = U_v, no state term).
+    state = None if states is None else states.index_select(0, layout.order)
     outputs, finished = [], []
     # One split per term, not a slice per step: a split's backward is one cat, a slice's a zero-filled whole term.
     by_step = zip(*(term.split(layout.counts) for term in terms))
-    for count, step_terms in zip(layout.counts, by_step):
-        if count < state.shape[0]:  # the tail's sequences have no chunk c: their states are final
+    for count, following, (own, through, scores, q_decayed, k_to_end, end_decay) in zip(
+            layout.counts, [*layout.counts[1:], 0], by_step):
+        if state is not None and count < state.shape[0]:  # the tail's sequences have no chunk c: states final
             finished.append(state[count:])
             state = state[:count]
-        update, next_state = through_state(step_terms, state)
         # The outputs here, not after the scan: a no-grad forward never holds every chunk's entering state.
-        outputs.append(chunk_outputs(step_terms, state, update))
-        state = next_state
-    del terms, by_step, step_terms, update
-    finished.append(state)
-    final = torch.cat(finished[::-1]).index_select(0, layout.rank)
+        if state is None:
+            update = own
+            outputs.append(scores @ update)
+        else:
+            update = own - through @ state
+            outputs.append(q_decayed @ state + scores @ update)
+        carried = count if keep_states else following  # the states a later chunk (or the caller) reads
+        if carried:
+            written = k_to_end[:carried].transpose(-1, -2) @ update[:carried]
+            state = written if state is None else state[:carried] * end_decay[:carried, :, None, None] + written
+        else:
+            state = None
+    del terms, by_step, own, through, scores, q_decayed, k_to_end, end_decay, update
+    final = None
+    if keep_states:
+        finished.append(state)
+        final = torch.cat(finished[::-1]).index_select(0, layout.rank)
     out = torch.cat(outputs)  # [M, H, C, Dv]
     del outputs
     return out.view(-1, value_dim).index_select(0, layout.destination).view(length, heads, value_dim), final

@@ -83,13 +83,16 @@ def _heads(convolved: torch.Tensor, dims):
     return q, delta_rule.l2_normalize(k), v.view(length, dims.value_heads, dims.value_dim)
 
 
-def core_packed(mixed, weight, decay, beta, dims, bounds: list[int], windows=None, states=None):
+def core_packed(mixed, weight, decay, beta, dims, bounds: list[int], windows=None, states=None,
+                keep_states: bool = True):
     """(out [T, Hv, Dv] in mixed's dtype, conv windows [N, K-1, C] and delta-rule states [N, Hv, Dk, Dv] after
-    them) of N packed sequences, each from its own window and state (None: zeros, a sequence start)."""
+    them) of N packed sequences, each from its own window and state (None: zeros, a sequence start); without
+    keep_states (training, scoring) the states come back None."""
     convolved, windows = _conv_silu_packed(mixed, windows, weight, bounds)
     q, k, v = _heads(convolved, dims)
     del convolved
-    out, states = delta_rule.chunked_packed(q, k, v, decay.float(), beta.float(), bounds, states)
+    out, states = delta_rule.chunked_packed(q, k, v, decay.float(), beta.float(), bounds, states,
+                                            keep_states=keep_states)
     return out.to(mixed.dtype), windows, states
 
 
@@ -102,7 +105,7 @@ def core_one_sequence(mixed, weight, decay, beta, dims, window=None, state=None)
 
 
 def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
-    return core_packed(mixed, weight, decay, beta, dims, bounds)[0]
+    return core_packed(mixed, weight, decay, beta, dims, bounds, keep_states=False)[0]
 
 
 def packed_forward_per_sequence(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
