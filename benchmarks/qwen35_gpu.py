@@ -195,7 +195,7 @@ def core_rows(label: str, config: dict, repeats: dict, names=("fla", "torch", "t
                 row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, sequences, dtype_bytes,
                                                                            paged=False) / 2**20
                 row["plan_torch_core_peak_mib"] = sizing.linear_core_peak_bytes(
-                    shape, tokens, max(lengths_used()), dtype_bytes) / 2**20
+                    shape, tokens, dtype_bytes, sequences) / 2**20
                 row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(
                     shape, tokens, dtype_bytes, fla_sequences=sequences) / 2**20
         except Exception:  # noqa: BLE001 -- one failing row must not hide the others
