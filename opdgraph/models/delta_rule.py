@@ -165,7 +165,7 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
 
     def padded(x):  # [T, H, ...] -> [M, H, C, ...], zeros where no token is; contiguous, so matmuls copy nothing
         rows = x.new_zeros(layout.chunks * heads * size, *x.shape[2:])
-        rows = rows.index_copy(0, layout.destination, x.flatten(0, 1))
+        rows.index_copy_(0, layout.destination, x.flatten(0, 1))  # in place: autograd records it, no clone
         return rows.view(layout.chunks, heads, size, *x.shape[2:])
 
     terms = chunk_terms(*(padded(x) for x in (q, k, v, g, beta)))
