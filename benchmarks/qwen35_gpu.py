@@ -308,7 +308,8 @@ def tables(report: dict) -> str:
     for part in ("core", "cpu_core"):
         if part not in report:
             continue
-        lines.append(f"{'packed fwd+bwd, ' + ('2048 tokens / 8 seqs' if part == 'cpu_core' else '8192 tokens / 16 seqs'):<40} "
+        batch = "2048 tokens / 8 seqs" if part == "cpu_core" else "8192 tokens / 16 seqs"
+        lines.append(f"{'packed fwd+bwd, ' + batch:<40} "
                      f"{'core':<9} {'fwd+bwd ms':>10} {'no-grad ms':>10} {'saved MiB':>9} {'plan':>7} "
                      f"{'no-grad peak':>12} {'plan fla':>8} {'fwd+bwd peak':>12} {'plan torch':>10}")
         for row in report[part]:

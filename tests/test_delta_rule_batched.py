@@ -114,7 +114,8 @@ def test_gradients_equal_the_per_sequence_reference():
         return torch.autograd.grad((out * weights).sum() + (final * final_weights).sum(), inputs)
 
     expected = gradients(reference)
-    for name, ours, theirs in zip("q k v g beta states".split(), gradients(delta_rule.chunked_packed), expected):
+    names = ("q", "k", "v", "g", "beta", "states")
+    for name, ours, theirs in zip(names, gradients(delta_rule.chunked_packed), expected):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=f"gradient of {name}")
 
 

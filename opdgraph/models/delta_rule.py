@@ -203,7 +203,7 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
 
 
 @functools.lru_cache(maxsize=16)
-def chunk_layout(bounds: tuple[int, ...], chunk_tokens: int, heads: int, device) -> "ChunkLayout":
+def chunk_layout(bounds: tuple[int, ...], chunk_tokens: int, heads: int, device) -> ChunkLayout:
     """The layers of one forward (and the recomputation in backward) share their packed bounds: one layout."""
     return ChunkLayout(list(bounds), chunk_tokens, heads, device)
 

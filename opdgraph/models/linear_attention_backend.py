@@ -1,13 +1,16 @@
 """The core of a gated-DeltaNet layer in plain torch: causal conv1d, SiLU, q/k/v, L2 norms and the gated delta rule.
 
 Two entry points, as for attention (attention_backend.py):
-- ``packed``: training and teacher scoring over a packed batch (PackedMetadata). The conv window and the recurrent
-  state start from zeros at every sequence boundary, so nothing leaks between packed sequences. With autograd the
+- ``packed``: training and teacher scoring over a packed batch (PackedMetadata), all sequences at once
+  (``core_packed``: one conv1d with each sequence's window before its tokens, the batched chunked delta rule of
+  delta_rule.chunked_packed). The conv window and the recurrent state start from zeros at every sequence boundary,
+  so nothing leaks between packed sequences; ``core_one_sequence`` is the per-sequence reference. With autograd the
   whole core is one Function (``RecomputedCore``) that saves only its inputs (the in_proj_qkv output, g, beta) and
   recomputes the rest in backward: its saved bytes are 1 x the conv channels per token instead of every
   intermediate of the chunked scan.
 - ``paged``: rollout prefill / decode (PagedMetadata with state_slots): each sequence continues from its slot of the
-  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back. A forward whose rows
+  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back; the prefilling rows
+  run together through ``core_packed`` with their windows and states. A forward whose rows
   all have one token (decode steps; ``single_token_rows``) runs as one batched recurrent step without host
   synchronisation (``decode_rows``), so CUDA graphs and decode bursts can capture it; a padding row gives a scratch
   slot and position 0 (it starts from zeros and writes only that slot).
