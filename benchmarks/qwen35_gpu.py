@@ -5,10 +5,13 @@ inline, and the shipped Qwen3-4B). Parts (--parts, default all):
 
 - core: packed forward + backward (and the no-grad forward of teacher scoring) over 8,192 tokens of 16 packed
   sequences, for one Qwen3.5-0.8B-shaped linear-attention layer and for the whole 0.8B model (hidden states only:
-  a cheap loss on them, no lm_head), with the fla core and with the torch core (kernels/fla_linear_attention.py,
-  models/linear_attention_backend.py). Also the one layer's measured memory against the plan's formulas: saved
-  activations (sizing.linear_layer_bytes_per_token) and the no-grad forward's peak inside the fla core
-  (sizing.fla_core_peak_bytes).
+  a cheap loss on them, no lm_head), with the fla core, the batched torch core (kernels/fla_linear_attention.py,
+  models/linear_attention_backend.py) and the former per-sequence torch core (torch_seq: one sequence and one
+  chunk after another, linear_attention_backend.packed_forward_per_sequence). Also the one layer's measured memory
+  against the plan's formulas: saved activations (sizing.linear_layer_bytes_per_token), the no-grad forward's peak
+  inside the fla core (sizing.fla_core_peak_bytes) and inside the torch core (sizing.linear_core_peak_bytes).
+- cpu_core: one 0.8B-shaped linear-attention layer on the CPU, 2,048 tokens of 8 packed sequences, fp32, fwd+bwd
+  and no-grad forward with the batched and the per-sequence torch cores (runs anywhere; no GPU needed).
 - decode: rollout decode (flashinfer prefill, CUDA-graph decode bursts of 16 steps, batch 64 and 128, 128-token
   prompts, 256 new tokens, EOS suppressed) of Qwen3.5-0.8B with either core against Qwen3-0.6B; ms per decode step
   from the burst records (benchmarks/rollout_gpu.py run_variant).
@@ -21,6 +24,7 @@ parts on the CPU with tiny models and the torch core only (a check of this scrip
 
     python benchmarks/qwen35_gpu.py --out qwen35.json [--parts core,decode,step]
     python benchmarks/qwen35_gpu.py --smoke --parts core,step --out /tmp/qwen35_smoke.json
+    python benchmarks/qwen35_gpu.py --parts cpu_core --out /tmp/qwen35_cpu_core.json
 """
 
 from __future__ import annotations
@@ -42,11 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CONFIGS = Path(__file__).resolve().parent.parent / "opdgraph" / "model_configs"
 GIB = 2**30
 LENGTHS = [1024] * 4 + [512] * 4 + [256] * 8  # 8,192 packed tokens, 16 sequences (several fla chunks each)
+CPU_LENGTHS = [512] * 2 + [256] * 2 + [128] * 4  # cpu_core: 2,048 packed tokens, 8 sequences
 SMOKE = {"on": False}  # --smoke: CPU, tiny models, the torch core only
+CPU = {"on": False}  # cpu_core: real widths, on the CPU, fp32
 
 
 def device() -> str:
-    return "cpu" if SMOKE["on"] else "cuda"
+    return "cpu" if SMOKE["on"] or CPU["on"] else "cuda"
+
+
+def on_cpu() -> bool:
+    return device() == "cpu"
 
 
 def read_config(name: str) -> dict:
@@ -70,26 +80,26 @@ def qwen3_0b6() -> dict:
 
 
 def synchronize() -> None:
-    if not SMOKE["on"]:
+    if not on_cpu():
         torch.cuda.synchronize()
 
 
 def allocated() -> int:
-    return 0 if SMOKE["on"] else torch.cuda.memory_allocated()
+    return 0 if on_cpu() else torch.cuda.memory_allocated()
 
 
 def peak_since_reset() -> int:
-    return 0 if SMOKE["on"] else torch.cuda.max_memory_allocated()
+    return 0 if on_cpu() else torch.cuda.max_memory_allocated()
 
 
 def reset_peak() -> None:
-    if not SMOKE["on"]:
+    if not on_cpu():
         torch.cuda.reset_peak_memory_stats()
 
 
 def free_memory() -> None:
     gc.collect()
-    if not SMOKE["on"]:
+    if not on_cpu():
         torch.cuda.empty_cache()
 
 
@@ -105,10 +115,21 @@ def timed(function, repeats: int) -> float:
 
 
 def core(name: str):
-    from opdgraph.kernels.fla_linear_attention import FlaLinearAttention
-    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+    import functools
 
-    return FlaLinearAttention() if name == "fla" else TorchLinearAttention()
+    from opdgraph.kernels.fla_linear_attention import FlaLinearAttention
+    from opdgraph.models import linear_attention_backend as backend
+
+    class PerSequenceTorchLinearAttention(backend.TorchLinearAttention):
+        """The torch core as it was before the batched one: packed sequences one after another."""
+
+        def packed(self, mixed, weight, decay, beta, dims, *, meta):
+            per_sequence = functools.partial(backend.packed_forward_per_sequence, bounds=meta.cu_seqlens.tolist(),
+                                             dims=dims)
+            return backend.recomputed(per_sequence, mixed, weight, decay, beta)
+
+    return {"fla": FlaLinearAttention, "torch": backend.TorchLinearAttention,
+            "torch_seq": PerSequenceTorchLinearAttention}[name]()
 
 
 # ------------------------------------------------------------------------------------------------------ core
@@ -124,20 +145,22 @@ def packed_batch(vocab: int):
 
 
 def lengths_used() -> list[int]:
-    return [40, 70, 9] if SMOKE["on"] else LENGTHS
+    return [40, 70, 9] if SMOKE["on"] else CPU_LENGTHS if CPU["on"] else LENGTHS
 
 
-def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
+def core_rows(label: str, config: dict, repeats: dict, names=("fla", "torch", "torch_seq"),
+              dtype=torch.bfloat16) -> list[dict]:
     """fwd+bwd and no-grad forward of `config` with each core (the model's hidden states, a cheap loss)."""
     from opdgraph import sizing
     from opdgraph.model_shapes import shape_from_hf_config
     from opdgraph.models import load_decoder
 
-    model = load_decoder(config, dtype=torch.bfloat16, device=device(), init_device="device")
+    model = load_decoder(config, dtype=dtype, device=device(), init_device="device")
     shape = shape_from_hf_config(config)
     ids, positions, meta = packed_batch(config["vocab_size"])
+    dtype_bytes = torch.finfo(dtype).bits // 8
     rows = []
-    for name in ("torch",) if SMOKE["on"] else ("fla", "torch"):
+    for name in ("torch", "torch_seq") if SMOKE["on"] else names:
         model.set_linear_attention_backend(core(name))
         model.zero_grad(set_to_none=True)
 
@@ -166,12 +189,15 @@ def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
             row["no_grad_peak_mib"] = (peak_since_reset() - base) / 2**20
             if shape.layers == 1:
                 tokens = len(ids)
-                row["plan_saved_activations_mib"] = sizing.activation_bytes(shape, tokens, 2, False) / 2**20
+                row["plan_saved_activations_mib"] = sizing.activation_bytes(shape, tokens, dtype_bytes,
+                                                                            False) / 2**20
                 sequences = len(lengths_used())
-                row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, sequences, 2,
+                row["plan_fla_core_peak_mib"] = sizing.fla_core_peak_bytes(shape, tokens, sequences, dtype_bytes,
                                                                            paged=False) / 2**20
+                row["plan_torch_core_peak_mib"] = sizing.linear_core_peak_bytes(
+                    shape, tokens, dtype_bytes, sequences) / 2**20
                 row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(
-                    shape, tokens, 2, fla_sequences=sequences) / 2**20
+                    shape, tokens, dtype_bytes, fla_sequences=sequences) / 2**20
         except Exception:  # noqa: BLE001 -- one failing row must not hide the others
             row = dict(what=label, core=name, error=traceback.format_exc())
             print(row["error"], flush=True)
@@ -183,11 +209,23 @@ def core_rows(label: str, config: dict, repeats: dict) -> list[dict]:
 def run_core(args) -> list[dict]:
     student = read_config("qwen3.5-0.8b-text.json")
     layer = {**student, "num_hidden_layers": 1, "layer_types": ["linear_attention"], "vocab_size": 1024}
-    rows = core_rows("one 0.8B linear-attention layer", layer, {"fla": 10, "torch": 3})
+    rows = core_rows("one 0.8B linear-attention layer", layer, {"fla": 10, "torch": 3, "torch_seq": 3})
     free_memory()
-    rows += core_rows("Qwen3.5-0.8B (24 layers)", student, {"fla": 3, "torch": 1})
+    rows += core_rows("Qwen3.5-0.8B (24 layers)", student, {"fla": 3, "torch": 1, "torch_seq": 1})
     free_memory()
     return rows
+
+
+def run_cpu_core(args) -> list[dict]:
+    """One 0.8B-shaped linear-attention layer on the CPU (fp32), batched against per-sequence torch core."""
+    CPU["on"] = True
+    try:
+        layer = {**read_config("qwen3.5-0.8b-text.json"), "num_hidden_layers": 1,
+                 "layer_types": ["linear_attention"], "vocab_size": 1024}
+        return core_rows("one 0.8B linear layer, CPU fp32", layer, {"torch": 2, "torch_seq": 2},
+                         names=("torch", "torch_seq"), dtype=torch.float32)
+    finally:
+        CPU["on"] = False
 
 
 # ---------------------------------------------------------------------------------------------------- decode
@@ -267,19 +305,22 @@ def run_step(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------- report
 def tables(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['linear_attention']}", ""]
-    if "core" in report:
-        lines.append(f"{'packed fwd+bwd, 8192 tokens / 16 seqs':<40} {'core':<6} {'fwd+bwd ms':>10} "
-                     f"{'no-grad ms':>10} {'saved MiB':>9} {'plan':>7} {'no-grad peak':>12} {'plan fla':>8} "
-                     f"{'fwd+bwd peak':>12}")
-        for row in report["core"]:
+    for part in ("core", "cpu_core"):
+        if part not in report:
+            continue
+        batch = "2048 tokens / 8 seqs" if part == "cpu_core" else "8192 tokens / 16 seqs"
+        lines.append(f"{'packed fwd+bwd, ' + batch:<40} "
+                     f"{'core':<9} {'fwd+bwd ms':>10} {'no-grad ms':>10} {'saved MiB':>9} {'plan':>7} "
+                     f"{'no-grad peak':>12} {'plan fla':>8} {'fwd+bwd peak':>12} {'plan torch':>10}")
+        for row in report[part]:
             if "error" in row:
-                lines.append(f"{row['what']:<40} {row['core']:<6} error (see JSON)")
+                lines.append(f"{row['what']:<40} {row['core']:<9} error (see JSON)")
                 continue
-            lines.append(f"{row['what']:<40} {row['core']:<6} {row['fwd_bwd_ms']:>10.1f} "
+            lines.append(f"{row['what']:<40} {row['core']:<9} {row['fwd_bwd_ms']:>10.1f} "
                          f"{row['no_grad_fwd_ms']:>10.1f} {row['saved_activations_mib']:>9.0f} "
                          f"{row.get('plan_saved_activations_mib', 0):>7.0f} "
                          f"{row['no_grad_peak_mib']:>12.0f} {row.get('plan_fla_core_peak_mib', 0):>8.0f} "
-                         f"{row['fwd_bwd_peak_mib']:>12.0f}")
+                         f"{row['fwd_bwd_peak_mib']:>12.0f} {row.get('plan_torch_core_peak_mib', 0):>10.0f}")
         lines.append("")
     if "decode" in report:
         lines.append(f"{'decode (bursts of 16, graphs)':<52} {'ms/step':>8} {'tok/s':>9} {'e2e tok/s':>9}")
@@ -312,10 +353,12 @@ def main() -> int:
     SMOKE["on"] = args.smoke
     from opdgraph.kernels.fla_linear_attention import linear_backend_description
 
-    report = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), torch=torch.__version__,
+    on_gpu = not args.smoke and torch.cuda.is_available()
+    report = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu (smoke)" if args.smoke else "cpu",
+                  torch=torch.__version__,
                   linear_attention=linear_backend_description(device()))
     print(json.dumps(report), flush=True)
-    runners = {"core": run_core, "decode": run_decode, "step": run_step}
+    runners = {"core": run_core, "cpu_core": run_cpu_core, "decode": run_decode, "step": run_step}
     for part in args.parts.split(","):
         started = time.perf_counter()
         report[part] = runners[part](args)

@@ -48,15 +48,23 @@ Qwen3.5 (hybrid: gated-DeltaNet layers between gated attention layers; models/ga
   with the norm's rstd per value head (Hv x 4), and the MLP;
 - RoPE rotates rotary_dim of head_dim: the tables are 2 x rotary_dim wide.
 Layers of both kinds: T x (L_attention x a + L_linear x a_linear + o). The no-grad forward's peak can sit inside a
-linear-attention layer's core instead of an MLP (the plain-torch core, CPU; a GPU kernel's would be smaller):
-    T x ((2 h + c + v) x d + Hv x (d + 4)) + S x (c x (3 d + 4) + 2 Hv x k_d x 4)
-      + Hv x (4 k_d v_d + 6 C^2 + 3 C (k_d + v_d)) x 4
-the layer's input and norm, the in_proj_qkv output, the earlier sequences' outputs, beta and the decay for all T
-tokens; for the sequence being mixed (S tokens) the conv's input, output and SiLU, their fp32 copy and two q/k-sized
-fp32 temporaries; and the chunk scan's temporaries (k_d / v_d head dims, C = min(64, S) the chunk): the per-head
-states and C x C matrices. The S and chunk coefficients were read off the CPU allocator's trace at Qwen3.5-0.8B's
-widths, rounded up, and are checked at those and 4B's (tests/test_saved_bytes.py: the plan within +15% of the
-measured peak, never under it); the plan takes the largest of the peaks. Rollout keeps per sequence slot and linear
+linear-attention layer's plain-torch core instead of an MLP (CPU; a GPU kernel's would be smaller). That core runs
+all chunks of all packed sequences at once (models/delta_rule.chunked_packed), each sequence padded to whole chunks
+of C = 64 tokens, in scan groups of at most n = min(N, max(16, ceil(T / C))) sequences (N sequences; unknown: the
+group bound), so P = T + n x (C - 1) padded tokens at most (linear_core_peak_bytes):
+    T x ((2 h + c) x d + Hv x (d + 4)) + T x (4 c + 4 Hv x (2 k_d + v_d + 1))
+      + max(P x Hv x (4 k_d + 3 v_d + 2 C + 35) x 4,  P x Hv x (3 k_d + 2 v_d + C + 1) x 4 + 3 s x Hv x k_d x v_d x 4)
+      [+ (5 N + 3 n) x Hv x k_d x v_d x 4, paged]
+the layer's input and norm, the in_proj_qkv output, beta and the decay; the fp32 conv output (v is a view of it),
+the fp32 q and k, beta in fp32 and the outputs; then the larger of the triangular solve's moment (the padded q, k,
+v, g, beta, G, the decays and A (C x C each), the right-hand sides and U_v, W, and 32 more per padded token and head
+for the solver's copies, read off the CPU allocator) and the scan's (U_v, W, scores, e^G Q, K e^{G_C - G} and 3
+states for each of the s = min(n, floor(T / (C + 1))) sequences that carry one into a next chunk: the only ones
+whose state is built when no final state is kept). A rollout prefill (paged) also holds the N rows' gathered
+states, their zeroed copies, their ranked copies and the final states (twice: concatenated and put back in row
+order), and the scan builds all n states. Checked at Qwen3.5-0.8B's and 4B's widths (tests/test_saved_bytes.py:
+the plan at the padded tokens the sequences really have within +15% of the measured peak, never under it; the
+plan at the bound P is never under it). Rollout keeps per sequence slot and linear
 layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
 slots (recurrent_state_bytes; one more, the scratch slot of idle and padding rows, where the GPU path or decode
 bursts run), and KV pages for the attention layers only.
@@ -240,15 +248,15 @@ def hidden_state_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 
 def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
                             reference_sequence_tokens: int = 0, *, fla_sequences: int = 0,
-                            paged: bool = False) -> int:
+                            paged: bool = False, sequences: int = 0) -> int:
     """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
     the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention.
     fla_sequences > 0 (a CUDA target): at most that many sequences share the forward, and a hybrid model's linear
-    core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states)."""
+    core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states).
+    sequences > 0: the torch linear core's N where known without a CUDA target (0: fla_sequences, else unknown)."""
     mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
-    if shape.linear_layers:  # without a known sequence length, one sequence of all the tokens (the worst case)
-        mlp = max(mlp, linear_core_peak_bytes(shape, tokens, min(reference_sequence_tokens or tokens, tokens),
-                                              dtype_bytes))
+    if shape.linear_layers:  # N: at most fla_sequences (a CUDA target), or the scan group's bound
+        mlp = max(mlp, linear_core_peak_bytes(shape, tokens, dtype_bytes, sequences or fla_sequences, paged))
         if fla_sequences:
             mlp = max(mlp, fla_core_peak_bytes(shape, tokens, min(fla_sequences, tokens), dtype_bytes, paged))
     if reference_sequence_tokens == 0:
@@ -261,17 +269,31 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
 
 
 LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (tests/test_saved_bytes.py checks they agree)
+LINEAR_GROUP_SEQUENCES = 16  # mirrors models/delta_rule.GROUP_SEQUENCES (checked beside the chunk)
+LINEAR_SOLVE_EXTRA = 32  # fp32 elements per padded token and head the triangular solve copies (read off the trace)
 
 
-def linear_core_peak_bytes(shape: ModelShape, tokens: int, sequence_tokens: int, dtype_bytes: int) -> int:
-    """The no-grad peak inside a linear-attention layer's plain-torch core (module docstring)."""
+def linear_scan_group(tokens: int, sequences: int = 0) -> int:
+    """n of the module docstring: the most sequences the torch core scans at once (sequences 0: unknown)."""
+    bound = max(LINEAR_GROUP_SEQUENCES, math.ceil(tokens / LINEAR_CHUNK_TOKENS))
+    return min(sequences, bound) if sequences else bound
+
+
+def linear_core_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, sequences: int = 0,
+                           paged: bool = False, padded_tokens: int | None = None) -> int:
+    """The no-grad peak inside a linear-attention layer's plain-torch core (module docstring). sequences: N (0:
+    unknown); padded_tokens: P when the lengths are known (a test), else its bound T + n x (C - 1)."""
     heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
-    chunk = min(LINEAR_CHUNK_TOKENS, sequence_tokens)
-    held = tokens * ((2 * shape.hidden + shape.conv_dim + shape.linear_value_dim) * dtype_bytes
-                     + heads * (dtype_bytes + FP32_BYTES))
-    sequence = sequence_tokens * (shape.conv_dim * (3 * dtype_bytes + FP32_BYTES) + 2 * heads * key_dim * FP32_BYTES)
-    scan = heads * (4 * key_dim * value_dim + 6 * chunk * chunk + 3 * chunk * (key_dim + value_dim)) * FP32_BYTES
-    return held + sequence + scan
+    chunk, group = LINEAR_CHUNK_TOKENS, linear_scan_group(tokens, sequences)
+    padded = tokens + group * (chunk - 1) if padded_tokens is None else padded_tokens
+    held = tokens * ((2 * shape.hidden + shape.conv_dim) * dtype_bytes + heads * (dtype_bytes + FP32_BYTES))
+    heads_fp32 = tokens * (shape.conv_dim + heads * (2 * key_dim + value_dim + 1)) * FP32_BYTES
+    state = heads * key_dim * value_dim * FP32_BYTES
+    solve = padded * heads * (4 * key_dim + 3 * value_dim + 3 + 2 * chunk + LINEAR_SOLVE_EXTRA) * FP32_BYTES
+    carried = group if paged else min(group, tokens // (chunk + 1))
+    scan = padded * heads * (3 * key_dim + 2 * value_dim + chunk + 1) * FP32_BYTES + 3 * carried * state
+    rows = (5 * (sequences or group)) * state if paged else 0
+    return held + heads_fp32 + max(solve, scan) + rows
 
 
 def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_bytes: int, paged: bool) -> int:

@@ -209,14 +209,18 @@ def test_hybrid_saved_activations_match_the_plan(family, flash_path, kernels, mo
 
 
 HYBRID_WORKSPACE_CASES = [("qwen3.5-0.8b", (256,)), ("qwen3.5-0.8b", (128, 128, 128, 128)),
-                          ("qwen3.5-0.8b", SEQUENCE_LENGTHS), ("qwen3.5-4b", (192,)), ("qwen3.5-4b", (96, 96))]
+                          ("qwen3.5-0.8b", SEQUENCE_LENGTHS), ("qwen3.5-4b", (192,)), ("qwen3.5-4b", (96, 96)),
+                          ("qwen3.5-0.8b", (5,) * 40)]
 
 
 @pytest.mark.parametrize("family, lengths", HYBRID_WORKSPACE_CASES)
 def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkeypatch):
     """If this fails, the no-grad forward of a Qwen3.5 model (teacher scoring) peaks inside a linear-attention
-    layer's core above the plan's forward workspace, or the plan holds much more than it uses (15%: the chunk scan's
-    coefficients are read off the allocator at one width)."""
+    layer's batched core above the plan's forward workspace (at the bound on padded tokens), or the core's formula
+    at the padded tokens these sequences really have holds much more than it uses (15%: the solver's copies are read
+    off the allocator at one width). (5,) x 40: more sequences than one scan group holds."""
+    from opdgraph.models import delta_rule
+
     shape = shape_from_hf_config(family_config(family))
     model = family_model(family)
     model.set_attention_backend(flash_backend(monkeypatch))
@@ -224,8 +228,17 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
     inputs, loop, tokens = runtime_context(model, lengths=lengths)
     with AllocationTrace() as trace:
         training.teacher_score(inputs)
-    planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths))
-    assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
+    planned = sizing.forward_workspace_bytes(shape, tokens, 2, reference_sequence_tokens=max(lengths),
+                                             sequences=len(lengths))
+    assert trace.peak() <= planned, f"{family} {lengths}: {trace.peak():,} vs {planned:,}"
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    chunk = delta_rule.CHUNK_TOKENS
+    padded = max(sum(-(-(bounds[i + 1] - bounds[i]) // chunk) * chunk for i in range(first, last))
+                 for first, last in delta_rule.scan_groups(tuple(bounds), chunk))  # the largest group's
+    exact = sizing.linear_core_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
+    assert trace.peak() <= exact <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {exact:,}"
 
 
 @pytest.mark.parametrize("family, rows", [("qwen3.5-0.8b", 8), ("qwen3.5-4b", 3)])
@@ -254,11 +267,40 @@ def test_hybrid_decode_step_peak_is_covered_by_the_rollout_workspace(family, row
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
 
 
+@pytest.mark.parametrize("family, lengths", [("qwen3.5-0.8b", (100, 30, 200, 70)), ("qwen3.5-4b", (64, 9))])
+def test_hybrid_prefill_peak_is_covered_by_the_rollout_workspace(family, lengths):
+    """If this fails, a rollout prefill through the batched torch core (rows continuing from their slots: gathered
+    states, the scan building every row's state, the final states written back) peaks above the plan's
+    linear_core_peak_bytes(paged), or the plan holds far more than it uses (50%: the plan also counts the layer's
+    input, norm and in_proj outputs, which this call does not allocate)."""
+    from opdgraph.models.attention_metadata import PagedMetadata
+    from opdgraph.models.linear_attention_backend import TorchLinearAttention
+    from opdgraph.models.linear_state import LinearLayerState
+
+    shape = shape_from_hf_config(family_config(family))
+    layer = next(layer.linear_attn for layer in family_model(family).layers if hasattr(layer, "linear_attn"))
+    dims, generator, rows, tokens = layer.dims, torch.Generator().manual_seed(0), len(lengths), sum(lengths)
+    state = LinearLayerState.allocate(rows + 1, dims, torch.bfloat16, "cpu")
+    mixed = torch.randn(tokens, dims.conv_channels, generator=generator).to(torch.bfloat16)
+    decay = -torch.rand(tokens, dims.value_heads, generator=generator)
+    beta = torch.rand(tokens, dims.value_heads, generator=generator).to(torch.bfloat16)
+    query = torch.tensor(lengths, dtype=torch.int32)
+    meta = PagedMetadata(query_lens=query, cu_query_lens=torch.tensor([0, *query.cumsum(0)], dtype=torch.int32),
+                         kv_lens=query + 7, page_table=torch.zeros(rows, 1, dtype=torch.int32),
+                         slot_mapping=torch.zeros(tokens, dtype=torch.int64), page_size=16,
+                         state_slots=torch.arange(rows))
+    with torch.no_grad(), AllocationTrace() as trace:
+        TorchLinearAttention().paged(mixed, layer.conv1d.weight, decay, beta, dims, meta=meta, state=state)
+    planned = sizing.linear_core_peak_bytes(shape, tokens, 2, rows, paged=True)
+    assert trace.peak() <= planned <= 1.5 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
+
+
 def test_linear_chunk_mirrors_the_delta_rule():
     """If this fails, the plan's chunk size of the delta-rule scan drifted from the model's."""
     from opdgraph.models import delta_rule
 
     assert sizing.LINEAR_CHUNK_TOKENS == delta_rule.CHUNK_TOKENS
+    assert sizing.LINEAR_GROUP_SEQUENCES == delta_rule.GROUP_SEQUENCES
 
 
 @pytest.mark.parametrize("family, kernels", [*((family, "torch") for family in [*FAMILIES, *HYBRID]),

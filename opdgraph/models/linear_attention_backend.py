@@ -1,13 +1,16 @@
 """The core of a gated-DeltaNet layer in plain torch: causal conv1d, SiLU, q/k/v, L2 norms and the gated delta rule.
 
 Two entry points, as for attention (attention_backend.py):
-- ``packed``: training and teacher scoring over a packed batch (PackedMetadata). The conv window and the recurrent
-  state start from zeros at every sequence boundary, so nothing leaks between packed sequences. With autograd the
+- ``packed``: training and teacher scoring over a packed batch (PackedMetadata), all sequences at once
+  (``core_packed``: one conv1d with each sequence's window before its tokens, the batched chunked delta rule of
+  delta_rule.chunked_packed). The conv window and the recurrent state start from zeros at every sequence boundary,
+  so nothing leaks between packed sequences; ``core_one_sequence`` is the per-sequence reference. With autograd the
   whole core is one Function (``RecomputedCore``) that saves only its inputs (the in_proj_qkv output, g, beta) and
   recomputes the rest in backward: its saved bytes are 1 x the conv channels per token instead of every
   intermediate of the chunked scan.
 - ``paged``: rollout prefill / decode (PagedMetadata with state_slots): each sequence continues from its slot of the
-  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back. A forward whose rows
+  layer's LinearLayerState (zeros when its chunk starts the sequence) and writes the slot back; the prefilling rows
+  run together through ``core_packed`` with their windows and states. A forward whose rows
   all have one token (decode steps; ``single_token_rows``) runs as one batched recurrent step without host
   synchronisation (``decode_rows``), so CUDA graphs and decode bursts can capture it; a padding row gives a scratch
   slot and position 0 (it starts from zeros and writes only that slot).
@@ -38,6 +41,39 @@ def _conv_silu(mixed: torch.Tensor, window: torch.Tensor | None, weight: torch.T
     return F.silu(out), inputs[inputs.shape[0] - (kernel - 1):]
 
 
+def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight: torch.Tensor, bounds: list[int]):
+    """The causal depthwise conv of N packed sequences in one conv1d: each sequence's K-1 window rows (zeros: a
+    sequence start) go before its tokens, so no output reads another sequence's inputs -> (SiLU(conv) [T, C], each
+    sequence's last K-1 inputs [N, K-1, C])."""
+    kernel, channels = weight.shape[-1], mixed.shape[1]
+    sequences = len(bounds) - 1
+    if windows is None:
+        windows = mixed.new_zeros(sequences, kernel - 1, channels)
+    output_rows, last_rows = _conv_rows(tuple(bounds), kernel, mixed.device)
+    windows = windows.to(mixed.dtype)
+    pieces = [piece for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
+              for piece in (windows[index], mixed[start - bounds[0]:end - bounds[0]])]
+    inputs = torch.cat(pieces)  # [window_0; tokens_0; window_1; tokens_1; ...]: one copy, a free backward
+    out = F.conv1d(inputs.T[None], weight, groups=channels)[0]  # [C, rows]: output r reads inputs r ... r + K - 1
+    return F.silu(out.index_select(1, output_rows).T), inputs[last_rows]
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_rows(bounds: tuple[int, ...], kernel: int, device):
+    """In [window_0; tokens_0; window_1; tokens_1; ...]: the conv output rows of the tokens [T] and the rows of each
+    sequence's last K-1 inputs [N, K-1] (host-side numbers shared by the layers of one forward)."""
+    sequences = len(bounds) - 1
+    lengths = torch.tensor([end - start for start, end in zip(bounds[:-1], bounds[1:])])
+    # Token t of sequence s sits after s + 1 windows, at input row t + (s + 1)(K - 1), which conv output row
+    # t + s (K - 1) ends at.
+    shift = torch.repeat_interleave(torch.arange(sequences) * (kernel - 1), lengths)
+    output_rows = torch.arange(bounds[-1] - bounds[0]) + shift
+    window_rows = ((torch.tensor(bounds[:-1]) - bounds[0] + torch.arange(sequences) * (kernel - 1))[:, None]
+                   + torch.arange(kernel - 1))
+    # The last K-1 rows of [window; tokens] of a sequence end where the next sequence's window begins.
+    return output_rows.to(device), (window_rows + lengths[:, None]).to(device)
+
+
 def _heads(convolved: torch.Tensor, dims):
     """q, k repeated to the value heads and normalised (q also scaled), v: float32 [L, Hv, D]."""
     length = convolved.shape[0]
@@ -50,8 +86,21 @@ def _heads(convolved: torch.Tensor, dims):
     return q, delta_rule.l2_normalize(k), v.view(length, dims.value_heads, dims.value_dim)
 
 
+def core_packed(mixed, weight, decay, beta, dims, bounds: list[int], windows=None, states=None,
+                keep_states: bool = True):
+    """(out [T, Hv, Dv] in mixed's dtype, conv windows [N, K-1, C] and delta-rule states [N, Hv, Dk, Dv] after
+    them) of N packed sequences, each from its own window and state (None: zeros, a sequence start); without
+    keep_states (training, scoring) the states come back None."""
+    convolved, windows = _conv_silu_packed(mixed, windows, weight, bounds)
+    q, k, v = _heads(convolved, dims)
+    del convolved
+    out, states = delta_rule.chunked_packed(q, k, v, decay.float(), beta.float(), bounds, states,
+                                            keep_states=keep_states)
+    return out.to(mixed.dtype), windows, states
+
+
 def core_one_sequence(mixed, weight, decay, beta, dims, window=None, state=None):
-    """(out [L, Hv, Dv] in mixed's dtype, conv window after it, delta-rule state after it) of one sequence."""
+    """The per-sequence reference of core_packed (one conv1d and ``delta_rule.chunked``): (out, window, state)."""
     convolved, window = _conv_silu(mixed, window, weight)
     q, k, v = _heads(convolved, dims)
     out, state = delta_rule.chunked(q, k, v, decay.float(), beta.float(), state)
@@ -59,6 +108,11 @@ def core_one_sequence(mixed, weight, decay, beta, dims, window=None, state=None)
 
 
 def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
+    return core_packed(mixed, weight, decay, beta, dims, bounds, keep_states=False)[0]
+
+
+def packed_forward_per_sequence(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
+    """packed_forward one sequence after another (the former path: the reference and the benchmarks' baseline)."""
     outputs = [core_one_sequence(mixed[start:end], weight, decay[start:end], beta[start:end], dims)[0]
                for start, end in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outputs)
@@ -138,7 +192,6 @@ class TorchLinearAttention:
                                meta.kv_lens > meta.query_lens, torch_recurrent_step)
         starts = (meta.kv_lens - meta.query_lens).tolist()
         lengths = meta.query_lens.tolist()
-        slots = meta.state_slots.tolist()
         bounds = meta.cu_query_lens.tolist()
         out = mixed.new_empty(mixed.shape[0], dims.value_heads, dims.value_dim)
         decoding = [row for row, (start, length) in enumerate(zip(starts, lengths)) if length == 1 and start > 0]
@@ -148,12 +201,21 @@ class TorchLinearAttention:
                                     meta.state_slots[torch.tensor(decoding, device=mixed.device)], None,
                                     torch_recurrent_step)
         chosen = set(decoding)
-        for row, (start, length) in enumerate(zip(starts, lengths)):
-            if row in chosen or length == 0:
-                continue
-            first, slot = bounds[row], slots[row]
-            window, recurrent = (None, None) if start == 0 else (state.conv[slot], state.recurrent[slot])
-            span = slice(first, first + length)
-            out[span], state.conv[slot], state.recurrent[slot] = core_one_sequence(
-                mixed[span], weight, decay[span], beta[span], dims, window, recurrent)
+        rows = [row for row, length in enumerate(lengths) if row not in chosen and length > 0]
+        if not rows:
+            return out
+        # The prefilling rows in one batched core, each from its slot (zeros where its chunk starts the sequence).
+        spans = [torch.arange(bounds[row], bounds[row] + lengths[row]) for row in rows]
+        tokens = torch.cat(spans).to(mixed.device)
+        row_slots = meta.state_slots[torch.tensor(rows, device=mixed.device)]
+        fresh = torch.tensor([starts[row] == 0 for row in rows], device=mixed.device)
+        windows = torch.where(fresh[:, None, None], 0, state.conv[row_slots])
+        recurrent = torch.where(fresh[:, None, None, None], 0, state.recurrent[row_slots])
+        packed_bounds = [0]
+        for row in rows:
+            packed_bounds.append(packed_bounds[-1] + lengths[row])
+        out[tokens], windows, recurrent = core_packed(mixed[tokens], weight, decay[tokens], beta[tokens], dims,
+                                                      packed_bounds, windows, recurrent)
+        state.conv[row_slots] = windows.to(state.conv.dtype)
+        state.recurrent[row_slots] = recurrent.to(state.recurrent.dtype)
         return out
