@@ -74,7 +74,10 @@ class StepCounts:
             "train.sequences_per_micro_batch": self.sequences_per_micro_batch,
             "train.num_micro_batches": self.num_micro_batches, "loss.chunk_tokens": self.chunk_tokens,
             "loss.chunks_per_micro_batch": self.chunks_per_micro_batch,
-            **({"train.gold_prefix_tokens": self.gold_prefix_tokens} if self.gold_prefix_tokens else {}),
+            **({"train.gold_prefix_tokens": self.gold_prefix_tokens,
+                "train.micro_batch_scored_tokens": self.scored_micro_batch_tokens,
+                "train.micro_batch_gold_tokens": self.sequences_per_micro_batch * self.gold_prefix_tokens}
+               if self.gold_prefix_tokens else {}),
         }
 
 
@@ -90,16 +93,28 @@ class EvalCounts:
     micro_batch_tokens: int  # whole eval sequences per scoring micro-batch x their length
     chunk_tokens: int  # loss.chunk_tokens, at most one micro-batch
     teacher_num_pages: int  # the teacher's pool: its own prompts may be longer (teacher-side context)
+    sequences_per_micro_batch: int
+    teacher_prompt_tokens: int  # the longest prompt a teacher scores eval answers after (its context included)
 
     @property
     def sequence_tokens(self) -> int:
         return self.prompt_tokens + self.new_tokens
 
+    @property
+    def teacher_sequence_tokens(self) -> int:
+        return self.teacher_prompt_tokens + self.new_tokens
+
+    @property
+    def teacher_micro_batch_tokens(self) -> int:
+        """A scoring micro-batch's sequences, each with the longest teacher prompt: what a teacher forward holds."""
+        return self.sequences_per_micro_batch * self.teacher_sequence_tokens
+
     def facts(self) -> dict[str, int]:
         name = self.stage
         facts = {f"{name}.concurrent_seqs": self.concurrent_seqs, f"{name}.num_pages": self.num_pages,
                  f"{name}.kv_pool_tokens": self.num_pages * self.page_size,
-                 f"{name}.micro_batch_tokens": self.micro_batch_tokens, f"{name}.chunk_tokens": self.chunk_tokens}
+                 f"{name}.micro_batch_tokens": self.micro_batch_tokens, f"{name}.chunk_tokens": self.chunk_tokens,
+                 f"{name}.teacher_forward_tokens": self.teacher_micro_batch_tokens}
         if self.teacher_num_pages != self.num_pages:
             facts[f"{name}.teacher_num_pages"] = self.teacher_num_pages
         return facts
@@ -134,7 +149,16 @@ def eval_counts(cfg: PipelineConfig, stage_name: str) -> EvalCounts:
         chunk_tokens=min(settings["chunk_tokens"], per_micro_batch * sequence_tokens),
         teacher_num_pages=kv_pool_pages(concurrent_seqs=concurrent, max_prompt_tokens=_eval_teacher_prompt(cfg),
                                         max_new_tokens=config.max_new_tokens, page_size=page_size,
-                                        kv_pool_tokens=0))
+                                        kv_pool_tokens=0),
+        sequences_per_micro_batch=per_micro_batch, teacher_prompt_tokens=_longest_teacher_prompt(cfg))
+
+
+def _longest_teacher_prompt(cfg: PipelineConfig) -> int:
+    """The longest prompt any teacher scores eval answers after (its own context included)."""
+    from opdgraph.teachers import teacher_specs  # imports this module's importers: imported when called
+
+    specs = teacher_specs(cfg.models, cfg.stages, cfg.data.max_prompt_tokens)
+    return max([cfg.data.max_prompt_tokens, *(spec.prompt_tokens for spec in specs)])
 
 
 def _eval_teacher_prompt(cfg: PipelineConfig) -> int:

@@ -81,16 +81,17 @@ def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]
     """(bytes, upcast hidden) of scoring a micro-batch against `teachers` at once: the student's and their hidden
     states, the largest forward workspace, and the metrics' logit chunk (a mixture's too: its running mixture is
     made before the metrics' own peak, tests/test_saved_bytes.py; on CPU every lm_head upcast to fp32)."""
-    tokens, student = counts.micro_batch_tokens, facts.student_shape
+    tokens, teacher_tokens, student = counts.micro_batch_tokens, counts.teacher_micro_batch_tokens, facts.student_shape
     hidden = sizing.hidden_state_bytes(student, tokens, facts.student_dtype_bytes) + sum(
-        sizing.hidden_state_bytes(teacher.shape, tokens, teacher.dtype_bytes) for teacher in teachers)
+        sizing.hidden_state_bytes(teacher.shape, teacher_tokens, teacher.dtype_bytes) for teacher in teachers)
     reference = [facts.reference_tokens("student", counts.sequence_tokens), *(
-        counts.sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
+        counts.teacher_sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
     models = zip([student, *(t.shape for t in teachers)],
                  [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference)
     fla = counts.prompts if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
-    workspace = max(sizing.forward_workspace_bytes(shape, tokens, dtype_bytes, fallback, fla_sequences=fla)
-                    for shape, dtype_bytes, fallback in models)
+    workspace = max(sizing.forward_workspace_bytes(shape, model_tokens, dtype_bytes, fallback, fla_sequences=fla)
+                    for (shape, dtype_bytes, fallback), model_tokens
+                    in zip(models, [tokens, *(teacher_tokens for _ in teachers)]))
     upcast = 0 if facts.targets_cuda else student.hidden + sum(teacher.shape.hidden for teacher in teachers)
     metrics = sizing.logit_chunk_bytes(counts.chunk_tokens, student.vocab, sizing.EVAL_METRICS_LOGIT_BUFFERS,
                                        upcast_hidden=upcast)

@@ -80,6 +80,11 @@ def step_settings(config: Config) -> dict[str, int]:
     return {"micro_batch_tokens": config.micro_batch_tokens}
 
 
+def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:
+    """The tokens of one of this teacher's forwards: a budget the micro-batch packer keeps (runtime/batches.py)."""
+    return {f"{stage_name}.forward_tokens": facts.teacher_micro_batch_tokens(facts.teacher_stage(stage_name))}
+
+
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
     """One teacher forward per micro-batch of its loop (a routed teacher: only its own rows' micro-batches)."""
     teacher = facts.teacher_stage(stage_name)

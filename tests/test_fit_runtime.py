@@ -93,7 +93,7 @@ def test_layer_streamer_gives_the_same_hidden_states():
     streamed = build_random(CONFIG, dtype=torch.float32, init_seed=3)
     samples = [Sample(prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7], prompt_index=0, sample_index=0,
                       finish_reason="length", logprobs=[0.0] * 4, answer=None)]
-    batch = build_micro_batches(samples, micro_batch_tokens=64, normalize="token", global_tokens=4,
+    batch = build_micro_batches(samples, budgets={"tokens": 64}, normalize="token", global_tokens=4,
                                 global_sequences=1, device=torch.device("cpu"))[0]
     streamer = offload.LayerStreamer(streamed.layers, torch.device("cpu"))
     with torch.no_grad():

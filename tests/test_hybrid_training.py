@@ -139,7 +139,7 @@ def test_gold_positions_and_weights_of_the_packing():
     offsets = [sum(lengths[:index]) for index in range(len(samples))]
     want = [o + len(s.prompt_ids) - k - 1 + j for s, o, k in zip(samples, offsets, ks) for j in range(k)]
     for normalize, total_tokens, total_sequences in (("token", 50, 9), ("sequence", 50, 9)):
-        batch, = build_micro_batches(samples, micro_batch_tokens=512, normalize="token", global_tokens=40,
+        batch, = build_micro_batches(samples, budgets={"tokens": 512}, normalize="token", global_tokens=40,
                                      global_sequences=9, device=torch.device("cpu"),
                                      gold=(normalize, total_tokens, total_sequences))
         assert batch.gold_positions.tolist() == want
@@ -150,7 +150,7 @@ def test_gold_positions_and_weights_of_the_packing():
         assert not set(want) & set(batch.loss_positions.tolist())  # the divergence never sees a prefix position
     plain = [Sample(prompt_ids=s.prompt_ids, response_ids=s.response_ids, prompt_index=0, sample_index=0)
              for s in samples]
-    batch, = build_micro_batches(plain, micro_batch_tokens=512, normalize="token", global_tokens=40,
+    batch, = build_micro_batches(plain, budgets={"tokens": 512}, normalize="token", global_tokens=40,
                                  global_sequences=4, device=torch.device("cpu"))
     assert batch.gold_positions is None and batch.gold_weights is None
 

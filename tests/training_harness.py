@@ -56,7 +56,7 @@ def run_step(cfg, plan, ctx, samples: list[Sample], monkeypatch) -> dict[str, to
         sft = facts.get("sft")
         gold = (sft.normalize if sft is not None else "token", sum(s.gold_prefix_length for s in samples),
                 sum(s.gold_prefix_length > 0 for s in samples))
-        batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"], normalize="token",
+        batches = build_micro_batches(samples, budgets=facts["micro_batch_budgets"], normalize="token",
                                       global_tokens=sum(len(s.response_ids) for s in samples),
                                       global_sequences=len(samples), device=inputs.run.device,
                                       route_groups=facts.get("route_groups"),

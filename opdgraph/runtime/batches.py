@@ -5,8 +5,13 @@ trains every position whose *next* token is a response token: for a sample with 
 packed offset o, that is positions o+P-1 ... o+P+R-2, and the targets are the R response tokens (the EOS token
 included when it was sampled). Prompt positions are never trained.
 
-Micro-batches are filled greedily in sample order up to `micro_batch_tokens`; a sample never straddles two
-micro-batches (attention needs the whole sequence), so one longer than the budget is an error naming the setting.
+Micro-batches are filled greedily in sample order within every budget the plan sized one micro-batch by
+(`budgets`: the student's tokens, the positions outside a gold prefix, the gold-prefix positions, each teacher
+view's tokens; `sample_usage`): the plan bounds each as its sequences per micro-batch x one sequence's bound, so
+short sequences packed beyond that count can never exceed what the plan holds for them, and the micro-batches are
+never more than planned (a batch closes only when one more sequence would overflow a budget, which takes at
+least the planned count). A sample never straddles two micro-batches (attention needs the whole sequence), so
+one larger than a budget is an error naming it.
 Routed rows (opdgraph.teachers) are grouped by teacher first: each micro-batch holds one teacher's rows, the
 groups in the plan's loop order, and every micro-batch keeps its index over the whole step.
 
@@ -149,40 +154,72 @@ def _pack(samples: list[Sample], *, normalize: str, global_tokens: int, global_s
     )
 
 
-def build_micro_batches(samples: list[Sample], *, micro_batch_tokens: int, normalize: str, global_tokens: int,
+def build_micro_batches(samples: list[Sample], *, budgets: dict[str, int], normalize: str, global_tokens: int,
                         global_sequences: int, device: torch.device,
                         route_groups: dict[str, str] | None = None, group_order: tuple[str, ...] = ("",),
                         gold: tuple[str, int, int] = ("token", 0, 0)) -> list[MicroBatch]:
-    """Pack samples greedily into micro-batches of at most `micro_batch_tokens` tokens; with `route_groups`
-    (route value -> group name) each group's samples separately, in `group_order`. `gold`: the sft stage's
-    normalize and the step's global gold-prefix tokens and sequences with a prefix (hybrid SFT)."""
+    """Pack samples greedily into micro-batches within `budgets` (module docstring; at least "tokens"); with
+    `route_groups` (route value -> group name) each group's samples separately, in `group_order`. `gold`: the sft
+    stage's normalize and the step's global gold-prefix tokens and sequences with a prefix (hybrid SFT)."""
     batches: list[MicroBatch] = []
     for group in group_order:
         members = [s for s in samples if route_groups is None or route_groups[s.route] == group]
-        for members_of_batch in _greedy(members, micro_batch_tokens):
+        for members_of_batch in _greedy(members, budgets):
             batches.append(_pack(members_of_batch, normalize=normalize, global_tokens=global_tokens,
                                  global_sequences=global_sequences, device=device, index=len(batches),
                                  group=group, gold=gold))
     return batches
 
 
-def _greedy(samples: list[Sample], micro_batch_tokens: int) -> list[list[Sample]]:
+# Budget names -> the plan fact that sets each (for errors and for opdgraph.runtime.build).
+BUDGET_FACTS = {"tokens": "train.micro_batch_tokens", "scored": "train.micro_batch_scored_tokens",
+                "gold": "train.micro_batch_gold_tokens"}
+
+
+def training_budgets(plan_facts: dict, teacher_stages) -> dict[str, int]:
+    """A training micro-batch's budgets from the plan's facts: every one it sized (teachers: "teacher:<stage>")."""
+    budgets = {name: int(plan_facts[fact]) for name, fact in BUDGET_FACTS.items() if fact in plan_facts}
+    budgets.update({f"teacher:{stage}": int(plan_facts[f"{stage}.forward_tokens"]) for stage in teacher_stages})
+    return budgets
+
+
+def sample_usage(sample: Sample, budgets: dict[str, int]) -> dict[str, int]:
+    """What `sample` takes of each budget: its tokens, those outside its gold prefix, its gold prefix, and the
+    tokens of each teacher's view (the student's prompt where a teacher sees no other)."""
+    tokens = len(sample.prompt_ids) + len(sample.response_ids)
+    usage = {"tokens": tokens, "scored": tokens - sample.gold_prefix_length, "gold": sample.gold_prefix_length}
+    for name in budgets:
+        if name.startswith("teacher:"):
+            prompt = sample.teacher_prompt_ids.get(name.removeprefix("teacher:"), sample.prompt_ids)
+            usage[name] = len(prompt) + len(sample.response_ids)
+    return {name: usage[name] for name in budgets}
+
+
+def _greedy(samples: list[Sample], budgets: dict[str, int]) -> list[list[Sample]]:
     groups: list[list[Sample]] = []
     current: list[Sample] = []
-    current_tokens = 0
+    used = dict.fromkeys(budgets, 0)
     for sample in samples:
-        length = len(sample.prompt_ids) + len(sample.response_ids)
-        if length > micro_batch_tokens:
-            raise ValueError(
-                f"a sample of {length} tokens (prompt {len(sample.prompt_ids)} + response "
-                f"{len(sample.response_ids)}) exceeds teacher_score.micro_batch_tokens = {micro_batch_tokens}; "
-                "raise micro_batch_tokens to at least data.max_prompt_tokens + rollout.max_new_tokens"
-            )
-        if current and current_tokens + length > micro_batch_tokens:
+        usage = sample_usage(sample, budgets)
+        for name, amount in usage.items():
+            if amount > budgets[name]:
+                raise ValueError(_too_large(sample, name, amount, budgets[name]))
+        if current and any(used[name] + amount > budgets[name] for name, amount in usage.items()):
             groups.append(current)
-            current, current_tokens = [], 0
+            current, used = [], dict.fromkeys(budgets, 0)
         current.append(sample)
-        current_tokens += length
+        used = {name: used[name] + amount for name, amount in usage.items()}
     if current:
         groups.append(current)
     return groups
+
+
+def _too_large(sample: Sample, name: str, amount: int, budget: int) -> str:
+    if name == "tokens":
+        return (f"a sample of {amount} tokens (prompt {len(sample.prompt_ids)} + response "
+                f"{len(sample.response_ids)}) exceeds teacher_score.micro_batch_tokens = {budget}; "
+                "raise micro_batch_tokens to at least data.max_prompt_tokens + rollout.max_new_tokens")
+    fact = BUDGET_FACTS.get(name, f"{name.removeprefix('teacher:')}.forward_tokens")
+    return (f"a sample takes {amount} of the micro-batch budget {fact} = {budget} (the plan's bound per sequence "
+            "is exceeded: a prompt longer than its max_prompt_tokens or a gold prefix longer than its maximum); "
+            "check those settings against the data")

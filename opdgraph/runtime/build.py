@@ -10,6 +10,7 @@ import torch
 
 from opdgraph.counts import step_settings
 from opdgraph.runtime import distributed, fsdp
+from opdgraph.runtime.batches import training_budgets
 from opdgraph.runtime.buffers import BufferTable
 from opdgraph.runtime.context import TORCH_DTYPES, RunContext, seed_everything
 from opdgraph.runtime.engine_setup import build_engine, use_layer_kernels, use_packed_attention
@@ -99,7 +100,7 @@ def build_context(cfg, plan, run_dir: Path, resume_from: Path | None = None,
         print(sampler.repeat_note())
     metrics = MetricsLog(run_dir, reporters=reporters) if distributed.is_main() else SilentMetrics(run_dir)
     facts = {"samples_per_prompt": cfg.data.samples_per_prompt,
-             "rollout_config": rollout, "micro_batch_tokens": int(plan.facts["train.micro_batch_tokens"]),
+             "rollout_config": rollout, "micro_batch_budgets": training_budgets(plan.facts, teachers),
              "chunk_tokens": int(plan.facts["loss.chunk_tokens"]), "normalize": settings["normalize"],
              "activation_checkpointing": step_setting["activation_checkpointing"],
              "grads_buffer": f"{student_name}.grads",

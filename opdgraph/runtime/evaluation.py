@@ -179,7 +179,9 @@ def _sums(inputs, stage: str, samples, teachers: list, mixture: bool) -> tuple[d
     sums = dict.fromkeys(METRICS, 0.0)
     each = {teacher.spec.stage: dict.fromkeys(METRICS, 0.0) for teacher in teachers} if mixture else {}
     chunk_tokens = int(facts[f"{stage}.chunk_tokens"])
-    for batch in build_micro_batches(samples, micro_batch_tokens=int(facts[f"{stage}.micro_batch_tokens"]),
+    budgets = {"tokens": int(facts[f"{stage}.micro_batch_tokens"]),  # what the plan sized a scoring micro-batch by
+               **{f"teacher:{teacher.spec.stage}": int(facts[f"{stage}.teacher_forward_tokens"]) for teacher in teachers}}
+    for batch in build_micro_batches(samples, budgets=budgets,
                                      normalize="token", global_tokens=tokens, global_sequences=len(samples),
                                      device=device):
         hidden = student.forward_hidden(batch.input_ids, batch.positions, batch.meta)

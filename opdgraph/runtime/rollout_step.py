@@ -74,7 +74,7 @@ def run_rollout(config, inputs) -> None:
                              stats.preemptions, stats.tokens_per_second, *gold], device)
     global_tokens, global_sequences, finished_by_eos, preemptions = (int(v) for v in totals[:4])
     gold_counts = (sft.normalize, int(totals[5]), int(totals[6])) if sft is not None else ("token", 0, 0)
-    micro_batches = build_micro_batches(samples, micro_batch_tokens=facts["micro_batch_tokens"],
+    micro_batches = build_micro_batches(samples, budgets=facts["micro_batch_budgets"],
                                         normalize=facts["normalize"], global_tokens=global_tokens,
                                         global_sequences=global_sequences, device=device,
                                         route_groups=facts.get("route_groups"),
