@@ -21,11 +21,13 @@ State layouts are the torch core's (LinearLayerState): conv windows [slots, K - 
 in float32. fla's conv keeps [N, C, K] windows whose entries 1..K-1 are the last inputs; they are converted at the
 prefill boundary only.
 
-Selection (``select_linear_backend``): this core on CUDA when fla imports, the torch core otherwise; the environment
-variable OPDGRAPH_LINEAR_ATTENTION = torch forces the torch core, = fla makes a missing fla an error. On a CUDA
-target the planner sizes the larger of the two cores' no-grad forward peaks (sizing.linear_core_peak_bytes,
-fla_core_peak_bytes) and the in-place decode step (linear_decode_peak_bytes), as it assumes FlashAttention and
-flashinfer there; the run log says when a CUDA run falls back to the torch core.
+Selection (``select_linear_backend``): this core on CUDA when fla imports; on CUDA without fla, the torch core with
+the same in-place decode step (`TorchCoreInPlaceDecode`: the decode step the plan of a CUDA target sizes, whichever
+core prefills); the torch core elsewhere. The environment variable OPDGRAPH_LINEAR_ATTENTION = torch forces the
+plain torch core everywhere (the reference: its decode step gathers and rebuilds the states, 4 states per decoding
+sequence beyond the plan, as the run log notes), = fla makes a missing fla an error. On a CUDA target the planner
+sizes the larger of the two cores' no-grad forward peaks (sizing.linear_core_peak_bytes, fla_core_peak_bytes) and
+the in-place decode step (linear_decode_peak_bytes), as it assumes FlashAttention and flashinfer there.
 Import fla lazily: it imports triton and pulls in every fla op (and einops).
 """
 
@@ -125,6 +127,7 @@ class FlaLinearAttention:
 
     def __init__(self):
         self._varlen_for: tuple[object, tuple] | None = None
+        self._bounds_for: tuple[object, list[int]] | None = None
 
     def _varlen_of(self, meta, cu_seqlens):
         # Every layer of one forward receives the same metadata object: one host copy per forward, not per layer.
@@ -132,12 +135,18 @@ class FlaLinearAttention:
             self._varlen_for = (meta, _varlen(cu_seqlens))
         return self._varlen_for[1]
 
+    def _bounds_of(self, meta) -> list[int]:
+        """meta.cu_seqlens as a host list, copied once per forward (the torch core's backward reads it per layer)."""
+        if self._bounds_for is None or self._bounds_for[0] is not meta:
+            self._bounds_for = (meta, meta.cu_seqlens.tolist())
+        return self._bounds_for[1]
+
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
         bounds, chunk_indices = self._varlen_of(meta, meta.cu_seqlens)
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
         grad_core = None
         if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
-            grad_core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims)
+            grad_core = functools.partial(packed_forward, bounds=self._bounds_of(meta), dims=dims)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()
@@ -186,17 +195,35 @@ def linear_backend_problem(device: torch.device | str) -> str | None:
     return problem
 
 
+class TorchCoreInPlaceDecode(TorchLinearAttention):
+    """The torch core on CUDA without fla: an all-decode forward runs the in-place decode kernel (module docstring)."""
+
+    @torch.no_grad()
+    def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:
+        if single_token_rows(mixed, meta):
+            return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots,
+                               meta.kv_lens > meta.query_lens, inplace_recurrent_step)
+        return super().paged(mixed, weight, decay, beta, dims, meta=meta, state=state)
+
+
 def select_linear_backend(device: torch.device | str):
-    """The gated-DeltaNet core for models on `device`: fla on CUDA when it imports, the torch core otherwise."""
-    return TorchLinearAttention() if linear_backend_problem(device) is not None else FlaLinearAttention()
+    """The gated-DeltaNet core for models on `device` (module docstring)."""
+    problem = linear_backend_problem(device)
+    if problem is None:
+        return FlaLinearAttention()
+    if torch.device(device).type == "cuda" and linear_attention_setting() != "torch":
+        return TorchCoreInPlaceDecode()
+    return TorchLinearAttention()
 
 
 def linear_backend_description(device: torch.device | str) -> str:
     """One line for run logs: which linear-attention core runs, and why when it is the torch one."""
     problem = linear_backend_problem(device)
-    if problem is not None and torch.device(device).type == "cuda":
-        return (f"linear attention: torch core ({problem}); note: the plan of a CUDA target sizes fla's in-place "
+    if problem is not None and torch.device(device).type == "cuda" and linear_attention_setting() == "torch":
+        return (f"linear attention: torch core ({problem}); note: the plan of a CUDA target sizes the in-place "
                 "decode step, the torch core's holds 4 delta-rule states per decoding sequence beyond it")
+    if problem is not None and torch.device(device).type == "cuda":
+        return f"linear attention: torch core ({problem}), the in-place decode kernel for decode steps"
     if problem is not None:
         return f"linear attention: torch core ({problem})"
     import fla

@@ -121,8 +121,8 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
     buffers.append(Buffer(
         name=f"{rollout}.decode_graph_pool", category="workspace",
-        bytes=sizing.forward_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(largest,
-                                                                                                      shape.vocab),
+        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(
+            largest, shape.vocab),
         sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="transient",
         formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "
                 "activations and fp32 logits, reserved by the graphs' private pool"))

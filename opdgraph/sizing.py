@@ -254,7 +254,7 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     fla_sequences > 0 (a CUDA target): at most that many sequences share the forward, and a hybrid model's linear
     core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states).
     sequences > 0: the torch linear core's N where known without a CUDA target (0: fla_sequences, else unknown)."""
-    mlp = tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+    mlp = mlp_workspace_bytes(shape, tokens, dtype_bytes)
     if shape.linear_layers:  # N: at most fla_sequences (a CUDA target), or the scan group's bound
         mlp = max(mlp, linear_core_peak_bytes(shape, tokens, dtype_bytes, sequences or fla_sequences, paged))
         if fla_sequences:
@@ -266,6 +266,17 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     score_bytes = dtype_bytes + (FP32_BYTES if dtype_bytes != FP32_BYTES else 0) + FP32_BYTES
     scores = sequence * sequence * (shape.heads * score_bytes + MASK_BYTES)
     return max(mlp, held + sequence * shape.q_dim * dtype_bytes + scores)
+
+
+def mlp_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
+    """The no-grad forward's peak inside an MLP (module docstring)."""
+    return tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+
+
+def decode_step_workspace_bytes(shape: ModelShape, rows: int, dtype_bytes: int) -> int:
+    """A CUDA decode step's no-grad peak over `rows` sequences: an MLP's, or a linear-attention layer's in-place
+    step (a decode step never runs the chunked core)."""
+    return max(mlp_workspace_bytes(shape, rows, dtype_bytes), linear_decode_peak_bytes(shape, rows, dtype_bytes, True))
 
 
 LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (tests/test_saved_bytes.py checks they agree)

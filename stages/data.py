@@ -31,7 +31,9 @@ def plan_buffers(stage_name: str, config: Any, facts: StageFacts) -> list[Buffer
     """`prompts`: the step's prompt token ids."""
     return [Buffer(name="prompts", category="io", bytes=sizing.token_bytes(facts.counts.sequences,
                                                                            facts.counts.prompt_tokens),
-                   sized_by=facts.batch_keys[:3], lifetime="transient", formula="sequences x max_prompt_tokens x 4")]
+                   sized_by=(*facts.batch_keys[:3], *facts.gold_keys), lifetime="transient",
+                   formula="sequences x max_prompt_tokens x 4" + (" (the gold prefix's bound included)"
+                                                                   if facts.gold_keys else ""))]
 
 
 def bind(stage_name: str, config: Any, run) -> dict[str, Any]:

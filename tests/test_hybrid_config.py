@@ -28,6 +28,9 @@ CASES = [  # (--set overrides, text the message must hold)
                                                "sft.gold_prefix_max_tokens + rollout.max_new_tokens = 120 tokens"),
     (["sft.gold_prefix_max_tokens=430"], "exceeds [models.student] max_position_embeddings (512); lower "
                                          "sft.gold_prefix_max_tokens to at most 416"),
+    (["teacher_score.max_prompt_tokens=470", 'teacher_score.system_prompt="Be brief."'],
+     "teacher_score.max_prompt_tokens + sft.gold_prefix_max_tokens + rollout.max_new_tokens = 526 exceeds "
+     "[models.teacher] max_position_embeddings (512); lower sft.gold_prefix_max_tokens to at most 10"),
 ]
 
 

@@ -141,10 +141,13 @@ PAGED_FORWARDS = [
 ]
 
 
+@pytest.mark.parametrize("fast", ["fla", "torch core, in-place decode"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_prefill_and_decode_carry_the_state_like_the_torch_core(dtype):
+def test_paged_prefill_and_decode_carry_the_state_like_the_torch_core(dtype, fast):
     """If this fails, a prefill chunk does not continue from its slot's conv window and state, a fresh sequence does
-    not start from zeros, the state written back is another than the torch core's, or decode steps diverge."""
+    not start from zeros, the state written back is another than the torch core's, or decode steps diverge (fla's
+    core, or the torch core with the in-place decode kernel: CUDA without fla)."""
+    backend = FlaLinearAttention() if fast == "fla" else fla_linear_attention.TorchCoreInPlaceDecode()
     states = {name: LinearLayerState.allocate(5, DIMS, dtype, DEVICE) for name in ("torch", "fla")}
     for state in states.values():  # stale contents: a fresh sequence must ignore them
         state.conv.normal_(generator=torch.Generator(DEVICE).manual_seed(1))
@@ -153,7 +156,7 @@ def test_paged_prefill_and_decode_carry_the_state_like_the_torch_core(dtype):
         meta = paged_meta(query_lens, starts, slots)
         inputs = core_inputs(sum(query_lens), dtype, seed=20 + index)
         outputs = {name: backend.paged(*inputs, DIMS, meta=meta, state=states[name])
-                   for name, backend in (("torch", TorchLinearAttention()), ("fla", FlaLinearAttention()))}
+                   for name, backend in (("torch", TorchLinearAttention()), ("fla", backend))}
         assert_close(outputs["fla"], outputs["torch"], dtype, f"forward {index} output")
         for slot in slots:
             assert_close(states["fla"].recurrent[slot], states["torch"].recurrent[slot], dtype, f"state {slot}")

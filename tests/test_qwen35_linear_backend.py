@@ -38,7 +38,8 @@ def test_cpu_and_a_missing_fla_fall_back_to_the_torch_core(fla_importable):
     assert isinstance(selection.select_linear_backend("cpu"), TorchLinearAttention)
     assert selection.linear_backend_description("cpu") == "linear attention: torch core (tensors on cpu)"
     fla_importable.problem = "flash-linear-attention does not import (No module named 'fla')"
-    assert isinstance(selection.select_linear_backend("cuda"), TorchLinearAttention)
+    # The torch core prefills; decode steps take the in-place kernel, the decode step a CUDA target's plan sizes.
+    assert isinstance(selection.select_linear_backend("cuda"), selection.TorchCoreInPlaceDecode)
     assert "does not import" in selection.linear_backend_description("cuda")
 
 
@@ -46,7 +47,7 @@ def test_environment_forces_either_core_and_rejects_typos(fla_importable, monkey
     """If this fails, OPDGRAPH_LINEAR_ATTENTION=torch does not force the fallback, =fla lets a missing fla pass
     silently, or a typo is taken as auto."""
     monkeypatch.setenv(selection.ENVIRONMENT, "torch")
-    assert isinstance(selection.select_linear_backend("cuda"), TorchLinearAttention)
+    assert type(selection.select_linear_backend("cuda")) is TorchLinearAttention  # the reference, decode included
     described = selection.linear_backend_description("cuda")
     assert f"torch core ({selection.ENVIRONMENT}=torch)" in described and "the plan of a CUDA target" in described
     monkeypatch.setenv(selection.ENVIRONMENT, "fla")

@@ -47,3 +47,12 @@ def check_sft_stages(pipeline, models, shapes, data, stages, problem, problems) 
                 f"data.max_prompt_tokens + {where} + the longest response ({longest} new tokens) = "
                 f"{data.max_prompt_tokens + gold + longest} exceeds [models.{model}] max_position_embeddings "
                 f"({limit}); lower {where} to at most {limit - data.max_prompt_tokens - longest}")))
+    for scorer in (stage for stage in stages.values() if stage.kind == "teacher_score"):
+        prompt_limit, model = scorer.config.max_prompt_tokens, scorer.config.model
+        limit = shapes[model].max_positions if model in shapes else 0
+        if prompt_limit and limit and prompt_limit + new_tokens <= limit < prompt_limit + gold + new_tokens:
+            # The teacher scores its own prompt, then the gold prefix, then the continuation.
+            problems.append(problem(where, (
+                f"{scorer.name}.max_prompt_tokens + {where} + {rollout.name}.max_new_tokens = "
+                f"{prompt_limit + gold + new_tokens} exceeds [models.{model}] max_position_embeddings ({limit}); "
+                f"lower {where} to at most {limit - prompt_limit - new_tokens} or the teacher's max_prompt_tokens")))
