@@ -270,7 +270,8 @@ def run_step(args) -> list[dict]:
 
     shape = step.StepShape("Q", 4, 16, 8, 1) if SMOKE["on"] else step.StepShape("Q", 32, 128, 256, 2)
     options = types.SimpleNamespace(tiny=SMOKE["on"], micro_batch_tokens=96 if SMOKE["on"] else 8192,
-                                    chunk_tokens=16 if SMOKE["on"] else 2048, cpu_init=SMOKE["on"], warmup=1)
+                                    chunk_tokens=16 if SMOKE["on"] else 2048, cpu_init=SMOKE["on"], warmup=1,
+                                    profile=False)
     pairs = {"Qwen3.5-0.8B <- Qwen3.5-4B": (read_config("qwen3.5-0.8b-text.json"),
                                            read_config("qwen3.5-4b-text.json")),
              "Qwen3-0.6B <- Qwen3-4B": (qwen3_0b6(), read_config("qwen3-4b.json"))}
