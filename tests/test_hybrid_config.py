@@ -68,3 +68,17 @@ def test_row_without_gold_names_file_and_line(tmp_path, capsys):
                  "pipeline.device=cpu", "--set", f"pipeline.output_dir={tmp_path / 'run'}"]) == 2
     error = capsys.readouterr().err
     assert f"{data}:3: [sft] needs field 'solution' (its gold_prefix_field, set at tiny_hybrid.toml:43)" in error
+
+
+def test_eval_rows_without_gold_are_accepted(tmp_path, capsys):
+    """Fails if an eval row without the gold field stops the run: eval grades its accuracy with the gold prefix on
+    the rows that have one, and its other metrics need none."""
+    shutil.copytree(PIPELINES, tmp_path / "pipelines")
+    data = tmp_path / "pipelines" / "data" / "hybrid_eval.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for row in rows[::2]:
+        del row["solution"]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["run", str(tmp_path / "pipelines" / "tiny_hybrid.toml"), "--check", "--set",
+                 "pipeline.device=cpu", "--set", f"pipeline.output_dir={tmp_path / 'run'}"]) == 0, \
+        capsys.readouterr().err

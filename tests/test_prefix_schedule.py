@@ -60,7 +60,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def _train_records(run_dir: Path) -> list[dict]:
-    keys = ("step", "gold_prefix_tokens", "gold_prefix_tokens_mean", "sft_loss", "sft_cross_entropy", "loss",
+    keys = ("step", "gold_prefix_tokens", "gold_prefix_length_mean", "sft_loss", "sft_cross_entropy", "loss",
             "divergence", "grad_norm")
     return [{key: record[key] for key in keys} for record in _records(run_dir, "train")]
 
@@ -76,7 +76,8 @@ def test_hybrid_run_resumes_with_the_same_prefixes(tmp_path, monkeypatch):
     evals = _records(tmp_path / "full", "eval")
     assert [record["label"] for record in evals] == ["before", "final"]
     assert all("accuracy" in record and "accuracy_with_gold_prefix" in record
-               and record["gold_prefix_tokens_mean"] == 24 for record in evals)
+               and record["gold_prefix_length_mean"] == 24 and 0 < record["gold_prefix_share_mean"] <= 0.5
+               and record["gold_prefix_graded"] == record["num_prompts"] for record in evals)
     original = executor_module.PlanExecutor.run_training_step
 
     def killed_at_step_3(self):

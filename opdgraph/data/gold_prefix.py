@@ -34,11 +34,14 @@ class GoldField:
     tokenizer: Any  # chat_ids(messages, continue_final_message=True)
     stage: str = "sft"  # names the rule in messages
     where: str = ""  # where gold_prefix_field is set (file:line)
+    required: bool = True  # training rows must hold one; eval rows may not (their accuracy with the prefix skips them)
 
 
 def gold_ids(messages, row: dict, rule: GoldField, prompt_ids: tuple[int, ...]) -> tuple[int, ...]:
     """The row's gold solution as ids that follow `prompt_ids` (see the module docstring)."""
     value = row.get(rule.field)
+    if value is None and not rule.required:
+        return ()
     if value is None:
         raise RowProblem("missing_field", f"[{rule.stage}] needs field {rule.field!r} (its gold_prefix_field, "
                                           f"{rule.where}), which this row does not have")

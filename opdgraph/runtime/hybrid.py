@@ -14,14 +14,15 @@ def _sft_stage(cfg) -> tuple[str, object] | None:
     return named_settings(cfg.stages, "run_settings").get("sft")
 
 
-def gold_field(cfg, tokenizers: dict) -> GoldField | None:
-    """The rule that reads each row's gold solution with the student's tokenizer, or None without an sft stage."""
+def gold_field(cfg, tokenizers: dict, *, required: bool = True) -> GoldField | None:
+    """The rule that reads each row's gold solution with the student's tokenizer, or None without an sft stage
+    (required: a row without the field is an error, else it has no gold)."""
     stage = _sft_stage(cfg)
     if stage is None:
         return None
     name, config = stage
     return GoldField(field=config.gold_prefix_field, tokenizer=tokenizers[cfg.model_with_role("student")],
-                     stage=name, where=setting_location(cfg, f"{name}.gold_prefix_field"))
+                     stage=name, where=setting_location(cfg, f"{name}.gold_prefix_field"), required=required)
 
 
 def sft_facts(cfg) -> dict:

@@ -152,6 +152,8 @@ def _train(cfg, plan, run_dir: Path, directory, checkpoint: Path | None, stops: 
         executor.run_training_step()
         own_signal, flags = stops.signum, stops.flags()  # what this rank sends; a later signal counts next step
         stop_votes = _sum_over_ranks(ctx.step_record, _RANK_SUMS, ctx.device, extra=flags)
+        if "sft_loss" in ctx.step_record:  # hybrid SFT: the objective the backward differentiates
+            ctx.step_record["total_loss"] = ctx.step_record["loss"] + ctx.step_record["sft_loss"]
         record = {"kind": "train", "step": ctx.step, **ctx.step_record,
                   "seconds": time.perf_counter() - started,
                   **{f"seconds/{name}": round(value, 6) for name, value in ctx.stage_seconds.items()}}

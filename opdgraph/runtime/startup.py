@@ -23,7 +23,7 @@ from opdgraph.runtime.run_directory import RunRequest, open_run_directory
 from opdgraph.stages import named_settings, stage_module
 
 
-def _load_prompts(cfg, files: list[str], tokenizers: dict):
+def _load_prompts(cfg, files: list[str], tokenizers: dict, *, gold_required: bool = True):
     from opdgraph.config.paths import data_file_path
     from opdgraph.data import load_prompt_set
     from opdgraph.runtime.hybrid import gold_field
@@ -35,7 +35,7 @@ def _load_prompts(cfg, files: list[str], tokenizers: dict):
                            prompt_field=data.prompt_field, answer_field=data.answer_field,
                            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
                            on_bad_row=data.on_bad_row, teacher_prompts=teacher_prompt_rules(cfg, tokenizers),
-                           routing=routing(cfg), gold=gold_field(cfg, tokenizers))
+                           routing=routing(cfg), gold=gold_field(cfg, tokenizers, required=gold_required))
 
 @dataclass(frozen=True)
 class Startup:
@@ -69,7 +69,8 @@ def check_startup(cfg) -> Startup:
     print(f"train prompts: {train_prompts.summary.describe()}")
     settings = {key: value for key, (_, value) in named_settings(cfg.stages, "run_settings").items()}
     eval_files = (settings["eval_files"] or cfg.data.eval_files) if "eval_files" in settings else []
-    eval_prompts = _load_prompts(cfg, eval_files, tokenizers) if eval_files else None
+    # An eval row may lack the gold field: eval's accuracy with the gold prefix grades the rows that have one.
+    eval_prompts = _load_prompts(cfg, eval_files, tokenizers, gold_required=False) if eval_files else None
     return Startup(device=device, tokenizers=tokenizers, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 def check_run(cfg, *, resume: Path | None = None, restart: bool = False, allow_config_change: bool = False,
