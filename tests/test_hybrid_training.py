@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from opdgraph.runtime.batches import Sample, build_micro_batches
@@ -44,15 +45,22 @@ def _gradients(model, loss_of) -> dict:
     return {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
-def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, monkeypatch):
+@pytest.mark.parametrize("normalize, micro_batch_tokens", [("token", 512), ("sequence", 120)])
+def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, monkeypatch, normalize,
+                                                                     micro_batch_tokens):
     """Fails if the cross-entropy covers other positions than the gold prefix (or the divergence the prefix), either
-    term is normalised by other counts than documented, the weight is not applied, or the two gradients do not meet
-    in the one backward."""
-    cfg, plan, ctx = context(tmp_path, "tiny_hybrid.toml", f"sft.weight={WEIGHT}")
-    samples = _hybrid_samples(7)
+    term is normalised by other counts than documented (sft "token": 1 / the step's prefix tokens; "sequence":
+    1 / (sequences with a prefix x its length)), the weight is not applied, or the two gradients do not meet in the
+    one backward, also accumulated over several micro-batches (120 tokens: one planned sequence each)."""
+    cfg, plan, ctx = context(tmp_path, "tiny_hybrid.toml", f"sft.weight={WEIGHT}", f"sft.normalize={normalize}",
+                             f"teacher_score.micro_batch_tokens={micro_batch_tokens}")
+    samples = _hybrid_samples(7 if micro_batch_tokens == 512 else 14)
     student, teacher = float64_copy(ctx.student), float64_copy(ctx.teacher)
     handed = run_step(cfg, plan, ctx, samples, monkeypatch)
+    if micro_batch_tokens == 120:  # one planned sequence per micro-batch: these samples' prefixes need several
+        assert sum(len(s.prompt_ids) + len(s.response_ids) for s in samples) > plan.facts["train.micro_batch_tokens"]
     gold_tokens = sum(s.gold_prefix_length for s in samples)
+    with_prefix = sum(s.gold_prefix_length > 0 for s in samples)
     response_tokens = sum(len(s.response_ids) for s in samples)
     vocab = student.config.vocab_size
 
@@ -63,9 +71,10 @@ def test_combined_gradient_is_prefix_ce_plus_continuation_divergence(tmp_path, m
             if not k:
                 continue
             hidden = sequence_hidden(model, prompt + s.response_ids, range(len(prompt) - k - 1, len(prompt) - 1))
-            total = total + torch.nn.functional.cross_entropy(hidden @ model.lm_head_weight.T,
-                                                              torch.tensor(prompt[-k:]), reduction="sum")
-        return WEIGHT * total / gold_tokens
+            summed = torch.nn.functional.cross_entropy(hidden @ model.lm_head_weight.T, torch.tensor(prompt[-k:]),
+                                                       reduction="sum")
+            total = total + (summed if normalize == "token" else summed / k / with_prefix)
+        return WEIGHT * total / (gold_tokens if normalize == "token" else 1)
 
     def reverse_kl(model):
         total = 0
