@@ -34,6 +34,7 @@ from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
 from opdgraph.drafts import Draft, buffer
 from opdgraph.plan import Buffer
+from opdgraph.train.prefix_schedule import PrefixScheduleName
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
@@ -60,7 +61,7 @@ class Config:
                                                "it); bounds the plan's sequences", check=positive)
     gold_prefix_fraction: float = setting(1.0, help="also at most this share of each row's gold tokens (the "
                                                     "schedule scales it too)", check=_fraction)
-    schedule: Literal["constant", "linear"] = setting(
+    schedule: PrefixScheduleName = setting(
         "constant", help="the prefix over training: constant, or linear decay to no prefix over decay_steps steps")
     decay_steps: int = setting(0, help="schedule = linear: steps until the prefix is gone (plain OPD after)",
                                check=non_negative)

@@ -7,13 +7,14 @@ stop the run with opdgraph.errors.TrainingStopped, and so does a run none of who
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import attrs
 
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
 from opdgraph.drafts import OPTIMIZER_UPDATE, Draft
+from opdgraph.train.schedule import ScheduleName
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
@@ -34,7 +35,7 @@ class Config:
     eps: float = setting(1e-8, help="AdamW epsilon", check=positive)
     weight_decay: float = setting(0.0, help="decoupled weight decay", check=non_negative)
     max_grad_norm: float = setting(1.0, help="clip the global gradient norm (0 = off)", check=non_negative)
-    schedule: Literal["constant", "cosine", "linear"] = setting("constant", help="learning-rate schedule after warmup")
+    schedule: ScheduleName = setting("constant", help="learning-rate schedule after warmup")
     warmup_steps: int = setting(0, help="linear warmup steps from 0 to lr", check=non_negative)
     min_lr_ratio: float = setting(0.0, help="cosine/linear decay floor as a fraction of lr", check=unit_interval)
     max_consecutive_skipped_steps: int = setting(

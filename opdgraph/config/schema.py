@@ -16,6 +16,7 @@ from opdgraph.config.fields import not_empty, positive, setting, valid_seed
 from opdgraph.model_shapes import ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+KernelChoice = Literal["auto", "torch", "liger"]  # models.<name>.kernels (opdgraph.models.layer_kernels)
 
 
 @attrs.frozen(kw_only=True)
@@ -158,7 +159,7 @@ class ModelConfig:
                     "normal(0, initializer_range), values depend on the device's RNG)")
     offload_when_idle: bool = setting(False, help="move the weights to host memory between uses (frees device "
                                                   "memory, costs PCIe transfers)")
-    kernels: Literal["auto", "torch", "liger"] = setting(
+    kernels: KernelChoice = setting(
         "auto", help="the norms, RoPE and gated activations of this model's training and scoring forwards: torch "
                      "(plain torch ops, the reference), liger (Liger-Kernel's fused Triton kernels, forward and "
                      "backward; CUDA only, pip install liger-kernel), auto: liger where it can run, else torch. The "

@@ -19,15 +19,17 @@ may fall back at run time without the plan going wrong (tests/test_saved_bytes.p
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
+
+from opdgraph.config.schema import KernelChoice
 
 from opdgraph.models.gated_activation import gated_activation
 from opdgraph.models.norms import add_rms_norm, rms_norm
 from opdgraph.models.rope import apply_rotary
 
-KERNEL_CHOICES = ("auto", "torch", "liger")  # mirrors config.schema.ModelConfig.kernels
+KERNEL_CHOICES = get_args(KernelChoice)  # models.<name>.kernels
 
 
 class LayerKernels(Protocol):

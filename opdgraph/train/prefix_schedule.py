@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Literal, get_args
 
 import attrs
 
-SCHEDULES = ("constant", "linear")
+PrefixScheduleName = Literal["constant", "linear"]  # the sft stage's `schedule` setting
+SCHEDULES = get_args(PrefixScheduleName)
 
 
 @attrs.frozen(kw_only=True)

@@ -14,8 +14,10 @@ step to decay over (total_steps - 1 <= warmup_steps), the lr stays at base_lr af
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-SCHEDULES = ("constant", "cosine", "linear")
+ScheduleName = Literal["constant", "cosine", "linear"]  # the step stage's `schedule` setting
+SCHEDULES = get_args(ScheduleName)
 
 
 def lr_at(
