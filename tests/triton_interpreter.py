@@ -9,6 +9,10 @@ Three interpreter gaps (triton 3.9) that compiled code does not have, closed for
   kernel's inputs and outputs stay allocated until Python's cyclic GC runs, which moves the peaks memory tests
   measure: each launch is followed by a young-generation collection (tens of microseconds).
 ``interpret_liger(monkeypatch)`` does both; it does nothing where kernels compile (a CUDA machine).
+
+A fourth gap, closed by ``round_bf16_to_nearest(monkeypatch)`` (same scope): compiled ``x.to(tl.bfloat16)`` from fp32
+rounds to nearest even, as torch does; the interpreter truncates the low mantissa bits, so a kernel that stores bf16
+would differ from torch in about half its elements by one bf16 step.
 """
 
 from __future__ import annotations
@@ -57,3 +61,22 @@ def interpret_liger(monkeypatch) -> None:
     monkeypatch.setattr(rms_norm, "rsqrt", _rsqrt)
     monkeypatch.setattr(fused_add_rms_norm, "rsqrt", _rsqrt)
     monkeypatch.setattr(geglu, "tanh", _tanh)
+
+
+def round_bf16_to_nearest(monkeypatch) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncate = interpreter.InterpreterBuilder.create_fp_trunc
+
+    def convert(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(src.data).to(torch.bfloat16).view(torch.uint16).numpy()
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return truncate(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_trunc", convert)
+
