@@ -8,7 +8,7 @@ Three interpreter gaps (triton 3.9) that compiled code does not have, closed for
 - a launch leaves its arguments' storages in a reference cycle (the interpreter's host-copy bookkeeping), so the
   kernel's inputs and outputs stay allocated until Python's cyclic GC runs, which moves the peaks memory tests
   measure: each launch is followed by a young-generation collection (tens of microseconds).
-``interpret_liger(monkeypatch)`` does both; it does nothing where kernels compile (a CUDA machine).
+``interpret_liger(monkeypatch)`` closes all three (``pass_floats_as_fp32`` the first alone); it does nothing where kernels compile (a CUDA machine).
 
 A fourth gap, closed by ``round_bf16_to_nearest(monkeypatch)`` (same scope): compiled ``x.to(tl.bfloat16)`` from fp32
 rounds to nearest even, as torch does; the interpreter truncates the low mantissa bits, so a kernel that stores bf16
@@ -33,12 +33,12 @@ def _rsqrt(x):
     return tl.math.rsqrt(x)
 
 
-def interpret_liger(monkeypatch) -> None:
+def pass_floats_as_fp32(monkeypatch) -> None:
+    """The first gap alone: a python float argument becomes an fp32 scalar, so `1.0 - beta` rounds as compiled."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     import numpy as np
     import triton.language as tl
-    from liger_kernel.ops import fused_add_rms_norm, geglu, rms_norm
     from triton.runtime import interpreter
 
     original = interpreter._implicit_cvt
@@ -49,6 +49,15 @@ def interpret_liger(monkeypatch) -> None:
         return original(arg)
 
     monkeypatch.setattr(interpreter, "_implicit_cvt", convert)
+
+
+def interpret_liger(monkeypatch) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from liger_kernel.ops import fused_add_rms_norm, geglu, rms_norm
+    from triton.runtime import interpreter
+
+    pass_floats_as_fp32(monkeypatch)
     launch = interpreter.GridExecutor.__call__
 
     def launch_and_collect(self, *args, **kwargs):
