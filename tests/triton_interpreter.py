@@ -1,14 +1,16 @@
-"""Running Liger-Kernel's Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1), for CPU tests.
+"""Running Triton kernels (Liger-Kernel's and ours) in Triton's CPU interpreter (TRITON_INTERPRET=1), for CPU tests.
 
 Three interpreter gaps (triton 3.9) that compiled code does not have, closed for the duration of a test:
 - compiled Triton passes a python float argument as an fp32 scalar; the interpreter passes the python float, and
-  kernels that call ``.to(tl.float32)`` on it (Liger's eps, offset, gate multiplier) fail: floats are wrapped;
+  kernels that call ``.to(tl.float32)`` on it (Liger's eps, offset, gate multiplier) fail, and scalar arithmetic
+  such as ``1.0 - beta`` is done in double: floats are wrapped;
 - libdevice functions imported by name (Liger's ``rsqrt``, ``tanh``) are stubs the interpreter does not patch: they
   are replaced in Liger's modules by the same functions written with ``tl.math.rsqrt`` and ``tl.sigmoid``;
 - a launch leaves its arguments' storages in a reference cycle (the interpreter's host-copy bookkeeping), so the
   kernel's inputs and outputs stay allocated until Python's cyclic GC runs, which moves the peaks memory tests
   measure: each launch is followed by a young-generation collection (tens of microseconds).
-``interpret_liger(monkeypatch)`` closes all three (``pass_floats_as_fp32`` the first alone); it does nothing where kernels compile (a CUDA machine).
+``interpret_liger(monkeypatch)`` closes all three (``pass_floats_as_fp32(monkeypatch)`` the first alone); both do
+nothing where kernels compile (a CUDA machine).
 
 A fourth gap, closed by ``round_bf16_to_nearest(monkeypatch)`` (same scope): compiled ``x.to(tl.bfloat16)`` from fp32
 rounds to nearest even, as torch does; the interpreter truncates the low mantissa bits, so a kernel that stores bf16
