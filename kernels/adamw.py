@@ -35,6 +35,7 @@ def _shared(betas: tuple[float, float], eps: float) -> tuple[float, float, float
 
 
 def check(masters, grads, exp_avgs, exp_avg_sqs, step_sizes, seconds, decay_factors, *, betas, eps) -> torch.Tensor:
+    """0-dim int32 on the masters' device: 1 when some tensor's new weights fail the margin, else 0 (no host sync)."""
     bad = torch.zeros((), dtype=torch.int32, device=masters[0].device)
     shared = _shared(betas, eps)
     for master, grad, exp_avg, exp_avg_sq, step_size, second, decay_factor in zip(

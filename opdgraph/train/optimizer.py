@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import math
 from typing import Callable, Iterable, Mapping
 
@@ -221,7 +220,8 @@ class MasterAdamW:
         return not bool(bad)
 
     def _bucket_flags(self, bucket: list[str], grads, steps: dict[str, int], lr: float) -> list[torch.Tensor]:
-        """0-dim bools, one per tensor of each piece: its new weights, computed on copies, within the margin."""
+        """0-dim bools, each true when its new weights are within the margin: one per tensor of each piece, computed
+        on copies (foreach path), or one for the whole bucket (fused path, computed in registers)."""
         flags = []
         with self.staging(bucket, write_back=False):
             if self._runs_fused(bucket):
@@ -288,7 +288,11 @@ class MasterAdamW:
 
 @functools.cache
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        import triton  # noqa: F401  (installed is not enough: a broken install falls back to foreach)
+    except ImportError:
+        return False
+    return True
 
 
 def _pieces(names: list[str], tensors: dict[str, torch.Tensor], limit: int) -> Iterable[list[tuple[str, slice]]]:
