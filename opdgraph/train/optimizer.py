@@ -12,23 +12,31 @@ Update (decoupled AdamW with bias correction, as torch.optim.AdamW), per paramet
     master *= 1 - lr * weight_decay                    (only where no_decay(name, param) is False)
     m = beta1 m + (1 - beta1) g ;  v = beta2 v + (1 - beta2) g^2          (g = grad upcast to fp32)
     master -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-Parameters are updated with torch's foreach kernels, in buckets of at most ``_BUCKET_ELEMENTS`` elements so the
-fp32 copies of low-precision grads never exceed one bucket (256 MiB) at a time. The gradients are the parameters'
-``.grad`` or, when given, a mapping name -> gradient (the fp32 accumulators of opdgraph.runtime.gradients; an fp32
-gradient is read in place, never copied).
 
-A step is all or nothing. Pass 1 computes every bucket's new master weights into temporaries, in pieces of at most
-``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments, its fp32 gradient and denominators: less than
-the update's own per-bucket temporaries), and checks them, writing nothing; only if every new weight is finite on
-every rank (one all-reduced flag) does pass 2 apply the update. A step size, decay factor or eps beyond fp32 (which
-torch would refuse as a scalar) fails the check before any tensor work. So a learning rate that would blow the
-weights up leaves weights, masters, moments and step counts exactly as they were, with no copy of the optimizer
-state: a per-bucket commit could not undo the buckets before a bad one, and keeping their old values would cost a
-copy of the state. The price is a second read of the state (a few percent of a training step; an offloaded state is
-streamed in twice, out once). Both passes run the same foreach ops on the same values, but a piece's last elements
-may take a kernel's scalar tail where the update's vectorised loop fuses a multiply-add; so the check asks each new
-weight to be at most half the largest fp32 value (doubled, it stays finite), and a last-bit difference can never
-overflow in pass 2 where pass 1 did not (nor round to inf in bf16, whose largest value is above half fp32's).
+Parameters are updated in buckets of at most ``_BUCKET_ELEMENTS`` elements (the unit an offloaded state streams
+through the device), by one of two implementations of the same math, picked per bucket by where its state is
+(constructor ``fused``: None = auto):
+- CUDA state, where triton imports: opdgraph.kernels.adamw, two Triton kernels per tensor that each read the state
+  once (the check writes nothing; the update writes master, moments and the rounded bf16 parameter in one pass).
+- Otherwise (CPU, the reference): torch's foreach kernels, each op reading and writing the bucket again; the fp32
+  copies of low-precision grads never exceed one bucket (256 MiB) at a time.
+The gradients are the parameters' ``.grad`` or, when given, a mapping name -> gradient (the fp32 accumulators of
+opdgraph.runtime.gradients; an fp32 gradient is read in place, never copied).
+
+A step is all or nothing. Pass 1 computes every new master weight and checks it, writing nothing: the foreach path
+works on temporaries, in pieces of at most ``_CHECK_ELEMENTS`` elements (copies of one piece's master and moments,
+its fp32 gradient and denominators: less than the update's own per-bucket temporaries); the fused path keeps the
+new values in registers. Only if every new weight is finite on every rank (one all-reduced flag, one host read)
+does pass 2 apply the update. A step size, decay factor or eps beyond fp32 (which torch would refuse as a scalar)
+fails the check before any tensor work. So a learning rate that would blow the weights up leaves weights, masters,
+moments and step counts exactly as they were, with no copy of the optimizer state: a per-bucket commit could not
+undo the buckets before a bad one, and keeping their old values would cost a copy of the state. The price is a
+second read of the state (an offloaded state is streamed in twice, out once). Both passes compute the same values
+(the foreach path runs the same ops; the fused kernels share one math helper), but a foreach piece's last elements
+may take a kernel's scalar tail where the update's vectorised loop fuses a multiply-add, and two compiled kernels
+need not contract alike; so the check asks each new weight to be at most half the largest fp32 value (doubled, it
+stays finite), and a last-bit difference can never overflow in pass 2 where pass 1 did not (nor round to inf in
+bf16, whose largest value is above half fp32's).
 
 Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard
 only; the clipping norm and the finiteness flag are reduced over ranks, so every rank takes the same decision;
@@ -39,10 +47,13 @@ this rank's rows, so a run resumes on any number of ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from opdgraph.kernels import adamw as fused_adamw
 
 _BUCKET_ELEMENTS = 1 << 26
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -94,8 +105,10 @@ class MasterAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         no_decay: Callable[[str, torch.Tensor], bool] = default_no_decay,
+        fused: bool | None = None,
     ):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.fused = fused  # None: the Triton kernels for CUDA state where triton imports, foreach otherwise
         self.params = dict(named_params)
         self.decays = {name: not no_decay(name, param) for name, param in self.params.items()}
         # The master of an fp32 parameter is the parameter's own storage, so updating it updates the model.
@@ -138,9 +151,29 @@ class MasterAdamW:
         second = [math.sqrt(1.0 - beta2 ** steps[name]) for name in names]
         return step_sizes, second
 
+    def _runs_fused(self, names: list[str]) -> bool:
+        """Whether a bucket takes the Triton path; asked inside `staging`, where the state is when it is read."""
+        if self.fused is not None:
+            return self.fused
+        return self.masters[names[0]].is_cuda and _triton_available()
+
+    def _kernel_arguments(self, names: list[str], grads, steps: dict[str, int], lr: float) -> dict:
+        """The tensors and per-tensor scalars of opdgraph.kernels.adamw, the same values `_adamw` uses."""
+        step_sizes, seconds = self._bias_corrections(names, steps, lr)
+        decay_factor = 1.0 - lr * self.weight_decay
+        return dict(masters=[self.masters[name] for name in names], grads=[grads[name] for name in names],
+                    exp_avgs=[self.exp_avg[name] for name in names],
+                    exp_avg_sqs=[self.exp_avg_sq[name] for name in names], step_sizes=step_sizes, seconds=seconds,
+                    decay_factors=[decay_factor if self.decays[name] else 1.0 for name in names],
+                    betas=self.betas, eps=self.eps)
+
     def _update(self, names: list[str], grads: Mapping[str, torch.Tensor], lr: float) -> None:
         for name in names:
             self.steps[name] += 1
+        if self._runs_fused(names):
+            params = [_local(self.params[name]) if self._has_separate_master(name) else None for name in names]
+            fused_adamw.update(**self._kernel_arguments(names, grads, self.steps, lr), params=params)
+            return
         self._adamw(names, [grads[name] for name in names], self.steps, lr,
                     masters=[self.masters[name] for name in names], exp_avgs=[self.exp_avg[name] for name in names],
                     exp_avg_sqs=[self.exp_avg_sq[name] for name in names])
@@ -187,9 +220,12 @@ class MasterAdamW:
         return not bool(bad)
 
     def _bucket_flags(self, bucket: list[str], grads, steps: dict[str, int], lr: float) -> list[torch.Tensor]:
-        """0-dim bools, one per tensor of each piece: its new weights, computed on copies, within the margin."""
+        """0-dim bools, each true when its new weights are within the margin: one per tensor of each piece, computed
+        on copies (foreach path), or one for the whole bucket (fused path, computed in registers)."""
         flags = []
         with self.staging(bucket, write_back=False):
+            if self._runs_fused(bucket):
+                return [fused_adamw.check(**self._kernel_arguments(bucket, grads, steps, lr)) == 0]
             for piece in _pieces(bucket, self.masters, _CHECK_ELEMENTS):
                 def flat(tensors, copy):
                     views = [tensors[name].reshape(-1)[span] for name, span in piece]
@@ -248,6 +284,15 @@ class MasterAdamW:
         for name in expected_masters:
             self.masters[name].copy_(_shard_of(self.params[name], state["master"][name]))
             _local(self.params[name]).copy_(self.masters[name])
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (installed is not enough: a broken install falls back to foreach)
+    except ImportError:
+        return False
+    return True
 
 
 def _pieces(names: list[str], tensors: dict[str, torch.Tensor], limit: int) -> Iterable[list[tuple[str, slice]]]:
