@@ -252,18 +252,25 @@ def run_ours(shape: StepShape, args, work_dir: Path, model_cache: dict, override
         return _measure(ctx, cfg, plan, shape, args, prepare, started, overrides)
     finally:
         _teardown(ctx)
+        del ctx  # the run's optimizer state and buffers go with it, before the next variant allocates its own
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _teardown(ctx) -> None:
     """The cached models go on to the next variant, also after a variant that failed: nothing of this run may stay
-    on them (the gradient fold hooks of StudentGradients, kept gradients, the engine's KV pool)."""
-    ctx.engine.release()
-    ctx.gradients.close()
-    for parameter in ctx.student.parameters():
-        parameter.grad = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    on them (the gradient fold hooks of StudentGradients, kept gradients, the engine's KV pool). Each undoing runs
+    even if one before it raises, and none hides the variant's own error."""
+    def parameters_without_grads():
+        for parameter in ctx.student.parameters():
+            parameter.grad = None
+
+    for undo in (ctx.engine.release, ctx.gradients.close, parameters_without_grads):
+        try:
+            undo()
+        except Exception as error:  # noqa: BLE001
+            print(f"teardown: {undo.__name__} failed: {error!r}", flush=True)
 
 
 def _measure(ctx, cfg, plan, shape: StepShape, args, prepare, started: float, overrides) -> dict:
@@ -342,7 +349,7 @@ def roofline(shape: StepShape, hardware: dict, *, tiny: bool, prefill_budget: in
              "loss": 2 * positions * student.vocab * (teacher.hidden + 3 * student.hidden)}
     floors = {name: value / rate for name, value in flops.items()}
     floors["rollout"] = rollout.seconds
-    floors["optimizer"] = work.optimizer_work(student.parameter_count(), dtype_bytes, hw).seconds
+    floors["optimizer"] = work.optimizer_work(student.parameter_count(), dtype_bytes, 4, hw).seconds  # fp32 sums
     flops["rollout"] = rollout.flops
     return {"floor_seconds": floors, "floor_step_seconds": sum(floors.values()), "flops": flops}
 

@@ -35,11 +35,9 @@ _DEFAULT_BLOCK_V = 4096
 def triton_available() -> bool:
     """True when triton imports and has somewhere to run: a CUDA device, or the CPU interpreter
     (TRITON_INTERPRET=1 set before triton was first imported)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    from opdgraph.kernels import triton_imports
+
+    return triton_imports() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _check_divergence_args(divergence: str, beta: float, temperature: float, sampled_ids: Tensor | None) -> None:

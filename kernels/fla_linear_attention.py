@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
+from opdgraph.models.delta_rule import IndexCache
 from opdgraph.models.linear_attention_backend import (
     TorchLinearAttention,
     decode_rows,
@@ -128,6 +129,7 @@ class FlaLinearAttention:
     def __init__(self):
         self._varlen_for: tuple[object, tuple] | None = None
         self._bounds_for: tuple[object, list[int]] | None = None
+        self.index_cache = IndexCache()  # the torch core's indexes when it differentiates (fla_backward_trusted)
 
     def _varlen_of(self, meta, cu_seqlens):
         # Every layer of one forward receives the same metadata object: one host copy per forward, not per layer.
@@ -146,7 +148,8 @@ class FlaLinearAttention:
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
         grad_core = None
         if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
-            grad_core = functools.partial(packed_forward, bounds=self._bounds_of(meta), dims=dims)
+            grad_core = functools.partial(packed_forward, bounds=self._bounds_of(meta), dims=dims,
+                                          cache=self.index_cache)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()
@@ -211,8 +214,10 @@ def select_linear_backend(device: torch.device | str):
     problem = linear_backend_problem(device)
     if problem is None:
         return FlaLinearAttention()
-    if torch.device(device).type == "cuda" and linear_attention_setting() != "torch":
-        return TorchCoreInPlaceDecode()
+    from opdgraph.kernels import triton_imports
+
+    if torch.device(device).type == "cuda" and linear_attention_setting() != "torch" and triton_imports():
+        return TorchCoreInPlaceDecode()  # (the in-place decode kernel is Triton: without it, the plain torch core)
     return TorchLinearAttention()
 
 

@@ -113,8 +113,9 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
     gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
     fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    rows = min(counts.concurrent_seqs, facts.prefill_token_budget)  # a prefill may hold every running sequence
     generate = max(max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes,
-                                                      fla_sequences=fla, paged=True),
+                                                      fla_sequences=fla, paged=True, sequences=rows),
                        sizing.linear_decode_peak_bytes(shape, counts.concurrent_seqs + 1, dtype_bytes,
                                                        facts.targets_cuda))
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab)

@@ -99,6 +99,9 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     stacked = facts.stacked_qkv_bytes
     # The GPU path and decode bursts add a scratch state slot for idle and padding rows (rollout/engine.py).
     slots = config.max_num_seqs + (1 if facts.uses_flashinfer or config.decode_burst_steps > 1 else 0)
+    # A prefill may hold every running sequence (short rows: chunked tails, re-prefills after preemption), each
+    # with its gathered and rebuilt states in the torch core (sizing.linear_core_peak_bytes, paged).
+    prefill_rows = min(counts.concurrent_seqs, config.prefill_token_budget)
     return [
         buffer(f"{stage_name}.kv_cache", "kv_cache",
                sizing.kv_cache_bytes(shape, counts.num_pages, counts.page_size, dtype_bytes) + stacked
@@ -108,7 +111,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         buffer(f"{stage_name}.workspace", "workspace",
                max(sizing.forward_workspace_bytes(shape, config.prefill_token_budget, dtype_bytes,
                                                   fla_sequences=counts.concurrent_seqs if facts.targets_cuda else 0,
-                                                  paged=True),
+                                                  paged=True, sequences=prefill_rows),
                    sizing.linear_decode_peak_bytes(shape, config.max_num_seqs, dtype_bytes, facts.targets_cuda))
                + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
                (f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs", *facts.student_keys),

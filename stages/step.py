@@ -50,7 +50,8 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     state = (*(() if facts.student_fp32 else (f"{student}.master_weights",)), f"{student}.optimizer_state")
     return [Draft(stage_name, stage_name, "step", (f"{student}.grads", *state), (f"{student}.weights",), (), 1,
                   W.optimizer_work(facts.student_shape.parameter_count(), facts.student_dtype_bytes,
-                                   facts.hardware), frozenset({OPTIMIZER_UPDATE}))]
+                                   4 if facts.fp32_grads else facts.student_dtype_bytes, facts.hardware),
+                  frozenset({OPTIMIZER_UPDATE}))]
 
 
 def run_settings(config: Config) -> dict[str, object]:

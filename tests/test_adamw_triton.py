@@ -219,7 +219,7 @@ def test_streamed_fused_matches_plain_fused():
 def test_auto_picks_foreach_on_cpu_state():
     """fused=None takes the foreach path for CPU state (the reference), so CPU runs never depend on triton."""
     optimizer = MasterAdamW([("w", torch.nn.Parameter(torch.zeros(3)))], lr=1.0)
-    assert optimizer._runs_fused(["w"]) is False
+    assert optimizer._runs_fused(["w"], {"w": torch.zeros(3)}) is False
 
 
 @pytest.mark.gpu
@@ -239,3 +239,18 @@ def test_cuda_fused_matches_foreach_bf16(grad_dtype):
         expected = foreach.masters[name]
         torch.testing.assert_close(fused.masters[name], expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
         torch.testing.assert_close(fused_params[name].float(), foreach_params[name].float(), rtol=2**-7, atol=0)
+
+
+def test_a_non_contiguous_parameter_takes_the_foreach_path():
+    """Fails if the fused path is taken for a transposed (non-contiguous) fp32 parameter: the kernels walk flat
+    storage, so it would raise (or update elements in the wrong order) where the foreach path steps fine."""
+    def transposed_param():
+        weight = torch.randn(48, 33, generator=torch.Generator().manual_seed(5), device=DEVICE)
+        return torch.nn.Parameter(weight.T)  # a view: storage order is not the tensor's
+
+    fused_param, foreach_param = transposed_param(), transposed_param()
+    fused = MasterAdamW([("w", fused_param)], **HYPER, fused=True)
+    foreach = MasterAdamW([("w", foreach_param)], **HYPER, fused=False)
+    grad = torch.randn(33, 48, generator=torch.Generator().manual_seed(6), device=DEVICE)
+    assert fused.step(1e-3, {"w": grad}) and foreach.step(1e-3, {"w": grad})
+    assert torch.equal(fused_param, foreach_param)

@@ -267,12 +267,13 @@ def test_hybrid_decode_step_peak_is_covered_by_the_rollout_workspace(family, row
     assert trace.peak() <= planned <= 1.15 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
 
 
-@pytest.mark.parametrize("family, lengths", [("qwen3.5-0.8b", (100, 30, 200, 70)), ("qwen3.5-4b", (64, 9))])
+@pytest.mark.parametrize("family, lengths", [("qwen3.5-0.8b", (100, 30, 200, 70)), ("qwen3.5-4b", (64, 9)),
+                                             ("qwen3.5-0.8b", (8,) * 64)])
 def test_hybrid_prefill_peak_is_covered_by_the_rollout_workspace(family, lengths):
     """If this fails, a rollout prefill through the batched torch core (rows continuing from their slots: gathered
     states, the scan building every row's state, the final states written back) peaks above the plan's
     linear_core_peak_bytes(paged), or the plan holds far more than it uses (50%: the plan also counts the layer's
-    input, norm and in_proj outputs, which this call does not allocate)."""
+    input, norm and in_proj outputs, which this call does not allocate; 2x for 64 short rows)."""
     from opdgraph.models.attention_metadata import PagedMetadata
     from opdgraph.models.linear_attention_backend import TorchLinearAttention
     from opdgraph.models.linear_state import LinearLayerState
@@ -292,7 +293,23 @@ def test_hybrid_prefill_peak_is_covered_by_the_rollout_workspace(family, lengths
     with torch.no_grad(), AllocationTrace() as trace:
         TorchLinearAttention().paged(mixed, layer.conv1d.weight, decay, beta, dims, meta=meta, state=state)
     planned = sizing.linear_core_peak_bytes(shape, tokens, 2, rows, paged=True)
-    assert trace.peak() <= planned <= 1.5 * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
+    slack = 1.5 if rows < 16 else 2.0  # 64 rows of 8 tokens: the padded-token bound counts a whole chunk per row
+    assert trace.peak() <= planned <= slack * trace.peak(), f"{family}: {trace.peak():,} vs {planned:,}"
+
+
+def test_the_rollout_workspace_plans_a_prefill_of_every_running_sequence():
+    """If this fails, the plan sizes a CPU rollout's prefill for fewer rows than may share it (the scan group's
+    bound instead of every running sequence): many short rows (chunked tails, re-prefills after preemption) then
+    hold more delta-rule states than planned (the test above measures that peak for 64 rows of 8 tokens)."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config.loader import load_pipeline
+
+    cfg = load_pipeline(str(pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "qwen35_0b8_from_4b.toml"), ["pipeline.device=cpu"])
+    plan, rollout = compile_plan(cfg), cfg.stage("rollout").config
+    shape = cfg.shapes[cfg.model_with_role("student")]
+    rows = min(plan.facts["rollout.concurrent_seqs"], rollout.prefill_token_budget)
+    needed = sizing.linear_core_peak_bytes(shape, rollout.prefill_token_budget, 2, rows, paged=True)
+    assert plan.buffers["rollout.workspace"].bytes >= needed
 
 
 def test_linear_chunk_mirrors_the_delta_rule():

@@ -112,20 +112,41 @@ def chunk_outputs(terms, state, updates):
     return terms[3] @ state + terms[2] @ updates
 
 
+class IndexCache:
+    """Index tensors built from one packed batch's bounds (chunk layouts, conv rows), shared by the layers of one
+    forward and its recomputation in backward. Owned by a backend (so by its model: no module-level cache holds
+    device memory), it keeps the latest batch's entries only: `start(bounds)` drops them when another batch comes."""
+
+    def __init__(self):
+        self._bounds: tuple[int, ...] | None = None
+        self._entries: dict = {}
+
+    def start(self, bounds: tuple[int, ...]) -> "IndexCache":
+        if bounds != self._bounds:
+            self._bounds, self._entries = bounds, {}
+        return self
+
+    def get(self, key: tuple, build):
+        if key not in self._entries:
+            self._entries[key] = build()
+        return self._entries[key]
+
+
 def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS,
-                   keep_states: bool = True):
+                   keep_states: bool = True, cache: IndexCache | None = None):
     """N packed sequences (module docstring) -> (out [T, H, Dv], final states [N, H, Dk, Dv]); states None means
     zeros. No state crosses a boundary: each sequence's chunks scan from its own initial state. Consecutive
     sequences run together in groups (scan_groups), so at most max(16, chunks) states are scanned at once.
-    keep_states False (training, teacher scoring): no final states (None), and none built past a sequence's end."""
+    keep_states False (training, teacher scoring): no final states (None), and none built past a sequence's end.
+    cache: where the chunk layouts of these bounds are kept between calls (None: built each call)."""
     groups = scan_groups(tuple(bounds), chunk_tokens)
     if len(groups) == 1:
-        return _chunked_group(q, k, v, g, beta, bounds, states, chunk_tokens, keep_states)
+        return _chunked_group(q, k, v, g, beta, bounds, states, chunk_tokens, keep_states, cache)
     outputs, finals = [], []
     for first, last in groups:  # sequences first ... last - 1
         span = slice(bounds[first] - bounds[0], bounds[last] - bounds[0])
         out, final = _chunked_group(*(x[span] for x in (q, k, v, g, beta)), bounds[first:last + 1],
-                                    None if states is None else states[first:last], chunk_tokens, keep_states)
+                                    None if states is None else states[first:last], chunk_tokens, keep_states, cache)
         outputs.append(out)
         finals.append(final)
     return torch.cat(outputs), torch.cat(finals) if keep_states else None
@@ -152,11 +173,14 @@ def scan_groups(bounds: tuple[int, ...], chunk_tokens: int) -> list[tuple[int, i
     return groups
 
 
-def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: int, keep_states: bool):
+def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: int, keep_states: bool,
+                   cache: IndexCache | None):
     """chunked_packed of one scan group: every chunk at once, then the scan over the chunk index."""
     length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    layout = chunk_layout(tuple(bounds), chunk_tokens, heads, q.device)
+    key = ("chunk_layout", tuple(bounds), chunk_tokens, heads, q.device)
+    layout = (cache.get(key, lambda: chunk_layout(*key[1:])) if cache is not None
+              else chunk_layout(tuple(bounds), chunk_tokens, heads, q.device))
     size = layout.chunk_tokens
     if states is None and keep_states:
         states = q.new_zeros(len(bounds) - 1, heads, key_dim, value_dim)
@@ -202,9 +226,8 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
     return out.view(-1, value_dim).index_select(0, layout.destination).view(length, heads, value_dim), final
 
 
-@functools.lru_cache(maxsize=16)
 def chunk_layout(bounds: tuple[int, ...], chunk_tokens: int, heads: int, device) -> ChunkLayout:
-    """The layers of one forward (and the recomputation in backward) share their packed bounds: one layout."""
+    """One scan group's layout (an IndexCache keeps it for the layers of one forward)."""
     return ChunkLayout(list(bounds), chunk_tokens, heads, device)
 
 

@@ -41,7 +41,8 @@ def _conv_silu(mixed: torch.Tensor, window: torch.Tensor | None, weight: torch.T
     return F.silu(out), inputs[inputs.shape[0] - (kernel - 1):]
 
 
-def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight: torch.Tensor, bounds: list[int]):
+def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight: torch.Tensor, bounds: list[int],
+                      cache: delta_rule.IndexCache | None = None):
     """The causal depthwise conv of N packed sequences in one conv1d: each sequence's K-1 window rows (zeros: a
     sequence start) go before its tokens, so no output reads another sequence's inputs -> (SiLU(conv) [T, C], each
     sequence's last K-1 inputs [N, K-1, C])."""
@@ -49,7 +50,9 @@ def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight:
     sequences = len(bounds) - 1
     if windows is None:
         windows = mixed.new_zeros(sequences, kernel - 1, channels)
-    output_rows, last_rows = _conv_rows(tuple(bounds), kernel, mixed.device)
+    key = ("conv_rows", tuple(bounds), kernel, mixed.device)
+    output_rows, last_rows = (cache.get(key, lambda: _conv_rows(*key[1:])) if cache is not None
+                              else _conv_rows(*key[1:]))
     windows = windows.to(mixed.dtype)
     pieces = [piece for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
               for piece in (windows[index], mixed[start - bounds[0]:end - bounds[0]])]
@@ -58,7 +61,6 @@ def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight:
     return F.silu(out.index_select(1, output_rows).T), inputs[last_rows]
 
 
-@functools.lru_cache(maxsize=16)
 def _conv_rows(bounds: tuple[int, ...], kernel: int, device):
     """In [window_0; tokens_0; window_1; tokens_1; ...]: the conv output rows of the tokens [T] and the rows of each
     sequence's last K-1 inputs [N, K-1] (host-side numbers shared by the layers of one forward)."""
@@ -87,15 +89,16 @@ def _heads(convolved: torch.Tensor, dims):
 
 
 def core_packed(mixed, weight, decay, beta, dims, bounds: list[int], windows=None, states=None,
-                keep_states: bool = True):
+                keep_states: bool = True, cache: delta_rule.IndexCache | None = None):
     """(out [T, Hv, Dv] in mixed's dtype, conv windows [N, K-1, C] and delta-rule states [N, Hv, Dk, Dv] after
     them) of N packed sequences, each from its own window and state (None: zeros, a sequence start); without
-    keep_states (training, scoring) the states come back None."""
-    convolved, windows = _conv_silu_packed(mixed, windows, weight, bounds)
+    keep_states (training, scoring) the states come back None. cache: the backend's IndexCache (None: none)."""
+    cache = cache.start(tuple(bounds)) if cache is not None else None
+    convolved, windows = _conv_silu_packed(mixed, windows, weight, bounds, cache)
     q, k, v = _heads(convolved, dims)
     del convolved
     out, states = delta_rule.chunked_packed(q, k, v, decay.float(), beta.float(), bounds, states,
-                                            keep_states=keep_states)
+                                            keep_states=keep_states, cache=cache)
     return out.to(mixed.dtype), windows, states
 
 
@@ -107,8 +110,8 @@ def core_one_sequence(mixed, weight, decay, beta, dims, window=None, state=None)
     return out.to(mixed.dtype), window, state
 
 
-def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
-    return core_packed(mixed, weight, decay, beta, dims, bounds, keep_states=False)[0]
+def packed_forward(mixed, weight, decay, beta, bounds: list[int], dims, cache=None) -> torch.Tensor:
+    return core_packed(mixed, weight, decay, beta, dims, bounds, keep_states=False, cache=cache)[0]
 
 
 def packed_forward_per_sequence(mixed, weight, decay, beta, bounds: list[int], dims) -> torch.Tensor:
@@ -181,8 +184,11 @@ def single_token_rows(mixed: torch.Tensor, meta: PagedMetadata) -> bool:
 class TorchLinearAttention:
     """The plain-torch core for any device: the default of every model and the reference of faster ones."""
 
+    def __init__(self):
+        self.index_cache = delta_rule.IndexCache()  # the latest packed batch's index tensors, for its layers
+
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
-        core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims)
+        core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims, cache=self.index_cache)
         return recomputed(core, mixed, weight, decay, beta)
 
     @torch.no_grad()
@@ -215,7 +221,7 @@ class TorchLinearAttention:
         for row in rows:
             packed_bounds.append(packed_bounds[-1] + lengths[row])
         out[tokens], windows, recurrent = core_packed(mixed[tokens], weight, decay[tokens], beta[tokens], dims,
-                                                      packed_bounds, windows, recurrent)
+                                                      packed_bounds, windows, recurrent, cache=self.index_cache)
         state.conv[row_slots] = windows.to(state.conv.dtype)
         state.recurrent[row_slots] = recurrent.to(state.recurrent.dtype)
         return out

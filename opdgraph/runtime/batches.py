@@ -217,8 +217,9 @@ def _greedy(samples: list[Sample], budgets: dict[str, int]) -> list[list[Sample]
 def _too_large(sample: Sample, name: str, amount: int, budget: int) -> str:
     if name == "tokens":
         return (f"a sample of {amount} tokens (prompt {len(sample.prompt_ids)} + response "
-                f"{len(sample.response_ids)}) exceeds teacher_score.micro_batch_tokens = {budget}; "
-                "raise micro_batch_tokens to at least data.max_prompt_tokens + rollout.max_new_tokens")
+                f"{len(sample.response_ids)}) exceeds the plan's train.micro_batch_tokens = {budget} (its sequences "
+                "per micro-batch x data.max_prompt_tokens + any gold prefix bound + max_new_tokens): a prompt or "
+                "response longer than its limit; check those limits against the data")
     fact = BUDGET_FACTS.get(name, f"{name.removeprefix('teacher:')}.forward_tokens")
     return (f"a sample takes {amount} of the micro-batch budget {fact} = {budget} (the plan's bound per sequence "
             "is exceeded: a prompt longer than its max_prompt_tokens or a gold prefix longer than its maximum); "

@@ -92,4 +92,4 @@ def run_rollout(config, inputs) -> None:
     })
     if sft is not None:
         run.record.update({"gold_prefix_tokens": gold_counts[1],
-                                "gold_prefix_length_mean": gold_counts[1] / global_sequences})
+                           "gold_prefix_length_mean": gold_counts[1] / global_sequences})

@@ -47,13 +47,13 @@ this rank's rows, so a run resumes on any number of ranks.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Callable, Iterable, Mapping
 
 import torch
 
 from opdgraph.kernels import adamw as fused_adamw
+from opdgraph.kernels import triton_imports
 
 _BUCKET_ELEMENTS = 1 << 26
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -151,11 +151,17 @@ class MasterAdamW:
         second = [math.sqrt(1.0 - beta2 ** steps[name]) for name in names]
         return step_sizes, second
 
-    def _runs_fused(self, names: list[str]) -> bool:
-        """Whether a bucket takes the Triton path; asked inside `staging`, where the state is when it is read."""
-        if self.fused is not None:
-            return self.fused
-        return self.masters[names[0]].is_cuda and _triton_available()
+    def _runs_fused(self, names: list[str], grads: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a bucket takes the Triton path; asked inside `staging`, where the state is when it is read. The
+        kernels walk flat contiguous tensors: a bucket holding a non-contiguous master, moment, gradient or
+        parameter (a transposed view, say) takes the foreach path, which reads any layout."""
+        if self.fused is False:
+            return False
+        contiguous = all(tensor.is_contiguous() for name in names for tensor in (
+            self.masters[name], self.exp_avg[name], self.exp_avg_sq[name], grads[name], _local(self.params[name])))
+        if self.fused:
+            return contiguous
+        return contiguous and self.masters[names[0]].is_cuda and triton_imports()
 
     def _kernel_arguments(self, names: list[str], grads, steps: dict[str, int], lr: float) -> dict:
         """The tensors and per-tensor scalars of opdgraph.kernels.adamw, the same values `_adamw` uses."""
@@ -170,7 +176,7 @@ class MasterAdamW:
     def _update(self, names: list[str], grads: Mapping[str, torch.Tensor], lr: float) -> None:
         for name in names:
             self.steps[name] += 1
-        if self._runs_fused(names):
+        if self._runs_fused(names, grads):
             params = [_local(self.params[name]) if self._has_separate_master(name) else None for name in names]
             fused_adamw.update(**self._kernel_arguments(names, grads, self.steps, lr), params=params)
             return
@@ -224,7 +230,7 @@ class MasterAdamW:
         on copies (foreach path), or one for the whole bucket (fused path, computed in registers)."""
         flags = []
         with self.staging(bucket, write_back=False):
-            if self._runs_fused(bucket):
+            if self._runs_fused(bucket, grads):
                 return [fused_adamw.check(**self._kernel_arguments(bucket, grads, steps, lr)) == 0]
             for piece in _pieces(bucket, self.masters, _CHECK_ELEMENTS):
                 def flat(tensors, copy):
@@ -284,15 +290,6 @@ class MasterAdamW:
         for name in expected_masters:
             self.masters[name].copy_(_shard_of(self.params[name], state["master"][name]))
             _local(self.params[name]).copy_(self.masters[name])
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401  (installed is not enough: a broken install falls back to foreach)
-    except ImportError:
-        return False
-    return True
 
 
 def _pieces(names: list[str], tensors: dict[str, torch.Tensor], limit: int) -> Iterable[list[tuple[str, slice]]]:
