@@ -80,6 +80,44 @@ def step_settings(config: Config) -> dict[str, int]:
     return {"micro_batch_tokens": config.micro_batch_tokens}
 
 
+def check_shapes(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks against the rollout's responses (opdgraph.config.checks), read by name from its step
+    settings: the teacher scores every position the student may reach, within the scoring model's positions (after
+    the teacher's own prompt, when it has one), and a micro-batch holds at least one whole sequence."""
+    if "max_new_tokens" not in view.step_settings:  # no rollout: reported by the graph check
+        return []
+    problems = []
+    rollout, new_tokens = view.step_settings["max_new_tokens"]
+    prompt_tokens = view.data.max_prompt_tokens
+    needed = prompt_tokens + new_tokens
+    scorer = config.model
+    limit = view.max_positions(scorer)
+    prompt_limit = config.max_prompt_tokens
+    if prompt_limit and limit and prompt_limit + new_tokens > limit:
+        problems.append(problem(f"{stage_name}.max_prompt_tokens",
+                                f"{stage_name}.max_prompt_tokens + {rollout}.max_new_tokens = "
+                                f"{prompt_limit + new_tokens} exceeds the scoring model's "
+                                f"positions ([models.{scorer}] max_position_embeddings {limit}); the teacher's "
+                                f"prompts may take at most {limit - new_tokens} tokens"))
+    elif limit and needed > limit:  # the teacher scores every position the student may reach
+        problems.append(problem(f"{rollout}.max_new_tokens",
+                                f"data.max_prompt_tokens + {rollout}.max_new_tokens = {needed} exceeds "
+                                f"the scoring model's positions ([models.{scorer}] max_position_embeddings "
+                                f"{limit}); set {rollout}.max_new_tokens to at most "
+                                f"{limit - prompt_tokens}"))
+    if config.micro_batch_tokens < needed:
+        problems.append(problem(f"{stage_name}.micro_batch_tokens",
+                                f"a micro-batch of {config.micro_batch_tokens} tokens cannot hold one whole "
+                                f"sequence of data.max_prompt_tokens + {rollout}.max_new_tokens = {needed} "
+                                f"tokens; raise micro_batch_tokens to at least {needed}"))
+    return problems
+
+
+def run_settings(config: Config) -> dict[str, object]:
+    """The whole table, for other kinds' config checks that need every teacher's (sft's gold prefix room)."""
+    return {"teacher_score_config": config}
+
+
 def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:
     """The tokens of one of this teacher's forwards: a budget the micro-batch packer keeps (runtime/batches.py)."""
     return {f"{stage_name}.forward_tokens": facts.teacher_micro_batch_tokens(facts.teacher_stage(stage_name))}
