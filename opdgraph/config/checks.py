@@ -1,7 +1,8 @@
 """Checks that need more than one field: model roles and references, the stage graph, the model shapes and
 vocabularies, the data files; then each stage kind's own checks against the rest, which live in its module
-(stages/<kind>.py's `check_shapes` and `check_pipeline` hooks: rollout's stop tokens and lengths, teacher_score's
-prompt limit and micro-batch, eval's lengths and prompt files, sft's gold prefix, the loss's estimator and kernel).
+(stages/<kind>.py's `check_stages`, `check_shapes` and `check_pipeline` hooks: how the teacher stages combine,
+rollout's stop tokens and lengths, teacher_score's prompt limit and micro-batch, eval's lengths and prompt files,
+sft's gold prefix, the loss's estimator and kernel).
 
 The checks here are generic: none asks which kind a stage is, only what its kind declares (the Config fields that
 name a model and the role that model needs, what it reads and writes) and what its hooks return. They run after
@@ -17,7 +18,6 @@ from __future__ import annotations
 from opdgraph.config.errors import did_you_mean
 from opdgraph.config.fields import field_problems
 from opdgraph.config.paths import missing_file_problems
-from opdgraph.config.teacher_checks import check_teacher_stages
 from opdgraph.graph import build_stage_graph, graph_problems
 from opdgraph.model_config_check import config_problems
 from opdgraph.model_shapes import ModelShape, ShapeError, shape_from_hf_config, shape_from_path
@@ -30,11 +30,13 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     """Append every cross-section problem (via `problem(path, message)`) and return the resolved model shapes."""
     _check_roles(models, problem, problems)
     _check_stage_models(models, stages, problem, problems)
-    check_teacher_stages(models, data, stages, problem, problems)
-    _check_graph(stages, problem, problems)
-    shapes = _resolve_shapes(models, base_dir, problem, problems)
-    _check_vocabularies(models, shapes, problem, problems)
+    shape_problems: list = []  # reported after the graph's: a shape matters once the stages fit together
+    shapes = _resolve_shapes(models, base_dir, problem, shape_problems)
     view = pipeline_view(pipeline, models, data, shapes, base_dir, stages)
+    _check_kind_hooks(view, stages, problem, problems)
+    _check_graph(stages, problem, problems)
+    problems += shape_problems
+    _check_vocabularies(models, shapes, problem, problems)
     _check_stage_hooks("check_shapes", view, stages, problem, problems)
     _check_data_files(data, base_dir, problem, problems)
     _check_stage_hooks("check_pipeline", view, stages, problem, problems)
@@ -128,6 +130,17 @@ def _check_vocabularies(models, shapes, problem, problems):
                                     f"the teacher's vocabulary ({shapes[teacher].vocab}) must cover the student's "
                                     f"({shapes[student].vocab}, [models.{student}]); extra teacher columns are "
                                     f"dropped, missing ones cannot be made up"))
+
+
+def _check_kind_hooks(view, stages, problem, problems):
+    """Each kind's checks across all of its stages: its `check_stages(configs, view, problem)` (stages/<kind>.py,
+    configs: its stages' Configs by name in table order), called for every kind in registry order, also one with no
+    stage (teacher_score: a teacher model no teacher stage scores with)."""
+    for kind in KIND_NAMES:
+        check = getattr(stage_module(kind), "check_stages", None)
+        if check is not None:
+            configs = {name: stage.config for name, stage in stages.items() if stage.kind == kind}
+            problems.extend(check(configs, view, problem))
 
 
 def _check_stage_hooks(hook, view, stages, problem, problems):
