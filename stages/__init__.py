@@ -24,14 +24,13 @@ the memory behind a buffer it allocates, at the plan's release) and `before_trai
 evaluation before the first step).
 Its config-time part (opdgraph.config): `resolve_defaults(stage_name, config, data, settings) -> config` fills
 defaults that come from other sections once every table is typed (eval's files and max_new_tokens; `settings`: the
-step settings by name); `check_stages(configs, view, problem)` (checks across all stages of the kind, `configs`
-their Configs by name, called also when there is none: teacher_score's), `check_shapes(stage_name, config, view,
-problem)` (lengths against the models' positions and vocabularies) and `check_pipeline(stage_name, config, view,
-problem)` (anything else across tables) return its Problems, made by `problem(path, message)`, seeing the rest of
-the pipeline only through a `PipelineView`: the sections, the model shapes and the published settings by name
-(`every_setting` for a setting several stages publish, every teacher's table). They run kinds in KIND_NAMES order, a
-kind's stages in table order. So no kind is tested by name outside its own module: a new kind touches its module and
-KIND_NAMES.
+step settings by name); `check_pipeline(stage_name, config, view, problem)` checks one stage against the rest
+(lengths against the models' positions, files, what another kind's settings allow) and `check_stages(configs,
+view, problem)` all stages of the kind at once (`configs`: their Configs by name, in table order; called also when
+there is none: teacher_score's), each returning Problems made by `problem(path, message)`. They see the rest of the
+pipeline only through a `PipelineView`: the sections, the model shapes and the published settings by name
+(`every_setting` for one several stages publish, every teacher's table). So no kind is tested by name outside its
+own module: a new kind touches its module and KIND_NAMES.
 The data source (`data`, configured by `[data]`, SOURCE_KINDS) is planned and run the same way, from stages/data.py.
 """
 

@@ -173,7 +173,13 @@ def resolve_defaults(stage_name: str, config: Config, data, settings: dict) -> C
     return config
 
 
-def check_shapes(stage_name: str, config: Config, view, problem) -> list:
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks against the other tables (opdgraph.config.checks): eval's answers fit, and it has prompt
+    files that exist."""
+    return _check_lengths(stage_name, config, view, problem) + _check_files(stage_name, config, view, problem)
+
+
+def _check_lengths(stage_name: str, config: Config, view, problem) -> list:
     """An eval response must fit where eval puts it: whole in one scoring micro-batch (teacher_score's), and within
     the positions of the student and the teacher (both answer the eval prompts). Eval prompts are at most
     data.max_prompt_tokens (the loader rejects longer ones) and eval's KV pools are sized from these same numbers
@@ -190,7 +196,8 @@ def check_shapes(stage_name: str, config: Config, view, problem) -> list:
         scorer_name, limit = scorer
         problems.append(problem(f"{stage_name}.max_new_tokens", _too_long(
             stage_name, new_tokens, prompt_tokens,
-            f"a scoring micro-batch ({scorer_name}.micro_batch_tokens = {limit})", limit - prompt_tokens, f"raise {scorer_name}.micro_batch_tokens to at least {needed}")))
+            f"a scoring micro-batch ({scorer_name}.micro_batch_tokens = {limit})", limit - prompt_tokens,
+            f"raise {scorer_name}.micro_batch_tokens to at least {needed}")))
     for model, model_config in view.models.items():
         role = model_config.role
         limit = view.max_positions(model)
@@ -208,7 +215,7 @@ def _too_long(name: str, new_tokens: int, prompt_tokens: int, container: str, mo
             f"truncated); {fix}")
 
 
-def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+def _check_files(stage_name: str, config: Config, view, problem) -> list:
     """Eval has prompts to answer, and every prompt file of its own (not data.eval_files, which the generic data
     check covers) exists before anything runs (the runtime reads them only after loading the models)."""
     eval_files = view.data.eval_files

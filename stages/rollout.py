@@ -121,7 +121,7 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     ]
 
 
-def check_shapes(stage_name: str, config: Config, view, problem) -> list:
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
     """Config-time checks against the sampling model (opdgraph.config.checks): the stop tokens lie within its
     vocabulary, and the longest prompt plus a whole response fits its positions."""
     if config.model not in view.shapes:

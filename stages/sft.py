@@ -153,12 +153,12 @@ def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
     gold_prefix_max_tokens tokens before the continuation), so the limits the other kinds check for
     data.max_prompt_tokens + max_new_tokens are checked here again with the prefix; a limit the plain check already
     reports is not reported twice. The other kinds' settings are read by name (rollout's max_new_tokens, every
-    teacher stage's table, every eval's max_new_tokens); the first sft stage checks for the pipeline."""
-    sft_stages = [name for name, _ in view.every_setting["sft"]]
-    if stage_name != sft_stages[0]:
-        return []
-    problems = [problem(extra, f"[{extra}] is a second sft stage beside [{stage_name}]; a pipeline places one gold "
-                               f"prefix: keep one sft table") for extra in sft_stages[1:]]
+    teacher stage's table, every eval's max_new_tokens); a second sft stage is itself the problem."""
+    first = view.every_setting["sft"][0][0]  # every sft stage publishes its table, in table order
+    if stage_name != first:
+        return [problem(stage_name, f"[{stage_name}] is a second sft stage beside [{first}]; a pipeline places one "
+                                    f"gold prefix: keep one sft table")]
+    problems = []
     if not view.pipeline.fuse_training:
         problems.append(problem("pipeline.fuse_training", (
             f"[{stage_name}] trains in the fused micro-batch loop, on the student forward the loss runs; set "

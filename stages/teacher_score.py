@@ -173,7 +173,7 @@ def _check_combination(route, teachers, problem, problems) -> None:
             f"{sum(weighted.values()):g}")))
 
 
-def check_shapes(stage_name: str, config: Config, view, problem) -> list:
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
     """Config-time checks against the rollout's responses (opdgraph.config.checks), read by name from its step
     settings: the teacher scores every position the student may reach, within the scoring model's positions (after
     the teacher's own prompt, when it has one), and a micro-batch holds at least one whole sequence."""

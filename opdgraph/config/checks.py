@@ -1,16 +1,17 @@
 """Checks that need more than one field: model roles and references, the stage graph, the model shapes and
 vocabularies, the data files; then each stage kind's own checks against the rest, which live in its module
-(stages/<kind>.py's `check_stages`, `check_shapes` and `check_pipeline` hooks: how the teacher stages combine,
-rollout's stop tokens and lengths, teacher_score's prompt limit and micro-batch, eval's lengths and prompt files,
-sft's gold prefix, the loss's estimator and kernel).
+(stages/<kind>.py's `check_stages` and `check_pipeline` hooks: how the teacher stages combine, rollout's stop
+tokens and lengths, teacher_score's prompt limit and micro-batch, eval's lengths and prompt files, sft's gold
+prefix, the loss's estimator and kernel).
 
 The checks here are generic: none asks which kind a stage is, only what its kind declares (the Config fields that
 name a model and the role that model needs, what it reads and writes) and what its hooks return. They run after
 every section is typed, so they see well-typed values; a stage's hooks see the rest of the pipeline through a
-stages.PipelineView (the sections, the model shapes, every stage's published settings by name), kinds in registry
-order and a kind's stages in table order. Each problem names both ends (the stage and the model it references, the
-reader and the missing producer, the student and the teacher vocabularies). An inline model config is checked key
-by key (opdgraph.model_config_check, the check `run` makes too), each problem at the TOML line of its key.
+stages.PipelineView (the sections, the model shapes, every stage's published settings by name). The order they find
+problems in does not matter: a ConfigError lists them in file order. Each problem names both ends (the stage and the
+model it references, the reader and the missing producer, the student and the teacher vocabularies). An inline model
+config is checked key by key (opdgraph.model_config_check, the check `run` makes too), each problem at the TOML line
+of its key.
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ def cross_check(pipeline, models, data, stages, base_dir, problem, problems) -> 
     """Append every cross-section problem (via `problem(path, message)`) and return the resolved model shapes."""
     _check_roles(models, problem, problems)
     _check_stage_models(models, stages, problem, problems)
-    shape_problems: list = []  # reported after the graph's: a shape matters once the stages fit together
-    shapes = _resolve_shapes(models, base_dir, problem, shape_problems)
+    _check_graph(stages, problem, problems)
+    shapes = _resolve_shapes(models, base_dir, problem, problems)
+    _check_vocabularies(models, shapes, problem, problems)
+    _check_data_files(data, base_dir, problem, problems)
     view = pipeline_view(pipeline, models, data, shapes, base_dir, stages)
     _check_kind_hooks(view, stages, problem, problems)
-    _check_graph(stages, problem, problems)
-    problems += shape_problems
-    _check_vocabularies(models, shapes, problem, problems)
-    _check_stage_hooks("check_shapes", view, stages, problem, problems)
-    _check_data_files(data, base_dir, problem, problems)
-    _check_stage_hooks("check_pipeline", view, stages, problem, problems)
+    _check_stage_hooks(view, stages, problem, problems)
     _check_model_kernels(pipeline, models, problem, problems)
     return shapes
 
@@ -143,14 +141,13 @@ def _check_kind_hooks(view, stages, problem, problems):
             problems.extend(check(configs, view, problem))
 
 
-def _check_stage_hooks(hook, view, stages, problem, problems):
-    """Each stage's own checks against the rest of the pipeline: its kind's `hook(stage_name, config, view)`
-    (stages/<kind>.py), kinds in registry order (KIND_NAMES), a kind's stages in table order."""
-    for kind in KIND_NAMES:
-        check = getattr(stage_module(kind), hook, None)
-        for name, stage in stages.items():
-            if check is not None and stage.kind == kind:
-                problems.extend(check(name, stage.config, view, problem))
+def _check_stage_hooks(view, stages, problem, problems):
+    """Each stage's own checks against the rest of the pipeline: its kind's `check_pipeline(stage_name, config, view,
+    problem)` (stages/<kind>.py), in table order."""
+    for name, stage in stages.items():
+        check = getattr(stage_module(stage.kind), "check_pipeline", None)
+        if check is not None:
+            problems.extend(check(name, stage.config, view, problem))
 
 
 def _check_data_files(data, base_dir, problem, problems):
