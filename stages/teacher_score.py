@@ -2,6 +2,8 @@
 
 Reads `responses`, writes `teacher_hidden` (final-norm hidden states; the loss applies the teacher's lm_head chunk by
 chunk, so full teacher logits never exist). micro_batch_tokens also sets the fused training micro-batch.
+Its config checks (opdgraph.config.checks) cover the teacher stages together (`check_stages`: the models they name,
+routing or a mixture, `frozen`) and each one's lengths (`check_pipeline`).
 """
 
 from __future__ import annotations
