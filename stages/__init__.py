@@ -3,7 +3,8 @@
 The registry is lazy: `stage_kind("loss")` imports `opdgraph.stages.loss` only when asked. Stage modules import
 no torch at import time (their runtime glue imports it inside functions), so the compiler stays torch-free.
 A stage module defines `Config` (attrs frozen, kw_only, help on every field), `READS` and `WRITES` (value names the
-stage graph is built from) and `MODEL_FIELDS` (Config fields that name a `[models.<name>]` entry).
+stage graph is built from) and `MODEL_FIELDS` (Config fields that name a `[models.<name>]` entry; optionally
+`MODEL_ROLES`, the role such a model must have: rollout samples with the student).
 What one stage of the kind reads and writes may depend on its name and on the other stages (`[teacher_score.math]`
 writes `teacher_hidden.math`, the loss reads every teacher's): an optional `values(stage_name, config, stages) ->
 (reads, writes)` says so; `stage_nodes` builds the stage graph's nodes from it.
@@ -21,6 +22,15 @@ opdgraph.runtime.stage_inputs.StageInputs (those models, the plan buffers it dec
 run services), never on the whole run context; optionally `release_hooks(stage_name, config, models)` (what drops
 the memory behind a buffer it allocates, at the plan's release) and `before_training(step, config, inputs)` (eval's
 evaluation before the first step).
+Its config-time part (opdgraph.config): `resolve_defaults(stage_name, config, data, settings) -> config` fills
+defaults that come from other sections once every table is typed (eval's files and max_new_tokens; `settings`: the
+step settings by name); `check_pipeline(stage_name, config, view, problem)` checks one stage against the rest
+(lengths against the models' positions, files, what another kind's settings allow) and `check_stages(configs,
+view, problem)` all stages of the kind at once (`configs`: their Configs by name, in table order; called also when
+there is none: teacher_score's), each returning Problems made by `problem(path, message)`. They see the rest of the
+pipeline only through a `PipelineView`: the sections, the model shapes and the published settings by name
+(`every_setting` for one several stages publish, every teacher's table). So no kind is tested by name outside its
+own module: a new kind touches its module and KIND_NAMES.
 The data source (`data`, configured by `[data]`, SOURCE_KINDS) is planned and run the same way, from stages/data.py.
 """
 
@@ -50,6 +60,26 @@ class StageKind:
     gathers_teacher: bool
     values: Callable  # (stage_name, config, stages) -> (reads, writes) of one stage of this kind
     micro_batch: bool  # MICRO_BATCH = True: runs once per training micro-batch (the fused loop)
+    model_roles: dict  # MODEL_ROLES: model field -> the role its [models.<name>] entry must have
+
+
+@attrs.frozen(kw_only=True)
+class PipelineView:
+    """What a stage's config checks see of the rest of the pipeline (opdgraph.config.checks), never the other
+    stage tables themselves: settings of other kinds are read by name, as the compiler reads them."""
+
+    pipeline: object  # opdgraph.config.schema.PipelineConfig
+    models: dict  # name -> ModelConfig
+    data: object  # opdgraph.config.schema.DataConfig
+    shapes: dict  # name -> opdgraph.model_shapes.ModelShape (the models whose shape resolved)
+    base_dir: str  # the pipeline file's directory: relative prompt files start there
+    run_settings: dict  # name -> (owning stage, value): named_settings(stages, "run_settings")
+    step_settings: dict  # name -> (owning stage, value): named_settings(stages, "step_settings")
+    every_setting: dict  # name -> ((stage, value), ...): every stage's run and step settings, in table order
+
+    def max_positions(self, model: str) -> int:
+        """The positions of `model` (0 when unknown: its shape did not resolve, or it sets none)."""
+        return self.shapes[model].max_positions if model in self.shapes else 0
 
 
 def stage_module(name: str):
@@ -69,7 +99,7 @@ def stage_kind(name: str) -> StageKind:
                      getattr(module, "plan_buffers", _nothing(list)), getattr(module, "plan_facts", _nothing(dict)),
                      getattr(module, "PERIODIC", False), getattr(module, "GATHERS_TEACHER", False),
                      getattr(module, "values", lambda stage_name, config, stages: (module.READS, module.WRITES)),
-                     getattr(module, "MICRO_BATCH", False))
+                     getattr(module, "MICRO_BATCH", False), dict(getattr(module, "MODEL_ROLES", {})))
 
 
 def named_settings(stages: dict, hook: str) -> dict[str, tuple[str, object]]:
@@ -80,6 +110,19 @@ def named_settings(stages: dict, hook: str) -> dict[str, tuple[str, object]]:
         for key, value in published_settings(stage, hook).items():
             settings.setdefault(key, (name, value))
     return settings
+
+
+def pipeline_view(pipeline, models, data, shapes, base_dir: str, stages: dict) -> PipelineView:
+    """The view of a typed pipeline its stages' config checks get (stage entries by name, in table order)."""
+    every: dict[str, list] = {}
+    for name, stage in stages.items():
+        for hook in ("run_settings", "step_settings"):
+            for key, value in published_settings(stage, hook).items():
+                every.setdefault(key, []).append((name, value))
+    return PipelineView(pipeline=pipeline, models=models, data=data, shapes=shapes, base_dir=base_dir,
+                        run_settings=named_settings(stages, "run_settings"),
+                        step_settings=named_settings(stages, "step_settings"),
+                        every_setting={key: tuple(values) for key, values in every.items()})
 
 
 def published_settings(stage, hook: str = "step_settings") -> dict[str, object]:

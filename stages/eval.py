@@ -14,6 +14,7 @@ import attrs
 from opdgraph import sizing
 from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting
+from opdgraph.config.paths import missing_file_problems
 from opdgraph.drafts import WHOLE_TEACHER, Draft, buffer
 from opdgraph.plan import Buffer
 
@@ -163,9 +164,76 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     return buffers
 
 
+def resolve_defaults(stage_name: str, config: Config, data, settings: dict) -> Config:
+    """At load (opdgraph.config.loader): files default to data.eval_files, max_new_tokens to the rollout's (its
+    step setting, by name)."""
+    if config.max_new_tokens is None and "max_new_tokens" in settings:
+        config = attrs.evolve(config, max_new_tokens=settings["max_new_tokens"][1])
+    if config.files is None:
+        config = attrs.evolve(config, files=list(data.eval_files))
+    return config
+
+
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks against the other tables (opdgraph.config.checks): eval's answers fit, and it has prompt
+    files that exist."""
+    return _check_lengths(stage_name, config, view, problem) + _check_files(stage_name, config, view, problem)
+
+
+def _check_lengths(stage_name: str, config: Config, view, problem) -> list:
+    """An eval response must fit where eval puts it: whole in one scoring micro-batch (teacher_score's), and within
+    the positions of the student and the teacher (both answer the eval prompts). Eval prompts are at most
+    data.max_prompt_tokens (the loader rejects longer ones) and eval's KV pools are sized from these same numbers
+    (opdgraph.counts.eval_counts), so these are the limits. What rollout's own checks already cover (eval answering
+    no longer than rollout) is not reported twice. Rollout's and teacher_score's settings are read by name."""
+    if "max_new_tokens" not in view.step_settings or config.max_new_tokens is None:
+        return []
+    problems = []
+    prompt_tokens, new_tokens = view.data.max_prompt_tokens, config.max_new_tokens
+    needed = prompt_tokens + new_tokens
+    longer_than_rollout = new_tokens > view.step_settings["max_new_tokens"][1]
+    scorer = view.step_settings.get("micro_batch_tokens")  # (the first teacher stage, its micro-batch)
+    if scorer is not None and longer_than_rollout and scorer[1] < needed:
+        scorer_name, limit = scorer
+        problems.append(problem(f"{stage_name}.max_new_tokens", _too_long(
+            stage_name, new_tokens, prompt_tokens,
+            f"a scoring micro-batch ({scorer_name}.micro_batch_tokens = {limit})", limit - prompt_tokens,
+            f"raise {scorer_name}.micro_batch_tokens to at least {needed}")))
+    for model, model_config in view.models.items():
+        role = model_config.role
+        limit = view.max_positions(model)
+        if limit and needed > limit and (role == "teacher" or longer_than_rollout):
+            problems.append(problem(f"{stage_name}.max_new_tokens", _too_long(
+                stage_name, new_tokens, prompt_tokens, f"the {role}'s positions ([models.{model}] "
+                f"max_position_embeddings = {limit})", limit - prompt_tokens, "lower data.max_prompt_tokens")))
+    return problems
+
+
+def _too_long(name: str, new_tokens: int, prompt_tokens: int, container: str, most: int, alternative: str) -> str:
+    fix = f"set {name}.max_new_tokens to at most {most}, or {alternative}" if most > 0 else alternative
+    return (f"{name}.max_new_tokens = {new_tokens} after prompts of up to data.max_prompt_tokens = {prompt_tokens} "
+            f"makes eval sequences of {prompt_tokens + new_tokens} tokens, more than {container} holds (nothing is "
+            f"truncated); {fix}")
+
+
+def _check_files(stage_name: str, config: Config, view, problem) -> list:
+    """Eval has prompts to answer, and every prompt file of its own (not data.eval_files, which the generic data
+    check covers) exists before anything runs (the runtime reads them only after loading the models)."""
+    eval_files = view.data.eval_files
+    if not config.files:
+        return [problem(f"{stage_name}.files" if config.files != eval_files else "data.eval_files",
+                        f"[{stage_name}] has no prompt files to evaluate on: set data.eval_files (or "
+                        f"{stage_name}.files), or remove the [{stage_name}] table")]
+    if config.files == eval_files:
+        return []
+    listed = [(f"{stage_name}.files[{index}]", file) for index, file in enumerate(config.files)]
+    return missing_file_problems(listed, view.base_dir, problem)
+
+
 def run_settings(config: Config) -> dict[str, object]:
-    """The prompt files the run loads for eval (opdgraph.runtime.startup; default: data.eval_files)."""
-    return {"eval_files": config.files}
+    """The prompt files the run loads for eval (opdgraph.runtime.startup; default: data.eval_files), and how long
+    its answers are (sft's config checks: the gold prefix must leave room for the longest)."""
+    return {"eval_files": config.files, "eval_max_new_tokens": config.max_new_tokens}
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

@@ -155,7 +155,7 @@ def _logit_chunk(config: Config, facts: StageFacts) -> tuple[int, str]:
             formula + (" + V_student x (h_student + h_teacher) x 4 (fp32 lm_heads on CPU)" if upcast else ""))
 
 
-def check_pipeline(stage_name: str, config: Config, pipeline, settings: dict, problem) -> list:
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
     """Config-time checks against the other tables (opdgraph.config.checks):
     - sampled_token estimates reverse KL from the sampled token alone: log p_s(y) - log p_t(y) averages to
       KL(p_s || p_t) only when y is drawn from p_s itself, the student's softmax at the loss temperature. A filtered
@@ -164,7 +164,7 @@ def check_pipeline(stage_name: str, config: Config, pipeline, settings: dict, pr
     - The Triton divergence kernel runs on CUDA only; on device = "cpu" it could only fail at the first loss, after
       the models are loaded. device = "auto" is decided on the machine that runs (check_device, at startup)."""
     problems = []
-    rollout = settings.get("rollout_config")  # (the rollout stage, its Config): stages/rollout.py's run setting
+    rollout = view.run_settings.get("rollout_config")  # (the rollout stage, its Config): rollout's run setting
     if rollout is not None and config.divergence == "sampled_token" and not config.allow_biased_estimate:
         rollout_name, sampling = rollout
         reasons = [reason for reason, applies in (
@@ -179,7 +179,7 @@ def check_pipeline(stage_name: str, config: Config, pipeline, settings: dict, pr
                                     f"has {', '.join(reasons)}; sample plainly there (or use reverse_kl, exact over "
                                     f"the vocabulary), or set {stage_name}.allow_biased_estimate = true to accept "
                                     f"the bias"))
-    if pipeline.device == "cpu" and config.kernel == "triton":
+    if view.pipeline.device == "cpu" and config.kernel == "triton":
         problems.append(problem(f"{stage_name}.kernel",
                                 f"{stage_name}.kernel = \"triton\" runs on CUDA only, but pipeline.device = \"cpu\"; "
                                 f"set {stage_name}.kernel = \"auto\" or \"torch\" (or pipeline.device = \"cuda\")"))

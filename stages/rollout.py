@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, 
 READS = ("prompts",)
 WRITES = ("responses",)
 MODEL_FIELDS = ("model",)
+MODEL_ROLES = {"model": "student"}  # rollout samples with the student (the model it trains)
 
 
 def _top_p(value) -> str | None:
@@ -121,6 +122,27 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                                                      2 * sizing.TOKEN_ID_BYTES),
                facts.batch_keys, formula="sequences x (prompt + new tokens) x (4 id + 4 logprob)"),
     ]
+
+
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks against the sampling model (opdgraph.config.checks): the stop tokens lie within its
+    vocabulary, and the longest prompt plus a whole response fits its positions."""
+    if config.model not in view.shapes:
+        return []
+    problems = []
+    vocab = view.shapes[config.model].vocab
+    outside = [token for token in config.stop_token_ids if token >= vocab]
+    if outside:
+        problems.append(problem(f"{stage_name}.stop_token_ids",
+                                f"token ids {outside} are outside the vocabulary of [models.{config.model}] "
+                                f"(ids 0..{vocab - 1}); no sampled token can ever match them"))
+    limit = view.max_positions(config.model)
+    needed = view.data.max_prompt_tokens + config.max_new_tokens
+    if limit and needed > limit:
+        problems.append(problem(f"{stage_name}.max_new_tokens",
+                                f"data.max_prompt_tokens + {stage_name}.max_new_tokens = {needed} exceeds "
+                                f"[models.{config.model}] max_position_embeddings ({limit})"))
+    return problems
 
 
 def run_settings(config: Config) -> dict[str, object]:

@@ -146,6 +146,59 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
     ]
 
 
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks of a hybrid pipeline across its tables (opdgraph.config.checks): one sft stage, the fused
+    loop it runs in, and room for prompt + gold prefix + continuation in the training micro-batch and in every
+    model's positions. The gold prefix sits on the prompt side of every sequence (up to data.max_prompt_tokens +
+    gold_prefix_max_tokens tokens before the continuation), so the limits the other kinds check for
+    data.max_prompt_tokens + max_new_tokens are checked here again with the prefix; a limit the plain check already
+    reports is not reported twice. The other kinds' settings are read by name (rollout's max_new_tokens, every
+    teacher stage's table, every eval's max_new_tokens); a second sft stage is itself the problem."""
+    first = view.every_setting["sft"][0][0]  # every sft stage publishes its table, in table order
+    if stage_name != first:
+        return [problem(stage_name, f"[{stage_name}] is a second sft stage beside [{first}]; a pipeline places one "
+                                    f"gold prefix: keep one sft table")]
+    problems = []
+    if not view.pipeline.fuse_training:
+        problems.append(problem("pipeline.fuse_training", (
+            f"[{stage_name}] trains in the fused micro-batch loop, on the student forward the loss runs; set "
+            f"pipeline.fuse_training = true (the default) or remove [{stage_name}]")))
+    if "max_new_tokens" not in view.step_settings:  # no rollout: reported by the graph check
+        return problems
+    rollout, new_tokens = view.step_settings["max_new_tokens"]
+    prompt_tokens, gold = view.data.max_prompt_tokens, config.gold_prefix_max_tokens
+    plain = prompt_tokens + new_tokens
+    needed = plain + gold
+    where = f"{stage_name}.gold_prefix_max_tokens"
+    scorers = view.every_setting.get("teacher_score_config", ())
+    for scorer, scoring in scorers:
+        tokens = scoring.micro_batch_tokens
+        if plain <= tokens < needed:
+            problems.append(problem(f"{scorer}.micro_batch_tokens", (
+                f"a micro-batch of {tokens} tokens cannot hold one whole sequence of data.max_prompt_tokens + "
+                f"{where} + {rollout}.max_new_tokens = {needed} tokens; raise micro_batch_tokens to at "
+                f"least {needed} (or lower {where} to at most {tokens - plain})")))
+    evals = [tokens for _, tokens in view.every_setting.get("eval_max_new_tokens", ()) if tokens]
+    longest = max([new_tokens, *evals])
+    for model in view.models:
+        limit = view.max_positions(model)
+        if limit and prompt_tokens + longest <= limit < prompt_tokens + gold + longest:
+            problems.append(problem(where, (
+                f"data.max_prompt_tokens + {where} + the longest response ({longest} new tokens) = "
+                f"{prompt_tokens + gold + longest} exceeds [models.{model}] max_position_embeddings "
+                f"({limit}); lower {where} to at most {limit - prompt_tokens - longest}")))
+    for scorer, scoring in scorers:
+        prompt_limit, model = scoring.max_prompt_tokens, scoring.model
+        limit = view.max_positions(model)
+        if prompt_limit and limit and prompt_limit + new_tokens <= limit < prompt_limit + gold + new_tokens:
+            # The teacher scores its own prompt, then the gold prefix, then the continuation.
+            problems.append(problem(where, (
+                f"{scorer}.max_prompt_tokens + {where} + {rollout}.max_new_tokens = "
+                f"{prompt_limit + gold + new_tokens} exceeds [models.{model}] max_position_embeddings ({limit}); "
+                f"lower {where} to at most {limit - prompt_limit - new_tokens} or the teacher's max_prompt_tokens")))
+    return problems
+
+
 def run_settings(config: Config) -> dict[str, object]:
     """The run's hybrid facts (opdgraph.runtime.hybrid): the rollout places its prefix schedule, the prompt loader
     reads its gold field."""

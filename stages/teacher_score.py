@@ -2,10 +2,13 @@
 
 Reads `responses`, writes `teacher_hidden` (final-norm hidden states; the loss applies the teacher's lm_head chunk by
 chunk, so full teacher logits never exist). micro_batch_tokens also sets the fused training micro-batch.
+Its config checks (opdgraph.config.checks) cover the teacher stages together (`check_stages`: the models they name,
+routing or a mixture, `frozen`) and each one's lengths (`check_pipeline`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import attrs
@@ -15,6 +18,7 @@ from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
 from opdgraph.drafts import TEACHER_FORWARD, Draft, buffer
 from opdgraph.plan import Buffer
+from opdgraph.teachers import short_name, student_name
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
@@ -24,6 +28,7 @@ READS = ("responses",)
 MICRO_BATCH = True  # runs once per training micro-batch (fused with the other such stages into one loop)
 WRITES = ("teacher_hidden",)
 MODEL_FIELDS = ("model",)
+MIXTURE_TOLERANCE = 1e-6
 
 
 def _template(value) -> str | None:
@@ -78,6 +83,134 @@ def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ..
 def step_settings(config: Config) -> dict[str, int]:
     """micro_batch_tokens also sizes the training micro-batch of every stage (opdgraph.counts)."""
     return {"micro_batch_tokens": config.micro_batch_tokens}
+
+
+def check_stages(teachers: dict[str, Config], view, problem) -> list:
+    """Config-time checks across the teacher stages (opdgraph.config.checks; opdgraph.teachers): which model each
+    names, how several combine (routing or a mixture), self-distillation's `frozen`, and the settings the training
+    micro-batch shares. Each problem names the stage table and what to do."""
+    problems = []
+    _check_models(view.models, teachers, student_name(view.models), problem, problems)
+    _check_combination(view.step_settings.get("route_field", ("", "")), teachers, problem, problems)
+    first = next(iter(teachers), None)
+    for name, config in teachers.items():
+        tokens, first_tokens = config.micro_batch_tokens, teachers[first].micro_batch_tokens
+        if tokens != first_tokens:
+            problems.append(problem(f"{name}.micro_batch_tokens", (
+                f"[{name}] micro_batch_tokens = {tokens} but [{first}] has {first_tokens}: every teacher scores the "
+                f"same training micro-batches; give them one value")))
+    return problems
+
+
+def _check_models(models, teachers, student, problem, problems) -> None:
+    used = set()
+    for name, config in teachers.items():
+        model = models.get(config.model)
+        used.add(config.model)
+        if model is None:
+            continue  # reported by the stage-model check, with a did-you-mean
+        if model.role != "teacher" and config.model != student:
+            problems.append(problem(f"{name}.model", f"[{name}] scores with [models.{config.model}], which has role "
+                                                     f"= \"{model.role}\"; name a teacher or the student"))
+        if config.frozen is not None and config.model != student:
+            problems.append(problem(f"{name}.frozen", (
+                f"frozen applies to a teacher stage that scores with the student ([models.{student}]); "
+                f"[models.{config.model}] is a teacher and never trained: remove frozen")))
+        context = config.system_prompt or config.context_field
+        if config.model == student and config.frozen is False and not context:
+            problems.append(problem(f"{name}.frozen", (
+                f"[{name}] scores with the live student on the student's own prompt: its distribution is the "
+                f"student's, so the divergence is zero; give the teacher context (system_prompt or "
+                f"context_field) or set frozen = true")))
+    offload = {name: model.offload_when_idle for name, model in models.items() if model.role == "teacher"}
+    if len(set(offload.values())) > 1:  # the placement moves every teacher's weights alike (opdgraph.placement)
+        kept = next(name for name, value in offload.items() if not value)
+        problems.append(problem(f"models.{kept}.offload_when_idle", (
+            f"the teachers disagree on offload_when_idle ({', '.join(f'{n} = {str(v).lower()}' for n, v in offload.items())});"
+            f" every teacher's weights are kept or offloaded alike: give them one value")))
+    for model_name, model in models.items():
+        if model.role == "teacher" and model_name not in used:
+            stages = ", ".join(f"[{name}]" for name in teachers) or "none"
+            problems.append(problem(f"models.{model_name}", (
+                f"[models.{model_name}] has role = \"teacher\" but no teacher_score stage scores with it (stages: "
+                f"{stages}); name it in a stage's model, or remove it (it would be loaded for nothing)")))
+
+
+def _check_combination(route, teachers, problem, problems) -> None:
+    """Several teachers need routing or mixture weights; routes must be disjoint; weights must sum to one. `route`:
+    (the stage that publishes route_field, its value), the loss's step setting ("" when rows are not routed)."""
+    owner, field = route
+    loss = owner or "loss"
+    weighted = {name: config.mixture_weight for name, config in teachers.items()
+                if config.mixture_weight is not None}
+    if field and weighted:
+        problems.append(problem(f"{next(iter(weighted))}.mixture_weight", (
+            f"{loss}.route_field = {field!r} routes each row to one teacher, so mixture weights do not apply; "
+            f"remove mixture_weight or route_field")))
+        return
+    if field:
+        owners: dict[str, str] = {}
+        for name, config in teachers.items():
+            for value in config.route or [short_name(name) or name]:
+                if value in owners:
+                    problems.append(problem(f"{name}.route", (
+                        f"route value {value!r} is scored by both [{owners[value]}] and [{name}]; each value needs "
+                        f"one teacher")))
+                owners.setdefault(value, name)
+        return
+    for name, config in teachers.items():
+        if config.route:
+            problems.append(problem(f"{name}.route", (
+                f"[{name}] lists route values but {loss}.route_field is not set; set {loss}.route_field to the "
+                f"prompt-row field that holds them")))
+    if len(teachers) > 1 and len(weighted) != len(teachers):
+        missing = [f"[{name}]" for name in teachers if name not in weighted]
+        problems.append(problem(next(iter(teachers)), (
+            f"{len(teachers)} teacher stages need a way to combine: set {loss}.route_field (each row scored by one "
+            f"teacher) or mixture_weight on every teacher stage (missing on {', '.join(missing)})")))
+    elif weighted and not math.isclose(sum(weighted.values()), 1.0, abs_tol=MIXTURE_TOLERANCE):
+        listed = " + ".join(f"{weight:g}" for weight in weighted.values())
+        problems.append(problem(f"{next(iter(weighted))}.mixture_weight", (
+            f"mixture weights must sum to 1 (p_T = sum_k w_k p_Tk is a distribution), got {listed} = "
+            f"{sum(weighted.values()):g}")))
+
+
+def check_pipeline(stage_name: str, config: Config, view, problem) -> list:
+    """Config-time checks against the rollout's responses (opdgraph.config.checks), read by name from its step
+    settings: the teacher scores every position the student may reach, within the scoring model's positions (after
+    the teacher's own prompt, when it has one), and a micro-batch holds at least one whole sequence."""
+    if "max_new_tokens" not in view.step_settings:  # no rollout: reported by the graph check
+        return []
+    problems = []
+    rollout, new_tokens = view.step_settings["max_new_tokens"]
+    prompt_tokens = view.data.max_prompt_tokens
+    needed = prompt_tokens + new_tokens
+    scorer = config.model
+    limit = view.max_positions(scorer)
+    prompt_limit = config.max_prompt_tokens
+    if prompt_limit and limit and prompt_limit + new_tokens > limit:
+        problems.append(problem(f"{stage_name}.max_prompt_tokens",
+                                f"{stage_name}.max_prompt_tokens + {rollout}.max_new_tokens = "
+                                f"{prompt_limit + new_tokens} exceeds the scoring model's "
+                                f"positions ([models.{scorer}] max_position_embeddings {limit}); the teacher's "
+                                f"prompts may take at most {limit - new_tokens} tokens"))
+    elif limit and needed > limit:  # the teacher scores every position the student may reach
+        problems.append(problem(f"{rollout}.max_new_tokens",
+                                f"data.max_prompt_tokens + {rollout}.max_new_tokens = {needed} exceeds "
+                                f"the scoring model's positions ([models.{scorer}] max_position_embeddings "
+                                f"{limit}); set {rollout}.max_new_tokens to at most "
+                                f"{limit - prompt_tokens}"))
+    if config.micro_batch_tokens < needed:
+        problems.append(problem(f"{stage_name}.micro_batch_tokens",
+                                f"a micro-batch of {config.micro_batch_tokens} tokens cannot hold one whole "
+                                f"sequence of data.max_prompt_tokens + {rollout}.max_new_tokens = {needed} "
+                                f"tokens; raise micro_batch_tokens to at least {needed}"))
+    return problems
+
+
+def run_settings(config: Config) -> dict[str, object]:
+    """The whole table, for other kinds' config checks that need every teacher's (sft's gold prefix room)."""
+    return {"teacher_score_config": config}
 
 
 def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, int]:

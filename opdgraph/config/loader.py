@@ -1,8 +1,9 @@
 """`load_pipeline(path, overrides)`: TOML file + `--set` overrides -> typed, cross-checked PipelineConfig.
 
 Steps: parse the TOML, apply overrides, type each section strictly (opdgraph.config.strict), resolve derived
-defaults, then run the cross-section checks (opdgraph.config.checks). Every problem found on the way is kept, with
-its `file:line` (or `--set ...`) location, and all are raised together in one ConfigError.
+defaults (each stage kind's `resolve_defaults` hook), then run the cross-section checks (opdgraph.config.checks).
+Every problem found on the way is kept, with its `file:line` (or `--set ...`) location, and all are raised together
+in one ConfigError.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from opdgraph.config.lines import key_lines
 from opdgraph.config.overrides import Override, apply_override, parse_override
 from opdgraph.config.schema import DataConfig, ModelConfig, PipelineConfig, PipelineSection, StageEntry
 from opdgraph.config.strict import describe, structure
-from opdgraph.stages import KIND_NAMES, stage_kind
+from opdgraph.stages import KIND_NAMES, named_settings, stage_kind, stage_module
 
 SECTIONS = ("pipeline", "models", "data")
 
@@ -192,14 +193,15 @@ def _nested_stage_tables(name: str, table: dict, locator: Locator, problems: lis
 
 
 def _resolve_stage_defaults(stages: dict[str, StageEntry], data: DataConfig) -> dict[str, StageEntry]:
-    """Fill defaults that come from other sections: eval.files <- data.eval_files, eval.max_new_tokens <- rollout."""
-    rollout = next((stage.config for stage in stages.values() if stage.kind == "rollout"), None)
+    """Fill defaults that come from other sections: each kind's `resolve_defaults(stage_name, config, data,
+    settings)` (stages/<kind>.py; eval: files <- data.eval_files, max_new_tokens <- rollout's), in table order, on the
+    step settings the typed tables publish (by name, stages.named_settings)."""
+    settings = named_settings(stages, "step_settings")
     resolved = {}
     for name, stage in stages.items():
-        if stage.kind == "eval" and stage.config.max_new_tokens is None and rollout is not None:
-            stage = attrs.evolve(stage, config=attrs.evolve(stage.config, max_new_tokens=rollout.max_new_tokens))
-        if stage.kind == "eval" and stage.config.files is None:
-            stage = attrs.evolve(stage, config=attrs.evolve(stage.config, files=list(data.eval_files)))
+        resolve = getattr(stage_module(stage.kind), "resolve_defaults", None)
+        if resolve is not None:
+            stage = attrs.evolve(stage, config=resolve(name, stage.config, data, settings))
         resolved[name] = stage
     return resolved
 
