@@ -15,7 +15,9 @@ loop, one per teacher when rows are routed), `PERIODIC = True` (it runs every n 
 (it needs the whole teacher at once, so a sharded teacher is all-gathered for it), and `step_settings(config)`: its
 settings that size the whole training step (opdgraph.counts: max_new_tokens, micro_batch_tokens, ...), looked up by
 name (`named_settings`) so the generic compiler never asks which kind owns one; `run_settings(config)` likewise
-for the run loop (opdgraph.runtime.run: the progress line, checkpoint retention).
+for the run loop (opdgraph.runtime.run: the progress line, checkpoint retention). `BACKWARD_READS` (values) and
+`backward_buffers(stage_name, facts)` (their plan buffers): what the backward reads of this stage beside the loss's
+gradient (`backward_values_of`, `backward_buffers_of`; the sft stage's gold-prefix gradient).
 How it runs (opdgraph.runtime.executor): `bind(stage_name, config, run)` names, once per run, the models and run
 objects its calls use; `execute(step, config, inputs)` runs one of its plan steps on an
 opdgraph.runtime.stage_inputs.StageInputs (those models, the plan buffers it declares, the loop iteration, a few
@@ -140,6 +142,19 @@ def stage_nodes(stages: dict) -> list:
         reads, writes = stage_kind(stage.kind).values(name, stage.config, stages)
         nodes.append(StageNode(name, stage.kind, tuple(reads), tuple(writes)))
     return nodes
+
+
+def backward_values_of(stages: dict) -> tuple[str, ...]:
+    """The values the backward reads beside the loss's gradient: each stage kind's BACKWARD_READS (the sft stage's
+    gold-prefix gradient), so the backward names no other kind."""
+    return tuple(value for stage in stages.values()
+                 for value in getattr(stage_module(stage.kind), "BACKWARD_READS", ()))
+
+
+def backward_buffers_of(facts) -> tuple[str, ...]:
+    """The buffers behind backward_values_of in the plan: each such stage's `backward_buffers(stage_name, facts)`."""
+    return tuple(buffer for kind, name in facts.stage_names.items()
+                 for buffer in getattr(stage_module(kind), "backward_buffers", lambda stage, facts: ())(name, facts))
 
 
 def _nothing(empty: type) -> Callable:

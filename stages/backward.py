@@ -19,7 +19,7 @@ from opdgraph import work as W
 from opdgraph.config.fields import setting
 from opdgraph.drafts import STUDENT_BACKWARD, Draft, buffer
 from opdgraph.plan import Buffer
-from opdgraph.stages import sft
+from opdgraph.stages import backward_buffers_of, backward_values_of
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
@@ -48,9 +48,9 @@ def step_settings(config: Config) -> dict[str, object]:
 
 
 def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Reads the loss's hidden-state gradient and, in a hybrid SFT pipeline, the sft stage's (stages/sft.py)."""
-    hybrid = any(stage.kind == sft.KIND for stage in stages.values())
-    return (*READS, *(sft.WRITES if hybrid else ())), WRITES
+    """Reads the loss's hidden-state gradient and those other stages hand it (in a hybrid SFT pipeline the sft
+    stage's: stages/sft.py's BACKWARD_READS)."""
+    return (*READS, *backward_values_of(stages)), WRITES
 
 
 def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft]:
@@ -64,7 +64,7 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
     local, micro = facts.local, facts.group_micro_batches if facts.fused else counts.num_micro_batches
     # In a hybrid SFT pipeline the gold prefix's gradient is scattered beside the loss's.
     return [Draft(local(stage_name), stage_name, "backward",
-                  (f"{student}.weights", local("hidden_grad"), *sft.hidden_grads(facts), local("student_activations"),
+                  (f"{student}.weights", local("hidden_grad"), *backward_buffers_of(facts), local("student_activations"),
                    "responses", *comm),
                   (f"{student}.grads", local(f"{stage_name}.workspace")), facts.loop(stage_name), micro,
                   W.roofline(flops, moved, 0, facts.hardware, micro), frozenset({STUDENT_BACKWARD}))]

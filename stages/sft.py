@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, 
 
 READS = ("responses", "hidden_grad")
 WRITES = ("sft_hidden_grad",)
+BACKWARD_READS = WRITES  # the backward also scatters this gradient (stages/__init__.py backward_values_of)
 MICRO_BATCH = True  # runs once per training micro-batch, between the loss and the backward
 KIND = "sft"
 # fp32 [chunk, V] buffers of train.sft_loss.chunked_cross_entropy: the logits (log-softmax, probabilities and the
@@ -89,10 +90,9 @@ def step_settings(config: Config) -> dict[str, int]:
     return {"gold_prefix_max_tokens": config.gold_prefix_max_tokens}
 
 
-def hidden_grads(facts: StageFacts) -> tuple[str, ...]:
+def backward_buffers(stage_name: str, facts: StageFacts) -> tuple[str, ...]:
     """The sft stage's hidden-state gradient buffer (loop-local), which the backward reads beside the loss's."""
-    name = facts.stage_names.get(KIND)
-    return (facts.local(f"{name}.hidden_grad"),) if name else ()
+    return (facts.local(f"{stage_name}.hidden_grad"),)
 
 
 def _positions(facts: StageFacts) -> int:
