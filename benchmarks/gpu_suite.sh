@@ -85,7 +85,7 @@ for part in "$@"; do
         | tee "$OUT/qwen35_backend.txt"
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 140 python3 -m pytest -q -rs tests/test_qwen35_fla.py tests/test_qwen35_gpu.py -s \
         2>&1 | tee "$OUT/qwen35_gpu_tests.txt" | grep -E "passed|failed|agreement|equal|FAILED|Error" | tail -20
-      CUDA_VISIBLE_DEVICES=$SINGLE timeout 220 python3 benchmarks/qwen35_gpu.py --out "$OUT/qwen35_gpu.json" \
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout 360 python3 benchmarks/qwen35_gpu.py --out "$OUT/qwen35_gpu.json" \
         > "$OUT/qwen35_gpu_log.txt" 2>&1; tail -3 "$OUT/qwen35_gpu_log.txt"; cat "$OUT/qwen35_gpu.txt"
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 120 python3 -m opdgraph run pipelines/qwen35_0b8_from_4b.toml --record-memory \
         --set pipeline.device=cuda --set pipeline.num_steps=2 --set data.prompts_per_step=16 \

@@ -22,7 +22,7 @@ inline, and the shipped Qwen3-4B). Parts (--parts, default all):
 Writes JSON (--out) and the same tables as text (--out with .txt). Not a test. ``--smoke`` runs the core and step
 parts on the CPU with tiny models and the torch core only (a check of this script, no figures).
 
-    python benchmarks/qwen35_gpu.py --out qwen35.json [--parts core,decode,step]
+    python benchmarks/qwen35_gpu.py --out qwen35.json [--parts step,decode,core]
     python benchmarks/qwen35_gpu.py --smoke --parts core,step --out /tmp/qwen35_smoke.json
     python benchmarks/qwen35_gpu.py --parts cpu_core --out /tmp/qwen35_cpu_core.json
 """
@@ -348,7 +348,7 @@ def tables(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--parts", default="core,decode,step")
+    parser.add_argument("--parts", default="step,decode,core")  # the OPD step first: what a short call must get
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, torch core only (checks the script)")
     args = parser.parse_args()
     SMOKE["on"] = args.smoke
