@@ -127,29 +127,26 @@ class FlaLinearAttention:
     name = "fla"
 
     def __init__(self):
-        self._varlen_for: tuple[object, tuple] | None = None
-        self._bounds_for: tuple[object, list[int]] | None = None
+        self._forward: tuple[object, dict] | None = None  # (the metadata of the last forward, its host copies)
         self.index_cache = IndexCache()  # the torch core's indexes when it differentiates (fla_backward_trusted)
 
-    def _varlen_of(self, meta, cu_seqlens):
-        # Every layer of one forward receives the same metadata object: one host copy per forward, not per layer.
-        if self._varlen_for is None or self._varlen_for[0] is not meta:
-            self._varlen_for = (meta, _varlen(cu_seqlens))
-        return self._varlen_for[1]
-
-    def _bounds_of(self, meta) -> list[int]:
-        """meta.cu_seqlens as a host list, copied once per forward (the torch core's backward reads it per layer)."""
-        if self._bounds_for is None or self._bounds_for[0] is not meta:
-            self._bounds_for = (meta, meta.cu_seqlens.tolist())
-        return self._bounds_for[1]
+    def _of_forward(self, meta, key: str, build):
+        """build() once per forward: every layer of one forward receives the same metadata object, so host copies
+        made from it (fla's varlen tiles, the bounds as a list) are made once, not per layer."""
+        if self._forward is None or self._forward[0] is not meta:
+            self._forward = (meta, {})
+        values = self._forward[1]
+        if key not in values:
+            values[key] = build()
+        return values[key]
 
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
-        bounds, chunk_indices = self._varlen_of(meta, meta.cu_seqlens)
+        bounds, chunk_indices = self._of_forward(meta, "varlen", lambda: _varlen(meta.cu_seqlens))
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
         grad_core = None
         if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
-            grad_core = functools.partial(packed_forward, bounds=self._bounds_of(meta), dims=dims,
-                                          cache=self.index_cache)
+            host_bounds = self._of_forward(meta, "bounds", meta.cu_seqlens.tolist)
+            grad_core = functools.partial(packed_forward, bounds=host_bounds, dims=dims, cache=self.index_cache)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()
@@ -159,7 +156,7 @@ class FlaLinearAttention:
             return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots, continuing,
                                inplace_recurrent_step)
         causal_conv1d, chunk_gated_delta_rule = _fla()[:2]
-        bounds, chunk_indices = self._varlen_of(meta, meta.cu_query_lens)
+        bounds, chunk_indices = self._of_forward(meta, "varlen", lambda: _varlen(meta.cu_query_lens))
         slots = meta.state_slots
         window = state.conv[slots].masked_fill_(~continuing[:, None, None], 0).to(mixed.dtype)  # [N, K - 1, C]
         convolved, final_window = causal_conv1d(

@@ -132,6 +132,11 @@ class IndexCache:
         return self._entries[key]
 
 
+def cached(cache: IndexCache | None, key: tuple, build):
+    """build() kept in `cache` under `key`; built afresh without a cache."""
+    return build() if cache is None else cache.get(key, build)
+
+
 def chunked_packed(q, k, v, g, beta, bounds: list[int], states=None, chunk_tokens: int = CHUNK_TOKENS,
                    keep_states: bool = True, cache: IndexCache | None = None):
     """N packed sequences (module docstring) -> (out [T, H, Dv], final states [N, H, Dk, Dv]); states None means
@@ -178,9 +183,8 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
     """chunked_packed of one scan group: every chunk at once, then the scan over the chunk index."""
     length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    key = ("chunk_layout", tuple(bounds), chunk_tokens, heads, q.device)
-    layout = (cache.get(key, lambda: chunk_layout(*key[1:])) if cache is not None
-              else chunk_layout(tuple(bounds), chunk_tokens, heads, q.device))
+    layout = cached(cache, ("chunk_layout", tuple(bounds), chunk_tokens, heads, q.device),
+                    lambda: ChunkLayout(list(bounds), chunk_tokens, heads, q.device))
     size = layout.chunk_tokens
     if states is None and keep_states:
         states = q.new_zeros(len(bounds) - 1, heads, key_dim, value_dim)
@@ -224,11 +228,6 @@ def _chunked_group(q, k, v, g, beta, bounds: list[int], states, chunk_tokens: in
     out = torch.cat(outputs)  # [M, H, C, Dv]
     del outputs
     return out.view(-1, value_dim).index_select(0, layout.destination).view(length, heads, value_dim), final
-
-
-def chunk_layout(bounds: tuple[int, ...], chunk_tokens: int, heads: int, device) -> ChunkLayout:
-    """One scan group's layout (an IndexCache keeps it for the layers of one forward)."""
-    return ChunkLayout(list(bounds), chunk_tokens, heads, device)
 
 
 class ChunkLayout:

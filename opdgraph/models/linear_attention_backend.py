@@ -50,9 +50,8 @@ def _conv_silu_packed(mixed: torch.Tensor, windows: torch.Tensor | None, weight:
     sequences = len(bounds) - 1
     if windows is None:
         windows = mixed.new_zeros(sequences, kernel - 1, channels)
-    key = ("conv_rows", tuple(bounds), kernel, mixed.device)
-    output_rows, last_rows = (cache.get(key, lambda: _conv_rows(*key[1:])) if cache is not None
-                              else _conv_rows(*key[1:]))
+    output_rows, last_rows = delta_rule.cached(cache, ("conv_rows", tuple(bounds), kernel, mixed.device),
+                                               lambda: _conv_rows(tuple(bounds), kernel, mixed.device))
     windows = windows.to(mixed.dtype)
     pieces = [piece for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
               for piece in (windows[index], mixed[start - bounds[0]:end - bounds[0]])]
