@@ -494,6 +494,8 @@ def main() -> int:
             except Exception as error:  # report and go on with the next variant
                 traceback.print_exc()
                 row = {"error": f"{type(error).__name__}: {error}"}
+                traceback.clear_frames(error.__traceback__)  # its frames hold the failed run's context
+                del error
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

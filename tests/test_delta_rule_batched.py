@@ -261,3 +261,18 @@ def test_outputs_without_final_states_are_the_same(order):
     for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v, g, beta)),
                          torch.autograd.grad((expected * weights).sum(), (q, k, v, g, beta))):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_indexes_cached_during_a_rollout_serve_a_training_forward():
+    """Fails if the index cache keeps tensors made under the rollout's inference_mode: a training forward over the
+    same bounds (fixed-length rows) then raises 'Inference tensors cannot be saved for backward'."""
+    cache = delta_rule.IndexCache()
+    lengths = (70, 5, 85)
+    bounds = [0, 70, 75, 160]
+    inputs = random_inputs(lengths, seed=9, with_states=False)[:5]
+    with torch.inference_mode():
+        delta_rule.chunked_packed(*inputs, bounds, keep_states=False, cache=cache)
+    q = inputs[0].clone().requires_grad_()
+    out, _ = delta_rule.chunked_packed(q, *inputs[1:], bounds, keep_states=False, cache=cache)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -115,7 +115,9 @@ def chunk_outputs(terms, state, updates):
 class IndexCache:
     """Index tensors built from one packed batch's bounds (chunk layouts, conv rows), shared by the layers of one
     forward and its recomputation in backward. Owned by a backend (so by its model: no module-level cache holds
-    device memory), it keeps the latest batch's entries only: `start(bounds)` drops them when another batch comes."""
+    device memory), it keeps the latest batch's entries only: `start(bounds)` drops them when another batch comes.
+    They stay allocated until then: T x H int64 and a few T-long rows (4 MiB at 16k tokens and 32 heads), which the
+    plan does not list."""
 
     def __init__(self):
         self._bounds: tuple[int, ...] | None = None
@@ -128,7 +130,10 @@ class IndexCache:
 
     def get(self, key: tuple, build):
         if key not in self._entries:
-            self._entries[key] = build()
+            # Built as normal tensors even inside a rollout's inference_mode: a training forward over the same
+            # bounds reuses them, and autograd cannot save inference tensors.
+            with torch.inference_mode(False):
+                self._entries[key] = build()
         return self._entries[key]
 
 
