@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one device session, part by part, each under its own time limit, every log and
-# JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory qwen35
+# JSON written to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh tests attn rollout step memory qwen35tests
 # Parts:
 # - setup: install the carried .whl wheels into /tmp/site (put it on PYTHONPATH) and the project; stash or join the
 #   GGUF parts (benchmarks/gguf_parts.sh).
@@ -14,8 +14,9 @@
 # - alltests: the whole suite with CUDA visible (GPU-marked tests run, kernel tests compile).
 # - tpprobe: what a 2-way tensor-parallel rollout would cost (the small all-reduces on 2 GPUs; burst decode of the
 #   full model vs one GPU's half of it, the heads and the MLP split in two).
-# - qwen35: Qwen3.5's GPU tests; the fla core vs the torch core, decode and one OPD step beside Qwen3
-#   (benchmarks/qwen35_gpu.py); `run --record-memory` of the shipped Qwen3.5 pair, predicted vs measured peak.
+# - qwen35tests: Qwen3.5's GPU tests, with their durations.
+# - qwen35bench: the fla core vs the torch core, decode and one OPD step beside Qwen3 (benchmarks/qwen35_gpu.py).
+# - qwen35memory: `run --record-memory` of the Qwen3.5 pair at the shape of memory_families.py, predicted vs measured.
 # - decodevariants: issue 19's rollout levers side by side (the decode-attention kernel sweep, then every variant at
 #   bs 64/128/256 x 1024 new tokens with roofline %, a profile of the baseline and the fastest; their GPU tests).
 # - trainkernels: the training forward's variants side by side, shape B (torch vs Liger-Kernel layer kernels, K/V
@@ -30,6 +31,14 @@ cd "$ROOT" || exit 1
 # Single-GPU parts see one GPU (TRL's trainer refuses to run with several visible); multi sets its own.
 SINGLE=${CUDA_VISIBLE_DEVICES:-0}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+
+# fla-core holds the Qwen3.5 kernels (fla.ops, fla.modules) and imports einops (pure Python; no network there).
+qwen35_fla_path() {
+  if ! python3 -c "import fla.ops.gated_delta_rule" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-fla .whl/fla_core-*.whl .whl/einops-*.whl \
+      && export PYTHONPATH=/tmp/site-fla${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
 
 for part in "$@"; do
   started=$(date +%s)
@@ -75,25 +84,21 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$SINGLE timeout 150 python3 rollout_gpu.py --only "bursts16 bs" --batch-sizes 64,128 \
           --skip-transformers "$@" --out "$OUT/rollout_$shapes.json" 2>&1 | tee "$OUT/rollout_$shapes.txt" | tail -8
       done) ;;
-    qwen35)
-      if ! python3 -c "import fla.ops.gated_delta_rule" 2>/dev/null; then
-        # fla-core holds the kernels (fla.ops, fla.modules) and imports einops (pure Python; no network there).
-        python3 -m pip install -q --no-index --no-deps --target /tmp/site-fla .whl/fla_core-*.whl .whl/einops-*.whl \
-          && export PYTHONPATH=/tmp/site-fla${PYTHONPATH:+:$PYTHONPATH}
-      fi
+    qwen35tests)  # Qwen3.5's GPU tests (the first calls compile fla's Triton kernels: minutes, hence the limit)
+      qwen35_fla_path
       python3 -c "from opdgraph.kernels.fla_linear_attention import linear_backend_description as d; print(d('cuda'))" \
         | tee "$OUT/qwen35_backend.txt"
-      CUDA_VISIBLE_DEVICES=$SINGLE timeout 140 python3 -m pytest -q -rs tests/test_qwen35_fla.py tests/test_qwen35_gpu.py -s \
-        2>&1 | tee "$OUT/qwen35_gpu_tests.txt" | grep -E "passed|failed|agreement|equal|FAILED|Error" | tail -20
-      CUDA_VISIBLE_DEVICES=$SINGLE timeout 360 python3 benchmarks/qwen35_gpu.py --out "$OUT/qwen35_gpu.json" \
-        > "$OUT/qwen35_gpu_log.txt" 2>&1; tail -3 "$OUT/qwen35_gpu_log.txt"; cat "$OUT/qwen35_gpu.txt"
-      CUDA_VISIBLE_DEVICES=$SINGLE timeout 120 python3 -m opdgraph run pipelines/qwen35_0b8_from_4b.toml --record-memory \
-        --set pipeline.device=cuda --set pipeline.num_steps=2 --set data.prompts_per_step=16 \
-        --set rollout.max_new_tokens=256 --set 'models.student.init_device="device"' \
-        --set 'models.teacher.init_device="device"' --set "pipeline.output_dir=\"$OUT/qwen35_run\"" 2>&1 \
-        | tail -30 > "$OUT/qwen35_memory_log.txt"
-      cp "$OUT/qwen35_run/memory.txt" "$OUT/qwen35_memory_table.txt" && cat "$OUT/qwen35_memory_table.txt"
-      rm -rf "$OUT/qwen35_run" ;;
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout ${QWEN35_TESTS_S:-280} python3 -m pytest -q -rs --durations=12 \
+        tests/test_qwen35_fla.py tests/test_qwen35_gpu.py 2>&1 | tee "$OUT/qwen35_gpu_tests.txt" | tail -25 ;;
+    qwen35bench)  # the fla core vs the torch core, decode and one OPD step beside Qwen3 (QWEN35_PARTS picks)
+      qwen35_fla_path
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout ${QWEN35_BENCH_S:-400} python3 benchmarks/qwen35_gpu.py \
+        --parts "${QWEN35_PARTS:-step,decode,core}" --out "$OUT/qwen35_gpu.json" > "$OUT/qwen35_gpu_log.txt" 2>&1
+      tail -3 "$OUT/qwen35_gpu_log.txt"; cat "$OUT/qwen35_gpu.txt" ;;
+    qwen35memory)  # run --record-memory of the Qwen3.5 pair at the memory issue's shape (benchmarks/memory_families.py)
+      qwen35_fla_path
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout ${QWEN35_MEMORY_S:-240} python3 benchmarks/memory_families.py --pairs qwen35 \
+        --steps 2 --out "$OUT/memory_qwen35.json" 2>&1 | tee "$OUT/memory_qwen35_log.txt" | tail -14 ;;
     decodevariants)
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 100 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py \
         tests/test_kernel_burst_state.py tests/test_kernel_fused_decode.py tests/test_rollout_gpu.py \

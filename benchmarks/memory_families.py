@@ -26,6 +26,7 @@ PAIRS = {  # name -> (student config, teacher config)
     "qwen3": ("qwen3-4b", "qwen3-14b"),
     "llama32": ("llama-3.2-1b-instruct", "llama-3.2-3b-instruct"),
     "gemma3": ("gemma-3-1b-it", "gemma-3-4b-it-text"),
+    "qwen35": ("qwen3.5-0.8b-text", "qwen3.5-4b-text"),
 }
 SHAPE = {"data.prompts_per_step": 64, "data.samples_per_prompt": 2, "data.max_prompt_tokens": 512,
          "rollout.max_new_tokens": 1024, "rollout.max_num_seqs": 128, "teacher_score.micro_batch_tokens": 16384,
