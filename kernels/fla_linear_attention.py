@@ -21,24 +21,22 @@ State layouts are the torch core's (LinearLayerState): conv windows [slots, K - 
 in float32. fla's conv keeps [N, C, K] windows whose entries 1..K-1 are the last inputs; they are converted at the
 prefill boundary only.
 
-Selection (``select_linear_backend``): this core on CUDA when fla imports; on CUDA without fla, the torch core with
-the same in-place decode step (`TorchCoreInPlaceDecode`: the decode step the plan of a CUDA target sizes, whichever
-core prefills); the torch core elsewhere. The environment variable OPDGRAPH_LINEAR_ATTENTION = torch forces the
-plain torch core everywhere (the reference: its decode step gathers and rebuilds the states, 4 states per decoding
-sequence beyond the plan, as the run log notes), = fla makes a missing fla an error. On a CUDA target the planner
-sizes the larger of the two cores' no-grad forward peaks (sizing.linear_core_peak_bytes, fla_core_peak_bytes) and
-the in-place decode step (linear_decode_peak_bytes), as it assumes FlashAttention and flashinfer there.
+Selection (``select_linear_backend``): this core on CUDA, the torch core elsewhere, as the plan sizes them
+(opdgraph.planned_paths.fla_linear_core). OPDGRAPH_LINEAR_ATTENTION = torch plans and runs the plain torch core
+everywhere (the reference: its decode step gathers and rebuilds the states, which the plan then sizes). On CUDA
+without a working fla the run stops with a DeviceError saying how to go on, rather than run a core whose peaks the
+plan did not size.
 Import fla lazily: it imports triton and pulls in every fla op (and einops).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from opdgraph.errors import DeviceError
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
 from opdgraph.models.delta_rule import IndexCache
 from opdgraph.models.linear_attention_backend import (
@@ -48,10 +46,9 @@ from opdgraph.models.linear_attention_backend import (
     recomputed,
     single_token_rows,
 )
+from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, fla_linear_core
 
 CHUNK_TOKENS = 64  # fla's chunk size for the delta rule and the conv's varlen tiles (mirrors delta_rule.CHUNK_TOKENS)
-ENVIRONMENT = "OPDGRAPH_LINEAR_ATTENTION"
-CHOICES = ("auto", "fla", "torch")
 
 
 @functools.lru_cache(maxsize=1)
@@ -174,58 +171,28 @@ class FlaLinearAttention:
         return out[0].to(mixed.dtype)
 
 
-def linear_attention_setting() -> str:
-    """OPDGRAPH_LINEAR_ATTENTION (auto when unset); ValueError naming the choices for anything else."""
-    setting = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
-    if setting not in CHOICES:
-        raise ValueError(f"{ENVIRONMENT}={setting!r}: choose one of {', '.join(CHOICES)}")
-    return setting
-
-
 def linear_backend_problem(device: torch.device | str) -> str | None:
-    """Why the fla core does not run for models on `device` (None: it does)."""
-    setting = linear_attention_setting()
-    if setting == "torch":
-        return f"{ENVIRONMENT}=torch"
-    if torch.device(device).type != "cuda":
-        return f"tensors on {torch.device(device).type}"
+    """Why the fla core does not run for models on `device` (None: it does); a DeviceError where the plan sizes the
+    fla core (planned_paths.fla_linear_core) and fla does not import."""
+    if not fla_linear_core(str(torch.device(device))):
+        return f"{LINEAR_CORE_ENVIRONMENT}=torch" if torch.device(device).type == "cuda" else \
+            f"tensors on {torch.device(device).type}"
     problem = fla_import_problem()
-    if problem is not None and setting == "fla":
-        raise RuntimeError(f"{ENVIRONMENT}=fla but {problem}; install the fla wheels or unset it")
-    return problem
-
-
-class TorchCoreInPlaceDecode(TorchLinearAttention):
-    """The torch core on CUDA without fla: an all-decode forward runs the in-place decode kernel (module docstring)."""
-
-    @torch.no_grad()
-    def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:
-        if single_token_rows(mixed, meta):
-            return decode_rows(mixed, weight, decay, beta, dims, state, meta.state_slots,
-                               meta.kv_lens > meta.query_lens, inplace_recurrent_step)
-        return super().paged(mixed, weight, decay, beta, dims, meta=meta, state=state)
+    if problem is not None:
+        raise DeviceError(f"the plan sizes flash-linear-attention's core for the linear-attention layers on CUDA, but "
+                          f"{problem}: install it (pip install 'opdgraph[gpu]', or the fla-core wheel), or set "
+                          f"{LINEAR_CORE_ENVIRONMENT}=torch to plan and run the torch core")
+    return None
 
 
 def select_linear_backend(device: torch.device | str):
     """The gated-DeltaNet core for models on `device` (module docstring)."""
-    problem = linear_backend_problem(device)
-    if problem is None:
-        return FlaLinearAttention()
-    from opdgraph.kernels import triton_imports
-
-    if torch.device(device).type == "cuda" and linear_attention_setting() != "torch" and triton_imports():
-        return TorchCoreInPlaceDecode()  # (the in-place decode kernel is Triton: without it, the plain torch core)
-    return TorchLinearAttention()
+    return FlaLinearAttention() if linear_backend_problem(device) is None else TorchLinearAttention()
 
 
 def linear_backend_description(device: torch.device | str) -> str:
     """One line for run logs: which linear-attention core runs, and why when it is the torch one."""
     problem = linear_backend_problem(device)
-    if problem is not None and torch.device(device).type == "cuda" and linear_attention_setting() == "torch":
-        return (f"linear attention: torch core ({problem}); note: the plan of a CUDA target sizes the in-place "
-                "decode step, the torch core's holds 4 delta-rule states per decoding sequence beyond it")
-    if problem is not None and torch.device(device).type == "cuda":
-        return f"linear attention: torch core ({problem}), the in-place decode kernel for decode steps"
     if problem is not None:
         return f"linear attention: torch core ({problem})"
     import fla

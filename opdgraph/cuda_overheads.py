@@ -119,9 +119,12 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
                 f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
+    from opdgraph.planned_paths import fla_linear_core  # planned_paths imports this module: imported when called
+
     buffers.append(Buffer(
         name=f"{rollout}.decode_graph_pool", category="workspace",
-        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes) + sizing.decode_logits_bytes(
+        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, fla_linear_core(cfg.pipeline.device))
+        + sizing.decode_logits_bytes(
             largest, shape.vocab),
         sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="transient",
         formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "

@@ -5,13 +5,21 @@ The student's activations, the logit chunk and the workspaces follow the path th
 (pipeline.device, loss.kernel, loss.divergence): see sizing.py and attention_fallback below (the plain-torch
 attention's S x S scores in the activations and the no-grad forward workspaces). FlashAttention takes grouped-query
 K/V natively and both layer-kernel choices (models.<name>.kernels) save the same tensors: neither changes a plan.
+A hybrid model's linear-attention core (fla_linear_core below) does change it, so the planner and the runtime take
+it from one function here.
 """
 
 from __future__ import annotations
 
+import os
+
 from opdgraph import sizing
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.cuda_overheads import targets_cuda
+from opdgraph.errors import DeviceError
+
+LINEAR_CORE_ENVIRONMENT = "OPDGRAPH_LINEAR_ATTENTION"
+LINEAR_CORE_CHOICES = ("auto", "fla", "torch")
 
 
 def model_keys(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
@@ -41,3 +49,20 @@ def fp32_grads(cfg: PipelineConfig) -> bool:
 
     student = cfg.model_with_role("student")
     return step_settings(cfg)["grad_accumulation_dtype"] == "float32" and cfg.models[student].dtype != "float32"
+
+
+def linear_core_setting() -> str:
+    """OPDGRAPH_LINEAR_ATTENTION: auto (unset), fla or torch; anything else is a DeviceError naming the choices."""
+    setting = os.environ.get(LINEAR_CORE_ENVIRONMENT, "auto").strip().lower() or "auto"
+    if setting not in LINEAR_CORE_CHOICES:
+        raise DeviceError(f"{LINEAR_CORE_ENVIRONMENT}={setting!r}: choose one of {', '.join(LINEAR_CORE_CHOICES)}")
+    return setting
+
+
+def fla_linear_core(device: str) -> bool:
+    """Whether the linear-attention layers (Qwen3.5) run flash-linear-attention's core on `device` (a
+    pipeline.device value or a torch device's str): on CUDA unless OPDGRAPH_LINEAR_ATTENTION = torch. The plan sizes
+    that core's forward peaks and its in-place decode step, the torch core's elsewhere; the runtime selects the
+    same core (kernels/fla_linear_attention.py select_linear_backend) and stops with a DeviceError, rather than run
+    another core than the plan's, when fla does not import there. fla-core is in the `gpu` extra, as flashinfer is."""
+    return not str(device).startswith("cpu") and linear_core_setting() != "torch"

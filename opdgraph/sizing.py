@@ -68,20 +68,20 @@ plan at the bound P is never under it). Rollout keeps per sequence slot and line
 layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
 slots (recurrent_state_bytes; one more, the scratch slot of idle and padding rows, where the GPU path or decode
 bursts run), and KV pages for the attention layers only.
-On a CUDA target the linear core is flash-linear-attention's when it imports (kernels/fla_linear_attention.py),
-the torch core otherwise, so the workspace holds the larger of the two peaks. The fla core's (fla_core_peak_bytes):
+On a CUDA target the linear core is flash-linear-attention's (kernels/fla_linear_attention.py; the torch core where
+OPDGRAPH_LINEAR_ATTENTION = torch: opdgraph.planned_paths.fla_linear_core, which the runtime follows too), and the
+workspace holds that core's peak. The fla core's (fla_core_peak_bytes):
     T x ((2 h + c + Hv) x d + Hv x 4) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
       + (ceil(T / 64) + N) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
 the layer's input and norm, the in_proj_qkv output, beta and the decay; the conv's output, the contiguous q/k/v
 copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
 head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (N sequences: at
 most one partial chunk each); for a rollout prefill (paged) the N sequences' gathered and final states and conv
-windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets)
-holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and
-fp32 copies of the conv output and the repeated q and k (measured at 0.8B's and 4B's widths, 1.05-1.15 x); the
-in-place kernel of a CUDA target (kernels/gated_delta_decode.py) only the conv step's R x 4 K x c x d. A CUDA run
-that falls back to the torch core is not what the plan sizes there (the run log says so). Training saves the same
-a_linear on both cores: each runs inside RecomputedCore, which
+windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets,
+or OPDGRAPH_LINEAR_ATTENTION = torch) holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered
+states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k (measured at
+0.8B's and 4B's widths, 1.05-1.15 x); the in-place kernel of the fla core (kernels/gated_delta_decode.py) only the
+conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore, which
 saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
@@ -251,14 +251,14 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
                             paged: bool = False, sequences: int = 0) -> int:
     """The no-grad forward's peak over its inputs and weights (module docstring); reference_sequence_tokens: S when
     the plain-torch reference attention runs (the larger of its peak and the MLP's), 0 for FlashAttention.
-    fla_sequences > 0 (a CUDA target): at most that many sequences share the forward, and a hybrid model's linear
-    core may be flash-linear-attention's (fla_core_peak_bytes; paged: a rollout prefill with per-sequence states).
-    sequences > 0: the torch linear core's N where known without a CUDA target (0: fla_sequences, else unknown)."""
+    fla_sequences > 0 (planned_paths.fla_linear_core): a hybrid model's linear core is flash-linear-attention's, at
+    most that many sequences share the forward (fla_core_peak_bytes; paged: a rollout prefill with per-sequence
+    states); 0: the torch core's, over `sequences` (0: unknown, the scan group's bound)."""
     mlp = mlp_workspace_bytes(shape, tokens, dtype_bytes)
-    if shape.linear_layers:  # N: at most fla_sequences (a CUDA target), or the scan group's bound
-        mlp = max(mlp, linear_core_peak_bytes(shape, tokens, dtype_bytes, sequences or fla_sequences, paged))
-        if fla_sequences:
-            mlp = max(mlp, fla_core_peak_bytes(shape, tokens, min(fla_sequences, tokens), dtype_bytes, paged))
+    if shape.linear_layers and fla_sequences:
+        mlp = max(mlp, fla_core_peak_bytes(shape, tokens, min(fla_sequences, tokens), dtype_bytes, paged))
+    elif shape.linear_layers:
+        mlp = max(mlp, linear_core_peak_bytes(shape, tokens, dtype_bytes, sequences, paged))
     if reference_sequence_tokens == 0:
         return mlp
     sequence = min(reference_sequence_tokens, tokens)
@@ -273,10 +273,11 @@ def mlp_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int
     return tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
 
 
-def decode_step_workspace_bytes(shape: ModelShape, rows: int, dtype_bytes: int) -> int:
-    """A CUDA decode step's no-grad peak over `rows` sequences: an MLP's, or a linear-attention layer's in-place
-    step (a decode step never runs the chunked core)."""
-    return max(mlp_workspace_bytes(shape, rows, dtype_bytes), linear_decode_peak_bytes(shape, rows, dtype_bytes, True))
+def decode_step_workspace_bytes(shape: ModelShape, rows: int, dtype_bytes: int, in_place: bool) -> int:
+    """A CUDA decode step's no-grad peak over `rows` sequences: an MLP's, or a linear-attention layer's step (in
+    place with the fla core; a decode step never runs the chunked core)."""
+    return max(mlp_workspace_bytes(shape, rows, dtype_bytes),
+               linear_decode_peak_bytes(shape, rows, dtype_bytes, in_place))
 
 
 LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (tests/test_saved_bytes.py checks they agree)

@@ -89,7 +89,7 @@ def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]
         counts.teacher_sequence_tokens if teacher.attention_fallback else 0 for teacher in teachers)]
     models = zip([student, *(t.shape for t in teachers)],
                  [facts.student_dtype_bytes, *(t.dtype_bytes for t in teachers)], reference)
-    fla = counts.prompts if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    fla = counts.prompts if facts.fla_linear_core else 0  # sequences sharing a forward (fla's chunk states)
     workspace = max(sizing.forward_workspace_bytes(shape, model_tokens, dtype_bytes, fallback, fla_sequences=fla)
                     for (shape, dtype_bytes, fallback), model_tokens
                     in zip(models, [tokens, *(teacher_tokens for _ in teachers)]))
@@ -113,12 +113,12 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                  f"{stage_name}.max_new_tokens", keys["page_size"])
     # Hybrid SFT: the student also answers after each prompt's gold prefix (opdgraph.runtime.gold_prefix_eval).
     gold = " + gold_prefix_max_tokens" if facts.gold_keys else ""
-    fla = counts.concurrent_seqs if facts.targets_cuda else 0  # sequences sharing a forward (fla's chunk states)
+    fla = counts.concurrent_seqs if facts.fla_linear_core else 0  # sequences sharing a forward (fla's chunk states)
     rows = min(counts.concurrent_seqs, facts.prefill_token_budget)  # a prefill may hold every running sequence
     generate = max(max(sizing.forward_workspace_bytes(shape, facts.prefill_token_budget, dtype_bytes,
                                                       fla_sequences=fla, paged=True, sequences=rows),
                        sizing.linear_decode_peak_bytes(shape, counts.concurrent_seqs + 1, dtype_bytes,
-                                                       facts.targets_cuda))
+                                                       facts.fla_linear_core))
                    + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab)
                    for shape, dtype_bytes in [(facts.student_shape, facts.student_dtype_bytes),
                                               *((t.shape, t.dtype_bytes) for t in answering)])

@@ -111,9 +111,9 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                    " + L x (q + 2 kv) x (h + bias) x d (stacked q/k/v of the fused GPU rollout)" if stacked else "")),
         buffer(f"{stage_name}.workspace", "workspace",
                max(sizing.forward_workspace_bytes(shape, config.prefill_token_budget, dtype_bytes,
-                                                  fla_sequences=counts.concurrent_seqs if facts.targets_cuda else 0,
+                                                  fla_sequences=counts.concurrent_seqs if facts.fla_linear_core else 0,
                                                   paged=True, sequences=prefill_rows),
-                   sizing.linear_decode_peak_bytes(shape, config.max_num_seqs, dtype_bytes, facts.targets_cuda))
+                   sizing.linear_decode_peak_bytes(shape, config.max_num_seqs, dtype_bytes, facts.fla_linear_core))
                + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
                (f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs", *facts.student_keys),
                formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs "

@@ -141,13 +141,12 @@ PAGED_FORWARDS = [
 ]
 
 
-@pytest.mark.parametrize("fast", ["fla", "torch core, in-place decode"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_prefill_and_decode_carry_the_state_like_the_torch_core(dtype, fast):
+def test_paged_prefill_and_decode_carry_the_state_like_the_torch_core(dtype):
     """If this fails, a prefill chunk does not continue from its slot's conv window and state, a fresh sequence does
-    not start from zeros, the state written back is another than the torch core's, or decode steps diverge (fla's
-    core, or the torch core with the in-place decode kernel: CUDA without fla)."""
-    backend = FlaLinearAttention() if fast == "fla" else fla_linear_attention.TorchCoreInPlaceDecode()
+    not start from zeros, the state written back is another than the torch core's, or decode steps (the in-place
+    kernel) diverge."""
+    backend = FlaLinearAttention()
     states = {name: LinearLayerState.allocate(5, DIMS, dtype, DEVICE) for name in ("torch", "fla")}
     for state in states.values():  # stale contents: a fresh sequence must ignore them
         state.conv.normal_(generator=torch.Generator(DEVICE).manual_seed(1))

@@ -91,20 +91,18 @@ def test_flashinfer_graphs_and_bursts_cover_hybrid_models(core, burst_steps):
 
 @needs_fla
 @needs_flashinfer
-def test_rollout_tokens_equal_between_cores_in_graphs():
-    """If this fails, the fla core's decode step or prefill gives a bf16 rollout other tokens than the torch core
-    beyond near-ties: both runs replay the same graphs with only the linear core swapped."""
-    results = {}
-    for core in CORES:
-        model = hybrid_model(torch.bfloat16, core)
-        engine = make_engine(model, attention="flashinfer", cuda_graphs=True, decode_burst_steps=16)
-        results[core] = engine.generate(requests_for(SamplingParams(max_new_tokens=32, greedy=True)))
-    same = sum(a == b for ours, ref in zip(results["fla"], results["torch"])
-               for a, b in zip(ours.token_ids, ref.token_ids))
-    total = sum(len(r.token_ids) for r in results["torch"])
-    first = [r.token_ids[:4] for r in results["fla"]] == [r.token_ids[:4] for r in results["torch"]]
-    print(f"\nfla vs torch core: {same}/{total} tokens equal position by position, first 4 equal: {first}")
-    assert first and same >= 0.5 * total
+def test_fla_rollout_is_the_torch_cores_argmax_in_graphs():
+    """If this fails, the fla core's prefill or decode step gives a bf16 rollout in graphs other tokens or log-probs
+    than the torch core's model would (the reference: the fla rollout's tokens teacher-forced through the same
+    weights on the torch core; near-ties may flip a few tokens, so tokens are not compared position by position
+    between two free-running rollouts)."""
+    fla_model = hybrid_model(torch.bfloat16, "fla")
+    engine = make_engine(fla_model, attention="flashinfer", cuda_graphs=True, decode_burst_steps=16)
+    responses = engine.generate(requests_for(SamplingParams(max_new_tokens=32, greedy=True)))
+    rate, max_error = agreement(hybrid_model(torch.bfloat16, "torch"), responses)
+    print(f"\nfla rollout vs the torch core's teacher-forced argmax: agreement {rate:.4f}, max log-prob error "
+          f"{max_error:.4f}")
+    assert rate >= 0.9 and max_error <= 0.15
 
 
 @needs_fla

@@ -1,0 +1,104 @@
+"""Which tensors are alive at the peak of a no-grad forward of one Qwen3.5-0.8B linear-attention layer on fla's core.
+
+The probe behind sizing.fla_core_peak_bytes: it records the CUDA allocator's history around the second forward (the
+first compiles and autotunes), replays the alloc/free events to find the moment of the peak, and prints every block
+alive then with its size and the innermost frames of our code and fla's that allocated it, beside the plan's number.
+Needs CUDA and fla. Not a test.
+
+    python benchmarks/fla_peak_probe.py [--lengths 2048 --lengths 100,37,1000,3,908] [--out probe.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+def layer_model():
+    from opdgraph.kernels.fla_linear_attention import FlaLinearAttention
+    from opdgraph.model_shapes import shape_from_hf_config
+    from opdgraph.models import load_decoder
+
+    config = json.loads((ROOT / "opdgraph" / "model_configs" / "qwen3.5-0.8b-text.json").read_text())
+    config.update(num_hidden_layers=1, layer_types=["linear_attention"], vocab_size=512)
+    model = load_decoder(config, dtype=torch.bfloat16, device="cuda", init_device="device")
+    model.set_linear_attention_backend(FlaLinearAttention())
+    return model, shape_from_hf_config(config)
+
+
+def frames_of(event) -> str:
+    """The innermost frames of ours and fla's (file:line function), innermost first."""
+    kept = [f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}" for frame in event.get("frames", [])
+            if any(part in frame["filename"] for part in ("/fla/", "opdgraph", "/kernels/", "/models/"))]
+    return " < ".join(kept[:4]) or "(no frame of ours)"
+
+
+def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
+    """Replay the allocator's events: (peak bytes above the start, the blocks alive at that moment)."""
+    live: dict[int, dict] = {}
+    current = peak = 0
+    at_peak: list[dict] = []
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event["action"] in ("free_completed",) and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+    return peak, at_peak
+
+
+def probe(model, shape, lengths: tuple[int, ...]) -> str:
+    from opdgraph import sizing
+    from opdgraph.models.attention_metadata import PackedMetadata
+
+    tokens = sum(lengths)
+    ids = torch.randint(0, 512, (tokens,), device="cuda")
+    positions = torch.cat([torch.arange(length) for length in lengths]).cuda()
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
+    meta = PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+    with torch.no_grad():
+        model.forward_hidden(ids, positions, meta)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=100000)
+        model.forward_hidden(ids, positions, meta)
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    measured = torch.cuda.max_memory_allocated() - base
+    planned = sizing.fla_core_peak_bytes(shape, tokens, len(lengths), 2, paged=False)
+    trace = [event for device in snapshot["device_traces"] for event in device]
+    replayed, blocks = live_at_peak(trace)
+    lines = [f"lengths {lengths}: measured {measured / MIB:.3f} MiB, replayed {replayed / MIB:.3f} MiB, plan "
+             f"{planned / MIB:.3f} MiB ({(planned - measured) / MIB:+.3f}); {len(blocks)} blocks alive at the peak:"]
+    for block in sorted(blocks, key=lambda event: -event["size"]):
+        lines.append(f"  {block['size']:>11,d} B  {block['size'] / tokens:>9.1f} B/token  {frames_of(block)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", action="append", help="comma-separated packed lengths (repeatable)")
+    parser.add_argument("--out", help="also write the report here")
+    args = parser.parse_args()
+    cases = [tuple(int(n) for n in text.split(",")) for text in (args.lengths or
+             ["2048", "512,512,512,512", "100,37,1000,3,908"])]
+    model, shape = layer_model()
+    report = "\n\n".join(probe(model, shape, lengths) for lengths in cases)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n{report}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
