@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import attrs
 
-TEACHER_KIND = "teacher_score"
 HIDDEN = "teacher_hidden"
 FUSED_LOOP = "train_micro_batch"  # the one micro-batch loop of the fused stages (pipeline.fuse_training)
 
 
-def short_name(stage_name: str, kind: str = TEACHER_KIND) -> str:
+def short_name(stage_name: str, kind: str) -> str:
     """'' for the stage named after its kind, 'math' for 'teacher_score.math', else the stage's own name."""
     if stage_name == kind:
         return ""
     return stage_name[len(kind) + 1:] if stage_name.startswith(kind + ".") else stage_name
 
 
-def derived_value(base: str, stage_name: str, kind: str = TEACHER_KIND) -> str:
+def derived_value(base: str, stage_name: str, kind: str) -> str:
     """The value a stage writes: `base` for the stage named after its kind, `base.<short name>` otherwise."""
     short = short_name(stage_name, kind)
     return f"{base}.{short}" if short else base
@@ -44,6 +43,7 @@ def derived_value(base: str, stage_name: str, kind: str = TEACHER_KIND) -> str:
 @attrs.frozen(kw_only=True)
 class TeacherSpec:
     stage: str  # the stage's table name
+    short: str  # its short name ('' for the stage named after its kind, 'math' for [teacher_score.math])
     model: str  # the [models.<name>] it names
     weights: str  # the model prefix of its weights buffer (`<weights>.weights`)
     self_teacher: bool  # it names the student
@@ -56,7 +56,7 @@ class TeacherSpec:
 
     @property
     def group(self) -> str:
-        return short_name(self.stage) or self.stage
+        return self.short or self.stage
 
 
 @attrs.frozen(kw_only=True)
@@ -84,24 +84,11 @@ def student_name(models: dict) -> str | None:
 
 
 def teacher_specs(models: dict, stages: dict, data_prompt_tokens: int) -> list[TeacherSpec]:
-    """The teacher stages in table order (the compiler orders them by the stage graph, ties by name)."""
-    student = student_name(models)
-    specs = []
-    for name, stage in stages.items():
-        if stage.kind != TEACHER_KIND:
-            continue
-        config = stage.config
-        self_teacher = config.model == student
-        frozen = config.frozen is not False
-        context = bool(config.system_prompt or config.context_field)
-        specs.append(TeacherSpec(
-            stage=name, model=config.model,
-            weights=(f"{student}.initial" if frozen else student) if self_teacher else config.model,
-            self_teacher=self_teacher, own_weights=not self_teacher or frozen,
-            hidden=derived_value(HIDDEN, name), routes=tuple(config.route) or (short_name(name) or name,),
-            mixture_weight=config.mixture_weight, prompt_tokens=config.max_prompt_tokens or data_prompt_tokens,
-            has_context=context))
-    return specs
+    """The teacher stages in table order (the compiler orders them by the stage graph, ties by name): every stage
+    whose kind scores with a teacher (its module's `teacher_spec` hook: opdgraph.stages.teacher_specs_of)."""
+    from opdgraph.stages import teacher_specs_of  # the stage modules import this module: imported when called
+
+    return teacher_specs_of(stages, models, data_prompt_tokens)
 
 
 def route_field(stages: dict) -> str:

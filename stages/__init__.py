@@ -17,7 +17,10 @@ settings that size the whole training step (opdgraph.counts: max_new_tokens, mic
 name (`named_settings`) so the generic compiler never asks which kind owns one; `run_settings(config)` likewise
 for the run loop (opdgraph.runtime.run: the progress line, checkpoint retention). `BACKWARD_READS` (values) and
 `backward_buffers(stage_name, facts)` (their plan buffers): what the backward reads of this stage beside the loss's
-gradient (`backward_values_of`, `backward_buffers_of`; the sft stage's gold-prefix gradient).
+gradient (`backward_values_of`, `backward_buffers_of`; the sft stage's gold-prefix gradient). `teacher_spec(
+stage_name, config, models, data_prompt_tokens)`: the stage scores the responses with a teacher (an
+opdgraph.teachers.TeacherSpec); the loss reads what such stages write, and the planner and the runtime find the
+teachers by this hook (`teacher_specs_of`, `teacher_values_of`), not by a kind's name.
 How it runs (opdgraph.runtime.executor): `bind(stage_name, config, run)` names, once per run, the models and run
 objects its calls use; `execute(step, config, inputs)` runs one of its plan steps on an
 opdgraph.runtime.stage_inputs.StageInputs (those models, the plan buffers it declares, the loop iteration, a few
@@ -155,6 +158,19 @@ def backward_buffers_of(facts) -> tuple[str, ...]:
     """The buffers behind backward_values_of in the plan: each such stage's `backward_buffers(stage_name, facts)`."""
     return tuple(buffer for kind, name in facts.stage_names.items()
                  for buffer in getattr(stage_module(kind), "backward_buffers", lambda stage, facts: ())(name, facts))
+
+
+def teacher_specs_of(stages: dict, models: dict, data_prompt_tokens: int) -> list:
+    """Every stage that scores with a teacher, in table order, as opdgraph.teachers.TeacherSpecs: the stages whose
+    kind module has `teacher_spec(stage_name, config, models, data_prompt_tokens)`."""
+    return [stage_module(stage.kind).teacher_spec(name, stage.config, models, data_prompt_tokens)
+            for name, stage in stages.items() if hasattr(stage_module(stage.kind), "teacher_spec")]
+
+
+def teacher_values_of(stages: dict) -> tuple[str, ...]:
+    """What the teacher stages (teacher_specs_of) write: the values the loss reads, named by their own kind."""
+    return tuple(value for name, stage in stages.items() if hasattr(stage_module(stage.kind), "teacher_spec")
+                 for value in stage_kind(stage.kind).values(name, stage.config, stages)[1])
 
 
 def _nothing(empty: type) -> Callable:

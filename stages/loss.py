@@ -52,11 +52,10 @@ class Config:
 
 
 def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Reads every teacher stage's hidden states."""
-    from opdgraph.teachers import HIDDEN, TEACHER_KIND, derived_value
+    """Reads what every teacher stage writes (opdgraph.stages.teacher_values_of)."""
+    from opdgraph.stages import teacher_values_of  # the registry imports this module: imported when called
 
-    teachers = [derived_value(HIDDEN, name) for name, stage in stages.items() if stage.kind == TEACHER_KIND]
-    return ("responses", *(teachers or ["teacher_hidden"])), WRITES
+    return ("responses", *(teacher_values_of(stages) or ["teacher_hidden"])), WRITES
 
 
 def step_settings(config: Config) -> dict[str, object]:

@@ -18,12 +18,13 @@ from opdgraph import work as W
 from opdgraph.config.fields import non_negative, positive, setting, unit_interval
 from opdgraph.drafts import TEACHER_FORWARD, Draft, buffer
 from opdgraph.plan import Buffer
-from opdgraph.teachers import short_name, student_name
+from opdgraph.teachers import HIDDEN, TeacherSpec, derived_value, short_name, student_name
 
 if TYPE_CHECKING:  # the compiler's facts and the runtime's inputs; types only, so importing a stage stays light
     from opdgraph.runtime.stage_inputs import StageInputs
     from opdgraph.stage_plan import StageFacts
 
+KIND = "teacher_score"  # this module's kind: the short names of [teacher_score.<name>] tables derive from it
 READS = ("responses",)
 MICRO_BATCH = True  # runs once per training micro-batch (fused with the other such stages into one loop)
 WRITES = ("teacher_hidden",)
@@ -75,9 +76,25 @@ class Config:
 
 def values(stage_name: str, config: Config, stages: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Writes `teacher_hidden` (the stage named after its kind) or `teacher_hidden.<short name>`."""
-    from opdgraph.teachers import HIDDEN, derived_value
+    return READS, (derived_value(HIDDEN, stage_name, KIND),)
 
-    return READS, (derived_value(HIDDEN, stage_name),)
+
+def teacher_spec(stage_name: str, config: Config, models: dict, data_prompt_tokens: int) -> TeacherSpec:
+    """This stage as the planner, the config checks and the runtime see a teacher (opdgraph.teachers): the model it
+    names, whose weights it scores with (a frozen self-teacher: a copy of the initial student's), the value it
+    writes, its routes, mixture weight and prompt limit."""
+    student = student_name(models)
+    self_teacher = config.model == student
+    frozen = config.frozen is not False
+    short = short_name(stage_name, KIND)
+    return TeacherSpec(
+        stage=stage_name, short=short, model=config.model,
+        weights=(f"{student}.initial" if frozen else student) if self_teacher else config.model,
+        self_teacher=self_teacher, own_weights=not self_teacher or frozen,
+        hidden=derived_value(HIDDEN, stage_name, KIND),
+        routes=tuple(config.route) or (short or stage_name,), mixture_weight=config.mixture_weight,
+        prompt_tokens=config.max_prompt_tokens or data_prompt_tokens,
+        has_context=bool(config.system_prompt or config.context_field))
 
 
 def step_settings(config: Config) -> dict[str, int]:
@@ -151,7 +168,7 @@ def _check_combination(route, teachers, problem, problems) -> None:
     if field:
         owners: dict[str, str] = {}
         for name, config in teachers.items():
-            for value in config.route or [short_name(name) or name]:
+            for value in config.route or [short_name(name, KIND) or name]:
                 if value in owners:
                     problems.append(problem(f"{name}.route", (
                         f"route value {value!r} is scored by both [{owners[value]}] and [{name}]; each value needs "

@@ -68,7 +68,7 @@ TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 
 def test_eval_behaviour_setting():
     """If this fails, `[eval] behaviour` is not optional, or an unknown behaviour is accepted silently."""
-    assert load_pipeline(TINY).stage("eval").config.behaviour is None
-    assert load_pipeline(TINY, ["eval.behaviour=french"]).stage("eval").config.behaviour == "french"
+    assert load_pipeline(TINY).stages["eval"].config.behaviour is None
+    assert load_pipeline(TINY, ["eval.behaviour=french"]).stages["eval"].config.behaviour == "french"
     with pytest.raises(ConfigError, match="eval.behaviour"):
         load_pipeline(TINY, ["eval.behaviour=spanish"])

@@ -154,7 +154,7 @@ def test_coercion_guards(tmp_path, field, literal, accepted):
 def test_int_for_float_becomes_float(tmp_path):
     """If this fails, an integer given for a float field stays an int (or is rejected)."""
     cfg = load_pipeline(str(write_case(tmp_path, [("lr = 0.001", "lr = 1")])))
-    assert type(cfg.stage("step").config.lr) is float and cfg.stage("step").config.lr == 1.0
+    assert type(cfg.stages["step"].config.lr) is float and cfg.stages["step"].config.lr == 1.0
 
 
 def test_all_problems_reported_in_one_pass(tmp_path):

@@ -45,7 +45,7 @@ def test_set_wins_over_file_and_parses_toml_literals():
     cfg = load_pipeline(str(PIPELINES / "tiny.toml"), [
         "rollout.max_new_tokens=48", "rollout.backend=torch", "data.train_files=[\"data/tiny_train.jsonl\", \"data/tiny_eval.jsonl\"]",
         "pipeline.memory_budget_gib=2", "rollout.max_new_tokens=40"])
-    rollout = cfg.stage("rollout").config
+    rollout = cfg.stages["rollout"].config
     assert rollout.max_new_tokens == 40  # the last --set wins
     assert rollout.backend == "torch"  # a bare word is a string
     assert cfg.data.train_files == ["data/tiny_train.jsonl", "data/tiny_eval.jsonl"]

@@ -135,8 +135,8 @@ def test_applied_config_is_what_the_plan_used():
     """If this fails, the config handed to the runtime differs from the one the chosen plan was compiled from
     (the runtime would run other sizes than the plan predicts)."""
     _, result = fit()
-    assert result.cfg.stage("backward").config.activation_checkpointing == result.decisions.activation_checkpointing
-    assert result.cfg.stage("teacher_score").config.micro_batch_tokens == result.decisions.micro_batch_tokens
+    assert result.cfg.stages["backward"].config.activation_checkpointing == result.decisions.activation_checkpointing
+    assert result.cfg.stages["teacher_score"].config.micro_batch_tokens == result.decisions.micro_batch_tokens
     assert result.cfg.provenance["teacher_score.micro_batch_tokens"] == "fit"  # the search changed it
     recompiled = compile_plan(result.cfg, result.decisions.placement)
     assert recompiled.peak_bytes == result.plan.peak_bytes and recompiled.step_seconds == result.plan.step_seconds

@@ -85,7 +85,7 @@ def _teachers(model) -> dict:
     from opdgraph.runtime.teachers import TeacherRuntime
     from opdgraph.teachers import TeacherSpec
 
-    spec = TeacherSpec(stage="teacher_score", model="teacher", weights="teacher", self_teacher=False,
+    spec = TeacherSpec(stage="teacher_score", short="", model="teacher", weights="teacher", self_teacher=False,
                        own_weights=True, hidden="teacher_hidden", routes=("teacher_score",), mixture_weight=None,
                        prompt_tokens=0, has_context=False)
     return {"teacher_score": TeacherRuntime(spec=spec, model=model)}
@@ -305,7 +305,7 @@ def test_the_rollout_workspace_plans_a_prefill_of_every_running_sequence():
     from opdgraph.config.loader import load_pipeline
 
     cfg = load_pipeline(str(pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "qwen35_0b8_from_4b.toml"), ["pipeline.device=cpu"])
-    plan, rollout = compile_plan(cfg), cfg.stage("rollout").config
+    plan, rollout = compile_plan(cfg), cfg.stages["rollout"].config
     shape = cfg.shapes[cfg.model_with_role("student")]
     rows = min(plan.facts["rollout.concurrent_seqs"], rollout.prefill_token_budget)
     needed = sizing.linear_core_peak_bytes(shape, rollout.prefill_token_budget, 2, rows, paged=True)
@@ -550,7 +550,8 @@ def _mixture_loss_inputs(divergence: str):
     teachers = {}
     for stage, hidden, weight, model in (("teacher_score", "teacher_hidden", 0.7, first),
                                          ("teacher_score.b", "teacher_hidden.b", 0.3, second)):
-        spec = TeacherSpec(stage=stage, model=stage, weights=stage, self_teacher=False, own_weights=True,
+        spec = TeacherSpec(stage=stage, short=stage.partition(".")[2], model=stage, weights=stage, self_teacher=False,
+                           own_weights=True,
                            hidden=hidden, routes=(stage,), mixture_weight=weight, prompt_tokens=0, has_context=False)
         teachers[stage] = TeacherRuntime(spec=spec, model=model)
     return config, StageInputs(step=None, loop=loop, values=inputs.values, run=inputs.run,

@@ -235,12 +235,5 @@ class PipelineConfig:
     shapes: dict[str, ModelShape]
     provenance: dict[str, str] = attrs.field(eq=False)
 
-    def stages_of_kind(self, kind: str) -> list[StageEntry]:
-        return [stage for stage in self.stages.values() if stage.kind == kind]
-
-    def stage(self, kind: str) -> StageEntry | None:
-        found = self.stages_of_kind(kind)
-        return found[0] if found else None
-
     def model_with_role(self, role: str) -> str:
         return next(name for name, model in self.models.items() if model.role == role)
