@@ -58,13 +58,10 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
 
 def probe(model, shape, lengths: tuple[int, ...]) -> str:
     from opdgraph import sizing
-    from opdgraph.models.attention_metadata import PackedMetadata
+    from opdgraph.models.packing import pack
 
     tokens = sum(lengths)
-    ids = torch.randint(0, 512, (tokens,), device="cuda")
-    positions = torch.cat([torch.arange(length) for length in lengths]).cuda()
-    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
-    meta = PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+    ids, positions, meta = pack([torch.randint(0, 512, (length,)).tolist() for length in lengths], "cuda")
     with torch.no_grad():
         model.forward_hidden(ids, positions, meta)
         torch.cuda.synchronize()

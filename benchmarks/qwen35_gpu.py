@@ -134,14 +134,11 @@ def core(name: str):
 
 # ------------------------------------------------------------------------------------------------------ core
 def packed_batch(vocab: int):
-    from opdgraph.models.attention_metadata import PackedMetadata
+    from opdgraph.models.packing import pack
 
     generator = torch.Generator().manual_seed(0)
-    lengths = lengths_used()
-    ids = torch.randint(0, vocab, (sum(lengths),), generator=generator).to(device())
-    positions = torch.cat([torch.arange(length) for length in lengths]).to(device())
-    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(device())
-    return ids, positions, PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+    ids = torch.randint(0, vocab, (sum(lengths_used()),), generator=generator)
+    return pack([part.tolist() for part in ids.split(lengths_used())], device())
 
 
 def lengths_used() -> list[int]:

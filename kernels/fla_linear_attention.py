@@ -174,9 +174,9 @@ class FlaLinearAttention:
 def linear_backend_problem(device: torch.device | str) -> str | None:
     """Why the fla core does not run for models on `device` (None: it does); a DeviceError where the plan sizes the
     fla core (planned_paths.fla_linear_core) and fla does not import."""
-    if not fla_linear_core(str(torch.device(device))):
-        return f"{LINEAR_CORE_ENVIRONMENT}=torch" if torch.device(device).type == "cuda" else \
-            f"tensors on {torch.device(device).type}"
+    kind = torch.device(device).type
+    if not fla_linear_core(kind):
+        return f"{LINEAR_CORE_ENVIRONMENT}=torch" if kind == "cuda" else f"tensors on {kind}"
     problem = fla_import_problem()
     if problem is not None:
         raise DeviceError(f"the plan sizes flash-linear-attention's core for the linear-attention layers on CUDA, but "

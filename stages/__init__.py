@@ -164,13 +164,18 @@ def teacher_specs_of(stages: dict, models: dict, data_prompt_tokens: int) -> lis
     """Every stage that scores with a teacher, in table order, as opdgraph.teachers.TeacherSpecs: the stages whose
     kind module has `teacher_spec(stage_name, config, models, data_prompt_tokens)`."""
     return [stage_module(stage.kind).teacher_spec(name, stage.config, models, data_prompt_tokens)
-            for name, stage in stages.items() if hasattr(stage_module(stage.kind), "teacher_spec")]
+            for name, stage in _teacher_stages(stages)]
 
 
 def teacher_values_of(stages: dict) -> tuple[str, ...]:
     """What the teacher stages (teacher_specs_of) write: the values the loss reads, named by their own kind."""
-    return tuple(value for name, stage in stages.items() if hasattr(stage_module(stage.kind), "teacher_spec")
+    return tuple(value for name, stage in _teacher_stages(stages)
                  for value in stage_kind(stage.kind).values(name, stage.config, stages)[1])
+
+
+def _teacher_stages(stages: dict) -> list:
+    """(name, entry) of the stages whose kind module has the `teacher_spec` hook, in table order."""
+    return [(name, stage) for name, stage in stages.items() if hasattr(stage_module(stage.kind), "teacher_spec")]
 
 
 def _nothing(empty: type) -> Callable:

@@ -117,7 +117,7 @@ def test_fla_no_grad_peak_is_covered_by_the_plan(lengths):
     import opdgraph
     from opdgraph import sizing
     from opdgraph.model_shapes import shape_from_hf_config
-    from opdgraph.models.attention_metadata import PackedMetadata
+    from opdgraph.models.packing import pack
 
     config = json.loads((pathlib.Path(opdgraph.__file__).parent / "model_configs" / "qwen3.5-0.8b-text.json")
                         .read_text())
@@ -126,10 +126,7 @@ def test_fla_no_grad_peak_is_covered_by_the_plan(lengths):
     model = load_decoder(config, dtype=torch.bfloat16, device="cuda", init_device="device")
     model.set_linear_attention_backend(FlaLinearAttention())
     tokens = sum(lengths)
-    ids = torch.randint(0, 512, (tokens,), device="cuda")
-    positions = torch.cat([torch.arange(length) for length in lengths]).cuda()
-    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
-    meta = PackedMetadata(cu_seqlens=bounds, max_seqlen=max(lengths))
+    ids, positions, meta = pack([torch.randint(0, 512, (length,)).tolist() for length in lengths], "cuda")
     with torch.no_grad():
         model.forward_hidden(ids, positions, meta)  # compile and autotune outside the measurement
         torch.cuda.synchronize()
