@@ -1,6 +1,6 @@
 """Which tensors are alive at the peak of a no-grad forward of one Qwen3.5-0.8B linear-attention layer on fla's core.
 
-The probe behind sizing.fla_core_peak_bytes: it records the CUDA allocator's history around the second forward (the
+The probe behind sizing.fla_core_peak_bytes (the plan's forward workspace with fla): it records the CUDA allocator's history around the second forward (the
 first compiles and autotunes), replays the alloc/free events to find the moment of the peak, and prints every block
 alive then with its size and the innermost frames of our code and fla's that allocated it, beside the plan's number.
 Needs CUDA and fla. Not a test.
@@ -73,7 +73,7 @@ def probe(model, shape, lengths: tuple[int, ...]) -> str:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
     measured = torch.cuda.max_memory_allocated() - base
-    planned = sizing.fla_core_peak_bytes(shape, tokens, len(lengths), 2, paged=False)
+    planned = sizing.forward_workspace_bytes(shape, tokens, 2, fla_sequences=len(lengths))
     trace = [event for device in snapshot["device_traces"] for event in device]
     replayed, blocks = live_at_peak(trace)
     lines = [f"lengths {lengths}: measured {measured / MIB:.3f} MiB, replayed {replayed / MIB:.3f} MiB, plan "

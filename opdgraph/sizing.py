@@ -14,7 +14,7 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
   with checkpointing      T x (L x h x d + a + o)  (layer inputs; one layer recomputed at a time)
 - hidden states           T x h x d   (student final hidden, teacher hidden, and their gradient)
 - logit chunk             chunk_tokens x V_student x 4 x (fp32 [chunk, V] buffers alive at the loss's peak), see below
-- forward workspace       T x ((4 h + 3 i) x d + 4 x head_dim x d)  (no-grad forward, see below)
+- forward workspace       T x ((4 h + 3 i) x d + t)  (no-grad forward, t = the RoPE tables per token, see below)
 
 Placements chosen by the fit search (opdgraph.fit):
 - streamed teacher        resident: embedding, final norm, lm_head (V h (x 2 untied) + h) x d;
@@ -52,10 +52,11 @@ linear-attention layer's plain-torch core instead of an MLP (CPU; a GPU kernel's
 all chunks of all packed sequences at once (models/delta_rule.chunked_packed), each sequence padded to whole chunks
 of C = 64 tokens, in scan groups of at most n = min(N, max(16, ceil(T / C))) sequences (N sequences; unknown: the
 group bound), so P = T + n x (C - 1) padded tokens at most (linear_core_peak_bytes):
-    T x ((2 h + c) x d + Hv x (d + 4)) + T x (4 c + 4 Hv x (2 k_d + v_d + 1))
+    T x ((2 h + c) x d + Hv x (d + 4) + t) + T x (4 c + 4 Hv x (2 k_d + v_d + 1))
       + max(P x Hv x (4 k_d + 3 v_d + 2 C + 35) x 4,  P x Hv x (3 k_d + 2 v_d + C + 1) x 4 + 3 s x Hv x k_d x v_d x 4)
       [+ (5 N + 3 n) x Hv x k_d x v_d x 4, paged]
-the layer's input and norm, the in_proj_qkv output, beta and the decay; the fp32 conv output (v is a view of it),
+the layer's input and norm, the in_proj_qkv output, beta and the decay, the RoPE tables (t, the attention layers'
+that the forward holds throughout); the fp32 conv output (v is a view of it),
 the fp32 q and k, beta in fp32 and the outputs; then the larger of the triangular solve's moment (the padded q, k,
 v, g, beta, G, the decays and A (C x C each), the right-hand sides and U_v, W, and 32 more per padded token and head
 for the solver's copies, read off the CPU allocator) and the scan's (U_v, W, scores, e^G Q, K e^{G_C - G} and 3
@@ -71,12 +72,13 @@ bursts run), and KV pages for the attention layers only.
 On a CUDA target the linear core is flash-linear-attention's (kernels/fla_linear_attention.py; the torch core where
 OPDGRAPH_LINEAR_ATTENTION = torch: opdgraph.planned_paths.fla_linear_core, which the runtime follows too), and the
 workspace holds that core's peak. The fla core's (fla_core_peak_bytes):
-    T x ((2 h + c + Hv) x d + Hv x 4) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
-      + (ceil(T / 64) + N) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
-the layer's input and norm, the in_proj_qkv output, beta and the decay; the conv's output, the contiguous q/k/v
+    T x ((2 h + c + Hv) x d + Hv x 4 + t) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
+      + floor((T + 63 N) / 64) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
+the layer's input and norm, the in_proj_qkv output, beta and the decay, the RoPE tables; the conv's output, the
+contiguous q/k/v
 copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
-head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (N sequences: at
-most one partial chunk each); for a rollout prefill (paged) the N sequences' gathered and final states and conv
+head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (each of the N
+sequences chunked on its own: fla_chunk_bound); for a rollout prefill (paged) the N sequences' gathered and final states and conv
 windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets,
 or OPDGRAPH_LINEAR_ATTENTION = torch) holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered
 states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k (measured at
@@ -84,9 +86,9 @@ states, the decayed and updated ones, and fp32 copies of the conv output and the
 conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore, which
 saves only the core's inputs (tests/test_qwen35_fla.py).
 
-Outside the layers, o = d x (2 h + 2 x head_dim x r) + 4: the final norm's input and rstd, its output (the
-student_activations tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use
-(Gemma 3: sliding and global, 2; others 1). The embedding saves only the token ids of the micro-batch.
+Outside the layers, o = 2 h x d + t + 4: the final norm's input and rstd, its output (the student_activations
+tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use, t = 2 x rotary_dim x r
+x d (Gemma 3: sliding and global, r = 2; others 1: their sliding layers rotate as the full ones, one table). The embedding saves only the token ids of the micro-batch.
 
 Where packed attention falls back to the plain-torch reference (models/attention_backend.py attend_one_sequence: a
 CPU target, an fp32 model, head_dim over 256 or not a multiple of 8; buffers.attention_fallback), it saves, per
@@ -101,12 +103,12 @@ T x S pairs in all: S x (heads x s + 1) bytes per token per layer, S = max_promp
 
 Forward workspace, the no-grad forward's peak (teacher scoring; also the rollout's prefill and decode steps): inside
 a layer's MLP, the layer's input (held by the caller), the residual after attention, the attention output, the
-MLP's input (4 h x d), and gate, act(gate) and up or their product (3 i x d), plus the cos/sin tables of both RoPE
-kinds the model computes (4 x head_dim x d). With FlashAttention that is the largest set of one layer for every
+MLP's input (4 h x d), and gate, act(gate) and up or their product (3 i x d), plus the RoPE tables the forward
+holds throughout (t = 2 x rotary_dim x r x d, the r kinds of o below; kinds of one RoPE share one table). With FlashAttention that is the largest set of one layer for every
 supported family (attention's q, k, v, out and the norms' fp32 copies are smaller: measured in
 tests/test_saved_bytes.py). The reference attention materialises one sequence's scores at a time, and its peak
 (inside the softmax of the last sequence) can be larger:
-    T x (2 h + 2 q + 2 kv + 4 x head_dim) x d + S x q x d + S^2 x (heads x w + 1)
+    T x ((2 h + 2 q + 2 kv) x d + t) + S x q x d + S^2 x (heads x w + 1)
 the layer's input and its norm, q, k, v, the earlier sequences' outputs (T x q x d at most), the cos/sin tables,
 this sequence's K/V repeated to the query heads (2 S x q x d, of which the S x q above is the part beyond T x q),
 and its scores: w = d (masked scores) + 4 (their fp32 copy; none for fp32 models) + 4 (fp32 softmax output), and
@@ -221,14 +223,18 @@ def reference_saved_score_bytes(dtype_bytes: int) -> int:
 
 def rope_table_kinds(shape: ModelShape) -> int:
     """RoPE kinds the layers use: Gemma 3's sliding and global layers have their own (as attention_windows in
-    cuda_overheads.py)."""
+    cuda_overheads.py); elsewhere all attention layers share one table (models/decoder.py _rope_tables)."""
     return 2 if shape.family == "gemma3" else 1
+
+
+def rope_table_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
+    """t of the module docstring: the cos/sin tables, 2 x rotary_dim wide per kind, alive through a whole forward."""
+    return 2 * (shape.rotary_dim or shape.head_dim) * rope_table_kinds(shape) * dtype_bytes
 
 
 def activation_bytes_outside_layers_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     """o of the module docstring: final norm input, rstd and output; the RoPE tables the layers saved."""
-    rotated = shape.rotary_dim or shape.head_dim
-    return (2 * shape.hidden + 2 * rotated * rope_table_kinds(shape)) * dtype_bytes + FP32_BYTES
+    return 2 * shape.hidden * dtype_bytes + rope_table_bytes_per_token(shape, dtype_bytes) + FP32_BYTES
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool,
@@ -262,7 +268,8 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     if reference_sequence_tokens == 0:
         return mlp
     sequence = min(reference_sequence_tokens, tokens)
-    held = tokens * (2 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.head_dim) * dtype_bytes
+    held = tokens * ((2 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim) * dtype_bytes
+                     + rope_table_bytes_per_token(shape, dtype_bytes))
     score_bytes = dtype_bytes + (FP32_BYTES if dtype_bytes != FP32_BYTES else 0) + FP32_BYTES
     scores = sequence * sequence * (shape.heads * score_bytes + MASK_BYTES)
     return max(mlp, held + sequence * shape.q_dim * dtype_bytes + scores)
@@ -270,7 +277,8 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
 
 def mlp_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     """The no-grad forward's peak inside an MLP (module docstring)."""
-    return tokens * (4 * shape.hidden + 3 * shape.intermediate + 4 * shape.head_dim) * dtype_bytes
+    return tokens * ((4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
+                     + rope_table_bytes_per_token(shape, dtype_bytes))
 
 
 def decode_step_workspace_bytes(shape: ModelShape, rows: int, dtype_bytes: int, in_place: bool) -> int:
@@ -298,7 +306,8 @@ def linear_core_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, seq
     heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
     chunk, group = LINEAR_CHUNK_TOKENS, linear_scan_group(tokens, sequences)
     padded = tokens + group * (chunk - 1) if padded_tokens is None else padded_tokens
-    held = tokens * ((2 * shape.hidden + shape.conv_dim) * dtype_bytes + heads * (dtype_bytes + FP32_BYTES))
+    held = tokens * ((2 * shape.hidden + shape.conv_dim) * dtype_bytes + heads * (dtype_bytes + FP32_BYTES)
+                     + rope_table_bytes_per_token(shape, dtype_bytes))
     heads_fp32 = tokens * (shape.conv_dim + heads * (2 * key_dim + value_dim + 1)) * FP32_BYTES
     state = heads * key_dim * value_dim * FP32_BYTES
     solve = padded * heads * (4 * key_dim + 3 * value_dim + 3 + 2 * chunk + LINEAR_SOLVE_EXTRA) * FP32_BYTES
@@ -308,14 +317,22 @@ def linear_core_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, seq
     return held + heads_fp32 + max(solve, scan) + rows
 
 
+def fla_chunk_bound(tokens: int, sequences: int) -> int:
+    """The most 64-token chunks N sequences of T tokens in all split into, each chunked on its own: the sum of
+    ceil(l / 64) over lengths l is at most (T + 63 N) / 64 (every sequence pads less than a chunk), reached when all
+    but one are a token past a whole chunk."""
+    return (tokens + (LINEAR_CHUNK_TOKENS - 1) * max(sequences, 1)) // LINEAR_CHUNK_TOKENS
+
+
 def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_bytes: int, paged: bool) -> int:
     """The no-grad peak inside a linear-attention layer's flash-linear-attention core (module docstring)."""
     heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
-    held = tokens * ((2 * shape.hidden + shape.conv_dim + heads) * dtype_bytes + heads * FP32_BYTES)
+    held = tokens * ((2 * shape.hidden + shape.conv_dim + heads) * dtype_bytes + heads * FP32_BYTES
+                     + rope_table_bytes_per_token(shape, dtype_bytes))
     per_token = ((2 * shape.conv_dim + 2 * shape.linear_key_dim + heads * (LINEAR_CHUNK_TOKENS + key_dim
                                                                           + 3 * value_dim)) * dtype_bytes
                  + (2 * shape.linear_key_heads + heads) * FP32_BYTES)
-    chunks = math.ceil(tokens / LINEAR_CHUNK_TOKENS) + sequences  # each sequence ends with a partial chunk at most
+    chunks = fla_chunk_bound(tokens, sequences)
     states = chunks * heads * key_dim * value_dim * dtype_bytes
     if paged:  # the sequences' gathered and final states, and conv windows in fla's [N, C, K] layout
         states += sequences * (2 * heads * key_dim * value_dim * FP32_BYTES

@@ -53,6 +53,12 @@ class DecoderLM(nn.Module):
         # Inverse frequencies are derived, not state: computed once on the CPU (float32) and kept out of the state
         # dict so that .to(bfloat16) can never round them.
         self._inv_freq = {kind: inverse_frequencies(spec, config.rope_dim) for kind, spec in config.rope.items()}
+        # The cos/sin tables a forward builds: one per RoPE the attention layers use, shared by the kinds that have
+        # the same one (a Qwen2 sliding layer rotates as a full one), so none is computed or held twice
+        # (sizing.rope_table_kinds plans the same count).
+        used = [kind for kind in config.rope if kind in config.layer_types]
+        self._rope_table_source = {kind: next(first for first in used if config.rope[first] == config.rope[kind])
+                                   for kind in used}
         self._inv_freq_by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.use_fused_decode_kernels = False
 
@@ -91,7 +97,10 @@ class DecoderLM(nn.Module):
         return hidden
 
     def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {kind: cos_sin(inv_freq, positions, self.dtype) for kind, inv_freq in self._inv_freq.items()}
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kind, source in self._rope_table_source.items():  # a source kind comes first in this order
+            tables[kind] = tables[source] if source != kind else cos_sin(self._inv_freq[kind], positions, self.dtype)
+        return tables
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PackedMetadata,
                        activation_checkpointing: bool = False) -> torch.Tensor:
