@@ -119,14 +119,15 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
                 f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
-    from opdgraph.planned_paths import fla_linear_core  # planned_paths imports this module: imported when called
+    # planned_paths imports this module: imported when called
+    from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, linear_core
 
+    pool_keys = (*backend_keys, f"{rollout}.max_num_seqs", *student_keys)
     buffers.append(Buffer(
         name=f"{rollout}.decode_graph_pool", category="workspace",
-        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, fla_linear_core(cfg.pipeline.device))
-        + sizing.decode_logits_bytes(
-            largest, shape.vocab),
-        sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="transient",
+        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, linear_core(cfg) == "fla")
+        + sizing.decode_logits_bytes(largest, shape.vocab),
+        sized_by=(*pool_keys, LINEAR_CORE_ENVIRONMENT) if shape.linear_layers else pool_keys, lifetime="transient",
         formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "
                 "activations and fp32 logits, reserved by the graphs' private pool"))
     return buffers

@@ -4,9 +4,9 @@ and that the plan sizes the same core (opdgraph.planned_paths.fla_linear_core).
 fla's core on CUDA, the torch core on the CPU; OPDGRAPH_LINEAR_ATTENTION = torch plans and runs the torch core, = fla
 requires fla's (a CPU target is a DeviceError, in the plan and at startup), a CUDA run whose fla does not import
 stops at startup, before any weights load, with a DeviceError (not another core than the plan's), anything else in
-the variable is refused. The run log names the core (engine_setup's use_packed_attention, the line after "packed
-attention: ..."). The numbers of the fla core are tested in test_qwen35_fla.py (interpreted on CPU, compiled on a
-GPU).
+the variable is refused. The plan says which core it sized and lists the variable among the workspaces' sizing keys;
+the run log names the core (engine_setup's use_packed_attention, the line after "packed attention: ..."). The
+numbers of the fla core are tested in test_qwen35_fla.py (interpreted on CPU, compiled on a GPU).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from opdgraph.models import load_decoder
 from opdgraph.models.linear_attention_backend import TorchLinearAttention
 from opdgraph.models.tiny_configs import tiny_config
 from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT
+from opdgraph.render import render_json, render_text
 from opdgraph.runtime import startup
 from opdgraph.runtime.engine_setup import use_packed_attention
 
@@ -35,6 +36,7 @@ PIPELINE = PIPELINES / "qwen35_0b8_from_4b.toml"
 # tiny.toml with Qwen3.5 models (4 layers, 3 of them gated-DeltaNet), as tests/test_qwen35_run.py builds it.
 HYBRID = ('model_type = "qwen3_5_text", num_hidden_layers = 4, head_dim = 16, linear_num_key_heads = 2, '
           'linear_num_value_heads = 4, linear_key_head_dim = 16, linear_value_head_dim = 8, ')
+WORKSPACES = ("rollout.workspace", "teacher_score.workspace", "eval.workspace")
 
 
 def _tiny_qwen35(tmp_path: Path) -> Path:
@@ -135,7 +137,8 @@ def test_fla_required_on_a_cpu_target_is_an_error_in_plan_and_runtime(fla_import
     assert main(["plan", str(pipeline), "--set", "pipeline.device=cpu"]) == 2
     err = capsys.readouterr().err
     assert "=fla requires flash-linear-attention" in err and "Traceback" not in err, err
-    compile_plan(load_pipeline(str(PIPELINES / "tiny.toml"), ["pipeline.device=\"cpu\""]))  # no linear layers
+    plain = compile_plan(load_pipeline(str(PIPELINES / "tiny.toml"), ["pipeline.device=\"cpu\""]))
+    assert "linear_attention_core" not in plain.facts
 
 
 def _run_check(pipeline: Path, tmp_path: Path, monkeypatch, device: str) -> int:
@@ -170,3 +173,27 @@ def test_startup_refuses_fla_when_auto_runs_on_the_cpu(fla_importable, monkeypat
     err = capsys.readouterr().err
     assert "=fla requires flash-linear-attention" in err and "Traceback" not in err, err
 
+
+@pytest.mark.parametrize("setting, core", [(None, "fla"), ("fla", "fla"), ("torch", "torch")])
+def test_the_plan_shows_the_core_it_sized(monkeypatch, tmp_path, setting, core):
+    """If this fails, the plan of a Qwen3.5 pipeline does not say which linear-attention core it sized, or its
+    workspaces do not list OPDGRAPH_LINEAR_ATTENTION (and the device) among what sized them."""
+    if setting is None:
+        monkeypatch.delenv(LINEAR_CORE_ENVIRONMENT, raising=False)
+    else:
+        monkeypatch.setenv(LINEAR_CORE_ENVIRONMENT, setting)
+    plan = compile_plan(load_pipeline(str(_tiny_qwen35(tmp_path)), ["pipeline.device=\"cuda\""]))
+    assert plan.facts["linear_attention_core"] == core
+    assert f'"linear_attention_core": "{core}"' in render_json(plan)
+    assert f"  linear attention: {core} core (chosen by pipeline.device and {LINEAR_CORE_ENVIRONMENT}" in \
+        render_text(plan)
+    for name in WORKSPACES:
+        assert {"pipeline.device", LINEAR_CORE_ENVIRONMENT} <= set(plan.buffers[name].sized_by), name
+        assert len(set(plan.buffers[name].sized_by)) == len(plan.buffers[name].sized_by), name
+
+
+def test_plans_without_linear_layers_keep_their_facts_and_keys():
+    """If this fails, plans of models without linear-attention layers name a linear core or the variable."""
+    plan = compile_plan(load_pipeline(str(PIPELINES / "tiny.toml"), ["pipeline.device=\"cuda\""]))
+    assert "linear_attention_core" not in plan.facts and "linear attention:" not in render_text(plan)
+    assert not any(LINEAR_CORE_ENVIRONMENT in buffer.sized_by for buffer in plan.buffers.values())
