@@ -23,9 +23,10 @@ prefill boundary only.
 
 Selection (``select_linear_backend``): this core on CUDA, the torch core elsewhere, as the plan sizes them
 (opdgraph.planned_paths.fla_linear_core). OPDGRAPH_LINEAR_ATTENTION = torch plans and runs the plain torch core
-everywhere (the reference: its decode step gathers and rebuilds the states, which the plan then sizes). On CUDA
-without a working fla the run stops with a DeviceError saying how to go on, rather than run a core whose peaks the
-plan did not size.
+everywhere (the reference: its decode step gathers and rebuilds the states, which the plan then sizes); = fla
+requires this core (a DeviceError on a CPU device). On CUDA without a working fla the run stops with a DeviceError
+saying how to go on, rather than run a core whose peaks the plan did not size; startup (runtime/startup.py) makes the
+same check before any weights load.
 Import fla lazily: it imports triton and pulls in every fla op (and einops).
 """
 

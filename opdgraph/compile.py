@@ -86,6 +86,8 @@ def compile_plan(cfg: PipelineConfig, placement: Placement | None = None, world_
     periodic = {name for name, stage in cfg.stages.items() if stage_kind(stage.kind).periodic}
     if world_size > 1:  # only then, so single-process plans (and their goldens) do not change
         facts["world_size"] = world_size
+    if for_stages.linear_core is not None:  # hybrid pipelines only, so the others' plans keep their facts
+        facts["linear_attention_core"] = for_stages.linear_core
     return Plan(name=cfg.pipeline.name, fused=fused, steps=tuple(steps), buffers=buffers,
                 peak=Peak(bytes=peak_step.live_bytes, step=peak_step.name, contributors=tuple(contributors)),
                 budget_bytes=int(cfg.pipeline.memory_budget_gib * GIB),

@@ -14,7 +14,8 @@ workspaces allocated through PyTorch's caching allocator (so `torch.cuda.max_mem
   decode batch size.
 - the CUDA-graph memory pool of the decode graphs (`<rollout>.decode_graph_pool`, live during decode: the graphs
   are dropped with the KV pool): the activations of one decode step at the largest captured batch (graphs are
-  captured largest first and the smaller ones reuse its pool). The pool's blocks are reserved for the graphs while
+  captured largest first and the smaller ones reuse its pool; a hybrid model's step: the larger of an MLP's and a
+  linear-attention layer's in the core the plan sizes). The pool's blocks are reserved for the graphs while
   they exist; the allocator counts them as free (memory_reserved, not memory_allocated), so this buffer is device
   memory a run needs that an allocated-bytes measurement does not show.
 
@@ -119,14 +120,30 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         formula=f"128 MiB float + 8 MiB int x {wrappers} wrappers ({windows} window(s) x (prefill + decode + "
                 f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
-    from opdgraph.planned_paths import fla_linear_core  # planned_paths imports this module: imported when called
+    # planned_paths imports this module: imported when called
+    from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, linear_core
 
+    in_place = linear_core(cfg) == "fla"
+    pool_keys = (*backend_keys, f"{rollout}.max_num_seqs", *student_keys)
     buffers.append(Buffer(
         name=f"{rollout}.decode_graph_pool", category="workspace",
-        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, fla_linear_core(cfg.pipeline.device))
-        + sizing.decode_logits_bytes(
-            largest, shape.vocab),
-        sized_by=(*backend_keys, f"{rollout}.max_num_seqs", *student_keys), lifetime="transient",
-        formula=f"largest graph batch ({largest}) x ((4 h + 3 i + 4 head_dim) x d + V x 4): one decode step's "
-                "activations and fp32 logits, reserved by the graphs' private pool"))
+        bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, in_place)
+        + sizing.decode_logits_bytes(largest, shape.vocab),
+        sized_by=(*pool_keys, LINEAR_CORE_ENVIRONMENT) if shape.linear_layers else pool_keys, lifetime="transient",
+        formula=f"largest graph batch ({largest}) x ({_decode_step_formula(shape, in_place)} + V x 4): one decode "
+                "step's activations and fp32 logits, reserved by the graphs' private pool"))
     return buffers
+
+
+def _decode_step_formula(shape, in_place: bool) -> str:
+    """Per row, the decode step's activation peak of sizing.decode_step_workspace_bytes: an MLP's, or for a model
+    with linear-attention layers the larger of that and one such layer's step (linear_decode_peak_bytes)."""
+    mlp = "(4 h + 3 i + 4 head_dim) x d"
+    if not shape.linear_layers:
+        return mlp
+    if in_place:  # fla's core: kernels/gated_delta_decode.py updates each state in its slot
+        return (f"max({mlp}, 4 K x c x d (a linear-attention layer's conv step, K = conv kernel, c = conv channels; "
+                "the delta rule updates the states in place))")
+    return (f"max({mlp}, 4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d) (a linear-attention layer's step in the torch "
+            "core: gathered, decayed and updated fp32 states, fp32 copies of the conv output, c channels, and of the "
+            "repeated q and k))")

@@ -61,8 +61,29 @@ def linear_core_setting() -> str:
 
 def fla_linear_core(device: str) -> bool:
     """Whether the linear-attention layers (Qwen3.5) run flash-linear-attention's core on `device` (a
-    pipeline.device value or a torch device's str): on CUDA unless OPDGRAPH_LINEAR_ATTENTION = torch. The plan sizes
-    that core's forward peaks and its in-place decode step, the torch core's elsewhere; the runtime selects the
-    same core (kernels/fla_linear_attention.py select_linear_backend) and stops with a DeviceError, rather than run
-    another core than the plan's, when fla does not import there. fla-core is in the `gpu` extra, as flashinfer is."""
-    return not str(device).startswith("cpu") and linear_core_setting() != "torch"
+    pipeline.device value or a torch device's str). OPDGRAPH_LINEAR_ATTENTION chooses:
+    - auto (unset): fla's core on CUDA, the plain torch core elsewhere;
+    - fla: fla's core, required: on CUDA as auto, on a CPU device a DeviceError (fla runs on CUDA only; the torch core
+      in its place would be a core the user did not ask for);
+    - torch: the plain torch core everywhere (the reference).
+    The plan sizes that core's forward peaks and its in-place decode step, the torch core's elsewhere; the runtime
+    selects the same core (kernels/fla_linear_attention.py select_linear_backend, checked at startup before any
+    weights load) and stops with a DeviceError, rather than run another core than the plan's, when fla does not
+    import there. fla-core is in the `gpu` extra, as flashinfer is."""
+    setting = linear_core_setting()
+    if not str(device).startswith("cpu"):
+        return setting != "torch"
+    if setting == "fla":
+        raise DeviceError(f"{LINEAR_CORE_ENVIRONMENT}=fla requires flash-linear-attention's core for the "
+                          f"linear-attention layers, which needs a CUDA device, but they run on {str(device)!r}: "
+                          f"unset {LINEAR_CORE_ENVIRONMENT} (auto: fla on CUDA, the torch core elsewhere) or set it "
+                          f"to torch")
+    return False
+
+
+def linear_core(cfg: PipelineConfig) -> str | None:
+    """The linear-attention core the plan sizes, "fla" or "torch" (fla_linear_core on pipeline.device), or None
+    when no model of the pipeline has linear-attention layers: then the variable decides nothing and is not read."""
+    if not any(shape.linear_layers for shape in cfg.shapes.values()):
+        return None
+    return "fla" if fla_linear_core(cfg.pipeline.device) else "torch"

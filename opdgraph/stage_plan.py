@@ -17,7 +17,7 @@ from typing import Callable
 import attrs
 
 from opdgraph import work as W
-from opdgraph.planned_paths import attention_fallback, fla_linear_core, fp32_grads, model_keys
+from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, attention_fallback, fp32_grads, linear_core, model_keys
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
@@ -69,7 +69,7 @@ class StageFacts:
     fp32_grads: bool  # planned_paths.fp32_grads: the gradients are summed in fp32 accumulators of their own
     between_phases: str  # lifetime of the rollout KV pool and the gradients: "transient", or "held" (no releases)
     targets_cuda: bool
-    fla_linear_core: bool  # planned_paths.fla_linear_core: a hybrid model's linear layers run fla's core
+    linear_core: str | None  # planned_paths.linear_core: "fla" or "torch" for hybrid models' linear layers, else None
     uses_flashinfer: bool  # the rollout decodes with flashinfer (and captures decode graphs)
     stacked_qkv_bytes: int  # the fused GPU rollout's stacked q/k/v weights (0 otherwise)
     student_attention_fallback: bool  # buffers.attention_fallback per model
@@ -78,6 +78,17 @@ class StageFacts:
     teachers: tuple[TeacherFacts, ...] = ()  # every teacher stage, in stage-graph order
     groups: tuple[TrainGroup, ...] = ()  # the fused plan's micro-batch loops (one unless rows are routed)
     group: TrainGroup = TrainGroup(name="", teachers=())  # the loop a micro-batch stage is being planned for
+
+    @property
+    def fla_linear_core(self) -> bool:
+        return self.linear_core == "fla"
+
+    def with_linear_core_keys(self, keys: tuple[str, ...], *shapes: ModelShape) -> tuple[str, ...]:
+        """`keys` and, where one of `shapes` has linear-attention layers, what picks their core and so the peaks
+        sized for it (planned_paths.linear_core): pipeline.device and the OPDGRAPH_LINEAR_ATTENTION variable."""
+        if not any(shape.linear_layers for shape in shapes):
+            return tuple(keys)
+        return (*keys, *(key for key in ("pipeline.device", LINEAR_CORE_ENVIRONMENT) if key not in keys))
 
     def in_group(self, group: TrainGroup) -> "StageFacts":
         return attrs.evolve(self, group=group)
@@ -214,7 +225,7 @@ def stage_facts(cfg: PipelineConfig, counts: StepCounts, hardware: W.Hardware, w
         prefill_token_budget=settings["prefill_token_budget"],
         activation_checkpointing=settings["activation_checkpointing"], fp32_grads=fp32_grads(cfg),
         between_phases="transient" if cfg.pipeline.release_phase_buffers else "held",
-        targets_cuda=targets_cuda(cfg), fla_linear_core=fla_linear_core(cfg.pipeline.device),
+        targets_cuda=targets_cuda(cfg), linear_core=linear_core(cfg),
         uses_flashinfer=uses_flashinfer(cfg), stacked_qkv_bytes=stacked_qkv_bytes(cfg),
         student_attention_fallback=attention_fallback(cfg, student),
         teacher_attention_fallback=attention_fallback(cfg, teacher_model),

@@ -149,7 +149,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                    ": the largest of the routed teachers', which answer one after another)" if len(answering) > 1
                    else ")") + ("; its pages count the teacher's own, longer prompts" if counts.teacher_num_pages
                                 > counts.num_pages else "")),
-        buffer(f"{stage_name}.workspace", "workspace", max(generate, score), all_keys,
+        buffer(f"{stage_name}.workspace", "workspace", max(generate, score),
+               facts.with_linear_core_keys(all_keys, facts.student_shape, *(t.shape for t in facts.teachers)),
                formula=("max(prefill forward workspace + eval seqs x V x 4 of either model, "
                         "eval micro-batch tokens x (h_s d_s + h_t d_t) + larger forward workspace + "
                         if not several else

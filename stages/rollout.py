@@ -115,7 +115,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                                                   paged=True, sequences=prefill_rows),
                    sizing.linear_decode_peak_bytes(shape, config.max_num_seqs, dtype_bytes, facts.fla_linear_core))
                + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
-               (f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs", *facts.student_keys),
+               facts.with_linear_core_keys((f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs",
+                                            *facts.student_keys), shape),
                formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs "
                        "x V x 4"),
         buffer("responses", "io", sizing.token_bytes(counts.sequences, counts.sequence_tokens,

@@ -269,7 +269,8 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
         buffer(f"{stage_name}.workspace", "workspace",
                sizing.forward_workspace_bytes(shape, facts.teacher_micro_batch_tokens(teacher), dtype_bytes,
                                               reference, fla_sequences=counts.sequences if facts.fla_linear_core else 0),
-               (*facts.micro_keys, *prompt_keys, "pipeline.device", *teacher.keys),
+               facts.with_linear_core_keys((*facts.micro_keys, *prompt_keys, "pipeline.device", *teacher.keys),
+                                           shape),
                formula=_workspace_formula("micro-batch tokens" if not prompt_keys else
                                           "micro-batch sequences x (teacher prompt + new tokens)", reference)),
     ]

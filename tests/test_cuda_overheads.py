@@ -105,3 +105,19 @@ def test_every_renderer_shows_the_formulas():
         assert formula
         assert name in render_text(plan) and name in render_html(plan)
         assert formula in render_json(plan) and formula.split(":")[0] in render_html(plan)
+
+
+@pytest.mark.parametrize("setting, step", [("auto", "4 K x c x d"), ("torch", "4 Hv x k_d x v_d x 4")])
+def test_decode_graph_pool_formula_names_the_linear_attention_step(monkeypatch, setting, step):
+    """A reader of a Qwen3.5 plan would see a decode-graph pool formula with only the MLP in it, while its size is
+    the larger of the MLP's and a linear-attention layer's decode step (sizing.decode_step_workspace_bytes) in the
+    core the plan sizes; or the pool would not list OPDGRAPH_LINEAR_ATTENTION among what sized it."""
+    from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT
+
+    monkeypatch.setenv(LINEAR_CORE_ENVIRONMENT, setting)
+    pool = _plan("qwen35_0b8_from_4b.toml", "pipeline.device=cuda").buffers["rollout.decode_graph_pool"]
+    assert "(4 h + 3 i + 4 head_dim) x d" in pool.formula and step in pool.formula
+    assert LINEAR_CORE_ENVIRONMENT in pool.sized_by
+    plain = _plan("qwen25_1b5_from_7b.toml").buffers["rollout.decode_graph_pool"]
+    assert "largest graph batch (128) x ((4 h + 3 i + 4 head_dim) x d + V x 4): " in plain.formula
+    assert LINEAR_CORE_ENVIRONMENT not in plain.sized_by

@@ -1,10 +1,12 @@
 """`opdgraph plan` text output: the step table with roofline times, the peak and what makes it, and a lifetime chart
 (buffers x steps) with a live-memory row, the peak marked, and the step after which each buffer is released.
-Plans chosen by the fit search also start with what it chose and list their host transfers (PCIe bytes and time)."""
+Plans chosen by the fit search also start with what it chose and list their host transfers (PCIe bytes and time);
+plans of pipelines with linear-attention layers say which core they size (planned_paths.linear_core)."""
 
 from __future__ import annotations
 
 from opdgraph.plan import Plan
+from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT
 from opdgraph.stages import stage_module
 
 GIB = 1024**3
@@ -136,7 +138,10 @@ def render_text(plan: Plan) -> str:
                f"{'step' if any(n.endswith('.unsharded_grads') for n in plan.buffers) else 'layer'}, "
                f"{'sharded' if any(n.endswith('.gathered_root') for n in plan.buffers) else 'replicated'} teacher; "
                "every size here is per rank)"]
-             if "world_size" in facts else []), "",
+             if "world_size" in facts else []),
+           *([f"  linear attention: {facts['linear_attention_core']} core (chosen by pipeline.device and "
+               f"{LINEAR_CORE_ENVIRONMENT}; the run selects the same)"] if "linear_attention_core" in facts else []),
+           "",
            "Steps (in execution order; runs = per training step):", *_step_table(plan), "",
            f"Roofline time of one training step: {_seconds(plan.step_seconds)} (periodic steps not included)", "",
            *_transfer_lines(plan), *_peak_lines(plan), "",

@@ -1,6 +1,7 @@
-"""The checks a run makes before any weights are read (`check_startup`: the device and the loss kernel it can run,
-every model's tokenizer, every prompt row, the chat templates' agreement), so their errors come in seconds, and
-`opdgraph run --check` (`check_run`), which makes them and the run directory's checks, then stops.
+"""The checks a run makes before any weights are read (`check_startup`: the device, the linear-attention core and the
+loss kernel it can run, every model's tokenizer, every prompt row, the chat templates' agreement), so their errors
+come in seconds, and `opdgraph run --check` (`check_run`), which makes them and the run directory's checks, then
+stops.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ class Startup:
 
 def check_startup(cfg) -> Startup:
     """Every check that needs no weights, before any weights are read (so its errors come in seconds, not after
-    minutes of loading): the device (and the loss and layer kernels it can run), the student's and the teacher's
-    tokenizers, every row of every prompt file.
+    minutes of loading): the device (and the linear-attention core, loss and layer kernels it can run), the student's
+    and the teacher's tokenizers, every row of every prompt file.
     `opdgraph run --check` stops here."""
     from opdgraph.models.layer_kernels import check_layer_kernels
 
     check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
+    if any(shape.linear_layers for shape in cfg.shapes.values()):  # Qwen3.5: the linear-attention core it can run
+        from opdgraph.kernels.fla_linear_attention import linear_backend_problem
+
+        linear_backend_problem(device)  # a DeviceError where the core the plan sizes cannot run here
     for name, stage in cfg.stages.items():  # what each stage needs of the device (the loss: its kernel)
         check = getattr(stage_module(stage.kind), "check_device", None)
         if check is not None:
