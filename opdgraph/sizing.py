@@ -275,6 +275,19 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
     return max(mlp, held + sequence * shape.q_dim * dtype_bytes + scores)
 
 
+def forward_workspace_formula(shape: ModelShape, tokens: str, fla: bool,
+                              reference_sequence_tokens: int = 0) -> str:
+    """forward_workspace_bytes in words, for a plan's formula column: `tokens` names the token count."""
+    terms = [f"{tokens} x ((4 h + 3 i) x d + t) (inside an MLP; t: the RoPE tables)"]
+    if shape.linear_layers:
+        terms.append(f"{tokens} x the {'fla' if fla else 'torch'} linear-attention core's per-token peak + its chunk "
+                     f"states ({'fla_core_peak_bytes' if fla else 'linear_core_peak_bytes'} in opdgraph/sizing.py)")
+    if reference_sequence_tokens:
+        terms.append(f"{tokens} x ((2 h + 2 q + 2 kv) x d + t) + S x q x d + S^2 x (heads x w + 1) (torch "
+                     f"attention's scores, S = {reference_sequence_tokens}; w = d + 8, fp32: 8)")
+    return terms[0] if len(terms) == 1 else f"max({', '.join(terms)})"
+
+
 def mlp_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     """The no-grad forward's peak inside an MLP (module docstring)."""
     return tokens * ((4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes

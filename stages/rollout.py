@@ -117,12 +117,18 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                + sizing.decode_logits_bytes(counts.concurrent_seqs, shape.vocab),
                facts.with_linear_core_keys((f"{stage_name}.prefill_token_budget", f"{stage_name}.max_num_seqs",
                                             *facts.student_keys), shape),
-               formula="prefill_token_budget x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward) + running seqs "
-                       "x V x 4"),
+               formula=f"{_prefill_and_decode_formula(shape, facts.fla_linear_core)} + running seqs x V x 4"),
         buffer("responses", "io", sizing.token_bytes(counts.sequences, counts.sequence_tokens,
                                                      2 * sizing.TOKEN_ID_BYTES),
                facts.batch_keys, formula="sequences x (prompt + new tokens) x (4 id + 4 logprob)"),
     ]
+
+
+def _prefill_and_decode_formula(shape, fla: bool) -> str:
+    prefill = sizing.forward_workspace_formula(shape, "prefill_token_budget", fla) + " (no-grad prefill)"
+    if not shape.linear_layers:
+        return prefill
+    return f"max({prefill}, max_num_seqs x a linear-attention layer's decode step (linear_decode_peak_bytes))"
 
 
 def check_pipeline(stage_name: str, config: Config, view, problem) -> list:

@@ -268,20 +268,15 @@ def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buf
                (*keys, *teacher.keys), formula="tokens x h_teacher x d" + gold),
         buffer(f"{stage_name}.workspace", "workspace",
                sizing.forward_workspace_bytes(shape, facts.teacher_micro_batch_tokens(teacher), dtype_bytes,
-                                              reference, fla_sequences=counts.sequences if facts.fla_linear_core else 0),
+                                              reference, fla_sequences=counts.sequences if facts.fla_linear_core else 0,
+                                              sequences=counts.sequences),
                facts.with_linear_core_keys((*facts.micro_keys, *prompt_keys, "pipeline.device", *teacher.keys),
                                            shape),
-               formula=_workspace_formula("micro-batch tokens" if not prompt_keys else
-                                          "micro-batch sequences x (teacher prompt + new tokens)", reference)),
+               formula=sizing.forward_workspace_formula(
+                   shape, "micro-batch tokens" if not prompt_keys else
+                   "micro-batch sequences x (teacher prompt + new tokens)", facts.fla_linear_core, reference)
+               + " (no-grad forward)"),
     ]
-
-
-def _workspace_formula(tokens: str, reference: int) -> str:
-    mlp = f"{tokens} x ((4 h + 3 i) x d + 4 x head_dim x d) (no-grad forward, inside an MLP)"
-    if not reference:
-        return mlp
-    return (f"max({mlp}, {tokens} x (2 h + 2 q + 2 kv + 4 head_dim) x d + S x q x d + S^2 x (heads x w + 1) "
-            f"(torch attention's scores, S = {reference}; w = d + 8, fp32: 8))")
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

@@ -77,8 +77,9 @@ def test_sizes_of_the_qwen_rollout_path():
     hidden, q, kv, intermediate, head_dim, vocab = 1536, 1536, 256, 8960, 128, 151936
     stacked_qkv = 28 * (q + 2 * kv) * (hidden + 1) * 2  # Qwen2 has q/k/v biases
     assert stacked_qkv_bytes(load_pipeline(PIPELINES / "qwen25_1b5_from_7b.toml", [])) == stacked_qkv
-    # one decode step's no-grad forward peak (inside an MLP: sizing.forward_workspace_bytes) and fp32 logits
-    per_token = (4 * hidden + 3 * intermediate + 4 * head_dim) * 2 + vocab * 4
+    # one decode step's no-grad forward peak (inside an MLP, and the one RoPE table pair of 2 x head_dim:
+    # sizing.forward_workspace_bytes) and fp32 logits
+    per_token = (4 * hidden + 3 * intermediate + 2 * head_dim) * 2 + vocab * 4
     assert plan.buffers["rollout.decode_graph_pool"].bytes == 128 * per_token
 
 
@@ -116,8 +117,8 @@ def test_decode_graph_pool_formula_names_the_linear_attention_step(monkeypatch, 
 
     monkeypatch.setenv(LINEAR_CORE_ENVIRONMENT, setting)
     pool = _plan("qwen35_0b8_from_4b.toml", "pipeline.device=cuda").buffers["rollout.decode_graph_pool"]
-    assert "(4 h + 3 i + 4 head_dim) x d" in pool.formula and step in pool.formula
+    assert "(4 h + 3 i) x d + t (t: the RoPE tables)" in pool.formula and step in pool.formula
     assert LINEAR_CORE_ENVIRONMENT in pool.sized_by
     plain = _plan("qwen25_1b5_from_7b.toml").buffers["rollout.decode_graph_pool"]
-    assert "largest graph batch (128) x ((4 h + 3 i + 4 head_dim) x d + V x 4): " in plain.formula
+    assert "largest graph batch (128) x ((4 h + 3 i) x d + t (t: the RoPE tables) + V x 4): " in plain.formula
     assert LINEAR_CORE_ENVIRONMENT not in plain.sized_by

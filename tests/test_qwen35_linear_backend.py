@@ -12,6 +12,7 @@ numbers of the fla core are tested in test_qwen35_fla.py (interpreted on CPU, co
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from opdgraph.kernels import fla_linear_attention as selection
 from opdgraph.models import load_decoder
 from opdgraph.models.linear_attention_backend import TorchLinearAttention
 from opdgraph.models.tiny_configs import tiny_config
-from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT
+from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, fla_linear_core
 from opdgraph.render import render_json, render_text
 from opdgraph.runtime import startup
 from opdgraph.runtime.engine_setup import use_packed_attention
@@ -86,31 +87,133 @@ def test_environment_forces_the_torch_core_and_rejects_typos(fla_importable, mon
         selection.select_linear_backend("cuda")
 
 
-def _qwen35_workspaces(monkeypatch, setting: str | None) -> tuple[dict, object]:
+# The pipeline's numbers the plan is sized by, pinned by overrides (the formulas below are written from them, not
+# read off the plan): bf16 models, 64 prompts x 2 samples of at most 512 + 1024 tokens, teacher_score's
+# micro_batch_tokens 16384, rollout's max_num_seqs 128 and prefill_token_budget 2048.
+DTYPE_BYTES, SEQUENCES, SEQUENCE_TOKENS, MAX_NUM_SEQS, PREFILL_TOKEN_BUDGET = 2, 64 * 2, 512 + 1024, 128, 2048
+TEACHER_TOKENS = 16384 // SEQUENCE_TOKENS * SEQUENCE_TOKENS  # whole sequences of a scoring micro-batch: 10 x 1536
+PINNED = ['models.student.dtype="bfloat16"', 'models.teacher.dtype="bfloat16"', "data.prompts_per_step=64",
+          "data.samples_per_prompt=2", "data.max_prompt_tokens=512", "rollout.max_new_tokens=1024",
+          "teacher_score.micro_batch_tokens=16384", f"rollout.max_num_seqs={MAX_NUM_SEQS}",
+          f"rollout.prefill_token_budget={PREFILL_TOKEN_BUDGET}"]
+MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "opdgraph" / "model_configs"
+CHUNK = 64  # the delta rule's chunk, fla's and the torch core's
+
+
+def _widths(config_file: str) -> dict:
+    """The widths of a shipped Qwen3.5 text config, read from its .json (not through opdgraph.model_shapes)."""
+    raw = json.loads((MODEL_CONFIGS / config_file).read_text())
+    key_heads, value_heads = raw["linear_num_key_heads"], raw["linear_num_value_heads"]
+    key_dim, value_dim = raw["linear_key_head_dim"], raw["linear_value_head_dim"]
+    rotary = int(raw["head_dim"] * raw["rope_parameters"].get("partial_rotary_factor", 1.0))
+    return dict(h=raw["hidden_size"], i=raw["intermediate_size"], t=2 * rotary * DTYPE_BYTES, V=raw["vocab_size"],
+                Hk=key_heads, Hv=value_heads, kd=key_dim, vd=value_dim, K=raw["linear_conv_kernel_dim"],
+                k=key_heads * key_dim, c=2 * key_heads * key_dim + value_heads * value_dim)
+
+
+def _mlp_peak(w: dict, tokens: int) -> int:
+    """An MLP's inputs, output and gate/up products, and the one RoPE table pair (t) the forward holds."""
+    return tokens * ((4 * w["h"] + 3 * w["i"]) * DTYPE_BYTES + w["t"])
+
+
+def _fla_peak(w: dict, tokens: int, sequences: int, paged: bool) -> int:
+    """fla's no-grad core peak, written from sizing.py's module docstring (the layer's input, norm, in_proj_qkv
+    output, beta and decay; the conv output, q/k/v copies, normalised q/k, A, w, u, new values, output, fp32 decays;
+    the per-chunk states; a prefill's gathered and final states and conv windows)."""
+    d, hv, state = DTYPE_BYTES, w["Hv"], w["Hv"] * w["kd"] * w["vd"]
+    held = tokens * ((2 * w["h"] + w["c"] + hv) * d + hv * 4 + w["t"])
+    kernels = tokens * ((2 * w["c"] + 2 * w["k"] + hv * (CHUNK + w["kd"] + 3 * w["vd"])) * d + (2 * w["Hk"] + hv) * 4)
+    states = (tokens + (CHUNK - 1) * sequences) // CHUNK * state * d  # each sequence pads under one chunk
+    rows = sequences * (2 * state * 4 + (3 * w["K"] - 1) * w["c"] * d) if paged else 0
+    return held + kernels + states + rows
+
+
+def _torch_core_peak(w: dict, tokens: int, sequences: int, paged: bool) -> int:
+    """The torch core's no-grad peak, from the same docstring: scan groups of n = min(N, max(16, ceil(T / 64)))
+    sequences (N = 0: unknown, the bound), P = T + n x 63 padded tokens, the larger of the solve's and the scan's
+    moment, and a prefill's 5 N + 3 n states."""
+    d, hv, kd, vd, state = DTYPE_BYTES, w["Hv"], w["kd"], w["vd"], w["Hv"] * w["kd"] * w["vd"] * 4
+    group = max(16, math.ceil(tokens / CHUNK))
+    group = min(sequences, group) if sequences else group
+    padded = tokens + group * (CHUNK - 1)
+    held = (tokens * ((2 * w["h"] + w["c"]) * d + hv * (d + 4) + w["t"])
+            + tokens * (4 * w["c"] + 4 * hv * (2 * kd + vd + 1)))
+    solve = padded * hv * (4 * kd + 3 * vd + 2 * CHUNK + 35) * 4
+    carried = group if paged else min(group, tokens // (CHUNK + 1))
+    scan = padded * hv * (3 * kd + 2 * vd + CHUNK + 1) * 4 + 3 * carried * state
+    return held + max(solve, scan) + (5 * (sequences or group) * state if paged else 0)
+
+
+def _decode_peak(w: dict, rows: int, in_place: bool) -> int:
+    """A decode step's linear core: the in-place kernel's conv step, or the torch core's gathered, decayed and
+    updated states with fp32 copies of the conv output and the repeated q and k."""
+    if in_place:
+        return rows * 4 * w["K"] * w["c"] * DTYPE_BYTES
+    return rows * (4 * w["Hv"] * w["kd"] * w["vd"] * 4 + 16 * (w["c"] + 2 * w["Hv"] * w["kd"]))
+
+
+def _expected_workspaces(fla: bool, device: str = "cuda") -> dict[str, int]:
+    """teacher_score.workspace, rollout.workspace and (CUDA: the flashinfer rollout's decode graphs) the
+    rollout.decode_graph_pool of this pipeline with the fla core (fla) or the torch core."""
+    teacher, student = _widths("qwen3.5-4b-text.json"), _widths("qwen3.5-0.8b-text.json")
+    if fla:
+        teacher_core = _fla_peak(teacher, TEACHER_TOKENS, SEQUENCES, paged=False)
+        prefill_core = _fla_peak(student, PREFILL_TOKEN_BUDGET, MAX_NUM_SEQS, paged=True)
+    else:  # the teacher's torch core scans the batch's sequences at most; a prefill holds every running sequence.
+        # On a CPU target the teacher's reference attention (S = 1536) peaks below this core: the same workspace.
+        teacher_core = _torch_core_peak(teacher, TEACHER_TOKENS, SEQUENCES, paged=False)
+        prefill_core = _torch_core_peak(student, PREFILL_TOKEN_BUDGET, MAX_NUM_SEQS, paged=True)
+    prefill = max(_mlp_peak(student, PREFILL_TOKEN_BUDGET), prefill_core)
+    decode, logits = _decode_peak(student, MAX_NUM_SEQS, in_place=fla), MAX_NUM_SEQS * student["V"] * 4
+    workspaces = {"teacher_score.workspace": max(_mlp_peak(teacher, TEACHER_TOKENS), teacher_core),
+                  "rollout.workspace": max(prefill, decode) + logits}
+    if device == "cuda":  # the graphs' pool holds one decode step of the largest graph batch (128: max_num_seqs)
+        workspaces["rollout.decode_graph_pool"] = max(_mlp_peak(student, MAX_NUM_SEQS), decode) + logits
+    return workspaces
+
+
+def _plan_workspaces(monkeypatch, device: str, setting: str | None) -> dict[str, int]:
     if setting is None:
         monkeypatch.delenv(LINEAR_CORE_ENVIRONMENT, raising=False)
     else:
         monkeypatch.setenv(LINEAR_CORE_ENVIRONMENT, setting)
-    cfg = load_pipeline(str(PIPELINE), overrides=["pipeline.device=\"cuda\""])
-    plan = compile_plan(cfg)
-    return {name: buffer.bytes for name, buffer in plan.buffers.items()}, cfg
+    cfg = load_pipeline(str(PIPELINE), overrides=[f'pipeline.device="{device}"', *PINNED])
+    buffers = compile_plan(cfg).buffers
+    return {name: buffers[name].bytes for name in ("teacher_score.workspace", "rollout.workspace",
+                                                   "rollout.decode_graph_pool") if name in buffers}
 
 
-def test_the_plan_sizes_the_core_the_runtime_selects(monkeypatch):
-    """If this fails, a CUDA plan of a Qwen3.5 pair sizes another linear core than the one that runs: the teacher's
-    forward workspace and the rollout's must follow fla's peaks with fla (the torch core's are larger: a plan 15%
-    over the measured teacher_score peak on an H200) and the torch core's under OPDGRAPH_LINEAR_ATTENTION=torch."""
-    fla, cfg = _qwen35_workspaces(monkeypatch, None)
-    torch_core, _ = _qwen35_workspaces(monkeypatch, "torch")
-    teacher, shape = "teacher_score.workspace", cfg.shapes["teacher"]
-    tokens, sequences = 16384, 64 * 2  # teacher_score.micro_batch_tokens; prompts x samples share it at most
-    mlp = sizing.mlp_workspace_bytes(shape, tokens, 2)
-    fla_peak = sizing.fla_core_peak_bytes(shape, tokens, sequences, 2, paged=False)
-    torch_peak = sizing.linear_core_peak_bytes(shape, tokens, 2)
-    assert torch_peak > fla_peak > mlp  # the case this test is about: the cores' peaks decide the workspace
-    assert fla[teacher] <= max(mlp, fla_peak) and fla[teacher] < torch_core[teacher]
-    assert torch_core[teacher] <= max(mlp, torch_peak)
-    assert fla["rollout.workspace"] < torch_core["rollout.workspace"]
+def test_the_workspaces_hold_the_planned_cores_peaks():
+    """If this fails, the formulas above no longer describe the case the plan tests below are about: the linear
+    cores' peaks, not an MLP's, decide both workspaces, and the torch core's are the larger (fla's decode step runs
+    in place)."""
+    teacher, student = _widths("qwen3.5-4b-text.json"), _widths("qwen3.5-0.8b-text.json")
+    teacher_mlp = _mlp_peak(teacher, TEACHER_TOKENS)
+    assert (_torch_core_peak(teacher, TEACHER_TOKENS, SEQUENCES, False) > _fla_peak(teacher, TEACHER_TOKENS, SEQUENCES, False)
+            > teacher_mlp)
+    assert (_torch_core_peak(student, PREFILL_TOKEN_BUDGET, MAX_NUM_SEQS, True)
+            > _fla_peak(student, PREFILL_TOKEN_BUDGET, MAX_NUM_SEQS, True) > _mlp_peak(student, PREFILL_TOKEN_BUDGET))
+    assert (_decode_peak(student, MAX_NUM_SEQS, in_place=False) > _decode_peak(student, MAX_NUM_SEQS, in_place=True)
+            > _mlp_peak(student, MAX_NUM_SEQS))
+    fla, torch_core = _expected_workspaces(fla=True), _expected_workspaces(fla=False)
+    assert all(fla[name] < torch_core[name] for name in fla)
+
+
+@pytest.mark.parametrize("device, setting, fla_core", [
+    ("cuda", None, True), ("cuda", "auto", True), ("cuda", "", True), ("cuda", "fla", True), ("cuda", " FLA ", True),
+    ("cuda", "torch", False), ("cuda", "Torch", False), ("cpu", None, False), ("cpu", "torch", False)])
+def test_the_plan_sizes_the_core_the_runtime_selects(fla_importable, monkeypatch, device, setting, fla_core):
+    """If this fails, a plan of a Qwen3.5 pair sizes another linear core than the one that runs: the planner's
+    choice (planned_paths.fla_linear_core) and the runtime's (select_linear_backend, fla importable) differ for the
+    same device and OPDGRAPH_LINEAR_ATTENTION, either is not fla's exactly on CUDA without =torch, or the plan's
+    teacher and rollout workspaces and the decode graphs' pool are not that core's peaks (fla's under the torch
+    core's: a plan 15% over the measured teacher_score peak on an H200 with fla)."""
+    workspaces = _plan_workspaces(monkeypatch, device, setting)  # sets or clears the variable for the calls below
+    assert fla_linear_core(device) is fla_core
+    runtime = selection.select_linear_backend(device)
+    assert isinstance(runtime, selection.FlaLinearAttention) is fla_core
+    assert isinstance(runtime, TorchLinearAttention) is not fla_core
+    assert workspaces == _expected_workspaces(fla_core, device)
 
 
 def test_run_log_names_the_linear_core_of_hybrid_models_only():
