@@ -4,7 +4,8 @@ body imported lazily. `triton_imports()` is the one test of whether Triton can b
 This directory is also importable as a top-level `kernels` whenever the repository root is on sys.path (`python -m
 pytest` or `python -m opdgraph` run from it), where it would shadow Hugging Face's `kernels` package, which
 transformers (5.2x) imports at startup. Imported under that name, this module hands the name over to the installed
-package (or, where none is installed, to nothing: `import kernels` then fails as it would without us).
+package; where none is installed it stays what it is (transformers 5.1x probes `import kernels` and, finding no
+version, counts it absent; a ModuleNotFoundError from here would escape that probe).
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ import sys
 
 
 def _hand_over_to_the_installed_kernels() -> None:
-    """Load the `kernels` that sys.path holds outside this repository into sys.modules["kernels"]; the import
-    system returns what sys.modules holds once this module's body ends."""
+    """Load the `kernels` that sys.path holds outside this repository, if any, into sys.modules["kernels"]; the
+    import system returns what sys.modules holds once this module's body ends."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     elsewhere = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
     if spec is None or spec.loader is None:
-        del sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels' (this repository's kernels/ is opdgraph.kernels)",
-                                  name="kernels")
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     spec.loader.exec_module(module)

@@ -24,8 +24,8 @@ def hf_kernels_installed() -> bool:
 
 def test_top_level_kernels_is_the_installed_package_or_absent():
     """If this fails, `import kernels` from the repository root finds our kernels/ instead of Hugging Face's (then
-    transformers' import fails with "cannot import name ... from 'kernels'"), or invents a module where none is
-    installed."""
+    transformers' import fails with "cannot import name ... from 'kernels'"), or, where none is installed, raises
+    (transformers 5.1x probes the import and would not catch it)."""
     result = run_from_root("import kernels, opdgraph.kernels as ours; print(kernels.__file__); print(ours.__file__)")
     if hf_kernels_installed():
         assert result.returncode == 0, result.stderr
@@ -33,7 +33,7 @@ def test_top_level_kernels_is_the_installed_package_or_absent():
         assert not pathlib.Path(theirs).resolve().is_relative_to(ROOT), theirs
         assert pathlib.Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
     else:
-        assert result.returncode != 0 and "No module named 'kernels'" in result.stderr, result.stderr
+        assert result.returncode == 0, result.stderr
 
 
 def test_transformers_and_our_kernels_import_from_the_root():
