@@ -193,9 +193,10 @@ def core_rows(label: str, config: dict, repeats: dict, names=("fla", "torch", "t
                                                                            paged=False) / 2**20
                 row["plan_torch_core_peak_mib"] = sizing.linear_core_peak_bytes(
                     shape, tokens, dtype_bytes, sequences) / 2**20
-                row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(  # the core this row runs
-                    shape, tokens, dtype_bytes, fla_sequences=sequences if name == "fla" else 0,
-                    sequences=sequences) / 2**20
+                if name != "torch_seq":  # the former per-sequence core is no runtime path: no plan sizes it
+                    row["plan_forward_workspace_mib"] = sizing.forward_workspace_bytes(  # the core this row runs
+                        shape, tokens, dtype_bytes, fla_sequences=sequences if name == "fla" else 0,
+                        sequences=sequences) / 2**20
         except Exception:  # noqa: BLE001 -- one failing row must not hide the others
             row = dict(what=label, core=name, error=traceback.format_exc())
             print(row["error"], flush=True)
