@@ -199,7 +199,7 @@ def equivalence(spec: str, work: Path, deadline: Deadline, timeout: float) -> di
 
 def _shape_b_pipeline(work: Path, steps: int) -> Path:
     """Shape B of benchmarks/step.py as a pipeline file: real Qwen2.5 configs, random weights drawn on the GPU."""
-    from step import SHAPES, write_pipeline
+    from step_pipeline import SHAPES, write_pipeline
 
     shape = dataclasses.replace(SHAPES["B"], steps=steps)  # steps sizes the prompt file
     directory = work / "shape-b"
@@ -212,7 +212,7 @@ def throughput(spec: str, pipeline: Path, work: Path, warmup: int, measured: int
                timeout: float) -> dict:
     """Shape B on `gpus` GPUs (spec "GPUS" or "GPUS:TAG", TAG one of VARIANTS): the same global batch (strong
     scaling), or with "weak" the same batch per GPU (data.prompts_per_step x gpus)."""
-    from step import SHAPES
+    from step_pipeline import SHAPES
 
     gpus_text, _, tag = spec.partition(":")
     gpus = int(gpus_text)

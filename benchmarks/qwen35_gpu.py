@@ -15,7 +15,7 @@ inline, and the shipped Qwen3-4B). Parts (--parts, default all):
 - decode: rollout decode (flashinfer prefill, CUDA-graph decode bursts of 16 steps, batch 64 and 128, 128-token
   prompts, 256 new tokens, EOS suppressed) of Qwen3.5-0.8B with either core against Qwen3-0.6B; ms per decode step
   from the burst records (benchmarks/rollout_gpu.py run_variant).
-- step: one OPD step through the real runtime (benchmarks/step.py run_ours: plan, build_context, the executor),
+- step: one OPD step through the real runtime (benchmarks/step_timing.py run_ours: plan, build_context, the executor),
   Qwen3.5-0.8B <- Qwen3.5-4B against Qwen3-0.6B <- Qwen3-4B, 32 sequences of 128 prompt + 256 response tokens;
   per-stage seconds and the plan's predicted peak beside the measured one.
 
@@ -265,9 +265,11 @@ def run_decode(args) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ step
 def run_step(args) -> list[dict]:
-    import step
+    import step_pipeline
+    import step_timing
 
-    shape = step.StepShape("Q", 4, 16, 8, 1) if SMOKE["on"] else step.StepShape("Q", 32, 128, 256, 2)
+    StepShape = step_pipeline.StepShape
+    shape = StepShape("Q", 4, 16, 8, 1) if SMOKE["on"] else StepShape("Q", 32, 128, 256, 2)
     options = types.SimpleNamespace(tiny=SMOKE["on"], micro_batch_tokens=96 if SMOKE["on"] else 8192,
                                     chunk_tokens=16 if SMOKE["on"] else 2048, cpu_init=SMOKE["on"], warmup=1,
                                     profile=False)
@@ -275,13 +277,13 @@ def run_step(args) -> list[dict]:
                                            read_config("qwen3.5-4b-text.json")),
              "Qwen3-0.6B <- Qwen3-4B": (qwen3_0b6(), read_config("qwen3-4b.json"))}
     rows = []
-    original = step.model_configs
+    original = step_pipeline.model_configs
     for label, configs in pairs.items():
-        step.model_configs = lambda tiny, configs=configs: configs  # write_pipeline reads the pair from here
+        step_pipeline.model_configs = lambda tiny, configs=configs: configs  # write_pipeline reads the pair from here
         print(f"running OPD step {label} ...", flush=True)
         try:
             with tempfile.TemporaryDirectory() as work_dir:
-                result = step.run_ours(shape, options, Path(work_dir), {})
+                result = step_timing.run_ours(shape, options, Path(work_dir), {})
             measured = [s for s in result["steps"] if not s["warmup"]]
             stages = {}
             for record in measured:
@@ -295,7 +297,7 @@ def run_step(args) -> list[dict]:
             row = dict(pair=label, error=traceback.format_exc())
             print(row["error"], flush=True)
         finally:
-            step.model_configs = original
+            step_pipeline.model_configs = original
             free_memory()
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "raw"}, default=str), flush=True)

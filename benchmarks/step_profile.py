@@ -1,12 +1,12 @@
 """Where one OPD step's GPU time goes, plan step by plan step (``benchmarks/step.py --profile``).
 
-step.py's executor drains the device around every plan step, so a CUDA kernel runs inside the host window of the
-plan step that launched it. One extra step runs under torch.profiler with each plan step in a ``record_function``
-range; every device kernel is given to the range whose window holds its start, and summed by kind (GEMM, attention,
-norms, ...). The table says, per plan step (rollout, teacher scoring, the micro-batch loop's forward, loss and
-backward, the optimizer), how many milliseconds each kind of kernel took and which kernels weighed most; the
-"idle" column is the plan step's wall time the GPU spent in no kernel. CPU runs have no device events and print only
-the plan steps' wall times.
+step_timing.py's executor drains the device around every plan step, so a CUDA kernel runs inside the host window of
+the plan step that launched it. One extra step runs under torch.profiler with each plan step in a
+``record_function`` range; every device kernel is given to the range whose window holds its start, and summed by
+kind (GEMM, attention, norms, ...). The table says, per plan step (rollout, teacher scoring, the micro-batch loop's
+forward, loss and backward, the optimizer), how many milliseconds each kind of kernel took and which kernels weighed
+most; the "idle" column is the plan step's wall time the GPU spent in no kernel. CPU runs have no device events and
+print only the plan steps' wall times.
 """
 
 from __future__ import annotations

@@ -393,7 +393,7 @@ def token_bytes(sequences: int, tokens_per_sequence: int, bytes_per_token: int =
     return sequences * tokens_per_sequence * bytes_per_token
 
 
-# Parameters per optimizer bucket; mirrors opdgraph.train.optimizer._BUCKET_ELEMENTS (a test checks they agree).
+# Parameters per optimizer bucket; mirrors opdgraph.train.optimizer_layout._BUCKET_ELEMENTS (a test checks they agree).
 OPTIMIZER_BUCKET_ELEMENTS = 1 << 26
 
 

@@ -100,9 +100,10 @@ def prefill_work(shape: ModelShape, *, sequences: int, prompt_tokens: int, token
 
 
 def optimizer_work(parameters: int, dtype_bytes: int, grad_bytes: int, hardware: Hardware) -> Work:
-    """The step stage as it runs (opdgraph.train.optimizer): the clipping norm reads the gradients; the all-or-nothing
-    check reads master, gradient and both moments (12 + g bytes a parameter); the update reads them again and writes
-    master and moments (12) and, with a separate fp32 master, the rounded parameter (d)."""
+    """The step stage as it runs (opdgraph.train.grad_clipping, then opdgraph.train.optimizer): the clipping norm
+    reads the gradients; the all-or-nothing check reads master, gradient and both moments (12 + g bytes a
+    parameter); the update reads them again and writes master and moments (12) and, with a separate fp32 master, the
+    rounded parameter (d)."""
     separate_master = dtype_bytes != 4
     moved = parameters * (grad_bytes + 2 * (12 + grad_bytes) + 12 + (dtype_bytes if separate_master else 0))
     return roofline(2 * 12 * parameters, moved, 0, hardware)

@@ -65,8 +65,8 @@ def plan_facts(stage_name: str, config: Config, facts: StageFacts) -> dict[str, 
 
 def _eval_teachers(facts: StageFacts) -> tuple[list, list[list]]:
     """(the teachers that answer eval rows, the sets of teachers that score a micro-batch together), as
-    opdgraph.runtime.evaluation runs them: routed, each teacher answers and scores its own rows, one after another;
-    a mixture's first teacher answers and all of them score together; one teacher does both."""
+    opdgraph.runtime.eval_answers and evaluation run them: routed, each teacher answers and scores its own rows,
+    one after another; a mixture's first teacher answers and all of them score together; one teacher does both."""
     teachers = list(facts.teachers)
     if len(facts.groups) > 1:
         return teachers, [[teacher] for teacher in teachers]
@@ -100,10 +100,10 @@ def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
-    """What an eval allocates (opdgraph.runtime.evaluation), all freed after the eval step: a KV pool for the
-    student's answers and one for the teacher's (each engine's, sized by counts.eval_counts; routed teachers answer
-    one after another, so the largest one's), and one workspace for the larger of its two phases: generating, and
-    scoring the answers in micro-batches (against a mixture: every teacher's hidden states at once)."""
+    """What an eval allocates (opdgraph.runtime.eval_answers and evaluation), all freed after the eval step: a KV
+    pool for the student's answers and one for the teacher's (each engine's, sized by counts.eval_counts; routed
+    teachers answer one after another, so the largest one's), and one workspace for the larger of its two phases:
+    generating, and scoring the answers in micro-batches (against a mixture: every teacher's hidden states at once)."""
     counts, keys = facts.eval_counts(stage_name), facts.setting_keys
     answering, scoring = _eval_teachers(facts)
     several = len(facts.teachers) > 1
@@ -248,7 +248,7 @@ def bind(stage_name: str, config: Config, run) -> dict:
 
 def release_hooks(stage_name: str, config: Config, models: dict) -> dict:
     """The plan's releases of the eval pools drop the eval engines' pools."""
-    from opdgraph.runtime.evaluation import release_hooks as pool_hooks
+    from opdgraph.runtime.eval_answers import release_hooks as pool_hooks
 
     return pool_hooks(models["engines"], stage_name)
 

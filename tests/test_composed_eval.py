@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdgraph.runtime import evaluation
+from opdgraph.runtime import eval_answers, evaluation
 from opdgraph.runtime.executor import PlanExecutor
 from tests.training_harness import context, float64_copy, random_samples, run_step, sequence_hidden
 
@@ -44,7 +44,7 @@ def _eval_before(tmp_path, pipeline: str, monkeypatch):
     cfg, plan, ctx = context(tmp_path, pipeline)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)  # where the eval record goes (the run loop makes it)
     scored, answered = [], {}
-    original_score, original_answers = evaluation._score, evaluation._answers
+    original_score, original_answers = evaluation._score, eval_answers._answers
 
     def recording_score(inputs, stage, samples):
         scored.append(list(samples))
@@ -57,7 +57,7 @@ def _eval_before(tmp_path, pipeline: str, monkeypatch):
         return original_answers(inputs, stage, engine, prompts, params, seed, teacher)
 
     monkeypatch.setattr(evaluation, "_score", recording_score)
-    monkeypatch.setattr(evaluation, "_answers", recording_answers)
+    monkeypatch.setattr(eval_answers, "_answers", recording_answers)
     PlanExecutor(plan, {name: stage.config for name, stage in cfg.stages.items()}, ctx,
                  release_hooks={}).run_before_training()
     (record,) = ctx.eval_records

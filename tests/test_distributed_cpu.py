@@ -379,7 +379,8 @@ def _fp32_sums() -> dict[str, float]:
     from opdgraph.runtime import distributed, fsdp
     from opdgraph.runtime.buffers import BufferTable
     from opdgraph.runtime.gradients import StudentGradients
-    from opdgraph.train.optimizer import _gathered, clip_grad_norm
+    from opdgraph.train.grad_clipping import clip_grad_norm
+    from opdgraph.train.optimizer_layout import _gathered
 
     base = load_decoder(tiny_config("qwen2"), dtype=torch.bfloat16)  # tied: the lm_head joins the embedding
     generator = torch.Generator().manual_seed(2)
@@ -466,7 +467,7 @@ def _lm_head_fold_is_exact() -> bool:
     from opdgraph.models.loading import load_decoder
     from opdgraph.models.tiny_configs import tiny_config
     from opdgraph.runtime import fsdp
-    from opdgraph.train.optimizer import _gathered
+    from opdgraph.train.optimizer_layout import _gathered
 
     model = copy.deepcopy(load_decoder(tiny_config("qwen2"), dtype=torch.bfloat16))
     fsdp.shard_student(model)

@@ -16,7 +16,7 @@ from opdgraph.models.loading import build_random
 from opdgraph.placement import Placement
 from opdgraph.runtime import offload
 from opdgraph.runtime.run import run_pipeline
-from opdgraph.train import optimizer as optimizer_module
+from opdgraph.train import optimizer_layout
 from opdgraph.train.optimizer import MasterAdamW
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
@@ -26,7 +26,7 @@ CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "nu
 
 def test_bucket_size_matches_the_optimizer():
     """If this fails, the planner sizes the streamed optimizer bucket differently from the optimizer's buckets."""
-    assert sizing.OPTIMIZER_BUCKET_ELEMENTS == optimizer_module._BUCKET_ELEMENTS
+    assert sizing.OPTIMIZER_BUCKET_ELEMENTS == optimizer_layout._BUCKET_ELEMENTS
 
 
 class FakeDeviceTensor:
@@ -116,8 +116,8 @@ def test_streamed_adamw_matches_master_adamw(dtype):
     streamed.load_state_dict(reference.state_dict())
     hyper = dict(lr=1e-2, weight_decay=0.1)
     plain = MasterAdamW(list(reference.named_parameters()), **hyper)
-    original_bucket = optimizer_module._BUCKET_ELEMENTS
-    optimizer_module._BUCKET_ELEMENTS = 100  # several buckets, so the streaming loop runs more than once
+    original_bucket = optimizer_layout._BUCKET_ELEMENTS
+    optimizer_layout._BUCKET_ELEMENTS = 100  # several buckets, so the streaming loop runs more than once
     try:
         offloaded = offload.build_optimizer(Placement(optimizer_state="offload"), streamed, torch.device("cpu"),
                                             **hyper)
@@ -129,7 +129,7 @@ def test_streamed_adamw_matches_master_adamw(dtype):
             plain.step()
             offloaded.step()
     finally:
-        optimizer_module._BUCKET_ELEMENTS = original_bucket
+        optimizer_layout._BUCKET_ELEMENTS = original_bucket
     for (name, expected), got in zip(reference.named_parameters(), streamed.parameters()):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         torch.testing.assert_close(offloaded.exp_avg_sq[name], plain.exp_avg_sq[name], rtol=0, atol=0)

@@ -117,9 +117,9 @@ def test_existing_run_directory_is_never_overwritten(full_run):
 
 def test_non_finite_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeypatch):
     """A step with a non-finite gradient must be skipped and logged (valid JSON, weights untouched), not end the run."""
-    from opdgraph.train import optimizer as optimizer_module
+    from opdgraph.train import grad_clipping
 
-    original = optimizer_module.clip_grad_norm
+    original = grad_clipping.clip_grad_norm
     calls = {"count": 0}
 
     def non_finite_on_second_step(grads, max_norm):
@@ -127,7 +127,7 @@ def test_non_finite_step_is_skipped_logged_and_the_run_goes_on(tmp_path, monkeyp
         norm, finite = original(grads, max_norm)
         return (norm * float("nan"), False) if calls["count"] == 2 else (norm, finite)
 
-    monkeypatch.setattr(optimizer_module, "clip_grad_norm", non_finite_on_second_step)
+    monkeypatch.setattr(grad_clipping, "clip_grad_norm", non_finite_on_second_step)
     ctx = _run(tmp_path, "skip", "pipeline.num_steps=3", "log.progress=true", "eval.every_n_steps=0")
     lines = (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
     train = [json.loads(line) for line in lines if json.loads(line)["kind"] == "train"]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from opdgraph.train import optimizer as optimizer_module
-from opdgraph.train.optimizer import MasterAdamW, clip_grad_norm
+from opdgraph.train import optimizer_layout
+from opdgraph.train.grad_clipping import clip_grad_norm
+from opdgraph.train.optimizer import MasterAdamW
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -141,7 +143,7 @@ def test_buckets_split_large_models(monkeypatch):
     set_grads(one, 0)
     set_grads(many, 0)
     one_opt.step()
-    monkeypatch.setattr(optimizer_module, "_BUCKET_ELEMENTS", 20)
+    monkeypatch.setattr(optimizer_layout, "_BUCKET_ELEMENTS", 20)
     many_opt.step()
     for name in one:
         assert torch.equal(one[name], many[name])
@@ -224,7 +226,7 @@ def test_non_finite_update_is_rolled_back_bit_for_bit(monkeypatch, dtype, case, 
     """A step whose update would leave any weight non-finite applies nothing (one bucket per parameter and pieces of
     a few elements, so the bad value is in the last bucket and piece): weights, fp32 masters, moments and step counts
     stay bit for bit, and step() says so. Fails if buckets before the bad one are committed, or a check misses it."""
-    monkeypatch.setattr(optimizer_module, "_BUCKET_ELEMENTS", 8)
+    monkeypatch.setattr(optimizer_layout, "_BUCKET_ELEMENTS", 8)
     monkeypatch.setattr(optimizer_module, "_CHECK_ELEMENTS", 3)
     params = make_params(dtype)
     optimizer = MasterAdamW(params.items(), **{**HYPER, **hyper})
@@ -274,7 +276,7 @@ def test_streamed_optimizer_rolls_back_its_host_state(monkeypatch):
     from opdgraph.placement import Placement
     from opdgraph.runtime import offload
 
-    monkeypatch.setattr(optimizer_module, "_BUCKET_ELEMENTS", 8)
+    monkeypatch.setattr(optimizer_layout, "_BUCKET_ELEMENTS", 8)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)).to(torch.bfloat16)
     optimizer = offload.build_optimizer(Placement(optimizer_state="offload"), model, torch.device("cpu"), lr=1e-3)
     params = dict(model.named_parameters())

@@ -159,7 +159,7 @@ def backward(inputs) -> None:
 def optimizer_step(config, inputs, *, stage: str = "step") -> None:
     """Clip and apply AdamW on fp32 masters; a step whose gradient norm or update is not finite changes nothing and
     is logged (`skipped` names the reason); `stage` names the step stage in what a stopped run prints."""
-    from opdgraph.train.optimizer import clip_grad_norm
+    from opdgraph.train.grad_clipping import clip_grad_norm
     from opdgraph.train.schedule import lr_at
 
     from opdgraph.runtime.skipped_steps import NON_FINITE_GRADIENT, NON_FINITE_UPDATE

@@ -1,8 +1,8 @@
-"""AdamW with fp32 master weights and fp32 moments, plus global-norm gradient clipping.
+"""AdamW with fp32 master weights and fp32 moments.
 
-The ``step`` stage of the pipeline runs, per optimizer step: ``clip_grad_norm`` (skip the step when the norm is not
-finite), ``MasterAdamW.step(lr_at(...), grads)`` (skipped when the update would make a weight non-finite), then the
-plan frees the gradients (``zero_grad()`` drops any ``param.grad``).
+The ``step`` stage of the pipeline runs, per optimizer step: ``clip_grad_norm`` (opdgraph.train.grad_clipping; skip
+the step when the norm is not finite), ``MasterAdamW.step(lr_at(...), grads)`` (skipped when the update would make a
+weight non-finite), then the plan frees the gradients (``zero_grad()`` drops any ``param.grad``).
 
 Why master weights: a bf16 weight has 8 mantissa bits, so an update smaller than ~2^-9 of the weight rounds away
 and a long run of small updates is lost entirely. Each non-fp32 parameter gets an fp32 master copy; the update is
@@ -14,8 +14,8 @@ Update (decoupled AdamW with bias correction, as torch.optim.AdamW), per paramet
     master -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 Parameters are updated in buckets of at most ``_BUCKET_ELEMENTS`` elements (the unit an offloaded state streams
-through the device), by one of two implementations of the same math, picked per bucket by where its state is
-(constructor ``fused``: None = auto):
+through the device; opdgraph.train.optimizer_layout makes the buckets), by one of two implementations of the same
+math, picked per bucket by where its state is (constructor ``fused``: None = auto):
 - CUDA state, where triton imports: opdgraph.kernels.adamw, two Triton kernels per tensor that each read the state
   once (the check writes nothing; the update writes master, moments and the rounded bf16 parameter in one pass).
 - Otherwise (CPU, the reference): torch's foreach kernels, each op reading and writing the bucket again; the fp32
@@ -38,10 +38,10 @@ need not contract alike; so the check asks each new weight to be at most half th
 stays finite), and a last-bit difference can never overflow in pass 2 where pass 1 did not (nor round to inf in
 bf16, whose largest value is above half fp32's).
 
-Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard
-only; the clipping norm and the finiteness flag are reduced over ranks, so every rank takes the same decision;
-``state_dict`` gathers full tensors (to the CPU, one at a time) and ``load_state_dict`` takes full tensors and keeps
-this rank's rows, so a run resumes on any number of ranks.
+Sharded parameters (FSDP2 DTensors, several ranks): masters, moments and the update use each rank's local shard only
+(opdgraph.train.optimizer_layout); the clipping norm and the finiteness flag are reduced over ranks, so every rank
+takes the same decision; ``state_dict`` gathers full tensors (to the CPU, one at a time) and ``load_state_dict``
+takes full tensors and keeps this rank's rows, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -54,35 +54,10 @@ import torch
 
 from opdgraph.kernels import adamw as fused_adamw
 from opdgraph.kernels import triton_imports
+from opdgraph.train.optimizer_layout import _buckets, _gathered, _local, _pieces, _shard_of
 
-_BUCKET_ELEMENTS = 1 << 26
 _FP32_MAX = torch.finfo(torch.float32).max
 _CHECK_ELEMENTS = 1 << 23  # pass 1's piece: at most 5 fp32 temporaries of 32 MiB, under the update's 2 x 256 MiB
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: writing it writes the parameter); a plain tensor as is."""
-    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
-
-
-def _gathered(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """The full tensor whose shard on this rank is `local`, laid out like `param` (collective when sharded)."""
-    if not hasattr(param, "device_mesh"):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
-                              stride=param.stride()).full_tensor().cpu()
-
-
-def _shard_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a full tensor, for a parameter sharded like `param` (no communication)."""
-    if not hasattr(param, "device_mesh"):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(_local(param).device), param.device_mesh, param.placements,
-                             src_data_rank=None).to_local()
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -290,64 +265,3 @@ class MasterAdamW:
         for name in expected_masters:
             self.masters[name].copy_(_shard_of(self.params[name], state["master"][name]))
             _local(self.params[name]).copy_(self.masters[name])
-
-
-def _pieces(names: list[str], tensors: dict[str, torch.Tensor], limit: int) -> Iterable[list[tuple[str, slice]]]:
-    """The elements of `names`' tensors in groups of at most `limit`: (name, flat slice) pairs; a tensor larger than
-    `limit` is split across groups."""
-    group, size = [], 0
-    for name in names:
-        numel = tensors[name].numel()
-        for start in range(0, numel, limit):
-            stop = min(numel, start + limit)
-            if group and size + stop - start > limit:
-                yield group
-                group, size = [], 0
-            group.append((name, slice(start, stop)))
-            size += stop - start
-    if group:
-        yield group
-
-
-def _buckets(names: list[str], params: dict[str, torch.Tensor]) -> Iterable[list[str]]:
-    """Consecutive groups of parameter names with at most _BUCKET_ELEMENTS elements (a bigger one goes alone)."""
-    bucket, size = [], 0
-    for name in names:
-        numel = params[name].numel()
-        if bucket and size + numel > _BUCKET_ELEMENTS:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(name)
-        size += numel
-    if bucket:
-        yield bucket
-
-
-@torch.no_grad()
-def clip_grad_norm(grads: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, bool]:
-    """Global fp32 L2 norm of the gradients; if finite and max_norm > 0, scale them in place by
-    min(1, max_norm / (norm + 1e-6)).
-
-    Returns (norm as a 0-dim fp32 tensor, finite). A non-finite norm leaves every grad untouched: the caller skips
-    the optimizer step. Sharded grads (DTensors) contribute their local shards and the squared norm is summed over
-    ranks, so every rank clips by the same global norm.
-    """
-    grads = [grad for grad in grads if grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32), True
-    sharded = any(hasattr(grad, "device_mesh") for grad in grads)
-    grads = [_local(grad) for grad in grads]
-    per_param = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
-    total_norm = torch.linalg.vector_norm(torch.stack([norm.to(per_param[0].device) for norm in per_param]))
-    if sharded:
-        import torch.distributed as dist
-
-        squared = total_norm.square()
-        dist.all_reduce(squared)
-        total_norm = squared.sqrt()
-    finite = bool(torch.isfinite(total_norm))
-    if finite and max_norm > 0:
-        scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for grad in grads:
-            grad.mul_(scale.to(grad.device))
-    return total_norm, finite
