@@ -17,17 +17,27 @@ import os
 import sys
 
 
+def _ours(origin: str | None) -> bool:
+    """Whether a found `kernels/__init__.py` is an opdgraph checkout's (this one under another spelling of its path,
+    a symlink, or another checkout or worktree): its sibling opdgraph/ holds the planner."""
+    if origin is None:
+        return False
+    checkout = os.path.dirname(os.path.dirname(os.path.realpath(origin)))
+    return os.path.isfile(os.path.join(checkout, "opdgraph", "planned_paths.py"))
+
+
 def _hand_over_to_the_installed_kernels() -> None:
-    """Load the `kernels` that sys.path holds outside this repository, if any, into sys.modules["kernels"]; the
-    import system returns what sys.modules holds once this module's body ends."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    elsewhere = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != root]
-    spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
-    if spec is None or spec.loader is None:
+    """Load the first `kernels` on sys.path that is no opdgraph checkout's, if any, into sys.modules["kernels"]; the
+    import system returns what sys.modules holds once this module's body ends. Entry by entry, so that no copy of
+    this module is ever executed as `kernels` again (each would hand over to the next: an endless recursion)."""
+    for entry in list(sys.path):
+        spec = importlib.machinery.PathFinder.find_spec("kernels", [entry])
+        if spec is None or spec.origin is None or spec.loader is None or _ours(spec.origin):  # None: a namespace
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module
+        spec.loader.exec_module(module)
         return
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernels"] = module
-    spec.loader.exec_module(module)
 
 
 if __name__ == "kernels":
