@@ -91,9 +91,10 @@ def decode_graph_batch_sizes(max_num_seqs: int) -> int:
     return math.ceil(math.log2(cap)) + 1
 
 
-def attention_windows(family: str) -> int:
-    """Distinct attention windows of a family's layers (flashinfer plans one wrapper per window)."""
-    return 2 if family == "gemma3" else 1
+def attention_windows(shape) -> int:
+    """Distinct attention windows of a model's layers (kernels/flashinfer_attention.py plans one wrapper per
+    window): its full and sliding kinds (a Qwen2 with use_sliding_window has both, as Gemma 3); at least one."""
+    return max(len(shape.attention_kinds), 1)
 
 
 def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list[Buffer]:
@@ -109,7 +110,7 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
         return buffers
     student = cfg.model_with_role("student")
     shape, dtype_bytes = cfg.shapes[student], cfg.models[student].dtype_bytes
-    windows, sizes = attention_windows(shape.family), decode_graph_batch_sizes(max_num_seqs)
+    windows, sizes = attention_windows(shape), decode_graph_batch_sizes(max_num_seqs)
     graph_wrappers = 0 if uses_decode_bursts(cfg) else sizes
     wrappers = windows * (2 + graph_wrappers)
     backend_keys = ("pipeline.device", f"{rollout}.backend", f"models.{student}.dtype")

@@ -72,16 +72,28 @@ class Family:
         return value
 
     def layer_types(self, config: dict) -> tuple[str, ...]:
-        """Per layer FULL / SLIDING / LINEAR_ATTENTION as the decoder builds it. Hybrid families: layer_types, else
-        every full_attention_interval-th layer (1-based) is full (transformers' rule); others: all full here (their
-        sliding rules are read from the normalised config at run time and do not change sizes)."""
+        """Per layer FULL / SLIDING / LINEAR_ATTENTION as the decoder builds it (transformers' rules, which derive
+        the normalised config's layer_types the runtime reads; tests/test_families.py compares): layer_types where
+        the config has them, else by the family's rule: hybrid families' every full_attention_interval-th layer
+        (1-based) is full, the rest linear; Gemma 3's every sliding_window_pattern-th (default 6) is full, the rest
+        sliding; Qwen2/3's layers from max_window_layers (default 28) on slide when use_sliding_window is set and
+        sliding_window (default 4096) is not null. They decide the attention windows (flashinfer's wrappers) and
+        the RoPE tables a forward builds."""
         layers = config["num_hidden_layers"]
-        if not self.linear_attention:
-            return (FULL_ATTENTION,) * layers
         if config.get("layer_types") is not None:
             return tuple(config["layer_types"])
-        interval = self.default("full_attention_interval", config)
-        return tuple(FULL_ATTENTION if (index + 1) % interval == 0 else LINEAR_ATTENTION for index in range(layers))
+        if self.linear_attention:
+            interval = self.default("full_attention_interval", config)
+            return tuple(FULL_ATTENTION if (index + 1) % interval == 0 else LINEAR_ATTENTION
+                         for index in range(layers))
+        if self.sliding_windows == "pattern":
+            pattern = config.get("sliding_window_pattern", 6)
+            return tuple(SLIDING_ATTENTION if (index + 1) % pattern else FULL_ATTENTION for index in range(layers))
+        if self.sliding_windows == "max_window_layers" and config.get("use_sliding_window", False) \
+                and config.get("sliding_window", 4096) is not None:
+            first = config.get("max_window_layers", 28)
+            return tuple(SLIDING_ATTENTION if index >= first else FULL_ATTENTION for index in range(layers))
+        return (FULL_ATTENTION,) * layers
 
     def rotary_fraction(self, config: dict) -> float:
         """The part of head_dim RoPE rotates: partial_rotary_factor inside rope_parameters, else the top-level key

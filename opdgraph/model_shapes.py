@@ -24,7 +24,7 @@ import os
 
 import attrs
 
-from opdgraph.families import FAMILY_BY_NAME, LINEAR_ATTENTION
+from opdgraph.families import FAMILY_BY_NAME, FULL_ATTENTION, LINEAR_ATTENTION, SLIDING_ATTENTION
 from opdgraph.hub import hub_snapshot, looks_like_hub_id, snapshot_commit
 from opdgraph.gguf_header import hf_config_from_gguf, open_gguf
 from opdgraph.model_config_check import check_model_config, read_config_file, text_part
@@ -57,8 +57,9 @@ class ModelShape:
     mlp_bias: bool = False
     qk_norm: bool = False
     max_positions: int = 0
-    # Hybrid families (Qwen3.5): the kind of every layer (empty: all full attention), the gated-DeltaNet layers'
-    # heads and widths, the attention output gate, and how many dims of head_dim RoPE rotates (0: all).
+    # The kind of every layer (families.Family.layer_types; empty: unknown, all full attention but for Gemma 3's
+    # two kinds). Hybrid families (Qwen3.5): the gated-DeltaNet layers' heads and widths, the attention output
+    # gate, and how many dims of head_dim RoPE rotates (0: all).
     layer_types: tuple[str, ...] = ()
     linear_key_heads: int = 0
     linear_value_heads: int = 0
@@ -72,6 +73,13 @@ class ModelShape:
     def linear_layers(self) -> int:
         """Gated-DeltaNet layers: a recurrent state per sequence, no KV cache."""
         return sum(kind == LINEAR_ATTENTION for kind in self.layer_types)
+
+    @property
+    def attention_kinds(self) -> frozenset[str]:
+        """The softmax-attention kinds of the layers (full, sliding): one attention window and one RoPE each."""
+        if not self.layer_types:
+            return frozenset({FULL_ATTENTION, SLIDING_ATTENTION} if self.family == "gemma3" else {FULL_ATTENTION})
+        return frozenset(self.layer_types) - {LINEAR_ATTENTION}
 
     @property
     def attention_layers(self) -> int:
@@ -209,8 +217,7 @@ def shape_from_hf_config(config: dict, source: str = "config") -> ModelShape:
     hybrid = {}
     if family.linear_attention:
         head_dim = family.default("head_dim", config)
-        hybrid = dict(layer_types=family.layer_types(config),
-                      linear_key_heads=family.default("linear_num_key_heads", config),
+        hybrid = dict(linear_key_heads=family.default("linear_num_key_heads", config),
                       linear_value_heads=family.default("linear_num_value_heads", config),
                       linear_key_head_dim=family.default("linear_key_head_dim", config),
                       linear_value_head_dim=family.default("linear_value_head_dim", config),
@@ -232,6 +239,7 @@ def shape_from_hf_config(config: dict, source: str = "config") -> ModelShape:
         mlp_bias=family.flag(family.mlp_bias, config),
         qk_norm=family.qk_norm,
         max_positions=family.default("max_position_embeddings", config),
+        layer_types=family.layer_types(config),
         **hybrid,
     )
 

@@ -222,9 +222,12 @@ def reference_saved_score_bytes(dtype_bytes: int) -> int:
 
 
 def rope_table_kinds(shape: ModelShape) -> int:
-    """RoPE kinds the layers use: Gemma 3's sliding and global layers have their own (as attention_windows in
-    cuda_overheads.py); elsewhere all attention layers share one table (models/decoder.py _rope_tables)."""
-    return 2 if shape.family == "gemma3" else 1
+    """RoPE tables a forward builds (models/decoder.py _rope_tables): Gemma 3's sliding and global layers have
+    their own, one per kind its layers have (two for every published config, whose RoPEs differ; an upper bound
+    where both RoPEs are equal and the decoder shares one); elsewhere all attention layers share one table, and a
+    model without attention layers builds none."""
+    kinds = len(shape.attention_kinds)
+    return kinds if shape.family == "gemma3" else min(kinds, 1)
 
 
 def rope_table_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:

@@ -227,3 +227,24 @@ def test_planner_side_needs_neither_torch_nor_transformers():
     tiny = pathlib.Path(__file__).parent.parent / "pipelines" / "tiny.toml"
     result = subprocess.run([sys.executable, "-c", BLOCKED, str(tiny)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+LAYER_TYPE_CASES = [
+    ("llama", {}), ("qwen2", {}), ("qwen2", {"use_sliding_window": True, "max_window_layers": 2}),
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 0}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "max_window_layers": 3}), ("qwen3", {"max_window_layers": 1}),
+    ("gemma3_text", {}), ("gemma3_text", {"sliding_window_pattern": 3}),
+    ("gemma3_text", {"layer_types": ["full_attention"] * 7}),
+    ("qwen3_5_text", {}), ("qwen3_5_text", {"full_attention_interval": 2}),
+]
+
+
+@pytest.mark.parametrize("model_type, keys", LAYER_TYPE_CASES)
+def test_layer_types_are_the_ones_transformers_derives(model_type, keys):
+    """If this fails, the planner's layer kinds (families.Family.layer_types: which layers slide, which are linear)
+    differ from the normalised config's layer_types the runtime's decoder is built from: the plan's attention
+    windows (flashinfer wrappers) and RoPE tables would not be the run's."""
+    config = {**SMALL, "num_hidden_layers": 7, "model_type": model_type, **keys}
+    expected = transformers.AutoConfig.for_model(**config).to_dict().get("layer_types") or ["full_attention"] * 7
+    assert FAMILIES[model_type].layer_types(config) == tuple(expected)

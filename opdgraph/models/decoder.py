@@ -55,7 +55,7 @@ class DecoderLM(nn.Module):
         self._inv_freq = {kind: inverse_frequencies(spec, config.rope_dim) for kind, spec in config.rope.items()}
         # The cos/sin tables a forward builds: one per RoPE the attention layers use, shared by the kinds that have
         # the same one (a Qwen2 sliding layer rotates as a full one), so none is computed or held twice
-        # (sizing.rope_table_kinds plans the same count).
+        # (sizing.rope_table_kinds plans this count, or one more for a Gemma 3 whose two RoPEs are equal).
         used = [kind for kind in config.rope if kind in config.layer_types]
         self._rope_table_source = {kind: next(first for first in used if config.rope[first] == config.rope[kind])
                                    for kind in used}
