@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from step_pipeline import StepShape, model_configs
+import step_pipeline
+from step_pipeline import StepShape
 from step_timing import synchronize
 
 NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
@@ -50,7 +51,8 @@ def roofline(shape: StepShape, hardware: dict, *, tiny: bool, prefill_budget: in
     from opdgraph import work
     from opdgraph.model_shapes import shape_from_hf_config
 
-    student_config, teacher_config = model_configs(tiny)
+    # Looked up at call time: qwen35_gpu.run_step swaps step_pipeline.model_configs for its own pair.
+    student_config, teacher_config = step_pipeline.model_configs(tiny)
     student, teacher = shape_from_hf_config(student_config), shape_from_hf_config(teacher_config)
     dtype_bytes = 4 if tiny else 2
     rate, bandwidth = hardware["matmul_flops"], hardware["copy_bytes_per_s"]

@@ -164,12 +164,27 @@ def _compile(cfg, world_size: int):
     return fit_plan(cfg, world_size=world_size)
 
 
+def _on_the_run_device(cfg):
+    """pipeline.device = "auto" made the device this run takes (cuda where one is available, else cpu), so that the
+    plan `run` executes sizes the paths that run there (the attention and linear-attention cores, the loss kernel,
+    CUDA's overheads), not the CUDA plan that `plan` makes of "auto". A resume may change the device
+    (runtime/config_record.py: a cadence key)."""
+    if cfg.pipeline.device != "auto":
+        return cfg
+    import attrs
+
+    from opdgraph.runtime.context import pick_device
+
+    return attrs.evolve(cfg, pipeline=attrs.evolve(cfg.pipeline, device=pick_device("auto").type))
+
+
 def run_run(args) -> int:
     import os
 
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG_ERROR
+    cfg = _on_the_run_device(cfg)
     fitted = _compile(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun sets WORLD_SIZE for every rank
     if fitted is None:
         return EXIT_CONFIG_ERROR

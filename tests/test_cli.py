@@ -117,3 +117,21 @@ def test_an_internal_error_while_compiling_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(opdgraph.fit, "fit_plan", broken)
     with pytest.raises(ValueError, match="internal bug"):
         main(["plan", TINY])
+
+
+def test_run_plans_for_the_device_it_runs_on(monkeypatch, capsys):
+    """If this fails, `opdgraph run` of a pipeline with device = "auto" on a machine without CUDA executes the CUDA
+    plan (FlashAttention's activations, the fused loss's chunk, CUDA's overheads) instead of the CPU's."""
+    import torch
+
+    import opdgraph.cli as cli
+
+    compiled = []
+    original = cli._compile
+    monkeypatch.setattr(cli, "_compile", lambda cfg, world: compiled.append(cfg) or original(cfg, world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["run", TINY, "--check"]) == 0
+    (cfg,) = compiled
+    assert cfg.pipeline.device == "cpu"
+    plan = original(cfg, 1).plan
+    assert not any(name.startswith("cuda.") for name in plan.buffers)
