@@ -1,9 +1,9 @@
 """Which tensors are alive at the peak of a no-grad forward of one Qwen3.5-0.8B linear-attention layer on fla's core.
 
-The probe behind sizing.fla_core_peak_bytes (the plan's forward workspace with fla): it records the CUDA allocator's history around the second forward (the
-first compiles and autotunes), replays the alloc/free events to find the moment of the peak, and prints every block
-alive then with its size and the innermost frames of our code and fla's that allocated it, beside the plan's number.
-Needs CUDA and fla. Not a test.
+The probe behind sizing.fla_core_peak_bytes (the plan's forward workspace with fla): it records the CUDA allocator's
+history around the second forward (the first compiles and autotunes), replays the alloc/free events to find the
+moment of the peak, and prints every block alive then with its size and the innermost frames of our code and fla's
+that allocated it, beside the plan's number. Needs CUDA and fla. Not a test.
 
     python benchmarks/fla_peak_probe.py [--lengths 2048 --lengths 100,37,1000,3,908] [--out probe.txt]
 """

@@ -139,7 +139,7 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
 def _decode_step_formula(shape, in_place: bool) -> str:
     """Per row, the decode step's activation peak of sizing.decode_step_workspace_bytes: an MLP's, or for a model
     with linear-attention layers the larger of that and one such layer's step (linear_decode_peak_bytes)."""
-    mlp = "(4 h + 3 i) x d + t (t: the RoPE tables)"
+    mlp = "(4 h + 3 i) x d + t (t = 2 x rotary_dim x RoPE kinds x d)"
     if not shape.linear_layers:
         return mlp
     if in_place:  # fla's core: kernels/gated_delta_decode.py updates each state in its slot

@@ -75,20 +75,20 @@ workspace holds that core's peak. The fla core's (fla_core_peak_bytes):
     T x ((2 h + c + Hv) x d + Hv x 4 + t) + T x ((2 c + 2 k + Hv x (64 + k_d + 3 v_d)) x d + (2 Hk + Hv) x 4)
       + floor((T + 63 N) / 64) x Hv x k_d x v_d x d  [+ N x (2 Hv x k_d x v_d x 4 + (3 K - 1) x c x d), paged]
 the layer's input and norm, the in_proj_qkv output, beta and the decay, the RoPE tables; the conv's output, the
-contiguous q/k/v
-copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per token and value
-head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h (each of the N
-sequences chunked on its own: fla_chunk_bound); for a rollout prefill (paged) the N sequences' gathered and final states and conv
-windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes): the torch core (CPU targets,
-or OPDGRAPH_LINEAR_ATTENTION = torch) holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered
-states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k (measured at
+contiguous q/k/v copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per
+token and value head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h
+(each of the N sequences chunked on its own: fla_chunk_bound); for a rollout prefill (paged) the N sequences'
+gathered and final states and conv windows (K = conv kernel). A decode step of R sequences
+(linear_decode_peak_bytes): the torch core (CPU targets, or OPDGRAPH_LINEAR_ATTENTION = torch) holds
+R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k (measured at
 0.8B's and 4B's widths, 1.05-1.15 x); the in-place kernel of the fla core (kernels/gated_delta_decode.py) only the
 conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore, which
 saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = 2 h x d + t + 4: the final norm's input and rstd, its output (the student_activations
-tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use, t = 2 x rotary_dim x r
-x d (Gemma 3: sliding and global, r = 2; others 1: their sliding layers rotate as the full ones, one table). The embedding saves only the token ids of the micro-batch.
+tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use, t = 2 x rotary_dim x
+r x d (sizing.rope_table_kinds: Gemma 3's sliding and global layers, r = 2; others 1, their sliding layers rotating
+as the full ones; 0 without attention layers). The embedding saves only the token ids of the micro-batch.
 
 Where packed attention falls back to the plain-torch reference (models/attention_backend.py attend_one_sequence: a
 CPU target, an fp32 model, head_dim over 256 or not a multiple of 8; buffers.attention_fallback), it saves, per
@@ -104,8 +104,8 @@ T x S pairs in all: S x (heads x s + 1) bytes per token per layer, S = max_promp
 Forward workspace, the no-grad forward's peak (teacher scoring; also the rollout's prefill and decode steps): inside
 a layer's MLP, the layer's input (held by the caller), the residual after attention, the attention output, the
 MLP's input (4 h x d), and gate, act(gate) and up or their product (3 i x d), plus the RoPE tables the forward
-holds throughout (t = 2 x rotary_dim x r x d, the r kinds of o below; kinds of one RoPE share one table). With FlashAttention that is the largest set of one layer for every
-supported family (attention's q, k, v, out and the norms' fp32 copies are smaller: measured in
+holds throughout (t = 2 x rotary_dim x r x d, with r as in o above). With FlashAttention that is the largest set of
+one layer for every supported family (attention's q, k, v, out and the norms' fp32 copies are smaller: measured in
 tests/test_saved_bytes.py). The reference attention materialises one sequence's scores at a time, and its peak
 (inside the softmax of the last sequence) can be larger:
     T x ((2 h + 2 q + 2 kv) x d + t) + S x q x d + S^2 x (heads x w + 1)
@@ -281,7 +281,7 @@ def forward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
 def forward_workspace_formula(shape: ModelShape, tokens: str, fla: bool,
                               reference_sequence_tokens: int = 0) -> str:
     """forward_workspace_bytes in words, for a plan's formula column: `tokens` names the token count."""
-    terms = [f"{tokens} x ((4 h + 3 i) x d + t) (inside an MLP; t: the RoPE tables)"]
+    terms = [f"{tokens} x ((4 h + 3 i) x d + t) (inside an MLP; t = 2 x rotary_dim x RoPE kinds x d)"]
     if shape.linear_layers:
         terms.append(f"{tokens} x the {'fla' if fla else 'torch'} linear-attention core's per-token peak + its chunk "
                      f"states ({'fla_core_peak_bytes' if fla else 'linear_core_peak_bytes'} in opdgraph/sizing.py)")

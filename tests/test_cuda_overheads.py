@@ -117,8 +117,8 @@ def test_decode_graph_pool_formula_names_the_linear_attention_step(monkeypatch, 
 
     monkeypatch.setenv(LINEAR_CORE_ENVIRONMENT, setting)
     pool = _plan("qwen35_0b8_from_4b.toml", "pipeline.device=cuda").buffers["rollout.decode_graph_pool"]
-    assert "(4 h + 3 i) x d + t (t: the RoPE tables)" in pool.formula and step in pool.formula
+    assert "(4 h + 3 i) x d + t (t = 2 x rotary_dim x RoPE kinds x d)" in pool.formula and step in pool.formula
     assert LINEAR_CORE_ENVIRONMENT in pool.sized_by
     plain = _plan("qwen25_1b5_from_7b.toml").buffers["rollout.decode_graph_pool"]
-    assert "largest graph batch (128) x ((4 h + 3 i) x d + t (t: the RoPE tables) + V x 4): " in plain.formula
+    assert "largest graph batch (128) x ((4 h + 3 i) x d + t (t = 2 x rotary_dim x RoPE kinds x d) + V x 4): " in plain.formula
     assert LINEAR_CORE_ENVIRONMENT not in plain.sized_by

@@ -3,8 +3,8 @@
 Student and teacher generate with eval engines of their own, whose KV pools and concurrency are the plan's eval facts
 (opdgraph.counts.eval_counts, which also sizes evaluation's scoring micro-batches and loss chunks): the plan's
 `<eval>.kv_cache` and `<eval>.teacher_kv_cache`, allocated by the eval step and freed after it through
-`release_hooks`, like rollout's pool. Routed teachers answer
-one after another, each one's pool dropped before the next one's is made. A teacher that sees another prompt than
+`release_hooks`, like rollout's pool. Routed teachers answer one after another, each one's pool dropped before the
+next one's is made. A teacher that sees another prompt than
 the student answers its own. opdgraph.runtime.evaluation scores what these return.
 """
 
