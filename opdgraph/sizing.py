@@ -78,12 +78,12 @@ the layer's input and norm, the in_proj_qkv output, beta and the decay, the RoPE
 contiguous q/k/v copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per
 token and value head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h
 (each of the N sequences chunked on its own: fla_chunk_bound); for a rollout prefill (paged) the N sequences'
-gathered and final states and conv windows (K = conv kernel). A decode step of R sequences
-(linear_decode_peak_bytes): the torch core (CPU targets, or OPDGRAPH_LINEAR_ATTENTION = torch) holds
-R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k (measured at
-0.8B's and 4B's widths, 1.05-1.15 x); the in-place kernel of the fla core (kernels/gated_delta_decode.py) only the
-conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore, which
-saves only the core's inputs (tests/test_qwen35_fla.py).
+gathered and final states and conv windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes):
+the torch core (CPU targets, or OPDGRAPH_LINEAR_ATTENTION = torch) holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x
+k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k
+(measured at 0.8B's and 4B's widths, 1.05-1.15 x); the in-place kernel of the fla core (kernels/gated_delta_decode.py)
+only the conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore,
+which saves only the core's inputs (tests/test_qwen35_fla.py).
 
 Outside the layers, o = 2 h x d + t + 4: the final norm's input and rstd, its output (the student_activations
 tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use, t = 2 x rotary_dim x
