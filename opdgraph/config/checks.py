@@ -116,7 +116,8 @@ def _resolve_shapes(models, base_dir, problem, problems) -> dict[str, ModelShape
             what = f"indices {bad} are out of range" if bad else "indices repeat"
             problems.append(problem(f"models.{name}.keep_layers",
                                     f"{what}; [models.{model.init_from}] has layers 0..{source.layers - 1}"))
-        shapes[name] = source.keep(keep)
+        # The reported config fails to load anyway; the later checks still see a shape, of the layers that exist.
+        shapes[name] = source.keep([index for index in keep if 0 <= index < source.layers])
     return shapes
 
 
