@@ -15,6 +15,8 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
 - hidden states           T x h x d   (student final hidden, teacher hidden, and their gradient)
 - logit chunk             chunk_tokens x V_student x 4 x (fp32 [chunk, V] buffers alive at the loss's peak), see below
 - forward workspace       T x ((4 h + 3 i) x d + t)  (no-grad forward, t = the RoPE tables per token, see below)
+- backward workspace      T x a (one layer's activation gradients; a hybrid: at least a linear-attention layer's
+                          backward, which recomputes its core with autograd, see below)
 
 Placements chosen by the fit search (opdgraph.fit):
 - streamed teacher        resident: embedding, final norm, lm_head (V h (x 2 untied) + h) x d;
@@ -84,6 +86,39 @@ k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the
 (measured at 0.8B's and 4B's widths, 1.05-1.15 x); the in-place kernel of the fla core (kernels/gated_delta_decode.py)
 only the conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore,
 which saves only the core's inputs (tests/test_qwen35_fla.py).
+Backward workspace: one layer's activation gradients, T x a (a: the larger kind's for a hybrid model), or for a
+hybrid model the larger of that and a linear-attention layer's backward (linear_recompute_peak_bytes): RecomputedCore
+runs the core again with autograd, the graphs of all its scan groups alive at once, and differentiates it. The plan
+sizes the plain-torch core's recompute, which CPU runs and Hopper GPUs take (fla's backward is refused there:
+kernels/fla_linear_attention.py fla_backward_trusted), as the upper bound wherever fla's backward runs instead: its
+kernels keep q, k, v, A and per-chunk states in the model dtype, recompute w, u, h and write their gradients, about
+5 KB per token and value head at k_d = v_d = 128 against the torch core's 13 KB, with no O(P x C) fp32 graph and no
+padding beyond fla's chunks. N sequences (at most one per token; the plan: every sequence of the step, as many as
+a micro-batch's tokens may pack) pad to P = T + N x (C - 1) tokens at most; P / C - N chunks (all but each
+sequence's first) start from a state; P_n = min(P, T + n x (C - 1)) the largest scan group's padded tokens; s =
+min(n, floor(T / (C + 1))) sequences carry a state (0 when no chunk starts from one); S = Hv x k_d x v_d x 4:
+    T x (3 h + v) x d + (2 T + 2 N (K - 1)) x c x d + T x Hv x (4 k_d + v_d + 3) x 4
+      + P x Hv x (3 k_d + 2 v_d + 6 C + 4) x 4  [+ Hv x (2 P k_d + (P - N C) v_d) x 4 + (P / C - N) x S, states]
+      + max(T x c x 4 + P_n x Hv x (2 v_d [+ 2 k_d, no states]) x 4 + s x S,
+            T x v x d + P_n x Hv x (3 k_d + 2 v_d + C) x 4,
+            T x v x d + P_n x Hv x v_d x 4 + s x (Hv x C x (2 k_d + 2 v_d + C) x 4 + 2 S))
+the gradients around the core (the hidden-state gradient the backward starts from, the residual's and in_proj_z's
+input gradients waiting for the core's, the core's output gradient); the conv's saved input with each sequence's
+window rows, the SiLU's input, the windows it returns; the fp32 q and k repeated to the value heads and normalised,
+v's contiguous copy, beta in fp32 and the two rstd. Per padded token what the graph saves: q, k, v and beta padded,
+U_v and W, the six C x C terms (decays, K K^T and its decayed product, A, Q K^T, scores), e^G, beta e^G and
+e^{G_C - G}; with states also e^G Q, K e^{G_C - G}, the updates of the chunks after the first and the states they
+start from. Then the largest of three moments: the end of the recomputed forward (the fp32 conv output, v a view of
+it; the scan group's chunk outputs and their concatenation, e^G Q and K e^{G_C - G} unsaved but alive, the last
+step's new states), the triangular solve's backward (the core's output, held while RecomputedCore differentiates;
+the gradients of U_v and W, of the right-hand sides, of A twice, of the decays, of q and k), and the first scan
+step's backward (the padded output's gradient; per chunk of the step the gradients of U and of its negation, of
+e^G Q, of W and of the scores; two state gradients per sequence). Every term is a tensor autograd saves or
+allocates (tests/test_saved_bytes.py, training.backward of a linear-attention layer at 0.8B's and 4B's widths: the
+formula at the padded tokens the sequences really have within +20% of the measured peak, never under it, the plan
+at the bound P never under it); an fp32 model's .float() copies are the tensors themselves, so it plans a little
+more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
+already count one recomputed layer, and the core's no-grad peak inside it comes earlier than the recompute above.
 
 Outside the layers, o = 2 h x d + t + 4: the final norm's input and rstd, its output (the student_activations
 tensor the backward starts from), and the cos/sin tables of the r RoPE kinds the layers use, t = 2 x rotary_dim x
@@ -181,6 +216,18 @@ def recurrent_state_bytes(shape: ModelShape, concurrent_seqs: int, dtype_bytes: 
     """The rollout engine's state pool of a hybrid model: one slot per concurrent sequence in every linear-attention
     layer (module docstring); 0 for families without such layers."""
     return concurrent_seqs * shape.recurrent_state_bytes_per_sequence(dtype_bytes)
+
+
+def backward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, sequences: int,
+                             reference_sequence_tokens: int = 0) -> int:
+    """The backward's transient peak over a micro-batch of `tokens` (module docstring): one layer's activation
+    gradients, or for a hybrid model the larger of those and a linear-attention layer's recomputing backward over
+    at most `sequences` sequences."""
+    per_layer = tokens * activation_bytes_per_token_per_layer(shape, dtype_bytes,
+                                                              reference_sequence_tokens=reference_sequence_tokens)
+    if not shape.linear_layers:
+        return per_layer
+    return max(per_layer, linear_recompute_peak_bytes(shape, tokens, dtype_bytes, sequences))
 
 
 def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False,
@@ -331,6 +378,37 @@ def linear_core_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, seq
     scan = padded * heads * (3 * key_dim + 2 * value_dim + chunk + 1) * FP32_BYTES + 3 * carried * state
     rows = (5 * (sequences or group)) * state if paged else 0
     return held + heads_fp32 + max(solve, scan) + rows
+
+
+def linear_recompute_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, sequences: int,
+                                padded_tokens: int | None = None) -> int:
+    """The peak of a linear-attention layer's backward, which recomputes its plain-torch core with autograd and
+    differentiates it (module docstring). sequences: N, at most one per token; padded_tokens: P when the lengths are
+    known (a test), else its bound T + N x (C - 1)."""
+    heads, key_dim, value_dim = shape.linear_value_heads, shape.linear_key_head_dim, shape.linear_value_head_dim
+    chunk, conv, sequences = LINEAR_CHUNK_TOKENS, shape.conv_dim, min(sequences, tokens)
+    group = linear_scan_group(tokens, sequences)
+    padded = tokens + sequences * (chunk - 1) if padded_tokens is None else padded_tokens
+    group_padded = min(padded, tokens + group * (chunk - 1))
+    carried = padded // chunk - sequences  # chunks after a sequence's first: each starts from a saved state
+    state = heads * key_dim * value_dim * FP32_BYTES
+    around = tokens * (3 * shape.hidden + shape.linear_value_dim) * dtype_bytes
+    inputs = ((2 * tokens + 2 * sequences * (shape.conv_kernel - 1)) * conv * dtype_bytes
+              + tokens * heads * (4 * key_dim + value_dim + 3) * FP32_BYTES)
+    saved = padded * heads * (3 * key_dim + 2 * value_dim + 6 * chunk + 4) * FP32_BYTES
+    carrying = 0
+    if carried > 0:
+        saved += (padded * 2 * key_dim + (padded - sequences * chunk) * value_dim) * heads * FP32_BYTES
+        saved += carried * state
+        carrying = min(group, tokens // (chunk + 1))
+    unused_terms = 0 if carried > 0 else 2 * key_dim  # e^G Q and K e^{G_C - G}: saved above when states exist
+    forward_end = (tokens * conv * FP32_BYTES + group_padded * heads * (2 * value_dim + unused_terms) * FP32_BYTES
+                   + carrying * state)
+    output = tokens * shape.linear_value_dim * dtype_bytes
+    solve = output + group_padded * heads * (3 * key_dim + 2 * value_dim + chunk) * FP32_BYTES
+    scan = (output + group_padded * heads * value_dim * FP32_BYTES
+            + carrying * (heads * chunk * (2 * key_dim + 2 * value_dim + chunk) * FP32_BYTES + 2 * state))
+    return around + inputs + saved + max(forward_end, solve, scan)
 
 
 def fla_chunk_bound(tokens: int, sequences: int) -> int:

@@ -71,14 +71,21 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
-    """One layer's activation gradients at a time."""
-    reference = facts.reference_tokens("student", facts.counts.sequence_tokens)
-    per_layer = facts.activation_label
-    per_token = sizing.activation_bytes_per_token_per_layer(facts.student_shape, facts.student_dtype_bytes,
-                                                            reference_sequence_tokens=reference)
-    return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", facts.counts.micro_batch_tokens * per_token,
-                   (*facts.micro_keys, *facts.student_keys),
-                   formula=f"micro-batch tokens x {per_layer} (one layer's activation grads)")]
+    """One layer's activation gradients at a time; a hybrid student's linear-attention layer holds more while its
+    backward recomputes the torch core with autograd (sizing.linear_recompute_peak_bytes), over at most the step's
+    sequences (a micro-batch packs as many as fit its tokens)."""
+    shape, counts = facts.student_shape, facts.counts
+    reference = facts.reference_tokens("student", counts.sequence_tokens)
+    size = sizing.backward_workspace_bytes(shape, counts.micro_batch_tokens, facts.student_dtype_bytes,
+                                           counts.sequences, reference_sequence_tokens=reference)
+    formula = f"micro-batch tokens x {facts.activation_label} (one layer's activation grads)"
+    keys = (*facts.micro_keys, *facts.student_keys)
+    if shape.linear_layers:
+        formula = (f"max({formula}, micro-batch tokens x a linear-attention layer's backward per token (its torch "
+                   f"core recomputed with autograd) + its padded chunks and states (linear_recompute_peak_bytes in "
+                   f"opdgraph/sizing.py))")
+        keys = (*keys, "data.prompts_per_step", "data.samples_per_prompt")
+    return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", size, keys, formula=formula)]
 
 
 def bind(stage_name: str, config: Config, run) -> dict:

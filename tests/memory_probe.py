@@ -6,8 +6,9 @@
   count as outside. Parameters are left out, and so are the tensors given as ``inputs`` (the micro-batch's token
   ids, which the embedding saves: they exist before the forward and are not activations).
 - ``AllocationTrace``: the CPU allocator's own record (torch.profiler with profile_memory): every allocation and
-  free in order, so its peak is the most bytes alive at once above what was alive when the trace began. Matmuls
-  and ``opaque()`` blocks count by what they leave allocated (their outputs), not by scratch inside them.
+  free in order, so its peak is the most bytes alive at once above what was alive when the trace began (optionally
+  only while a named event runs, an autograd node's backward say). Matmuls and ``opaque()`` blocks count by what
+  they leave allocated (their outputs), not by scratch inside them.
 - ``cuda_torch_loss`` / ``cuda_fused_loss``: the loss's torch path and its fused Triton path as they allocate on a
   GPU, on CPU tensors: products with an fp32 output allocate only that output (torch.mm(out_dtype=...) on CUDA, where
   the CPU path upcasts its operands), and a stand-in for the Triton row kernel writes the torch reference's
@@ -57,14 +58,22 @@ class AllocationTrace(contextlib.AbstractContextManager):
         events = self._profile.profiler.kineto_results.events()
         self.allocations = sorted((event.start_ns(), event.nbytes()) for event in events
                                   if event.name() == "[memory]")
-        self.opaque_ranges = [(event.start_ns(), event.start_ns() + event.duration_ns()) for event in events
-                              if event.name() == OPAQUE or event.name() in MATMULS]
+        self.ranges: dict[str, list[tuple[int, int]]] = {}
+        for event in events:
+            if event.name() != "[memory]":
+                self.ranges.setdefault(event.name(), []).append((event.start_ns(),
+                                                                 event.start_ns() + event.duration_ns()))
+        self.opaque_ranges = [span for name in (OPAQUE, *MATMULS) for span in self.ranges.get(name, ())]
         return False
 
-    def peak(self) -> int:
+    def peak(self, within: str | None = None) -> int:
+        """The most bytes alive at once (above the start); `within` an event name: only while such an event runs."""
+        inside = self.ranges.get(within, []) if within else None
         alive = peak = 0
         for time, size in self.allocations:
             alive += size
+            if inside is not None and not any(start <= time <= end for start, end in inside):
+                continue
             if not any(start <= time <= end for start, end in self.opaque_ranges):
                 peak = max(peak, alive)
         return peak

@@ -1,8 +1,9 @@
-"""The memory plan's activation, forward-workspace and logit-chunk bytes against what the runtime really keeps.
+"""The memory plan's activation, workspace and logit-chunk bytes against what the runtime really keeps.
 
 Nothing here uses the planner's formulas to get an expected value: each test runs the runtime's own function
-(runtime/training.py: student_forward, teacher_score, chunked_loss; train/divergence.py: divergence_metrics) at the
-real widths of a supported family (2 layers, a small vocabulary, bf16), measures with tests/memory_probe.py (bytes
+(runtime/training.py: student_forward, teacher_score, chunked_loss, backward; train/divergence.py:
+divergence_metrics) at the real widths of a supported family (2 layers, or one gated-DeltaNet layer for the
+backward; a small vocabulary, bf16), measures with tests/memory_probe.py (bytes
 saved for backward, storage by storage; the CPU allocator's peak), and compares with the number the planner uses
 (opdgraph.sizing, the functions buffers.py calls) within 2%. Attention runs as the GPU's packed path with a
 FlashAttention stand-in that saves what the kernel saves (grouped-query K/V native through varlen_attn's enable_gqa
@@ -239,6 +240,93 @@ def test_hybrid_forward_peak_is_covered_by_the_workspace(family, lengths, monkey
                  for first, last in delta_rule.scan_groups(tuple(bounds), chunk))  # the largest group's
     exact = sizing.linear_core_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
     assert trace.peak() <= exact <= 1.15 * trace.peak(), f"{family} {lengths}: {trace.peak():,} vs {exact:,}"
+
+
+@functools.lru_cache(maxsize=None)
+def linear_layer_model(family: str):
+    """(model, shape) of one gated-DeltaNet layer at the family's widths. The backward's input gradients are bf16
+    matmuls whose second operand is contiguous, which CPU BLAS runs ~15x slower than the forward's: an attention
+    layer beside it would only add minutes."""
+    config = {**family_config(family), "layer_types": ["linear_attention"], "num_hidden_layers": 1}
+    return build_random(config, dtype=torch.bfloat16), shape_from_hf_config(config)
+
+
+def backward_trace(model, lengths: tuple[int, ...], checkpointing: bool = False):
+    """(the AllocationTrace of training.backward, tokens) after a training forward over `lengths`, with the
+    runtime's fp32 gradient sums (each bf16 gradient folded into an accumulator allocated beforehand and dropped at
+    once: runtime/gradients.py)."""
+    from opdgraph.runtime.gradients import StudentGradients
+
+    model.set_attention_backend(varlen_attention.select_packed_backend("cpu"))
+    model.set_layer_kernels(TORCH)
+    inputs, loop, tokens = runtime_context(model, checkpointing=checkpointing, lengths=lengths)
+    training.student_forward(inputs, keep_graph=True, write_hidden=True)
+    hidden = inputs.values.get_item(loop.local("student_hidden"), 0)
+    inputs.values.put_item(loop.local("hidden_grad"), 0, torch.randn_like(hidden))  # what the loss hands on
+    gradients = StudentGradients(model, inputs.values, "student.grads", fp32=True)
+    gradients.accumulators()
+    try:
+        with AllocationTrace() as trace:
+            training.backward(inputs)
+    finally:
+        gradients.close()
+    return trace, tokens
+
+
+def padded_tokens(lengths: tuple[int, ...]) -> int:
+    """P of sizing.py: every sequence padded to whole chunks of the delta rule."""
+    from opdgraph.models import delta_rule
+
+    chunk = delta_rule.CHUNK_TOKENS
+    return sum(-(-length // chunk) * chunk for length in lengths)
+
+
+# One long sequence, several (one shorter than a chunk), many short ones (three scan groups, one chunk each).
+HYBRID_BACKWARD_CASES = [("qwen3.5-0.8b", (256,)), ("qwen3.5-0.8b", (128, 96, 32)), ("qwen3.5-0.8b", (5,) * 40),
+                         ("qwen3.5-4b", (128,)), ("qwen3.5-4b", (40, 17, 7))]
+
+
+@pytest.mark.parametrize("family, lengths", HYBRID_BACKWARD_CASES)
+def test_hybrid_backward_peak_is_covered_by_the_workspace(family, lengths):
+    """If this fails, the backward of a Qwen3.5 linear-attention layer (RecomputedCore running its torch core again
+    with autograd and differentiating it: CPU, and Hopper where fla's backward is refused) peaks above the plan's
+    backward workspace at the bound on padded tokens, or linear_recompute_peak_bytes at the padded tokens these
+    sequences really have misses a tensor (under the peak) or counts one that is not there (20% over it)."""
+    model, shape = linear_layer_model(family)
+    trace, tokens = backward_trace(model, lengths)
+    # While the core's backward runs: on CPU the fold of the largest weight's gradient copies it to fp32 first, a
+    # transient of the gradients (above this peak at 4B's widths), not of the layer's backward.
+    measured = trace.peak(within="RecomputedCoreBackward")
+    planned = sizing.backward_workspace_bytes(shape, tokens, 2, len(lengths), reference_sequence_tokens=max(lengths))
+    assert measured <= planned, f"{family} {lengths}: {measured:,} vs {planned:,}"
+    exact = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded_tokens(lengths))
+    assert measured <= exact <= 1.2 * measured, f"{family} {lengths}: {measured:,} vs {exact:,}"
+
+
+def test_checkpointed_hybrid_backward_peak_is_covered():
+    """If this fails, a checkpointed linear-attention layer's backward (its forward recomputed, its core's no-grad
+    peak inside that, then the core recomputed again with autograd) peaks above the backward workspace plus the one
+    recomputed layer the checkpointed activations hold."""
+    lengths = (128, 96, 32)
+    model, shape = linear_layer_model("qwen3.5-0.8b")
+    trace, tokens = backward_trace(model, lengths, checkpointing=True)
+    recomputed = tokens * sizing.activation_bytes_per_token_per_layer(shape, 2, reference_sequence_tokens=max(lengths))
+    planned = sizing.backward_workspace_bytes(shape, tokens, 2, len(lengths), reference_sequence_tokens=max(lengths))
+    assert trace.peak() <= planned + recomputed, f"{trace.peak():,} vs {planned:,} + {recomputed:,}"
+
+
+def test_the_backward_workspace_plans_the_recompute_over_every_sequence_of_the_step():
+    """If this fails, the plan sizes a hybrid student's backward without its linear layers' recomputing core, or for
+    fewer sequences than a micro-batch may pack (short responses: many more than sequences_per_micro_batch, each
+    padded to whole chunks in the recompute's graph; the test above measures that peak)."""
+    from opdgraph.compile import compile_plan
+    from opdgraph.config.loader import load_pipeline
+
+    cfg = load_pipeline(str(pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "qwen35_0b8_from_4b.toml"))
+    plan, shape = compile_plan(cfg), cfg.shapes[cfg.model_with_role("student")]
+    tokens, sequences = plan.facts["train.micro_batch_tokens"], plan.facts["rollout.sequences"]
+    needed = sizing.linear_recompute_peak_bytes(shape, tokens, 2, sequences)
+    assert plan.buffers["backward.workspace"].bytes == needed > tokens * sizing.linear_layer_bytes_per_token(shape, 2)
 
 
 @pytest.mark.parametrize("family, rows", [("qwen3.5-0.8b", 8), ("qwen3.5-4b", 3)])
