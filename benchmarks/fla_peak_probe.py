@@ -83,15 +83,57 @@ def probe(model, shape, lengths: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def probe_backward(model, shape, lengths: tuple[int, ...]) -> str:
+    """The same for a training backward: the layer's RecomputedCore recomputes and differentiates its core (the
+    torch core where fla's backward is refused), against sizing.linear_recompute_peak_bytes (the plan's backward
+    workspace of a hybrid model) at these lengths' padded tokens and at the plan's bound."""
+    from opdgraph import sizing
+    from opdgraph.models.packing import pack
+
+    tokens = sum(lengths)
+    ids, positions, meta = pack([torch.randint(0, 512, (length,)).tolist() for length in lengths], "cuda")
+    # Only the embedding learns: every activation gradient flows as in training, but no weight gradient of the
+    # layer is made (the plan sizes gradients in a buffer of their own, not in the backward's workspace).
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("embed_tokens"))
+    for _ in range(2):  # the first compiles and autotunes
+        hidden = model.forward_hidden(ids, positions, meta)
+        loss = hidden.float().square().mean()
+        del hidden
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=200000)
+        loss.backward()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        measured = torch.cuda.max_memory_allocated() - base
+        model.zero_grad(set_to_none=True)
+    padded = sum(-(-length // sizing.LINEAR_CHUNK_TOKENS) * sizing.LINEAR_CHUNK_TOKENS for length in lengths)
+    exact = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
+    bound = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths))
+    trace = [event for device in snapshot["device_traces"] for event in device]
+    replayed, blocks = live_at_peak(trace)
+    lines = [f"backward, lengths {lengths}: measured {measured / MIB:.3f} MiB (replayed {replayed / MIB:.3f}), plan at "
+             f"the padded tokens {exact / MIB:.3f} MiB ({exact / measured:.3f} x), at the bound {bound / MIB:.3f} MiB; "
+             f"{len(blocks)} blocks alive at the peak, the 40 largest:"]
+    for block in sorted(blocks, key=lambda event: -event["size"])[:40]:
+        lines.append(f"  {block['size']:>11,d} B  {block['size'] / tokens:>9.1f} B/token  {frames_of(block)}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", action="append", help="comma-separated packed lengths (repeatable)")
     parser.add_argument("--out", help="also write the report here")
+    parser.add_argument("--backward", action="store_true", help="probe the training backward instead")
     args = parser.parse_args()
     cases = [tuple(int(n) for n in text.split(",")) for text in (args.lengths or
              ["2048", "512,512,512,512", "100,37,1000,3,908"])]
     model, shape = layer_model()
-    report = "\n\n".join(probe(model, shape, lengths) for lengths in cases)
+    run = probe_backward if args.backward else probe
+    report = "\n\n".join(run(model, shape, lengths) for lengths in cases)
     print(report)
     if args.out:
         Path(args.out).write_text(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n{report}\n")
