@@ -79,7 +79,9 @@ workspace holds that core's peak. The fla core's (fla_core_peak_bytes):
 the layer's input and norm, the in_proj_qkv output, beta and the decay, the RoPE tables; the conv's output, the
 contiguous q/k/v copies the kernels take, the L2-normalised q and k with their rstd, the chunk matrices A (64 per
 token and value head), w, u, the new values and the output, the fp32 cumulative decays; the per-chunk states h
-(each of the N sequences chunked on its own: fla_chunk_bound); for a rollout prefill (paged) the N sequences'
+(each of the N sequences chunked on its own: fla_chunk_bound) and, for N > 1, one fp32 state more (Hv x k_d x v_d x
+4: measured on an H200 at 4 and 5 sequences, 1 MiB over the chunk states at 0.8B's widths, its tensor in fla not yet
+identified); for a rollout prefill (paged) the N sequences'
 gathered and final states and conv windows (K = conv kernel). A decode step of R sequences (linear_decode_peak_bytes):
 the torch core (CPU targets, or OPDGRAPH_LINEAR_ATTENTION = torch) holds R x (4 Hv x k_d x v_d x 4 + 16 x (c + 2 Hv x
 k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the conv output and the repeated q and k
@@ -428,6 +430,8 @@ def fla_core_peak_bytes(shape: ModelShape, tokens: int, sequences: int, dtype_by
                  + (2 * shape.linear_key_heads + heads) * FP32_BYTES)
     chunks = fla_chunk_bound(tokens, sequences)
     states = chunks * heads * key_dim * value_dim * dtype_bytes
+    if sequences > 1:  # measured, not yet traced to its tensor: a pack of several holds one fp32 state more
+        states += heads * key_dim * value_dim * FP32_BYTES
     if paged:  # the sequences' gathered and final states, and conv windows in fla's [N, C, K] layout
         states += sequences * (2 * heads * key_dim * value_dim * FP32_BYTES
                                + (3 * shape.conv_kernel - 1) * shape.conv_dim * dtype_bytes)

@@ -124,6 +124,7 @@ def _fla_peak(w: dict, tokens: int, sequences: int, paged: bool) -> int:
     held = tokens * ((2 * w["h"] + w["c"] + hv) * d + hv * 4 + w["t"])
     kernels = tokens * ((2 * w["c"] + 2 * w["k"] + hv * (CHUNK + w["kd"] + 3 * w["vd"])) * d + (2 * w["Hk"] + hv) * 4)
     states = (tokens + (CHUNK - 1) * sequences) // CHUNK * state * d  # each sequence pads under one chunk
+    states += state * 4 if sequences > 1 else 0  # a pack of several: one fp32 state more
     rows = sequences * (2 * state * 4 + (3 * w["K"] - 1) * w["c"] * d) if paged else 0
     return held + kernels + states + rows
 
