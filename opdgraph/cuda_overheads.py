@@ -122,15 +122,15 @@ def overhead_buffers(cfg: PipelineConfig, student_keys: tuple[str, ...]) -> list
                 f"{graph_wrappers} graph batch sizes))"))
     largest = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
     # planned_paths imports this module: imported when called
-    from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, linear_core
+    from opdgraph.planned_paths import linear_core, with_linear_core_keys
 
     in_place = linear_core(cfg) == "fla"
-    pool_keys = (*backend_keys, f"{rollout}.max_num_seqs", *student_keys)
     buffers.append(Buffer(
         name=f"{rollout}.decode_graph_pool", category="workspace",
         bytes=sizing.decode_step_workspace_bytes(shape, largest, dtype_bytes, in_place)
         + sizing.decode_logits_bytes(largest, shape.vocab),
-        sized_by=(*pool_keys, LINEAR_CORE_ENVIRONMENT) if shape.linear_layers else pool_keys, lifetime="transient",
+        sized_by=with_linear_core_keys((*backend_keys, f"{rollout}.max_num_seqs", *student_keys), shape),
+        lifetime="transient",
         formula=f"largest graph batch ({largest}) x ({_decode_step_formula(shape, in_place)} + V x 4): one decode "
                 "step's activations and fp32 logits, reserved by the graphs' private pool"))
     return buffers

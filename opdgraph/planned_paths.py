@@ -81,9 +81,22 @@ def fla_linear_core(device: str) -> bool:
     return False
 
 
+def has_linear_layers(cfg: PipelineConfig) -> bool:
+    """Whether a model of the pipeline has linear-attention layers, whose core OPDGRAPH_LINEAR_ATTENTION picks."""
+    return any(shape.linear_layers for shape in cfg.shapes.values())
+
+
 def linear_core(cfg: PipelineConfig) -> str | None:
     """The linear-attention core the plan sizes, "fla" or "torch" (fla_linear_core on pipeline.device), or None
     when no model of the pipeline has linear-attention layers: then the variable decides nothing and is not read."""
-    if not any(shape.linear_layers for shape in cfg.shapes.values()):
+    if not has_linear_layers(cfg):
         return None
     return "fla" if fla_linear_core(cfg.pipeline.device) else "torch"
+
+
+def with_linear_core_keys(keys: tuple[str, ...], *shapes) -> tuple[str, ...]:
+    """`keys` and, where one of `shapes` has linear-attention layers, what picks their core and so the peaks sized
+    for it (linear_core): pipeline.device and the OPDGRAPH_LINEAR_ATTENTION variable."""
+    if not any(shape.linear_layers for shape in shapes):
+        return tuple(keys)
+    return (*keys, *(key for key in ("pipeline.device", LINEAR_CORE_ENVIRONMENT) if key not in keys))

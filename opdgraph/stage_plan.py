@@ -17,7 +17,8 @@ from typing import Callable
 import attrs
 
 from opdgraph import work as W
-from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, attention_fallback, fp32_grads, linear_core, model_keys
+from opdgraph.planned_paths import (attention_fallback, fp32_grads, linear_core, model_keys,
+                                     with_linear_core_keys)
 from opdgraph.config.schema import PipelineConfig
 from opdgraph.counts import EvalCounts, StepCounts, eval_counts, step_settings
 from opdgraph.cuda_overheads import stacked_qkv_bytes, targets_cuda, uses_flashinfer
@@ -83,12 +84,10 @@ class StageFacts:
     def fla_linear_core(self) -> bool:
         return self.linear_core == "fla"
 
-    def with_linear_core_keys(self, keys: tuple[str, ...], *shapes: ModelShape) -> tuple[str, ...]:
-        """`keys` and, where one of `shapes` has linear-attention layers, what picks their core and so the peaks
-        sized for it (planned_paths.linear_core): pipeline.device and the OPDGRAPH_LINEAR_ATTENTION variable."""
-        if not any(shape.linear_layers for shape in shapes):
-            return tuple(keys)
-        return (*keys, *(key for key in ("pipeline.device", LINEAR_CORE_ENVIRONMENT) if key not in keys))
+    @staticmethod
+    def with_linear_core_keys(keys: tuple[str, ...], *shapes: ModelShape) -> tuple[str, ...]:
+        """planned_paths.with_linear_core_keys, for the stage modules (which import nothing of the planner)."""
+        return with_linear_core_keys(keys, *shapes)
 
     def in_group(self, group: TrainGroup) -> "StageFacts":
         return attrs.evolve(self, group=group)

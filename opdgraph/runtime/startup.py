@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from opdgraph.planned_paths import has_linear_layers
 from opdgraph.runtime.chat_templates import (
     check_template_agreement,
     configure_chat_templates,
@@ -56,7 +57,7 @@ def check_startup(cfg) -> Startup:
 
     check_reporters(cfg)  # a tracker named in [log] report_to whose package is missing
     device = pick_device(cfg.pipeline.device)
-    if any(shape.linear_layers for shape in cfg.shapes.values()):  # Qwen3.5: the linear-attention core it can run
+    if has_linear_layers(cfg):  # Qwen3.5: the linear-attention core it can run
         from opdgraph.kernels.fla_linear_attention import linear_backend_problem
 
         linear_backend_problem(device)  # a DeviceError where the core the plan sizes cannot run here
