@@ -65,7 +65,7 @@ for the solver's copies, read off the CPU allocator) and the scan's (U_v, W, sco
 states for each of the s = min(n, floor(T / (C + 1))) sequences that carry one into a next chunk: the only ones
 whose state is built when no final state is kept). A rollout prefill (paged) also holds the N rows' gathered
 states, their zeroed copies, their ranked copies and the final states (twice: concatenated and put back in row
-order), and the scan builds all n states. Checked at Qwen3.5-0.8B's and 4B's widths (tests/test_saved_bytes.py:
+order), and the scan builds all n states. Checked at Qwen3.5-0.8B's and 4B's widths (test_saved_bytes_hybrid.py:
 the plan at the padded tokens the sequences really have within +15% of the measured peak, never under it; the
 plan at the bound P is never under it). Rollout keeps per sequence slot and linear
 layer a conv window ((kernel - 1) x c x d) and the delta rule's state (Hv x key dim x value dim x 4), max_num_seqs
@@ -116,7 +116,7 @@ step's new states), the triangular solve's backward (the core's output, held whi
 the gradients of U_v and W, of the right-hand sides, of A twice, of the decays, of q and k), and the first scan
 step's backward (the padded output's gradient; per chunk of the step the gradients of U and of its negation, of
 e^G Q, of W and of the scores; two state gradients per sequence). Every term is a tensor autograd saves or
-allocates (tests/test_saved_bytes.py, training.backward of a linear-attention layer at 0.8B's and 4B's widths: the
+allocates (test_saved_bytes_hybrid.py, training.backward of a linear-attention layer at 0.8B's and 4B's widths: the
 formula at the padded tokens the sequences really have within +20% of the measured peak, never under it, the plan
 at the bound P never under it); an fp32 model's .float() copies are the tensors themselves, so it plans a little
 more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
@@ -151,7 +151,7 @@ this sequence's K/V repeated to the query heads (2 S x q x d, of which the S x q
 and its scores: w = d (masked scores) + 4 (their fp32 copy; none for fp32 models) + 4 (fp32 softmax output), and
 the bool mask. The forward workspace is the larger of the two peaks.
 
-Logit chunk, the loss's peak per chunk beyond its inputs and outputs (measured in tests/test_saved_bytes.py):
+Logit chunk, the loss's peak per chunk beyond its inputs and outputs (measured in tests/test_saved_bytes_loss.py):
 - fused Triton path (CUDA target, loss.kernel auto or triton): the student's and the teacher's fp32 logits over the
   student vocabulary (2 buffers) and 2 x 4 bytes per row;
 - torch path (loss.kernel = "torch", or a CPU target): the two logit buffers and the divergence's [chunk, V]
@@ -353,7 +353,7 @@ def decode_step_workspace_bytes(shape: ModelShape, rows: int, dtype_bytes: int, 
                linear_decode_peak_bytes(shape, rows, dtype_bytes, in_place))
 
 
-LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (tests/test_saved_bytes.py checks they agree)
+LINEAR_CHUNK_TOKENS = 64  # mirrors models/delta_rule.CHUNK_TOKENS (test_saved_bytes_hybrid.py checks they agree)
 LINEAR_GROUP_SEQUENCES = 16  # mirrors models/delta_rule.GROUP_SEQUENCES (checked beside the chunk)
 LINEAR_SOLVE_EXTRA = 32  # fp32 elements per padded token and head the triangular solve copies (read off the trace)
 

@@ -81,7 +81,7 @@ def _keys(teachers: list) -> tuple[str, ...]:
 def _scoring_bytes(facts: StageFacts, counts, teachers: list) -> tuple[int, int]:
     """(bytes, upcast hidden) of scoring a micro-batch against `teachers` at once: the student's and their hidden
     states, the largest forward workspace, and the metrics' logit chunk (a mixture's too: its running mixture is
-    made before the metrics' own peak, tests/test_saved_bytes.py; on CPU every lm_head upcast to fp32)."""
+    made before the metrics' own peak, tests/test_saved_bytes_loss.py; on CPU every lm_head upcast to fp32)."""
     tokens, teacher_tokens, student = counts.micro_batch_tokens, counts.teacher_micro_batch_tokens, facts.student_shape
     hidden = sizing.hidden_state_bytes(student, tokens, facts.student_dtype_bytes) + sum(
         sizing.hidden_state_bytes(teacher.shape, teacher_tokens, teacher.dtype_bytes) for teacher in teachers)
