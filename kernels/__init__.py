@@ -19,11 +19,11 @@ import sys
 
 def _ours(origin: str | None) -> bool:
     """Whether a found `kernels/__init__.py` is an opdgraph checkout's (this one under another spelling of its path,
-    a symlink, or another checkout or worktree): its sibling opdgraph/ holds the planner."""
+    a symlink, or another checkout or worktree): the folder itself holds our linear-attention wrapper (its parent
+    would not do: an installed opdgraph sits beside Hugging Face's package in one site-packages)."""
     if origin is None:
         return False
-    checkout = os.path.dirname(os.path.dirname(os.path.realpath(origin)))
-    return os.path.isfile(os.path.join(checkout, "opdgraph", "planned_paths.py"))
+    return os.path.isfile(os.path.join(os.path.dirname(os.path.realpath(origin)), "fla_linear_attention.py"))
 
 
 def _hand_over_to_the_installed_kernels() -> None:

@@ -178,9 +178,6 @@ class ModelShape:
         state = self.linear_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
         return self.linear_layers * (window + state)
 
-    def with_layers(self, layers: int) -> "ModelShape":
-        return attrs.evolve(self, layers=layers)
-
     def keep(self, layers: list[int]) -> "ModelShape":
         """The shape of a model pruned to these layers (init_from + keep_layers), their kinds kept."""
         kinds = tuple(self.layer_types[index] for index in layers) if self.layer_types else ()

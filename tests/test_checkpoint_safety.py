@@ -229,3 +229,17 @@ def test_restart_hint_is_the_one_given(tmp_path, damaged):
     words = "--restart --set 'pipeline.output_dir=/some where'"
     with pytest.raises(CheckpointError, match=f"pass {words} instead of --resume"):
         ckpt.resumable_checkpoint(tmp_path, restart=words)
+
+
+def test_records_keep_the_layer_kinds_of_hybrid_models_only(tmp_path):
+    """If this fails, a checkpoint records a non-hybrid model's layer kinds (which every model's shape has now), and
+    every run checkpointed before, whose records hold [] there, is refused on --resume as if its model changed."""
+    from opdgraph.config import load_pipeline
+    from opdgraph.runtime.config_record import config_record
+
+    pipelines = Path(__file__).resolve().parent.parent / "pipelines"
+    plain = config_record(load_pipeline(str(pipelines / "tiny.toml"), []))["values"]
+    assert plain["models.student.resolved_shape.layer_types"] == []
+    hybrid = load_pipeline(str(pipelines / "qwen35_0b8_from_4b.toml"), [])
+    recorded = config_record(hybrid)["values"]["models.student.resolved_shape.layer_types"]
+    assert recorded == list(hybrid.shapes["student"].layer_types) and "linear_attention" in recorded

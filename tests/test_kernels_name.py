@@ -38,11 +38,12 @@ def test_other_spellings_and_checkouts_of_ours_are_passed_over(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(ROOT)
     checkout = tmp_path / "checkout"
-    (checkout / "opdgraph").mkdir(parents=True)
-    (checkout / "opdgraph" / "planned_paths.py").write_text("")
-    (checkout / "kernels").mkdir()
-    (checkout / "kernels" / "__init__.py").write_text((ROOT / "kernels" / "__init__.py").read_text())
+    (checkout / "kernels").mkdir(parents=True)
+    for name in ("__init__.py", "fla_linear_attention.py"):
+        (checkout / "kernels" / name).write_text((ROOT / "kernels" / name).read_text())
     site = fake_installed_kernels(tmp_path)
+    (site / "opdgraph").mkdir()  # an opdgraph installed beside the package: that package is still not ours
+    (site / "opdgraph" / "planned_paths.py").write_text("")
     result = run_from_root("import kernels; print(kernels.WHO)", pythonpath=[link, checkout, site])
     assert result.returncode == 0 and result.stdout.split() == ["installed"], result.stderr
 

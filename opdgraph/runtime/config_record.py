@@ -45,6 +45,16 @@ STAGE_CADENCE = {"log": None,  # None: every key of that kind
 ABSENT = "(absent)"
 
 
+def _recorded_shape(shape) -> dict[str, Any]:
+    """The shape as checkpoints record it: the layer kinds only for hybrid models, as records have held them since
+    before every family's shape had its kinds (a full/sliding mix follows from config keys recorded beside it);
+    recording them for every family would refuse the resume of every older run."""
+    recorded = attrs.asdict(shape)
+    if not shape.linear_layers:
+        recorded["layer_types"] = []
+    return recorded
+
+
 def config_record(cfg) -> dict[str, Any]:
     """{"values": flat dotted key -> JSON value, "stage_kinds": table -> kind} of a loaded pipeline."""
     values: dict[str, Any] = {}
@@ -52,7 +62,7 @@ def config_record(cfg) -> dict[str, Any]:
     del values["pipeline.output_dir"]  # where a run writes is the run directory's business, not the config's
     for name, model in cfg.models.items():
         _flatten(f"models.{name}", unstructure(model), values)
-        _flatten(f"models.{name}.resolved_shape", attrs.asdict(cfg.shapes[name]), values)
+        _flatten(f"models.{name}.resolved_shape", _recorded_shape(cfg.shapes[name]), values)
         commit = hub_commit(model.path, cfg.base_dir, model.revision)
         if commit is not None:
             values[f"models.{name}.resolved_revision"] = commit
