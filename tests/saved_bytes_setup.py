@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
 import opdgraph  # noqa: E402
-from memory_probe import FLASH_PATHS  # noqa: E402
+from memory_probe import FLASH_PATHS, flash_backend, saved_bytes  # noqa: E402
 from triton_interpreter import interpret_liger  # noqa: E402
 from opdgraph.kernels.liger_layers import liger_import_error  # noqa: E402
 from opdgraph.models.layer_kernels import TORCH  # noqa: E402
@@ -130,3 +130,23 @@ def use_layer_kernels(model, name: str, monkeypatch) -> None:
 
     interpret_liger(monkeypatch)
     model.set_layer_kernels(LigerLayerKernels())
+
+
+def saved_by_the_training_forward(family: str, flash_path: str, kernels: str, monkeypatch):
+    """(shape, bytes saved per region, tokens) of the loss's student forward (runtime/training.py) of the family's
+    shared model over one micro-batch, on that attention path with those layer kernels (tests/memory_probe.py
+    saved_bytes: layer0, layer1, outside, and the output student_activations holds)."""
+    from opdgraph.model_shapes import shape_from_hf_config
+    from opdgraph.runtime import training
+
+    model = family_model(family)
+    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
+    use_layer_kernels(model, kernels, monkeypatch)
+    inputs, loop, tokens = runtime_context(model)
+
+    def forward():
+        training.student_forward(inputs, keep_graph=True, write_hidden=True)
+        return inputs.values.get_item("student_activations", 0)
+
+    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    return shape_from_hf_config(family_config(family)), measured, tokens

@@ -37,7 +37,9 @@ from opdgraph.models.attention_backend import TorchReferenceBackend
 from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
 from saved_bytes_setup import (FAMILIES, HYBRID, NEEDS_LIGER, PATHS, SEQUENCE_LENGTHS, TOLERANCE, assert_close,
-                               family_config, family_model, runtime_context, use_layer_kernels)
+                               family_config, family_model, runtime_context, saved_by_the_training_forward,
+                               use_layer_kernels)
+
 
 @pytest.mark.parametrize("flash_path, kernels", PATHS)
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -45,18 +47,8 @@ def test_saved_activations_match_the_plan(family, flash_path, kernels, monkeypat
     """If this fails, the training forward saves for backward a different number of bytes per token per layer (or
     outside the layers) than the plan's student_activations assume, on one of the attention paths or with one of
     the layer kernels: the plan would under- or over-predict every training step."""
-    config = family_config(family)
-    shape, repeated = shape_from_hf_config(config), flash_path == "repeat_kv"
-    model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
-    use_layer_kernels(model, kernels, monkeypatch)
-    inputs, loop, tokens = runtime_context(model)
-
-    def forward():
-        training.student_forward(inputs, keep_graph=True, write_hidden=True)
-        return inputs.values.get_item("student_activations", 0)
-
-    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    shape, measured, tokens = saved_by_the_training_forward(family, flash_path, kernels, monkeypatch)
+    repeated = flash_path == "repeat_kv"
     per_layer = sizing.activation_bytes_per_token_per_layer(shape, 2, repeated)
     for layer in ("layer0", "layer1"):
         assert_close(measured[layer] / tokens, per_layer, f"{family} {layer} bytes per token")

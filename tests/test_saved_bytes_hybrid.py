@@ -10,7 +10,7 @@ import pathlib
 import pytest
 import torch
 
-from memory_probe import AllocationTrace, flash_backend, saved_bytes
+from memory_probe import AllocationTrace, flash_backend
 from opdgraph import sizing
 from opdgraph.kernels import varlen_attention
 from opdgraph.models.layer_kernels import TORCH
@@ -18,25 +18,16 @@ from opdgraph.model_shapes import shape_from_hf_config
 from opdgraph.models.loading import build_random
 from opdgraph.runtime import training
 from saved_bytes_setup import (HYBRID, PATHS, SEQUENCE_LENGTHS, assert_close, family_config, family_model,
-                               runtime_context, use_layer_kernels)
+                               runtime_context, saved_by_the_training_forward)
+
 
 @pytest.mark.parametrize("flash_path, kernels", PATHS)
 @pytest.mark.parametrize("family", list(HYBRID))
 def test_hybrid_saved_activations_match_the_plan(family, flash_path, kernels, monkeypatch):
     """If this fails, a Qwen3.5 gated-DeltaNet layer (a_linear) or its gated, partially rotated attention layer saves
     another number of bytes per token than the plan assumes for each kind."""
-    config = family_config(family)
-    shape, repeated = shape_from_hf_config(config), flash_path == "repeat_kv"
-    model = family_model(family)
-    model.set_attention_backend(flash_backend(monkeypatch, flash_path))
-    use_layer_kernels(model, kernels, monkeypatch)
-    inputs, loop, tokens = runtime_context(model)
-
-    def forward():
-        training.student_forward(inputs, keep_graph=True, write_hidden=True)
-        return inputs.values.get_item("student_activations", 0)
-
-    measured = saved_bytes(model, forward, inputs=(loop.micro_batch.input_ids,))
+    shape, measured, tokens = saved_by_the_training_forward(family, flash_path, kernels, monkeypatch)
+    repeated = flash_path == "repeat_kv"
     assert_close(measured["layer0"] / tokens, sizing.linear_layer_bytes_per_token(shape, 2), f"{family} linear layer")
     assert_close(measured["layer1"] / tokens, sizing.attention_layer_bytes_per_token(shape, 2, repeated),
                  f"{family} attention layer")
