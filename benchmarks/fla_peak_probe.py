@@ -3,9 +3,10 @@
 The probe behind sizing.fla_core_peak_bytes (the plan's forward workspace with fla): it records the CUDA allocator's
 history around the second forward (the first compiles and autotunes), replays the alloc/free events to find the
 moment of the peak, and prints every block alive then with its size and the innermost frames of our code and fla's
-that allocated it, beside the plan's number. Needs CUDA and fla. Not a test.
+that allocated it, beside the plan's number. With --backward: a training backward's net peak and time, its core
+recomputed in pieces and as one piece side by side (probe_backward). Needs CUDA and fla. Not a test.
 
-    python benchmarks/fla_peak_probe.py [--lengths 2048 --lengths 100,37,1000,3,908] [--out probe.txt]
+    python benchmarks/fla_peak_probe.py [--backward] [--lengths 2048 --lengths 100,37,1000,3,908] [--out probe.txt]
 """
 
 from __future__ import annotations
@@ -85,41 +86,49 @@ def probe(model, shape, lengths: tuple[int, ...]) -> str:
 
 def probe_backward(model, shape, lengths: tuple[int, ...]) -> str:
     """The same for a training backward: the layer's RecomputedCore recomputes and differentiates its core (the
-    torch core where fla's backward is refused), against sizing.linear_recompute_peak_bytes (the plan's backward
-    workspace of a hybrid model) at these lengths' padded tokens and at the plan's bound."""
+    torch core where fla's backward is refused), in pieces of RECOMPUTE_PADDED_TOKENS padded tokens and, side by
+    side, as one piece; each against the plan (sizing.linear_recompute_workspace_bytes less what the backward frees
+    of the layer's activations first, and linear_recompute_peak_bytes at these lengths' padded tokens for one
+    piece), with the backward's time (CUDA events, the best of three)."""
     from opdgraph import sizing
+    from opdgraph.models import linear_attention_backend
     from opdgraph.models.packing import pack
 
     tokens = sum(lengths)
     ids, positions, meta = pack([torch.randint(0, 512, (length,)).tolist() for length in lengths], "cuda")
-    # Only the embedding learns: every activation gradient flows as in training, but no weight gradient of the
-    # layer is made (the plan sizes gradients in a buffer of their own, not in the backward's workspace).
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("embed_tokens"))
-    for _ in range(2):  # the first compiles and autotunes
-        hidden = model.forward_hidden(ids, positions, meta)
-        loss = hidden.float().square().mean()
-        del hidden
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=200000)
-        loss.backward()
-        torch.cuda.synchronize()
-        snapshot = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        measured = torch.cuda.max_memory_allocated() - base
-        model.zero_grad(set_to_none=True)
+    # Every weight learns, so the layer saves what it saves in training; its gradients (the plan holds them in a
+    # buffer of their own) are counted off the measured peak.
+    grads = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    freed = sizing.freed_before_last_linear_core_bytes(shape, tokens, 2, False)
+    budget = linear_attention_backend.RECOMPUTE_PADDED_TOKENS
     padded = sum(-(-length // sizing.LINEAR_CHUNK_TOKENS) * sizing.LINEAR_CHUNK_TOKENS for length in lengths)
-    exact = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
-    bound = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths))
-    trace = [event for device in snapshot["device_traces"] for event in device]
-    replayed, blocks = live_at_peak(trace)
-    lines = [f"backward, lengths {lengths}: measured {measured / MIB:.3f} MiB (replayed {replayed / MIB:.3f}), plan at "
-             f"the padded tokens {exact / MIB:.3f} MiB ({exact / measured:.3f} x), at the bound {bound / MIB:.3f} MiB; "
-             f"{len(blocks)} blocks alive at the peak, the 40 largest:"]
-    for block in sorted(blocks, key=lambda event: -event["size"])[:40]:
-        lines.append(f"  {block['size']:>11,d} B  {block['size'] / tokens:>9.1f} B/token  {frames_of(block)}")
+    lines = [f"backward, lengths {lengths} ({tokens} tokens, {padded} padded):"]
+    for label, pieces in (("pieces", budget), ("one piece", 1 << 40)):
+        linear_attention_backend.RECOMPUTE_PADDED_TOKENS = pieces
+        peaks, times = [], []
+        for _ in range(4):  # the first compiles and autotunes
+            hidden = model.forward_hidden(ids, positions, meta)
+            loss = hidden.float().square().mean()
+            del hidden
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            loss.backward()
+            finish.record()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base - grads)
+            times.append(begin.elapsed_time(finish))
+            model.zero_grad(set_to_none=True)
+        linear_attention_backend.RECOMPUTE_PADDED_TOKENS = budget
+        if pieces == budget:
+            plan = sizing.linear_recompute_workspace_bytes(shape, tokens, 2, len(lengths), max(lengths))
+        else:
+            plan = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
+        lines.append(f"  {label:<9} measured {peaks[-1] / MIB:9.1f} MiB above the forward's activations (weight "
+                     f"gradients off), plan {(plan - freed) / MIB:9.1f} MiB ({(plan - freed) / peaks[-1]:.3f} x; "
+                     f"recompute {plan / MIB:.1f} less freed {freed / MIB:.1f}); backward {min(times[1:]):7.2f} ms")
     return "\n".join(lines)
 
 
@@ -129,8 +138,9 @@ def main() -> None:
     parser.add_argument("--out", help="also write the report here")
     parser.add_argument("--backward", action="store_true", help="probe the training backward instead")
     args = parser.parse_args()
-    cases = [tuple(int(n) for n in text.split(",")) for text in (args.lengths or
-             ["2048", "512,512,512,512", "100,37,1000,3,908"])]
+    default = (["15000", ",".join(["1070"] * 14), ",".join(["120"] * 128)] if args.backward
+               else ["2048", "512,512,512,512", "100,37,1000,3,908"])
+    cases = [tuple(int(n) for n in text.split(",")) for text in (args.lengths or default)]
     model, shape = layer_model()
     run = probe_backward if args.backward else probe
     report = "\n\n".join(run(model, shape, lengths) for lengths in cases)

@@ -41,9 +41,9 @@ from opdgraph.errors import DeviceError
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata
 from opdgraph.models.delta_rule import IndexCache
 from opdgraph.models.linear_attention_backend import (
+    PiecewiseRecompute,
     TorchLinearAttention,
     decode_rows,
-    packed_forward,
     recomputed,
     single_token_rows,
 )
@@ -144,7 +144,7 @@ class FlaLinearAttention:
         grad_core = None
         if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
             host_bounds = self._of_forward(meta, "bounds", meta.cu_seqlens.tolist)
-            grad_core = functools.partial(packed_forward, bounds=host_bounds, dims=dims, cache=self.index_cache)
+            grad_core = PiecewiseRecompute(host_bounds, dims, self.index_cache)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()

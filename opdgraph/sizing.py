@@ -89,8 +89,15 @@ k_d)): the gathered states, the decayed and updated ones, and fp32 copies of the
 only the conv step's R x 4 K x c x d. Training saves the same a_linear on both cores: each runs inside RecomputedCore,
 which saves only the core's inputs (tests/test_qwen35_fla.py).
 Backward workspace: one layer's activation gradients, T x a (a: the larger kind's for a hybrid model), or for a
-hybrid model the larger of that and a linear-attention layer's backward (linear_recompute_peak_bytes): RecomputedCore
-runs the core again with autograd, the graphs of all its scan groups alive at once, and differentiates it. The plan
+hybrid model the larger of that and a linear-attention layer's backward (linear_recompute_workspace_bytes) less the
+activations the backward has freed by the last linear-attention layer's core (freed_before_last_linear_core_bytes:
+the final norm's input and rstd, every later layer's a (its input with checkpointing), and that layer's own tensors
+after its core, (3 v + 2 h + 3 i) x d + (Hv + 1) x 4; the workspace sits beside the whole micro-batch's
+activations). RecomputedCore runs the core again with autograd and differentiates it in pieces of whole sequences,
+R = 8192 padded tokens at most (a longer sequence alone: models/linear_attention_backend.py PiecewiseRecompute),
+one piece's graph (all its scan groups') alive at a time; with more than one piece the micro-batch's gradients
+around the core and its input gradients, filled piece by piece, stay alive beside the largest piece's graph at
+its worst sequence count (linear_recompute_peak_bytes below at T_p = min(T, R_s) tokens). The plan
 sizes the plain-torch core's recompute, which CPU runs and Hopper GPUs take (fla's backward is refused there:
 kernels/fla_linear_attention.py fla_backward_trusted), as the upper bound wherever fla's backward runs instead: its
 kernels keep q, k, v, A and per-chunk states in the model dtype, recompute w, u, h and write their gradients, about
@@ -118,7 +125,8 @@ step's backward (the padded output's gradient; per chunk of the step the gradien
 e^G Q, of W and of the scores; two state gradients per sequence). Every term is a tensor autograd saves or
 allocates (test_saved_bytes_hybrid.py, training.backward of a linear-attention layer at 0.8B's and 4B's widths: the
 formula at the padded tokens the sequences really have within +20% of the measured peak, never under it, the plan
-at the bound P never under it); an fp32 model's .float() copies are the tensors themselves, so it plans a little
+at the bound P never under it, net of what the backward frees; the pieces' peak below linear_recompute_workspace_bytes
+and under 0.6 x the one piece's); an fp32 model's .float() copies are the tensors themselves, so it plans a little
 more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
 already count one recomputed layer, and the core's no-grad peak inside it comes earlier than the recompute above.
 
@@ -163,7 +171,7 @@ from __future__ import annotations
 
 import math
 
-from opdgraph.model_shapes import ModelShape
+from opdgraph.model_shapes import LINEAR_ATTENTION, ModelShape
 
 FP32_BYTES = 4
 TOKEN_ID_BYTES = 4
@@ -221,15 +229,44 @@ def recurrent_state_bytes(shape: ModelShape, concurrent_seqs: int, dtype_bytes: 
 
 
 def backward_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, sequences: int,
-                             reference_sequence_tokens: int = 0) -> int:
-    """The backward's transient peak over a micro-batch of `tokens` (module docstring): one layer's activation
-    gradients, or for a hybrid model the larger of those and a linear-attention layer's recomputing backward over
-    at most `sequences` sequences."""
+                             sequence_tokens: int, reference_sequence_tokens: int = 0,
+                             checkpointing: bool = False) -> int:
+    """The backward's transient peak over a micro-batch of `tokens`, beside the whole micro-batch's activations
+    (module docstring): one layer's activation gradients, or for a hybrid model the larger of those and the last
+    linear-attention layer's recomputing backward over at most `sequences` sequences of at most `sequence_tokens`
+    (linear_recompute_workspace_bytes), less the activations the backward has freed by then
+    (freed_before_last_linear_core_bytes)."""
     per_layer = tokens * activation_bytes_per_token_per_layer(shape, dtype_bytes,
                                                               reference_sequence_tokens=reference_sequence_tokens)
     if not shape.linear_layers:
         return per_layer
-    return max(per_layer, linear_recompute_peak_bytes(shape, tokens, dtype_bytes, sequences))
+    recompute = linear_recompute_workspace_bytes(shape, tokens, dtype_bytes, sequences, sequence_tokens)
+    freed = freed_before_last_linear_core_bytes(shape, tokens, dtype_bytes, checkpointing, reference_sequence_tokens)
+    return max(per_layer, recompute - freed)
+
+
+def linear_after_core_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
+    """The part of a_linear saved downstream of the layer's core, freed before the core's backward runs: the gated
+    norm's input, gate and per-head rstd, out_proj's input, the post-attention norm's input and rstd, and the MLP's
+    input, gate and up outputs and down_proj's input: (3 v + 2 h + 3 i) x d + (Hv + 1) x 4."""
+    elements = 3 * shape.linear_value_dim + 2 * shape.hidden + 3 * shape.intermediate
+    return elements * dtype_bytes + (shape.linear_value_heads + 1) * FP32_BYTES
+
+
+def freed_before_last_linear_core_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool,
+                                        reference_sequence_tokens: int = 0) -> int:
+    """The training activations the backward has freed when the last linear-attention layer's core recomputes (the
+    largest recompute peak: every earlier one comes after more is freed): the final norm's input and rstd, each
+    later layer's saved tensors (its checkpointed input with activation checkpointing), and that layer's own
+    tensors downstream of its core."""
+    last_linear = max(index for index, kind in enumerate(shape.layer_types) if kind == LINEAR_ATTENTION)
+    later = len(shape.layer_types) - 1 - last_linear  # all softmax-attention layers
+    later_layer = (shape.hidden * dtype_bytes if checkpointing else
+                   attention_layer_bytes_per_token(shape, dtype_bytes,
+                                                   reference_sequence_tokens=reference_sequence_tokens))
+    per_token = (shape.hidden * dtype_bytes + FP32_BYTES + later * later_layer
+                 + linear_after_core_bytes_per_token(shape, dtype_bytes))
+    return tokens * per_token
 
 
 def activation_bytes_per_token_per_layer(shape: ModelShape, dtype_bytes: int, kv_repeated: bool = False,
@@ -394,7 +431,7 @@ def linear_recompute_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int
     group_padded = min(padded, tokens + group * (chunk - 1))
     carried = padded // chunk - sequences  # chunks after a sequence's first: each starts from a saved state
     state = heads * key_dim * value_dim * FP32_BYTES
-    around = tokens * (3 * shape.hidden + shape.linear_value_dim) * dtype_bytes
+    around = _gradients_around_core_bytes(shape, tokens, dtype_bytes)
     inputs = ((2 * tokens + 2 * sequences * (shape.conv_kernel - 1)) * conv * dtype_bytes
               + tokens * heads * (4 * key_dim + value_dim + 3) * FP32_BYTES)
     saved = padded * heads * (3 * key_dim + 2 * value_dim + 6 * chunk + 4) * FP32_BYTES
@@ -411,6 +448,38 @@ def linear_recompute_peak_bytes(shape: ModelShape, tokens: int, dtype_bytes: int
     scan = (output + group_padded * heads * value_dim * FP32_BYTES
             + carrying * (heads * chunk * (2 * key_dim + 2 * value_dim + chunk) * FP32_BYTES + 2 * state))
     return around + inputs + saved + max(forward_end, solve, scan)
+
+
+def _gradients_around_core_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
+    """The micro-batch's gradients around a recomputing core (module docstring): T x (3 h + v) x d."""
+    return tokens * (3 * shape.hidden + shape.linear_value_dim) * dtype_bytes
+
+
+LINEAR_RECOMPUTE_PADDED_TOKENS = 8192  # mirrors models/linear_attention_backend.RECOMPUTE_PADDED_TOKENS
+
+
+def linear_recompute_workspace_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, sequences: int,
+                                     sequence_tokens: int) -> int:
+    """The peak of a linear-attention layer's backward over a micro-batch of `tokens` in at most `sequences`
+    sequences of at most `sequence_tokens` each: the core is recomputed and differentiated in pieces of whole
+    sequences, R padded tokens at most (a longer sequence alone: R_s = max(R, S padded)). One piece when every
+    sequence's padding fits (T + N (C - 1) <= R_s): linear_recompute_peak_bytes. Else the largest piece's graph at
+    its worst sequence count n (linear_recompute_peak_bytes at T_p = min(T, R_s) tokens, P = min(R_s, T_p + n (C -
+    1))), its gradients around the core replaced by the micro-batch's, plus the input gradients the pieces fill: T x
+    (c x d + Hv x (4 + d)) and the conv weight's fp32 sum."""
+    chunk, sequences = LINEAR_CHUNK_TOKENS, min(sequences, tokens)
+    piece = max(LINEAR_RECOMPUTE_PADDED_TOKENS, -(-min(sequence_tokens, tokens) // chunk) * chunk)
+    if tokens + sequences * (chunk - 1) <= piece:
+        return linear_recompute_peak_bytes(shape, tokens, dtype_bytes, sequences)
+    piece_tokens = min(tokens, piece)
+    graph = max(linear_recompute_peak_bytes(shape, piece_tokens, dtype_bytes, count,
+                                            padded_tokens=min(piece, piece_tokens + count * (chunk - 1)))
+                for count in range(1, min(sequences, piece // chunk) + 1))
+    heads = shape.linear_value_heads
+    input_grads = (tokens * (shape.conv_dim * dtype_bytes + heads * (FP32_BYTES + dtype_bytes))
+                   + shape.conv_dim * shape.conv_kernel * FP32_BYTES)
+    return (graph - _gradients_around_core_bytes(shape, piece_tokens, dtype_bytes)
+            + _gradients_around_core_bytes(shape, tokens, dtype_bytes) + input_grads)
 
 
 def fla_chunk_bound(tokens: int, sequences: int) -> int:

@@ -73,18 +73,22 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
     """One layer's activation gradients at a time; a hybrid student's linear-attention layer holds more while its
     backward recomputes the torch core with autograd (sizing.linear_recompute_peak_bytes), over at most the step's
-    sequences (a micro-batch packs as many as fit its tokens)."""
+    sequences (a micro-batch packs as many as fit its tokens), less what the backward has freed of the activations
+    by the last such layer (sizing.freed_before_last_linear_core_bytes)."""
     shape, counts = facts.student_shape, facts.counts
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     size = sizing.backward_workspace_bytes(shape, counts.micro_batch_tokens, facts.student_dtype_bytes,
-                                           counts.sequences, reference_sequence_tokens=reference)
+                                           counts.sequences, counts.sequence_tokens, reference_sequence_tokens=reference,
+                                           checkpointing=facts.activation_checkpointing)
     formula = f"micro-batch tokens x {facts.activation_label} (one layer's activation grads)"
     keys = (*facts.micro_keys, *facts.student_keys)
     if shape.linear_layers:
         formula = (f"max({formula}, micro-batch tokens x a linear-attention layer's backward per token (its torch "
-                   f"core recomputed with autograd) + its padded chunks and states (linear_recompute_peak_bytes in "
-                   f"opdgraph/sizing.py))")
-        keys = (*keys, "data.prompts_per_step", "data.samples_per_prompt")
+                   f"core recomputed with autograd) + its padded chunks and states - the activations freed before the "
+                   f"last linear-attention layer's core (linear_recompute_peak_bytes, "
+                   f"freed_before_last_linear_core_bytes in opdgraph/sizing.py))")
+        keys = (*keys, "data.prompts_per_step", "data.samples_per_prompt",
+                facts.setting_keys["activation_checkpointing"])
     return [buffer(facts.local(f"{stage_name}.workspace"), "workspace", size, keys, formula=formula)]
 
 

@@ -66,16 +66,22 @@ class AllocationTrace(contextlib.AbstractContextManager):
         self.opaque_ranges = [span for name in (OPAQUE, *MATMULS) for span in self.ranges.get(name, ())]
         return False
 
-    def peak(self, within: str | None = None) -> int:
-        """The most bytes alive at once (above the start); `within` an event name: only while such an event runs."""
+    def peak(self, within: str | None = None, since: str | None = None) -> int:
+        """The most bytes alive at once (above the start); `within` an event name: only while such an event runs.
+        `since` an event name: above the bytes alive when its first run began, counted from then on (a trace begun
+        before the forward sees every activation the backward frees, so this is the backward's net peak)."""
         inside = self.ranges.get(within, []) if within else None
-        alive = peak = 0
+        begin = min(start for start, _ in self.ranges[since]) if since else None
+        alive = peak = base = 0
         for time, size in self.allocations:
+            if begin is not None and time < begin:
+                base = alive = alive + size
+                continue
             alive += size
             if inside is not None and not any(start <= time <= end for start, end in inside):
                 continue
             if not any(start <= time <= end for start, end in self.opaque_ranges):
-                peak = max(peak, alive)
+                peak = max(peak, alive - base)
         return peak
 
 

@@ -128,6 +128,11 @@ class IndexCache:
             self._bounds, self._entries = bounds, {}
         return self
 
+    def piece(self, bounds: tuple[int, ...]) -> "IndexCache":
+        """The cache of a piece of this batch (linear_attention_backend.PiecewiseRecompute): kept, like the other
+        entries, until another batch comes."""
+        return self.get(("piece", bounds), lambda: IndexCache().start(bounds))
+
     def get(self, key: tuple, build):
         if key not in self._entries:
             # Built as normal tensors even inside a rollout's inference_mode: a training forward over the same

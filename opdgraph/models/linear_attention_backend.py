@@ -124,7 +124,8 @@ class RecomputedCore(torch.autograd.Function):
     """core(mixed, weight, decay, beta) saving its inputs only; backward recomputes with autograd and differentiates
     ``grad_core`` (the same function by default; the GPU core passes the torch core where its own backward kernels
     are known to be wrong: kernels/fla_linear_attention.py). Shared by every backend, so the plan's a_linear holds
-    whichever core runs."""
+    whichever core runs. A ``PiecewiseRecompute`` grad_core is recomputed and differentiated one piece of whole
+    sequences at a time, so only one piece's graph is alive."""
 
     @staticmethod
     def forward(ctx, core, grad_core, mixed, weight, decay, beta):
@@ -134,13 +135,82 @@ class RecomputedCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs = [tensor.detach().requires_grad_(needs) for tensor, needs in
-                  zip(ctx.saved_tensors, ctx.needs_input_grad[2:6])]
-        with torch.enable_grad():
-            out = ctx.core(*inputs)
-        wanted = [tensor for tensor in inputs if tensor.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (None, None, *(next(grads) if tensor.requires_grad else None for tensor in inputs))
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad[2:6]
+        pieces = ctx.core.pieces() if isinstance(ctx.core, PiecewiseRecompute) else [(0, grad_out.shape[0], ctx.core)]
+        if len(pieces) == 1:
+            return (None, None, *_differentiate(pieces[0][2], saved, needs, grad_out))
+        # Each piece's input gradients go to their rows; the conv weight's, a sum over the pieces, adds in fp32.
+        grads = [None if not wanted else torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+                 if index == 1 else torch.empty_like(tensor) for index, (tensor, wanted) in enumerate(zip(saved, needs))]
+        for start, end, core in pieces:
+            rows = [tensor if index == 1 else tensor[start:end] for index, tensor in enumerate(saved)]
+            for index, grad in enumerate(_differentiate(core, rows, needs, grad_out[start:end])):
+                if grad is None:
+                    continue
+                if index == 1:
+                    grads[1] += grad
+                else:
+                    grads[index][start:end] = grad
+        if grads[1] is not None:
+            grads[1] = grads[1].to(saved[1].dtype)
+        return (None, None, *grads)
+
+
+def _differentiate(core, tensors, needs, grad_out) -> list:
+    """The gradients of core(*tensors) against grad_out for the tensors that need one (None for the others)."""
+    inputs = [tensor.detach().requires_grad_(wanted) for tensor, wanted in zip(tensors, needs)]
+    with torch.enable_grad():
+        out = core(*inputs)
+    wanted = [tensor for tensor in inputs if tensor.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    return [next(grads) if tensor.requires_grad else None for tensor in inputs]
+
+
+RECOMPUTE_PADDED_TOKENS = 8192  # a recomputed piece's chunk-padded tokens (sizing.LINEAR_RECOMPUTE_PADDED_TOKENS)
+
+
+def recompute_pieces(bounds: tuple[int, ...], budget: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive sequences [first, last) recomputed together: a piece takes the next sequence while its tokens,
+    each sequence padded to whole chunks, stay within `budget` (a longer sequence is a piece of its own)."""
+    pieces, first, padded = [], 0, 0
+    for sequence in range(len(bounds) - 1):
+        length = -(-(bounds[sequence + 1] - bounds[sequence]) // chunk_tokens) * chunk_tokens
+        if sequence > first and padded + length > budget:
+            pieces.append((first, sequence))
+            first, padded = sequence, 0
+        padded += length
+    pieces.append((first, len(bounds) - 1))
+    return pieces
+
+
+class PiecewiseRecompute:
+    """The plain-torch core of a packed batch as RecomputedCore's backward recomputes it: over pieces of whole
+    sequences of at most RECOMPUTE_PADDED_TOKENS padded tokens (recompute_pieces), each differentiated before the
+    next is built. The graph of the chunked scan holds ~66 KB per padded token and value head group at 0.8B's
+    widths, so the whole batch at once would hold it for every token and every sequence's padding: the pieces bound
+    the backward's peak by the budget, not by the micro-batch (sizing.linear_recompute_workspace_bytes). No state
+    crosses a sequence boundary, so the pieces' gradients are the whole batch's."""
+
+    def __init__(self, bounds: list[int], dims, cache: delta_rule.IndexCache | None):
+        self.bounds, self.dims, self.cache = bounds, dims, cache
+
+    def __call__(self, mixed, weight, decay, beta):
+        return packed_forward(mixed, weight, decay, beta, self.bounds, self.dims, self.cache)
+
+    def pieces(self) -> list[tuple[int, int, object]]:
+        """(first token, end token, core over those rows) per piece."""
+        bounds, chunk = self.bounds, delta_rule.CHUNK_TOKENS
+        spans = recompute_pieces(tuple(bounds), RECOMPUTE_PADDED_TOKENS, chunk)
+        if len(spans) == 1:
+            return [(0, bounds[-1] - bounds[0], self)]
+        out = []
+        for first, last in spans:
+            start, end = bounds[first], bounds[last]
+            local = [bound - start for bound in bounds[first:last + 1]]
+            cache = None if self.cache is None else self.cache.piece(tuple(local))
+            out.append((start - bounds[0], end - bounds[0],
+                        functools.partial(packed_forward, bounds=local, dims=self.dims, cache=cache)))
+        return out
 
 
 def recomputed(core, mixed, weight, decay, beta, grad_core=None) -> torch.Tensor:
@@ -187,7 +257,7 @@ class TorchLinearAttention:
         self.index_cache = delta_rule.IndexCache()  # the latest packed batch's index tensors, for its layers
 
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
-        core = functools.partial(packed_forward, bounds=meta.cu_seqlens.tolist(), dims=dims, cache=self.index_cache)
+        core = PiecewiseRecompute(meta.cu_seqlens.tolist(), dims, self.index_cache)
         return recomputed(core, mixed, weight, decay, beta)
 
     @torch.no_grad()
