@@ -140,6 +140,8 @@ def test_hybrid_backward_peak_is_covered_by_the_workspace(family, lengths):
     planned = sizing.backward_workspace_bytes(shape, tokens, 2, len(lengths), max(lengths),
                                               reference_sequence_tokens=max(lengths))
     assert measured <= planned, f"{family} {lengths}: {measured:,} vs {planned:,}"
+    if family != "qwen3.5-0.8b":  # the formula's terms at one width (each trace of 4B's takes a minute on CPU)
+        return
     own, _ = backward_trace(model, lengths)
     allocated = own.peak(within="RecomputedCoreBackward")
     exact = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded_tokens(lengths))
@@ -148,11 +150,11 @@ def test_hybrid_backward_peak_is_covered_by_the_workspace(family, lengths):
 
 def test_a_backward_in_pieces_peaks_lower_and_within_the_workspace(monkeypatch):
     """If this fails, recomputing the core in pieces of whole sequences (PiecewiseRecompute; a budget of 128 padded
-    tokens here, so that these lengths make five pieces) does not lower the backward's peak, or peaks above the
+    tokens here, so that these lengths make four pieces) does not lower the backward's peak, or peaks above the
     plan's workspace for pieces (linear_recompute_workspace_bytes)."""
     from opdgraph.models import linear_attention_backend
 
-    lengths = (128, 96, 32, 64, 5, 200, 40)
+    lengths = (96, 32, 64, 5, 70)
     model, shape = linear_layer_model("qwen3.5-0.8b")
     whole, tokens = backward_trace(model, lengths, net=True)
     for module, name in ((linear_attention_backend, "RECOMPUTE_PADDED_TOKENS"),
