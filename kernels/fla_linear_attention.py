@@ -46,6 +46,7 @@ from opdgraph.models.linear_attention_backend import (
     decode_rows,
     recomputed,
     single_token_rows,
+    torch_recompute,
 )
 from opdgraph.planned_paths import LINEAR_CORE_ENVIRONMENT, fla_linear_core
 
@@ -112,6 +113,17 @@ def packed_core(mixed, weight, decay, beta, *, dims, bounds, chunk_indices):
     return out[0].to(mixed.dtype)
 
 
+def _fla_cores(whole_core, dims, device):
+    """PiecewiseRecompute's core_of for fla's core: the forward's own over the whole batch, else one over a piece's
+    bounds (their chunk indices made from the host copy)."""
+    def core_of(piece_bounds: list[int], whole: bool):
+        if whole:
+            return whole_core
+        bounds, chunk_indices = _varlen(torch.tensor(piece_bounds, device=device))
+        return functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
+    return core_of
+
+
 def inplace_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
     """decode_rows' step on CUDA: kernels/gated_delta_decode.py, the states updated in place in their slots."""
     from opdgraph.kernels.gated_delta_decode import gated_delta_decode_
@@ -141,10 +153,11 @@ class FlaLinearAttention:
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
         bounds, chunk_indices = self._of_forward(meta, "varlen", lambda: _varlen(meta.cu_seqlens))
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
-        grad_core = None
-        if not fla_backward_trusted(mixed.device):  # differentiate the torch core instead (same math)
-            host_bounds = self._of_forward(meta, "bounds", meta.cu_seqlens.tolist)
-            grad_core = PiecewiseRecompute(host_bounds, dims, self.index_cache)
+        host_bounds = self._of_forward(meta, "bounds", meta.cu_seqlens.tolist)
+        if fla_backward_trusted(mixed.device):  # fla's own backward, piece by piece like the torch core's
+            grad_core = PiecewiseRecompute(host_bounds, _fla_cores(core, dims, mixed.device))
+        else:  # differentiate the torch core instead (same math)
+            grad_core = torch_recompute(host_bounds, dims, self.index_cache)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 from opdgraph.kernels import fla_linear_attention  # noqa: E402
 from opdgraph.kernels.fla_linear_attention import FlaLinearAttention, fla_import_problem  # noqa: E402
-from opdgraph.models import delta_rule, load_decoder  # noqa: E402
+from opdgraph.models import delta_rule, linear_attention_backend, load_decoder  # noqa: E402
 from opdgraph.models.attention_metadata import PackedMetadata, PagedMetadata  # noqa: E402
 from opdgraph.models.gated_deltanet import LinearDims  # noqa: E402
 from opdgraph.models.linear_attention_backend import TorchLinearAttention  # noqa: E402
@@ -99,17 +99,21 @@ def assert_close(actual, expected, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lengths", [(70,), (5, 64, 1, 33), (130, 3)])
 @pytest.mark.parametrize("fla_backward", [True, False], ids=["fla backward", "torch backward (fla #640 guard)"])
-def test_packed_core_and_gradients_match_the_torch_core(lengths, dtype, fla_backward, monkeypatch):
+@pytest.mark.parametrize("budget", [None, 64], ids=["one piece", "in pieces"])
+def test_packed_core_and_gradients_match_the_torch_core(lengths, dtype, fla_backward, budget, monkeypatch):
     """If this fails, fla's conv or chunked delta rule computes another core than ours (GVA head mapping, q scale,
     L2 norms, the conv's causal window), or lets state or the conv window leak across packed sequences, or its
     gradients (through the recomputing Function) differ, also where fla's backward is not trusted (Hopper with
-    Triton 3.4-3.7.0) and the torch core is differentiated instead."""
+    Triton 3.4-3.7.0) and the torch core is differentiated instead, or where either backward runs in pieces of
+    whole sequences (a 64-token budget: one piece per sequence; the torch core beside it as one piece)."""
     if fla_backward and not fla_linear_attention.fla_backward_trusted(torch.device(DEVICE)):
         pytest.skip("fla refuses its chunked backward on this GPU and Triton (its issue #640)")
     monkeypatch.setattr(fla_linear_attention, "fla_backward_trusted", lambda device: fla_backward)
     meta = packed_meta(lengths)
     outputs, grads = {}, {}
     for name, backend in (("torch", TorchLinearAttention()), ("fla", FlaLinearAttention())):
+        if budget is not None and name == "fla":
+            monkeypatch.setattr(linear_attention_backend, "RECOMPUTE_PADDED_TOKENS", budget)
         inputs = core_inputs(sum(lengths), dtype, seed=len(lengths), requires_grad=True)
         out = backend.packed(*inputs, DIMS, meta=meta)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)

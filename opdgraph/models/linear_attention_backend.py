@@ -184,33 +184,37 @@ def recompute_pieces(bounds: tuple[int, ...], budget: int, chunk_tokens: int) ->
 
 
 class PiecewiseRecompute:
-    """The plain-torch core of a packed batch as RecomputedCore's backward recomputes it: over pieces of whole
-    sequences of at most RECOMPUTE_PADDED_TOKENS padded tokens (recompute_pieces), each differentiated before the
-    next is built. The graph of the chunked scan holds ~66 KB per padded token and value head group at 0.8B's
-    widths, so the whole batch at once would hold it for every token and every sequence's padding: the pieces bound
-    the backward's peak by the budget, not by the micro-batch (sizing.linear_recompute_workspace_bytes). No state
-    crosses a sequence boundary, so the pieces' gradients are the whole batch's."""
+    """A packed batch's core as RecomputedCore's backward recomputes it: over pieces of whole sequences of at most
+    RECOMPUTE_PADDED_TOKENS padded tokens (recompute_pieces), each differentiated before the next is built. The
+    torch core's graph holds ~66 KB per padded token at 0.8B's widths, so the whole batch at once would hold it for
+    every token and every sequence's padding: the pieces bound the backward's peak by the budget, not by the
+    micro-batch (sizing.linear_recompute_workspace_bytes). No state crosses a sequence boundary, so the pieces'
+    gradients are the whole batch's. ``core_of(bounds, whole)`` builds the core over sequences with these bounds
+    (from 0; whole: the batch itself, one piece)."""
 
-    def __init__(self, bounds: list[int], dims, cache: delta_rule.IndexCache | None):
-        self.bounds, self.dims, self.cache = bounds, dims, cache
-
-    def __call__(self, mixed, weight, decay, beta):
-        return packed_forward(mixed, weight, decay, beta, self.bounds, self.dims, self.cache)
+    def __init__(self, bounds: list[int], core_of):
+        self.bounds, self.core_of = bounds, core_of
 
     def pieces(self) -> list[tuple[int, int, object]]:
         """(first token, end token, core over those rows) per piece."""
-        bounds, chunk = self.bounds, delta_rule.CHUNK_TOKENS
-        spans = recompute_pieces(tuple(bounds), RECOMPUTE_PADDED_TOKENS, chunk)
+        bounds = self.bounds
+        spans = recompute_pieces(tuple(bounds), RECOMPUTE_PADDED_TOKENS, delta_rule.CHUNK_TOKENS)
         if len(spans) == 1:
-            return [(0, bounds[-1] - bounds[0], self)]
+            return [(0, bounds[-1] - bounds[0], self.core_of(bounds, True))]
         out = []
         for first, last in spans:
             start, end = bounds[first], bounds[last]
             local = [bound - start for bound in bounds[first:last + 1]]
-            cache = None if self.cache is None else self.cache.piece(tuple(local))
-            out.append((start - bounds[0], end - bounds[0],
-                        functools.partial(packed_forward, bounds=local, dims=self.dims, cache=cache)))
+            out.append((start - bounds[0], end - bounds[0], self.core_of(local, False)))
         return out
+
+
+def torch_recompute(bounds: list[int], dims, cache: delta_rule.IndexCache | None) -> PiecewiseRecompute:
+    """The plain-torch core recomputed in pieces, each piece's indexes kept beside the batch's in `cache`."""
+    def core_of(piece_bounds: list[int], whole: bool):
+        piece_cache = cache if whole or cache is None else cache.piece(tuple(piece_bounds))
+        return functools.partial(packed_forward, bounds=piece_bounds, dims=dims, cache=piece_cache)
+    return PiecewiseRecompute(bounds, core_of)
 
 
 def recomputed(core, mixed, weight, decay, beta, grad_core=None) -> torch.Tensor:
@@ -257,8 +261,9 @@ class TorchLinearAttention:
         self.index_cache = delta_rule.IndexCache()  # the latest packed batch's index tensors, for its layers
 
     def packed(self, mixed, weight, decay, beta, dims, *, meta: PackedMetadata) -> torch.Tensor:
-        core = PiecewiseRecompute(meta.cu_seqlens.tolist(), dims, self.index_cache)
-        return recomputed(core, mixed, weight, decay, beta)
+        bounds = meta.cu_seqlens.tolist()
+        core = functools.partial(packed_forward, bounds=bounds, dims=dims, cache=self.index_cache)
+        return recomputed(core, mixed, weight, decay, beta, torch_recompute(bounds, dims, self.index_cache))
 
     @torch.no_grad()
     def paged(self, mixed, weight, decay, beta, dims, *, meta: PagedMetadata, state) -> torch.Tensor:
