@@ -96,39 +96,43 @@ def probe_backward(model, shape, lengths: tuple[int, ...]) -> str:
 
     tokens = sum(lengths)
     ids, positions, meta = pack([torch.randint(0, 512, (length,)).tolist() for length in lengths], "cuda")
-    # Every weight learns, so the layer saves what it saves in training; its gradients (the plan holds them in a
-    # buffer of their own) are counted off the measured peak.
+    # Every weight learns, so the layer saves what it saves in training. The loss is a product with a constant
+    # direction, which saves nothing of the hidden state (a square would keep an fp32 copy, freed first).
+    direction = torch.randn(tokens, shape.hidden, device="cuda", dtype=torch.bfloat16)
     grads = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     freed = sizing.freed_before_last_linear_core_bytes(shape, tokens, 2, False)
     budget = linear_attention_backend.RECOMPUTE_PADDED_TOKENS
     padded = sum(-(-length // sizing.LINEAR_CHUNK_TOKENS) * sizing.LINEAR_CHUNK_TOKENS for length in lengths)
-    lines = [f"backward, lengths {lengths} ({tokens} tokens, {padded} padded):"]
+    lines = [f"backward, lengths {lengths[:4]}{'...' if len(lengths) > 4 else ''} ({len(lengths)} sequences, {tokens} "
+             f"tokens, {padded} padded; the layer's weight gradients, {grads / MIB:.1f} MiB, are in the measured peak "
+             f"if they exist by then):"]
     for label, pieces in (("pieces", budget), ("one piece", 1 << 40)):
         linear_attention_backend.RECOMPUTE_PADDED_TOKENS = pieces
         peaks, times = [], []
-        for _ in range(4):  # the first compiles and autotunes
-            hidden = model.forward_hidden(ids, positions, meta)
-            loss = hidden.float().square().mean()
-            del hidden
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            loss.backward()
-            finish.record()
-            torch.cuda.synchronize()
-            peaks.append(torch.cuda.max_memory_allocated() - base - grads)
-            times.append(begin.elapsed_time(finish))
-            model.zero_grad(set_to_none=True)
-        linear_attention_backend.RECOMPUTE_PADDED_TOKENS = budget
+        try:
+            for _ in range(4):  # the first compiles and autotunes
+                loss = (model.forward_hidden(ids, positions, meta) * direction).float().sum()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                loss.backward()
+                finish.record()
+                torch.cuda.synchronize()
+                peaks.append(torch.cuda.max_memory_allocated() - base)
+                times.append(begin.elapsed_time(finish))
+                model.zero_grad(set_to_none=True)
+        finally:
+            linear_attention_backend.RECOMPUTE_PADDED_TOKENS = budget
         if pieces == budget:
             plan = sizing.linear_recompute_workspace_bytes(shape, tokens, 2, len(lengths), max(lengths))
         else:
             plan = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
-        lines.append(f"  {label:<9} measured {peaks[-1] / MIB:9.1f} MiB above the forward's activations (weight "
-                     f"gradients off), plan {(plan - freed) / MIB:9.1f} MiB ({(plan - freed) / peaks[-1]:.3f} x; "
-                     f"recompute {plan / MIB:.1f} less freed {freed / MIB:.1f}); backward {min(times[1:]):7.2f} ms")
+        net = plan - freed
+        lines.append(f"  {label:<9} measured {peaks[-1] / MIB:9.1f} MiB above the forward's activations, plan "
+                     f"{net / MIB:9.1f} MiB ({net / peaks[-1]:.3f} x; recompute {plan / MIB:.1f} less freed "
+                     f"{freed / MIB:.1f}); backward {min(times[1:]):7.2f} ms")
     return "\n".join(lines)
 
 

@@ -80,11 +80,12 @@ def _split_heads(convolved: torch.Tensor, dims):
             v.reshape(1, length, dims.value_heads, dims.value_dim))
 
 
-def _varlen(cu_seqlens: torch.Tensor):
-    """(int64 cu_seqlens on the device, fla's chunk indices) with one host copy of the boundaries."""
+def _varlen(cu_seqlens: torch.Tensor, host: torch.Tensor | None = None):
+    """(int64 cu_seqlens on the device, fla's chunk indices) with one host copy of the boundaries (`host`: given,
+    so none is made)."""
     prepare_chunk_indices = _fla()[2]
     bounds = cu_seqlens.long()
-    return bounds, prepare_chunk_indices(bounds, CHUNK_TOKENS, cu_seqlens_cpu=bounds.cpu())
+    return bounds, prepare_chunk_indices(bounds, CHUNK_TOKENS, cu_seqlens_cpu=bounds.cpu() if host is None else host)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +120,8 @@ def _fla_cores(whole_core, dims, device):
     def core_of(piece_bounds: list[int], whole: bool):
         if whole:
             return whole_core
-        bounds, chunk_indices = _varlen(torch.tensor(piece_bounds, device=device))
+        host = torch.tensor(piece_bounds)  # from the host bounds: no copy back from the device per piece
+        bounds, chunk_indices = _varlen(host.to(device), host)
         return functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
     return core_of
 

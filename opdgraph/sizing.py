@@ -15,8 +15,9 @@ i = intermediate size, L = layers, q = heads x head_dim, kv = kv_heads x head_di
 - hidden states           T x h x d   (student final hidden, teacher hidden, and their gradient)
 - logit chunk             chunk_tokens x V_student x 4 x (fp32 [chunk, V] buffers alive at the loss's peak), see below
 - forward workspace       T x ((4 h + 3 i) x d + t)  (no-grad forward, t = the RoPE tables per token, see below)
-- backward workspace      T x a (one layer's activation gradients; a hybrid: at least a linear-attention layer's
-                          backward, which recomputes its core with autograd, see below)
+- backward workspace      T x a (one layer's activation gradients; a hybrid: the larger of that and a linear-attention
+                          layer's backward, which recomputes its core with autograd in pieces, less the activations
+                          freed by then, see below)
 
 Placements chosen by the fit search (opdgraph.fit):
 - streamed teacher        resident: embedding, final norm, lm_head (V h (x 2 untied) + h) x d;
@@ -94,7 +95,8 @@ activations the backward has freed by the last linear-attention layer's core (fr
 the final norm's input and rstd, every later layer's a (its input with checkpointing), and that layer's own tensors
 after its core, (3 v + 2 h + 3 i) x d + (Hv + 1) x 4; the workspace sits beside the whole micro-batch's
 activations). RecomputedCore runs the core again with autograd and differentiates it in pieces of whole sequences,
-R = 8192 padded tokens at most (a longer sequence alone: models/linear_attention_backend.py PiecewiseRecompute),
+R = 8192 padded tokens at most (a longer sequence alone, so R_s = max(R, the longest sequence padded) bounds a
+piece: models/linear_attention_backend.py PiecewiseRecompute),
 one piece's graph (all its scan groups') alive at a time; with more than one piece the micro-batch's gradients
 around the core and its input gradients, filled piece by piece, stay alive beside the largest piece's graph at
 its worst sequence count (linear_recompute_peak_bytes below at T_p = min(T, R_s) tokens). The plan
@@ -123,10 +125,10 @@ step's new states), the triangular solve's backward (the core's output, held whi
 the gradients of U_v and W, of the right-hand sides, of A twice, of the decays, of q and k), and the first scan
 step's backward (the padded output's gradient; per chunk of the step the gradients of U and of its negation, of
 e^G Q, of W and of the scores; two state gradients per sequence). Every term is a tensor autograd saves or
-allocates (test_saved_bytes_hybrid.py, training.backward of a linear-attention layer at 0.8B's and 4B's widths: the
-formula at the padded tokens the sequences really have within +20% of the measured peak, never under it, the plan
-at the bound P never under it, net of what the backward frees; the pieces' peak below linear_recompute_workspace_bytes
-and under 0.6 x the one piece's); an fp32 model's .float() copies are the tensors themselves, so it plans a little
+allocates (test_saved_bytes_hybrid.py, training.backward of a linear-attention layer: at 0.8B's widths the formula
+at the padded tokens the sequences really have within +20% of the recompute's own allocations, never under them; at
+0.8B's and 4B's the workspace at the bound P never under the backward's net peak; the pieces' net peak below
+linear_recompute_workspace_bytes less the freed activations and under 0.6 x the one piece's); an fp32 model's .float() copies are the tensors themselves, so it plans a little
 more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
 already count one recomputed layer, and the core's no-grad peak inside it comes earlier than the recompute above.
 

@@ -71,21 +71,24 @@ def plan_steps(stage_name: str, config: Config, facts: StageFacts) -> list[Draft
 
 
 def plan_buffers(stage_name: str, config: Config, facts: StageFacts) -> list[Buffer]:
-    """One layer's activation gradients at a time; a hybrid student's linear-attention layer holds more while its
-    backward recomputes the torch core with autograd (sizing.linear_recompute_peak_bytes), over at most the step's
-    sequences (a micro-batch packs as many as fit its tokens), less what the backward has freed of the activations
-    by the last such layer (sizing.freed_before_last_linear_core_bytes)."""
+    """One layer's activation gradients at a time, or for a hybrid student the larger of those and a
+    linear-attention layer's backward, which recomputes the torch core with autograd in pieces of whole sequences
+    (sizing.linear_recompute_workspace_bytes: the step's sequences at most, as many as a micro-batch may pack), less
+    what the backward has freed of the activations by the last such layer
+    (sizing.freed_before_last_linear_core_bytes)."""
     shape, counts = facts.student_shape, facts.counts
     reference = facts.reference_tokens("student", counts.sequence_tokens)
     size = sizing.backward_workspace_bytes(shape, counts.micro_batch_tokens, facts.student_dtype_bytes,
-                                           counts.sequences, counts.sequence_tokens, reference_sequence_tokens=reference,
+                                           counts.sequences, counts.sequence_tokens,
+                                           reference_sequence_tokens=reference,
                                            checkpointing=facts.activation_checkpointing)
     formula = f"micro-batch tokens x {facts.activation_label} (one layer's activation grads)"
     keys = (*facts.micro_keys, *facts.student_keys)
     if shape.linear_layers:
-        formula = (f"max({formula}, micro-batch tokens x a linear-attention layer's backward per token (its torch "
-                   f"core recomputed with autograd) + its padded chunks and states - the activations freed before the "
-                   f"last linear-attention layer's core (linear_recompute_peak_bytes, "
+        formula = (f"max({formula}, a linear-attention layer's backward (its torch core recomputed with autograd in "
+                   f"pieces of <= {sizing.LINEAR_RECOMPUTE_PADDED_TOKENS} padded tokens: the largest piece's graph, "
+                   f"the micro-batch's gradients around the core) - the activations freed before the last "
+                   f"linear-attention layer's core (linear_recompute_workspace_bytes, "
                    f"freed_before_last_linear_core_bytes in opdgraph/sizing.py))")
         keys = (*keys, "data.prompts_per_step", "data.samples_per_prompt",
                 facts.setting_keys["activation_checkpointing"])

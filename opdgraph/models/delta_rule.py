@@ -115,7 +115,8 @@ def chunk_outputs(terms, state, updates):
 class IndexCache:
     """Index tensors built from one packed batch's bounds (chunk layouts, conv rows), shared by the layers of one
     forward and its recomputation in backward. Owned by a backend (so by its model: no module-level cache holds
-    device memory), it keeps the latest batch's entries only: `start(bounds)` drops them when another batch comes.
+    device memory), it keeps the latest batch's entries only (those of the pieces its backward recomputes, `piece`,
+    among them): `start(bounds)` drops them when another batch comes.
     They stay allocated until then: T x H int64 and a few T-long rows (4 MiB at 16k tokens and 32 heads; the pieces
     a backward recomputes, `piece`, as much again), which the plan does not list."""
 

@@ -120,6 +120,9 @@ def packed_forward_per_sequence(mixed, weight, decay, beta, bounds: list[int], d
     return torch.cat(outputs)
 
 
+CONV_WEIGHT = 1  # among the core's inputs (mixed, conv weight, decay, beta): the one not indexed by token
+
+
 class RecomputedCore(torch.autograd.Function):
     """core(mixed, weight, decay, beta) saving its inputs only; backward recomputes with autograd and differentiates
     ``grad_core`` (the same function by default; the GPU core passes the torch core where its own backward kernels
@@ -139,20 +142,24 @@ class RecomputedCore(torch.autograd.Function):
         pieces = ctx.core.pieces() if isinstance(ctx.core, PiecewiseRecompute) else [(0, grad_out.shape[0], ctx.core)]
         if len(pieces) == 1:
             return (None, None, *_differentiate(pieces[0][2], saved, needs, grad_out))
-        # Each piece's input gradients go to their rows; the conv weight's, a sum over the pieces, adds in fp32.
-        grads = [None if not wanted else torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
-                 if index == 1 else torch.empty_like(tensor) for index, (tensor, wanted) in enumerate(zip(saved, needs))]
+        # Each piece's input gradients go to their rows (the pieces cover every row); the conv weight's, a sum over
+        # the pieces, adds in at least fp32.
+        assert sum(end - start for start, end, _ in pieces) == grad_out.shape[0], "the pieces miss rows"
+        grads = [None if not wanted else
+                 torch.zeros(tensor.shape, dtype=torch.promote_types(tensor.dtype, torch.float32), device=tensor.device)
+                 if index == CONV_WEIGHT else torch.empty_like(tensor)
+                 for index, (tensor, wanted) in enumerate(zip(saved, needs))]
         for start, end, core in pieces:
-            rows = [tensor if index == 1 else tensor[start:end] for index, tensor in enumerate(saved)]
+            rows = [tensor if index == CONV_WEIGHT else tensor[start:end] for index, tensor in enumerate(saved)]
             for index, grad in enumerate(_differentiate(core, rows, needs, grad_out[start:end])):
                 if grad is None:
                     continue
-                if index == 1:
-                    grads[1] += grad
+                if index == CONV_WEIGHT:
+                    grads[index] += grad
                 else:
                     grads[index][start:end] = grad
-        if grads[1] is not None:
-            grads[1] = grads[1].to(saved[1].dtype)
+        if grads[CONV_WEIGHT] is not None:
+            grads[CONV_WEIGHT] = grads[CONV_WEIGHT].to(saved[CONV_WEIGHT].dtype)
         return (None, None, *grads)
 
 
@@ -175,7 +182,7 @@ def recompute_pieces(bounds: tuple[int, ...], budget: int, chunk_tokens: int) ->
     pieces, first, padded = [], 0, 0
     for sequence in range(len(bounds) - 1):
         length = -(-(bounds[sequence + 1] - bounds[sequence]) // chunk_tokens) * chunk_tokens
-        if sequence > first and padded + length > budget:
+        if sequence > first and length and padded + length > budget:  # an empty sequence joins any piece
             pieces.append((first, sequence))
             first, padded = sequence, 0
         padded += length
@@ -212,7 +219,9 @@ class PiecewiseRecompute:
 def torch_recompute(bounds: list[int], dims, cache: delta_rule.IndexCache | None) -> PiecewiseRecompute:
     """The plain-torch core recomputed in pieces, each piece's indexes kept beside the batch's in `cache`."""
     def core_of(piece_bounds: list[int], whole: bool):
-        piece_cache = cache if whole or cache is None else cache.piece(tuple(piece_bounds))
+        # The batch's own entries first: a cache still holding another batch's (the unfused loop's backward comes
+        # after every forward; fla's forward never uses it) drops them, pieces included, so nothing accumulates.
+        piece_cache = cache if whole or cache is None else cache.start(tuple(bounds)).piece(tuple(piece_bounds))
         return functools.partial(packed_forward, bounds=piece_bounds, dims=dims, cache=piece_cache)
     return PiecewiseRecompute(bounds, core_of)
 
