@@ -70,3 +70,21 @@ def test_gradients_in_pieces_equal_the_float64_reference_and_the_whole(monkeypat
     for name, ours, one_piece, reference in zip(("mixed", "conv weight", "decay", "beta"), pieces, whole, expected):
         torch.testing.assert_close(ours, reference, rtol=0, atol=5e-5, msg=f"grad of {name} vs the reference")
         torch.testing.assert_close(ours, one_piece, rtol=0, atol=1e-6, msg=f"grad of {name} vs one piece")
+
+
+def test_the_pieces_indexes_do_not_pile_up_across_batches(monkeypatch):
+    """If this fails, the index cache keeps the pieces of earlier batches: where no forward starts it for its batch
+    (fla's forward on Hopper, whose backward differentiates the torch core; the unfused loop's backward after every
+    forward) each micro-batch's pieces would add device memory the plan does not hold, step after step."""
+    from opdgraph.models.linear_attention_backend import torch_recompute
+
+    monkeypatch.setattr(linear_attention_backend, "RECOMPUTE_PADDED_TOKENS", 128)
+    cache = delta_rule.IndexCache()
+    sizes = []
+    for batch in range(6):
+        lengths = (100 + batch, 37, 64, 90)  # another batch every time
+        mixed, weight, decay, beta, _, _ = core_inputs(lengths, seed=batch)
+        for start, end, core in torch_recompute(bounds_of(lengths), DIMS, cache).pieces():
+            core(mixed[start:end], weight, decay[start:end], beta[start:end])
+        sizes.append(len(cache._entries))
+    assert max(sizes) == sizes[0] > 0, sizes
