@@ -104,8 +104,8 @@ def probe_backward(model, shape, lengths: tuple[int, ...]) -> str:
     budget = linear_attention_backend.RECOMPUTE_PADDED_TOKENS
     padded = sum(-(-length // sizing.LINEAR_CHUNK_TOKENS) * sizing.LINEAR_CHUNK_TOKENS for length in lengths)
     lines = [f"backward, lengths {lengths[:4]}{'...' if len(lengths) > 4 else ''} ({len(lengths)} sequences, {tokens} "
-             f"tokens, {padded} padded; the layer's weight gradients, {grads / MIB:.1f} MiB, are in the measured peak "
-             f"if they exist by then):"]
+             f"tokens, {padded} padded; the model's weight gradients are in the measured peak where they exist by "
+             f"then):"]
     for label, pieces in (("pieces", budget), ("one piece", 1 << 40)):
         linear_attention_backend.RECOMPUTE_PADDED_TOKENS = pieces
         peaks, times = [], []
@@ -129,10 +129,10 @@ def probe_backward(model, shape, lengths: tuple[int, ...]) -> str:
             plan = sizing.linear_recompute_workspace_bytes(shape, tokens, 2, len(lengths), max(lengths))
         else:
             plan = sizing.linear_recompute_peak_bytes(shape, tokens, 2, len(lengths), padded_tokens=padded)
-        net = plan - freed
+        net = plan - freed  # the plan holds the gradients apart: beside the measured peak, all of them at most
         lines.append(f"  {label:<9} measured {peaks[-1] / MIB:9.1f} MiB above the forward's activations, plan "
-                     f"{net / MIB:9.1f} MiB ({net / peaks[-1]:.3f} x; recompute {plan / MIB:.1f} less freed "
-                     f"{freed / MIB:.1f}); backward {min(times[1:]):7.2f} ms")
+                     f"{net / MIB:9.1f} MiB + gradients {grads / MIB:.1f} ({(net + grads) / peaks[-1]:.3f} x; "
+                     f"recompute {plan / MIB:.1f} less freed {freed / MIB:.1f}); backward {min(times[1:]):7.2f} ms")
     return "\n".join(lines)
 
 

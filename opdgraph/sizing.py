@@ -128,8 +128,8 @@ e^G Q, of W and of the scores; two state gradients per sequence). Every term is 
 allocates (test_saved_bytes_hybrid.py, training.backward of a linear-attention layer: at 0.8B's widths the formula
 at the padded tokens the sequences really have within +20% of the recompute's own allocations, never under them; at
 0.8B's and 4B's the workspace at the bound P never under the backward's net peak; the pieces' net peak below
-linear_recompute_workspace_bytes less the freed activations and under 0.6 x the one piece's); an fp32 model's .float() copies are the tensors themselves, so it plans a little
-more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
+linear_recompute_workspace_bytes less the freed activations and under 0.6 x the one piece's); an fp32 model's
+.float() copies are the tensors themselves, so it plans a little more than it holds. With activation checkpointing the layer's recomputed forward is alive too: the activations
 already count one recomputed layer, and the core's no-grad peak inside it comes earlier than the recompute above.
 
 Outside the layers, o = 2 h x d + t + 4: the final norm's input and rstd, its output (the student_activations

@@ -25,7 +25,10 @@ def test_the_budget_is_the_one_the_plan_sizes():
     assert sizing.LINEAR_RECOMPUTE_PADDED_TOKENS == linear_attention_backend.RECOMPUTE_PADDED_TOKENS
 
 
-@pytest.mark.parametrize("seed", range(8))
+EMPTY_FIRST = ((0, 300), (0, 0, 0, 100, 120), (300, 0, 0, 5))
+
+
+@pytest.mark.parametrize("seed", range(10))
 def test_pieces_are_maximal_runs_within_the_budget(seed):
     """If this fails, a piece splits a sequence, skips or repeats one, holds more padded tokens than the budget
     (other than one long sequence alone), stops before the next sequence would overflow it, or is left with no
@@ -33,6 +36,8 @@ def test_pieces_are_maximal_runs_within_the_budget(seed):
     rng = random.Random(seed)
     lengths = [rng.choice((0, 1, 5, 63, 64, 65, 130, 300)) for _ in range(rng.randint(1, 30))]
     budget, chunk = rng.choice((64, 128, 256)), delta_rule.CHUNK_TOKENS
+    if seed < len(EMPTY_FIRST):  # empty sequences before a long one
+        lengths, budget = list(EMPTY_FIRST[seed]), 64
     padded = [-(-length // chunk) * chunk for length in lengths]
     pieces = recompute_pieces(tuple(bounds_of(lengths)), budget, chunk)
     assert [first for first, _ in pieces] == [0] + [last for _, last in pieces[:-1]]
@@ -69,7 +74,9 @@ def test_gradients_in_pieces_equal_the_float64_reference_and_the_whole(monkeypat
     expected = torch.autograd.grad(expected_out.reshape(out.shape), inputs, grad_out)
     for name, ours, one_piece, reference in zip(("mixed", "conv weight", "decay", "beta"), pieces, whole, expected):
         torch.testing.assert_close(ours, reference, rtol=0, atol=5e-5, msg=f"grad of {name} vs the reference")
-        torch.testing.assert_close(ours, one_piece, rtol=0, atol=1e-6, msg=f"grad of {name} vs one piece")
+        # The conv weight's is a sum over the pieces, in float64 here: summed in float32 it would be 5e-7 off.
+        atol = 1e-7 if name == "conv weight" else 1e-6
+        torch.testing.assert_close(ours, one_piece, rtol=0, atol=atol, msg=f"grad of {name} vs one piece")
 
 
 def test_the_pieces_indexes_do_not_pile_up_across_batches(monkeypatch):

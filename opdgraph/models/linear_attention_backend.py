@@ -182,7 +182,7 @@ def recompute_pieces(bounds: tuple[int, ...], budget: int, chunk_tokens: int) ->
     pieces, first, padded = [], 0, 0
     for sequence in range(len(bounds) - 1):
         length = -(-(bounds[sequence + 1] - bounds[sequence]) // chunk_tokens) * chunk_tokens
-        if sequence > first and length and padded + length > budget:  # an empty sequence joins any piece
+        if padded and length and padded + length > budget:  # an empty sequence joins any piece
             pieces.append((first, sequence))
             first, padded = sequence, 0
         padded += length
