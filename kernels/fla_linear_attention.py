@@ -114,16 +114,21 @@ def packed_core(mixed, weight, decay, beta, *, dims, bounds, chunk_indices):
     return out[0].to(mixed.dtype)
 
 
-def _fla_cores(whole_core, dims, device):
+def _fla_cores(whole_core, dims, varlen_of):
     """PiecewiseRecompute's core_of for fla's core: the forward's own over the whole batch, else one over a piece's
-    bounds (their chunk indices made from the host copy)."""
+    bounds, with `varlen_of(piece bounds)` -> (device bounds, chunk indices), kept per batch by the backend."""
     def core_of(piece_bounds: list[int], whole: bool):
         if whole:
             return whole_core
-        host = torch.tensor(piece_bounds)  # from the host bounds: no copy back from the device per piece
-        bounds, chunk_indices = _varlen(host.to(device), host)
+        bounds, chunk_indices = varlen_of(tuple(piece_bounds))
         return functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
     return core_of
+
+
+def _piece_varlen(piece_bounds: tuple[int, ...], device):
+    """_varlen of a piece from its host bounds (no copy back from the device)."""
+    host = torch.tensor(piece_bounds)
+    return _varlen(host.to(device), host)
 
 
 def inplace_recurrent_step(convolved, decay, beta, dims, state, slots, continuing):
@@ -142,9 +147,10 @@ class FlaLinearAttention:
         self._forward: tuple[object, dict] | None = None  # (the metadata of the last forward, its host copies)
         self.index_cache = IndexCache()  # the torch core's indexes when it differentiates (fla_backward_trusted)
 
-    def _of_forward(self, meta, key: str, build):
+    def _of_forward(self, meta, key, build):
         """build() once per forward: every layer of one forward receives the same metadata object, so host copies
-        made from it (fla's varlen tiles, the bounds as a list) are made once, not per layer."""
+        made from it (fla's varlen tiles, the bounds as a list, its backward pieces' tiles) are made once, not per
+        layer."""
         if self._forward is None or self._forward[0] is not meta:
             self._forward = (meta, {})
         values = self._forward[1]
@@ -157,7 +163,10 @@ class FlaLinearAttention:
         core = functools.partial(packed_core, dims=dims, bounds=bounds, chunk_indices=chunk_indices)
         host_bounds = self._of_forward(meta, "bounds", meta.cu_seqlens.tolist)
         if fla_backward_trusted(mixed.device):  # fla's own backward, piece by piece like the torch core's
-            grad_core = PiecewiseRecompute(host_bounds, _fla_cores(core, dims, mixed.device))
+            # Each piece's varlen once per batch, not once per layer (each build waits on the host copy).
+            device = mixed.device
+            grad_core = PiecewiseRecompute(host_bounds, _fla_cores(core, dims, lambda piece: self._of_forward(
+                meta, ("varlen", piece), lambda: _piece_varlen(piece, device))))
         else:  # differentiate the torch core instead (same math)
             grad_core = torch_recompute(host_bounds, dims, self.index_cache)
         return recomputed(core, mixed, weight, decay, beta, grad_core)
