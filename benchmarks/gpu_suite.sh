@@ -96,8 +96,9 @@ for part in "$@"; do
         --parts "${QWEN35_PARTS:-step,decode,core}" --out "$OUT/qwen35_gpu.json" > "$OUT/qwen35_gpu_log.txt" 2>&1
       tail -3 "$OUT/qwen35_gpu_log.txt"; cat "$OUT/qwen35_gpu.txt" ;;
     qwen35memory)  # run --record-memory of the Qwen3.5 pair at the memory issue's shape (benchmarks/memory_families.py)
+      # (a cold machine compiles fla's kernels first: the pair then takes 260 s and more, 80 s warm)
       qwen35_fla_path
-      CUDA_VISIBLE_DEVICES=$SINGLE timeout ${QWEN35_MEMORY_S:-240} python3 benchmarks/memory_families.py --pairs qwen35 \
+      CUDA_VISIBLE_DEVICES=$SINGLE timeout ${QWEN35_MEMORY_S:-360} python3 benchmarks/memory_families.py --pairs qwen35 \
         --steps 2 --out "$OUT/memory_qwen35.json" 2>&1 | tee "$OUT/memory_qwen35_log.txt" | tail -14 ;;
     decodevariants)
       CUDA_VISIBLE_DEVICES=$SINGLE timeout 100 python3 -m pytest -q -rs tests/test_kernel_paged_decode.py \
