@@ -197,10 +197,12 @@ def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
     model has three linear layers; two batches of other lengths."""
     if not fla_linear_attention.fla_backward_trusted(torch.device(DEVICE)):
         pytest.skip("fla refuses its chunked backward on this GPU and Triton (its issue #640)")
-    built = []
-    piece_varlen = fla_linear_attention._piece_varlen
+    built, spans = [], []
+    piece_varlen, recompute_pieces = fla_linear_attention._piece_varlen, linear_attention_backend.recompute_pieces
     monkeypatch.setattr(fla_linear_attention, "_piece_varlen",
                         lambda piece, device: built.append(piece) or piece_varlen(piece, device))
+    monkeypatch.setattr(linear_attention_backend, "recompute_pieces",
+                        lambda *args: spans.append(recompute_pieces(*args)) or spans[-1])
     models = {}
     for name, backend in (("torch", TorchLinearAttention()), ("fla", FlaLinearAttention())):
         models[name] = load_decoder(fla_sized_config(), dtype=torch.float32, init_seed=5).to(DEVICE)
@@ -211,7 +213,7 @@ def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
         ids, positions, meta = pack(sequences)
         ids, positions, meta = ids.to(DEVICE), positions.to(DEVICE), PackedMetadata(meta.cu_seqlens.to(DEVICE),
                                                                                      meta.max_seqlen)
-        grads = {}
+        grads, spans[:] = {}, []
         for name, model in models.items():  # the torch core as one piece: the reference does not reassemble pieces
             model.zero_grad(set_to_none=True)
             with monkeypatch.context() as patch:
@@ -219,6 +221,8 @@ def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
                     patch.setattr(linear_attention_backend, "RECOMPUTE_PADDED_TOKENS", 64)
                 model.logits(model.forward_hidden(ids, positions, meta)).logsumexp(-1).mean().backward()
             grads[name] = {key: parameter.grad for key, parameter in model.named_parameters()}
+            if name == "torch":  # each of its three linear layers recomputed its core as one piece
+                assert [len(layer_spans) for layer_spans in spans] == [1, 1, 1], spans
         assert sorted(built) == pieces, built
         kept = [key for key in models["fla"].linear_backend._forward[1] if isinstance(key, tuple)]
         assert sorted(piece for _, piece in kept) == pieces, kept
