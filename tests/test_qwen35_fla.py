@@ -175,9 +175,7 @@ def fla_sized_config() -> dict:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_forward_and_gradients_match_with_either_core(dtype):
     """If this fails, a whole Qwen3.5 model trains on other numbers with the fla core than with the torch core."""
-    ids, positions, meta = pack([list(range(3, 73)), [9, 4, 1], list(range(40, 7, -1))])
-    ids, positions, meta = ids.to(DEVICE), positions.to(DEVICE), PackedMetadata(meta.cu_seqlens.to(DEVICE),
-                                                                                 meta.max_seqlen)
+    ids, positions, meta = pack([list(range(3, 73)), [9, 4, 1], list(range(40, 7, -1))], DEVICE)
     results = {}
     for name, backend in (("torch", TorchLinearAttention()), ("fla", FlaLinearAttention())):
         model = load_decoder(fla_sized_config(), dtype=dtype, init_seed=5).to(DEVICE)
@@ -190,6 +188,19 @@ def test_model_forward_and_gradients_match_with_either_core(dtype):
         assert_close(results["fla"][1][key], grad, dtype, f"grad of {key}")
 
 
+def recorded(monkeypatch, owner, name, what) -> list:
+    """owner.name, patched to append what(*args, result) of each call to the list returned."""
+    calls, original = [], getattr(owner, name)
+
+    def recording(*args):
+        result = original(*args)
+        calls.append(what(*args, result))
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
     """If this fails, fla's own backward in pieces (where it is trusted) gives a whole Qwen3.5 model other gradients
     than the torch core run as one piece, or builds a piece's varlen tiles once per layer (each build waits on a host
@@ -197,12 +208,8 @@ def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
     model has three linear layers; two batches of other lengths."""
     if not fla_linear_attention.fla_backward_trusted(torch.device(DEVICE)):
         pytest.skip("fla refuses its chunked backward on this GPU and Triton (its issue #640)")
-    built, spans = [], []
-    piece_varlen, recompute_pieces = fla_linear_attention._piece_varlen, linear_attention_backend.recompute_pieces
-    monkeypatch.setattr(fla_linear_attention, "_piece_varlen",
-                        lambda piece, device: built.append(piece) or piece_varlen(piece, device))
-    monkeypatch.setattr(linear_attention_backend, "recompute_pieces",
-                        lambda *args: spans.append(recompute_pieces(*args)) or spans[-1])
+    built = recorded(monkeypatch, fla_linear_attention, "_piece_varlen", lambda piece, device, result: piece)
+    spans = recorded(monkeypatch, linear_attention_backend, "recompute_pieces", lambda *call: call[-1])
     models = {}
     for name, backend in (("torch", TorchLinearAttention()), ("fla", FlaLinearAttention())):
         models[name] = load_decoder(fla_sized_config(), dtype=torch.float32, init_seed=5).to(DEVICE)
@@ -210,10 +217,9 @@ def test_a_model_backward_in_pieces_builds_each_piece_once(monkeypatch):
     batches = ([list(range(3, 73)), [9, 4, 1], list(range(40, 7, -1))], [[5] * 20, list(range(50, 2, -1))])
     for sequences, pieces in zip(batches, ([(0, 3), (0, 33), (0, 70)], [(0, 20), (0, 48)])):
         built.clear()
-        ids, positions, meta = pack(sequences)
-        ids, positions, meta = ids.to(DEVICE), positions.to(DEVICE), PackedMetadata(meta.cu_seqlens.to(DEVICE),
-                                                                                     meta.max_seqlen)
-        grads, spans[:] = {}, []
+        ids, positions, meta = pack(sequences, DEVICE)
+        grads = {}
+        spans.clear()
         for name, model in models.items():  # the torch core as one piece: the reference does not reassemble pieces
             model.zero_grad(set_to_none=True)
             with monkeypatch.context() as patch:
